@@ -1,0 +1,20 @@
+//! clusterconnect: reach Kubernetes API servers that sit behind firewalls allowing no inbound
+//! traffic. Three roles share one tunnel:
+//!
+//! - [`relay`]: the rendezvous service both sides dial out to (Azure Relay Hybrid Connections
+//!   protocol, so a real Azure Relay namespace can stand in for it);
+//! - [`agent`]: runs next to the cluster, listens on the relay and forwards to the apiserver;
+//! - [`proxy`]: runs next to `kubectl`, serves 127.0.0.1 and carries every request through the relay.
+//!
+//! Shared mechanisms: [`tunnel`] (protocol, SAS tokens, WebSocket byte streams), [`tls`] (rustls
+//! configuration and certificate generation) and [`auth`] (credential sources).
+//! Dependency direction: `cli -> roles -> {tunnel, tls, auth, secret}`; no role imports another.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod auth;
+pub mod proxy;
+pub mod relay;
+pub mod secret;
+pub mod tls;
+pub mod tunnel;

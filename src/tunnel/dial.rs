@@ -1,0 +1,139 @@
+//! Dialing out to a relay: TCP, TLS (rustls, verified), then the WebSocket handshake that
+//! carries the SAS token. Each phase has its own timeout and its own error, so a user sees
+//! whether the relay was unreachable, its certificate untrusted, or the token refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::WebSocketStream;
+use url::Url;
+
+use super::protocol::HEADER_AUTHORIZATION;
+use super::ws_config;
+use crate::secret::Secret;
+
+pub type RelayStream = WebSocketStream<TlsStream<TcpStream>>;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// A sender's handshake completes only once a listener accepts, which the relay allows 30 s for.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(40);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("invalid relay URL {0:?}")]
+    Url(String),
+    #[error("cannot reach relay {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay {0} did not answer within {1:?}")]
+    ConnectTimeout(String, Duration),
+    #[error("TLS with relay {addr} failed: {source} (if the relay uses a private CA, pass it with --relay-ca)")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay {0} did not complete the WebSocket handshake within {1:?}")]
+    HandshakeTimeout(String, Duration),
+    #[error("relay answered HTTP {status}: {description}")]
+    Rejected { status: u16, description: String },
+    #[error("WebSocket handshake with relay {addr} failed: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: WsError,
+    },
+}
+
+impl DialError {
+    /// The relay refused our token: retrying with the same credential cannot help.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, DialError::Rejected { status: 401 | 403, .. })
+    }
+
+    /// No listener is connected for the hybrid connection.
+    pub fn is_no_listener(&self) -> bool {
+        matches!(self, DialError::Rejected { status: 404, .. })
+    }
+}
+
+/// Opens a WebSocket to `url` (a `wss://` relay URL), authenticating with `token` when given.
+pub async fn dial(
+    url: &str,
+    token: Option<&Secret>,
+    tls: &Arc<ClientConfig>,
+) -> Result<RelayStream, DialError> {
+    let parsed = Url::parse(url).map_err(|_| DialError::Url(url.into()))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| DialError::Url(url.into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = parsed.port().unwrap_or(443);
+    let addr = format!("{}:{port}", parsed.host_str().unwrap_or(&host));
+
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+        .await
+        .map_err(|_| DialError::ConnectTimeout(addr.clone(), CONNECT_TIMEOUT))?
+        .map_err(|source| DialError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+
+    let server_name = ServerName::try_from(host.clone()).map_err(|_| DialError::Url(url.into()))?;
+    let tls_stream = tokio::time::timeout(
+        TLS_TIMEOUT,
+        TlsConnector::from(tls.clone()).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| DialError::ConnectTimeout(addr.clone(), TLS_TIMEOUT))?
+    .map_err(|source| DialError::Tls {
+        addr: addr.clone(),
+        source,
+    })?;
+
+    let mut request = url
+        .into_client_request()
+        .map_err(|_| DialError::Url(url.into()))?;
+    if let Some(token) = token {
+        let value = HeaderValue::from_str(token.expose()).map_err(|_| DialError::Rejected {
+            status: 0,
+            description: "token contains characters not allowed in an HTTP header".into(),
+        })?;
+        request.headers_mut().insert(HEADER_AUTHORIZATION, value);
+    }
+    let handshake = tokio_tungstenite::client_async_with_config(request, tls_stream, Some(ws_config()));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Err(_) => Err(DialError::HandshakeTimeout(addr, HANDSHAKE_TIMEOUT)),
+        Ok(Ok((stream, _response))) => Ok(stream),
+        Ok(Err(WsError::Http(response))) => {
+            let status = response.status().as_u16();
+            let description = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().chars().take(500).collect::<String>())
+                .filter(|d| !d.is_empty())
+                .or_else(|| response.status().canonical_reason().map(String::from))
+                .unwrap_or_default();
+            Err(DialError::Rejected {
+                status,
+                description,
+            })
+        }
+        Ok(Err(source)) => Err(DialError::Handshake { addr, source }),
+    }
+}

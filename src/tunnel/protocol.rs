@@ -1,0 +1,237 @@
+//! The Azure Relay Hybrid Connections WebSocket protocol, without IO: relay addresses, the
+//! `$hc` URLs of each action, and the JSON messages of the listener's control channel.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+pub const QUERY_ACTION: &str = "sb-hc-action";
+pub const QUERY_ID: &str = "sb-hc-id";
+pub const QUERY_TOKEN: &str = "sb-hc-token";
+pub const QUERY_STATUS_CODE: &str = "sb-hc-statusCode";
+pub const QUERY_STATUS_DESCRIPTION: &str = "sb-hc-statusDescription";
+pub const HEADER_AUTHORIZATION: &str = "ServiceBusAuthorization";
+pub const PATH_PREFIX: &str = "/$hc/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Listen,
+    Connect,
+    Accept,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Listen => "listen",
+            Action::Connect => "connect",
+            Action::Accept => "accept",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Action> {
+        match s {
+            "listen" => Some(Action::Listen),
+            "connect" => Some(Action::Connect),
+            "accept" => Some(Action::Accept),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("relay address {0:?} is not a URL; expected e.g. wss://relay.example.com or sb://mynamespace.servicebus.windows.net")]
+    NotUrl(String),
+    #[error("relay address {0:?} uses scheme '{1}'; use wss:// (or sb:// / https://, which mean the same). Plain ws:// is not offered: tokens would cross the network in clear text")]
+    Scheme(String, String),
+    #[error("relay address {0:?} has no host")]
+    NoHost(String),
+    #[error("hybrid connection name {0:?} is invalid: use letters, digits, '-', '_', '.' and '/' (no leading or trailing '/')")]
+    BadEntity(String),
+}
+
+/// Where a relay (ours or an Azure Relay namespace) is reached: always TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl RelayAddress {
+    pub fn parse(text: &str) -> Result<RelayAddress, AddressError> {
+        let with_scheme = if text.contains("://") {
+            text.to_string()
+        } else {
+            format!("wss://{text}")
+        };
+        let url = Url::parse(&with_scheme).map_err(|_| AddressError::NotUrl(text.into()))?;
+        match url.scheme() {
+            "wss" | "sb" | "https" => {}
+            other => return Err(AddressError::Scheme(text.into(), other.into())),
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| AddressError::NoHost(text.into()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(RelayAddress {
+            host,
+            port: url.port().unwrap_or(443),
+        })
+    }
+
+    /// `host[:port]` as it appears in URLs (IPv6 bracketed, default port omitted).
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == 443 {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// The URI a SAS token for `entity` is minted over. Microsoft's node client signs
+    /// `http://<host>[:<port>]/<path>`; a compatible relay accepts it with any scheme or port.
+    pub fn resource_uri(&self, entity: &str) -> String {
+        format!("http://{}/{}", self.authority(), entity)
+    }
+
+    /// The WebSocket URL of `action` on `entity`, without a token.
+    pub fn url(&self, entity: &str, action: Action, id: &str) -> String {
+        format!(
+            "wss://{}{PATH_PREFIX}{entity}?{QUERY_ACTION}={}&{QUERY_ID}={id}",
+            self.authority(),
+            action.as_str()
+        )
+    }
+}
+
+/// Hybrid connection names follow Azure's entity naming rules closely enough to keep them
+/// safe inside URLs and kubeconfig names.
+pub fn validate_entity(entity: &str) -> Result<(), AddressError> {
+    let ok = !entity.is_empty()
+        && entity.len() <= 260
+        && !entity.starts_with('/')
+        && !entity.ends_with('/')
+        && entity
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AddressError::BadEntity(entity.into()))
+    }
+}
+
+/// Messages on the listener's control channel (JSON text frames).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum ControlMessage {
+    Accept(Accept),
+    RenewToken(RenewToken),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Accept {
+    /// The rendezvous URL; usable once, for about 30 seconds.
+    pub address: String,
+    pub id: String,
+    #[serde(default)]
+    pub connect_headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_endpoint: Option<RemoteEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteEndpoint {
+    pub address: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct RenewToken {
+    pub token: String,
+}
+
+impl std::fmt::Debug for RenewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RenewToken { token: *** }")
+    }
+}
+
+/// The entity path and query pairs of a `$hc` request target.
+pub struct HcTarget {
+    pub entity: String,
+    pub query: Vec<(String, String)>,
+}
+
+impl HcTarget {
+    /// Splits `/$hc/<entity>?<query>`; `None` for any other path.
+    pub fn parse(path: &str, query: Option<&str>) -> Option<HcTarget> {
+        let entity = path.strip_prefix(PATH_PREFIX)?;
+        let entity = percent_encoding::percent_decode_str(entity)
+            .decode_utf8()
+            .ok()?
+            .trim_end_matches('/')
+            .to_string();
+        let query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        Some(HcTarget { entity, query })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_message_matches_the_documented_shape() {
+        let json = r#"{"accept":{"address":"wss://dc.servicebus.windows.net:443/$hc/c?sb-hc-action=accept&sb-hc-id=1","id":"1","connectHeaders":{"Host":"x"},"remoteEndpoint":{"address":"10.0.0.1","port":5000}}}"#;
+        let msg: ControlMessage = serde_json::from_str(json).unwrap();
+        let ControlMessage::Accept(accept) = &msg else { panic!("{msg:?}") };
+        assert_eq!(accept.id, "1");
+        assert_eq!(accept.connect_headers["Host"], "x");
+        let back: serde_json::Value = serde_json::to_value(&msg).unwrap();
+        assert_eq!(back, serde_json::from_str::<serde_json::Value>(json).unwrap());
+        let renew = serde_json::to_string(&ControlMessage::RenewToken(RenewToken { token: "t".into() })).unwrap();
+        assert_eq!(renew, r#"{"renewToken":{"token":"t"}}"#);
+    }
+
+    #[test]
+    fn relay_addresses_parse_and_print() {
+        let a = RelayAddress::parse("wss://relay.example.com").unwrap();
+        assert_eq!(a.url("c1", Action::Connect, "9"), "wss://relay.example.com/$hc/c1?sb-hc-action=connect&sb-hc-id=9");
+        assert_eq!(a.resource_uri("c1"), "http://relay.example.com/c1");
+        let b = RelayAddress::parse("sb://ns.servicebus.windows.net/").unwrap();
+        assert_eq!(b.port, 443);
+        let c = RelayAddress::parse("127.0.0.1:8443").unwrap();
+        assert_eq!(c.authority(), "127.0.0.1:8443");
+        assert!(matches!(RelayAddress::parse("ws://x"), Err(AddressError::Scheme(..))));
+        assert!(validate_entity("my-cluster").is_ok());
+        assert!(validate_entity("../x?").is_err());
+    }
+
+    #[test]
+    fn hc_targets_parse() {
+        let t = HcTarget::parse("/$hc/my-cluster", Some("sb-hc-action=listen&sb-hc-token=a%26b")).unwrap();
+        assert_eq!(t.entity, "my-cluster");
+        assert_eq!(t.get(QUERY_ACTION), Some("listen"));
+        assert_eq!(t.get(QUERY_TOKEN), Some("a&b"));
+        assert!(HcTarget::parse("/other", None).is_none());
+    }
+}

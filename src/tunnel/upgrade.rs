@@ -1,0 +1,56 @@
+//! Server side of a WebSocket handshake inside a hyper service: check the request, answer 101,
+//! and turn the upgraded connection into a `WebSocketStream` once hyper hands it over.
+
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use super::ws_config;
+
+pub type ServerStream = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Whether a request asks for a WebSocket upgrade.
+pub fn is_websocket<B>(req: &Request<B>) -> bool {
+    header_has_token(req.headers(), header::UPGRADE, "websocket")
+        && header_has_token(req.headers(), header::CONNECTION, "upgrade")
+}
+
+pub fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The 101 response for a valid WebSocket request, or `None` when the request lacks a key or
+/// asks for a version other than 13.
+pub fn switching_protocols<B, T: Default>(req: &Request<B>) -> Option<Response<T>> {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY)?;
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return None;
+    }
+    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok()?;
+    let mut response = Response::new(T::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Some(response)
+}
+
+/// Waits for hyper to hand over the upgraded connection and wraps it as a server WebSocket.
+pub async fn server_stream(on_upgrade: OnUpgrade) -> Result<ServerStream, hyper::Error> {
+    let upgraded = on_upgrade.await?;
+    Ok(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await)
+}
