@@ -1,1 +1,86 @@
-//! agent
+//! The agent: runs next to the cluster, keeps listener control channels open to the relay
+//! (outbound only), and serves each tunnelled connection by forwarding to the apiserver.
+
+mod forward;
+mod health;
+mod listener;
+mod upstream;
+
+pub use forward::strip_impersonation;
+pub use upstream::{Upstream, UpstreamError};
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::tunnel::protocol::RelayAddress;
+use crate::tunnel::sas::SasKey;
+
+pub struct AgentConfig {
+    pub relay: RelayAddress,
+    /// The hybrid connection (one per cluster).
+    pub entity: String,
+    pub key: SasKey,
+    pub relay_tls: Arc<ClientConfig>,
+    /// Control channels to keep open; the relay spreads senders across them.
+    pub listeners: usize,
+    pub token_ttl: Duration,
+}
+
+/// One hour, as Azure's own clients mint; renewal happens at three quarters of it.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Open tunnel streams (rendezvous) at once. Each pooled stream multiplexes many requests;
+/// each exec or port-forward takes one.
+pub const MAX_STREAMS: usize = 4096;
+/// On shutdown, open streams get this long to finish.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the relay refused the listen token for connection '{connection}': {detail}. Check --key-file and that its rule has the Listen right for this connection")]
+    Rejected { connection: String, detail: String },
+}
+
+pub(crate) struct Shared {
+    pub upstream: Arc<Upstream>,
+    pub listening: AtomicUsize,
+    pub streams: AtomicUsize,
+    pub rendezvous: Arc<Semaphore>,
+}
+
+/// Runs until `shutdown` is cancelled or the relay rejects our credentials.
+pub async fn run(config: AgentConfig, upstream: Upstream, health: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared {
+        upstream: Arc::new(upstream),
+        listening: AtomicUsize::new(0),
+        streams: AtomicUsize::new(0),
+        rendezvous: Arc::new(Semaphore::new(MAX_STREAMS)),
+    });
+    let tasks = TaskTracker::new();
+    if let Some(h) = health {
+        tokio::spawn(health::serve(h, shared.clone(), shutdown.clone()));
+    }
+    tracing::info!(apiserver = shared.upstream.base(), connection = %config.entity, listeners = config.listeners, "agent starting");
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..config.listeners.max(1) {
+        set.spawn(listener::run(i, config.clone(), shared.clone(), tasks.clone(), shutdown.clone()));
+    }
+    let mut result = Ok(());
+    while let Some(joined) = set.join_next().await {
+        if let Ok(Err(e)) = joined {
+            // One listener's credential failure is every listener's: stop them all.
+            shutdown.cancel();
+            result = Err(e);
+        }
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(DRAIN, tasks.wait()).await;
+    result
+}

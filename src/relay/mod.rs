@@ -1,1 +1,107 @@
-//! relay
+//! The relay: the one place both sides dial out to. It speaks the Azure Relay Hybrid
+//! Connections protocol, checks SAS tokens against its rules, pairs each sender with a
+//! listener and then splices their WebSockets without looking inside.
+
+mod auth;
+mod config;
+mod control;
+mod registry;
+mod server;
+mod splice;
+
+pub use config::{ConfigError, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
+pub use registry::Registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A client that has not finished TLS and its HTTP request by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// On shutdown, open rendezvous streams get this long to finish.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub hostnames: Arc<Vec<String>>,
+    pub rules: Arc<Vec<Rule>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub shared: Shared,
+    pub registry: Registry,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
+pub async fn run(listener: TcpListener, config: RelayConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+    let registry = Registry::default();
+    let tasks = TaskTracker::new();
+    let ctx = Ctx {
+        shared: Shared {
+            hostnames: Arc::new(config.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            rules: config.rules.clone(),
+        },
+        registry,
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let acceptor = TlsAcceptor::from(config.tls.clone());
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    tracing::info!(addr = %listener.local_addr()?, "relay listening");
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+            }
+        });
+    }
+    tracing::info!("relay stopping: no new connections, draining open streams");
+    tasks.close();
+    if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
+        tracing::info!("drain period over; closing remaining streams");
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod dial;
+pub mod http;
 pub mod protocol;
 pub mod sas;
 pub mod upgrade;

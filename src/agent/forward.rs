@@ -1,0 +1,115 @@
+//! Serving one rendezvous stream: HTTP (1.1 or 2, detected from the preface) from the proxy,
+//! forwarded to the apiserver. Upgrades (exec, attach, port-forward) are answered by the
+//! apiserver and then spliced byte for byte.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::upstream::Upstream;
+use crate::tunnel::http::{error_chain, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body};
+
+/// Serves HTTP over one tunnelled byte stream until the proxy closes it.
+pub async fn serve<S>(io: S, upstream: Arc<Upstream>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| forward(req, upstream.clone()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // Every kubectl watch is one stream; a laptop with many `-w` windows needs headroom.
+        .max_concurrent_streams(1024)
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_send_buf_size(1024 * 1024);
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+        tracing::debug!(error = %e, "tunnel stream ended with error");
+    }
+}
+
+/// Removes every `Impersonate-*` header: only the agent decides who a caller is.
+pub fn strip_impersonation(headers: &mut HeaderMap) {
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+async fn forward(mut req: Request<Incoming>, upstream: Arc<Upstream>) -> Result<Response<Body>, Infallible> {
+    strip_impersonation(req.headers_mut());
+    let upgrade = is_upgrade(&req);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let uri = match upstream.uri_for(&pq) {
+        Ok(u) => u,
+        Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
+    };
+    *req.uri_mut() = uri;
+    // The upstream connection's own protocol decides; hyper refuses an h2-tagged request on h1.
+    *req.version_mut() = Version::HTTP_11;
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+
+    if upgrade {
+        let downstream = hyper::upgrade::on(&mut req);
+        return Ok(match upstream.upgrades.request(req).await {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
+                }
+                tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), "upgrade forwarded");
+                resp.map(|b| b.boxed_unsync())
+            }
+            Err(e) => unreachable_apiserver(&upstream, &e),
+        });
+    }
+
+    Ok(match upstream.client.request(req).await {
+        Ok(resp) => {
+            tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "forwarded");
+            resp.map(|b| b.boxed_unsync())
+        }
+        Err(e) => unreachable_apiserver(&upstream, &e),
+    })
+}
+
+fn unreachable_apiserver(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> Response<Body> {
+    let detail = error_chain(e);
+    tracing::warn!(apiserver = upstream.base(), error = %detail, "apiserver request failed");
+    status(
+        502,
+        "ServiceUnavailable",
+        &format!("clusterconnect agent cannot reach the apiserver at {}: {detail}", upstream.base()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impersonation_headers_from_outside_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("impersonate-user", "admin".parse().unwrap());
+        h.append("impersonate-group", "system:masters".parse().unwrap());
+        h.insert("impersonate-extra-scopes", "x".parse().unwrap());
+        h.insert("impersonate-uid", "1".parse().unwrap());
+        h.insert("authorization", "Bearer t".parse().unwrap());
+        strip_impersonation(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authorization"));
+    }
+}

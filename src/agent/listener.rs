@@ -1,0 +1,165 @@
+//! One listener: a control channel to the relay that stays open for the agent's lifetime.
+//!
+//! States and transitions:
+//! - connecting: dial `listen` with a fresh SAS token. Success -> listening. A 401/403 is a
+//!   configuration error and ends the agent (retrying the same key cannot help). Anything
+//!   else -> backing off.
+//! - listening: each `accept` spawns a rendezvous; pings every 30 s; renews the token at
+//!   three quarters of its lifetime. Close 1008 (token lapsed) or silence -> connecting at
+//!   once; other failures -> backing off.
+//! - backing off: jittered exponential wait (1 s doubling to 60 s) -> connecting.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::{forward, AgentConfig, AgentError, Shared};
+use crate::tunnel::backoff::Backoff;
+use crate::tunnel::dial::{dial, RelayStream};
+use crate::tunnel::protocol::{Accept, Action, ControlMessage, RenewToken};
+use crate::tunnel::WsStream;
+
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const DEAD_PEER: Duration = Duration::from_secs(75);
+
+enum Ended {
+    /// The relay closed with 1008: our token lapsed; reconnect with a fresh one now.
+    TokenLapsed,
+    Lost(String),
+    Shutdown,
+}
+
+pub async fn run(index: usize, config: Arc<AgentConfig>, shared: Arc<Shared>, tasks: TaskTracker, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let resource = config.relay.resource_uri(&config.entity);
+    loop {
+        let token = config.key.mint(&resource, config.token_ttl);
+        let url = config.relay.url(&config.entity, Action::Listen, &Uuid::new_v4().to_string());
+        let dialed = tokio::select! {
+            r = dial(&url, Some(&token), &config.relay_tls) => r,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let ended = match dialed {
+            Ok(ws) => {
+                backoff.reset();
+                shared.listening.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(listener = index, relay = %config.relay.authority(), connection = %config.entity, "listening");
+                let ended = listen(ws, &config, &shared, &tasks, &shutdown).await;
+                shared.listening.fetch_sub(1, Ordering::Relaxed);
+                ended
+            }
+            Err(e) if e.is_auth() => {
+                return Err(AgentError::Rejected {
+                    connection: config.entity.clone(),
+                    detail: e.to_string(),
+                })
+            }
+            Err(e) => Ended::Lost(e.to_string()),
+        };
+        match ended {
+            Ended::Shutdown => return Ok(()),
+            Ended::TokenLapsed => {
+                tracing::info!(listener = index, "relay closed the control channel for an expired token; reconnecting");
+                continue;
+            }
+            Ended::Lost(reason) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(listener = index, reason = %reason, retry_in_ms = delay.as_millis() as u64, "relay connection lost");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+async fn listen(mut ws: RelayStream, config: &Arc<AgentConfig>, shared: &Arc<Shared>, tasks: &TaskTracker, shutdown: &CancellationToken) -> Ended {
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.reset();
+    let renew_every = config.token_ttl.mul_f64(0.75);
+    let mut renew_at = Instant::now() + renew_every;
+    let mut last_seen = Instant::now();
+    loop {
+        tokio::select! {
+            msg = ws.next() => {
+                last_seen = Instant::now();
+                match msg {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
+                        Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks),
+                        Ok(other) => tracing::debug!(?other, "ignoring control message"),
+                        Err(e) => tracing::debug!(error = %e, "ignoring unknown control message"),
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        return match frame {
+                            Some(f) if f.code == CloseCode::Policy => Ended::TokenLapsed,
+                            Some(f) => Ended::Lost(format!("relay closed the channel ({}: {})", u16::from(f.code), f.reason)),
+                            None => Ended::Lost("relay closed the channel".into()),
+                        };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Lost(e.to_string()),
+                    None => return Ended::Lost("relay closed the connection".into()),
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > DEAD_PEER {
+                    return Ended::Lost(format!("no answer from relay for {}s", DEAD_PEER.as_secs()));
+                }
+                if let Err(e) = ws.send(Message::Ping(Default::default())).await {
+                    return Ended::Lost(e.to_string());
+                }
+            }
+            _ = tokio::time::sleep_until(renew_at) => {
+                let token = config.key.mint(&config.relay.resource_uri(&config.entity), config.token_ttl);
+                let msg = ControlMessage::RenewToken(RenewToken { token: token.expose().to_string() });
+                let Ok(json) = serde_json::to_string(&msg) else { return Ended::Lost("cannot encode renewToken".into()) };
+                if let Err(e) = ws.send(Message::text(json)).await {
+                    return Ended::Lost(e.to_string());
+                }
+                renew_at = Instant::now() + renew_every;
+                tracing::debug!("listener token renewed");
+            }
+            _ = shutdown.cancelled() => {
+                let _ = ws.close(None).await;
+                return Ended::Shutdown;
+            }
+        }
+    }
+}
+
+fn spawn_rendezvous(accept: Accept, config: Arc<AgentConfig>, shared: Arc<Shared>, tasks: &TaskTracker) {
+    // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
+    // new sender is rejected with 503 rather than exhausting the agent's memory.
+    let Ok(permit) = shared.rendezvous.clone().try_acquire_owned() else {
+        tracing::warn!("too many open tunnel streams; rejecting a sender");
+        let address = format!("{}&sb-hc-statusCode=503&sb-hc-statusDescription=agent%20busy", accept.address);
+        tasks.spawn(async move {
+            let _ = dial(&address, None, &config.relay_tls).await;
+        });
+        return;
+    };
+    tasks.spawn(async move {
+        let _permit = permit;
+        if !accept.address.starts_with("wss://") {
+            tracing::warn!("relay sent a non-TLS rendezvous address; refusing it");
+            return;
+        }
+        match dial(&accept.address, None, &config.relay_tls).await {
+            Ok(ws) => {
+                shared.streams.fetch_add(1, Ordering::Relaxed);
+                forward::serve(WsStream::new(ws), shared.upstream.clone()).await;
+                shared.streams.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not complete a rendezvous"),
+        }
+    });
+}

@@ -1,0 +1,154 @@
+//! The agent's connection to the kube-apiserver: where it is and which CA it has, taken from
+//! the in-cluster service account or a kubeconfig (via kube's config loader), and two pooled
+//! TLS clients: one that may use HTTP/2 for ordinary requests, one HTTP/1.1-only for upgrades.
+//!
+//! The agent never presents credentials of its own here: in service-account mode the caller's
+//! bearer token is what the apiserver authenticates, so a client certificate from the agent's
+//! kubeconfig would let callers borrow the agent's identity.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot load the cluster connection: {0}")]
+    Kubeconfig(String),
+    #[error("the kubeconfig asks to skip TLS verification of the apiserver; the agent needs the cluster CA (certificate-authority-data) instead")]
+    InsecureSkipVerify,
+    #[error("cluster CA: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("apiserver URL {0} must be https://")]
+    NotHttps(String),
+}
+
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+pub struct Upstream {
+    /// scheme and authority of the apiserver, plus any path prefix (e.g. behind Rancher).
+    base: String,
+    pub client: HttpsClient,
+    pub upgrades: HttpsClient,
+}
+
+/// The apiserver may stream a watch for hours; these only bound connection setup.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Upstream {
+    /// Loads the cluster from `kubeconfig`/`context` when given, else infers it the way
+    /// kubectl and client-go do (in-cluster service account first, then `$KUBECONFIG`).
+    pub async fn load(kubeconfig: Option<PathBuf>, context: Option<String>) -> Result<Upstream, UpstreamError> {
+        let config = match (kubeconfig, context) {
+            (Some(path), context) => {
+                let file = Kubeconfig::read_from(&path)
+                    .map_err(|e| UpstreamError::Kubeconfig(format!("{}: {e}", path.display())))?;
+                let options = KubeConfigOptions {
+                    context,
+                    ..Default::default()
+                };
+                kube::Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .map_err(|e| UpstreamError::Kubeconfig(e.to_string()))?
+            }
+            (None, Some(context)) => {
+                let options = KubeConfigOptions {
+                    context: Some(context),
+                    ..Default::default()
+                };
+                kube::Config::from_kubeconfig(&options)
+                    .await
+                    .map_err(|e| UpstreamError::Kubeconfig(e.to_string()))?
+            }
+            (None, None) => kube::Config::infer()
+                .await
+                .map_err(|e| UpstreamError::Kubeconfig(format!("{e} (run in a pod, or pass --kubeconfig)")))?,
+        };
+        if config.accept_invalid_certs {
+            return Err(UpstreamError::InsecureSkipVerify);
+        }
+        let ca_pem: Option<Vec<u8>> = match (&config.root_cert, &config.root_cert_file) {
+            (Some(ders), _) => Some(ders_to_pem(ders)),
+            (None, Some(path)) => Some(std::fs::read(path).map_err(|source| tls::TlsError::ReadFile {
+                what: "cluster CA",
+                path: path.clone(),
+                source,
+            })?),
+            (None, None) => None,
+        };
+        Upstream::new(&config.cluster_url, ca_pem.as_deref())
+    }
+
+    /// An upstream at `url` trusting `ca_pem` (or the system roots when `None`).
+    pub fn new(url: &Uri, ca_pem: Option<&[u8]>) -> Result<Upstream, UpstreamError> {
+        if url.scheme_str() != Some("https") {
+            return Err(UpstreamError::NotHttps(url.to_string()));
+        }
+        let alpn: &[&[u8]] = &[tls::ALPN_H2, tls::ALPN_HTTP11];
+        let tls_config = match ca_pem {
+            Some(pem) => tls::client_config_with_roots(tls::roots_from_pem(pem)?, alpn)?,
+            None => tls::client_config(None, alpn)?,
+        };
+        let connector = |http2: bool| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            let builder = HttpsConnectorBuilder::new()
+                .with_tls_config((*tls_config).clone())
+                .https_only();
+            if http2 {
+                builder.enable_http1().enable_http2().wrap_connector(http)
+            } else {
+                builder.enable_http1().wrap_connector(http)
+            }
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_initial_stream_window_size(4 * 1024 * 1024)
+            .http2_initial_connection_window_size(16 * 1024 * 1024)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(20))
+            .build(connector(true));
+        let upgrades = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_max_idle_per_host(0)
+            .build(connector(false));
+        let base = url.to_string().trim_end_matches('/').to_string();
+        Ok(Upstream { base, client, upgrades })
+    }
+
+    /// The apiserver URI for a request's path and query.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::uri::InvalidUri> {
+        format!("{}{}", self.base, path_and_query).parse()
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+fn ders_to_pem(ders: &[Vec<u8>]) -> Vec<u8> {
+    use base64::Engine;
+    let mut pem = String::new();
+    for der in ders {
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem.into_bytes()
+}

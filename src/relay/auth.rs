@@ -1,0 +1,101 @@
+//! Checking a SAS token against the relay's rules for one entity and one right.
+
+use crate::tunnel::sas::{SasError, SasToken};
+
+use super::config::Rule;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Right {
+    Listen,
+    Send,
+}
+
+impl Right {
+    fn name(self) -> &'static str {
+        match self {
+            Right::Listen => "Listen",
+            Right::Send => "Send",
+        }
+    }
+}
+
+/// Returns the token's expiry when it grants `right` on `entity`.
+pub fn authorize(
+    rules: &[Rule],
+    hosts: &[String],
+    token: &str,
+    entity: &str,
+    right: Right,
+    now: u64,
+) -> Result<u64, SasError> {
+    let token = SasToken::parse(token)?;
+    let rule = rules
+        .iter()
+        .find(|r| r.name == token.key_name)
+        .ok_or_else(|| SasError::UnknownRule(token.key_name.clone()))?;
+    token.verify(&rule.key, now)?;
+    let in_scope = rule
+        .entity
+        .as_deref()
+        .is_none_or(|e| e.eq_ignore_ascii_case(entity));
+    if !in_scope || !token.covers(hosts, entity) {
+        return Err(SasError::WrongResource {
+            token: token.resource(),
+            requested: entity.to_string(),
+        });
+    }
+    let granted = match right {
+        Right::Listen => rule.listen,
+        Right::Send => rule.send,
+    };
+    if !granted {
+        return Err(SasError::MissingRight {
+            rule: rule.name.clone(),
+            right: right.name(),
+        });
+    }
+    Ok(token.expiry)
+}
+
+/// 401 when the caller is not who it says, 403 when it is but may not do this.
+pub fn status_for(err: &SasError) -> u16 {
+    match err {
+        SasError::MissingRight { .. } | SasError::WrongResource { .. } => 403,
+        _ => 401,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::tunnel::sas::SasKey;
+
+    fn rules() -> Vec<Rule> {
+        vec![
+            Rule { name: "listen".into(), key: Secret::new("listen-key-0123456789"), listen: true, send: false, entity: Some("c1".into()) },
+            Rule { name: "send".into(), key: Secret::new("send-key-0123456789"), listen: false, send: true, entity: None },
+        ]
+    }
+
+    fn token(name: &str, key: &str, uri: &str, expiry: u64) -> String {
+        SasKey { name: name.into(), key: Secret::new(key) }.mint_until(uri, expiry).expose().to_string()
+    }
+
+    #[test]
+    fn grants_only_the_rights_and_entities_a_rule_has() {
+        let hosts = vec!["relay.test".to_string()];
+        let listen = token("listen", "listen-key-0123456789", "http://relay.test/c1", 100);
+        assert_eq!(authorize(&rules(), &hosts, &listen, "c1", Right::Listen, 10), Ok(100));
+        assert!(matches!(authorize(&rules(), &hosts, &listen, "c1", Right::Send, 10), Err(SasError::MissingRight { .. })));
+        let other = token("listen", "listen-key-0123456789", "http://relay.test/c2", 100);
+        assert!(matches!(authorize(&rules(), &hosts, &other, "c2", Right::Listen, 10), Err(SasError::WrongResource { .. })));
+        let send = token("send", "send-key-0123456789", "https://relay.test:8443/", 100);
+        assert_eq!(authorize(&rules(), &hosts, &send, "any", Right::Send, 10), Ok(100));
+        assert!(matches!(authorize(&rules(), &hosts, &send, "any", Right::Send, 100), Err(SasError::Expired(0))));
+        let forged = token("send", "wrong-key-0123456789", "http://relay.test/", 100);
+        assert_eq!(status_for(&authorize(&rules(), &hosts, &forged, "x", Right::Send, 10).unwrap_err()), 401);
+        let unknown = token("nope", "k", "http://relay.test/", 100);
+        assert!(matches!(authorize(&rules(), &hosts, &unknown, "x", Right::Send, 10), Err(SasError::UnknownRule(_))));
+    }
+}

@@ -1,0 +1,182 @@
+//! Who is listening on which hybrid connection, and which senders wait for a listener to
+//! accept. The only shared state of the relay; every critical section is a few map operations.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hyper::upgrade::OnUpgrade;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::tunnel::protocol::ControlMessage;
+
+/// How a listener answered one sender.
+pub enum AcceptOutcome {
+    Accepted(OnUpgrade),
+    Rejected { status: u16, description: String },
+}
+
+struct ListenerEntry {
+    id: u64,
+    tx: mpsc::Sender<ControlMessage>,
+}
+
+struct Pending {
+    entity: String,
+    reply: oneshot::Sender<AcceptOutcome>,
+}
+
+#[derive(Default)]
+struct Inner {
+    listeners: HashMap<String, Vec<ListenerEntry>>,
+    cursor: HashMap<String, usize>,
+    pending: HashMap<String, Pending>,
+}
+
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Removes its listener from the registry when the control channel ends.
+pub struct ListenerGuard {
+    registry: Registry,
+    entity: String,
+    id: u64,
+}
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        if let Some(list) = inner.listeners.get_mut(&self.entity) {
+            list.retain(|l| l.id != self.id);
+            if list.is_empty() {
+                inner.listeners.remove(&self.entity);
+                inner.cursor.remove(&self.entity);
+            }
+        }
+    }
+}
+
+fn key(entity: &str) -> String {
+    entity.to_ascii_lowercase()
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere must not take the whole relay down with a poisoned lock.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_listener(&self, entity: &str, tx: mpsc::Sender<ControlMessage>) -> ListenerGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .listeners
+            .entry(key(entity))
+            .or_default()
+            .push(ListenerEntry { id, tx });
+        ListenerGuard {
+            registry: self.clone(),
+            entity: key(entity),
+            id,
+        }
+    }
+
+    pub fn listener_count(&self, entity: &str) -> usize {
+        self.lock().listeners.get(&key(entity)).map_or(0, Vec::len)
+    }
+
+    /// Hands `msg` to the next listener of `entity` in turn, skipping any whose control channel
+    /// is full or gone. Returns false when no listener took it.
+    pub fn offer(&self, entity: &str, msg: ControlMessage) -> bool {
+        let mut inner = self.lock();
+        let k = key(entity);
+        let Some(list) = inner.listeners.get(&k) else { return false };
+        let n = list.len();
+        let start = inner.cursor.get(&k).copied().unwrap_or(0);
+        let mut taken = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            if inner.listeners[&k][idx].tx.try_send(msg.clone()).is_ok() {
+                taken = Some(idx);
+                break;
+            }
+        }
+        match taken {
+            Some(idx) => {
+                inner.cursor.insert(k, idx + 1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn add_pending(&self, id: &str, entity: &str) -> oneshot::Receiver<AcceptOutcome> {
+        let (reply, rx) = oneshot::channel();
+        self.lock().pending.insert(
+            id.to_string(),
+            Pending {
+                entity: key(entity),
+                reply,
+            },
+        );
+        rx
+    }
+
+    pub fn remove_pending(&self, id: &str) {
+        self.lock().pending.remove(id);
+    }
+
+    /// Takes the waiting sender for a rendezvous id (each address is usable once) if it belongs
+    /// to `entity`.
+    pub fn take_pending(&self, id: &str, entity: &str) -> Option<oneshot::Sender<AcceptOutcome>> {
+        let mut inner = self.lock();
+        match inner.pending.get(id) {
+            Some(p) if p.entity == key(entity) => inner.pending.remove(id).map(|p| p.reply),
+            _ => None,
+        }
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::protocol::RenewToken;
+
+    fn msg() -> ControlMessage {
+        ControlMessage::RenewToken(RenewToken { token: "t".into() })
+    }
+
+    #[tokio::test]
+    async fn spreads_senders_across_listeners_and_forgets_closed_ones() {
+        let reg = Registry::default();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let g1 = reg.add_listener("C", tx1);
+        let _g2 = reg.add_listener("c", tx2);
+        assert_eq!(reg.listener_count("c"), 2);
+        assert!(reg.offer("c", msg()));
+        assert!(reg.offer("c", msg()));
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        drop(g1);
+        assert_eq!(reg.listener_count("c"), 1);
+        assert!(reg.offer("c", msg()));
+        assert!(rx2.try_recv().is_ok());
+        assert!(!reg.offer("other", msg()));
+    }
+
+    #[test]
+    fn a_rendezvous_id_is_usable_once_and_only_for_its_entity() {
+        let reg = Registry::default();
+        let _rx = reg.add_pending("id1", "c");
+        assert!(reg.take_pending("id1", "other").is_none());
+        assert!(reg.take_pending("id1", "c").is_some());
+        assert!(reg.take_pending("id1", "c").is_none());
+        assert_eq!(reg.pending_count(), 0);
+    }
+}

@@ -1,0 +1,223 @@
+//! The relay's HTTP front: TLS, then one HTTP/1.1 request per connection that is either a
+//! listener's control channel (`listen`), a sender (`connect`) or a listener's rendezvous
+//! (`accept`). After the rendezvous the relay only splices bytes.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use uuid::Uuid;
+
+use super::auth::{authorize, status_for, Right};
+use super::registry::AcceptOutcome;
+use super::{control, splice, Ctx};
+use crate::tunnel::protocol::{
+    Accept, Action, ControlMessage, HcTarget, RemoteEndpoint, HEADER_AUTHORIZATION, QUERY_ACTION, QUERY_ID,
+    QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION, QUERY_TOKEN,
+};
+use crate::tunnel::sas::unix_now;
+use crate::tunnel::upgrade::{is_websocket, server_stream, switching_protocols};
+
+/// How long an accept address stays usable, as in Azure Relay.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Body = Full<Bytes>;
+
+fn text(status: u16, msg: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(msg.into())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static header"));
+    r
+}
+
+pub async fn handle(mut req: Request<Incoming>, ctx: Ctx, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        return Ok(text(200, "ok"));
+    }
+    let Some(target) = HcTarget::parse(req.uri().path(), req.uri().query()) else {
+        return Ok(text(404, "not a hybrid connection path; expected /$hc/<name>"));
+    };
+    let Some(action) = target.get(QUERY_ACTION).and_then(Action::parse) else {
+        return Ok(text(400, "missing or unknown sb-hc-action; expected listen, connect or accept"));
+    };
+    if !is_websocket(&req) {
+        return Ok(text(400, "this endpoint only accepts WebSocket upgrades"));
+    }
+    let Some(switching) = switching_protocols::<_, Body>(&req) else {
+        return Ok(text(400, "invalid WebSocket handshake (needs Sec-WebSocket-Key and version 13)"));
+    };
+    let response = match action {
+        Action::Listen => listen(&mut req, &target, &ctx, switching),
+        Action::Connect => connect(&mut req, &target, &ctx, peer, switching).await,
+        Action::Accept => accept(&mut req, &target, &ctx, switching),
+    };
+    Ok(response)
+}
+
+fn token<'a>(req: &'a Request<Incoming>, target: &'a HcTarget) -> Option<&'a str> {
+    req.headers()
+        .get(HEADER_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| target.get(QUERY_TOKEN))
+}
+
+/// The host the client used to reach us, which is where the listener must come back to.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+fn accepted_hosts(ctx: &Ctx, req: &Request<Incoming>) -> Vec<String> {
+    if !ctx.shared.hostnames.is_empty() {
+        return ctx.shared.hostnames.to_vec();
+    }
+    // No names configured: the name the client used is the one its token must carry.
+    request_host(req)
+        .map(|h| {
+            let h = h.rsplit_once(':').map_or(h.as_str(), |(host, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) { host } else { h.as_str() }
+            });
+            vec![h.trim_start_matches('[').trim_end_matches(']').to_string()]
+        })
+        .unwrap_or_default()
+}
+
+fn check(req: &Request<Incoming>, target: &HcTarget, ctx: &Ctx, right: Right) -> Result<u64, Response<Body>> {
+    let Some(token) = token(req, target) else {
+        return Err(text(
+            401,
+            format!("no SAS token: send it in the {HEADER_AUTHORIZATION} header or the {QUERY_TOKEN} query parameter"),
+        ));
+    };
+    authorize(&ctx.shared.rules, &accepted_hosts(ctx, req), token, &target.entity, right, unix_now()).map_err(|e| {
+        tracing::info!(entity = %target.entity, error = %e, "token refused");
+        text(status_for(&e), e.to_string())
+    })
+}
+
+fn listen(req: &mut Request<Incoming>, target: &HcTarget, ctx: &Ctx, switching: Response<Body>) -> Response<Body> {
+    let expiry = match check(req, target, ctx, Right::Listen) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    let (entity, shared, registry, shutdown) =
+        (target.entity.clone(), ctx.shared.clone(), ctx.registry.clone(), ctx.shutdown.clone());
+    ctx.tasks.spawn(async move {
+        match server_stream(on_upgrade).await {
+            Ok(ws) => control::run(ws, entity, expiry, shared, registry, shutdown).await,
+            Err(e) => tracing::debug!(error = %e, "listener upgrade failed"),
+        }
+    });
+    switching
+}
+
+async fn connect(
+    req: &mut Request<Incoming>,
+    target: &HcTarget,
+    ctx: &Ctx,
+    peer: SocketAddr,
+    switching: Response<Body>,
+) -> Response<Body> {
+    if let Err(r) = check(req, target, ctx, Right::Send) {
+        return r;
+    }
+    let Some(host) = request_host(req) else {
+        return text(400, "request has no Host header");
+    };
+    let id = target
+        .get(QUERY_ID)
+        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .map(|s| format!("{s}_{}", Uuid::new_v4().simple()))
+        .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
+    let encoded_entity = percent_encoding::utf8_percent_encode(&target.entity, percent_encoding::NON_ALPHANUMERIC);
+    let address = format!("wss://{host}/$hc/{encoded_entity}?{QUERY_ACTION}=accept&{QUERY_ID}={id}");
+    let connect_headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !(n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
+                || n == "authorization"
+                || n.starts_with("sec-websocket")
+                || n == "connection"
+                || n == "upgrade")
+        })
+        .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let reply = ctx.registry.add_pending(&id, &target.entity);
+    let offered = ctx.registry.offer(
+        &target.entity,
+        ControlMessage::Accept(Accept {
+            address,
+            id: id.clone(),
+            connect_headers,
+            remote_endpoint: Some(RemoteEndpoint {
+                address: peer.ip().to_string(),
+                port: peer.port(),
+            }),
+        }),
+    );
+    if !offered {
+        ctx.registry.remove_pending(&id);
+        return text(
+            404,
+            format!("no listener is connected for hybrid connection '{}' (is the cluster agent running?)", target.entity),
+        );
+    }
+    let sender_upgrade = hyper::upgrade::on(req);
+    match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
+        Ok(Ok(AcceptOutcome::Accepted(listener_upgrade))) => {
+            let entity = target.entity.clone();
+            ctx.tasks.spawn(async move {
+                match tokio::try_join!(server_stream(sender_upgrade), server_stream(listener_upgrade)) {
+                    Ok((s, l)) => {
+                        splice::splice(s, l).await;
+                    }
+                    Err(e) => tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed"),
+                }
+            });
+            switching
+        }
+        Ok(Ok(AcceptOutcome::Rejected { status, description })) => text(status, description),
+        Ok(Err(_)) => text(502, "listener dropped the connection before accepting it"),
+        Err(_) => {
+            ctx.registry.remove_pending(&id);
+            text(504, format!("listener did not accept within {}s", ACCEPT_TIMEOUT.as_secs()))
+        }
+    }
+}
+
+fn accept(req: &mut Request<Incoming>, target: &HcTarget, ctx: &Ctx, switching: Response<Body>) -> Response<Body> {
+    let Some(id) = target.get(QUERY_ID) else {
+        return text(400, "accept without sb-hc-id");
+    };
+    // The address itself is the credential: random, single-use and short-lived.
+    let Some(reply) = ctx.registry.take_pending(id, &target.entity) else {
+        return text(404, "unknown or expired rendezvous address");
+    };
+    if let Some(code) = target.get(QUERY_STATUS_CODE) {
+        let status = code.parse::<u16>().ok().filter(|s| (400..600).contains(s)).unwrap_or(502);
+        let description = target
+            .get(QUERY_STATUS_DESCRIPTION)
+            .unwrap_or("rejected by listener")
+            .chars()
+            .take(500)
+            .collect();
+        let _ = reply.send(AcceptOutcome::Rejected { status, description });
+        return text(200, "rejection delivered");
+    }
+    if reply.send(AcceptOutcome::Accepted(hyper::upgrade::on(req))).is_err() {
+        return text(410, "the sender gave up waiting");
+    }
+    switching
+}
