@@ -1,1 +1,128 @@
-//! auth
+//! Where the proxy's credential for the apiserver comes from. Every source implements
+//! [`CredentialSource`]; the proxy asks it for a token per request and never caches beyond
+//! what the source itself decides, so a rotated token is picked up without a restart.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{source_name}: {reason}")]
+    Unavailable { source_name: String, reason: String },
+}
+
+pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Secret, CredentialError>> + Send + 'a>>;
+
+pub trait CredentialSource: Send + Sync {
+    /// A bearer token valid now.
+    fn token(&self) -> TokenFuture<'_>;
+    /// A short name for messages, e.g. "--token" or "token file /var/run/...".
+    fn describe(&self) -> String;
+}
+
+/// A fixed bearer token (`--token`), typically a Kubernetes service-account token.
+pub struct StaticToken(Secret);
+
+impl StaticToken {
+    pub fn new(token: Secret) -> Self {
+        StaticToken(token)
+    }
+}
+
+impl CredentialSource for StaticToken {
+    fn token(&self) -> TokenFuture<'_> {
+        let t = self.0.clone();
+        Box::pin(async move { Ok(t) })
+    }
+
+    fn describe(&self) -> String {
+        "--token".into()
+    }
+}
+
+/// A token read from a file and re-read periodically, so projected service-account tokens
+/// (which the kubelet rotates) keep working.
+pub struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<Option<(Secret, Instant)>>,
+}
+
+/// Projected tokens rotate at 80% of their (at least 10 minute) lifetime; a minute is fresh enough.
+const REREAD: Duration = Duration::from_secs(60);
+
+impl TokenFile {
+    pub fn new(path: PathBuf) -> Self {
+        TokenFile {
+            path,
+            cached: Mutex::new(None),
+        }
+    }
+
+    fn read(&self) -> Result<Secret, CredentialError> {
+        let fail = |reason: String| CredentialError::Unavailable {
+            source_name: self.describe(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&self.path).map_err(|e| fail(e.to_string()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(fail("file is empty".into()));
+        }
+        Ok(Secret::new(token))
+    }
+}
+
+impl CredentialSource for TokenFile {
+    fn token(&self) -> TokenFuture<'_> {
+        Box::pin(async move {
+            let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((token, at)) = cached.as_ref() {
+                if at.elapsed() < REREAD {
+                    return Ok(token.clone());
+                }
+            }
+            match self.read() {
+                Ok(token) => {
+                    *cached = Some((token.clone(), Instant::now()));
+                    Ok(token)
+                }
+                // A file briefly missing during rotation must not fail requests that the
+                // previous token still serves.
+                Err(e) => match cached.as_ref() {
+                    Some((token, _)) => {
+                        tracing::warn!(error = %e, "re-reading token file failed; keeping the previous token");
+                        Ok(token.clone())
+                    }
+                    None => Err(e),
+                },
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("token file {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn token_file_is_read_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let source = TokenFile::new(path.clone());
+        let err = source.token().await.unwrap_err().to_string();
+        assert!(err.contains("token file"), "{err}");
+        std::fs::write(&path, "abc\n").unwrap();
+        assert_eq!(source.token().await.unwrap().expose(), "abc");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(source.token().await.unwrap().expose(), "abc");
+    }
+}

@@ -20,7 +20,8 @@ use super::protocol::HEADER_AUTHORIZATION;
 use super::ws_config;
 use crate::secret::Secret;
 
-pub type RelayStream = WebSocketStream<TlsStream<TcpStream>>;
+pub type RelayIo = TlsStream<TcpStream>;
+pub type RelayStream = WebSocketStream<RelayIo>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TLS_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,124 @@
+//! Tunnelled connections to the agent, through the relay. Ordinary requests share a few
+//! long-lived HTTP/2 connections, each over one rendezvous WebSocket, so a burst of kubectl
+//! calls costs no new relay handshakes. Upgrades get a dedicated HTTP/1.1 rendezvous each.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::tunnel::dial::{dial, DialError, RelayIo};
+use crate::tunnel::protocol::{Action, RelayAddress};
+use crate::tunnel::sas::SasKey;
+use crate::tunnel::WsStream;
+
+/// How the proxy reaches one cluster's agent.
+#[derive(Clone)]
+pub struct RelayTarget {
+    pub relay: RelayAddress,
+    pub entity: String,
+    pub key: SasKey,
+    pub tls: Arc<ClientConfig>,
+}
+
+/// Send tokens are minted per connection and only need to outlive the handshake.
+const SEND_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("HTTP over the tunnel failed: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl RelayTarget {
+    async fn open(&self) -> Result<WsStream<RelayIo>, DialError> {
+        let token = self.key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
+        let url = self.relay.url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());
+        Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?))
+    }
+
+    /// Opens a dedicated HTTP/1.1 tunnel for one upgrade request and sends it.
+    pub async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, TunnelError> {
+        let io = self.open().await?;
+        let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upgrade tunnel ended with error");
+            }
+        });
+        Ok(sender.send_request(req).await?)
+    }
+}
+
+/// A few HTTP/2 connections over rendezvous streams, re-opened when they fail.
+pub struct Pool {
+    target: RelayTarget,
+    slots: Vec<Mutex<Option<http2::SendRequest<Incoming>>>>,
+    next: AtomicUsize,
+}
+
+/// Two connections: one rendezvous failing (a relay node restarting) leaves the other warm,
+/// and HTTP/2 multiplexing makes more unnecessary.
+pub const POOL_SIZE: usize = 2;
+
+impl Pool {
+    pub fn new(target: RelayTarget, size: usize) -> Self {
+        Pool {
+            target,
+            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn target(&self) -> &RelayTarget {
+        &self.target
+    }
+
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, TunnelError> {
+        let mut sender = self.connection().await?;
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    /// A live connection, opening one if this slot has none. The slot's lock makes concurrent
+    /// callers wait for a single dial instead of each opening its own.
+    pub async fn connection(&self) -> Result<http2::SendRequest<Incoming>, TunnelError> {
+        let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[idx].lock().await;
+        if let Some(sender) = slot.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        let io = self.target.open().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .max_send_buf_size(1024 * 1024)
+            // Keeps the rendezvous alive through idle-dropping load balancers, and notices a
+            // dead relay or agent before the next kubectl call does.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(io))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "pooled tunnel connection ended");
+            }
+        });
+        tracing::debug!(slot = idx, "opened pooled tunnel connection");
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+}
