@@ -1,0 +1,16 @@
+//! Shared integration-test support: a stand-in Kubernetes API server that real kubectl talks
+//! to, and helpers that run kubectl in isolation.
+// Each test binary uses a different part of this module.
+#![allow(dead_code, unused_imports)]
+
+pub mod apiserver;
+pub mod body;
+pub mod discovery;
+pub mod kubectl;
+pub mod objects;
+pub mod portforward;
+pub mod remotecommand;
+pub mod spdy;
+
+pub use apiserver::{ApiServer, SeenRequest, SERVICE_ACCOUNT};
+pub use kubectl::{kubectl, kubectl_available, kubectl_binary, spawn_kubectl, KubectlProcess};
