@@ -13,6 +13,8 @@
 
 pub mod agent;
 pub mod auth;
+pub mod cli;
+pub mod files;
 pub mod proxy;
 pub mod relay;
 pub mod secret;

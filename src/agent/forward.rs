@@ -14,7 +14,9 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::upstream::Upstream;
-use crate::tunnel::http::{error_chain, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body};
+use crate::tunnel::http::{
+    error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
+};
 
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it.
 pub async fn serve<S>(io: S, upstream: Arc<Upstream>)
@@ -31,7 +33,10 @@ where
         .initial_stream_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
         .max_send_buf_size(1024 * 1024);
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
         tracing::debug!(error = %e, "tunnel stream ended with error");
     }
 }
@@ -48,11 +53,19 @@ pub fn strip_impersonation(headers: &mut HeaderMap) {
     }
 }
 
-async fn forward(mut req: Request<Incoming>, upstream: Arc<Upstream>) -> Result<Response<Body>, Infallible> {
+async fn forward(
+    mut req: Request<Incoming>,
+    upstream: Arc<Upstream>,
+) -> Result<Response<Body>, Infallible> {
     strip_impersonation(req.headers_mut());
     let upgrade = is_upgrade(&req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     let uri = match upstream.uri_for(&pq) {
         Ok(u) => u,
         Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
@@ -86,14 +99,16 @@ async fn forward(mut req: Request<Incoming>, upstream: Arc<Upstream>) -> Result<
     })
 }
 
-fn unreachable_apiserver(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> Response<Body> {
+fn unreachable_apiserver(
+    upstream: &Upstream,
+    e: &hyper_util::client::legacy::Error,
+) -> Response<Body> {
     let detail = error_chain(e);
     tracing::warn!(apiserver = upstream.base(), error = %detail, "apiserver request failed");
-    status(
-        502,
-        "ServiceUnavailable",
-        &format!("clusterconnect agent cannot reach the apiserver at {}: {detail}", upstream.base()),
-    )
+    gateway_error(&format!(
+        "clusterconnect agent cannot reach the apiserver at {}: {detail}",
+        upstream.base()
+    ))
 }
 
 #[cfg(test)]

@@ -32,12 +32,21 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     }
 }
 
-async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let listening = shared.listening.load(Ordering::Relaxed);
     let (code, body) = match req.uri().path() {
         "/healthz" | "/livez" => (StatusCode::OK, "ok".to_string()),
-        "/readyz" if listening > 0 => (StatusCode::OK, format!("ok: {listening} listener(s) connected")),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not connected to the relay".to_string()),
+        "/readyz" if listening > 0 => (
+            StatusCode::OK,
+            format!("ok: {listening} listener(s) connected"),
+        ),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the relay".to_string(),
+        ),
         _ => (StatusCode::NOT_FOUND, "try /healthz or /readyz".to_string()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -37,12 +37,20 @@ enum Ended {
     Shutdown,
 }
 
-pub async fn run(index: usize, config: Arc<AgentConfig>, shared: Arc<Shared>, tasks: TaskTracker, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    index: usize,
+    config: Arc<AgentConfig>,
+    shared: Arc<Shared>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let resource = config.relay.resource_uri(&config.entity);
     loop {
         let token = config.key.mint(&resource, config.token_ttl);
-        let url = config.relay.url(&config.entity, Action::Listen, &Uuid::new_v4().to_string());
+        let url = config
+            .relay
+            .url(&config.entity, Action::Listen, &Uuid::new_v4().to_string());
         let dialed = tokio::select! {
             r = dial(&url, Some(&token), &config.relay_tls) => r,
             _ = shutdown.cancelled() => return Ok(()),
@@ -67,7 +75,10 @@ pub async fn run(index: usize, config: Arc<AgentConfig>, shared: Arc<Shared>, ta
         match ended {
             Ended::Shutdown => return Ok(()),
             Ended::TokenLapsed => {
-                tracing::info!(listener = index, "relay closed the control channel for an expired token; reconnecting");
+                tracing::info!(
+                    listener = index,
+                    "relay closed the control channel for an expired token; reconnecting"
+                );
                 continue;
             }
             Ended::Lost(reason) => {
@@ -82,7 +93,13 @@ pub async fn run(index: usize, config: Arc<AgentConfig>, shared: Arc<Shared>, ta
     }
 }
 
-async fn listen(mut ws: RelayStream, config: &Arc<AgentConfig>, shared: &Arc<Shared>, tasks: &TaskTracker, shutdown: &CancellationToken) -> Ended {
+async fn listen(
+    mut ws: RelayStream,
+    config: &Arc<AgentConfig>,
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Ended {
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.reset();
     let renew_every = config.token_ttl.mul_f64(0.75);
@@ -136,12 +153,20 @@ async fn listen(mut ws: RelayStream, config: &Arc<AgentConfig>, shared: &Arc<Sha
     }
 }
 
-fn spawn_rendezvous(accept: Accept, config: Arc<AgentConfig>, shared: Arc<Shared>, tasks: &TaskTracker) {
+fn spawn_rendezvous(
+    accept: Accept,
+    config: Arc<AgentConfig>,
+    shared: Arc<Shared>,
+    tasks: &TaskTracker,
+) {
     // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
     // new sender is rejected with 503 rather than exhausting the agent's memory.
     let Ok(permit) = shared.rendezvous.clone().try_acquire_owned() else {
         tracing::warn!("too many open tunnel streams; rejecting a sender");
-        let address = format!("{}&sb-hc-statusCode=503&sb-hc-statusDescription=agent%20busy", accept.address);
+        let address = format!(
+            "{}&sb-hc-statusCode=503&sb-hc-statusDescription=agent%20busy",
+            accept.address
+        );
         tasks.spawn(async move {
             let _ = dial(&address, None, &config.relay_tls).await;
         });

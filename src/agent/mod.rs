@@ -55,7 +55,12 @@ pub(crate) struct Shared {
 }
 
 /// Runs until `shutdown` is cancelled or the relay rejects our credentials.
-pub async fn run(config: AgentConfig, upstream: Upstream, health: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    upstream: Upstream,
+    health: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         upstream: Arc::new(upstream),
@@ -70,7 +75,13 @@ pub async fn run(config: AgentConfig, upstream: Upstream, health: Option<TcpList
     tracing::info!(apiserver = shared.upstream.base(), connection = %config.entity, listeners = config.listeners, "agent starting");
     let mut set = tokio::task::JoinSet::new();
     for i in 0..config.listeners.max(1) {
-        set.spawn(listener::run(i, config.clone(), shared.clone(), tasks.clone(), shutdown.clone()));
+        set.spawn(listener::run(
+            i,
+            config.clone(),
+            shared.clone(),
+            tasks.clone(),
+            shutdown.clone(),
+        ));
     }
     let mut result = Ok(());
     while let Some(joined) = set.join_next().await {

@@ -46,7 +46,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 impl Upstream {
     /// Loads the cluster from `kubeconfig`/`context` when given, else infers it the way
     /// kubectl and client-go do (in-cluster service account first, then `$KUBECONFIG`).
-    pub async fn load(kubeconfig: Option<PathBuf>, context: Option<String>) -> Result<Upstream, UpstreamError> {
+    pub async fn load(
+        kubeconfig: Option<PathBuf>,
+        context: Option<String>,
+    ) -> Result<Upstream, UpstreamError> {
         let config = match (kubeconfig, context) {
             (Some(path), context) => {
                 let file = Kubeconfig::read_from(&path)
@@ -68,20 +71,24 @@ impl Upstream {
                     .await
                     .map_err(|e| UpstreamError::Kubeconfig(e.to_string()))?
             }
-            (None, None) => kube::Config::infer()
-                .await
-                .map_err(|e| UpstreamError::Kubeconfig(format!("{e} (run in a pod, or pass --kubeconfig)")))?,
+            (None, None) => kube::Config::infer().await.map_err(|e| {
+                UpstreamError::Kubeconfig(format!("{e} (run in a pod, or pass --kubeconfig)"))
+            })?,
         };
         if config.accept_invalid_certs {
             return Err(UpstreamError::InsecureSkipVerify);
         }
         let ca_pem: Option<Vec<u8>> = match (&config.root_cert, &config.root_cert_file) {
             (Some(ders), _) => Some(ders_to_pem(ders)),
-            (None, Some(path)) => Some(std::fs::read(path).map_err(|source| tls::TlsError::ReadFile {
-                what: "cluster CA",
-                path: path.clone(),
-                source,
-            })?),
+            (None, Some(path)) => {
+                Some(
+                    std::fs::read(path).map_err(|source| tls::TlsError::ReadFile {
+                        what: "cluster CA",
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             (None, None) => None,
         };
         Upstream::new(&config.cluster_url, ca_pem.as_deref())
@@ -92,7 +99,8 @@ impl Upstream {
         if url.scheme_str() != Some("https") {
             return Err(UpstreamError::NotHttps(url.to_string()));
         }
-        let alpn: &[&[u8]] = &[tls::ALPN_H2, tls::ALPN_HTTP11];
+        // hyper-rustls sets ALPN itself from the protocols enabled below.
+        let alpn: &[&[u8]] = &[];
         let tls_config = match ca_pem {
             Some(pem) => tls::client_config_with_roots(tls::roots_from_pem(pem)?, alpn)?,
             None => tls::client_config(None, alpn)?,
@@ -125,7 +133,11 @@ impl Upstream {
             .pool_max_idle_per_host(0)
             .build(connector(false));
         let base = url.to_string().trim_end_matches('/').to_string();
-        Ok(Upstream { base, client, upgrades })
+        Ok(Upstream {
+            base,
+            client,
+            upgrades,
+        })
     }
 
     /// The apiserver URI for a request's path and query.

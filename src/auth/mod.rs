@@ -16,7 +16,8 @@ pub enum CredentialError {
     Unavailable { source_name: String, reason: String },
 }
 
-pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Secret, CredentialError>> + Send + 'a>>;
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Secret, CredentialError>> + Send + 'a>>;
 
 pub trait CredentialSource: Send + Sync {
     /// A bearer token valid now.

@@ -2,7 +2,6 @@
 //! one cluster, one user and one context named after the connection are added or replaced,
 //! every other entry is kept as it was, and the file is replaced atomically with mode 0600.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -65,7 +64,12 @@ pub fn home_dir() -> PathBuf {
 }
 
 /// Returns `existing` (a kubeconfig document, possibly empty) with `entry` merged in.
-pub fn merge(existing: &str, entry: &Entry, set_current: bool, path: &Path) -> Result<String, KubeconfigError> {
+pub fn merge(
+    existing: &str,
+    entry: &Entry,
+    set_current: bool,
+    path: &Path,
+) -> Result<String, KubeconfigError> {
     let mut doc: Value = if existing.trim().is_empty() {
         Value::Mapping(Mapping::new())
     } else {
@@ -85,9 +89,33 @@ pub fn merge(existing: &str, entry: &Entry, set_current: bool, path: &Path) -> R
 
     let ca = base64::engine::general_purpose::STANDARD.encode(entry.ca_pem);
     let user = entry.user_name();
-    upsert(root, "clusters", entry.name, "cluster", yaml_map(&[("server", entry.server), ("certificate-authority-data", &ca)]), path)?;
-    upsert(root, "users", &user, "user", yaml_map(&[("token", entry.token.expose())]), path)?;
-    upsert(root, "contexts", entry.name, "context", yaml_map(&[("cluster", entry.name), ("user", &user)]), path)?;
+    upsert(
+        root,
+        "clusters",
+        entry.name,
+        "cluster",
+        yaml_map(&[
+            ("server", entry.server),
+            ("certificate-authority-data", &ca),
+        ]),
+        path,
+    )?;
+    upsert(
+        root,
+        "users",
+        &user,
+        "user",
+        yaml_map(&[("token", entry.token.expose())]),
+        path,
+    )?;
+    upsert(
+        root,
+        "contexts",
+        entry.name,
+        "context",
+        yaml_map(&[("cluster", entry.name), ("user", &user)]),
+        path,
+    )?;
     if set_current {
         root.insert("current-context".into(), entry.name.into());
     }
@@ -109,7 +137,14 @@ fn yaml_map(pairs: &[(&str, &str)]) -> Value {
 }
 
 /// Replaces the named entry of list `field` in place (keeping its position), or appends it.
-fn upsert(root: &mut Mapping, field: &'static str, name: &str, kind: &str, body: Value, path: &Path) -> Result<(), KubeconfigError> {
+fn upsert(
+    root: &mut Mapping,
+    field: &'static str,
+    name: &str,
+    kind: &str,
+    body: Value,
+    path: &Path,
+) -> Result<(), KubeconfigError> {
     let list = root
         .entry(field.into())
         .or_insert_with(|| Value::Sequence(Vec::new()));
@@ -152,33 +187,12 @@ pub fn write(path: &Path, entry: &Entry, set_current: bool) -> Result<(), Kubeco
     write_private(path, merged.as_bytes())
 }
 
-/// Writes `bytes` to `path` via a temp file in the same directory and a rename, mode 0600.
+/// Writes `bytes` to `path` atomically with mode 0600.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KubeconfigError> {
-    let werr = |source| KubeconfigError::Write {
+    crate::files::write_private(path, bytes).map_err(|source| KubeconfigError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(werr)?;
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("kubeconfig");
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(werr)
+    })
 }
 
 #[cfg(test)]
@@ -230,7 +244,10 @@ current-context: prod
         }
         assert_eq!(after["current-context"], "edge");
         assert_eq!(after["users"][1]["user"]["token"], "local-secret");
-        assert_eq!(after["clusters"][1]["cluster"]["certificate-authority-data"], "UEVN");
+        assert_eq!(
+            after["clusters"][1]["cluster"]["certificate-authority-data"],
+            "UEVN"
+        );
         let kept = merge(EXISTING, &entry(&token), false, path).unwrap();
         let kept: Value = serde_norway::from_str(&kept).unwrap();
         assert_eq!(kept["current-context"], "prod");
@@ -238,7 +255,13 @@ current-context: prod
 
     #[test]
     fn broken_yaml_is_reported_not_overwritten() {
-        let err = merge("clusters: [unclosed", &entry(&Secret::new("t")), true, Path::new("/x/config")).unwrap_err();
+        let err = merge(
+            "clusters: [unclosed",
+            &entry(&Secret::new("t")),
+            true,
+            Path::new("/x/config"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/x/config"), "{err}");
     }
 

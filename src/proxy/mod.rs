@@ -71,7 +71,11 @@ impl Proxy {
     }
 
     /// Serves kubectl on `listener` until `shutdown`, then drains for at most [`DRAIN`].
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -94,7 +98,8 @@ impl Proxy {
                 _ = shutdown.cancelled() => break,
             };
             let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %peer, error = %e, "local TLS handshake failed");
@@ -115,7 +120,10 @@ impl Proxy {
             });
         }
         tracing::info!("proxy stopping: finishing in-flight requests");
-        if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(DRAIN, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::info!("drain period over; closing remaining connections");
         }
         Ok(())

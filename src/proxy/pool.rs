@@ -41,13 +41,20 @@ pub enum TunnelError {
 
 impl RelayTarget {
     async fn open(&self) -> Result<WsStream<RelayIo>, DialError> {
-        let token = self.key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
-        let url = self.relay.url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());
+        let token = self
+            .key
+            .mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
+        let url = self
+            .relay
+            .url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());
         Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?))
     }
 
     /// Opens a dedicated HTTP/1.1 tunnel for one upgrade request and sends it.
-    pub async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, TunnelError> {
+    pub async fn send_upgrade(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TunnelError> {
         let io = self.open().await?;
         let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {

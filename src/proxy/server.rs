@@ -12,7 +12,9 @@ use super::pool::{Pool, TunnelError};
 use crate::auth::CredentialSource;
 use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
-use crate::tunnel::http::{error_chain, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body};
+use crate::tunnel::http::{
+    error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
+};
 
 pub struct Route {
     pub pool: Pool,
@@ -26,7 +28,10 @@ pub struct Handler {
 }
 
 impl Handler {
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         if !self.local_credential_ok(&req) {
             tracing::info!(path = %req.uri().path(), "request without the session's local credential refused");
             return Ok(status(
@@ -39,7 +44,11 @@ impl Handler {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "no credential for the apiserver");
-                return Ok(status(503, "ServiceUnavailable", &format!("clusterconnect proxy has no credential: {e}")));
+                return Ok(status(
+                    503,
+                    "ServiceUnavailable",
+                    &format!("clusterconnect proxy has no credential: {e}"),
+                ));
             }
         };
         let bearer = match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
@@ -47,12 +56,23 @@ impl Handler {
                 v.set_sensitive(true);
                 v
             }
-            Err(_) => return Ok(status(500, "InternalError", "credential contains characters not allowed in a header")),
+            Err(_) => {
+                return Ok(status(
+                    500,
+                    "InternalError",
+                    "credential contains characters not allowed in a header",
+                ))
+            }
         };
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
         req.headers_mut().insert(header::AUTHORIZATION, bearer);
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         let method = req.method().clone();
 
         if upgrade {
@@ -61,7 +81,8 @@ impl Handler {
             if let Ok(uri) = pq.parse::<Uri>() {
                 *req.uri_mut() = uri;
             }
-            req.headers_mut().insert(header::HOST, HeaderValue::from_static("clusterconnect"));
+            req.headers_mut()
+                .insert(header::HOST, HeaderValue::from_static("clusterconnect"));
             return Ok(match self.route.pool.target().send_upgrade(req).await {
                 Ok(mut resp) => {
                     tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), "upgrade");
@@ -93,8 +114,12 @@ impl Handler {
     }
 
     fn local_credential_ok(&self, req: &Request<Incoming>) -> bool {
-        let Some(value) = req.headers().get(header::AUTHORIZATION) else { return false };
-        let Some(presented) = value.as_bytes().strip_prefix(b"Bearer ") else { return false };
+        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+            return false;
+        };
+        let Some(presented) = value.as_bytes().strip_prefix(b"Bearer ") else {
+            return false;
+        };
         self.local_secret.ct_eq(presented)
     }
 
@@ -102,23 +127,18 @@ impl Handler {
         let entity = &self.route.pool.target().entity;
         let detail = error_chain(e);
         tracing::warn!(connection = %entity, error = %detail, "tunnel request failed");
-        match e {
-            TunnelError::Dial(d) if d.is_no_listener() => status(
-                503,
-                "ServiceUnavailable",
-                &format!("the cluster agent for connection '{entity}' is not connected to the relay: {detail}"),
+        let message = match e {
+            TunnelError::Dial(d) if d.is_no_listener() => {
+                format!("clusterconnect: the cluster agent for connection '{entity}' is not connected to the relay ({detail})")
+            }
+            TunnelError::Dial(d) if d.is_auth() => format!(
+                "clusterconnect: the relay refused the proxy's send token for '{entity}' ({detail}); check --key-file and that its rule has the Send right"
             ),
-            TunnelError::Dial(d) if d.is_auth() => status(
-                502,
-                "BadGateway",
-                &format!("the relay refused the proxy's send token for '{entity}': {detail}. Check --key-file and that its rule has the Send right"),
-            ),
-            TunnelError::Dial(DialError::Rejected { status: code, .. }) => status(
-                if *code == 504 { 504 } else { 502 },
-                "BadGateway",
-                &format!("the relay could not connect to the cluster agent for '{entity}': {detail}"),
-            ),
-            _ => status(502, "BadGateway", &format!("clusterconnect tunnel to '{entity}' failed: {detail}")),
-        }
+            TunnelError::Dial(DialError::Rejected { .. }) => {
+                format!("clusterconnect: the relay could not connect to the cluster agent for '{entity}' ({detail})")
+            }
+            _ => format!("clusterconnect: tunnel to '{entity}' failed ({detail})"),
+        };
+        gateway_error(&message)
     }
 }

@@ -73,29 +73,83 @@ mod tests {
 
     fn rules() -> Vec<Rule> {
         vec![
-            Rule { name: "listen".into(), key: Secret::new("listen-key-0123456789"), listen: true, send: false, entity: Some("c1".into()) },
-            Rule { name: "send".into(), key: Secret::new("send-key-0123456789"), listen: false, send: true, entity: None },
+            Rule {
+                name: "listen".into(),
+                key: Secret::new("listen-key-0123456789"),
+                listen: true,
+                send: false,
+                entity: Some("c1".into()),
+            },
+            Rule {
+                name: "send".into(),
+                key: Secret::new("send-key-0123456789"),
+                listen: false,
+                send: true,
+                entity: None,
+            },
         ]
     }
 
     fn token(name: &str, key: &str, uri: &str, expiry: u64) -> String {
-        SasKey { name: name.into(), key: Secret::new(key) }.mint_until(uri, expiry).expose().to_string()
+        SasKey {
+            name: name.into(),
+            key: Secret::new(key),
+        }
+        .mint_until(uri, expiry)
+        .expose()
+        .to_string()
     }
 
     #[test]
     fn grants_only_the_rights_and_entities_a_rule_has() {
         let hosts = vec!["relay.test".to_string()];
-        let listen = token("listen", "listen-key-0123456789", "http://relay.test/c1", 100);
-        assert_eq!(authorize(&rules(), &hosts, &listen, "c1", Right::Listen, 10), Ok(100));
-        assert!(matches!(authorize(&rules(), &hosts, &listen, "c1", Right::Send, 10), Err(SasError::MissingRight { .. })));
-        let other = token("listen", "listen-key-0123456789", "http://relay.test/c2", 100);
-        assert!(matches!(authorize(&rules(), &hosts, &other, "c2", Right::Listen, 10), Err(SasError::WrongResource { .. })));
-        let send = token("send", "send-key-0123456789", "https://relay.test:8443/", 100);
-        assert_eq!(authorize(&rules(), &hosts, &send, "any", Right::Send, 10), Ok(100));
-        assert!(matches!(authorize(&rules(), &hosts, &send, "any", Right::Send, 100), Err(SasError::Expired(0))));
+        let listen = token(
+            "listen",
+            "listen-key-0123456789",
+            "http://relay.test/c1",
+            100,
+        );
+        assert_eq!(
+            authorize(&rules(), &hosts, &listen, "c1", Right::Listen, 10),
+            Ok(100)
+        );
+        assert!(matches!(
+            authorize(&rules(), &hosts, &listen, "c1", Right::Send, 10),
+            Err(SasError::MissingRight { .. })
+        ));
+        let other = token(
+            "listen",
+            "listen-key-0123456789",
+            "http://relay.test/c2",
+            100,
+        );
+        assert!(matches!(
+            authorize(&rules(), &hosts, &other, "c2", Right::Listen, 10),
+            Err(SasError::WrongResource { .. })
+        ));
+        let send = token(
+            "send",
+            "send-key-0123456789",
+            "https://relay.test:8443/",
+            100,
+        );
+        assert_eq!(
+            authorize(&rules(), &hosts, &send, "any", Right::Send, 10),
+            Ok(100)
+        );
+        assert!(matches!(
+            authorize(&rules(), &hosts, &send, "any", Right::Send, 100),
+            Err(SasError::Expired(0))
+        ));
         let forged = token("send", "wrong-key-0123456789", "http://relay.test/", 100);
-        assert_eq!(status_for(&authorize(&rules(), &hosts, &forged, "x", Right::Send, 10).unwrap_err()), 401);
+        assert_eq!(
+            status_for(&authorize(&rules(), &hosts, &forged, "x", Right::Send, 10).unwrap_err()),
+            401
+        );
         let unknown = token("nope", "k", "http://relay.test/", 100);
-        assert!(matches!(authorize(&rules(), &hosts, &unknown, "x", Right::Send, 10), Err(SasError::UnknownRule(_))));
+        assert!(matches!(
+            authorize(&rules(), &hosts, &unknown, "x", Right::Send, 10),
+            Err(SasError::UnknownRule(_))
+        ));
     }
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::secret::Secret;
 use crate::tls;
 use crate::tunnel::protocol::validate_entity;
+use crate::tunnel::sas::SasKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -82,6 +83,7 @@ pub struct RelayConfig {
     pub rules: Arc<Vec<Rule>>,
     pub tls: Arc<ServerConfig>,
     pub max_connections: usize,
+    pub stats: Arc<super::RelayStats>,
 }
 
 /// Connections beyond this wait for a slot rather than exhausting file descriptors; each costs
@@ -102,6 +104,32 @@ impl RelayFile {
 
     /// Checks the rules and reads their keys; the TLS material is checked by the caller, who
     /// may substitute a development certificate.
+    /// Creates each rule's missing `key_file` with a fresh random key (development mode only,
+    /// announced on stderr), so a first `relay --dev-self-signed` works on a fresh machine.
+    pub fn create_missing_keys(&self, base: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+        use base64::Engine;
+        let mut created = Vec::new();
+        for r in &self.rules {
+            let Some(f) = &r.key_file else { continue };
+            let path = base.join(f);
+            if path.exists() {
+                continue;
+            }
+            let key: [u8; 32] = rand::random();
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            // The connection-string form, so the same file serves as agent/proxy --key-file.
+            let text = format!("SharedAccessKeyName={};SharedAccessKey={key}\n", r.name);
+            crate::files::write_private(&path, text.as_bytes()).map_err(|source| {
+                ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            created.push(path);
+        }
+        Ok(created)
+    }
+
     pub fn rules(&self, base: &Path) -> Result<Vec<Rule>, ConfigError> {
         let mut rules = Vec::new();
         for r in &self.rules {
@@ -109,16 +137,36 @@ impl RelayFile {
                 return Err(ConfigError::Invalid("a rule has an empty name".into()));
             }
             if rules.iter().any(|x: &Rule| x.name == r.name) {
-                return Err(ConfigError::Invalid(format!("rule '{}' is defined twice", r.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "rule '{}' is defined twice",
+                    r.name
+                )));
             }
             let key = match (&r.key, &r.key_file) {
                 (Some(k), None) => k.trim().to_string(),
                 (None, Some(f)) => {
                     let f = base.join(f);
-                    std::fs::read_to_string(&f)
-                        .map_err(|source| ConfigError::Read { path: f, source })?
-                        .trim()
-                        .to_string()
+                    let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::Read {
+                        path: f.clone(),
+                        source,
+                    })?;
+                    // Either the bare key or the connection-string form agents and proxies read.
+                    if text.contains("SharedAccessKey=") {
+                        let key = SasKey::parse(&text).map_err(|reason| {
+                            ConfigError::Invalid(format!("key file {}: {reason}", f.display()))
+                        })?;
+                        if key.name != r.name {
+                            return Err(ConfigError::Invalid(format!(
+                                "key file {} is for rule '{}', but rule '{}' uses it",
+                                f.display(),
+                                key.name,
+                                r.name
+                            )));
+                        }
+                        key.key.expose().to_string()
+                    } else {
+                        text.trim().to_string()
+                    }
                 }
                 _ => {
                     return Err(ConfigError::Invalid(format!(

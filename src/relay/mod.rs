@@ -12,6 +12,8 @@ mod splice;
 pub use config::{ConfigError, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
 pub use registry::Registry;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +30,28 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// On shutdown, open rendezvous streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
+/// Counters an operator (and a test) can read: how many rendezvous were made and are open.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub rendezvous_total: AtomicU64,
+    pub rendezvous_open: AtomicU64,
+}
+
+impl RelayStats {
+    pub fn total(&self) -> u64 {
+        self.rendezvous_total.load(Ordering::Relaxed)
+    }
+
+    pub fn open(&self) -> u64 {
+        self.rendezvous_open.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub hostnames: Arc<Vec<String>>,
     pub rules: Arc<Vec<Rule>>,
+    pub stats: Arc<RelayStats>,
 }
 
 #[derive(Clone)]
@@ -43,13 +63,24 @@ pub(crate) struct Ctx {
 }
 
 /// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
-pub async fn run(listener: TcpListener, config: RelayConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: RelayConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let registry = Registry::default();
     let tasks = TaskTracker::new();
     let ctx = Ctx {
         shared: Shared {
-            hostnames: Arc::new(config.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect()),
+            hostnames: Arc::new(
+                config
+                    .hostnames
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+            ),
             rules: config.rules.clone(),
+            stats: config.stats.clone(),
         },
         registry,
         tasks: tasks.clone(),

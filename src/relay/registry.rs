@@ -92,7 +92,9 @@ impl Registry {
     pub fn offer(&self, entity: &str, msg: ControlMessage) -> bool {
         let mut inner = self.lock();
         let k = key(entity);
-        let Some(list) = inner.listeners.get(&k) else { return false };
+        let Some(list) = inner.listeners.get(&k) else {
+            return false;
+        };
         let n = list.len();
         let start = inner.cursor.get(&k).copied().unwrap_or(0);
         let mut taken = None;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,8 +18,8 @@ use super::auth::{authorize, status_for, Right};
 use super::registry::AcceptOutcome;
 use super::{control, splice, Ctx};
 use crate::tunnel::protocol::{
-    Accept, Action, ControlMessage, HcTarget, RemoteEndpoint, HEADER_AUTHORIZATION, QUERY_ACTION, QUERY_ID,
-    QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION, QUERY_TOKEN,
+    Accept, Action, ControlMessage, HcTarget, RemoteEndpoint, HEADER_AUTHORIZATION, QUERY_ACTION,
+    QUERY_ID, QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION, QUERY_TOKEN,
 };
 use crate::tunnel::sas::unix_now;
 use crate::tunnel::upgrade::{is_websocket, server_stream, switching_protocols};
@@ -31,26 +32,41 @@ type Body = Full<Bytes>;
 fn text(status: u16, msg: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(msg.into())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static header"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("static header"),
+    );
     r
 }
 
-pub async fn handle(mut req: Request<Incoming>, ctx: Ctx, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    mut req: Request<Incoming>,
+    ctx: Ctx,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/healthz" {
         return Ok(text(200, "ok"));
     }
     let Some(target) = HcTarget::parse(req.uri().path(), req.uri().query()) else {
-        return Ok(text(404, "not a hybrid connection path; expected /$hc/<name>"));
+        return Ok(text(
+            404,
+            "not a hybrid connection path; expected /$hc/<name>",
+        ));
     };
     let Some(action) = target.get(QUERY_ACTION).and_then(Action::parse) else {
-        return Ok(text(400, "missing or unknown sb-hc-action; expected listen, connect or accept"));
+        return Ok(text(
+            400,
+            "missing or unknown sb-hc-action; expected listen, connect or accept",
+        ));
     };
     if !is_websocket(&req) {
         return Ok(text(400, "this endpoint only accepts WebSocket upgrades"));
     }
     let Some(switching) = switching_protocols::<_, Body>(&req) else {
-        return Ok(text(400, "invalid WebSocket handshake (needs Sec-WebSocket-Key and version 13)"));
+        return Ok(text(
+            400,
+            "invalid WebSocket handshake (needs Sec-WebSocket-Key and version 13)",
+        ));
     };
     let response = match action {
         Action::Listen => listen(&mut req, &target, &ctx, switching),
@@ -84,34 +100,61 @@ fn accepted_hosts(ctx: &Ctx, req: &Request<Incoming>) -> Vec<String> {
     request_host(req)
         .map(|h| {
             let h = h.rsplit_once(':').map_or(h.as_str(), |(host, port)| {
-                if port.chars().all(|c| c.is_ascii_digit()) { host } else { h.as_str() }
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    host
+                } else {
+                    h.as_str()
+                }
             });
             vec![h.trim_start_matches('[').trim_end_matches(']').to_string()]
         })
         .unwrap_or_default()
 }
 
-fn check(req: &Request<Incoming>, target: &HcTarget, ctx: &Ctx, right: Right) -> Result<u64, Response<Body>> {
+/// The token's expiry, or the status and message to refuse the request with.
+fn check(
+    req: &Request<Incoming>,
+    target: &HcTarget,
+    ctx: &Ctx,
+    right: Right,
+) -> Result<u64, (u16, String)> {
     let Some(token) = token(req, target) else {
-        return Err(text(
+        return Err((
             401,
             format!("no SAS token: send it in the {HEADER_AUTHORIZATION} header or the {QUERY_TOKEN} query parameter"),
         ));
     };
-    authorize(&ctx.shared.rules, &accepted_hosts(ctx, req), token, &target.entity, right, unix_now()).map_err(|e| {
+    authorize(
+        &ctx.shared.rules,
+        &accepted_hosts(ctx, req),
+        token,
+        &target.entity,
+        right,
+        unix_now(),
+    )
+    .map_err(|e| {
         tracing::info!(entity = %target.entity, error = %e, "token refused");
-        text(status_for(&e), e.to_string())
+        (status_for(&e), e.to_string())
     })
 }
 
-fn listen(req: &mut Request<Incoming>, target: &HcTarget, ctx: &Ctx, switching: Response<Body>) -> Response<Body> {
+fn listen(
+    req: &mut Request<Incoming>,
+    target: &HcTarget,
+    ctx: &Ctx,
+    switching: Response<Body>,
+) -> Response<Body> {
     let expiry = match check(req, target, ctx, Right::Listen) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err((code, msg)) => return text(code, msg),
     };
     let on_upgrade = hyper::upgrade::on(req);
-    let (entity, shared, registry, shutdown) =
-        (target.entity.clone(), ctx.shared.clone(), ctx.registry.clone(), ctx.shutdown.clone());
+    let (entity, shared, registry, shutdown) = (
+        target.entity.clone(),
+        ctx.shared.clone(),
+        ctx.registry.clone(),
+        ctx.shutdown.clone(),
+    );
     ctx.tasks.spawn(async move {
         match server_stream(on_upgrade).await {
             Ok(ws) => control::run(ws, entity, expiry, shared, registry, shutdown).await,
@@ -128,8 +171,8 @@ async fn connect(
     peer: SocketAddr,
     switching: Response<Body>,
 ) -> Response<Body> {
-    if let Err(r) = check(req, target, ctx, Right::Send) {
-        return r;
+    if let Err((code, msg)) = check(req, target, ctx, Right::Send) {
+        return text(code, msg);
     }
     let Some(host) = request_host(req) else {
         return text(400, "request has no Host header");
@@ -139,8 +182,10 @@ async fn connect(
         .filter(|s| !s.is_empty() && s.len() <= 64)
         .map(|s| format!("{s}_{}", Uuid::new_v4().simple()))
         .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
-    let encoded_entity = percent_encoding::utf8_percent_encode(&target.entity, percent_encoding::NON_ALPHANUMERIC);
-    let address = format!("wss://{host}/$hc/{encoded_entity}?{QUERY_ACTION}=accept&{QUERY_ID}={id}");
+    let encoded_entity =
+        percent_encoding::utf8_percent_encode(&target.entity, percent_encoding::NON_ALPHANUMERIC);
+    let address =
+        format!("wss://{host}/$hc/{encoded_entity}?{QUERY_ACTION}=accept&{QUERY_ID}={id}");
     let connect_headers: BTreeMap<String, String> = req
         .headers()
         .iter()
@@ -178,26 +223,49 @@ async fn connect(
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade))) => {
             let entity = target.entity.clone();
+            let stats = ctx.shared.stats.clone();
             ctx.tasks.spawn(async move {
-                match tokio::try_join!(server_stream(sender_upgrade), server_stream(listener_upgrade)) {
+                match tokio::try_join!(
+                    server_stream(sender_upgrade),
+                    server_stream(listener_upgrade)
+                ) {
                     Ok((s, l)) => {
+                        stats.rendezvous_total.fetch_add(1, Ordering::Relaxed);
+                        stats.rendezvous_open.fetch_add(1, Ordering::Relaxed);
                         splice::splice(s, l).await;
+                        stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
                     }
-                    Err(e) => tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed"),
+                    Err(e) => {
+                        tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed")
+                    }
                 }
             });
             switching
         }
-        Ok(Ok(AcceptOutcome::Rejected { status, description })) => text(status, description),
+        Ok(Ok(AcceptOutcome::Rejected {
+            status,
+            description,
+        })) => text(status, description),
         Ok(Err(_)) => text(502, "listener dropped the connection before accepting it"),
         Err(_) => {
             ctx.registry.remove_pending(&id);
-            text(504, format!("listener did not accept within {}s", ACCEPT_TIMEOUT.as_secs()))
+            text(
+                504,
+                format!(
+                    "listener did not accept within {}s",
+                    ACCEPT_TIMEOUT.as_secs()
+                ),
+            )
         }
     }
 }
 
-fn accept(req: &mut Request<Incoming>, target: &HcTarget, ctx: &Ctx, switching: Response<Body>) -> Response<Body> {
+fn accept(
+    req: &mut Request<Incoming>,
+    target: &HcTarget,
+    ctx: &Ctx,
+    switching: Response<Body>,
+) -> Response<Body> {
     let Some(id) = target.get(QUERY_ID) else {
         return text(400, "accept without sb-hc-id");
     };
@@ -206,17 +274,27 @@ fn accept(req: &mut Request<Incoming>, target: &HcTarget, ctx: &Ctx, switching: 
         return text(404, "unknown or expired rendezvous address");
     };
     if let Some(code) = target.get(QUERY_STATUS_CODE) {
-        let status = code.parse::<u16>().ok().filter(|s| (400..600).contains(s)).unwrap_or(502);
+        let status = code
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (400..600).contains(s))
+            .unwrap_or(502);
         let description = target
             .get(QUERY_STATUS_DESCRIPTION)
             .unwrap_or("rejected by listener")
             .chars()
             .take(500)
             .collect();
-        let _ = reply.send(AcceptOutcome::Rejected { status, description });
+        let _ = reply.send(AcceptOutcome::Rejected {
+            status,
+            description,
+        });
         return text(200, "rejection delivered");
     }
-    if reply.send(AcceptOutcome::Accepted(hyper::upgrade::on(req))).is_err() {
+    if reply
+        .send(AcceptOutcome::Accepted(hyper::upgrade::on(req)))
+        .is_err()
+    {
         return text(410, "the sender gave up waiting");
     }
     switching

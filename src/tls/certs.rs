@@ -26,7 +26,9 @@ pub struct IssuedCert {
 impl CertificateAuthority {
     pub fn generate(common_name: &str) -> Result<Self, TlsError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -63,9 +65,10 @@ impl CertificateAuthority {
         let ca_key = KeyPair::from_pem(&self.key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("localhost"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("localhost"),
+        );
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -114,7 +117,8 @@ mod tests {
         let roots = crate::tls::roots_from_pem(ca.cert_pem().as_bytes()).unwrap();
         assert_eq!(roots.len(), 1);
         crate::tls::server_config(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), &[]).unwrap();
-        let reloaded = CertificateAuthority::from_pem(ca.cert_pem().into(), ca.key_pem().into()).unwrap();
+        let reloaded =
+            CertificateAuthority::from_pem(ca.cert_pem().into(), ca.key_pem().into()).unwrap();
         reloaded.issue_server(&["localhost"]).unwrap();
         let fp = fingerprint_sha256(ca.cert_pem()).unwrap();
         assert_eq!(fp.len(), 32 * 3 - 1);

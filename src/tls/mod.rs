@@ -55,7 +55,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// A client configuration that trusts the system roots plus, when given, the certificates in
 /// `extra_ca` (a corporate TLS-inspection CA or a self-hosted relay's CA).
-pub fn client_config(extra_ca: Option<&Path>, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     // A broken system bundle is not fatal when the user named their own CA.
     let native = rustls_native_certs::load_native_certs();
@@ -75,7 +78,10 @@ pub fn client_config(extra_ca: Option<&Path>, alpn: &[&[u8]]) -> Result<Arc<Clie
 
 /// A client configuration trusting exactly `roots` (used where the CA is known, such as the
 /// apiserver's cluster CA).
-pub fn client_config_with_roots(roots: RootCertStore, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config_with_roots(
+    roots: RootCertStore,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
     if roots.is_empty() {
         return Err(TlsError::NoRoots);
     }
@@ -88,7 +94,11 @@ pub fn client_config_with_roots(roots: RootCertStore, alpn: &[&[u8]]) -> Result<
 }
 
 /// A server configuration from PEM certificate chain and key.
-pub fn server_config(cert_pem: &[u8], key_pem: &[u8], alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::BadPem {

@@ -61,7 +61,13 @@ pub enum DialError {
 impl DialError {
     /// The relay refused our token: retrying with the same credential cannot help.
     pub fn is_auth(&self) -> bool {
-        matches!(self, DialError::Rejected { status: 401 | 403, .. })
+        matches!(
+            self,
+            DialError::Rejected {
+                status: 401 | 403,
+                ..
+            }
+        )
     }
 
     /// No listener is connected for the hybrid connection.
@@ -117,7 +123,8 @@ pub async fn dial(
         })?;
         request.headers_mut().insert(HEADER_AUTHORIZATION, value);
     }
-    let handshake = tokio_tungstenite::client_async_with_config(request, tls_stream, Some(ws_config()));
+    let handshake =
+        tokio_tungstenite::client_async_with_config(request, tls_stream, Some(ws_config()));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => Err(DialError::HandshakeTimeout(addr, HANDSHAKE_TIMEOUT)),
         Ok(Ok((stream, _response))) => Ok(stream),
@@ -126,7 +133,13 @@ pub async fn dial(
             let description = response
                 .body()
                 .as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().chars().take(500).collect::<String>())
+                .map(|b| {
+                    String::from_utf8_lossy(b)
+                        .trim()
+                        .chars()
+                        .take(500)
+                        .collect::<String>()
+                })
                 .filter(|d| !d.is_empty())
                 .or_else(|| response.status().canonical_reason().map(String::from))
                 .unwrap_or_default();

@@ -75,7 +75,10 @@ impl RelayAddress {
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| AddressError::NoHost(text.into()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         Ok(RelayAddress {
             host,
             port: url.port().unwrap_or(443),
@@ -203,32 +206,50 @@ mod tests {
     fn accept_message_matches_the_documented_shape() {
         let json = r#"{"accept":{"address":"wss://dc.servicebus.windows.net:443/$hc/c?sb-hc-action=accept&sb-hc-id=1","id":"1","connectHeaders":{"Host":"x"},"remoteEndpoint":{"address":"10.0.0.1","port":5000}}}"#;
         let msg: ControlMessage = serde_json::from_str(json).unwrap();
-        let ControlMessage::Accept(accept) = &msg else { panic!("{msg:?}") };
+        let ControlMessage::Accept(accept) = &msg else {
+            panic!("{msg:?}")
+        };
         assert_eq!(accept.id, "1");
         assert_eq!(accept.connect_headers["Host"], "x");
         let back: serde_json::Value = serde_json::to_value(&msg).unwrap();
-        assert_eq!(back, serde_json::from_str::<serde_json::Value>(json).unwrap());
-        let renew = serde_json::to_string(&ControlMessage::RenewToken(RenewToken { token: "t".into() })).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(json).unwrap()
+        );
+        let renew = serde_json::to_string(&ControlMessage::RenewToken(RenewToken {
+            token: "t".into(),
+        }))
+        .unwrap();
         assert_eq!(renew, r#"{"renewToken":{"token":"t"}}"#);
     }
 
     #[test]
     fn relay_addresses_parse_and_print() {
         let a = RelayAddress::parse("wss://relay.example.com").unwrap();
-        assert_eq!(a.url("c1", Action::Connect, "9"), "wss://relay.example.com/$hc/c1?sb-hc-action=connect&sb-hc-id=9");
+        assert_eq!(
+            a.url("c1", Action::Connect, "9"),
+            "wss://relay.example.com/$hc/c1?sb-hc-action=connect&sb-hc-id=9"
+        );
         assert_eq!(a.resource_uri("c1"), "http://relay.example.com/c1");
         let b = RelayAddress::parse("sb://ns.servicebus.windows.net/").unwrap();
         assert_eq!(b.port, 443);
         let c = RelayAddress::parse("127.0.0.1:8443").unwrap();
         assert_eq!(c.authority(), "127.0.0.1:8443");
-        assert!(matches!(RelayAddress::parse("ws://x"), Err(AddressError::Scheme(..))));
+        assert!(matches!(
+            RelayAddress::parse("ws://x"),
+            Err(AddressError::Scheme(..))
+        ));
         assert!(validate_entity("my-cluster").is_ok());
         assert!(validate_entity("../x?").is_err());
     }
 
     #[test]
     fn hc_targets_parse() {
-        let t = HcTarget::parse("/$hc/my-cluster", Some("sb-hc-action=listen&sb-hc-token=a%26b")).unwrap();
+        let t = HcTarget::parse(
+            "/$hc/my-cluster",
+            Some("sb-hc-action=listen&sb-hc-token=a%26b"),
+        )
+        .unwrap();
         assert_eq!(t.entity, "my-cluster");
         assert_eq!(t.get(QUERY_ACTION), Some("listen"));
         assert_eq!(t.get(QUERY_TOKEN), Some("a&b"));

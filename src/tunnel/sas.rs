@@ -126,7 +126,9 @@ impl SasToken {
         let fields = token.trim().strip_prefix(PREFIX).ok_or(SasError::NotSas)?;
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
         for pair in fields.split('&') {
-            let Some((k, v)) = pair.split_once('=') else { continue };
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
             match k {
                 "sr" => sr = Some(v.to_string()),
                 "sig" => sig = Some(v.to_string()),
@@ -153,7 +155,9 @@ impl SasToken {
 
     /// The resource URI the token was minted for, decoded.
     pub fn resource(&self) -> String {
-        percent_decode_str(&self.sr_raw).decode_utf8_lossy().into_owned()
+        percent_decode_str(&self.sr_raw)
+            .decode_utf8_lossy()
+            .into_owned()
     }
 
     /// Checks the signature (constant time) and the expiry against `now`.
@@ -242,7 +246,10 @@ mod tests {
         assert!(t.ends_with("&se=1700000000&skn=send"));
         // Output of Node's crypto.createHmac over the same input, as Microsoft's hyco-ws signs.
         let expected = "G6t2Yzo1qSIcIKwx1VxReCHrk7ZUP+dSUPn4iOsQlVM=";
-        assert!(t.contains("&sig=G6t2Yzo1qSIcIKwx1VxReCHrk7ZUP%2BdSUPn4iOsQlVM%3D&"), "{t}");
+        assert!(
+            t.contains("&sig=G6t2Yzo1qSIcIKwx1VxReCHrk7ZUP%2BdSUPn4iOsQlVM%3D&"),
+            "{t}"
+        );
         assert_eq!(SasToken::parse(t).unwrap().sig, expected);
     }
 
@@ -266,7 +273,8 @@ mod tests {
     #[test]
     fn namespace_wide_token_covers_every_entity() {
         let k = key();
-        let parsed = SasToken::parse(k.mint_until("sb://relay.example.com/", 2_000).expose()).unwrap();
+        let parsed =
+            SasToken::parse(k.mint_until("sb://relay.example.com/", 2_000).expose()).unwrap();
         assert!(parsed.covers(&["relay.example.com".into()], "anything"));
     }
 
@@ -276,7 +284,10 @@ mod tests {
         let token = k.mint_until("http://relay.example.com/a", 2_000);
         let tampered = token.expose().replace("se=2000", "se=9000");
         let parsed = SasToken::parse(&tampered).unwrap();
-        assert!(matches!(parsed.verify(&k.key, 1_000), Err(SasError::BadSignature(_))));
+        assert!(matches!(
+            parsed.verify(&k.key, 1_000),
+            Err(SasError::BadSignature(_))
+        ));
         assert_eq!(SasToken::parse("Bearer x").unwrap_err(), SasError::NotSas);
         assert_eq!(
             SasToken::parse("SharedAccessSignature sr=a&sig=b&skn=c").unwrap_err(),

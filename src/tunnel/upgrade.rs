@@ -52,5 +52,8 @@ pub fn switching_protocols<B, T: Default>(req: &Request<B>) -> Option<Response<T
 /// Waits for hyper to hand over the upgraded connection and wraps it as a server WebSocket.
 pub async fn server_stream(on_upgrade: OnUpgrade) -> Result<ServerStream, hyper::Error> {
     let upgraded = on_upgrade.await?;
-    Ok(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await)
+    Ok(
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config()))
+            .await,
+    )
 }

@@ -11,6 +11,7 @@ pub mod objects;
 pub mod portforward;
 pub mod remotecommand;
 pub mod spdy;
+pub mod tunnel;
 
 pub use apiserver::{ApiServer, SeenRequest, SERVICE_ACCOUNT};
 pub use kubectl::{kubectl, kubectl_available, kubectl_binary, spawn_kubectl, KubectlProcess};

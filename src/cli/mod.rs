@@ -1,0 +1,101 @@
+//! Command-line entry: one file per subcommand, each turning flags into a role's config and
+//! running it. Errors become messages that say what was wrong and what to do.
+
+mod agent;
+mod proxy;
+mod relay;
+mod sas;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clusterconnect",
+    version,
+    about = "Reach Kubernetes clusters behind outbound-only firewalls with plain kubectl",
+    long_about = "Reach Kubernetes clusters behind outbound-only firewalls with plain kubectl.\n\n\
+        relay  runs where both sides can reach it (TLS, port 443)\n\
+        agent  runs next to the cluster and dials out to the relay\n\
+        proxy  runs next to kubectl, serves 127.0.0.1:47011 and writes a kubeconfig context\n\n\
+        The relay speaks the Azure Relay Hybrid Connections protocol, so agent and proxy also\n\
+        work against an Azure Relay namespace."
+)]
+pub struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the relay (rendezvous service both sides dial out to).
+    Relay(relay::Args),
+    /// Run the cluster agent (listens on the relay, forwards to the apiserver).
+    Agent(agent::Args),
+    /// Run the local proxy for kubectl and write a kubeconfig context.
+    Proxy(proxy::Args),
+    /// Make relay keys and SAS tokens.
+    #[command(subcommand)]
+    Sas(sas::Command),
+}
+
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Relay(args) => relay::run(args, shutdown).await,
+        Command::Agent(args) => agent::run(args, shutdown).await,
+        Command::Proxy(args) => proxy::run(args, shutdown).await,
+        Command::Sas(cmd) => sas::run(cmd),
+    }
+}
+
+/// The relay connection flags agent and proxy share.
+#[derive(clap::Args, Debug)]
+pub struct RelayFlags {
+    /// Relay address: wss://host[:port] (sb://<namespace>.servicebus.windows.net for Azure Relay).
+    #[arg(long, env = "CLUSTERCONNECT_RELAY")]
+    pub relay: String,
+    /// Hybrid connection name; one per cluster.
+    #[arg(long, env = "CLUSTERCONNECT_CONNECTION")]
+    pub connection: String,
+    /// File holding the rule's key: "SharedAccessKeyName=<rule>;SharedAccessKey=<key>" (an Azure
+    /// connection string works too).
+    #[arg(long, env = "CLUSTERCONNECT_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// Extra CA certificate (PEM) to trust for the relay, besides the system roots.
+    #[arg(long, env = "CLUSTERCONNECT_RELAY_CA")]
+    pub relay_ca: Option<PathBuf>,
+}
+
+impl RelayFlags {
+    pub fn resolve(
+        &self,
+    ) -> anyhow::Result<(
+        crate::tunnel::protocol::RelayAddress,
+        crate::tunnel::sas::SasKey,
+        std::sync::Arc<rustls::ClientConfig>,
+    )> {
+        let relay = crate::tunnel::protocol::RelayAddress::parse(&self.relay)?;
+        crate::tunnel::protocol::validate_entity(&self.connection)?;
+        let key = crate::tunnel::sas::SasKey::from_file(&self.key_file)?;
+        let tls = crate::tls::client_config(self.relay_ca.as_deref(), &[])
+            .context("cannot set up TLS for the relay connection")?;
+        Ok((relay, key, tls))
+    }
+}
+
+/// Durations such as "90s", "30m", "1h".
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h)"))
+}

@@ -1,0 +1,96 @@
+//! `clusterconnect relay`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::{RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+use crate::tls;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Relay configuration (TOML); see config/relay.toml.
+    #[arg(long, short = 'c', env = "CLUSTERCONNECT_RELAY_CONFIG")]
+    pub config: PathBuf,
+    /// Listen address, overriding the file's `listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Generate a throwaway CA and certificate for local use instead of the file's [tls]; the CA
+    /// is written next to the config so agent and proxy can pass it as --relay-ca.
+    #[arg(long)]
+    pub dev_self_signed: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let file = RelayFile::load(&args.config)?;
+    let base = args.config.parent().map(PathBuf::from).unwrap_or_default();
+    if args.dev_self_signed && !args.check {
+        for path in file.create_missing_keys(&base)? {
+            eprintln!(
+                "dev mode: created key file {} (use it as --key-file)",
+                path.display()
+            );
+        }
+    }
+    let rules = file.rules(&base)?;
+    let mut hostnames = file.hostnames.clone();
+    let tls = match (&file.tls, args.dev_self_signed) {
+        (_, true) => {
+            let mut names: Vec<&str> = hostnames.iter().map(String::as_str).collect();
+            names.extend(["localhost", "127.0.0.1", "::1"]);
+            let ca = tls::CertificateAuthority::generate("clusterconnect relay dev CA")?;
+            let leaf = ca.issue_server(&names)?;
+            let ca_path = base.join("relay-dev-ca.crt");
+            if !args.check {
+                std::fs::write(&ca_path, ca.cert_pem())
+                    .with_context(|| format!("cannot write the dev CA to {}", ca_path.display()))?;
+                eprintln!(
+                    "dev self-signed certificate for {}; CA SHA-256 fingerprint {}; clients pass --relay-ca {}",
+                    names.join(", "),
+                    tls::fingerprint_sha256(ca.cert_pem()).unwrap_or_default(),
+                    ca_path.display()
+                );
+            }
+            tls::server_config(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), &[tls::ALPN_HTTP11])?
+        }
+        (Some(files), false) => {
+            let cert = tls::read_pem_file(&base.join(&files.cert_file), "TLS certificate")?;
+            let key = tls::read_pem_file(&base.join(&files.key_file), "TLS key")?;
+            tls::server_config(&cert, &key, &[tls::ALPN_HTTP11])?
+        }
+        (None, false) => anyhow::bail!(
+            "relay config {} has no [tls] section; add cert_file/key_file, or pass --dev-self-signed for local use",
+            args.config.display()
+        ),
+    };
+    hostnames.retain(|h| !h.is_empty());
+    let listen = args
+        .listen
+        .or(file.listen)
+        .context("no listen address: set `listen` in the config or pass --listen")?;
+    let config = RelayConfig {
+        hostnames,
+        rules: Arc::new(rules),
+        tls,
+        max_connections: file
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            .max(1),
+        stats: Default::default(),
+    };
+    if args.check {
+        println!("relay config {} is valid", args.config.display());
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    crate::relay::run(listener, config, shutdown).await?;
+    Ok(())
+}

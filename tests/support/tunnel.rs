@@ -1,0 +1,274 @@
+//! The whole tunnel on loopback: stand-in apiserver <- agent(s) -> relay <- proxy, each with
+//! real TLS and real sockets, started in-process on port 0. Tests point kubectl at the
+//! kubeconfig the proxy wrote.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clusterconnect::agent::{AgentConfig, Upstream};
+use clusterconnect::auth::StaticToken;
+use clusterconnect::proxy::kubeconfig::{self, Entry};
+use clusterconnect::proxy::{new_local_secret, Proxy, ProxyConfig, RelayTarget};
+use clusterconnect::relay::{RelayConfig, RelayStats, Rule};
+use clusterconnect::secret::Secret;
+use clusterconnect::tls::{self, CertificateAuthority};
+use clusterconnect::tunnel::protocol::{Action, RelayAddress};
+use clusterconnect::tunnel::sas::SasKey;
+use rustls::ClientConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::ApiServer;
+
+pub const CONNECTION: &str = "edge-cluster";
+pub const LISTEN_KEY: &str = "listen-key-for-tests-0123456789";
+pub const SEND_KEY: &str = "send-key-for-tests-0123456789";
+
+pub fn listen_key() -> SasKey {
+    SasKey::parse(&format!(
+        "SharedAccessKeyName=listen;SharedAccessKey={LISTEN_KEY}"
+    ))
+    .expect("key")
+}
+
+pub fn send_key() -> SasKey {
+    SasKey::parse(&format!(
+        "SharedAccessKeyName=send;SharedAccessKey={SEND_KEY}"
+    ))
+    .expect("key")
+}
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub client_tls: Arc<ClientConfig>,
+    pub stats: Arc<RelayStats>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start() -> Relay {
+        let stats = Arc::new(RelayStats::default());
+        let ca = CertificateAuthority::generate("test relay CA").expect("CA");
+        let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).expect("leaf");
+        let config = RelayConfig {
+            hostnames: vec![],
+            rules: Arc::new(vec![
+                Rule {
+                    name: "listen".into(),
+                    key: Secret::new(LISTEN_KEY),
+                    listen: true,
+                    send: false,
+                    entity: None,
+                },
+                Rule {
+                    name: "send".into(),
+                    key: Secret::new(SEND_KEY),
+                    listen: false,
+                    send: true,
+                    entity: None,
+                },
+            ]),
+            tls: tls::server_config(
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+                &[tls::ALPN_HTTP11],
+            )
+            .expect("tls"),
+            max_connections: 1000,
+            stats: stats.clone(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                clusterconnect::relay::run(listener, config, stop)
+                    .await
+                    .expect("relay runs");
+            }
+        });
+        let client_tls = tls::client_config_with_roots(
+            tls::roots_from_pem(ca.cert_pem().as_bytes()).expect("roots"),
+            &[],
+        )
+        .expect("client tls");
+        Relay {
+            addr,
+            ca_pem: ca.cert_pem().to_string(),
+            client_tls,
+            stats,
+            stop,
+            task,
+        }
+    }
+
+    pub fn address(&self) -> RelayAddress {
+        RelayAddress::parse(&format!("wss://127.0.0.1:{}", self.addr.port()))
+            .expect("relay address")
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+pub struct Agent {
+    stop: CancellationToken,
+    pub task: JoinHandle<Result<(), clusterconnect::agent::AgentError>>,
+}
+
+impl Agent {
+    pub async fn start(relay: &Relay, api: &ApiServer, key: SasKey) -> Agent {
+        let upstream = Upstream::new(
+            &api.url().parse().expect("url"),
+            Some(api.ca_pem().as_bytes()),
+        )
+        .expect("upstream");
+        let config = AgentConfig {
+            relay: relay.address(),
+            entity: CONNECTION.into(),
+            key,
+            relay_tls: relay.client_tls.clone(),
+            listeners: 2,
+            token_ttl: Duration::from_secs(3600),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(clusterconnect::agent::run(
+            config,
+            upstream,
+            None,
+            stop.clone(),
+        ));
+        Agent { stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A running proxy and the kubeconfig it wrote.
+pub struct LocalProxy {
+    pub addr: SocketAddr,
+    pub kubeconfig: PathBuf,
+    pub local_secret: Secret,
+    pub ca_pem: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl LocalProxy {
+    pub async fn start(
+        relay: &Relay,
+        key: SasKey,
+        token: &str,
+        dir: &std::path::Path,
+    ) -> LocalProxy {
+        let ca = CertificateAuthority::generate("test proxy CA").expect("CA");
+        let leaf = ca.issue_server(&["127.0.0.1"]).expect("leaf");
+        let local_secret = new_local_secret();
+        let proxy = Proxy::new(ProxyConfig {
+            target: RelayTarget {
+                relay: relay.address(),
+                entity: CONNECTION.into(),
+                key,
+                tls: relay.client_tls.clone(),
+            },
+            credential: Arc::new(StaticToken::new(Secret::new(token))),
+            local_tls: tls::server_config(
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+                &[tls::ALPN_H2, tls::ALPN_HTTP11],
+            )
+            .expect("tls"),
+            local_secret: local_secret.clone(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let kubeconfig = dir.join("kubeconfig");
+        let server = format!("https://127.0.0.1:{}", addr.port());
+        kubeconfig::write(
+            &kubeconfig,
+            &Entry {
+                name: CONNECTION,
+                server: &server,
+                ca_pem: ca.cert_pem(),
+                token: &local_secret,
+            },
+            true,
+        )
+        .expect("kubeconfig");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                proxy.serve(listener, stop).await.expect("proxy serves");
+            }
+        });
+        LocalProxy {
+            addr,
+            kubeconfig,
+            local_secret,
+            ca_pem: ca.cert_pem().to_string(),
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Waits (bounded) until the relay pairs a sender for `CONNECTION` with a listener.
+pub async fn wait_for_listener(relay: &Relay) {
+    let addr = relay.address();
+    for _ in 0..200 {
+        let token = send_key().mint(&addr.resource_uri(CONNECTION), Duration::from_secs(60));
+        let url = addr.url(CONNECTION, Action::Connect, "probe");
+        if clusterconnect::tunnel::dial::dial(&url, Some(&token), &relay.client_tls)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no agent became available on the relay within 5 s");
+}
+
+/// Stand-in apiserver, relay, one agent and a proxy, ready for kubectl.
+pub struct Stack {
+    pub api: ApiServer,
+    pub relay: Relay,
+    pub agents: Vec<Agent>,
+    pub proxy: LocalProxy,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let api = ApiServer::start().await;
+        let relay = Relay::start().await;
+        let agent = Agent::start(&relay, &api, listen_key()).await;
+        wait_for_listener(&relay).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let proxy = LocalProxy::start(&relay, send_key(), &api.token(), dir.path()).await;
+        Stack {
+            api,
+            relay,
+            agents: vec![agent],
+            proxy,
+            dir,
+        }
+    }
+}

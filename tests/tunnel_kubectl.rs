@@ -1,0 +1,384 @@
+//! The real kubectl through proxy -> relay -> agent -> stand-in apiserver, every hop on
+//! loopback with real TLS.
+
+mod support;
+
+use std::process::Output;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use support::tunnel::{
+    listen_key, send_key, wait_for_listener, Agent, LocalProxy, Stack, CONNECTION,
+};
+use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer, SERVICE_ACCOUNT};
+
+const PROMPT: Duration = Duration::from_secs(30);
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..1500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_version_and_discovery_through_the_tunnel() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = Stack::start().await;
+    let k = &s.proxy.kubeconfig;
+
+    let out = kubectl(k, &["get", "pods", "-A"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("web-0") && stdout.contains("coredns-0"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = kubectl(k, &["get", "ns", "-o", "json"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let names: Vec<_> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"default") && names.contains(&"kube-system"),
+        "{names:?}"
+    );
+
+    let out = kubectl(k, &["version"], &[]).await;
+    assert!(
+        out.status.success() && text(&out.stdout).contains("Server Version: v1.32"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = kubectl(k, &["api-resources"], &[]).await;
+    assert!(
+        out.status.success() && text(&out.stdout).contains("pods"),
+        "{}",
+        describe(&out)
+    );
+
+    // What reached the apiserver: the proxy's real token, never the kubeconfig's local one,
+    // and the caller's identity (service-account mode passes the token through).
+    let requests = s.api.requests();
+    assert!(!requests.is_empty());
+    let local = format!("Bearer {}", s.proxy.local_secret.expose());
+    for r in &requests {
+        let auth = r
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert_eq!(
+            auth,
+            format!("Bearer {}", s.api.token()),
+            "{} {}",
+            r.method,
+            r.path_and_query
+        );
+        assert_ne!(auth, local);
+        assert_eq!(r.user.as_deref(), Some(SERVICE_ACCOUNT));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_reuses_pooled_tunnel_connections() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = Stack::start().await;
+    // Stack::start probes the relay once per attempt; count from here.
+    let before = s.relay.stats.total();
+    for _ in 0..5 {
+        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods", "-n", "default"], &[]).await;
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    // Each kubectl run makes several requests (discovery, list); all of them together must
+    // have travelled over the pool's few HTTP/2 connections.
+    let seen = s.api.requests().len();
+    assert!(seen >= 5, "{seen} requests");
+    let opened = s.relay.stats.total() - before;
+    assert!(
+        opened <= clusterconnect::proxy::POOL_SIZE as u64,
+        "{opened} rendezvous for {seen} requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_receives_events_pushed_after_it_started() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = Stack::start().await;
+    let mut watch = spawn_kubectl(&s.proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
+    eventually("the watch reaches the apiserver", || {
+        s.api.open_watches() > 0
+    })
+    .await;
+    s.api.add_pod("default", "late-arrival");
+    let seen = watch
+        .read_stdout_until(PROMPT, |out| out.contains("late-arrival"))
+        .await;
+    let out = watch.kill().await;
+    assert!(seen.is_ok(), "{}", describe(&out));
+    eventually("the watch is closed at the apiserver", || {
+        s.api.open_watches() == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_streams_new_lines() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = Stack::start().await;
+    let mut logs = spawn_kubectl(&s.proxy.kubeconfig, &["logs", "-f", "web-0"], &[], false);
+    eventually("the log stream reaches the apiserver", || {
+        s.api.open_log_follows() > 0
+    })
+    .await;
+    s.api
+        .append_log("default", "web-0", "line pushed through the tunnel");
+    let seen = logs
+        .read_stdout_until(PROMPT, |out| out.contains("line pushed through the tunnel"))
+        .await;
+    let out = logs.kill().await;
+    assert!(seen.is_ok(), "{}", describe(&out));
+}
+
+async fn exec_works(env: &[(&str, &str)], expected_upgrade: &str) {
+    let s = Stack::start().await;
+    let out = kubectl(
+        &s.proxy.kubeconfig,
+        &["exec", "web-0", "--", "echo", "hi"],
+        env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hi\n");
+
+    let mut cat = spawn_kubectl(
+        &s.proxy.kubeconfig,
+        &["exec", "-i", "web-0", "--", "cat"],
+        env,
+        true,
+    );
+    cat.write_stdin(b"round trip through the relay\n")
+        .await
+        .expect("stdin");
+    let out = cat.finish(PROMPT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "round trip through the relay\n");
+
+    let out = kubectl(
+        &s.proxy.kubeconfig,
+        &["exec", "web-0", "--", "sh", "-c", "exit 7"],
+        env,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+
+    let upgrades: Vec<_> = s
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.contains("/exec"))
+        .filter_map(|r| {
+            r.headers
+                .get("upgrade")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_ascii_lowercase)
+        })
+        .collect();
+    assert!(
+        !upgrades.is_empty() && upgrades.iter().all(|u| u == expected_upgrade),
+        "{upgrades:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_over_websocket() {
+    if kubectl_available() {
+        exec_works(&[], "websocket").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_over_spdy() {
+    if kubectl_available() {
+        exec_works(
+            &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")],
+            "spdy/3.1",
+        )
+        .await;
+    }
+}
+
+async fn port_forward_works(env: &[(&str, &str)]) {
+    let s = Stack::start().await;
+    let mut forward = spawn_kubectl(
+        &s.proxy.kubeconfig,
+        &["port-forward", "pod/web-0", ":8080"],
+        env,
+        false,
+    );
+    let announced = match forward
+        .read_stdout_until(PROMPT, |o| o.contains("-> 8080\n"))
+        .await
+    {
+        Ok(t) => t,
+        Err(_) => panic!("no forwarding line: {}", describe(&forward.kill().await)),
+    };
+    let port: u16 = announced
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("local port");
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (mut rd, mut wr) = conn.split();
+        let write = async {
+            wr.write_all(&payload).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        let mut echoed = vec![0u8; payload.len()];
+        let read = rd.read_exact(&mut echoed);
+        tokio::try_join!(write, read)?;
+        Ok::<_, std::io::Error>(echoed)
+    };
+    let result = tokio::time::timeout(PROMPT, exchange).await;
+    let out = forward.kill().await;
+    match result {
+        Ok(Ok(echoed)) => assert!(echoed == payload, "echoed bytes differ"),
+        other => panic!("port-forward echo failed: {other:?}\n{}", describe(&out)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_over_websocket_tunnelled_spdy() {
+    if kubectl_available() {
+        port_forward_works(&[]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_over_spdy() {
+    if kubectl_available() {
+        port_forward_works(&[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bearer_token_gets_the_apiservers_401() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let relay = support::tunnel::Relay::start().await;
+    let _agent = Agent::start(&relay, &api, listen_key()).await;
+    wait_for_listener(&relay).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = LocalProxy::start(&relay, send_key(), "not-the-token", dir.path()).await;
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("You must be logged in to the server"),
+        "{}",
+        describe(&out)
+    );
+    // It reached the apiserver, which refused it: the 401 is the apiserver's own.
+    assert!(api.requests().iter().any(|r| r.user.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_gives_kubectl_a_readable_502() {
+    if !kubectl_available() {
+        return;
+    }
+    let relay = support::tunnel::Relay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = LocalProxy::start(&relay, send_key(), "token", dir.path()).await;
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the cluster agent for connection '{CONNECTION}' is not connected"
+        )),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_serve_and_losing_one_keeps_new_requests_working() {
+    if !kubectl_available() {
+        return;
+    }
+    let mut s = Stack::start().await;
+    let second = Agent::start(&s.relay, &s.api, listen_key()).await;
+    s.agents.push(second);
+    for _ in 0..4 {
+        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods"], &[]).await;
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let first = s.agents.remove(0);
+    first.stop().await;
+    // The proxy's pooled connections ran through whichever agent accepted them; new requests
+    // must find the surviving agent, even if a pooled connection died with the first.
+    for _ in 0..4 {
+        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods"], &[]).await;
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_the_local_credential_is_refused_before_the_relay() {
+    let s = Stack::start().await;
+    let before = s.api.requests().len();
+    let roots = clusterconnect::tls::roots_from_pem(s.proxy.ca_pem.as_bytes()).unwrap();
+    let tls = clusterconnect::tls::client_config_with_roots(roots, &[b"http/1.1"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    conn.write_all(b"GET /api/v1/pods HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer guess\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    let _ = tokio::time::timeout(PROMPT, conn.read_to_string(&mut response)).await;
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    assert_eq!(
+        s.api.requests().len(),
+        before,
+        "an unauthenticated request reached the apiserver"
+    );
+}
