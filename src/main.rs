@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
         match clusterconnect::cli::run(cli, shutdown).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
+            Ok(code) => std::process::ExitCode::from(code),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 std::process::ExitCode::FAILURE

@@ -331,7 +331,7 @@ async fn no_agent_gives_kubectl_a_readable_502() {
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "the cluster agent for connection '{CONNECTION}' is not connected"
+            "the cluster agent for '{CONNECTION}' is not connected"
         )),
         "{}",
         describe(&out)

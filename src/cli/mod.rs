@@ -2,8 +2,10 @@
 //! running it. Errors become messages that say what was wrong and what to do.
 
 mod agent;
+mod clusters;
 mod proxy;
 mod relay;
+mod run;
 mod sas;
 
 use std::path::PathBuf;
@@ -44,19 +46,24 @@ pub enum Command {
     Relay(relay::Args),
     /// Run the cluster agent (listens on the relay, forwards to the apiserver).
     Agent(agent::Args),
-    /// Run the local proxy for kubectl and write a kubeconfig context.
+    /// Run the local proxy for kubectl and write a kubeconfig context per cluster.
     Proxy(proxy::Args),
+    /// Run one command (kubectl, helm, a script) with a private kubeconfig through the tunnel;
+    /// exits with the command's status. Made for CI.
+    Run(run::Args),
     /// Make relay keys and SAS tokens.
     #[command(subcommand)]
     Sas(sas::Command),
 }
 
-pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the chosen subcommand; the result is the process exit status.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Relay(args) => relay::run(args, shutdown).await,
-        Command::Agent(args) => agent::run(args, shutdown).await,
+        Command::Relay(args) => relay::run(args, shutdown).await.map(|()| 0),
+        Command::Agent(args) => agent::run(args, shutdown).await.map(|()| 0),
         Command::Proxy(args) => proxy::run(args, shutdown).await,
-        Command::Sas(cmd) => sas::run(cmd),
+        Command::Run(args) => run::run(args, shutdown).await,
+        Command::Sas(cmd) => sas::run(cmd).map(|()| 0),
     }
 }
 

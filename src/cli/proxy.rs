@@ -1,129 +1,264 @@
-//! `clusterconnect proxy`.
+//! `clusterconnect proxy`, and the start-up both it and `run` share: local CA, listener,
+//! tunnels, kubeconfig entries.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
+use clap::ValueEnum;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::RelayFlags;
-use crate::auth::{CredentialSource, StaticToken, TokenFile};
+use super::clusters::ClusterFlags;
 use crate::proxy::kubeconfig::{self, Entry};
 use crate::proxy::{
-    local_ca, new_local_secret, Proxy, ProxyConfig, RelayTarget, TunnelError, DEFAULT_PORT,
+    local_ca, new_local_secret, server_url, ClusterConfig, Prober, Proxy, ProxyConfig, TunnelError,
+    DEFAULT_PORT,
 };
 use crate::secret::Secret;
 use crate::tls;
 
+/// Ports tried after the default when another proxy already holds it.
+const PORT_RANGE: u16 = 20;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    pub relay: RelayFlags,
-    /// Bearer token for the apiserver (a service-account token). Prefer --token-file or the
-    /// environment variable: command lines are visible to other users.
-    #[arg(
-        long,
-        env = "CLUSTERCONNECT_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
-    pub token: Option<String>,
-    /// File holding the bearer token; re-read as it rotates.
+    pub clusters: ClusterFlags,
+    /// Local port on 127.0.0.1 [default: 47011, or the next free one up to 47030].
     #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Local port on 127.0.0.1.
-    #[arg(long, default_value_t = DEFAULT_PORT)]
-    pub port: u16,
-    /// Kubeconfig to write the context into ("-" prints it); default $KUBECONFIG or ~/.kube/config.
+    pub port: Option<u16>,
+    /// Kubeconfig to write the contexts into ("-" prints it); default $KUBECONFIG or ~/.kube/config.
     #[arg(long, short = 'f')]
     pub file: Option<PathBuf>,
-    /// Add the context without making it the current one.
+    /// Add the contexts without changing current-context.
     #[arg(long)]
     pub keep_context: bool,
+    /// Format of the readiness line printed on stdout once traffic flows.
+    #[arg(long, short = 'o', value_enum, default_value_t = ReadyFormat::Text)]
+    pub output: ReadyFormat,
 }
 
-pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (relay, key, relay_tls) = args.relay.resolve()?;
-    let credential: Arc<dyn CredentialSource> = match (&args.token, &args.token_file) {
-        (Some(t), None) if !t.trim().is_empty() => Arc::new(StaticToken::new(Secret::new(t.trim()))),
-        (None, Some(path)) => {
-            let source = TokenFile::new(path.clone());
-            source.token().await?;
-            Arc::new(source)
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ReadyFormat {
+    Text,
+    Json,
+}
+
+/// A proxy bound and warmed up, not yet serving.
+pub struct Started {
+    pub proxy: Proxy,
+    pub listener: TcpListener,
+    pub port: u16,
+    pub ca_pem: String,
+    pub local_secret: Secret,
+}
+
+impl Started {
+    pub fn entries(&self) -> Vec<(String, String)> {
+        self.proxy
+            .cluster_names()
+            .into_iter()
+            .map(|n| {
+                let url = server_url(self.port, &n);
+                (n, url)
+            })
+            .collect()
+    }
+
+    /// Merges one context per cluster into the kubeconfig at `path`; the first becomes current
+    /// unless `keep_context`.
+    pub fn write_kubeconfig(&self, path: &Path, keep_context: bool) -> anyhow::Result<()> {
+        for (i, (name, server)) in self.entries().iter().enumerate() {
+            let entry = Entry {
+                name,
+                server,
+                ca_pem: &self.ca_pem,
+                token: &self.local_secret,
+            };
+            kubeconfig::write(path, &entry, i == 0 && !keep_context)
+                .context("cannot write the kubeconfig context")?;
         }
-        _ => anyhow::bail!("the proxy needs a credential for the apiserver: pass --token, --token-file or CLUSTERCONNECT_TOKEN"),
+        Ok(())
+    }
+
+    pub fn kubeconfig_text(&self) -> anyhow::Result<String> {
+        let mut text = String::new();
+        for (i, (name, server)) in self.entries().iter().enumerate() {
+            let entry = Entry {
+                name,
+                server,
+                ca_pem: &self.ca_pem,
+                token: &self.local_secret,
+            };
+            text = kubeconfig::merge(&text, &entry, i == 0, Path::new("-"))?;
+        }
+        Ok(text)
+    }
+}
+
+async fn bind(port: Option<u16>) -> anyhow::Result<TcpListener> {
+    let candidates: Vec<u16> = match port {
+        Some(p) => vec![p],
+        None => (DEFAULT_PORT..DEFAULT_PORT + PORT_RANGE).collect(),
     };
-
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!("port {} on 127.0.0.1 is already in use (another proxy?); pass --port with a free port", args.port)
-        } else {
-            anyhow::anyhow!("cannot listen on {addr}: {e}")
+    for p in &candidates {
+        match TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, *p))).await {
+            Ok(l) => {
+                if port.is_none() && *p != DEFAULT_PORT {
+                    tracing::info!(
+                        port = p,
+                        "port {DEFAULT_PORT} is taken (another proxy?); using the next free one"
+                    );
+                }
+                return Ok(l);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(anyhow::anyhow!("cannot listen on 127.0.0.1:{p}: {e}")),
         }
-    })?;
-    let port = listener.local_addr()?.port();
+    }
+    match port {
+        Some(p) => anyhow::bail!("port {p} on 127.0.0.1 is already in use (another proxy?); pass --port with a free port"),
+        None => anyhow::bail!(
+            "ports {DEFAULT_PORT}-{} on 127.0.0.1 are all in use; pass --port with a free port",
+            DEFAULT_PORT + PORT_RANGE - 1
+        ),
+    }
+}
 
-    let config_dir = local_ca::config_dir();
-    let (ca, leaf) = local_ca::load_or_create(&config_dir)?;
+pub async fn start(clusters: Vec<ClusterConfig>, port: Option<u16>) -> anyhow::Result<Started> {
+    let listener = bind(port).await?;
+    let port = listener.local_addr()?.port();
+    let (ca, leaf) = local_ca::load_or_create(&local_ca::config_dir())?;
     let local_tls = tls::server_config(
         leaf.cert_pem.as_bytes(),
         leaf.key_pem.as_bytes(),
         &[tls::ALPN_H2, tls::ALPN_HTTP11],
     )?;
     let local_secret = new_local_secret();
-    let name = args.relay.connection.replace('/', "-");
-    let server = format!("https://127.0.0.1:{port}");
-    let entry = Entry {
-        name: &name,
-        server: &server,
-        ca_pem: ca.cert_pem(),
-        token: &local_secret,
-    };
-
     let proxy = Proxy::new(ProxyConfig {
-        target: RelayTarget {
-            relay,
-            entity: args.relay.connection.clone(),
-            key,
-            tls: relay_tls,
-        },
-        credential,
+        clusters,
         local_tls,
         local_secret: local_secret.clone(),
     });
-    match proxy.warm_up().await {
-        Ok(()) => {}
-        Err(TunnelError::Dial(e)) if e.is_no_listener() => {
-            tracing::warn!(connection = %args.relay.connection, "the cluster agent is not connected to the relay yet; requests will fail until it is")
+    for (name, result) in proxy.warm_up().await {
+        match result {
+            Ok(()) => {}
+            Err(TunnelError::Dial(e)) if e.is_no_listener() => {
+                tracing::warn!(cluster = %name, "the cluster agent is not connected to the relay yet; requests fail until it is")
+            }
+            Err(TunnelError::Dial(e)) if e.is_auth() => anyhow::bail!(
+                "cluster '{name}': the relay refused the send token: {e}. Check --key-file and that its rule has the Send right"
+            ),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("cluster '{name}': cannot reach it through the relay"))),
         }
-        Err(TunnelError::Dial(e)) if e.is_auth() => {
-            return Err(anyhow::anyhow!("the relay refused the send token: {e}. Check --key-file and that its rule has the Send right for '{}'", args.relay.connection))
-        }
-        Err(e) => return Err(anyhow::Error::new(e).context("cannot reach the cluster through the relay")),
     }
+    Ok(Started {
+        proxy,
+        listener,
+        port,
+        ca_pem: ca.cert_pem().to_string(),
+        local_secret,
+    })
+}
 
+/// Waits until every cluster answers `/version` through the tunnel, retrying failures that
+/// can clear by themselves (agent not yet connected) until `within` runs out.
+pub async fn wait_ready(prober: &Prober, names: &[String], within: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + within;
+    for name in names {
+        loop {
+            let attempt = tokio::time::timeout_at(deadline, prober.probe(name)).await;
+            match attempt {
+                Ok(Ok(())) => break,
+                Ok(Err(e))
+                    if tokio::time::Instant::now() + Duration::from_millis(250) < deadline
+                        && retryable(&e) =>
+                {
+                    tracing::debug!(cluster = %name, error = %e, "not ready yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Ok(Err(e)) => return Err(format!("cluster '{name}': {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "cluster '{name}' did not answer within {}s",
+                        within.as_secs()
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn retryable(message: &str) -> bool {
+    message.contains("is not connected")
+        || message.contains("could not serve")
+        || message.contains("cannot reach")
+}
+
+pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    let clusters = args.clusters.resolve().await?;
+    let started = start(clusters, args.port).await?;
+    let names = started.proxy.cluster_names();
     let target = match args.file.as_deref() {
         Some(p) if p.as_os_str() == "-" => {
-            let text = kubeconfig::merge("", &entry, true, p)?;
-            print!("{text}");
+            print!("{}", started.kubeconfig_text()?);
             "standard output".to_string()
         }
         other => {
             let path = other
                 .map(PathBuf::from)
                 .unwrap_or_else(kubeconfig::default_path);
-            kubeconfig::write(&path, &entry, !args.keep_context)
-                .context("cannot write the kubeconfig context")?;
+            started.write_kubeconfig(&path, args.keep_context)?;
             path.display().to_string()
         }
     };
+    let port = started.port;
     eprintln!(
-        "Proxy is listening on {server} for connection '{}'.",
-        args.relay.connection
+        "Proxy is listening on https://127.0.0.1:{port} for {}.",
+        names.join(", ")
     );
-    eprintln!("Context '{name}' written to {target}. Press Ctrl+C to stop.");
-    proxy.serve(listener, shutdown).await?;
-    Ok(())
+    eprintln!(
+        "Context(s) {} written to {target}. Press Ctrl+C to stop.",
+        names.join(", ")
+    );
+
+    // The readiness line: printed once every cluster really answers, for tools that start the
+    // proxy themselves and must not guess when it is usable.
+    let prober = started.proxy.prober();
+    let ready_names = names.clone();
+    let format = args.output;
+    let ready_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            match wait_ready(&prober, &ready_names, Duration::from_secs(30)).await {
+                Ok(()) => {
+                    print_ready(format, port, &ready_names, &target);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "not ready yet; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = ready_stop.cancelled() => return,
+            }
+        }
+    });
+    started.proxy.serve(started.listener, shutdown).await?;
+    Ok(0)
+}
+
+fn print_ready(format: ReadyFormat, port: u16, names: &[String], kubeconfig: &str) {
+    match format {
+        ReadyFormat::Text => println!(
+            "ready port={port} contexts={} kubeconfig={kubeconfig}",
+            names.join(",")
+        ),
+        ReadyFormat::Json => println!(
+            "{}",
+            serde_json::json!({"event": "ready", "port": port, "contexts": names, "kubeconfig": kubeconfig})
+        ),
+    }
 }

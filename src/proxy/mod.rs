@@ -6,8 +6,10 @@ pub mod kubeconfig;
 pub mod local_ca;
 mod pool;
 mod server;
+mod watch_end;
 
-pub use pool::{Pool, RelayTarget, TunnelError, POOL_SIZE};
+pub use pool::{Pool, RelayTarget, SendBody, TunnelError, POOL_SIZE};
+pub use server::CLUSTER_PREFIX;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,16 +33,41 @@ pub const DEFAULT_PORT: u16 = 47011;
 pub const DRAIN: Duration = Duration::from_secs(5);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct ProxyConfig {
+/// One cluster the proxy serves, under `/clusters/<name>`.
+pub struct ClusterConfig {
+    pub name: String,
     pub target: RelayTarget,
     pub credential: Arc<dyn CredentialSource>,
+}
+
+pub struct ProxyConfig {
+    pub clusters: Vec<ClusterConfig>,
     pub local_tls: Arc<ServerConfig>,
     pub local_secret: Secret,
+}
+
+/// The server URL a kubeconfig uses for cluster `name` behind a proxy on `port`.
+pub fn server_url(port: u16, name: &str) -> String {
+    format!("https://127.0.0.1:{port}{CLUSTER_PREFIX}{name}")
 }
 
 pub struct Proxy {
     handler: Arc<Handler>,
     tls: TlsAcceptor,
+}
+
+/// Proves a cluster answers end to end (`/version` through relay, agent and apiserver with
+/// the real credential) while `serve` owns the proxy; the error says which part failed.
+#[derive(Clone)]
+pub struct Prober(Arc<Handler>);
+
+impl Prober {
+    pub async fn probe(&self, name: &str) -> Result<(), String> {
+        match self.0.routes.iter().find(|r| r.name == name) {
+            Some(route) => route.probe().await,
+            None => Err(format!("no cluster named '{name}'")),
+        }
+    }
 }
 
 /// A fresh random secret for the kubeconfig (256 bits, URL-safe).
@@ -54,20 +81,41 @@ impl Proxy {
     pub fn new(config: ProxyConfig) -> Proxy {
         Proxy {
             handler: Arc::new(Handler {
-                route: Route {
-                    pool: Pool::new(config.target, POOL_SIZE),
-                    credential: config.credential,
-                },
+                routes: config
+                    .clusters
+                    .into_iter()
+                    .map(|c| Route {
+                        name: c.name,
+                        pool: Pool::new(c.target, POOL_SIZE),
+                        credential: c.credential,
+                    })
+                    .collect(),
                 local_secret: config.local_secret,
             }),
             tls: TlsAcceptor::from(config.local_tls),
         }
     }
 
-    /// Opens a pooled tunnel now, so a wrong key or untrusted relay certificate is reported at
-    /// start rather than on the first kubectl call.
-    pub async fn warm_up(&self) -> Result<(), TunnelError> {
-        self.handler.route.pool.connection().await.map(|_| ())
+    pub fn cluster_names(&self) -> Vec<String> {
+        self.handler.routes.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// Opens a pooled tunnel to each cluster now, so a wrong key or an untrusted relay
+    /// certificate is reported at start rather than on the first kubectl call.
+    pub async fn warm_up(&self) -> Vec<(String, Result<(), TunnelError>)> {
+        let mut results = Vec::new();
+        for route in &self.handler.routes {
+            results.push((
+                route.name.clone(),
+                route.pool.connection().await.map(|_| ()),
+            ));
+        }
+        results
+    }
+
+    /// A cheap handle for probing while `serve` owns the proxy.
+    pub fn prober(&self) -> Prober {
+        Prober(self.handler.clone())
     }
 
     /// Serves kubectl on `listener` until `shutdown`, then drains for at most [`DRAIN`].

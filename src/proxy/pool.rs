@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,6 +20,9 @@ use crate::tunnel::dial::{dial, DialError, RelayIo};
 use crate::tunnel::protocol::{Action, RelayAddress};
 use crate::tunnel::sas::SasKey;
 use crate::tunnel::WsStream;
+
+/// What the proxy sends through the tunnel: kubectl's request bodies, or its own probes.
+pub type SendBody = BoxBody<Bytes, hyper::Error>;
 
 /// How the proxy reaches one cluster's agent.
 #[derive(Clone)]
@@ -53,7 +58,7 @@ impl RelayTarget {
     /// Opens a dedicated HTTP/1.1 tunnel for one upgrade request and sends it.
     pub async fn send_upgrade(
         &self,
-        req: Request<Incoming>,
+        req: Request<SendBody>,
     ) -> Result<Response<Incoming>, TunnelError> {
         let io = self.open().await?;
         let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
@@ -69,7 +74,7 @@ impl RelayTarget {
 /// A few HTTP/2 connections over rendezvous streams, re-opened when they fail.
 pub struct Pool {
     target: RelayTarget,
-    slots: Vec<Mutex<Option<http2::SendRequest<Incoming>>>>,
+    slots: Vec<Mutex<Option<http2::SendRequest<SendBody>>>>,
     next: AtomicUsize,
 }
 
@@ -90,7 +95,7 @@ impl Pool {
         &self.target
     }
 
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, TunnelError> {
+    pub async fn send(&self, req: Request<SendBody>) -> Result<Response<Incoming>, TunnelError> {
         let mut sender = self.connection().await?;
         sender.ready().await?;
         Ok(sender.send_request(req).await?)
@@ -98,7 +103,7 @@ impl Pool {
 
     /// A live connection, opening one if this slot has none. The slot's lock makes concurrent
     /// callers wait for a single dial instead of each opening its own.
-    pub async fn connection(&self) -> Result<http2::SendRequest<Incoming>, TunnelError> {
+    pub async fn connection(&self) -> Result<http2::SendRequest<SendBody>, TunnelError> {
         let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[idx].lock().await;
         if let Some(sender) = slot.as_ref() {

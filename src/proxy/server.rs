@@ -1,36 +1,156 @@
 //! The proxy's local HTTPS endpoint for kubectl: checks the per-session local credential,
-//! swaps in the real one, and sends each request through the tunnel.
+//! picks the cluster from the path prefix (`/clusters/<name>`), swaps in that cluster's real
+//! credential, and sends the request through its tunnel.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
-use super::pool::{Pool, TunnelError};
-use crate::auth::CredentialSource;
+use super::pool::{Pool, SendBody, TunnelError};
+use super::watch_end::EndCleanly;
+use crate::auth::{CredentialError, CredentialSource};
 use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
     error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
 };
 
+/// Where kubeconfig server URLs put the cluster name, the way Rancher addresses downstream
+/// clusters: `https://127.0.0.1:47011/clusters/<name>`.
+pub const CLUSTER_PREFIX: &str = "/clusters/";
+
+/// One cluster: its tunnel and the credential injected on its requests.
 pub struct Route {
+    pub name: String,
     pub pool: Pool,
     pub credential: Arc<dyn CredentialSource>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no credential: {0}")]
+    Credential(#[from] CredentialError),
+    #[error("credential contains characters not allowed in an HTTP header")]
+    BadCredential,
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+impl Route {
+    /// Sends `req` (path relative to the apiserver) with this cluster's credential.
+    pub async fn send(&self, mut req: Request<SendBody>) -> Result<Response<Incoming>, RouteError> {
+        let token = self.credential.token().await?;
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| RouteError::BadCredential)?;
+        bearer.set_sensitive(true);
+        let upgrade = is_upgrade(&req);
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        req.headers_mut().insert(header::AUTHORIZATION, bearer);
+        if upgrade {
+            *req.version_mut() = Version::HTTP_11;
+            req.headers_mut()
+                .insert(header::HOST, HeaderValue::from_static("clusterconnect"));
+            return Ok(self.pool.target().send_upgrade(req).await?);
+        }
+        // HTTP/2 needs an absolute URI for :scheme and :authority; the agent replaces both.
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(uri) = format!("http://clusterconnect{pq}").parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = Version::HTTP_2;
+        Ok(self.pool.send(req).await?)
+    }
+
+    /// Asks the apiserver for `/version` through the tunnel: the proof that relay, agent,
+    /// apiserver and credential all work.
+    pub async fn probe(&self) -> Result<(), String> {
+        let req = Request::get("/version")
+            .body(
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .map_err(|e| e.to_string())?;
+        match self.send(req).await {
+            Ok(resp) if resp.status().is_success() => Ok(()),
+            Ok(resp) => {
+                let code = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let body = String::from_utf8_lossy(&body);
+                let what = match code.as_u16() {
+                    401 => "the apiserver rejected the credential",
+                    403 => "the credential may not read /version",
+                    502..=504 => "the cluster agent could not serve the request",
+                    _ => "unexpected answer",
+                };
+                Err(format!(
+                    "{what} (HTTP {code}): {}",
+                    body.chars().take(300).collect::<String>().trim()
+                ))
+            }
+            Err(e) => Err(describe_failure(&self.name, &e)),
+        }
+    }
+}
+
+/// A message a user can act on for a failed tunnel request.
+pub fn describe_failure(name: &str, e: &RouteError) -> String {
+    let detail = error_chain(e);
+    match e {
+        RouteError::Tunnel(TunnelError::Dial(d)) if d.is_no_listener() => {
+            format!("clusterconnect: the cluster agent for '{name}' is not connected to the relay ({detail})")
+        }
+        RouteError::Tunnel(TunnelError::Dial(d)) if d.is_auth() => format!(
+            "clusterconnect: the relay refused the proxy's send token for '{name}' ({detail}); check --key-file and that its rule has the Send right"
+        ),
+        RouteError::Tunnel(TunnelError::Dial(DialError::Rejected { .. })) => {
+            format!("clusterconnect: the relay could not connect to the cluster agent for '{name}' ({detail})")
+        }
+        RouteError::Credential(_) | RouteError::BadCredential => {
+            format!("clusterconnect: no usable credential for '{name}': {detail}")
+        }
+        _ => format!("clusterconnect: tunnel to '{name}' failed ({detail})"),
+    }
+}
+
 pub struct Handler {
-    pub route: Route,
-    /// What the kubeconfig holds instead of the real credential.
+    pub routes: Vec<Route>,
+    /// What the kubeconfig holds instead of the real credentials.
     pub local_secret: Secret,
 }
 
 impl Handler {
+    /// The route a request path names, and the path with the prefix removed. A lone cluster
+    /// also answers unprefixed paths, so `curl https://127.0.0.1:47011/version` works.
+    fn route_for<'a>(&'a self, path: &str) -> Option<(&'a Route, usize)> {
+        if let Some(rest) = path.strip_prefix(CLUSTER_PREFIX) {
+            let name = rest.split('/').next().unwrap_or_default();
+            if let Some(route) = self.routes.iter().find(|r| r.name == name) {
+                return Some((route, CLUSTER_PREFIX.len() + name.len()));
+            }
+        }
+        match self.routes.as_slice() {
+            [only] => Some((only, 0)),
+            _ => None,
+        }
+    }
+
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         if !self.local_credential_ok(&req) {
             tracing::info!(path = %req.uri().path(), "request without the session's local credential refused");
@@ -40,76 +160,61 @@ impl Handler {
                 "this clusterconnect proxy only serves the kubeconfig it wrote (missing or wrong local credential)",
             ));
         }
-        let token = match self.route.credential.token().await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "no credential for the apiserver");
-                return Ok(status(
-                    503,
-                    "ServiceUnavailable",
-                    &format!("clusterconnect proxy has no credential: {e}"),
-                ));
-            }
+        let Some((route, strip)) = self.route_for(req.uri().path()) else {
+            let names: Vec<_> = self.routes.iter().map(|r| r.name.as_str()).collect();
+            return Ok(status(
+                404,
+                "NotFound",
+                &format!(
+                    "no cluster at this path; this proxy serves {CLUSTER_PREFIX}{{{}}}",
+                    names.join(",")
+                ),
+            ));
         };
-        let bearer = match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
-            Ok(mut v) => {
-                v.set_sensitive(true);
-                v
-            }
-            Err(_) => {
-                return Ok(status(
-                    500,
-                    "InternalError",
-                    "credential contains characters not allowed in a header",
-                ))
-            }
-        };
-        let upgrade = is_upgrade(&req);
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        req.headers_mut().insert(header::AUTHORIZATION, bearer);
-        let pq = req
-            .uri()
+        let (mut parts, body) = req.into_parts();
+        let pq = parts
+            .uri
             .path_and_query()
             .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
+            .unwrap_or("/");
+        let rest = &pq[strip..];
+        let rest = if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        };
+        let streaming = is_stream_request(&rest);
+        parts.uri = match rest.parse::<Uri>() {
+            Ok(u) => u,
+            Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
+        };
+        let mut req = Request::from_parts(parts, body.boxed());
+        let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
 
-        if upgrade {
-            let downstream = hyper::upgrade::on(&mut req);
-            *req.version_mut() = Version::HTTP_11;
-            if let Ok(uri) = pq.parse::<Uri>() {
-                *req.uri_mut() = uri;
-            }
-            req.headers_mut()
-                .insert(header::HOST, HeaderValue::from_static("clusterconnect"));
-            return Ok(match self.route.pool.target().send_upgrade(req).await {
-                Ok(mut resp) => {
-                    tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), "upgrade");
+        Ok(match route.send(req).await {
+            Ok(mut resp) => {
+                tracing::debug!(cluster = %route.name, %method, path = %rest, status = resp.status().as_u16(), "request");
+                if let Some(downstream) = downstream {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
                     }
-                    resp.map(|b| b.boxed_unsync())
                 }
-                Err(e) => self.tunnel_failure(&e),
-            });
-        }
-
-        // HTTP/2 needs an absolute URI for its :scheme and :authority; the agent replaces both.
-        match format!("http://clusterconnect{pq}").parse::<Uri>() {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
-        }
-        *req.version_mut() = Version::HTTP_2;
-        Ok(match self.route.pool.send(req).await {
-            Ok(resp) => {
-                tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), "request");
                 let (mut parts, body) = resp.into_parts();
                 // Our client may speak HTTP/1.1 even though the tunnel spoke HTTP/2.
                 parts.version = Version::HTTP_11;
-                Response::from_parts(parts, body.boxed_unsync())
+                let body = if streaming {
+                    EndCleanly::new(body).boxed_unsync()
+                } else {
+                    body.boxed_unsync()
+                };
+                Response::from_parts(parts, body)
             }
-            Err(e) => self.tunnel_failure(&e),
+            Err(e) => {
+                let message = describe_failure(&route.name, &e);
+                tracing::warn!(cluster = %route.name, error = %message, "tunnel request failed");
+                gateway_error(&message)
+            }
         })
     }
 
@@ -122,23 +227,31 @@ impl Handler {
         };
         self.local_secret.ct_eq(presented)
     }
+}
 
-    fn tunnel_failure(&self, e: &TunnelError) -> Response<Body> {
-        let entity = &self.route.pool.target().entity;
-        let detail = error_chain(e);
-        tracing::warn!(connection = %entity, error = %detail, "tunnel request failed");
-        let message = match e {
-            TunnelError::Dial(d) if d.is_no_listener() => {
-                format!("clusterconnect: the cluster agent for connection '{entity}' is not connected to the relay ({detail})")
-            }
-            TunnelError::Dial(d) if d.is_auth() => format!(
-                "clusterconnect: the relay refused the proxy's send token for '{entity}' ({detail}); check --key-file and that its rule has the Send right"
-            ),
-            TunnelError::Dial(DialError::Rejected { .. }) => {
-                format!("clusterconnect: the relay could not connect to the cluster agent for '{entity}' ({detail})")
-            }
-            _ => format!("clusterconnect: tunnel to '{entity}' failed ({detail})"),
-        };
-        gateway_error(&message)
+/// Watches and followed logs: long-lived streams that kubectl re-establishes by itself.
+fn is_stream_request(path_and_query: &str) -> bool {
+    let Some((_, query)) = path_and_query.split_once('?') else {
+        return false;
+    };
+    query
+        .split('&')
+        .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_requests_are_recognised() {
+        assert!(is_stream_request(
+            "/api/v1/pods?watch=true&resourceVersion=1"
+        ));
+        assert!(is_stream_request(
+            "/api/v1/namespaces/d/pods/p/log?follow=true"
+        ));
+        assert!(!is_stream_request("/api/v1/pods?limit=500"));
+        assert!(!is_stream_request("/api/v1/pods"));
     }
 }

@@ -60,6 +60,8 @@ pub(crate) struct Ctx {
     pub registry: Registry,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain period is over: open rendezvous are then closed.
+    pub closing: CancellationToken,
 }
 
 /// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
@@ -85,7 +87,9 @@ pub async fn run(
         registry,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
+        closing: CancellationToken::new(),
     };
+    let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let limit = Arc::new(Semaphore::new(config.max_connections));
     tracing::info!(addr = %listener.local_addr()?, "relay listening");
@@ -133,6 +137,8 @@ pub async fn run(
     tasks.close();
     if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
         tracing::info!("drain period over; closing remaining streams");
+        closing.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     }
     Ok(())
 }

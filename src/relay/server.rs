@@ -224,6 +224,7 @@ async fn connect(
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade))) => {
             let entity = target.entity.clone();
             let stats = ctx.shared.stats.clone();
+            let closing = ctx.closing.clone();
             ctx.tasks.spawn(async move {
                 match tokio::try_join!(
                     server_stream(sender_upgrade),
@@ -232,7 +233,10 @@ async fn connect(
                     Ok((s, l)) => {
                         stats.rendezvous_total.fetch_add(1, Ordering::Relaxed);
                         stats.rendezvous_open.fetch_add(1, Ordering::Relaxed);
-                        splice::splice(s, l).await;
+                        tokio::select! {
+                            _ = splice::splice(s, l) => {}
+                            _ = closing.cancelled() => tracing::debug!(entity = %entity, "rendezvous closed by relay shutdown"),
+                        }
                         stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -289,7 +293,7 @@ fn accept(
             status,
             description,
         });
-        return text(200, "rejection delivered");
+        return text(410, "rejection delivered");
     }
     if reply
         .send(AcceptOutcome::Accepted(hyper::upgrade::on(req)))

@@ -10,7 +10,9 @@ use std::time::Duration;
 use clusterconnect::agent::{AgentConfig, Upstream};
 use clusterconnect::auth::StaticToken;
 use clusterconnect::proxy::kubeconfig::{self, Entry};
-use clusterconnect::proxy::{new_local_secret, Proxy, ProxyConfig, RelayTarget};
+use clusterconnect::proxy::{
+    new_local_secret, server_url, ClusterConfig, Proxy, ProxyConfig, RelayTarget,
+};
 use clusterconnect::relay::{RelayConfig, RelayStats, Rule};
 use clusterconnect::secret::Secret;
 use clusterconnect::tls::{self, CertificateAuthority};
@@ -46,6 +48,7 @@ pub struct Relay {
     pub ca_pem: String,
     pub client_tls: Arc<ClientConfig>,
     pub stats: Arc<RelayStats>,
+    config: RelayConfig,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -84,6 +87,24 @@ impl Relay {
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
+        let (stop, task) = Relay::spawn(listener, config.clone());
+        let client_tls = tls::client_config_with_roots(
+            tls::roots_from_pem(ca.cert_pem().as_bytes()).expect("roots"),
+            &[],
+        )
+        .expect("client tls");
+        Relay {
+            config,
+            addr,
+            ca_pem: ca.cert_pem().to_string(),
+            client_tls,
+            stats,
+            stop,
+            task,
+        }
+    }
+
+    fn spawn(listener: TcpListener, config: RelayConfig) -> (CancellationToken, JoinHandle<()>) {
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
@@ -93,19 +114,28 @@ impl Relay {
                     .expect("relay runs");
             }
         });
-        let client_tls = tls::client_config_with_roots(
-            tls::roots_from_pem(ca.cert_pem().as_bytes()).expect("roots"),
-            &[],
-        )
-        .expect("client tls");
-        Relay {
-            addr,
-            ca_pem: ca.cert_pem().to_string(),
-            client_tls,
-            stats,
-            stop,
-            task,
+        (stop, task)
+    }
+
+    /// Stops the relay (every control channel and rendezvous ends) and starts it again on the
+    /// same address with the same certificate, as a relay restart or failover looks to clients.
+    pub async fn restart(&mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+        let mut listener = None;
+        for _ in 0..100 {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
         }
+        let listener = listener.expect("rebind the relay's address");
+        let (stop, task) = Relay::spawn(listener, self.config.clone());
+        self.stop = stop;
+        self.task = task;
     }
 
     pub fn address(&self) -> RelayAddress {
@@ -126,6 +156,10 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(relay: &Relay, api: &ApiServer, key: SasKey) -> Agent {
+        Agent::start_for(relay, api, key, CONNECTION).await
+    }
+
+    pub async fn start_for(relay: &Relay, api: &ApiServer, key: SasKey, connection: &str) -> Agent {
         let upstream = Upstream::new(
             &api.url().parse().expect("url"),
             Some(api.ca_pem().as_bytes()),
@@ -133,7 +167,7 @@ impl Agent {
         .expect("upstream");
         let config = AgentConfig {
             relay: relay.address(),
-            entity: CONNECTION.into(),
+            entity: connection.into(),
             key,
             relay_tls: relay.client_tls.clone(),
             listeners: 2,
@@ -165,6 +199,15 @@ pub struct LocalProxy {
     task: JoinHandle<()>,
 }
 
+/// One cluster for [`LocalProxy::start_many`].
+pub struct ProxiedCluster<'a> {
+    pub name: &'a str,
+    pub relay: &'a Relay,
+    pub connection: &'a str,
+    pub key: SasKey,
+    pub token: String,
+}
+
 impl LocalProxy {
     pub async fn start(
         relay: &Relay,
@@ -172,17 +215,40 @@ impl LocalProxy {
         token: &str,
         dir: &std::path::Path,
     ) -> LocalProxy {
+        let cluster = ProxiedCluster {
+            name: CONNECTION,
+            relay,
+            connection: CONNECTION,
+            key,
+            token: token.into(),
+        };
+        LocalProxy::start_many(vec![cluster], dir).await
+    }
+
+    /// A proxy serving several clusters, each under its own context named after it.
+    pub async fn start_many(
+        clusters: Vec<ProxiedCluster<'_>>,
+        dir: &std::path::Path,
+    ) -> LocalProxy {
         let ca = CertificateAuthority::generate("test proxy CA").expect("CA");
         let leaf = ca.issue_server(&["127.0.0.1"]).expect("leaf");
         let local_secret = new_local_secret();
+        let names: Vec<String> = clusters.iter().map(|c| c.name.to_string()).collect();
+        let clusters = clusters
+            .into_iter()
+            .map(|c| ClusterConfig {
+                name: c.name.into(),
+                target: RelayTarget {
+                    relay: c.relay.address(),
+                    entity: c.connection.into(),
+                    key: c.key,
+                    tls: c.relay.client_tls.clone(),
+                },
+                credential: Arc::new(StaticToken::new(Secret::new(c.token))),
+            })
+            .collect();
         let proxy = Proxy::new(ProxyConfig {
-            target: RelayTarget {
-                relay: relay.address(),
-                entity: CONNECTION.into(),
-                key,
-                tls: relay.client_tls.clone(),
-            },
-            credential: Arc::new(StaticToken::new(Secret::new(token))),
+            clusters,
             local_tls: tls::server_config(
                 leaf.cert_pem.as_bytes(),
                 leaf.key_pem.as_bytes(),
@@ -194,18 +260,16 @@ impl LocalProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
         let kubeconfig = dir.join("kubeconfig");
-        let server = format!("https://127.0.0.1:{}", addr.port());
-        kubeconfig::write(
-            &kubeconfig,
-            &Entry {
-                name: CONNECTION,
+        for (i, name) in names.iter().enumerate() {
+            let server = server_url(addr.port(), name);
+            let entry = Entry {
+                name,
                 server: &server,
                 ca_pem: ca.cert_pem(),
                 token: &local_secret,
-            },
-            true,
-        )
-        .expect("kubeconfig");
+            };
+            kubeconfig::write(&kubeconfig, &entry, i == 0).expect("kubeconfig");
+        }
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
@@ -231,10 +295,14 @@ impl LocalProxy {
 
 /// Waits (bounded) until the relay pairs a sender for `CONNECTION` with a listener.
 pub async fn wait_for_listener(relay: &Relay) {
+    wait_for_listener_on(relay, CONNECTION).await
+}
+
+pub async fn wait_for_listener_on(relay: &Relay, connection: &str) {
     let addr = relay.address();
     for _ in 0..200 {
-        let token = send_key().mint(&addr.resource_uri(CONNECTION), Duration::from_secs(60));
-        let url = addr.url(CONNECTION, Action::Connect, "probe");
+        let token = send_key().mint(&addr.resource_uri(connection), Duration::from_secs(60));
+        let url = addr.url(connection, Action::Connect, "probe");
         if clusterconnect::tunnel::dial::dial(&url, Some(&token), &relay.client_tls)
             .await
             .is_ok()

@@ -1,0 +1,361 @@
+//! Issue 7: several clusters in one proxy, sessions that survive a relay restart, and
+//! `clusterconnect run -- CMD` for CI jobs (the real binary, the real kubectl).
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use support::tunnel::{
+    listen_key, send_key, wait_for_listener, wait_for_listener_on, Agent, LocalProxy,
+    ProxiedCluster, Relay, Stack, CONNECTION, SEND_KEY,
+};
+use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer};
+
+const PROMPT: Duration = Duration::from_secs(30);
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..1500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
+    if !kubectl_available() {
+        return;
+    }
+    let (prod_api, staging_api) = (ApiServer::start().await, ApiServer::start().await);
+    let relay = Relay::start().await;
+    let _prod = Agent::start_for(&relay, &prod_api, listen_key(), "prod").await;
+    let _staging = Agent::start_for(&relay, &staging_api, listen_key(), "staging").await;
+    wait_for_listener_on(&relay, "prod").await;
+    wait_for_listener_on(&relay, "staging").await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = LocalProxy::start_many(
+        vec![
+            ProxiedCluster {
+                name: "prod",
+                relay: &relay,
+                connection: "prod",
+                key: send_key(),
+                token: prod_api.token(),
+            },
+            ProxiedCluster {
+                name: "staging",
+                relay: &relay,
+                connection: "staging",
+                key: send_key(),
+                token: staging_api.token(),
+            },
+        ],
+        dir.path(),
+    )
+    .await;
+    prod_api.add_pod("default", "only-in-prod");
+    staging_api.add_pod("default", "only-in-staging");
+
+    let out = kubectl(
+        &proxy.kubeconfig,
+        &["--context", "prod", "get", "pods"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("only-in-prod")
+            && !text(&out.stdout).contains("only-in-staging"),
+        "{}",
+        describe(&out)
+    );
+    let out = kubectl(
+        &proxy.kubeconfig,
+        &["--context", "staging", "get", "pods"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("only-in-staging")
+            && !text(&out.stdout).contains("only-in-prod"),
+        "{}",
+        describe(&out)
+    );
+
+    // Upgrades route by the same prefix.
+    let staging_execs = || {
+        staging_api
+            .requests()
+            .iter()
+            .filter(|r| r.path_and_query.contains("/exec"))
+            .count()
+    };
+    let before = staging_execs();
+    let out = kubectl(
+        &proxy.kubeconfig,
+        &[
+            "--context",
+            "staging",
+            "exec",
+            "web-0",
+            "--",
+            "echo",
+            "staging",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(text(&out.stdout), "staging\n", "{}", describe(&out));
+    assert!(staging_execs() > before);
+    assert!(prod_api
+        .requests()
+        .iter()
+        .all(|r| !r.path_and_query.contains("/exec")));
+
+    let mut logs = spawn_kubectl(
+        &proxy.kubeconfig,
+        &["--context", "prod", "logs", "-f", "web-0"],
+        &[],
+        false,
+    );
+    eventually("prod's log stream opened", || {
+        prod_api.open_log_follows() > 0
+    })
+    .await;
+    assert_eq!(staging_api.open_log_follows(), 0);
+    prod_api.append_log("default", "web-0", "prod line");
+    let seen = logs
+        .read_stdout_until(PROMPT, |o| o.contains("prod line"))
+        .await;
+    let out = logs.kill().await;
+    assert!(seen.is_ok(), "{}", describe(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_ends_open_watches_cleanly_and_new_commands_work_again() {
+    if !kubectl_available() {
+        return;
+    }
+    let mut s = Stack::start().await;
+    let watch = spawn_kubectl(&s.proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
+    eventually("the watch reaches the apiserver", || {
+        s.api.open_watches() > 0
+    })
+    .await;
+
+    s.relay.restart().await;
+
+    // The watch ends instead of hanging on a dead tunnel, so the caller's retry can take over.
+    let out = watch.finish(PROMPT).await;
+    assert!(
+        !text(&out.stderr).contains("timed out"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        out.status.code().is_some(),
+        "kubectl did not end by itself: {}",
+        describe(&out)
+    );
+
+    // Agent and proxy reconnect by themselves.
+    wait_for_listener(&s.relay).await;
+    let mut last = None;
+    for _ in 0..40 {
+        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods"], &[]).await;
+        if out.status.success() {
+            last = None;
+            break;
+        }
+        last = Some(out);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if let Some(out) = last {
+        panic!(
+            "kubectl never worked again after the relay restart: {}",
+            describe(&out)
+        );
+    }
+}
+
+/// Files for the `run` binary: relay CA, send key, token.
+struct RunFiles {
+    dir: tempfile::TempDir,
+}
+
+impl RunFiles {
+    fn new(relay: &Relay, token: &str) -> RunFiles {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("relay-ca.crt"), &relay.ca_pem).unwrap();
+        std::fs::write(
+            dir.path().join("send.key"),
+            format!("SharedAccessKeyName=send;SharedAccessKey={SEND_KEY}"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("token"), token).unwrap();
+        std::fs::create_dir_all(dir.path().join("home/.kube")).unwrap();
+        std::fs::write(
+            dir.path().join("home/.kube/config"),
+            "apiVersion: v1\nkind: Config\ncurrent-context: mine\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        RunFiles { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    async fn run(&self, relay: &Relay, command: &[&str]) -> Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_clusterconnect"));
+        cmd.args([
+            "run",
+            "--relay",
+            &format!("wss://127.0.0.1:{}", relay.addr.port()),
+            "--connection",
+            CONNECTION,
+        ])
+        .args([
+            "--key-file",
+            &self.path("send.key"),
+            "--relay-ca",
+            &self.path("relay-ca.crt"),
+        ])
+        .args(["--token-file", &self.path("token"), "--"])
+        .args(command)
+        .env("HOME", self.path("home"))
+        .env("TMPDIR", self.path("tmp"))
+        .env("CLUSTERCONNECT_CONFIG_DIR", self.path("config"))
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+        tokio::time::timeout(Duration::from_secs(90), cmd.output())
+            .await
+            .expect("run finished in time")
+            .expect("run started")
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(Path::new(&self.path("tmp")))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_executes_kubectl_through_the_tunnel_and_returns_its_exit_status() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let relay = Relay::start().await;
+    let _agent = Agent::start(&relay, &api, listen_key()).await;
+    let files = RunFiles::new(&relay, &api.token());
+    let user_config = std::fs::read(files.path("home/.kube/config")).unwrap();
+    let kubectl_bin = support::kubectl_binary().unwrap().display().to_string();
+
+    let out = files
+        .run(&relay, &[&kubectl_bin, "get", "pods", "-A"])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("web-0") && text(&out.stdout).contains("coredns-0"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = files
+        .run(&relay, &[&kubectl_bin, "get", "pod", "no-such-pod"])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("NotFound"), "{}", describe(&out));
+
+    let out = files
+        .run(&relay, &["sh", "-c", "test -f \"$KUBECONFIG\" && exit 7"])
+        .await;
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+
+    assert_eq!(
+        std::fs::read(files.path("home/.kube/config")).unwrap(),
+        user_config,
+        "the user's kubeconfig changed"
+    );
+    assert!(
+        files.leftovers().is_empty(),
+        "temporary files left: {:?}",
+        files.leftovers()
+    );
+    // The real token is in no file clusterconnect wrote.
+    for entry in std::fs::read_dir(files.path("config")).unwrap().flatten() {
+        let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(
+            !content.contains(&api.token()),
+            "{} holds the token",
+            entry.path().display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_names_the_failing_part_when_the_agent_is_absent() {
+    let relay = Relay::start().await;
+    let files = RunFiles::new(&relay, "token");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_clusterconnect"));
+    cmd.args([
+        "run",
+        "--wait",
+        "2s",
+        "--relay",
+        &format!("wss://127.0.0.1:{}", relay.addr.port()),
+        "--connection",
+        CONNECTION,
+    ])
+    .args([
+        "--key-file",
+        &files.path("send.key"),
+        "--relay-ca",
+        &files.path("relay-ca.crt"),
+    ])
+    .args(["--token-file", &files.path("token"), "--", "true"])
+    .env("HOME", files.path("home"))
+    .env("TMPDIR", files.path("tmp"))
+    .env("CLUSTERCONNECT_CONFIG_DIR", files.path("config"))
+    .stdin(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("agent for 'edge-cluster' is not connected"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        files.leftovers().is_empty(),
+        "temporary files left: {:?}",
+        files.leftovers()
+    );
+}
