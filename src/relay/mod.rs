@@ -20,7 +20,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,6 +62,9 @@ pub(crate) struct Ctx {
     pub shutdown: CancellationToken,
     /// Cancelled when the drain period is over: open rendezvous are then closed.
     pub closing: CancellationToken,
+    /// This connection's slot under `max_connections`; tasks that outlive the HTTP exchange
+    /// (control channels, splices) hold a clone so the limit counts upgraded connections too.
+    pub permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 /// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
@@ -88,6 +91,7 @@ pub async fn run(
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
+        permit: None,
     };
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
@@ -111,9 +115,10 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        let acceptor = acceptor.clone();
+        let mut ctx = ctx.clone();
+        ctx.permit = Some(Arc::new(permit));
         tasks.spawn(async move {
-            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

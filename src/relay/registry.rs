@@ -6,14 +6,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyper::upgrade::OnUpgrade;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::tunnel::protocol::ControlMessage;
 
 /// How a listener answered one sender.
 pub enum AcceptOutcome {
-    Accepted(OnUpgrade),
-    Rejected { status: u16, description: String },
+    /// The listener's upgrade, and its connection slot, which the splice keeps.
+    Accepted(OnUpgrade, Option<Arc<OwnedSemaphorePermit>>),
+    Rejected {
+        status: u16,
+        description: String,
+    },
 }
 
 struct ListenerEntry {

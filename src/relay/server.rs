@@ -149,6 +149,7 @@ fn listen(
         Err((code, msg)) => return text(code, msg),
     };
     let on_upgrade = hyper::upgrade::on(req);
+    let permit = ctx.permit.clone();
     let (entity, shared, registry, shutdown) = (
         target.entity.clone(),
         ctx.shared.clone(),
@@ -156,6 +157,7 @@ fn listen(
         ctx.shutdown.clone(),
     );
     ctx.tasks.spawn(async move {
+        let _permit = permit;
         match server_stream(on_upgrade).await {
             Ok(ws) => control::run(ws, entity, expiry, shared, registry, shutdown).await,
             Err(e) => tracing::debug!(error = %e, "listener upgrade failed"),
@@ -221,11 +223,13 @@ async fn connect(
     }
     let sender_upgrade = hyper::upgrade::on(req);
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
-        Ok(Ok(AcceptOutcome::Accepted(listener_upgrade))) => {
+        Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit))) => {
+            let sender_permit = ctx.permit.clone();
             let entity = target.entity.clone();
             let stats = ctx.shared.stats.clone();
             let closing = ctx.closing.clone();
             ctx.tasks.spawn(async move {
+                let _permits = (sender_permit, listener_permit);
                 match tokio::try_join!(
                     server_stream(sender_upgrade),
                     server_stream(listener_upgrade)
@@ -296,7 +300,10 @@ fn accept(
         return text(410, "rejection delivered");
     }
     if reply
-        .send(AcceptOutcome::Accepted(hyper::upgrade::on(req)))
+        .send(AcceptOutcome::Accepted(
+            hyper::upgrade::on(req),
+            ctx.permit.clone(),
+        ))
         .is_err()
     {
         return text(410, "the sender gave up waiting");

@@ -20,7 +20,7 @@ pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(64 * 1024)
         .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(1024 * 1024)
+        .max_write_buffer_size(17 * 1024 * 1024)
         .max_message_size(Some(16 * 1024 * 1024))
         .max_frame_size(Some(16 * 1024 * 1024))
 }
