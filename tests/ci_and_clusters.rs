@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::tunnel::{
-    listen_key, send_key, wait_for_listener, wait_for_listener_on, Agent, LocalProxy,
+    listen_key, send_key, static_token, wait_for_listener, wait_for_listener_on, Agent, LocalProxy,
     ProxiedCluster, Relay, Stack, CONNECTION, SEND_KEY,
 };
 use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer};
@@ -57,14 +57,14 @@ async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
                 relay: &relay,
                 connection: "prod",
                 key: send_key(),
-                token: prod_api.token(),
+                credential: static_token(&prod_api.token()),
             },
             ProxiedCluster {
                 name: "staging",
                 relay: &relay,
                 connection: "staging",
                 key: send_key(),
-                token: staging_api.token(),
+                credential: static_token(&staging_api.token()),
             },
         ],
         dir.path(),
@@ -358,4 +358,71 @@ async fn run_names_the_failing_part_when_the_agent_is_absent() {
         "temporary files left: {:?}",
         files.leftovers()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_credential_command_does_not_end_the_session_while_the_token_is_valid() {
+    use clusterconnect::auth::exec::TokenCommand;
+    use clusterconnect::auth::refresh::Refreshing;
+    use std::sync::Arc;
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let relay = Relay::start().await;
+    let _agent = Agent::start(&relay, &api, listen_key()).await;
+    wait_for_listener(&relay).await;
+    let dir = tempfile::tempdir().unwrap();
+    let down = dir.path().join("endpoint-down");
+    let runs = dir.path().join("runs");
+    // An identity endpoint stand-in: prints a token valid for two hours, or fails while the
+    // `down` file exists. Every run is counted.
+    let command = format!(
+        "echo run >> {runs}; if [ -e {down} ]; then echo 'identity endpoint unreachable' >&2; exit 1; fi; \
+         printf '{{\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{token}\",\"expirationTimestamp\":\"%s\"}}}}' \"$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)\"",
+        runs = runs.display(),
+        down = down.display(),
+        token = api.token()
+    );
+    // A renewal margin longer than the token's life: every request tries to renew, so the
+    // failing endpoint is exercised on each one.
+    let credential = Arc::new(Refreshing::new(
+        TokenCommand::new(command),
+        Duration::from_secs(3 * 3600),
+    ));
+    let proxy = LocalProxy::start_many(
+        vec![ProxiedCluster {
+            name: CONNECTION,
+            relay: &relay,
+            connection: CONNECTION,
+            key: send_key(),
+            credential,
+        }],
+        dir.path(),
+    )
+    .await;
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let mut watch = spawn_kubectl(&proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
+    eventually("the watch reaches the apiserver", || api.open_watches() > 0).await;
+    std::fs::write(&down, "").unwrap();
+    let runs_before = std::fs::read_to_string(&runs).unwrap().lines().count();
+
+    // The endpoint is down: the open watch keeps receiving events, new requests keep working.
+    api.add_pod("default", "during-outage");
+    let seen = watch
+        .read_stdout_until(PROMPT, |o| o.contains("during-outage"))
+        .await;
+    assert!(seen.is_ok(), "{}", describe(&watch.kill().await));
+    for _ in 0..3 {
+        let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let runs_during = std::fs::read_to_string(&runs).unwrap().lines().count() - runs_before;
+    assert!(
+        runs_during >= 1,
+        "renewal was never attempted during the outage"
+    );
+    watch.kill().await;
 }

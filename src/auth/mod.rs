@@ -2,6 +2,9 @@
 //! [`CredentialSource`]; the proxy asks it for a token per request and never caches beyond
 //! what the source itself decides, so a rotated token is picked up without a restart.
 
+pub mod exec;
+pub mod refresh;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::auth::exec::TokenCommand;
+use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
 use crate::proxy::{ClusterConfig, RelayTarget};
 use crate::secret::Secret;
@@ -38,11 +40,15 @@ pub struct ClusterFlags {
     )]
     pub token: Option<String>,
     /// File holding the bearer token; re-read as it rotates.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "token_command")]
     pub token_file: Option<PathBuf>,
+    /// Command printing a token or a kubectl ExecCredential (token + expirationTimestamp);
+    /// re-run five minutes before expiry. A failed run keeps the current token until it expires.
+    #[arg(long, conflicts_with = "token")]
+    pub token_command: Option<String>,
     /// Several clusters in one proxy: a TOML file of [[cluster]] tables with name, relay,
     /// connection, key_file, token_file (or token) and optional relay_ca.
-    #[arg(long, conflicts_with_all = ["relay", "connection", "key_file", "token", "token_file"])]
+    #[arg(long, conflicts_with_all = ["relay", "connection", "key_file", "token", "token_file", "token_command"])]
     pub clusters_file: Option<PathBuf>,
 }
 
@@ -62,6 +68,7 @@ struct ClusterEntry {
     relay_ca: Option<PathBuf>,
     token: Option<String>,
     token_file: Option<PathBuf>,
+    token_command: Option<String>,
 }
 
 impl ClusterFlags {
@@ -86,6 +93,7 @@ impl ClusterFlags {
                 relay_ca: self.relay_ca.clone(),
                 token: self.token.clone(),
                 token_file: self.token_file.clone(),
+                token_command: self.token_command.clone(),
             };
             return Ok(vec![entry.resolve(Path::new("")).await?]);
         };
@@ -133,15 +141,20 @@ impl ClusterEntry {
         let key = SasKey::from_file(&base.join(&self.key_file))?;
         let tls = tls::client_config(self.relay_ca.map(|p| base.join(p)).as_deref(), &[])
             .context("cannot set up TLS for the relay connection")?;
-        let credential: Arc<dyn CredentialSource> = match (self.token, self.token_file) {
-            (Some(t), None) if !t.trim().is_empty() => Arc::new(StaticToken::new(Secret::new(t.trim()))),
-            (None, Some(file)) => {
+        let credential: Arc<dyn CredentialSource> = match (self.token, self.token_file, self.token_command) {
+            (Some(t), None, None) if !t.trim().is_empty() => Arc::new(StaticToken::new(Secret::new(t.trim()))),
+            (None, Some(file), None) => {
                 let source = TokenFile::new(base.join(file));
                 source.token().await?;
                 Arc::new(source)
             }
+            (None, None, Some(command)) => {
+                let source = Refreshing::new(TokenCommand::new(command), RENEW_MARGIN);
+                source.token().await?;
+                Arc::new(source)
+            }
             _ => anyhow::bail!(
-                "cluster '{name}' needs a credential for the apiserver: --token-file, --token or CLUSTERCONNECT_TOKEN (token_file or token in a clusters file)"
+                "cluster '{name}' needs exactly one credential for the apiserver: --token-file, --token-command, or --token / CLUSTERCONNECT_TOKEN (token_file, token_command or token in a clusters file)"
             ),
         };
         Ok(ClusterConfig {

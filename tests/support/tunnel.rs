@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clusterconnect::agent::{AgentConfig, Upstream};
-use clusterconnect::auth::StaticToken;
+use clusterconnect::auth::{CredentialSource, StaticToken};
 use clusterconnect::proxy::kubeconfig::{self, Entry};
 use clusterconnect::proxy::{
     new_local_secret, server_url, ClusterConfig, Proxy, ProxyConfig, RelayTarget,
@@ -205,7 +205,12 @@ pub struct ProxiedCluster<'a> {
     pub relay: &'a Relay,
     pub connection: &'a str,
     pub key: SasKey,
-    pub token: String,
+    pub credential: Arc<dyn CredentialSource>,
+}
+
+/// A fixed bearer token as a credential source.
+pub fn static_token(token: &str) -> Arc<dyn CredentialSource> {
+    Arc::new(StaticToken::new(Secret::new(token)))
 }
 
 impl LocalProxy {
@@ -220,7 +225,7 @@ impl LocalProxy {
             relay,
             connection: CONNECTION,
             key,
-            token: token.into(),
+            credential: static_token(token),
         };
         LocalProxy::start_many(vec![cluster], dir).await
     }
@@ -244,7 +249,7 @@ impl LocalProxy {
                     key: c.key,
                     tls: c.relay.client_tls.clone(),
                 },
-                credential: Arc::new(StaticToken::new(Secret::new(c.token))),
+                credential: c.credential,
             })
             .collect();
         let proxy = Proxy::new(ProxyConfig {

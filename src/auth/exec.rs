@@ -1,0 +1,187 @@
+//! A credential from a command, the way kubectl's exec plugins work: the command prints a
+//! `client.authentication.k8s.io/v1` `ExecCredential` (token and expirationTimestamp), or just
+//! a token. Wrapped in [`Refreshing`](super::refresh::Refreshing), it is re-run ahead of
+//! expiry, and a failing run never ends the session while the current token is valid.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use super::refresh::{ExpiringToken, FetchFuture, TokenFetcher};
+use super::CredentialError;
+use crate::secret::Secret;
+
+/// A run slower than this is treated as failed (and retried with backoff).
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a bare token (no expiry given) is used before the command runs again.
+pub const BARE_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+pub struct TokenCommand {
+    command: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExecCredential {
+    kind: Option<String>,
+    status: Option<ExecStatus>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExecStatus {
+    token: Option<String>,
+    expiration_timestamp: Option<String>,
+}
+
+impl TokenCommand {
+    pub fn new(command: impl Into<String>) -> Self {
+        TokenCommand {
+            command: command.into(),
+        }
+    }
+
+    fn fail(&self, reason: impl Into<String>) -> CredentialError {
+        CredentialError::Unavailable {
+            source_name: self.describe(),
+            reason: reason.into(),
+        }
+    }
+
+    async fn run(&self) -> Result<ExpiringToken, CredentialError> {
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(&self.command)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(RUN_TIMEOUT, output)
+            .await
+            .map_err(|_| self.fail(format!("did not finish within {}s", RUN_TIMEOUT.as_secs())))?
+            .map_err(|e| self.fail(format!("cannot run it: {e}")))?;
+        if !output.status.success() {
+            // The tail of stderr says why; stdout is never shown, it may hold a token.
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: String = stderr
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            return Err(self.fail(format!("exited with {}: {tail}", output.status)));
+        }
+        let stdout = String::from_utf8(output.stdout)
+            .map_err(|_| self.fail("printed something that is not UTF-8"))?;
+        parse_output(
+            stdout.trim(),
+            Instant::now(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|reason| self.fail(reason))
+    }
+}
+
+/// A token and its expiry from the command's output.
+fn parse_output(
+    stdout: &str,
+    now: Instant,
+    wall_now: time::OffsetDateTime,
+) -> Result<ExpiringToken, String> {
+    if stdout.is_empty() {
+        return Err("printed nothing; it must print a token or an ExecCredential".into());
+    }
+    if !stdout.starts_with('{') {
+        if stdout.contains(char::is_whitespace) {
+            return Err(
+                "printed several words; it must print just the token, or an ExecCredential".into(),
+            );
+        }
+        return Ok(ExpiringToken {
+            token: Secret::new(stdout),
+            expires_at: now + BARE_TOKEN_LIFETIME,
+        });
+    }
+    let cred: ExecCredential = serde_json::from_str(stdout)
+        .map_err(|e| format!("printed JSON that is not an ExecCredential: {e}"))?;
+    if cred.kind.as_deref().is_some_and(|k| k != "ExecCredential") {
+        return Err("printed JSON whose kind is not ExecCredential".into());
+    }
+    let status = cred.status.ok_or("ExecCredential has no status")?;
+    let token = status
+        .token
+        .filter(|t| !t.is_empty())
+        .ok_or("ExecCredential has no status.token")?;
+    let expires_at = match status.expiration_timestamp {
+        None => now + BARE_TOKEN_LIFETIME,
+        Some(ts) => {
+            let at =
+                time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| format!("status.expirationTimestamp {ts:?} is not RFC 3339"))?;
+            let left = (at - wall_now).whole_seconds();
+            if left <= 0 {
+                return Err(format!("the token it printed already expired at {ts}"));
+            }
+            now + Duration::from_secs(left as u64)
+        }
+    };
+    Ok(ExpiringToken {
+        token: Secret::new(token),
+        expires_at,
+    })
+}
+
+impl TokenFetcher for TokenCommand {
+    fn fetch(&self) -> FetchFuture<'_> {
+        Box::pin(self.run())
+    }
+
+    fn describe(&self) -> String {
+        "--token-command".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_exec_credentials_and_bare_tokens() {
+        let now = Instant::now();
+        let wall = time::macros::datetime!(2026-11-23 12:00 UTC);
+        let json = r#"{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"abc","expirationTimestamp":"2026-11-23T13:00:00Z"}}"#;
+        let t = parse_output(json, now, wall).unwrap();
+        assert_eq!(t.token.expose(), "abc");
+        assert_eq!(t.expires_at - now, Duration::from_secs(3600));
+        let bare = parse_output("xyz", now, wall).unwrap();
+        assert_eq!(bare.expires_at - now, BARE_TOKEN_LIFETIME);
+        let expired = r#"{"kind":"ExecCredential","status":{"token":"a","expirationTimestamp":"2026-11-23T11:00:00Z"}}"#;
+        assert!(parse_output(expired, now, wall)
+            .unwrap_err()
+            .contains("already expired"));
+        assert!(parse_output("", now, wall).is_err());
+        assert!(parse_output("two words", now, wall).is_err());
+        assert!(
+            parse_output(r#"{"kind":"ExecCredential","status":{}}"#, now, wall)
+                .unwrap_err()
+                .contains("status.token")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_is_reported_without_its_stdout() {
+        let cmd = TokenCommand::new("echo secret-token-value; echo 'login required' >&2; exit 3");
+        let err = cmd.run().await.unwrap_err().to_string();
+        assert!(
+            err.contains("login required") && err.contains("--token-command"),
+            "{err}"
+        );
+        assert!(!err.contains("secret-token-value"), "{err}");
+        let ok = TokenCommand::new("echo tok123").run().await.unwrap();
+        assert_eq!(ok.token.expose(), "tok123");
+    }
+}

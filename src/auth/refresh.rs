@@ -1,0 +1,213 @@
+//! Renewal ahead of expiry for credentials that expire (Entra tokens, registry-issued send
+//! tokens). The rule users of `az connectedk8s proxy` wish it had: a failed renewal never ends
+//! the session. The current token keeps being served until its real expiry while renewal
+//! retries with backoff; only a token that has truly expired makes requests fail, with the
+//! renewal error in the message.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{CredentialError, CredentialSource, TokenFuture};
+use crate::secret::Secret;
+use crate::tunnel::backoff::Backoff;
+
+/// A token and when it stops being valid.
+#[derive(Clone, Debug)]
+pub struct ExpiringToken {
+    pub token: Secret,
+    pub expires_at: Instant,
+}
+
+pub type FetchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ExpiringToken, CredentialError>> + Send + 'a>>;
+
+/// Something that can obtain a fresh token (a token endpoint, a CLI, a registry).
+pub trait TokenFetcher: Send + Sync {
+    fn fetch(&self) -> FetchFuture<'_>;
+    fn describe(&self) -> String;
+}
+
+/// Renew this long before expiry: long enough for a slow identity endpoint and a few retries.
+pub const RENEW_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+struct State {
+    current: Option<ExpiringToken>,
+    /// No renewal attempt before this instant (backoff after a failure).
+    next_attempt: Instant,
+    last_error: Option<String>,
+    backoff: Backoff,
+}
+
+pub struct Refreshing<F> {
+    fetcher: F,
+    margin: Duration,
+    state: Mutex<State>,
+    /// One renewal at a time: a burst of requests near expiry triggers a single fetch.
+    renewing: tokio::sync::Mutex<()>,
+}
+
+impl<F: TokenFetcher> Refreshing<F> {
+    pub fn new(fetcher: F, margin: Duration) -> Self {
+        Refreshing {
+            fetcher,
+            margin,
+            state: Mutex::new(State {
+                current: None,
+                next_attempt: Instant::now(),
+                last_error: None,
+                backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(60)),
+            }),
+            renewing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached token if it is fresh (outside the renewal margin).
+    fn fresh(&self, now: Instant) -> Option<Secret> {
+        let state = self.lock();
+        let current = state.current.as_ref()?;
+        (now + self.margin < current.expires_at).then(|| current.token.clone())
+    }
+
+    async fn get(&self) -> Result<Secret, CredentialError> {
+        if let Some(token) = self.fresh(Instant::now()) {
+            return Ok(token);
+        }
+        let _renewing = self.renewing.lock().await;
+        let now = Instant::now();
+        // Someone else may have renewed while we waited.
+        if let Some(token) = self.fresh(now) {
+            return Ok(token);
+        }
+        let due = self.lock().next_attempt <= now;
+        if due {
+            match self.fetcher.fetch().await {
+                Ok(fresh) => {
+                    let mut state = self.lock();
+                    state.backoff.reset();
+                    state.last_error = None;
+                    state.current = Some(fresh.clone());
+                    return Ok(fresh.token);
+                }
+                Err(e) => {
+                    let mut state = self.lock();
+                    let delay = state.backoff.next_delay();
+                    state.next_attempt = Instant::now() + delay;
+                    state.last_error = Some(e.to_string());
+                    tracing::warn!(source = %self.fetcher.describe(), error = %e, retry_in_s = delay.as_secs(), "credential renewal failed; still using the current token");
+                }
+            }
+        }
+        let state = self.lock();
+        match &state.current {
+            Some(current) if Instant::now() < current.expires_at => Ok(current.token.clone()),
+            _ => Err(CredentialError::Unavailable {
+                source_name: self.fetcher.describe(),
+                reason: match &state.last_error {
+                    Some(e) => format!("the token expired and renewal keeps failing: {e}"),
+                    None => "no token yet; renewal will be retried shortly".into(),
+                },
+            }),
+        }
+    }
+}
+
+impl<F: TokenFetcher> CredentialSource for Refreshing<F> {
+    fn token(&self) -> TokenFuture<'_> {
+        Box::pin(self.get())
+    }
+
+    fn describe(&self) -> String {
+        self.fetcher.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Issues "token-N" valid for `ttl`, or fails while `down` is set.
+    struct Fake {
+        ttl: Duration,
+        calls: Arc<AtomicUsize>,
+        down: Arc<AtomicBool>,
+    }
+
+    impl TokenFetcher for Fake {
+        fn fetch(&self) -> FetchFuture<'_> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(CredentialError::Unavailable {
+                        source_name: "fake".into(),
+                        reason: "endpoint down".into(),
+                    });
+                }
+                Ok(ExpiringToken {
+                    token: Secret::new(format!("token-{n}")),
+                    expires_at: Instant::now() + self.ttl,
+                })
+            })
+        }
+
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    fn setup(ttl: Duration) -> (Refreshing<Fake>, Arc<AtomicUsize>, Arc<AtomicBool>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let down = Arc::new(AtomicBool::new(false));
+        let fake = Fake {
+            ttl,
+            calls: calls.clone(),
+            down: down.clone(),
+        };
+        (Refreshing::new(fake, Duration::from_secs(300)), calls, down)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_ahead_of_expiry_and_caches_in_between() {
+        let (source, calls, _) = setup(Duration::from_secs(3600));
+        assert_eq!(source.token().await.unwrap().expose(), "token-0");
+        tokio::time::advance(Duration::from_secs(3000)).await;
+        assert_eq!(source.token().await.unwrap().expose(), "token-0");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Inside the five-minute margin: renewed before it expires.
+        tokio::time::advance(Duration::from_secs(400)).await;
+        assert_eq!(source.token().await.unwrap().expose(), "token-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_keeps_the_session_until_real_expiry_then_says_why() {
+        let (source, calls, down) = setup(Duration::from_secs(3600));
+        assert_eq!(source.token().await.unwrap().expose(), "token-0");
+        down.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(3400)).await;
+        // Renewal fails, the current token is still valid: requests keep working.
+        for _ in 0..20 {
+            assert_eq!(source.token().await.unwrap().expose(), "token-0");
+        }
+        // Backoff: twenty requests made one attempt, not twenty.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        tokio::time::advance(Duration::from_secs(201)).await;
+        let err = source.token().await.unwrap_err().to_string();
+        assert!(
+            err.contains("expired") && err.contains("endpoint down"),
+            "{err}"
+        );
+        // The endpoint recovers: the next attempt after the backoff succeeds.
+        down.store(false, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(source.token().await.unwrap().expose().starts_with("token-"));
+    }
+}
