@@ -426,3 +426,85 @@ async fn a_failing_credential_command_does_not_end_the_session_while_the_token_i
     );
     watch.kill().await;
 }
+
+/// Starts `clusterconnect proxy` (no --port) and returns it with the JSON ready line.
+async fn proxy_binary(
+    relay: &Relay,
+    files: &RunFiles,
+    kubeconfig: &Path,
+) -> (tokio::process::Child, serde_json::Value) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_clusterconnect"))
+        .args([
+            "proxy",
+            "--output",
+            "json",
+            "--relay",
+            &format!("wss://127.0.0.1:{}", relay.addr.port()),
+        ])
+        .args([
+            "--connection",
+            CONNECTION,
+            "--key-file",
+            &files.path("send.key"),
+            "--relay-ca",
+            &files.path("relay-ca.crt"),
+        ])
+        .args([
+            "--token-file",
+            &files.path("token"),
+            "--file",
+            &kubeconfig.display().to_string(),
+        ])
+        .env("HOME", files.path("home"))
+        .env("CLUSTERCONNECT_CONFIG_DIR", files.path("config"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("proxy starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PROMPT, lines.next_line())
+        .await
+        .expect("ready line in time")
+        .expect("stdout readable")
+        .expect("a ready line");
+    (
+        child,
+        serde_json::from_str(&line).expect("ready line is JSON"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_the_same_machine_takes_the_next_free_port() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let relay = Relay::start().await;
+    let _agent = Agent::start(&relay, &api, listen_key()).await;
+    let files = RunFiles::new(&relay, &api.token());
+    let (first_config, second_config) = (
+        files.dir.path().join("first"),
+        files.dir.path().join("second"),
+    );
+    let (_first, ready1) = proxy_binary(&relay, &files, &first_config).await;
+    let (_second, ready2) = proxy_binary(&relay, &files, &second_config).await;
+    assert_eq!(ready1["event"], "ready");
+    assert_eq!(ready1["contexts"], serde_json::json!([CONNECTION]));
+    assert_eq!(ready1["kubeconfig"], first_config.display().to_string());
+    let (p1, p2) = (
+        ready1["port"].as_u64().unwrap(),
+        ready2["port"].as_u64().unwrap(),
+    );
+    assert_ne!(p1, p2, "both proxies claim one port");
+    assert!(
+        (47011..47031).contains(&p1) && (47011..47031).contains(&p2),
+        "{p1} {p2}"
+    );
+    for config in [&first_config, &second_config] {
+        let out = kubectl(config, &["get", "pods"], &[]).await;
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+}
