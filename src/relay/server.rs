@@ -148,6 +148,8 @@ fn listen(
         Ok(e) => e,
         Err((code, msg)) => return text(code, msg),
     };
+    // Renewals must name the same host the listener first connected with.
+    let hosts = accepted_hosts(ctx, req);
     let on_upgrade = hyper::upgrade::on(req);
     let permit = ctx.permit.clone();
     let (entity, shared, registry, shutdown) = (
@@ -159,7 +161,7 @@ fn listen(
     ctx.tasks.spawn(async move {
         let _permit = permit;
         match server_stream(on_upgrade).await {
-            Ok(ws) => control::run(ws, entity, expiry, shared, registry, shutdown).await,
+            Ok(ws) => control::run(ws, entity, expiry, hosts, shared, registry, shutdown).await,
             Err(e) => tracing::debug!(error = %e, "listener upgrade failed"),
         }
     });

@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod kubectl;
 pub mod objects;
 pub mod portforward;
+pub mod processes;
 pub mod remotecommand;
 pub mod spdy;
 pub mod tunnel;

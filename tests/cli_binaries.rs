@@ -1,0 +1,655 @@
+//! The real `clusterconnect` binary as an operator runs it: relay, agent and proxy as separate
+//! processes on loopback, the real kubectl through them, signals, and the messages a
+//! misconfiguration produces.
+
+mod support;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use clusterconnect::secret::Secret;
+use clusterconnect::tunnel::dial::{dial, DialError};
+use clusterconnect::tunnel::protocol::{Action, ControlMessage, RelayAddress};
+use clusterconnect::tunnel::sas::SasKey;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::processes::{
+    agent_args, proxy_args, run_to_end, spawn, start_agent, start_proxy, start_relay, RelayProcess,
+    TOKEN_FILE_NAME,
+};
+use support::{kubectl, kubectl_available, ApiServer};
+
+const CONNECTION: &str = "edge-cluster";
+/// A one-shot command (help, check, sas) must be done by then.
+const ONE_SHOT: Duration = Duration::from_secs(30);
+/// A process told to stop, or one that fails at start-up, must have exited by then.
+const EXIT: Duration = Duration::from_secs(15);
+/// "Exits within a few seconds" after SIGTERM when idle.
+const PROMPT_EXIT: Duration = Duration::from_secs(5);
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+fn write(path: &Path, content: &str) -> PathBuf {
+    std::fs::write(path, content).expect("write test file");
+    path.to_path_buf()
+}
+
+fn relay_tls(relay: &RelayProcess) -> std::sync::Arc<rustls::ClientConfig> {
+    clusterconnect::tls::client_config(Some(&relay.ca_path), &[]).expect("relay client TLS")
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-shot commands
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn help_and_version() {
+    let out = run_to_end(&["--help"], &[], ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let help = text(&out.stdout);
+    for sub in ["relay", "agent", "proxy", "sas"] {
+        assert!(help.contains(sub), "--help does not list '{sub}':\n{help}");
+    }
+    assert!(help.contains("kubectl"), "{help}");
+
+    let out = run_to_end(&["--version"], &[], ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("clusterconnect {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // Each role documents its own flags.
+    let out = run_to_end(&["proxy", "--help"], &[], ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("--key-file"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test]
+async fn relay_check_accepts_a_valid_config_and_names_a_broken_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let valid = r#"listen = "127.0.0.1:0"
+hostnames = []
+
+[[rules]]
+name = "listen"
+key = "listen-key-for-the-check-test-0123"
+rights = ["listen"]
+
+[[rules]]
+name = "send"
+key = "send-key-for-the-check-test-0123"
+rights = ["send"]
+"#;
+    let config = write(&dir.path().join("relay.toml"), valid);
+    let check = [
+        OsStr::new("relay"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--dev-self-signed"),
+        OsStr::new("--check"),
+    ];
+    let out = run_to_end(&check, &[], ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(text(&out.stdout).contains("valid"), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains(&config.display().to_string()),
+        "{}",
+        describe(&out)
+    );
+    // --check only checks: no dev CA is written.
+    assert!(!dir.path().join("relay-dev-ca.crt").exists());
+
+    let broken = write(
+        &dir.path().join("broken.toml"),
+        &format!("{valid}\n[extra]\ncolour = \"blue\"\n"),
+    );
+    let out = run_to_end(
+        &[
+            OsStr::new("relay"),
+            OsStr::new("--config"),
+            broken.as_os_str(),
+            OsStr::new("--dev-self-signed"),
+            OsStr::new("--check"),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&broken.display().to_string()) && stderr.contains("extra"),
+        "the error must name the file and the unknown field:\n{}",
+        describe(&out)
+    );
+    assert!(!text(&out.stdout).contains("valid"), "{}", describe(&out));
+}
+
+async fn sas_new_key(name: &str) -> String {
+    let out = run_to_end(&["sas", "new-key", "--name", name], &[], ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    text(&out.stdout).trim().to_string()
+}
+
+async fn sas_token(key_file: &Path, relay: &str, connection: &str, ttl: &str) -> Secret {
+    let out = run_to_end(
+        &[
+            OsStr::new("sas"),
+            OsStr::new("token"),
+            OsStr::new("--key-file"),
+            key_file.as_os_str(),
+            OsStr::new("--relay"),
+            OsStr::new(relay),
+            OsStr::new("--connection"),
+            OsStr::new(connection),
+            OsStr::new("--ttl"),
+            OsStr::new(ttl),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    Secret::new(text(&out.stdout).trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sas_keys_and_tokens_from_the_cli_are_accepted_by_the_relay() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listen_line = sas_new_key("listen").await;
+    let send_line = sas_new_key("send").await;
+    for (line, name) in [(&listen_line, "listen"), (&send_line, "send")] {
+        let key = SasKey::parse(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(key.name, name);
+        assert!(
+            line.starts_with(&format!("SharedAccessKeyName={name};SharedAccessKey=")),
+            "{line}"
+        );
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(key.key.expose())
+            .expect("the key is base64");
+        assert_eq!(raw.len(), 32, "{line}");
+    }
+    assert_ne!(
+        SasKey::parse(&listen_line).unwrap().key.expose(),
+        SasKey::parse(&send_line).unwrap().key.expose(),
+        "two new keys must differ"
+    );
+
+    // The relay uses existing key files as they are (dev mode creates only missing ones).
+    let listen_file = write(&dir.path().join("listen.key"), &listen_line);
+    let send_file = write(&dir.path().join("send.key"), &send_line);
+    let relay = start_relay(dir.path()).await;
+    let tls = relay_tls(&relay);
+    let address = RelayAddress::parse(&relay.url).expect("relay address");
+
+    let listen_token = sas_token(&listen_file, &relay.url, CONNECTION, "10m").await;
+    assert!(
+        listen_token
+            .expose()
+            .starts_with("SharedAccessSignature sr=")
+            && listen_token.expose().contains("skn=listen"),
+        "unexpected token shape"
+    );
+    let se: u64 = listen_token
+        .expose()
+        .split('&')
+        .find_map(|p| p.strip_prefix("se="))
+        .and_then(|s| s.parse().ok())
+        .expect("se field");
+    let now = clusterconnect::tunnel::sas::unix_now();
+    assert!(
+        (now + 590..=now + 610).contains(&se),
+        "--ttl 10m: se={se}, now={now}"
+    );
+
+    let mut listener = dial(
+        &address.url(CONNECTION, Action::Listen, "cli-listener"),
+        Some(&listen_token),
+        &tls,
+    )
+    .await
+    .expect("the relay accepts a listen token minted by `sas token`");
+
+    // The listen rule has no Send right: its token cannot connect.
+    let refused = dial(
+        &address.url(CONNECTION, Action::Connect, "x"),
+        Some(&listen_token),
+        &tls,
+    )
+    .await
+    .expect_err("a listen token must not connect");
+    assert!(
+        matches!(refused, DialError::Rejected { status: 403, .. }),
+        "{refused}"
+    );
+
+    let send_token = sas_token(&send_file, &relay.url, CONNECTION, "1h").await;
+    let sender = tokio::spawn({
+        let (url, tls) = (address.url(CONNECTION, Action::Connect, "cli"), tls.clone());
+        async move { dial(&url, Some(&send_token), &tls).await }
+    });
+    let accept = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match listener.next().await {
+                Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+                    Ok(ControlMessage::Accept(a)) => return a,
+                    other => panic!("unexpected control message {other:?}"),
+                },
+                Some(Ok(_)) => {}
+                other => panic!("control channel ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("an accept within 10 s");
+    let mut rendezvous = dial(&accept.address, None, &tls)
+        .await
+        .expect("accept address");
+    let mut sender = tokio::time::timeout(Duration::from_secs(10), sender)
+        .await
+        .expect("sender within 10 s")
+        .expect("join")
+        .expect("the relay accepts a send token minted by `sas token`");
+    sender
+        .send(Message::binary(&b"ping"[..]))
+        .await
+        .expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(10), rendezvous.next())
+        .await
+        .expect("message within 10 s");
+    assert!(
+        matches!(got, Some(Ok(Message::Binary(ref b))) if b.as_ref() == b"ping"),
+        "{got:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole path with binaries
+// ---------------------------------------------------------------------------------------------
+
+/// A kubeconfig with a context that has nothing to do with clusterconnect; the proxy must
+/// leave it exactly as it is.
+fn unrelated_kubeconfig() -> String {
+    let ca = clusterconnect::tls::CertificateAuthority::generate("prod CA").expect("CA");
+    let client = ca.issue_server(&["prod-admin"]).expect("client cert");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: prod-cluster\n  cluster:\n    server: https://prod.example.com:6443\n    certificate-authority-data: {ca}\n\
+         users:\n\
+         - name: prod-admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\n    token: prod-admin-token-value\n\
+         contexts:\n\
+         - name: prod\n  context:\n    cluster: prod-cluster\n    user: prod-admin\n    namespace: payments\n\
+         current-context: prod\n\
+         preferences: {{}}\n",
+        ca = b64(ca.cert_pem()),
+        cert = b64(&client.cert_pem),
+        key = b64(&client.key_pem),
+    )
+}
+
+fn parse_yaml(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("read kubeconfig");
+    serde_norway::from_str(&text).expect("kubeconfig is YAML")
+}
+
+/// The entry called `name` in the kubeconfig list `list` (clusters, users, contexts).
+fn named<'a>(config: &'a serde_json::Value, list: &str, name: &str) -> &'a serde_json::Value {
+    config[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {list} in {config}"))
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {list} entry '{name}' in {config}"))
+}
+
+/// Every regular file under `dir`, recursively (bounded depth).
+fn files_under(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() && depth > 0 {
+            files_under(&path, depth - 1, found);
+        } else if kind.is_file() {
+            found.push(path);
+        }
+    }
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_through_relay_agent_and_proxy_binaries() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay_dir = dir.path().join("relay");
+    let agent_dir = dir.path().join("agent");
+    let user_dir = dir.path().join("user");
+    let config_dir = dir.path().join("proxy-config");
+    for d in [&relay_dir, &agent_dir, &user_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+
+    let mut relay = start_relay(&relay_dir).await;
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
+    let mut agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+
+    let kubeconfig = write(&user_dir.join("config"), &unrelated_kubeconfig());
+    let before = parse_yaml(&kubeconfig);
+    let (mut proxy, port) =
+        start_proxy(&relay, CONNECTION, &api.token(), &kubeconfig, &config_dir).await;
+
+    let out = kubectl(&kubeconfig, &["get", "pods", "-A"], &[]).await;
+    assert!(
+        out.status.success(),
+        "{}\nproxy:\n{}",
+        describe(&out),
+        proxy.output()
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("web-0") && stdout.contains("coredns-0"),
+        "{}",
+        describe(&out)
+    );
+
+    // What reached the apiserver carried the real token, not the kubeconfig's local secret.
+    let requests = api.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        let auth = r
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert_eq!(
+            auth,
+            format!("Bearer {}", api.token()),
+            "{}",
+            r.path_and_query
+        );
+    }
+
+    // The kubeconfig: our context added and current, the unrelated one untouched.
+    let after = parse_yaml(&kubeconfig);
+    assert_eq!(after["current-context"].as_str(), Some(CONNECTION));
+    let ours = named(&after, "contexts", CONNECTION);
+    let our_cluster = named(
+        &after,
+        "clusters",
+        ours["context"]["cluster"].as_str().unwrap(),
+    );
+    assert!(
+        our_cluster["cluster"]["server"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("https://127.0.0.1:{port}"))),
+        "{our_cluster}"
+    );
+    for (list, name) in [
+        ("contexts", "prod"),
+        ("clusters", "prod-cluster"),
+        ("users", "prod-admin"),
+    ] {
+        assert_eq!(
+            named(&after, list, name),
+            named(&before, list, name),
+            "{list} entry '{name}' changed"
+        );
+    }
+    assert_eq!(
+        named(&after, "users", "prod-admin")["user"]["token"].as_str(),
+        Some("prod-admin-token-value")
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kubeconfig)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "kubeconfig mode {mode:o}");
+    }
+
+    // The real token is in no file the proxy wrote: the kubeconfig, its config dir (local CA),
+    // its HOME.
+    let mut written = vec![kubeconfig.clone()];
+    files_under(&config_dir, 4, &mut written);
+    files_under(proxy.home(), 6, &mut written);
+    written.retain(|p| p != &config_dir.join(TOKEN_FILE_NAME));
+    assert!(
+        written.len() >= 2,
+        "the proxy wrote its local CA: {written:?}"
+    );
+    for file in &written {
+        let bytes = std::fs::read(file).expect("read");
+        assert!(
+            !contains_bytes(&bytes, api.token().as_bytes()),
+            "{} holds the real token",
+            file.display()
+        );
+    }
+    assert!(
+        !proxy.output().contains(&api.token()),
+        "the proxy logged the token"
+    );
+
+    // SIGTERM: the proxy exits 0 promptly, then the agent and the relay exit 0 too.
+    let started = Instant::now();
+    proxy.terminate();
+    let status = proxy.wait(PROMPT_EXIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "proxy after SIGTERM: {status:?} after {:?}\n{}",
+        started.elapsed(),
+        proxy.output()
+    );
+    agent.terminate();
+    let status = agent.wait(EXIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent after SIGTERM: {status:?}\n{}",
+        agent.output()
+    );
+    relay.process.terminate();
+    let status = relay.process.wait(EXIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "relay after SIGTERM: {status:?}\n{}",
+        relay.process.output()
+    );
+    for (who, out) in [("agent", agent.output()), ("relay", relay.process.output())] {
+        assert!(!out.contains(&api.token()), "{who} logged the token");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_started_before_the_agent_works_once_the_agent_connects() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    let kubeconfig = dir.path().join("user-kubeconfig");
+    let (proxy, port) = start_proxy(
+        &relay,
+        CONNECTION,
+        &api.token(),
+        &kubeconfig,
+        &dir.path().join("proxy-config"),
+    )
+    .await;
+    proxy
+        .wait_for_output(
+            Duration::from_secs(10),
+            "the cluster agent is not connected to the relay yet",
+        )
+        .await
+        .expect("the proxy warns that no agent is connected");
+    assert!(kubeconfig.exists(), "the context is written anyway");
+
+    // Before any agent: kubectl fails and says why.
+    let out = kubectl(&kubeconfig, &["get", "pods", "-A"], &[]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("not connected to the relay"),
+        "{}",
+        describe(&out)
+    );
+
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("mkdir");
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "unused");
+    let agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    proxy
+        .wait_for_output(Duration::from_secs(45), &format!("ready port={port}"))
+        .await
+        .unwrap_or_else(|out| {
+            panic!(
+                "the proxy never became ready:\n{out}\nagent:\n{}",
+                agent.output()
+            )
+        });
+
+    let out = kubectl(&kubeconfig, &["get", "pods", "-A"], &[]).await;
+    assert!(
+        out.status.success() && text(&out.stdout).contains("web-0"),
+        "{}\nproxy:\n{}",
+        describe(&out),
+        proxy.output()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misconfiguration
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_with_a_wrong_key_exits_and_says_so() {
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    // Same rule name as the relay's, different key.
+    let wrong = write(
+        &dir.path().join("wrong-listen.key"),
+        &sas_new_key("listen").await,
+    );
+    let agent_kubeconfig = api.write_kubeconfig(dir.path(), "unused");
+    let mut agent = spawn(
+        &agent_args(&relay, &agent_kubeconfig, CONNECTION, &wrong),
+        &[],
+    );
+    let status = agent.wait(EXIT).await;
+    let out = agent.output();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "agent with a wrong key: {status:?}\n{out}"
+    );
+    assert!(
+        out.contains("relay refused the listen token") && out.contains("--key-file"),
+        "{out}"
+    );
+    assert!(out.contains("401"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_with_a_wrong_send_key_exits_and_says_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    let wrong = write(
+        &dir.path().join("wrong-send.key"),
+        &sas_new_key("send").await,
+    );
+    let token = write(&dir.path().join("token"), "some-token");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut proxy = spawn(
+        &proxy_args(&relay, CONNECTION, &wrong, &token, 0, &kubeconfig),
+        &[(
+            "CLUSTERCONNECT_CONFIG_DIR",
+            dir.path().join("proxy-config").as_os_str(),
+        )],
+    );
+    let status = proxy.wait(EXIT).await;
+    let out = proxy.output();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "proxy with a wrong key: {status:?}\n{out}"
+    );
+    assert!(
+        out.contains("send token") && out.contains("--key-file"),
+        "{out}"
+    );
+    assert!(
+        !kubeconfig.exists(),
+        "a proxy that cannot start must not write a context"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_on_a_taken_port_says_already_in_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let token = write(&dir.path().join("token"), "some-token");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut proxy = spawn(
+        &proxy_args(
+            &relay,
+            CONNECTION,
+            &relay.send_key,
+            &token,
+            port,
+            &kubeconfig,
+        ),
+        &[(
+            "CLUSTERCONNECT_CONFIG_DIR",
+            dir.path().join("proxy-config").as_os_str(),
+        )],
+    );
+    let status = proxy.wait(EXIT).await;
+    let out = proxy.output();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "proxy on a taken port: {status:?}\n{out}"
+    );
+    assert!(
+        out.contains("already in use") && out.contains(&port.to_string()),
+        "{out}"
+    );
+    assert!(!kubeconfig.exists());
+    drop(taken);
+}
