@@ -197,7 +197,9 @@ async fn connect(
             let n = name.as_str();
             !(n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
                 || n == "authorization"
-                || n.starts_with("sec-websocket")
+                // The sender's own handshake fields; subprotocol and extensions are passed on.
+                || n == "sec-websocket-key"
+                || n == "sec-websocket-version"
                 || n == "connection"
                 || n == "upgrade")
         })
