@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::check::{describe, eventually, text, PROMPT};
+
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
@@ -12,31 +14,6 @@ use support::tunnel::{
     ProxiedCluster, Relay, Stack, CONNECTION, SEND_KEY,
 };
 use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer};
-
-const PROMPT: Duration = Duration::from_secs(30);
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
-
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..1500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {

@@ -4,9 +4,10 @@
 
 mod support;
 
+use support::check::{describe, text};
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -30,19 +31,6 @@ const ONE_SHOT: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(15);
 /// "Exits within a few seconds" after SIGTERM when idle.
 const PROMPT_EXIT: Duration = Duration::from_secs(5);
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
 
 fn write(path: &Path, content: &str) -> PathBuf {
     std::fs::write(path, content).expect("write test file");

@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::check::{describe, eventually, text, PROMPT};
+
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
@@ -12,9 +14,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::spdy::{self, HeaderCompressor, HeaderDecompressor, DICTIONARY};
 use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer, SeenRequest, SERVICE_ACCOUNT};
-
-/// How long a test waits for kubectl output that should come promptly.
-const PROMPT: Duration = Duration::from_secs(30);
 
 /// A stand-in server plus a kubeconfig for it with the valid token.
 struct Cluster {
@@ -38,19 +37,6 @@ impl Cluster {
     async fn kubectl(&self, args: &[&str]) -> Output {
         kubectl(&self.kubeconfig, args, &[]).await
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    )
 }
 
 #[tokio::test]
@@ -97,16 +83,6 @@ fn full_lines(s: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Polls `condition` every 20 ms for up to 30 s; tests wait on server state, never on sleeps.
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..1500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 #[tokio::test]
 async fn get_pods_in_all_namespaces_lists_both_pods() {
     if !kubectl_available() {

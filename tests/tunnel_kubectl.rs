@@ -3,8 +3,7 @@
 
 mod support;
 
-use std::process::Output;
-use std::time::Duration;
+use support::check::{describe, eventually, text, PROMPT};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -12,31 +11,6 @@ use support::tunnel::{
     listen_key, send_key, wait_for_listener, Agent, LocalProxy, Stack, CONNECTION,
 };
 use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer, SERVICE_ACCOUNT};
-
-const PROMPT: Duration = Duration::from_secs(30);
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
-
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..1500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_version_and_discovery_through_the_tunnel() {

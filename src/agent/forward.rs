@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::upstream::Upstream;
 use crate::tunnel::http::{
     error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
+    H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
 };
 
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it.
@@ -28,10 +29,9 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        // Every kubectl watch is one stream; a laptop with many `-w` windows needs headroom.
-        .max_concurrent_streams(1024)
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_send_buf_size(1024 * 1024);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::tls;
+use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -123,8 +124,8 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .http2_initial_stream_window_size(4 * 1024 * 1024)
-            .http2_initial_connection_window_size(16 * 1024 * 1024)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(20))
             .build(connector(true));

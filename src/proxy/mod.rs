@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::CredentialSource;
 use crate::secret::Secret;
+use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW};
 use server::{Handler, Route};
 
 /// The port `az connectedk8s proxy` uses, so existing habits and scripts carry over.
@@ -129,9 +130,9 @@ impl Proxy {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(1024)
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024);
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
         let builder = Arc::new(builder);
         loop {
             let (tcp, peer) = tokio::select! {

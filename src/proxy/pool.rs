@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::tunnel::dial::{dial, DialError, RelayIo};
+use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 use crate::tunnel::protocol::{Action, RelayAddress};
 use crate::tunnel::sas::SasKey;
 use crate::tunnel::WsStream;
@@ -114,8 +115,8 @@ impl Pool {
         let io = self.target.open().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buf_size(1024 * 1024)
             // Keeps the rendezvous alive through idle-dropping load balancers, and notices a
             // dead relay or agent before the next kubectl call does.

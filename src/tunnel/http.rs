@@ -12,6 +12,15 @@ use super::upgrade::header_has_token;
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// HTTP/2 flow-control windows on every hop. The defaults (64 KiB) cap one stream at
+/// window/RTT, which through a distant relay is a fraction of the line rate (frp's yamux ran
+/// at 10-15% with 256 KiB); 4 MiB per stream covers a bandwidth-delay product of ~300 Mbit/s
+/// at 100 ms. Windows are limits, not allocations: an idle watch costs nothing for them.
+pub const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Every kubectl watch is one stream; a laptop with many `-w` windows needs headroom.
+pub const H2_MAX_STREAMS: u32 = 1024;
+
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
 /// `Connection` and `Upgrade` are kept for upgrade requests, which need them end to end.
 const HOP_BY_HOP: &[&str] = &[
@@ -74,26 +83,50 @@ pub fn full(bytes: Bytes) -> Body {
         .boxed_unsync()
 }
 
-/// Once both sides have switched protocols, copies bytes both ways until either side closes.
+/// Once both sides have switched protocols, copies bytes both ways until each side is done.
+///
+/// The directions are independent: one failing ends only itself. Through a WebSocket a
+/// close is not a TCP half-close (after the peer's Close no more data can be written), so a
+/// write towards a closing tunnel may fail while the other direction still carries the
+/// command's last output and exit status; aborting both, as `copy_bidirectional` does, could
+/// drop those bytes.
 pub fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
     tokio::spawn(async move {
-        match tokio::try_join!(downstream, upstream) {
-            Ok((down, up)) => {
-                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                    Ok((up_bytes, down_bytes)) => {
-                        tracing::debug!(
-                            bytes.up = up_bytes,
-                            bytes.down = down_bytes,
-                            "upgraded stream closed"
-                        )
-                    }
-                    Err(e) => tracing::debug!(error = %e, "upgraded stream ended with error"),
-                }
+        let (down, up) = match tokio::try_join!(downstream, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "protocol switch did not complete");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, "protocol switch did not complete"),
-        }
+        };
+        let (mut down_rd, mut down_wr) = tokio::io::split(TokioIo::new(down));
+        let (mut up_rd, mut up_wr) = tokio::io::split(TokioIo::new(up));
+        let to_upstream = copy_then_shutdown(&mut down_rd, &mut up_wr);
+        let to_downstream = copy_then_shutdown(&mut up_rd, &mut down_wr);
+        let (up_bytes, down_bytes) = tokio::join!(to_upstream, to_downstream);
+        tracing::debug!(
+            bytes.up = up_bytes,
+            bytes.down = down_bytes,
+            "upgraded stream closed"
+        );
     });
+}
+
+async fn copy_then_shutdown<R, W>(from: &mut R, to: &mut W) -> u64
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let copied = tokio::io::copy(from, to).await;
+    let _ = to.shutdown().await;
+    match copied {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(error = %e, "one direction of an upgraded stream ended with error");
+            0
+        }
+    }
 }
 
 /// An error and its sources on one line, for messages a user reads.

@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod body;
+pub mod check;
 pub mod discovery;
 pub mod kubectl;
 pub mod objects;
