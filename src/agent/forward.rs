@@ -15,8 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::upstream::Upstream;
 use crate::tunnel::http::{
-    error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
-    H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
+    error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
+    strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
 };
 
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it.
@@ -90,7 +90,16 @@ async fn forward(
         });
     }
 
-    Ok(match upstream.client.request(req).await {
+    // Long-lived streams get HTTP/1.1 connections of their own. On the shared HTTP/2
+    // connection they would use up the apiserver's streams per connection (100 on current
+    // kube-apiservers); hyper's pool opens no second connection, so every request after them
+    // would wait forever.
+    let client = if is_long_lived(&pq) {
+        &upstream.streams
+    } else {
+        &upstream.client
+    };
+    Ok(match client.request(req).await {
         Ok(resp) => {
             tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "forwarded");
             resp.map(|b| b.boxed_unsync())

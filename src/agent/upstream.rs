@@ -38,6 +38,8 @@ pub struct Upstream {
     /// scheme and authority of the apiserver, plus any path prefix (e.g. behind Rancher).
     base: String,
     pub client: HttpsClient,
+    /// HTTP/1.1, one connection per watch or followed log (see `forward`).
+    pub streams: HttpsClient,
     pub upgrades: HttpsClient,
 }
 
@@ -129,6 +131,11 @@ impl Upstream {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(20))
             .build(connector(true));
+        let streams = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector(false));
         let upgrades = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_max_idle_per_host(0)
@@ -137,6 +144,7 @@ impl Upstream {
         Ok(Upstream {
             base,
             client,
+            streams,
             upgrades,
         })
     }

@@ -16,7 +16,8 @@ use crate::auth::{CredentialError, CredentialSource};
 use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
-    error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
+    error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
+    strip_hop_by_hop, Body,
 };
 
 /// Where kubeconfig server URLs put the cluster name, the way Rancher addresses downstream
@@ -183,7 +184,7 @@ impl Handler {
         } else {
             format!("/{rest}")
         };
-        let streaming = is_stream_request(&rest);
+        let streaming = is_long_lived(&rest);
         parts.uri = match rest.parse::<Uri>() {
             Ok(u) => u,
             Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
@@ -192,7 +193,9 @@ impl Handler {
         let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
 
-        Ok(match route.send(req).await {
+        // Boxed: the dial path makes this future ~11 KB, and hyper keeps each stream's request
+        // future alive as long as its response streams; a watch would hold that for hours.
+        Ok(match Box::pin(route.send(req)).await {
             Ok(mut resp) => {
                 tracing::debug!(cluster = %route.name, %method, path = %rest, status = resp.status().as_u16(), "request");
                 if let Some(downstream) = downstream {
@@ -226,32 +229,5 @@ impl Handler {
             return false;
         };
         self.local_secret.ct_eq(presented)
-    }
-}
-
-/// Watches and followed logs: long-lived streams that kubectl re-establishes by itself.
-fn is_stream_request(path_and_query: &str) -> bool {
-    let Some((_, query)) = path_and_query.split_once('?') else {
-        return false;
-    };
-    query
-        .split('&')
-        .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_requests_are_recognised() {
-        assert!(is_stream_request(
-            "/api/v1/pods?watch=true&resourceVersion=1"
-        ));
-        assert!(is_stream_request(
-            "/api/v1/namespaces/d/pods/p/log?follow=true"
-        ));
-        assert!(!is_stream_request("/api/v1/pods?limit=500"));
-        assert!(!is_stream_request("/api/v1/pods"));
     }
 }

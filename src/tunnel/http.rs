@@ -49,6 +49,17 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         && header_has_token(req.headers(), header::CONNECTION, "upgrade")
 }
 
+/// Watches and followed logs: streams that stay open for hours and that clients re-establish
+/// by themselves when they end.
+pub fn is_long_lived(path_and_query: &str) -> bool {
+    let Some((_, query)) = path_and_query.split_once('?') else {
+        return false;
+    };
+    query
+        .split('&')
+        .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+}
+
 /// A Kubernetes `Status` body, which kubectl prints as "Error from server (Reason): message".
 pub fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
     let body = serde_json::json!({
@@ -142,4 +153,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lived_requests_are_recognised() {
+        assert!(is_long_lived("/api/v1/pods?watch=true&resourceVersion=1"));
+        assert!(is_long_lived("/api/v1/namespaces/d/pods/p/log?follow=true"));
+        assert!(!is_long_lived("/api/v1/pods?limit=500"));
+        assert!(!is_long_lived("/api/v1/pods"));
+    }
 }
