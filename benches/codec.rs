@@ -1,0 +1,133 @@
+//! Micro-benchmarks of the tunnel's hot pieces: SAS token mint/parse/verify (every listener
+//! connect, every rendezvous and every relay accept pays for one) and the WebSocket byte
+//! stream (`WsStream`) that carries every tunnelled byte, over an in-memory duplex pipe.
+//!
+//! Run: `cargo bench --bench codec`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use clusterconnect::tunnel::protocol::RelayAddress;
+use clusterconnect::tunnel::sas::{unix_now, SasKey, SasToken};
+use clusterconnect::tunnel::{ws_config, WsStream};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+const KEY: &str =
+    "SharedAccessKeyName=send;SharedAccessKey=c2VuZC1rZXktZm9yLWJlbmNoLTAxMjM0NTY3ODk=";
+
+fn sas(c: &mut Criterion) {
+    let key = SasKey::parse(KEY).expect("key");
+    let address = RelayAddress::parse("wss://relay.example.com:8443").expect("address");
+    let resource = address.resource_uri("edge-cluster");
+    let token = key.mint(&resource, Duration::from_secs(3600));
+    let hosts = vec!["relay.example.com".to_string()];
+    let now = unix_now();
+
+    let mut group = c.benchmark_group("sas");
+    group.bench_function("mint", |b| {
+        b.iter(|| key.mint(black_box(&resource), Duration::from_secs(3600)))
+    });
+    group.bench_function("parse", |b| {
+        b.iter(|| SasToken::parse(black_box(token.expose())).expect("parse"))
+    });
+    let parsed = SasToken::parse(token.expose()).expect("parse");
+    group.bench_function("verify", |b| {
+        b.iter(|| black_box(&parsed).verify(&key.key, now).expect("valid"))
+    });
+    // What the relay does per connection: parse, check the resource, verify.
+    group.bench_function("parse_covers_verify", |b| {
+        b.iter(|| {
+            let t = SasToken::parse(black_box(token.expose())).expect("parse");
+            assert!(t.covers(&hosts, "edge-cluster"));
+            t.verify(&key.key, now).expect("valid");
+        })
+    });
+    group.finish();
+}
+
+/// Writes `total` bytes through a client `WsStream`, cycling through the write sizes of
+/// `pattern`, and reads them all from the server `WsStream` on the other end of a duplex pipe.
+/// Returns the elapsed time.
+async fn ws_transfer(
+    total: usize,
+    pattern: &'static [usize],
+    pipe: usize,
+    payload: &'static [u8],
+) -> Duration {
+    let (a, b) = tokio::io::duplex(pipe);
+    let client = WebSocketStream::from_raw_socket(a, Role::Client, Some(ws_config())).await;
+    let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(ws_config())).await;
+    let (mut client, mut server) = (WsStream::new(client), WsStream::new(server));
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut left = total;
+        for write_size in pattern.iter().cycle() {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(*write_size);
+            client.write_all(&payload[..n]).await.expect("write");
+            left -= n;
+        }
+        client.flush().await.expect("flush");
+        client.shutdown().await.expect("shutdown");
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = server.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    writer.await.expect("writer");
+    assert_eq!(got, total);
+    started.elapsed()
+}
+
+fn ws_stream(c: &mut Criterion) {
+    const TOTAL: usize = 16 * 1024 * 1024;
+    static PAYLOAD: [u8; 256 * 1024] = [0x5a; 256 * 1024];
+    let runtime = Runtime::new().expect("runtime");
+
+    let mut group = c.benchmark_group("ws_stream");
+    group.throughput(Throughput::Bytes(TOTAL as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(8));
+    // 64 KiB: the largest message (MAX_MESSAGE); 256 KiB writes are split at it. 16 KiB: one
+    // h2 DATA frame at the default frame size. "h2_frames": what hyper's h2 writes for each
+    // 16 KiB DATA frame when the transport is not vectored, as WsStream is: the 9-byte frame
+    // header with the first 1015 payload bytes copied behind it, then the rest of the payload,
+    // so two WebSocket messages per frame.
+    const CASES: [(&str, &[usize]); 4] = [
+        ("16KiB_writes", &[16 * 1024]),
+        ("64KiB_writes", &[64 * 1024]),
+        ("256KiB_writes", &[256 * 1024]),
+        ("h2_frames_1024+15369", &[1024, 16 * 1024 + 9 - 1024]),
+    ];
+    for (name, pattern) in CASES {
+        group.bench_with_input(
+            BenchmarkId::new("16MiB_duplex", name),
+            &pattern,
+            |b, &pattern| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total +=
+                            runtime.block_on(ws_transfer(TOTAL, pattern, 256 * 1024, &PAYLOAD));
+                    }
+                    total
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sas, ws_stream);
+criterion_main!(benches);

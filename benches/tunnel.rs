@@ -1,0 +1,1258 @@
+//! End-to-end load benchmark: the same client talks to a server directly and through the whole
+//! tunnel (client -> proxy -> relay -> agent -> server, TLS on every hop) in one run, and the
+//! figures are printed side by side with their ratios:
+//!
+//! - latency (p50/p99) of a small GET against the stand-in apiserver, sequential, plus the CPU
+//!   time one request costs (everything runs in this process, so that is the whole path's);
+//! - throughput of one 256 MiB streamed response from a bench-local bulk server, and its CPU
+//!   cost per GiB;
+//! - resident memory of relay, agent and proxy (separate processes, the real binary) idle and
+//!   with watches multiplexed over one HTTP/2 connection to the proxy: 90 opened one after
+//!   another, 90 more at once (together below every stream limit on the way), then the rest
+//!   up to 1,000 at once; after each stage a list GET on a new connection shows whether the
+//!   tunnel still answers.
+//!
+//! Run: `cargo bench --bench tunnel` (all phases), or name phases to run only those:
+//! `cargo bench --bench tunnel -- latency throughput memory`. The figures also go to
+//! `<target dir>/bench-tunnel.json`. Targets are printed next to the figures, never asserted.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use bulk::BulkServer;
+use client::HttpsClient;
+use rss::MemoryFigures;
+
+/// Small GET of one object, as `kubectl get pod web-0 -o json` makes.
+const SMALL_GET: &str = "/api/v1/namespaces/default/pods/web-0";
+const WARM_UP: usize = 100;
+const SAMPLES: usize = 1_000;
+/// Sequential requests per path whose CPU time is measured (separately from the latency run).
+const CPU_SAMPLES: usize = 500;
+/// One streamed response of this size per throughput run.
+const BULK_BYTES: u64 = 256 * 1024 * 1024;
+const BULK_RUNS: usize = 3;
+/// Watches the memory phase opens in the end.
+const WATCHES: usize = 1_000;
+/// Watches opened one after another first, then as many again at once: together fewer than
+/// any per-connection stream limit on the way (the stand-in apiserver, like hyper's server
+/// default, allows 200 streams per connection), so every one of them really opens. Then the
+/// rest up to WATCHES at once.
+const FIRST_WATCHES: usize = 90;
+
+/// What the tunnel should achieve; printed next to the figures, never asserted.
+const TARGET_P50_RATIO: f64 = 1.5;
+const TARGET_THROUGHPUT_SHARE: f64 = 0.70;
+const TARGET_KIB_PER_WATCH: f64 = 16.0;
+
+/// The whole bench must end; a stuck phase fails it instead of hanging CI or a terminal.
+const PHASE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Which phases to run: all by default, or those named on the command line.
+struct Phases {
+    latency: bool,
+    throughput: bool,
+    memory: bool,
+}
+
+impl Phases {
+    fn from_args() -> Phases {
+        // cargo passes `--bench`; anything not starting with '-' is a phase filter.
+        let names: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with('-'))
+            .collect();
+        let on = |phase: &str| names.is_empty() || names.iter().any(|n| phase.contains(n.as_str()));
+        Phases {
+            latency: on("latency"),
+            throughput: on("throughput"),
+            memory: on("memory"),
+        }
+    }
+}
+
+fn main() {
+    let phases = Phases::from_args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    let report = runtime.block_on(run(&phases));
+    report.print();
+    let path = json_path();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report.json()).expect("json") + "\n",
+    )
+    .expect("write bench JSON");
+    println!(
+        "\nfigures written to {} (run took {:.1} s)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    // Tasks still running in the runtime (open h2 connections, agent listeners) end with it.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+}
+
+/// `$CARGO_TARGET_DIR` when set at run time, else the target dir this bench was built into.
+fn json_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            tmp.parent().map(PathBuf::from).unwrap_or(tmp)
+        });
+    target.join("bench-tunnel.json")
+}
+
+async fn phase<T>(name: &str, f: impl std::future::Future<Output = T>) -> T {
+    eprintln!("[bench] {name}...");
+    let t = Instant::now();
+    let out = tokio::time::timeout(PHASE_LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("phase '{name}' did not finish within {PHASE_LIMIT:?}"));
+    eprintln!("[bench] {name}: {:.1} s", t.elapsed().as_secs_f64());
+    out
+}
+
+/// CPU time this process's threads have used so far, in nanoseconds (the sum of
+/// /proc/self/task/*/schedstat; 0 where that does not exist).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+    /// CPU time of the whole path (client, servers, tunnel) per request.
+    cpu_per_request: Duration,
+    protocol: String,
+}
+
+struct Throughput {
+    /// MiB/s of every run, in order.
+    runs: Vec<f64>,
+    /// CPU seconds per GiB moved, every run.
+    cpu_s_per_gib: Vec<f64>,
+    /// CPU time over wall time, every run (2.0 = two cores busy).
+    cores_busy: Vec<f64>,
+    protocol: String,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+impl Throughput {
+    fn new() -> Throughput {
+        Throughput {
+            runs: Vec::new(),
+            cpu_s_per_gib: Vec::new(),
+            cores_busy: Vec::new(),
+            protocol: String::new(),
+        }
+    }
+
+    fn median(&self) -> f64 {
+        median(&self.runs)
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    latency: Option<(Latency, Latency)>,
+    throughput: Option<(Throughput, Throughput)>,
+    memory: Option<MemoryFigures>,
+}
+
+async fn run(phases: &Phases) -> Report {
+    let mut report = Report::default();
+    if phases.latency || phases.throughput {
+        let stack = phase(
+            "start in-process stack (apiserver, relay, agent, proxy)",
+            async { support::tunnel::Stack::start().await },
+        )
+        .await;
+
+        // Latency: the same client type for both paths, each with its own connection pool.
+        // The tunnel side uses exactly what kubectl would: the server, CA and token of the
+        // kubeconfig the proxy wrote.
+        if phases.latency {
+            report.latency = Some(
+                phase("latency: small GET, direct vs tunnel", async {
+                    let proxied = client::KubeTarget::read(&stack.proxy.kubeconfig);
+                    let direct_client = client::https(stack.api.ca_pem().as_bytes());
+                    let tunnel_client = client::https(proxied.ca_pem.as_bytes());
+                    let direct = client::Target::new(&stack.api.url(), &stack.api.token());
+                    let tunnel = client::Target::new(&proxied.server, &proxied.token);
+                    latency_pair(
+                        &direct_client,
+                        &direct.at(SMALL_GET),
+                        &tunnel_client,
+                        &tunnel.at(SMALL_GET),
+                    )
+                    .await
+                })
+                .await,
+            );
+        }
+
+        // Throughput: a bulk server that streams BULK_BYTES, reached directly and through a
+        // second agent/proxy pair on its own hybrid connection (same relay).
+        if phases.throughput {
+            report.throughput = Some(
+                phase("throughput: 256 MiB stream, direct vs tunnel", async {
+                    let server = BulkServer::start().await;
+                    let tunnel = bulk::Tunnel::start(&stack.relay, &server).await;
+                    let proxied = client::KubeTarget::read(&tunnel.kubeconfig());
+                    let direct_client = client::https(server.ca_pem.as_bytes());
+                    let tunnel_client = client::https(proxied.ca_pem.as_bytes());
+                    let direct = client::Target::new(&server.url(), "bulk");
+                    let via = client::Target::new(&proxied.server, &proxied.token);
+                    let result =
+                        throughput_pair(&direct_client, &direct, &tunnel_client, &via).await;
+                    tunnel.stop().await;
+                    result
+                })
+                .await,
+            );
+        }
+    }
+
+    if phases.memory {
+        report.memory = Some(
+            phase(
+                "memory: relay, agent, proxy processes with watches",
+                async { rss::measure(FIRST_WATCHES, WATCHES).await },
+            )
+            .await,
+        );
+    }
+    report
+}
+
+/// Warm-up, then SAMPLES sequential GETs on each path, alternating so drift (CPU frequency,
+/// allocator growth, the stand-in's request log) hits both alike. Then CPU_SAMPLES more on
+/// each path alone, to charge each its CPU time.
+async fn latency_pair(
+    direct_client: &HttpsClient,
+    direct: &client::Request,
+    tunnel_client: &HttpsClient,
+    tunnel: &client::Request,
+) -> (Latency, Latency) {
+    let mut direct_protocol = String::new();
+    let mut tunnel_protocol = String::new();
+    for _ in 0..WARM_UP {
+        direct_protocol = client::get(direct_client, direct).await.1;
+        tunnel_protocol = client::get(tunnel_client, tunnel).await.1;
+    }
+    let mut d = Vec::with_capacity(SAMPLES);
+    let mut t = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        d.push(client::get(direct_client, direct).await.0);
+        t.push(client::get(tunnel_client, tunnel).await.0);
+    }
+    let mut cpu = [Duration::ZERO; 2];
+    for (i, (c, r)) in [(direct_client, direct), (tunnel_client, tunnel)]
+        .into_iter()
+        .enumerate()
+    {
+        let before = cpu_ns();
+        for _ in 0..CPU_SAMPLES {
+            client::get(c, r).await;
+        }
+        cpu[i] = Duration::from_nanos((cpu_ns() - before) / CPU_SAMPLES as u64);
+    }
+    (
+        summarize(d, cpu[0], direct_protocol),
+        summarize(t, cpu[1], tunnel_protocol),
+    )
+}
+
+fn summarize(mut samples: Vec<Duration>, cpu_per_request: Duration, protocol: String) -> Latency {
+    samples.sort();
+    let rank = |p: f64| {
+        let idx = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[idx]
+    };
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    Latency {
+        p50: rank(0.50),
+        p99: rank(0.99),
+        mean,
+        cpu_per_request,
+        protocol,
+    }
+}
+
+async fn throughput_pair(
+    direct_client: &HttpsClient,
+    direct: &client::Target,
+    tunnel_client: &HttpsClient,
+    tunnel: &client::Target,
+) -> (Throughput, Throughput) {
+    // One small warm-up stream each, so connections and windows exist before timing.
+    let warm = format!("/bulk?bytes={}", 16 * 1024 * 1024);
+    client::stream(direct_client, &direct.at(&warm)).await;
+    client::stream(tunnel_client, &tunnel.at(&warm)).await;
+    let path = format!("/bulk?bytes={BULK_BYTES}");
+    let (direct, tunnel) = (direct.at(&path), tunnel.at(&path));
+    let (mut d, mut t) = (Throughput::new(), Throughput::new());
+    for _ in 0..BULK_RUNS {
+        for (c, target, out) in [
+            (direct_client, &direct, &mut d),
+            (tunnel_client, &tunnel, &mut t),
+        ] {
+            let cpu_before = cpu_ns();
+            let (bytes, elapsed, protocol) = client::stream(c, target).await;
+            let cpu = (cpu_ns() - cpu_before) as f64 / 1e9;
+            assert_eq!(bytes, BULK_BYTES, "short stream from {}", target.uri);
+            let gib = bytes as f64 / (1024.0 * 1024.0 * 1024.0);
+            out.runs.push(gib * 1024.0 / elapsed.as_secs_f64());
+            out.cpu_s_per_gib.push(cpu / gib);
+            out.cores_busy.push(cpu / elapsed.as_secs_f64());
+            out.protocol = protocol;
+        }
+    }
+    (d, t)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "MISSED"
+    }
+}
+
+impl Report {
+    fn print(&self) {
+        println!();
+        println!("clusterconnect tunnel bench ({} cores)", cores());
+        if let Some((d, t)) = &self.latency {
+            let p50_ratio = ms(t.p50) / ms(d.p50);
+            println!();
+            println!(
+                "latency: GET {SMALL_GET}, {SAMPLES} sequential after {WARM_UP} warm-up (direct {}, tunnel {})",
+                d.protocol, t.protocol
+            );
+            println!(
+                "  {:<14} {:>10} {:>10} {:>8}   target",
+                "", "direct", "tunnel", "ratio"
+            );
+            println!(
+                "  {:<14} {:>10.3} {:>10.3} {:>7.2}x   <= {TARGET_P50_RATIO:.1}x  {}",
+                "p50 ms",
+                ms(d.p50),
+                ms(t.p50),
+                p50_ratio,
+                verdict(p50_ratio <= TARGET_P50_RATIO)
+            );
+            for (name, a, b) in [("p99 ms", d.p99, t.p99), ("mean ms", d.mean, t.mean)] {
+                println!(
+                    "  {name:<14} {:>10.3} {:>10.3} {:>7.2}x",
+                    ms(a),
+                    ms(b),
+                    ms(b) / ms(a)
+                );
+            }
+            println!(
+                "  {:<14} {:>10.0} {:>10.0} {:>7.2}x   (all hops in this process, {CPU_SAMPLES} requests)",
+                "CPU us/request",
+                us(d.cpu_per_request),
+                us(t.cpu_per_request),
+                us(t.cpu_per_request) / us(d.cpu_per_request)
+            );
+        }
+        if let Some((d, t)) = &self.throughput {
+            let (bd, bt) = (d.median(), t.median());
+            let share = bt / bd;
+            println!();
+            println!(
+                "throughput: one {} MiB streamed response, median of {BULK_RUNS} (direct {}, tunnel {})",
+                BULK_BYTES / (1024 * 1024),
+                d.protocol,
+                t.protocol
+            );
+            println!(
+                "  {:<14} {:>10} {:>10} {:>8}   target",
+                "", "direct", "tunnel", "ratio"
+            );
+            println!(
+                "  {:<14} {:>10.0} {:>10.0} {:>7.0}%   >= {:.0}%  {}",
+                "MiB/s",
+                bd,
+                bt,
+                share * 100.0,
+                TARGET_THROUGHPUT_SHARE * 100.0,
+                verdict(share >= TARGET_THROUGHPUT_SHARE)
+            );
+            let (cd, ct) = (median(&d.cpu_s_per_gib), median(&t.cpu_s_per_gib));
+            println!(
+                "  {:<14} {:>10.2} {:>10.2} {:>7.2}x   (all hops in this process)",
+                "CPU s/GiB",
+                cd,
+                ct,
+                ct / cd
+            );
+            println!(
+                "  {:<14} {:>10.2} {:>10.2}",
+                "cores busy",
+                median(&d.cores_busy),
+                median(&t.cores_busy)
+            );
+            let round = |v: &[f64]| v.iter().map(|x| x.round() as u64).collect::<Vec<_>>();
+            println!(
+                "  runs MiB/s: direct {:?}, tunnel {:?}",
+                round(&d.runs),
+                round(&t.runs)
+            );
+        }
+        if let Some(m) = &self.memory {
+            m.print(TARGET_KIB_PER_WATCH);
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let lat = |l: &Latency| {
+            json!({
+                "p50_ms": ms(l.p50),
+                "p99_ms": ms(l.p99),
+                "mean_ms": ms(l.mean),
+                "cpu_us_per_request": us(l.cpu_per_request),
+                "protocol": l.protocol,
+            })
+        };
+        let thr = |t: &Throughput| {
+            json!({
+                "median_mib_s": t.median(),
+                "runs_mib_s": t.runs,
+                "cpu_s_per_gib": t.cpu_s_per_gib,
+                "cores_busy": t.cores_busy,
+                "protocol": t.protocol,
+            })
+        };
+        let mut out = json!({ "cores": cores() });
+        if let Some((d, t)) = &self.latency {
+            out["latency"] = json!({
+                "path": SMALL_GET,
+                "samples": SAMPLES,
+                "warm_up": WARM_UP,
+                "direct": lat(d),
+                "tunnel": lat(t),
+                "p50_ratio": ms(t.p50) / ms(d.p50),
+                "p99_ratio": ms(t.p99) / ms(d.p99),
+                "target_p50_ratio_max": TARGET_P50_RATIO,
+            });
+        }
+        if let Some((d, t)) = &self.throughput {
+            out["throughput"] = json!({
+                "bytes": BULK_BYTES,
+                "runs": BULK_RUNS,
+                "direct": thr(d),
+                "tunnel": thr(t),
+                "ratio": t.median() / d.median(),
+                "target_ratio_min": TARGET_THROUGHPUT_SHARE,
+            });
+        }
+        if let Some(m) = &self.memory {
+            out["memory"] = m.json(TARGET_KIB_PER_WATCH);
+        }
+        out
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The benchmark's HTTP client: hyper-util's pooled client over hyper-rustls, offering h2 and
+/// http/1.1 by ALPN (kubectl's client-go does the same), trusting exactly one CA.
+mod client {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use http::{header, HeaderValue, StatusCode, Uri};
+    use http_body_util::{BodyExt, Empty};
+    use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+    pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+    const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+    const STREAM_LIMIT: Duration = Duration::from_secs(60);
+
+    pub fn https(ca_pem: &[u8]) -> HttpsClient {
+        let roots = clusterconnect::tls::roots_from_pem(ca_pem).expect("CA");
+        let tls = clusterconnect::tls::client_config_with_roots(roots, &[]).expect("client TLS");
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        // Go's client-go windows (4 MiB per stream); the same for both paths.
+        Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_initial_stream_window_size(4 * 1024 * 1024)
+            .http2_initial_connection_window_size(16 * 1024 * 1024)
+            .build(connector)
+    }
+
+    /// A server (URL, possibly with a path prefix such as the proxy's `/clusters/<name>`) and
+    /// the bearer token to present there.
+    pub struct Target {
+        base: String,
+        auth: HeaderValue,
+    }
+
+    impl Target {
+        pub fn new(server: &str, token: &str) -> Target {
+            Target {
+                base: server.trim_end_matches('/').to_string(),
+                auth: HeaderValue::from_str(&format!("Bearer {token}")).expect("token"),
+            }
+        }
+
+        /// The request for `path_and_query` on this server.
+        pub fn at(&self, path_and_query: &str) -> Request {
+            Request {
+                uri: format!("{}{path_and_query}", self.base)
+                    .parse()
+                    .expect("URI"),
+                auth: self.auth.clone(),
+            }
+        }
+    }
+
+    /// A GET to repeat.
+    pub struct Request {
+        pub uri: Uri,
+        auth: HeaderValue,
+    }
+
+    impl Request {
+        pub fn build(&self) -> http::Request<Empty<Bytes>> {
+            http::Request::get(self.uri.clone())
+                .header(header::AUTHORIZATION, self.auth.clone())
+                .header(header::ACCEPT, "application/json")
+                .body(Empty::new())
+                .expect("request")
+        }
+    }
+
+    /// Server, CA and token of the current context of a kubeconfig the proxy wrote.
+    pub struct KubeTarget {
+        pub server: String,
+        pub ca_pem: String,
+        pub token: String,
+    }
+
+    impl KubeTarget {
+        pub fn read(path: &Path) -> KubeTarget {
+            use base64::Engine;
+            use serde_norway::Value;
+            let text = std::fs::read_to_string(path).expect("read the proxy's kubeconfig");
+            let doc: Value = serde_norway::from_str(&text).expect("kubeconfig YAML");
+            let named = |list: &str, name: &str, field: &str| -> Value {
+                doc[list]
+                    .as_sequence()
+                    .and_then(|items| items.iter().find(|i| i["name"].as_str() == Some(name)))
+                    .map(|i| i[field].clone())
+                    .unwrap_or_else(|| panic!("kubeconfig has no {list} entry '{name}'"))
+            };
+            let current = doc["current-context"].as_str().expect("current-context");
+            let context = named("contexts", current, "context");
+            let cluster = named(
+                "clusters",
+                context["cluster"].as_str().expect("context cluster"),
+                "cluster",
+            );
+            let user = named(
+                "users",
+                context["user"].as_str().expect("context user"),
+                "user",
+            );
+            let ca = base64::engine::general_purpose::STANDARD
+                .decode(
+                    cluster["certificate-authority-data"]
+                        .as_str()
+                        .expect("certificate-authority-data"),
+                )
+                .expect("base64 CA");
+            KubeTarget {
+                server: cluster["server"].as_str().expect("server").to_string(),
+                ca_pem: String::from_utf8(ca).expect("PEM"),
+                token: user["token"].as_str().expect("token").to_string(),
+            }
+        }
+    }
+
+    /// One GET, body read to the end. Returns the time taken and the HTTP version used.
+    pub async fn get(client: &HttpsClient, target: &Request) -> (Duration, String) {
+        let started = Instant::now();
+        let work = async {
+            let resp = client.request(target.build()).await.expect("GET");
+            let version = format!("{:?}", resp.version());
+            let status = resp.status();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "GET {}: {}",
+                target.uri,
+                String::from_utf8_lossy(&body)
+            );
+            version
+        };
+        let version = tokio::time::timeout(REQUEST_LIMIT, work)
+            .await
+            .unwrap_or_else(|_| panic!("GET {} took over {REQUEST_LIMIT:?}", target.uri));
+        (started.elapsed(), version)
+    }
+
+    /// One streamed GET, counting the bytes as they arrive. Returns bytes, time, HTTP version.
+    pub async fn stream(client: &HttpsClient, target: &Request) -> (u64, Duration, String) {
+        let started = Instant::now();
+        let work = async {
+            let resp = client.request(target.build()).await.expect("GET");
+            assert_eq!(resp.status(), StatusCode::OK, "GET {}", target.uri);
+            let version = format!("{:?}", resp.version());
+            let mut body = resp.into_body();
+            let mut bytes = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.expect("body frame").into_data() {
+                    bytes += data.len() as u64;
+                }
+            }
+            (bytes, version)
+        };
+        let (bytes, version) = tokio::time::timeout(STREAM_LIMIT, work)
+            .await
+            .unwrap_or_else(|_| panic!("stream {} took over {STREAM_LIMIT:?}", target.uri));
+        (bytes, started.elapsed(), version)
+    }
+}
+
+/// A TLS HTTP server (h2 and http/1.1) that streams `?bytes=N` bytes of a static buffer in
+/// 64 KiB frames, and a second agent/proxy pair on its own hybrid connection that reaches it.
+mod bulk {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use clusterconnect::agent::{AgentConfig, Upstream};
+    use clusterconnect::tls::{self, CertificateAuthority};
+    use http::{header, HeaderValue, Request, Response};
+    use hyper::body::{Body, Frame, Incoming, SizeHint};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+    use tokio_rustls::TlsAcceptor;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::support::tunnel::{
+        listen_key, send_key, static_token, wait_for_listener_on, LocalProxy, ProxiedCluster, Relay,
+    };
+
+    pub const CONNECTION: &str = "bulk";
+    const CHUNK: usize = 64 * 1024;
+
+    /// `remaining` bytes, handed to hyper as slices of one shared buffer (no copies).
+    struct Chunks {
+        remaining: u64,
+        chunk: Bytes,
+    }
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.remaining == 0 {
+                return Poll::Ready(None);
+            }
+            let n = self.remaining.min(self.chunk.len() as u64) as usize;
+            self.remaining -= n as u64;
+            Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.remaining == 0
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.remaining)
+        }
+    }
+
+    fn respond(req: &Request<Incoming>, chunk: &Bytes) -> Response<Chunks> {
+        let bytes = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("bytes="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u64);
+        let mut resp = Response::new(Chunks {
+            remaining: bytes,
+            chunk: chunk.clone(),
+        });
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        resp
+    }
+
+    pub struct BulkServer {
+        addr: SocketAddr,
+        pub ca_pem: String,
+        stop: CancellationToken,
+    }
+
+    impl BulkServer {
+        pub async fn start() -> BulkServer {
+            let ca = CertificateAuthority::generate("bench bulk CA").expect("CA");
+            let leaf = ca.issue_server(&["127.0.0.1"]).expect("leaf");
+            let config = tls::server_config(
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+                &[tls::ALPN_H2, tls::ALPN_HTTP11],
+            )
+            .expect("TLS");
+            let acceptor = TlsAcceptor::from(config);
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind bulk");
+            let addr = listener.local_addr().expect("addr");
+            let stop = CancellationToken::new();
+            let chunk = Bytes::from(vec![0x5au8; CHUNK]);
+            tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    loop {
+                        let tcp = tokio::select! {
+                            r = listener.accept() => match r {
+                                Ok((tcp, _)) => tcp,
+                                Err(_) => continue,
+                            },
+                            _ = stop.cancelled() => return,
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        let (acceptor, chunk, stop) =
+                            (acceptor.clone(), chunk.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            let accepted =
+                                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                            let Ok(Ok(tls)) = accepted.await else { return };
+                            let service = service_fn(move |req: Request<Incoming>| {
+                                let resp = respond(&req, &chunk);
+                                async move { Ok::<_, Infallible>(resp) }
+                            });
+                            let builder = auto::Builder::new(TokioExecutor::new());
+                            let conn = builder.serve_connection(TokioIo::new(tls), service);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = stop.cancelled() => {}
+                            }
+                        });
+                    }
+                }
+            });
+            BulkServer {
+                addr,
+                ca_pem: ca.cert_pem().to_string(),
+                stop,
+            }
+        }
+
+        pub fn url(&self) -> String {
+            format!("https://{}", self.addr)
+        }
+    }
+
+    impl Drop for BulkServer {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    /// An agent serving the bulk server and a proxy for it, on their own hybrid connection.
+    pub struct Tunnel {
+        proxy: LocalProxy,
+        stop: CancellationToken,
+        agent: JoinHandle<Result<(), clusterconnect::agent::AgentError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Tunnel {
+        pub async fn start(relay: &Relay, server: &BulkServer) -> Tunnel {
+            let stop = CancellationToken::new();
+            let upstream = Upstream::new(
+                &server.url().parse().expect("url"),
+                Some(server.ca_pem.as_bytes()),
+            )
+            .expect("upstream");
+            let agent = tokio::spawn(clusterconnect::agent::run(
+                AgentConfig {
+                    relay: relay.address(),
+                    entity: CONNECTION.into(),
+                    key: listen_key(),
+                    relay_tls: relay.client_tls.clone(),
+                    listeners: 2,
+                    token_ttl: Duration::from_secs(3600),
+                },
+                upstream,
+                None,
+                stop.clone(),
+            ));
+            wait_for_listener_on(relay, CONNECTION).await;
+            let dir = tempfile::tempdir().expect("temp dir");
+            let cluster = ProxiedCluster {
+                name: CONNECTION,
+                relay,
+                connection: CONNECTION,
+                key: send_key(),
+                credential: static_token("bulk"),
+            };
+            let proxy = LocalProxy::start_many(vec![cluster], dir.path()).await;
+            Tunnel {
+                proxy,
+                stop,
+                agent,
+                _dir: dir,
+            }
+        }
+
+        /// The kubeconfig the bulk proxy wrote.
+        pub fn kubeconfig(&self) -> PathBuf {
+            self.proxy.kubeconfig.clone()
+        }
+
+        pub async fn stop(self) {
+            self.stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(12), async {
+                self.proxy.stop().await;
+                let _ = self.agent.await;
+            })
+            .await;
+        }
+    }
+}
+
+/// Resident memory of relay, agent and proxy as separate processes (the real binary, started
+/// by tests/support/processes.rs), idle and with watches open through them. The stand-in
+/// apiserver and the watching client live in this process.
+mod rss {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{header, HeaderValue, Request, StatusCode, Uri};
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use rustls_pki_types::ServerName;
+    use serde_json::json;
+    use tokio::net::TcpStream;
+    use tokio::task::JoinSet;
+    use tokio::time::Instant;
+    use tokio_rustls::TlsConnector;
+
+    use crate::client::KubeTarget;
+    use crate::support::processes::{start_agent, start_proxy, start_relay, Process};
+    use crate::support::ApiServer;
+
+    const CONNECTION: &str = "memory";
+    const WATCH: &str = "/api/v1/namespaces/default/pods?watch=true";
+    const LIST: &str = "/api/v1/namespaces/default/pods";
+    /// How long the watches of one stage may take to reach the apiserver at most...
+    const OPEN_LIMIT: Duration = Duration::from_secs(30);
+    /// ...and how long without any new one counts as stalled.
+    const STALL: Duration = Duration::from_secs(3);
+    /// Pause before each reading, so allocator and buffers settle.
+    const SETTLE: Duration = Duration::from_secs(1);
+    /// How long a plain GET may take while the watches are open.
+    const PROBE_LIMIT: Duration = Duration::from_secs(5);
+
+    pub struct ProcessFigures {
+        pub name: &'static str,
+        pub idle_kib: u64,
+        /// RSS after each stage.
+        pub stages_kib: Vec<u64>,
+    }
+
+    /// Watches requested in one stage (cumulative) and what became of them.
+    pub struct Stage {
+        pub requested: usize,
+        /// Opened one after another (else all at once).
+        pub paced: bool,
+        /// Watches the apiserver had open when memory was read.
+        pub open: usize,
+        /// Watch responses (headers) the client had received by then.
+        pub answered: usize,
+        /// A plain list GET through the tunnel while these watches were open: its time, or
+        /// `None` when it did not complete within PROBE_LIMIT.
+        pub probe: Option<Duration>,
+    }
+
+    pub struct MemoryFigures {
+        pub stages: Vec<Stage>,
+        pub processes: Vec<ProcessFigures>,
+    }
+
+    impl ProcessFigures {
+        /// KiB per watch (requested; all open unless the stage is incomplete) over the idle
+        /// baseline, at stage `i`.
+        fn per_watch(&self, i: usize, watches: usize) -> f64 {
+            if watches == 0 {
+                return f64::NAN;
+            }
+            (self.stages_kib[i] as f64 - self.idle_kib as f64) / watches as f64
+        }
+
+        /// KiB per watch the stage added (requested), over the previous stage.
+        fn added_per_watch(&self, stages: &[Stage], i: usize) -> f64 {
+            let (kib, requested) = match i {
+                0 => (self.idle_kib, 0),
+                _ => (self.stages_kib[i - 1], stages[i - 1].requested),
+            };
+            let added = stages[i].requested.saturating_sub(requested);
+            if added == 0 {
+                return f64::NAN;
+            }
+            (self.stages_kib[i] as f64 - kib as f64) / added as f64
+        }
+    }
+
+    impl MemoryFigures {
+        pub fn print(&self, target: f64) {
+            println!();
+            println!(
+                "memory: RSS of the relay, agent and proxy processes, watches over one client h2 \
+                 connection (target < {target:.0} KiB per open watch)"
+            );
+            let mut before = 0;
+            for (i, s) in self.stages.iter().enumerate() {
+                println!(
+                    "  stage {}: {:>4} watches ({} {}): {} open at the apiserver, {} answered{}; \
+                     a list GET meanwhile: {}",
+                    i + 1,
+                    s.requested,
+                    s.requested - before,
+                    if s.paced {
+                        "one after another"
+                    } else {
+                        "at once"
+                    },
+                    s.open,
+                    s.answered,
+                    if s.open >= s.requested {
+                        ""
+                    } else {
+                        " (INCOMPLETE)"
+                    },
+                    match s.probe {
+                        Some(d) => format!("{:.1} ms", d.as_secs_f64() * 1e3),
+                        None => format!("NO ANSWER within {PROBE_LIMIT:?}"),
+                    }
+                );
+                before = s.requested;
+            }
+            print!("  {:<6} {:>9}", "", "idle KiB");
+            for (i, _) in self.stages.iter().enumerate() {
+                print!(
+                    "  {:>11} {:>8} {:>8}      ",
+                    format!("stage {} KiB", i + 1),
+                    "KiB/w",
+                    "added"
+                );
+            }
+            println!();
+            for p in &self.processes {
+                print!("  {:<6} {:>9}", p.name, p.idle_kib);
+                for (i, s) in self.stages.iter().enumerate() {
+                    let per = p.per_watch(i, s.requested);
+                    let mark = if s.open < s.requested {
+                        "-"
+                    } else {
+                        crate::verdict(per < target)
+                    };
+                    print!(
+                        "  {:>11} {:>8.2} {:>8.2} {:<6}",
+                        p.stages_kib[i],
+                        per,
+                        p.added_per_watch(&self.stages, i),
+                        mark
+                    );
+                }
+                println!();
+            }
+            println!(
+                "  KiB/w: growth over idle / watches requested (all open, unless the stage is \
+                 INCOMPLETE: then not judged);\n  added: growth over the previous stage / watches \
+                 the stage added. Unanswered watch requests stay in flight, holding memory."
+            );
+        }
+
+        pub fn json(&self, target: f64) -> serde_json::Value {
+            json!({
+                "target_kib_per_watch_max": target,
+                "stages": self.stages.iter().map(|s| json!({
+                    "requested": s.requested,
+                    "paced": s.paced,
+                    "open_at_apiserver": s.open,
+                    "answered": s.answered,
+                    "list_get_ms_while_open": s.probe.map(|d| d.as_secs_f64() * 1e3),
+                })).collect::<Vec<_>>(),
+                "processes": self.processes.iter().map(|p| json!({
+                    "name": p.name,
+                    "idle_kib": p.idle_kib,
+                    "stages": self.stages.iter().enumerate().map(|(i, s)| json!({
+                        "requested": s.requested,
+                        "rss_kib": p.stages_kib[i],
+                        "kib_per_watch": p.per_watch(i, s.requested),
+                        "kib_per_added_watch": p.added_per_watch(&self.stages, i),
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        }
+    }
+
+    type Sender = http2::SendRequest<Empty<Bytes>>;
+
+    /// One HTTP/2 connection to the proxy (ALPN h2 only), as kubectl's client-go keeps.
+    async fn h2_connection(target: &KubeTarget) -> Sender {
+        let uri: Uri = target.server.parse().expect("server URL");
+        let port = uri.port_u16().expect("proxy port");
+        let roots = clusterconnect::tls::roots_from_pem(target.ca_pem.as_bytes()).expect("CA");
+        let tls =
+            clusterconnect::tls::client_config_with_roots(roots, &[clusterconnect::tls::ALPN_H2])
+                .expect("client TLS");
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to the proxy");
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from("127.0.0.1").expect("server name");
+        let tls = TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .expect("TLS with the proxy");
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .handshake(TokioIo::new(tls))
+            .await
+            .expect("h2 handshake with the proxy");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
+    }
+
+    fn request(target: &KubeTarget, path: &str) -> Request<Empty<Bytes>> {
+        let uri = format!("{}{path}", target.server.trim_end_matches('/'));
+        Request::get(uri)
+            .header(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", target.token)).expect("token"),
+            )
+            .header(header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .expect("request")
+    }
+
+    /// A list GET on its own new connection (as a second kubectl would make), bounded.
+    async fn probe(target: &KubeTarget) -> Option<Duration> {
+        let started = Instant::now();
+        tokio::time::timeout(PROBE_LIMIT, async {
+            let resp = h2_connection(target)
+                .await
+                .send_request(request(target, LIST))
+                .await
+                .ok()?;
+            (resp.status() == StatusCode::OK).then_some(())?;
+            resp.into_body().collect().await.ok()?;
+            Some(started.elapsed())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Waits until the apiserver has `want` watches open, they stop increasing for STALL, or
+    /// OPEN_LIMIT passes.
+    async fn wait_open(api: &ApiServer, want: usize) -> usize {
+        let deadline = Instant::now() + OPEN_LIMIT;
+        let (mut last, mut since) = (api.open_watches(), Instant::now());
+        while api.open_watches() < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = api.open_watches();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= STALL {
+                break;
+            }
+        }
+        api.open_watches()
+    }
+
+    pub async fn measure(first: usize, total: usize) -> MemoryFigures {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let api = ApiServer::start().await;
+        let relay_dir = dir.path().join("relay");
+        let agent_dir = dir.path().join("agent");
+        std::fs::create_dir_all(&relay_dir).expect("relay dir");
+        std::fs::create_dir_all(&agent_dir).expect("agent dir");
+        let relay = start_relay(&relay_dir).await;
+        let api_kubeconfig = api.write_kubeconfig(&agent_dir, &api.token());
+        let agent = start_agent(&relay, &api_kubeconfig, CONNECTION).await;
+        let kubeconfig = dir.path().join("proxy-kubeconfig");
+        let (proxy, _port) = start_proxy(
+            &relay,
+            CONNECTION,
+            &api.token(),
+            &kubeconfig,
+            &dir.path().join("proxy-config"),
+        )
+        .await;
+        let target = KubeTarget::read(&kubeconfig);
+        let processes: [(&'static str, &Process); 3] = [
+            ("relay", &relay.process),
+            ("agent", &agent),
+            ("proxy", &proxy),
+        ];
+        let read = || {
+            processes
+                .iter()
+                .map(|(_, p)| p.rss_kib())
+                .collect::<Vec<_>>()
+        };
+
+        // Idle, but warm: the client connection and requests through every hop, so the
+        // tunnel's pooled connections and the agent's apiserver connection exist.
+        let sender = h2_connection(&target).await;
+        for _ in 0..10 {
+            let resp = sender
+                .clone()
+                .send_request(request(&target, LIST))
+                .await
+                .expect("warm-up GET");
+            assert_eq!(resp.status(), StatusCode::OK, "warm-up GET");
+            let _ = resp.into_body().collect().await;
+        }
+        assert!(probe(&target).await.is_some(), "list GET before any watch");
+        tokio::time::sleep(SETTLE).await;
+        let idle = read();
+
+        // Every watch on the one client connection; each task drains its stream as kubectl
+        // would (the initial ADDED events, then nothing while the watch stays open).
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut tasks = JoinSet::new();
+        let mut stages = Vec::new();
+        let mut readings = Vec::new();
+        for (want, paced) in [(first, true), (2 * first, false), (total, false)] {
+            // Paced: one watch at a time, the next once the previous is answered, as watches
+            // accumulate over a working day; memory then shows what an open watch keeps. At
+            // once: what a burst of requests in flight leaves resident (a controller starting
+            // its informers), and, past the stream limits, whether the tunnel still answers.
+            let mut pacing = paced;
+            while tasks.len() < want {
+                let mut sender = sender.clone();
+                let req = request(&target, WATCH);
+                let answered = answered.clone();
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                tasks.spawn(async move {
+                    if sender.ready().await.is_err() {
+                        return;
+                    }
+                    let Ok(resp) = sender.send_request(req).await else {
+                        return;
+                    };
+                    if resp.status() != StatusCode::OK {
+                        return;
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(());
+                    let mut body = resp.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                });
+                if pacing && tokio::time::timeout(PROBE_LIMIT, rx).await.is_err() {
+                    eprintln!("[bench] a watch was not answered within {PROBE_LIMIT:?}; opening the rest at once");
+                    pacing = false;
+                }
+            }
+            let open = wait_open(&api, want).await;
+            tokio::time::sleep(SETTLE).await;
+            readings.push(read());
+            let open = open.max(api.open_watches());
+            let probe = probe(&target).await;
+            stages.push(Stage {
+                requested: want,
+                paced,
+                open,
+                answered: answered.load(Ordering::Relaxed),
+                probe,
+            });
+        }
+        tasks.abort_all();
+        drop(sender);
+
+        let processes = processes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| ProcessFigures {
+                name,
+                idle_kib: idle[i],
+                stages_kib: readings.iter().map(|r| r[i]).collect(),
+            })
+            .collect();
+        // The child processes are killed as they drop; the apiserver's tasks end with it.
+        MemoryFigures { stages, processes }
+    }
+}
