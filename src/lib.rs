@@ -15,6 +15,7 @@ pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod files;
+pub mod net;
 pub mod proxy;
 pub mod relay;
 pub mod secret;

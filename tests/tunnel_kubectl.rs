@@ -356,3 +356,25 @@ async fn a_request_without_the_local_credential_is_refused_before_the_relay() {
         "an unauthenticated request reached the apiserver"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_local_client_does_not_hold_up_kubectl() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = Stack::start().await;
+    // Connections that never send a TLS hello: each would block the proxy's accept loop for
+    // its handshake timeout (10 s) if handshakes ran there instead of in their own tasks.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap());
+    }
+    let out = kubectl(
+        &s.proxy.kubeconfig,
+        &["get", "pods", "--request-timeout=5s"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    drop(stalled);
+}

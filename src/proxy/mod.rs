@@ -134,36 +134,27 @@ impl Proxy {
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW);
         let builder = Arc::new(builder);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %peer, error = %e, "local TLS handshake failed");
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            let handler = self.handler.clone();
-            let service = service_fn(move |req| handler.clone().handle(req));
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
+        while let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await {
+            // The handshake runs in the connection's own task: a slow or stalled client must
+            // not hold up everyone else's kubectl.
+            let (tls, handler, builder, watcher) = (
+                self.tls.clone(),
+                self.handler.clone(),
+                builder.clone(),
+                graceful.watcher(),
+            );
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %peer, error = %e, "local TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let service = service_fn(move |req| handler.clone().handle(req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(peer = %peer, error = %e, "kubectl connection ended with error");
                 }
             });

@@ -99,22 +99,15 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, "relay listening");
     loop {
         let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            _ = shutdown.cancelled() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
             },
             _ = shutdown.cancelled() => break,
         };
-        let _ = tcp.set_nodelay(true);
+        let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await else {
+            break;
+        };
         let acceptor = acceptor.clone();
         let mut ctx = ctx.clone();
         ctx.permit = Some(Arc::new(permit));
