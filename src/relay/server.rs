@@ -34,7 +34,7 @@ fn text(status: u16, msg: impl Into<String>) -> Response<Body> {
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        "text/plain; charset=utf-8".parse().expect("static header"),
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
 }

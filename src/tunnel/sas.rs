@@ -206,6 +206,7 @@ impl SasToken {
 }
 
 fn sign(key: &[u8], sr: &str, se: &str) -> String {
+    // HMAC is defined for keys of any length (long ones are hashed first): this cannot fail.
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(sr.as_bytes());
     mac.update(b"\n");
