@@ -7,13 +7,15 @@
 //! - [`proxy`]: runs next to `kubectl`, serves 127.0.0.1 and carries every request through the relay.
 //!
 //! Shared mechanisms: [`tunnel`] (protocol, SAS tokens, WebSocket byte streams), [`tls`] (rustls
-//! configuration and certificate generation) and [`auth`] (credential sources).
+//! configuration and certificate generation), [`auth`] (credential sources) and [`entra`]
+//! (Microsoft Entra ID: token acquisition and validation).
 //! Dependency direction: `cli -> roles -> {tunnel, tls, auth, secret}`; no role imports another.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod auth;
 pub mod cli;
+pub mod entra;
 pub mod files;
 pub mod net;
 pub mod proxy;

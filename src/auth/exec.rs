@@ -103,6 +103,7 @@ fn parse_output(
         }
         return Ok(ExpiringToken {
             token: Secret::new(stdout),
+            issued_at: now,
             expires_at: now + BARE_TOKEN_LIFETIME,
         });
     }
@@ -131,6 +132,7 @@ fn parse_output(
     };
     Ok(ExpiringToken {
         token: Secret::new(token),
+        issued_at: now,
         expires_at,
     })
 }

@@ -19,7 +19,27 @@ use crate::tunnel::backoff::Backoff;
 #[derive(Clone, Debug)]
 pub struct ExpiringToken {
     pub token: Secret,
+    pub issued_at: Instant,
     pub expires_at: Instant,
+}
+
+impl ExpiringToken {
+    /// A token valid for `lifetime` from now.
+    pub fn new(token: Secret, lifetime: Duration) -> Self {
+        let now = Instant::now();
+        ExpiringToken {
+            token,
+            issued_at: now,
+            expires_at: now + lifetime,
+        }
+    }
+
+    /// When to start renewing: `margin` before expiry, or half way for short-lived tokens
+    /// (a 10-minute token renewed 5 minutes early would be fetched on every request).
+    fn renew_at(&self, margin: Duration) -> Instant {
+        let lifetime = self.expires_at.saturating_duration_since(self.issued_at);
+        self.expires_at - margin.min(lifetime / 2)
+    }
 }
 
 pub type FetchFuture<'a> =
@@ -69,18 +89,33 @@ impl<F: TokenFetcher> Refreshing<F> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached token if it is fresh (outside the renewal margin).
+    /// The cached token if it is fresh (before its renewal point).
     fn fresh(&self, now: Instant) -> Option<Secret> {
         let state = self.lock();
         let current = state.current.as_ref()?;
-        (now + self.margin < current.expires_at).then(|| current.token.clone())
+        (now < current.renew_at(self.margin)).then(|| current.token.clone())
+    }
+
+    /// The cached token if it has not expired yet.
+    fn valid(&self, now: Instant) -> Option<Secret> {
+        let state = self.lock();
+        let current = state.current.as_ref()?;
+        (now < current.expires_at).then(|| current.token.clone())
     }
 
     async fn get(&self) -> Result<Secret, CredentialError> {
         if let Some(token) = self.fresh(Instant::now()) {
             return Ok(token);
         }
-        let _renewing = self.renewing.lock().await;
+        // While one request renews, the others keep using the still valid token rather than
+        // wait on a slow identity endpoint.
+        let _renewing = match self.renewing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => match self.valid(Instant::now()) {
+                Some(token) => return Ok(token),
+                None => self.renewing.lock().await,
+            },
+        };
         let now = Instant::now();
         // Someone else may have renewed while we waited.
         if let Some(token) = self.fresh(now) {
@@ -152,10 +187,10 @@ mod tests {
                         reason: "endpoint down".into(),
                     });
                 }
-                Ok(ExpiringToken {
-                    token: Secret::new(format!("token-{n}")),
-                    expires_at: Instant::now() + self.ttl,
-                })
+                Ok(ExpiringToken::new(
+                    Secret::new(format!("token-{n}")),
+                    self.ttl,
+                ))
             })
         }
 
@@ -209,5 +244,16 @@ mod tests {
         down.store(false, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(source.token().await.unwrap().expose().starts_with("token-"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_lived_tokens_renew_half_way_not_on_every_request() {
+        let (source, calls, _) = setup(Duration::from_secs(120));
+        assert_eq!(source.token().await.unwrap().expose(), "token-0");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(source.token().await.unwrap().expose(), "token-0");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(source.token().await.unwrap().expose(), "token-1");
     }
 }

@@ -1,0 +1,203 @@
+//! A small HTTP(S) client for the identity and Azure service endpoints (Entra, IMDS, HIMDS,
+//! Graph, Key Vault): whole bodies, bounded time and size, errors that name the URL but never
+//! a query string (some carry client ids and resources) or a body (some carry tokens).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::ClientConfig;
+use serde::de::DeserializeOwned;
+
+use crate::tunnel::http::error_chain;
+
+/// Identity responses are a few KiB; a Key Vault page or Graph member list a few hundred.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{url}: no answer within {}s", .after.as_secs())]
+    Timeout { url: String, after: Duration },
+    #[error("{url}: response is not the expected JSON: {reason}")]
+    Decode { url: String, reason: String },
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    pub fn json<T: DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
+        serde_json::from_slice(&self.body).map_err(|e| HttpError::Decode {
+            url: redact(url),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The body as text for an error message, cut short.
+    pub fn text_excerpt(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let text = text.trim();
+        match text.char_indices().nth(300) {
+            Some((i, _)) => format!("{}...", &text[..i]),
+            None => text.to_string(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl HttpClient {
+    /// A client trusting `tls`'s roots for https:// and speaking plain http:// too (IMDS and
+    /// HIMDS are plain HTTP on link-local and loopback addresses).
+    pub fn new(tls: Arc<ClientConfig>, connect_timeout: Duration, timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        HttpClient { client, timeout }
+    }
+
+    /// The system roots plus `extra_ca` (a TLS-inspection or test CA).
+    pub fn with_system_roots(
+        extra_ca: Option<&std::path::Path>,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let tls = crate::tls::client_config(extra_ca, &[])?;
+        Ok(HttpClient::new(
+            tls,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        ))
+    }
+
+    /// The same client with a different overall time limit per request.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        HttpClient {
+            client: self.client.clone(),
+            timeout,
+        }
+    }
+
+    pub async fn get(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HttpResponse, HttpError> {
+        self.send(Method::GET, url, headers, Bytes::new()).await
+    }
+
+    pub async fn post_form(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        form: &[(&str, &str)],
+    ) -> Result<HttpResponse, HttpError> {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let mut all = vec![("content-type", "application/x-www-form-urlencoded")];
+        all.extend_from_slice(headers);
+        self.send(Method::POST, url, &all, Bytes::from(body)).await
+    }
+
+    pub async fn send_json(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        json: &serde_json::Value,
+    ) -> Result<HttpResponse, HttpError> {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        let body = Bytes::from(json.to_string());
+        self.send(method, url, &all, body).await
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<HttpResponse, HttpError> {
+        let shown = redact(url);
+        let transport = |reason: String| HttpError::Transport {
+            url: shown.clone(),
+            reason,
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(url)
+            .body(Full::new(body))
+            .map_err(|e| transport(format!("not a valid request: {e}")))?;
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| transport(format!("header {name}: {e}")))?;
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                transport(format!("header {name} has characters HTTP does not allow"))
+            })?;
+            req.headers_mut().append(name, value);
+        }
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| transport(error_chain(&e)))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| transport(format!("reading the response: {e}")))?
+                .to_bytes();
+            Ok(HttpResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(HttpError::Timeout {
+                url: shown,
+                after: self.timeout,
+            }),
+        }
+    }
+}
+
+/// The URL without its query string.
+pub fn redact(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?..."),
+        None => url.to_string(),
+    }
+}

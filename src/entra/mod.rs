@@ -1,0 +1,112 @@
+//! Microsoft Entra ID: the authority and clouds, the HTTP client for identity endpoints, and
+//! the token shapes they share. The proxy's credential sources and the agent's token validation
+//! build on this.
+
+pub mod cloud;
+pub mod http;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::refresh::ExpiringToken;
+use crate::secret::Secret;
+
+pub use cloud::{Authority, Cloud};
+
+/// The Azure Arc server application: the audience of tokens for cluster connect.
+pub const ARC_SERVER_APP_ID: &str = "6256c85f-0aad-4d50-b960-e6e9b21efe35";
+/// The Azure Arc client application: the public client users sign in with.
+pub const ARC_CLIENT_APP_ID: &str = "3f4439ff-e698-4d6d-84fe-09c9d574f06b";
+
+/// The `.default` scope for a resource (an app id GUID, `api://...` or a URL).
+pub fn default_scope(resource: &str) -> String {
+    format!("{}/.default", resource.trim_end_matches('/'))
+}
+
+/// A successful answer from a token endpoint (v2 fields; IMDS sends numbers as strings).
+#[derive(Deserialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    #[serde(default, deserialize_with = "number_or_string")]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+}
+
+impl TokenResponse {
+    pub fn into_expiring(self) -> (ExpiringToken, Option<Secret>) {
+        // Entra always says; an hour is its usual lifetime when a source does not.
+        let lifetime = Duration::from_secs(self.expires_in.unwrap_or(3600));
+        (
+            ExpiringToken::new(Secret::new(self.access_token), lifetime),
+            self.refresh_token.map(Secret::new),
+        )
+    }
+}
+
+/// An OAuth error answer: `error`, `error_description`.
+#[derive(Deserialize, Default)]
+pub struct OAuthError {
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub error_description: String,
+}
+
+impl OAuthError {
+    /// The first line of the description: Entra appends trace and correlation ids.
+    pub fn summary(&self) -> String {
+        let first = self.error_description.lines().next().unwrap_or("").trim();
+        match (self.error.is_empty(), first.is_empty()) {
+            (true, true) => "no error details".into(),
+            (false, true) => self.error.clone(),
+            (true, false) => first.to_string(),
+            (false, false) => format!("{}: {first}", self.error),
+        }
+    }
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        Num(u64),
+        Str(String),
+    }
+    Ok(match Option::<N>::deserialize(d)? {
+        Some(N::Num(n)) => Some(n),
+        Some(N::Str(s)) => s.trim().parse().ok(),
+        None => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_responses_accept_numbers_as_strings() {
+        let imds: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":"3599","resource":"r"}"#)
+                .unwrap();
+        assert_eq!(imds.expires_in, Some(3599));
+        let entra: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":3599,"refresh_token":"r"}"#)
+                .unwrap();
+        assert_eq!(entra.expires_in, Some(3599));
+        assert!(entra.refresh_token.is_some());
+        let e: OAuthError = serde_json::from_str(
+            r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret.\r\nTrace ID: x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.summary(),
+            "invalid_client: AADSTS7000215: Invalid client secret."
+        );
+        assert_eq!(
+            default_scope(ARC_SERVER_APP_ID),
+            "6256c85f-0aad-4d50-b960-e6e9b21efe35/.default"
+        );
+    }
+}
