@@ -679,7 +679,7 @@ mod bulk {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use clusterconnect::agent::{AgentConfig, Upstream};
+    use clusterconnect::agent::{AgentConfig, Authenticator, Upstream};
     use clusterconnect::tls::{self, CertificateAuthority};
     use http::{header, HeaderValue, Request, Response};
     use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -844,6 +844,7 @@ mod bulk {
                     relay_tls: relay.client_tls.clone(),
                     listeners: 2,
                     token_ttl: Duration::from_secs(3600),
+                    auth: std::sync::Arc::new(Authenticator::token_only()),
                 },
                 upstream,
                 None,

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::identity::Authenticator;
 use super::upstream::Upstream;
 use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
@@ -20,11 +21,11 @@ use crate::tunnel::http::{
 };
 
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it.
-pub async fn serve<S>(io: S, upstream: Arc<Upstream>)
+pub async fn serve<S>(io: S, upstream: Arc<Upstream>, auth: Arc<Authenticator>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| forward(req, upstream.clone()));
+    let service = service_fn(move |req| forward(req, upstream.clone(), auth.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -41,23 +42,14 @@ where
     }
 }
 
-/// Removes every `Impersonate-*` header: only the agent decides who a caller is.
-pub fn strip_impersonation(headers: &mut HeaderMap) {
-    let names: Vec<_> = headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("impersonate-"))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
-    }
-}
-
 async fn forward(
     mut req: Request<Incoming>,
     upstream: Arc<Upstream>,
+    auth: Arc<Authenticator>,
 ) -> Result<Response<Body>, Infallible> {
-    strip_impersonation(req.headers_mut());
+    if let Err(refused) = auth.authorize(req.headers_mut()).await {
+        return Ok(refused);
+    }
     let upgrade = is_upgrade(&req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let pq = req
@@ -118,22 +110,4 @@ fn unreachable_apiserver(
         "clusterconnect agent cannot reach the apiserver at {}: {detail}",
         upstream.base()
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn impersonation_headers_from_outside_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert("impersonate-user", "admin".parse().unwrap());
-        h.append("impersonate-group", "system:masters".parse().unwrap());
-        h.insert("impersonate-extra-scopes", "x".parse().unwrap());
-        h.insert("impersonate-uid", "1".parse().unwrap());
-        h.insert("authorization", "Bearer t".parse().unwrap());
-        strip_impersonation(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("authorization"));
-    }
 }

@@ -181,7 +181,12 @@ fn spawn_rendezvous(
         match dial(&accept.address, None, &config.relay_tls).await {
             Ok(ws) => {
                 shared.streams.fetch_add(1, Ordering::Relaxed);
-                forward::serve(WsStream::new(ws), shared.upstream.clone()).await;
+                forward::serve(
+                    WsStream::new(ws),
+                    shared.upstream.clone(),
+                    config.auth.clone(),
+                )
+                .await;
                 shared.streams.fetch_sub(1, Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(error = %e, "could not complete a rendezvous"),

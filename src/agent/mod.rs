@@ -3,10 +3,11 @@
 
 mod forward;
 mod health;
+mod identity;
 mod listener;
 mod upstream;
 
-pub use forward::strip_impersonation;
+pub use identity::{strip_impersonation, AuthMode, Authenticator, EntraAuth};
 pub use upstream::{Upstream, UpstreamError};
 
 use std::sync::atomic::AtomicUsize;
@@ -31,6 +32,8 @@ pub struct AgentConfig {
     /// Control channels to keep open; the relay spreads senders across them.
     pub listeners: usize,
     pub token_ttl: Duration,
+    /// Who may connect and as whom the apiserver sees them.
+    pub auth: Arc<Authenticator>,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.

@@ -2,11 +2,13 @@
 //! the in-cluster service account or a kubeconfig (via kube's config loader), and two pooled
 //! TLS clients: one that may use HTTP/2 for ordinary requests, one HTTP/1.1-only for upgrades.
 //!
-//! The agent never presents credentials of its own here: in service-account mode the caller's
-//! bearer token is what the apiserver authenticates, so a client certificate from the agent's
-//! kubeconfig would let callers borrow the agent's identity.
+//! The agent never presents a client certificate: a caller's bearer token is what the
+//! apiserver authenticates, so a certificate from the agent's kubeconfig would let callers
+//! borrow the agent's identity. The agent's own bearer token (its service account) is used
+//! only for requests it impersonates an Entra identity on.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
@@ -17,6 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::auth::{CredentialSource, StaticToken, TokenFile};
+use crate::secret::Secret;
 use crate::tls;
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 
@@ -49,10 +53,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 impl Upstream {
     /// Loads the cluster from `kubeconfig`/`context` when given, else infers it the way
     /// kubectl and client-go do (in-cluster service account first, then `$KUBECONFIG`).
+    /// Also returns the agent's own bearer token source, when the configuration has one.
     pub async fn load(
         kubeconfig: Option<PathBuf>,
         context: Option<String>,
-    ) -> Result<Upstream, UpstreamError> {
+    ) -> Result<(Upstream, Option<Arc<dyn CredentialSource>>), UpstreamError> {
         let config = match (kubeconfig, context) {
             (Some(path), context) => {
                 let file = Kubeconfig::read_from(&path)
@@ -94,7 +99,8 @@ impl Upstream {
             }
             (None, None) => None,
         };
-        Upstream::new(&config.cluster_url, ca_pem.as_deref())
+        let upstream = Upstream::new(&config.cluster_url, ca_pem.as_deref())?;
+        Ok((upstream, own_token(&config.auth_info)))
     }
 
     /// An upstream at `url` trusting `ca_pem` (or the system roots when `None`).
@@ -157,6 +163,17 @@ impl Upstream {
     pub fn base(&self) -> &str {
         &self.base
     }
+}
+
+/// The agent's own bearer token: a token file (the in-cluster service-account token, which
+/// the kubelet rotates) or a token in the kubeconfig.
+fn own_token(auth: &kube::config::AuthInfo) -> Option<Arc<dyn CredentialSource>> {
+    use secrecy::ExposeSecret;
+    if let Some(file) = &auth.token_file {
+        return Some(Arc::new(TokenFile::new(PathBuf::from(file))));
+    }
+    let token = auth.token.as_ref()?.expose_secret().trim().to_string();
+    (!token.is_empty()).then(|| Arc::new(StaticToken::new(Secret::new(token))) as _)
 }
 
 fn ders_to_pem(ders: &[Vec<u8>]) -> Vec<u8> {

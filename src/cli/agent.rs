@@ -2,13 +2,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use super::RelayFlags;
-use crate::agent::{AgentConfig, Upstream, DEFAULT_TOKEN_TTL};
+use crate::agent::{AgentConfig, AuthMode, Authenticator, EntraAuth, Upstream, DEFAULT_TOKEN_TTL};
+use crate::auth::CredentialSource;
+use crate::entra::http::HttpClient;
+use crate::entra::validate::{Validator, ValidatorConfig};
+use crate::entra::{Authority, Cloud, ARC_SERVER_APP_ID};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -29,11 +34,76 @@ pub struct Args {
     /// Lifetime of the listen tokens the agent mints (renewed at three quarters).
     #[arg(long, value_parser = super::parse_duration)]
     pub token_ttl: Option<Duration>,
+    /// Which callers to accept: entra (Entra ID tokens, validated and impersonated), token
+    /// (bearer tokens passed through for the apiserver to check) or both. Default: both when
+    /// --tenant is given, else token.
+    #[arg(long, value_enum)]
+    pub auth_mode: Option<AuthMode>,
+    /// Entra tenant id whose users, groups and applications may connect; repeat or separate
+    /// with commas for several.
+    #[arg(long = "tenant", env = "CLUSTERCONNECT_TENANTS", value_delimiter = ',')]
+    pub tenants: Vec<String>,
+    /// The Entra application whose tokens this cluster accepts (their audience).
+    #[arg(long, default_value = ARC_SERVER_APP_ID)]
+    pub server_app_id: String,
+    /// Azure cloud of the tenant (AZURE_AUTHORITY_HOST overrides its authority).
+    #[arg(long, default_value = "AzurePublicCloud")]
+    pub cloud: Cloud,
+}
+
+/// The authenticator for `--auth-mode`, `--tenant` and the agent's own token.
+fn authenticator(
+    args: &Args,
+    own_token: Option<Arc<dyn CredentialSource>>,
+) -> anyhow::Result<Authenticator> {
+    let mode = args.auth_mode.unwrap_or(if args.tenants.is_empty() {
+        AuthMode::Token
+    } else {
+        AuthMode::Both
+    });
+    if mode == AuthMode::Token {
+        return Ok(Authenticator::token_only());
+    }
+    if args.tenants.is_empty() {
+        anyhow::bail!(
+            "--auth-mode {mode:?} needs --tenant: the Entra tenant id(s) whose users may connect"
+        );
+    }
+    for tenant in &args.tenants {
+        uuid::Uuid::parse_str(tenant).map_err(|_| {
+            anyhow::anyhow!("--tenant {tenant:?} is not a tenant id (a GUID, as in `az account show --query tenantId`)")
+        })?;
+    }
+    let Some(own_token) = own_token else {
+        anyhow::bail!("--auth-mode {mode:?} impersonates Entra users with the agent's own service-account token, and the cluster configuration has none: run the agent in a pod, or use a kubeconfig whose user has a token or tokenFile");
+    };
+    let authority = Authority::from_env(args.cloud)
+        .map_err(|e| anyhow::anyhow!("AZURE_AUTHORITY_HOST: {e}"))?;
+    let http = HttpClient::with_system_roots(None)?;
+    let validator = Validator::new(
+        ValidatorConfig {
+            authority,
+            server_app_id: args.server_app_id.clone(),
+            tenants: args.tenants.clone(),
+            refetch_interval: Duration::from_secs(60),
+        },
+        http,
+    );
+    Ok(Authenticator::new(
+        mode,
+        EntraAuth {
+            validator,
+            groups: None,
+            own_token,
+        },
+    ))
 }
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (relay, key, tls) = args.relay.resolve()?;
-    let upstream = Upstream::load(args.kubeconfig.clone(), args.context.clone()).await?;
+    let (upstream, own_token) =
+        Upstream::load(args.kubeconfig.clone(), args.context.clone()).await?;
+    let auth = authenticator(&args, own_token)?;
     let health = match args.health_addr.as_str() {
         "off" | "" => None,
         addr => {
@@ -58,6 +128,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         relay_tls: tls,
         listeners: args.listeners as usize,
         token_ttl: ttl,
+        auth: Arc::new(auth),
     };
     crate::agent::run(config, upstream, health, shutdown).await?;
     Ok(())

@@ -3,7 +3,9 @@
 //! build on this.
 
 pub mod cloud;
+pub mod graph;
 pub mod http;
+pub mod validate;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clusterconnect::agent::{AgentConfig, Upstream};
+use clusterconnect::agent::{AgentConfig, Authenticator, Upstream};
 use clusterconnect::auth::{CredentialSource, StaticToken};
 use clusterconnect::proxy::kubeconfig::{self, Entry};
 use clusterconnect::proxy::{
@@ -160,6 +160,17 @@ impl Agent {
     }
 
     pub async fn start_for(relay: &Relay, api: &ApiServer, key: SasKey, connection: &str) -> Agent {
+        Agent::start_with(relay, api, key, connection, Authenticator::token_only()).await
+    }
+
+    /// An agent that authenticates callers with `auth` (e.g. Entra validation).
+    pub async fn start_with(
+        relay: &Relay,
+        api: &ApiServer,
+        key: SasKey,
+        connection: &str,
+        auth: Authenticator,
+    ) -> Agent {
         let upstream = Upstream::new(
             &api.url().parse().expect("url"),
             Some(api.ca_pem().as_bytes()),
@@ -172,6 +183,7 @@ impl Agent {
             relay_tls: relay.client_tls.clone(),
             listeners: 2,
             token_ttl: Duration::from_secs(3600),
+            auth: Arc::new(auth),
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(clusterconnect::agent::run(

@@ -1,0 +1,228 @@
+//! Who a tunnelled request is from, decided once per request before it is forwarded.
+//!
+//! Entra tokens are validated here and the request goes on with the agent's own credential
+//! plus `Impersonate-User`/`-Group`/`-Extra-*`, so plain Kubernetes RBAC authorizes Entra users,
+//! groups and applications (what kube-aad-proxy does for Arc). Any other bearer token, such as
+//! a service-account token, goes through unchanged for the apiserver to judge, unless
+//! `--auth-mode entra` forbids that. `Impersonate-*` headers from outside are always removed:
+//! only the agent decides who a caller is.
+
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
+
+use crate::auth::CredentialSource;
+use crate::entra::graph::GroupResolver;
+use crate::entra::validate::{EntraIdentity, Validator};
+use crate::tunnel::http::{status, Body};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Only Entra ID tokens, validated and impersonated.
+    Entra,
+    /// Only tokens the apiserver itself accepts (service accounts); passed through unchanged.
+    Token,
+    /// Both: Entra tokens are impersonated, every other token passes through.
+    Both,
+}
+
+/// What the agent needs to impersonate Entra identities.
+pub struct EntraAuth {
+    pub validator: Validator,
+    /// Looks up groups for tokens with a groups overage; `None` when the agent has no Entra
+    /// identity of its own to call Microsoft Graph with.
+    pub groups: Option<GroupResolver>,
+    /// The agent's own apiserver credential (its service-account token), which is allowed to
+    /// impersonate and nothing else.
+    pub own_token: Arc<dyn CredentialSource>,
+}
+
+pub struct Authenticator {
+    mode: AuthMode,
+    entra: Option<EntraAuth>,
+}
+
+impl Authenticator {
+    /// Every token passes through to the apiserver.
+    pub fn token_only() -> Authenticator {
+        Authenticator {
+            mode: AuthMode::Token,
+            entra: None,
+        }
+    }
+
+    pub fn new(mode: AuthMode, entra: EntraAuth) -> Authenticator {
+        Authenticator {
+            mode,
+            entra: Some(entra),
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Rewrites `headers` for the apiserver, or answers the request with a 401 saying why.
+    pub async fn authorize(&self, headers: &mut HeaderMap) -> Result<(), Response<Body>> {
+        strip_impersonation(headers);
+        let bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let entra = match (&self.entra, self.mode) {
+            (Some(entra), AuthMode::Entra | AuthMode::Both) => entra,
+            _ => return Ok(()),
+        };
+        let Some(token) = bearer.filter(|t| entra.validator.is_entra_token(t)) else {
+            return match self.mode {
+                AuthMode::Entra => Err(unauthorized(
+                    "this cluster's clusterconnect agent accepts only Microsoft Entra ID tokens (--auth-mode entra); sign in with Entra instead of passing a token",
+                )),
+                _ => Ok(()),
+            };
+        };
+        let identity = match entra.validator.validate(token).await {
+            Ok(identity) => identity,
+            Err(why) => {
+                tracing::info!(reason = %why, "Entra token rejected");
+                return Err(unauthorized(&format!("Entra token rejected: {why}")));
+            }
+        };
+        let groups = self.groups(entra, &identity).await?;
+        let own = entra.own_token.token().await.map_err(|e| {
+            tracing::warn!(error = %e, "the agent's own apiserver credential is unavailable");
+            status(
+                503,
+                "ServiceUnavailable",
+                &format!("the clusterconnect agent cannot impersonate: its own credential is unavailable: {e}"),
+            )
+        })?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", own.expose())).map_err(|_| {
+            status(
+                500,
+                "InternalError",
+                "the agent's own token is not a valid header value",
+            )
+        })?;
+        impersonate(headers, bearer, &identity, &groups).map_err(|r| *r)?;
+        tracing::debug!(user = identity.username(), tenant = %identity.tenant, groups = groups.len(), "impersonating Entra identity");
+        Ok(())
+    }
+
+    async fn groups(
+        &self,
+        entra: &EntraAuth,
+        identity: &EntraIdentity,
+    ) -> Result<Vec<String>, Response<Body>> {
+        if !identity.groups_overage {
+            return Ok(identity.groups.clone());
+        }
+        let workaround = "Workaround: connect as a service principal (or managed identity) that is in fewer than 200 groups, or give the agent an Entra identity with the Microsoft Graph permission GroupMember.Read.All";
+        let Some(resolver) = &entra.groups else {
+            return Err(unauthorized(&format!(
+                "your token has more than 200 groups (a groups overage) and this agent has no Entra identity to look them up in Microsoft Graph. {workaround}"
+            )));
+        };
+        match resolver.member_of(&identity.object_id).await {
+            Ok(groups) => Ok(groups.as_ref().clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "group lookup in Microsoft Graph failed");
+                Err(unauthorized(&format!(
+                    "your token has more than 200 groups (a groups overage) and the agent could not look them up in Microsoft Graph: {e}. {workaround}"
+                )))
+            }
+        }
+    }
+}
+
+/// Removes every `Impersonate-*` header.
+pub fn strip_impersonation(headers: &mut HeaderMap) {
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// Sets the agent's own credential and the identity's impersonation headers; fails only
+/// for names an HTTP header cannot carry (control characters).
+fn impersonate(
+    headers: &mut HeaderMap,
+    own_bearer: HeaderValue,
+    identity: &EntraIdentity,
+    groups: &[String],
+) -> Result<(), Box<Response<Body>>> {
+    let value = |v: &str| {
+        HeaderValue::from_bytes(v.as_bytes()).map_err(|_| {
+            Box::new(unauthorized(
+                "the token names a user or group with characters an HTTP header cannot carry",
+            ))
+        })
+    };
+    headers.insert(AUTHORIZATION, own_bearer);
+    headers.insert(
+        HeaderName::from_static("impersonate-user"),
+        value(identity.username())?,
+    );
+    let group = HeaderName::from_static("impersonate-group");
+    for g in groups {
+        headers.append(group.clone(), value(g)?);
+    }
+    headers.insert(
+        HeaderName::from_static("impersonate-extra-oid"),
+        value(&identity.object_id)?,
+    );
+    headers.insert(
+        HeaderName::from_static("impersonate-extra-tid"),
+        value(&identity.tenant)?,
+    );
+    Ok(())
+}
+
+fn unauthorized(message: &str) -> Response<Body> {
+    status(401, "Unauthorized", message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impersonation_headers_from_outside_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("impersonate-user", "admin".parse().unwrap());
+        h.append("impersonate-group", "system:masters".parse().unwrap());
+        h.insert("impersonate-extra-scopes", "x".parse().unwrap());
+        h.insert("impersonate-uid", "1".parse().unwrap());
+        h.insert("authorization", "Bearer t".parse().unwrap());
+        strip_impersonation(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn an_identity_becomes_one_user_every_group_and_its_ids() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer entra".parse().unwrap());
+        let id = EntraIdentity {
+            tenant: "t".into(),
+            object_id: "o".into(),
+            upn: Some("ada@contoso.com".into()),
+            groups: vec![],
+            groups_overage: false,
+        };
+        let groups = vec!["g1".to_string(), "g2".to_string()];
+        impersonate(&mut h, "Bearer own".parse().unwrap(), &id, &groups).unwrap();
+        assert_eq!(h["authorization"], "Bearer own");
+        assert_eq!(h["impersonate-user"], "ada@contoso.com");
+        let got: Vec<_> = h.get_all("impersonate-group").iter().collect();
+        assert_eq!(got, ["g1", "g2"]);
+        assert_eq!(h["impersonate-extra-oid"], "o");
+        assert_eq!(h["impersonate-extra-tid"], "t");
+    }
+}

@@ -1,0 +1,451 @@
+//! Validating Entra access tokens, as kube-aad-proxy does for Arc cluster connect: RS256
+//! signature against the tenant's published keys (OpenID discovery, cached; an unknown `kid`
+//! triggers one rate-limited refetch, which covers key rotation), issuer in both v1 and v2
+//! forms, audience (GUID or `api://` form), `exp`/`nbf` with five minutes of skew, and the
+//! tenant on an allow list. Every rejection names the check that failed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::http::HttpClient;
+use super::Authority;
+
+/// Clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY: Duration = Duration::from_secs(5 * 60);
+/// Keys are re-read at least this often even when every `kid` is known.
+const KEYS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+pub struct ValidatorConfig {
+    pub authority: Authority,
+    /// The cluster's server application id; tokens for it carry it as `aud`, bare or as
+    /// `api://<id>`.
+    pub server_app_id: String,
+    /// Tenants whose users and applications may connect.
+    pub tenants: Vec<String>,
+    /// Minimum time between two key fetches for one tenant caused by an unknown `kid`: bounds
+    /// how hard a stream of forged tokens can make the agent hit Entra.
+    pub refetch_interval: Duration,
+}
+
+/// Who a validated token stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntraIdentity {
+    pub tenant: String,
+    pub object_id: String,
+    /// The user principal name for users; `None` for applications and managed identities.
+    pub upn: Option<String>,
+    pub groups: Vec<String>,
+    /// The token left its groups out because there are too many (more than 200): they must be
+    /// looked up in Microsoft Graph.
+    pub groups_overage: bool,
+}
+
+impl EntraIdentity {
+    /// The Kubernetes user name: the UPN for users (what `--user=<UPN>` bindings name), the
+    /// object id for applications, managed identities and users without a UPN.
+    pub fn username(&self) -> &str {
+        self.upn.as_deref().unwrap_or(&self.object_id)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejected {
+    #[error("the token is not a well-formed JWT: {0}")]
+    Malformed(String),
+    #[error("signing algorithm {0:?} is not accepted; Entra access tokens are RS256-signed")]
+    Algorithm(String),
+    #[error("tenant {0} is not allowed by this agent (its --tenant list)")]
+    Tenant(String),
+    #[error("issuer {0:?} is not Entra's for the token's tenant")]
+    Issuer(String),
+    #[error("no signing key {0:?} is published for the tenant; the token was not issued by Entra")]
+    UnknownKey(String),
+    #[error("the signature does not verify")]
+    Signature,
+    #[error("audience {0} is not this cluster's server application {1}")]
+    Audience(String, String),
+    #[error("the token expired at {0} (unix time)")]
+    Expired(u64),
+    #[error("the token is not valid before {0} (unix time)")]
+    NotYetValid(u64),
+    #[error("the token has no {0} claim")]
+    MissingClaim(&'static str),
+    #[error("the tenant's signing keys cannot be fetched: {0}")]
+    KeysUnavailable(String),
+}
+
+/// The claims read before the signature is checked: only to pick the tenant, issuer and key.
+/// Nothing from here is trusted until `decode` has verified the signature.
+#[derive(Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+    tid: Option<String>,
+    aud: Option<serde_json::Value>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    tid: String,
+    oid: Option<String>,
+    upn: Option<String>,
+    unique_name: Option<String>,
+    preferred_username: Option<String>,
+    idtyp: Option<String>,
+    scp: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    hasgroups: bool,
+    #[serde(rename = "_claim_names", default)]
+    claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+struct TenantKeys {
+    keys: HashMap<String, DecodingKey>,
+    fetched_at: Instant,
+}
+
+pub struct Validator {
+    config: ValidatorConfig,
+    http: HttpClient,
+    audiences: [String; 2],
+    keys: Mutex<HashMap<String, TenantKeys>>,
+    /// One key fetch at a time: a burst of requests after a rotation makes one fetch.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// Splits a JWT and decodes its header and payload JSON, without any verification.
+fn peek(token: &str) -> Result<(Header, Unverified), Rejected> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Rejected::Malformed(
+            "a JWT has three dot-separated parts".into(),
+        ));
+    };
+    let decode = |part: &str, what: &str| -> Result<Vec<u8>, Rejected> {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| Rejected::Malformed(format!("the {what} is not base64url")))
+    };
+    let header: Header = serde_json::from_slice(&decode(h, "header")?)
+        .map_err(|_| Rejected::Malformed("the header is not a JSON object".into()))?;
+    let payload: Unverified = serde_json::from_slice(&decode(p, "payload")?)
+        .map_err(|_| Rejected::Malformed("the payload is not a JSON object of claims".into()))?;
+    Ok((header, payload))
+}
+
+impl Validator {
+    pub fn new(config: ValidatorConfig, http: HttpClient) -> Validator {
+        let id = config
+            .server_app_id
+            .trim_start_matches("api://")
+            .to_string();
+        Validator {
+            audiences: [id.clone(), format!("api://{id}")],
+            config,
+            http,
+            keys: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether `token` claims to come from Entra (its unverified `iss` is an Entra issuer).
+    /// Other tokens, such as Kubernetes service-account tokens, are not this validator's to
+    /// judge: the apiserver checks them.
+    pub fn is_entra_token(&self, token: &str) -> bool {
+        let Ok((_, claims)) = peek(token) else {
+            return false;
+        };
+        let Some(iss) = claims.iss else {
+            return false;
+        };
+        let v1 = format!("{}/", self.config.authority.cloud.v1_issuer_host());
+        let v2 = format!("{}/", self.config.authority.host);
+        iss.starts_with(&v1) || iss.starts_with(&v2)
+    }
+
+    pub async fn validate(&self, token: &str) -> Result<EntraIdentity, Rejected> {
+        let (header, unverified) = peek(token)?;
+        let alg = header.alg.unwrap_or_default();
+        if alg != "RS256" {
+            return Err(Rejected::Algorithm(alg));
+        }
+        let tenant = unverified
+            .tid
+            .clone()
+            .ok_or(Rejected::MissingClaim("tid"))?;
+        // The tenant is checked before any key fetch, so tokens naming arbitrary tenants
+        // cannot make the agent call Entra.
+        if !self
+            .config
+            .tenants
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(&tenant))
+        {
+            return Err(Rejected::Tenant(tenant));
+        }
+        let issuers = self.config.authority.issuers(&tenant);
+        let iss = unverified.iss.clone().unwrap_or_default();
+        if !issuers.contains(&iss) {
+            return Err(Rejected::Issuer(iss));
+        }
+        let kid = header.kid.ok_or(Rejected::MissingClaim("kid (header)"))?;
+        let key = self.key(&tenant, &kid).await?;
+
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.leeway = LEEWAY.as_secs();
+        validation.validate_nbf = true;
+        validation.set_audience(&self.audiences);
+        validation.set_issuer(&issuers);
+        validation.set_required_spec_claims(&["exp", "aud", "iss"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::InvalidSignature => Rejected::Signature,
+                K::ExpiredSignature => Rejected::Expired(unverified.exp.unwrap_or_default()),
+                K::ImmatureSignature => Rejected::NotYetValid(unverified.nbf.unwrap_or_default()),
+                K::InvalidAudience => Rejected::Audience(
+                    unverified
+                        .aud
+                        .as_ref()
+                        .map_or_else(|| "(none)".into(), |a| a.to_string()),
+                    self.audiences[0].clone(),
+                ),
+                K::InvalidIssuer => Rejected::Issuer(iss.clone()),
+                K::MissingRequiredClaim(c) => Rejected::Malformed(format!("no {c} claim")),
+                other => Rejected::Malformed(format!("{other:?}")),
+            }
+        })?;
+        let c = data.claims;
+        let object_id = c.oid.ok_or(Rejected::MissingClaim("oid"))?;
+        let app = c.idtyp.as_deref() == Some("app") || (c.scp.is_none() && c.upn.is_none());
+        let upn = if app {
+            None
+        } else {
+            c.upn.or(c.preferred_username).or(c.unique_name)
+        };
+        let groups_overage = c.hasgroups
+            || c.claim_names
+                .as_ref()
+                .is_some_and(|n| n.contains_key("groups"));
+        Ok(EntraIdentity {
+            tenant: c.tid,
+            object_id,
+            upn,
+            groups: c.groups,
+            groups_overage,
+        })
+    }
+
+    /// The verification key `kid` of `tenant`, fetching the tenant's keys when they are
+    /// missing, old, or lack `kid` (at most once per `refetch_interval` for the latter).
+    async fn key(&self, tenant: &str, kid: &str) -> Result<DecodingKey, Rejected> {
+        if let Some(found) = self.cached(tenant, kid, false) {
+            return found;
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(found) = self.cached(tenant, kid, false) {
+            return found;
+        }
+        // Another request may have refetched moments ago: then the kid really is unknown.
+        if let Some(found) = self.cached(tenant, kid, true) {
+            return found;
+        }
+        let keys = self
+            .fetch_keys(tenant)
+            .await
+            .map_err(Rejected::KeysUnavailable)?;
+        let found = keys.get(kid).cloned();
+        self.lock().insert(
+            tenant.to_string(),
+            TenantKeys {
+                keys,
+                fetched_at: Instant::now(),
+            },
+        );
+        found.ok_or_else(|| Rejected::UnknownKey(kid.to_string()))
+    }
+
+    /// `Some` when the cache can answer: the key, or (when `recent_miss_is_final` and the keys
+    /// were fetched within the refetch interval) a definite unknown-key rejection.
+    fn cached(
+        &self,
+        tenant: &str,
+        kid: &str,
+        recent_miss_is_final: bool,
+    ) -> Option<Result<DecodingKey, Rejected>> {
+        let cache = self.lock();
+        let entry = cache.get(tenant)?;
+        let age = entry.fetched_at.elapsed();
+        if age > KEYS_MAX_AGE {
+            return None;
+        }
+        match entry.keys.get(kid) {
+            Some(key) => Some(Ok(key.clone())),
+            None if recent_miss_is_final && age < self.config.refetch_interval => {
+                Some(Err(Rejected::UnknownKey(kid.to_string())))
+            }
+            None => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TenantKeys>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn fetch_keys(&self, tenant: &str) -> Result<HashMap<String, DecodingKey>, String> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            jwks_uri: String,
+        }
+        let discovery_url = self.config.authority.openid_configuration(tenant);
+        let resp = self
+            .http
+            .get(&discovery_url, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status.is_success() {
+            return Err(format!("{discovery_url}: HTTP {}", resp.status));
+        }
+        let discovery: Discovery = resp.json(&discovery_url).map_err(|e| e.to_string())?;
+        let resp = self
+            .http
+            .get(&discovery.jwks_uri, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status.is_success() {
+            return Err(format!("{}: HTTP {}", discovery.jwks_uri, resp.status));
+        }
+        let set: JwkSet = resp.json(&discovery.jwks_uri).map_err(|e| e.to_string())?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            // Only RSA keys verify RS256; anything else in the set is not ours to use.
+            let (Some(kid), AlgorithmParameters::RSA(rsa)) = (&jwk.common.key_id, &jwk.algorithm)
+            else {
+                continue;
+            };
+            if let Ok(key) = DecodingKey::from_rsa_components(&rsa.n, &rsa.e) {
+                keys.insert(kid.clone(), key);
+            }
+        }
+        tracing::info!(tenant, keys = keys.len(), "fetched Entra signing keys");
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entra::Cloud;
+
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+    fn validator() -> Validator {
+        let tls = crate::tls::client_config_with_roots(
+            crate::tls::roots_from_pem(
+                crate::tls::CertificateAuthority::generate("unused")
+                    .unwrap()
+                    .cert_pem()
+                    .as_bytes(),
+            )
+            .unwrap(),
+            &[],
+        )
+        .unwrap();
+        Validator::new(
+            ValidatorConfig {
+                authority: Authority::new(Cloud::AzurePublicCloud, None).unwrap(),
+                server_app_id: crate::entra::ARC_SERVER_APP_ID.into(),
+                tenants: vec![TENANT.into()],
+                refetch_interval: Duration::from_secs(60),
+            },
+            HttpClient::new(tls, Duration::from_millis(200), Duration::from_millis(500)),
+        )
+    }
+
+    fn jwt(header: serde_json::Value, claims: serde_json::Value) -> String {
+        format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        )
+    }
+
+    #[tokio::test]
+    async fn checks_that_need_no_key_reject_before_any_fetch() {
+        let v = validator();
+        let iss = format!("https://sts.windows.net/{TENANT}/");
+        let none = jwt(
+            serde_json::json!({"alg": "none"}),
+            serde_json::json!({"iss": iss, "tid": TENANT}),
+        );
+        assert!(v.is_entra_token(&none));
+        assert_eq!(
+            v.validate(&none).await,
+            Err(Rejected::Algorithm("none".into()))
+        );
+        let hmac = jwt(
+            serde_json::json!({"alg": "HS256", "kid": "k"}),
+            serde_json::json!({"iss": iss, "tid": TENANT}),
+        );
+        assert_eq!(
+            v.validate(&hmac).await,
+            Err(Rejected::Algorithm("HS256".into()))
+        );
+        let other = "f8cdef31-a31e-4b4a-93e4-5f571e91255a";
+        let foreign = jwt(
+            serde_json::json!({"alg": "RS256", "kid": "k"}),
+            serde_json::json!({"iss": format!("https://sts.windows.net/{other}/"), "tid": other}),
+        );
+        assert_eq!(
+            v.validate(&foreign).await,
+            Err(Rejected::Tenant(other.into()))
+        );
+        let wrong_iss = jwt(
+            serde_json::json!({"alg": "RS256", "kid": "k"}),
+            serde_json::json!({"iss": "https://sts.windows.net/someone-else/", "tid": TENANT}),
+        );
+        assert!(matches!(
+            v.validate(&wrong_iss).await,
+            Err(Rejected::Issuer(_))
+        ));
+        assert!(matches!(
+            v.validate("not-a-jwt").await,
+            Err(Rejected::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn only_entra_issuers_count_as_entra_tokens() {
+        let v = validator();
+        let sa = jwt(
+            serde_json::json!({"alg": "RS256"}),
+            serde_json::json!({"iss": "https://kubernetes.default.svc.cluster.local"}),
+        );
+        assert!(!v.is_entra_token(&sa));
+        assert!(!v.is_entra_token("opaque-token"));
+        let v2 = jwt(
+            serde_json::json!({"alg": "RS256"}),
+            serde_json::json!({"iss": format!("https://login.microsoftonline.com/{TENANT}/v2.0")}),
+        );
+        assert!(v.is_entra_token(&v2));
+    }
+}
