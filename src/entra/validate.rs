@@ -13,6 +13,7 @@ use base64::Engine;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::http::HttpClient;
@@ -22,6 +23,8 @@ use super::Authority;
 pub const LEEWAY: Duration = Duration::from_secs(5 * 60);
 /// Keys are re-read at least this often even when every `kid` is known.
 const KEYS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Validated tokens remembered at once (a few per active user).
+const MAX_ACCEPTED: usize = 4096;
 
 pub struct ValidatorConfig {
     pub authority: Authority,
@@ -102,6 +105,7 @@ struct Header {
 #[derive(Deserialize)]
 struct Claims {
     tid: String,
+    exp: u64,
     oid: Option<String>,
     upn: Option<String>,
     unique_name: Option<String>,
@@ -126,6 +130,9 @@ pub struct Validator {
     http: HttpClient,
     audiences: [String; 2],
     keys: Mutex<HashMap<String, TenantKeys>>,
+    /// Tokens already validated, by SHA-256, with their expiry: kubectl sends the same token
+    /// on every request, and a hash is far cheaper than an RSA verification.
+    accepted: Mutex<HashMap<[u8; 32], (EntraIdentity, u64)>>,
     /// One key fetch at a time: a burst of requests after a rotation makes one fetch.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -163,6 +170,7 @@ impl Validator {
             config,
             http,
             keys: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
         }
     }
@@ -183,6 +191,30 @@ impl Validator {
     }
 
     pub async fn validate(&self, token: &str) -> Result<EntraIdentity, Rejected> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = jsonwebtoken::get_current_timestamp();
+        {
+            let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((identity, exp)) = accepted.get(&digest) {
+                if now <= exp + LEEWAY.as_secs() {
+                    return Ok(identity.clone());
+                }
+            }
+        }
+        let (identity, exp) = self.verify(token).await?;
+        let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if accepted.len() >= MAX_ACCEPTED {
+            accepted.retain(|_, (_, exp)| now <= *exp + LEEWAY.as_secs());
+            if accepted.len() >= MAX_ACCEPTED {
+                accepted.clear();
+            }
+        }
+        accepted.insert(digest, (identity.clone(), exp));
+        Ok(identity)
+    }
+
+    /// The full check; returns the identity and the token's `exp`.
+    async fn verify(&self, token: &str) -> Result<(EntraIdentity, u64), Rejected> {
         let (header, unverified) = peek(token)?;
         let alg = header.alg.unwrap_or_default();
         if alg != "RS256" {
@@ -246,13 +278,14 @@ impl Validator {
             || c.claim_names
                 .as_ref()
                 .is_some_and(|n| n.contains_key("groups"));
-        Ok(EntraIdentity {
+        let identity = EntraIdentity {
             tenant: c.tid,
             object_id,
             upn,
             groups: c.groups,
             groups_overage,
-        })
+        };
+        Ok((identity, c.exp))
     }
 
     /// The verification key `kid` of `tenant`, fetching the tenant's keys when they are

@@ -1,0 +1,361 @@
+//! Entra ID end to end: kubectl through proxy -> relay -> agent -> stand-in apiserver, where
+//! the agent validates Entra tokens issued by a stand-in Entra and impersonates the identity
+//! with its own service-account token.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clusterconnect::agent::{AuthMode, Authenticator, EntraAuth};
+use clusterconnect::auth::CredentialSource;
+use clusterconnect::entra::graph::GroupResolver;
+use clusterconnect::entra::http::HttpClient;
+use clusterconnect::entra::validate::{Validator, ValidatorConfig};
+use clusterconnect::entra::{Authority, Cloud, ARC_SERVER_APP_ID};
+
+use support::check::{describe, text};
+use support::entra::{Entra, GRAPH, OTHER_TENANT, TENANT};
+use support::tunnel::{
+    listen_key, send_key, static_token, wait_for_listener, Agent, LocalProxy, ProxiedCluster,
+    Relay, CONNECTION,
+};
+use support::{kubectl, kubectl_available, ApiServer};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn http_for(entra: &Entra) -> HttpClient {
+    HttpClient::new(
+        entra.client_tls(),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )
+}
+
+fn authority(entra: &Entra) -> Authority {
+    let mut authority =
+        Authority::new(Cloud::AzurePublicCloud, Some(&entra.authority_host())).expect("authority");
+    authority.graph = entra.authority_host();
+    authority
+}
+
+/// The agent's Entra configuration against the stand-in: tenant TENANT, the Arc server app.
+fn entra_auth(entra: &Entra, api: &ApiServer, groups: Option<GroupResolver>) -> EntraAuth {
+    let validator = Validator::new(
+        ValidatorConfig {
+            authority: authority(entra),
+            server_app_id: ARC_SERVER_APP_ID.into(),
+            tenants: vec![TENANT.into()],
+            refetch_interval: Duration::ZERO,
+        },
+        http_for(entra),
+    );
+    EntraAuth {
+        validator,
+        groups,
+        own_token: static_token(&api.agent_token()),
+    }
+}
+
+/// Stand-in Entra and apiserver, a relay, and an agent with `mode`.
+struct Cluster {
+    entra: Entra,
+    api: ApiServer,
+    relay: Relay,
+    _agent: Agent,
+}
+
+impl Cluster {
+    async fn start(mode: AuthMode) -> Cluster {
+        Cluster::start_with(mode, |_, _| None).await
+    }
+
+    async fn start_with(
+        mode: AuthMode,
+        groups: impl FnOnce(&Entra, &ApiServer) -> Option<GroupResolver>,
+    ) -> Cluster {
+        let entra = Entra::start().await;
+        let api = ApiServer::start().await;
+        let relay = Relay::start().await;
+        let resolver = groups(&entra, &api);
+        let auth = Authenticator::new(mode, entra_auth(&entra, &api, resolver));
+        let agent = Agent::start_with(&relay, &api, listen_key(), CONNECTION, auth).await;
+        wait_for_listener(&relay).await;
+        Cluster {
+            entra,
+            api,
+            relay,
+            _agent: agent,
+        }
+    }
+
+    /// A proxy with one context per `(name, credential)`.
+    async fn proxy(
+        &self,
+        dir: &std::path::Path,
+        credentials: Vec<(&str, Arc<dyn CredentialSource>)>,
+    ) -> LocalProxy {
+        let clusters = credentials
+            .into_iter()
+            .map(|(name, credential)| ProxiedCluster {
+                name,
+                relay: &self.relay,
+                connection: CONNECTION,
+                key: send_key(),
+                credential,
+            })
+            .collect();
+        LocalProxy::start_many(clusters, dir).await
+    }
+
+    fn user_token(&self, upn: &str, oid: &str, groups: &[&str]) -> String {
+        self.entra.sign(
+            &self
+                .entra
+                .user_claims(upn, oid, groups, ARC_SERVER_APP_ID, HOUR),
+        )
+    }
+}
+
+/// `kubectl auth whoami -o json` through `context`: (username, groups, extra).
+async fn whoami(
+    kubeconfig: &std::path::Path,
+    context: &str,
+) -> (String, Vec<String>, serde_json::Value) {
+    let out = kubectl(
+        kubeconfig,
+        &["--context", context, "auth", "whoami", "-o", "json"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let review: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let info = &review["status"]["userInfo"];
+    let groups = info["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g.as_str().map(String::from))
+        .collect();
+    (
+        info["username"].as_str().unwrap_or_default().to_string(),
+        groups,
+        info["extra"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_users_and_groups_reach_the_apiserver_impersonated_with_the_agents_token() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ada = "0b7c9a6e-0d55-4f0e-9a3b-6b1f2c3d4e5f";
+    let token = c.user_token("ada@contoso.com", ada, &["group-sre", "group-dev"]);
+    let proxy = c.proxy(dir.path(), vec![("ada", static_token(&token))]).await;
+
+    let (user, groups, extra) = whoami(&proxy.kubeconfig, "ada").await;
+    assert_eq!(user, "ada@contoso.com");
+    assert!(
+        groups.contains(&"group-sre".to_string()) && groups.contains(&"group-dev".to_string()),
+        "{groups:?}"
+    );
+    assert_eq!(extra["oid"], serde_json::json!([ada]));
+    assert_eq!(extra["tid"], serde_json::json!([TENANT]));
+
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let seen = c
+        .api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path_and_query.starts_with("/api/v1/namespaces/default/pods"))
+        .expect("the list reached the apiserver");
+    // The apiserver sees the agent's credential, never the Entra token.
+    let presented = seen.headers["authorization"].to_str().unwrap().to_string();
+    assert_eq!(presented, format!("Bearer {}", c.api.agent_token()));
+    assert_eq!(seen.headers["impersonate-user"], "ada@contoso.com");
+    assert_eq!(seen.user.as_deref(), Some("ada@contoso.com"));
+    let sent_groups: Vec<_> = seen
+        .headers
+        .get_all("impersonate-group")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sent_groups, ["group-sre", "group-dev"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_get_a_401_naming_the_failed_check_and_never_reach_the_apiserver() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let oid = "5d7e1c1a-2b3c-4d5e-8f90-a1b2c3d4e5f6";
+    let good = c
+        .entra
+        .user_claims("eve@contoso.com", oid, &[], ARC_SERVER_APP_ID, HOUR);
+    let with = |change: &dyn Fn(&mut serde_json::Value)| {
+        let mut claims = good.clone();
+        change(&mut claims);
+        claims
+    };
+    let wrong_audience = with(&|c| c["aud"] = "api://some-other-app".into());
+    let other_tenant = with(&|c| {
+        c["tid"] = OTHER_TENANT.into();
+        c["iss"] = format!("https://sts.windows.net/{OTHER_TENANT}/").into();
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Beyond the five minutes of tolerated clock skew.
+    let expired = with(&|c| {
+        c["iat"] = (now - 7200).into();
+        c["nbf"] = (now - 7200).into();
+        c["exp"] = (now - 3600).into();
+    });
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "forged",
+            c.entra.sign_with_unpublished_key(&good),
+            "signature does not verify",
+        ),
+        (
+            "audience",
+            c.entra.sign(&wrong_audience),
+            "audience \"api://some-other-app\" is not this cluster's server application",
+        ),
+        (
+            "tenant",
+            c.entra.sign(&other_tenant),
+            "is not allowed by this agent",
+        ),
+        ("expired", c.entra.sign(&expired), "the token expired at"),
+        ("none", c.entra.unsigned(&good), "signing algorithm \"none\""),
+    ];
+    let credentials = cases
+        .iter()
+        .map(|(name, token, _)| (*name, static_token(token)))
+        .collect();
+    let proxy = c.proxy(dir.path(), credentials).await;
+    for (name, _, message) in &cases {
+        let out = kubectl(
+            &proxy.kubeconfig,
+            &["--context", name, "get", "pods"],
+            &[],
+        )
+        .await;
+        assert!(!out.status.success(), "{name}: {}", describe(&out));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("Entra token rejected") && stderr.contains(message),
+            "{name}: {}",
+            describe(&out)
+        );
+    }
+    assert!(
+        c.api.requests().is_empty(),
+        "rejected tokens reached the apiserver: {:?}",
+        c.api
+            .requests()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_pass_through_unless_the_agent_accepts_only_entra() {
+    if !kubectl_available() {
+        return;
+    }
+    for mode in [AuthMode::Both, AuthMode::Entra] {
+        let c = Cluster::start(mode).await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = c
+            .proxy(dir.path(), vec![("sa", static_token(&c.api.token()))])
+            .await;
+        let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+        match mode {
+            AuthMode::Both => {
+                assert!(out.status.success(), "{}", describe(&out));
+                let seen = c.api.requests().pop().expect("request");
+                assert_eq!(
+                    seen.headers["authorization"].to_str().unwrap(),
+                    format!("Bearer {}", c.api.token())
+                );
+                assert!(seen.headers.get("impersonate-user").is_none());
+            }
+            _ => {
+                assert!(!out.status.success(), "{}", describe(&out));
+                assert!(
+                    text(&out.stderr).contains("accepts only Microsoft Entra ID tokens"),
+                    "{}",
+                    describe(&out)
+                );
+                assert!(c.api.requests().is_empty());
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_in_250_groups_is_authorized_through_graph() {
+    if !kubectl_available() {
+        return;
+    }
+    let agent_app = "agent-app-id";
+    let agent_oid = "9a8b7c6d-1111-2222-3333-444455556666";
+    let c = Cluster::start_with(AuthMode::Both, |entra, _| {
+        // The agent's own identity, for Graph: a token with Graph's audience.
+        let graph_token = entra.sign(&entra.app_claims(agent_oid, agent_app, GRAPH, HOUR));
+        Some(GroupResolver::new(
+            http_for(entra),
+            entra.authority_host(),
+            static_token(&graph_token),
+        ))
+    })
+    .await;
+    let oid = "77777777-aaaa-bbbb-cccc-000000000250";
+    let groups: Vec<String> = (0..250).map(|i| format!("group-{i:03}")).collect();
+    c.entra.add_user("many@contoso.com", oid, &groups);
+    let claims = c
+        .entra
+        .user_claims("many@contoso.com", oid, &[], ARC_SERVER_APP_ID, HOUR);
+    assert!(
+        claims.get("groups").is_none() && claims.get("_claim_names").is_some(),
+        "the stand-in should issue an overage token: {claims}"
+    );
+    let token = c.entra.sign(&claims);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = c.proxy(dir.path(), vec![("many", static_token(&token))]).await;
+
+    let (user, seen_groups, _) = whoami(&proxy.kubeconfig, "many").await;
+    assert_eq!(user, "many@contoso.com");
+    for g in &groups {
+        assert!(seen_groups.contains(g), "{g} missing");
+    }
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    // Looked up once, then cached.
+    assert_eq!(c.entra.graph_calls(), 1);
+
+    // Graph unreachable (and nothing cached): a clear error with the workaround.
+    c.entra.set_graph_available(false);
+    let other = "88888888-aaaa-bbbb-cccc-000000000250";
+    c.entra.add_user("also-many@contoso.com", other, &groups);
+    let token = c.user_token("also-many@contoso.com", other, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = c.proxy(dir.path(), vec![("also", static_token(&token))]).await;
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("more than 200 groups") && stderr.contains("service principal"),
+        "{}",
+        describe(&out)
+    );
+}
