@@ -634,8 +634,14 @@ async fn impersonation_is_recorded_and_reported() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster
-        .kubectl(&[
+    // Only the agent's account may impersonate.
+    let agent_dir = tempfile::tempdir().expect("temp dir");
+    let agent_kubeconfig = cluster
+        .server
+        .write_kubeconfig(agent_dir.path(), &cluster.server.agent_token());
+    let out = kubectl(
+        &agent_kubeconfig,
+        &[
             "auth",
             "whoami",
             "--as",
@@ -644,8 +650,10 @@ async fn impersonation_is_recorded_and_reported() {
             "devs",
             "-o",
             "json",
-        ])
-        .await;
+        ],
+        &[],
+    )
+    .await;
     assert!(out.status.success(), "{}", describe(&out));
     let review: Value = serde_json::from_slice(&out.stdout).expect("kubectl printed JSON");
     assert_eq!(review["status"]["userInfo"]["username"], "alice");
@@ -661,6 +669,39 @@ async fn impersonation_is_recorded_and_reported() {
     assert_eq!(review_request.headers["impersonate-user"], "alice");
     assert_eq!(review_request.headers["impersonate-group"], "devs");
     assert_eq!(review_request.user.as_deref(), Some("alice"));
+    assert!(review_request.groups.iter().any(|g| g == "devs"));
+}
+
+#[tokio::test]
+async fn the_tester_account_may_not_impersonate() {
+    if !kubectl_available() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let out = cluster
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/pods",
+            "--as",
+            "alice",
+        ])
+        .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "users \"alice\" is forbidden: User \"{SERVICE_ACCOUNT}\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope"
+        )),
+        "{}",
+        describe(&out)
+    );
+    let requests = cluster.server.requests();
+    // kubectl's discovery requests already carry the impersonation and are refused.
+    let refused = requests
+        .iter()
+        .find(|r| r.headers.contains_key("impersonate-user"))
+        .expect("an impersonating request");
+    assert_eq!(refused.user.as_deref(), Some(SERVICE_ACCOUNT));
 }
 
 #[tokio::test]

@@ -42,6 +42,13 @@ const SERVICE_ACCOUNT_GROUPS: [&str; 3] = [
     "system:serviceaccounts:default",
     "system:authenticated",
 ];
+/// The identity of the agent's token: the one account allowed to impersonate.
+pub const AGENT_SERVICE_ACCOUNT: &str = "system:serviceaccount:azure-arc:clusterconnect-agent";
+const AGENT_SERVICE_ACCOUNT_GROUPS: [&str; 3] = [
+    "system:serviceaccounts",
+    "system:serviceaccounts:azure-arc",
+    "system:authenticated",
+];
 
 const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 const TABLE_CONTENT_TYPE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io";
@@ -54,8 +61,13 @@ pub struct SeenRequest {
     pub headers: HeaderMap,
     pub version: Version,
     /// The authenticated (or, with `Impersonate-User`, impersonated) user; `None` when the
-    /// request was rejected as unauthenticated.
+    /// request was rejected as unauthenticated. A forbidden impersonation records the
+    /// authenticated user.
     pub user: Option<String>,
+    /// The groups of `user` (impersonated ones included); empty when unauthenticated.
+    pub groups: Vec<String>,
+    /// The extras of `user` (from `Impersonate-Extra-*`, keys unescaped).
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 /// Every task of the server (accept loop, connections, h2 streams, upgraded sessions) lives
@@ -85,6 +97,7 @@ impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Tasks {
 struct Shared {
     addr: SocketAddr,
     token: String,
+    agent_token: String,
     requests: Mutex<Vec<SeenRequest>>,
     store: Store,
     tasks: Tasks,
@@ -114,6 +127,7 @@ impl ApiServer {
         let shared = Arc::new(Shared {
             addr,
             token: Alphanumeric.sample_string(&mut rand::rng(), 40),
+            agent_token: Alphanumeric.sample_string(&mut rand::rng(), 40),
             requests: Mutex::new(Vec::new()),
             store: Store::seeded(),
             tasks: Tasks::default(),
@@ -144,6 +158,11 @@ impl ApiServer {
 
     pub fn token(&self) -> String {
         self.shared.token.clone()
+    }
+
+    /// The agent's token: authenticates as `AGENT_SERVICE_ACCOUNT`, which may impersonate.
+    pub fn agent_token(&self) -> String {
+        self.shared.agent_token.clone()
     }
 
     /// A kubeconfig whose cluster, user and context are all named `standin`, pointing straight
@@ -235,23 +254,40 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<S
     }
 }
 
-/// Who the request is from: the service account for the right bearer token, or the user it
-/// impersonates. A real apiserver would also authorize the impersonation.
+/// Who the request is from: the service account its bearer token stands for, or the user it
+/// impersonates when that account may impersonate.
 struct Identity {
     user: String,
     groups: Vec<String>,
     extra: BTreeMap<String, Vec<String>>,
 }
 
-fn authenticate(token: &str, headers: &HeaderMap) -> Option<Identity> {
+enum Authentication {
+    Unauthenticated,
+    /// Authenticated, but the impersonation was refused: the caller and the refusal.
+    Refused(Identity, Box<Response<Body>>),
+    Authenticated(Identity),
+}
+
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
     let presented = headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")?;
-    if presented.trim() != token {
-        return None;
-    }
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let caller = match presented {
+        Some(t) if t == shared.token => Identity {
+            user: SERVICE_ACCOUNT.to_string(),
+            groups: SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
+            extra: BTreeMap::new(),
+        },
+        Some(t) if t == shared.agent_token => Identity {
+            user: AGENT_SERVICE_ACCOUNT.to_string(),
+            groups: AGENT_SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
+            extra: BTreeMap::new(),
+        },
+        _ => return Authentication::Unauthenticated,
+    };
     let values = |name: &str| -> Vec<String> {
         headers
             .get_all(name)
@@ -260,15 +296,8 @@ fn authenticate(token: &str, headers: &HeaderMap) -> Option<Identity> {
             .map(String::from)
             .collect()
     };
-    let Some(user) = values("impersonate-user").into_iter().next() else {
-        return Some(Identity {
-            user: SERVICE_ACCOUNT.to_string(),
-            groups: SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
-            extra: BTreeMap::new(),
-        });
-    };
-    let mut groups = values("impersonate-group");
-    groups.push("system:authenticated".to_string());
+    let user = values("impersonate-user").into_iter().next();
+    let groups = values("impersonate-group");
     let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in headers {
         if let Some(key) = name.as_str().strip_prefix("impersonate-extra-") {
@@ -280,7 +309,47 @@ fn authenticate(token: &str, headers: &HeaderMap) -> Option<Identity> {
             extra.entry(key).or_default().push(value);
         }
     }
-    Some(Identity {
+    if user.is_none() && groups.is_empty() && extra.is_empty() {
+        return Authentication::Authenticated(caller);
+    }
+    // Like the apiserver's impersonation filter: the user is checked first, then each group,
+    // then each extra; only the agent's account holds the impersonate verbs.
+    if caller.user != AGENT_SERVICE_ACCOUNT {
+        let (resource, group, name) = match (&user, groups.first(), extra.iter().next()) {
+            (Some(user), _, _) => ("users".to_string(), "", user.clone()),
+            (None, Some(group), _) => ("groups".to_string(), "", group.clone()),
+            (None, None, Some((key, values))) => (
+                format!("userextras/{key}"),
+                "authentication.k8s.io",
+                values.first().cloned().unwrap_or_default(),
+            ),
+            (None, None, None) => unreachable!("some impersonation was asked for"),
+        };
+        let message = format!(
+            "{resource} \"{name}\" is forbidden: User \"{}\" cannot impersonate resource \"{resource}\" in API group \"{group}\" at the cluster scope",
+            caller.user
+        );
+        let refusal = status_with_details(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &message,
+            Some(json!({"name": name, "kind": resource})),
+        );
+        return Authentication::Refused(caller, Box::new(refusal));
+    }
+    let Some(user) = user else {
+        let refusal = status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "Internal error occurred: requested impersonation of groups or extras without impersonating a user",
+        );
+        return Authentication::Refused(caller, Box::new(refusal));
+    };
+    let mut groups = groups;
+    if !groups.iter().any(|g| g == "system:authenticated") {
+        groups.push("system:authenticated".to_string());
+    }
+    Authentication::Authenticated(Identity {
         user,
         groups,
         extra,
@@ -298,6 +367,8 @@ impl Shared {
             headers: req.headers().clone(),
             version: req.version(),
             user: identity.map(|i| i.user.clone()),
+            groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
+            extra: identity.map(|i| i.extra.clone()).unwrap_or_default(),
         };
         self.requests
             .lock()
@@ -307,11 +378,18 @@ impl Shared {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    let identity = authenticate(&shared.token, req.headers());
-    shared.record(&req, identity.as_ref());
-    let Some(identity) = identity else {
-        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    let identity = match authenticate(&shared, req.headers()) {
+        Authentication::Unauthenticated => {
+            shared.record(&req, None);
+            return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+        }
+        Authentication::Refused(caller, refusal) => {
+            shared.record(&req, Some(&caller));
+            return *refusal;
+        }
+        Authentication::Authenticated(identity) => identity,
     };
+    shared.record(&req, Some(&identity));
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let get = req.method() == Method::GET;
