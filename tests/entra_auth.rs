@@ -23,6 +23,7 @@ use support::tunnel::{
 use support::{kubectl, kubectl_available, ApiServer};
 
 const HOUR: Duration = Duration::from_secs(3600);
+const PODS: &str = "/api/v1/namespaces/default/pods";
 
 fn http_for(entra: &Entra) -> HttpClient {
     HttpClient::new(
@@ -153,7 +154,9 @@ async fn entra_users_and_groups_reach_the_apiserver_impersonated_with_the_agents
     let dir = tempfile::tempdir().unwrap();
     let ada = "0b7c9a6e-0d55-4f0e-9a3b-6b1f2c3d4e5f";
     let token = c.user_token("ada@contoso.com", ada, &["group-sre", "group-dev"]);
-    let proxy = c.proxy(dir.path(), vec![("ada", static_token(&token))]).await;
+    let proxy = c
+        .proxy(dir.path(), vec![("ada", static_token(&token))])
+        .await;
 
     let (user, groups, extra) = whoami(&proxy.kubeconfig, "ada").await;
     assert_eq!(user, "ada@contoso.com");
@@ -170,7 +173,10 @@ async fn entra_users_and_groups_reach_the_apiserver_impersonated_with_the_agents
         .api
         .requests()
         .into_iter()
-        .rfind(|r| r.path_and_query.starts_with("/api/v1/namespaces/default/pods"))
+        .rfind(|r| {
+            r.path_and_query
+                .starts_with("/api/v1/namespaces/default/pods")
+        })
         .expect("the list reached the apiserver");
     // The apiserver sees the agent's credential, never the Entra token.
     let presented = seen.headers["authorization"].to_str().unwrap().to_string();
@@ -234,7 +240,11 @@ async fn bad_tokens_get_a_401_naming_the_failed_check_and_never_reach_the_apiser
             "is not allowed by this agent",
         ),
         ("expired", c.entra.sign(&expired), "the token expired at"),
-        ("none", c.entra.unsigned(&good), "signing algorithm \"none\""),
+        (
+            "none",
+            c.entra.unsigned(&good),
+            "signing algorithm \"none\"",
+        ),
     ];
     let credentials = cases
         .iter()
@@ -242,9 +252,11 @@ async fn bad_tokens_get_a_401_naming_the_failed_check_and_never_reach_the_apiser
         .collect();
     let proxy = c.proxy(dir.path(), credentials).await;
     for (name, _, message) in &cases {
+        // `auth whoami` shows the server's message; `get pods` would only report its failed
+        // discovery, and `get --raw` drops the /clusters/<name> path of multi-cluster contexts.
         let out = kubectl(
             &proxy.kubeconfig,
-            &["--context", name, "get", "pods"],
+            &["--context", name, "auth", "whoami"],
             &[],
         )
         .await;
@@ -278,7 +290,9 @@ async fn service_account_tokens_pass_through_unless_the_agent_accepts_only_entra
         let proxy = c
             .proxy(dir.path(), vec![("sa", static_token(&c.api.token()))])
             .await;
-        let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+        // `get --raw`: kubectl shows the server's message for a refused raw request, where
+        // `get pods` only reports its failed discovery.
+        let out = kubectl(&proxy.kubeconfig, &["get", "--raw", PODS], &[]).await;
         match mode {
             AuthMode::Both => {
                 assert!(out.status.success(), "{}", describe(&out));
@@ -321,17 +335,24 @@ async fn an_identity_in_250_groups_is_authorized_through_graph() {
     .await;
     let oid = "77777777-aaaa-bbbb-cccc-000000000250";
     let groups: Vec<String> = (0..250).map(|i| format!("group-{i:03}")).collect();
+    let group_refs: Vec<&str> = groups.iter().map(String::as_str).collect();
     c.entra.add_user("many@contoso.com", oid, &groups);
-    let claims = c
-        .entra
-        .user_claims("many@contoso.com", oid, &[], ARC_SERVER_APP_ID, HOUR);
+    let claims = c.entra.user_claims(
+        "many@contoso.com",
+        oid,
+        &group_refs,
+        ARC_SERVER_APP_ID,
+        HOUR,
+    );
     assert!(
         claims.get("groups").is_none() && claims.get("_claim_names").is_some(),
         "the stand-in should issue an overage token: {claims}"
     );
     let token = c.entra.sign(&claims);
     let dir = tempfile::tempdir().unwrap();
-    let proxy = c.proxy(dir.path(), vec![("many", static_token(&token))]).await;
+    let proxy = c
+        .proxy(dir.path(), vec![("many", static_token(&token))])
+        .await;
 
     let (user, seen_groups, _) = whoami(&proxy.kubeconfig, "many").await;
     assert_eq!(user, "many@contoso.com");
@@ -347,10 +368,12 @@ async fn an_identity_in_250_groups_is_authorized_through_graph() {
     c.entra.set_graph_available(false);
     let other = "88888888-aaaa-bbbb-cccc-000000000250";
     c.entra.add_user("also-many@contoso.com", other, &groups);
-    let token = c.user_token("also-many@contoso.com", other, &[]);
+    let token = c.user_token("also-many@contoso.com", other, &group_refs);
     let dir = tempfile::tempdir().unwrap();
-    let proxy = c.proxy(dir.path(), vec![("also", static_token(&token))]).await;
-    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    let proxy = c
+        .proxy(dir.path(), vec![("also", static_token(&token))])
+        .await;
+    let out = kubectl(&proxy.kubeconfig, &["get", "--raw", PODS], &[]).await;
     assert!(!out.status.success(), "{}", describe(&out));
     let stderr = text(&out.stderr);
     assert!(

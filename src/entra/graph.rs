@@ -19,6 +19,13 @@ pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(5 * 60);
 /// Cached identities; beyond this the cache starts over rather than grow without bound.
 const MAX_CACHED: usize = 10_000;
 
+/// Object ids are GUIDs; anything else is escaped so it stays one path segment.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Groups of one identity and when they were looked up.
 type Cached = (Arc<Vec<String>>, Instant);
 
@@ -54,7 +61,7 @@ impl GroupResolver {
         let url = format!(
             "{}/v1.0/directoryObjects/{}/getMemberObjects",
             self.graph,
-            percent_encoding::utf8_percent_encode(object_id, percent_encoding::NON_ALPHANUMERIC)
+            percent_encoding::utf8_percent_encode(object_id, PATH_SEGMENT)
         );
         let auth = format!("Bearer {}", token.expose());
         let resp = self
