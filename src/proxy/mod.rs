@@ -89,6 +89,7 @@ impl Proxy {
                         name: c.name,
                         pool: Pool::new(c.target, POOL_SIZE),
                         credential: c.credential,
+                        last_refusal: std::sync::Mutex::new(None),
                     })
                     .collect(),
                 local_secret: config.local_secret,

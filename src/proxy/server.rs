@@ -3,7 +3,8 @@
 //! credential, and sends the request through its tunnel.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -16,7 +17,7 @@ use crate::auth::{CredentialError, CredentialSource};
 use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
-    error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
+    error_chain, full, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
     strip_hop_by_hop, Body,
 };
 
@@ -29,7 +30,12 @@ pub struct Route {
     pub name: String,
     pub pool: Pool,
     pub credential: Arc<dyn CredentialSource>,
+    /// The last refusal reason logged, and when (see `report_refusal`).
+    pub last_refusal: Mutex<Option<(String, Instant)>>,
 }
+
+/// Refusals are short Status objects; more is not read.
+const REFUSAL_BODY_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -104,6 +110,34 @@ impl Route {
             }
             Err(e) => Err(describe_failure(&self.name, &e)),
         }
+    }
+}
+
+impl Route {
+    /// Logs why the agent or apiserver refused the credential. kubectl shows only "You must be
+    /// logged in to the server" for most commands, so the reason (an Entra check that failed,
+    /// an expired service-account token) would otherwise be invisible. Logged once a minute per
+    /// distinct reason; the answer itself passes on unchanged.
+    async fn report_refusal(&self, resp: Response<Incoming>) -> Response<Body> {
+        let (parts, body) = resp.into_parts();
+        let limited = http_body_util::Limited::new(body, REFUSAL_BODY_LIMIT);
+        let bytes = match limited.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let reason = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(300).collect());
+        let mut last = self.last_refusal.lock().unwrap_or_else(|p| p.into_inner());
+        let repeat = last
+            .as_ref()
+            .is_some_and(|(r, at)| *r == reason && at.elapsed() < Duration::from_secs(60));
+        if !repeat {
+            tracing::warn!(cluster = %self.name, credential = %self.credential.describe(), %reason, "the cluster refused the credential (HTTP 401)");
+            *last = Some((reason, Instant::now()));
+        }
+        Response::from_parts(parts, full(bytes))
     }
 }
 
@@ -202,6 +236,11 @@ impl Handler {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
                     }
+                }
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    let mut refused = route.report_refusal(resp).await;
+                    *refused.version_mut() = Version::HTTP_11;
+                    return Ok(refused);
                 }
                 let (mut parts, body) = resp.into_parts();
                 // Our client may speak HTTP/1.1 even though the tunnel spoke HTTP/2.
