@@ -143,11 +143,15 @@ impl<F: TokenFetcher> Refreshing<F> {
         let state = self.lock();
         match &state.current {
             Some(current) if Instant::now() < current.expires_at => Ok(current.token.clone()),
-            _ => Err(CredentialError::Unavailable {
+            current => Err(CredentialError::Unavailable {
                 source_name: self.fetcher.describe(),
-                reason: match &state.last_error {
-                    Some(e) => format!("the token expired and renewal keeps failing: {e}"),
-                    None => "no token yet; renewal will be retried shortly".into(),
+                reason: match (&state.last_error, current) {
+                    (Some(e), Some(_)) => {
+                        format!("the token expired and renewal keeps failing: {e}")
+                    }
+                    // The very first fetch failed (at start-up): its error says it all.
+                    (Some(e), None) => format!("could not get a token: {e}"),
+                    (None, _) => "no token yet; renewal will be retried shortly".into(),
                 },
             }),
         }
