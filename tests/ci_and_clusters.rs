@@ -352,20 +352,20 @@ async fn a_failing_credential_command_does_not_end_the_session_while_the_token_i
     let dir = tempfile::tempdir().unwrap();
     let down = dir.path().join("endpoint-down");
     let runs = dir.path().join("runs");
-    // An identity endpoint stand-in: prints a token valid for two hours, or fails while the
+    // An identity endpoint stand-in: prints a token valid for 16 seconds, or fails while the
     // `down` file exists. Every run is counted.
     let command = format!(
         "echo run >> {runs}; if [ -e {down} ]; then echo 'identity endpoint unreachable' >&2; exit 1; fi; \
-         printf '{{\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{token}\",\"expirationTimestamp\":\"%s\"}}}}' \"$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ)\"",
+         printf '{{\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{token}\",\"expirationTimestamp\":\"%s\"}}}}' \"$(date -u -d '+16 seconds' +%Y-%m-%dT%H:%M:%SZ)\"",
         runs = runs.display(),
         down = down.display(),
         token = api.token()
     );
-    // A renewal margin longer than the token's life: every request tries to renew, so the
-    // failing endpoint is exercised on each one.
+    // A renewal margin longer than the token's life: renewal is due half way through it
+    // (8 s, the timestamp's whole seconds make it at most 8), well before it expires.
     let credential = Arc::new(Refreshing::new(
         TokenCommand::new(command),
-        Duration::from_secs(3 * 3600),
+        Duration::from_secs(3600),
     ));
     let proxy = LocalProxy::start_many(
         vec![ProxiedCluster {
@@ -380,10 +380,14 @@ async fn a_failing_credential_command_does_not_end_the_session_while_the_token_i
     .await;
     let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
     assert!(out.status.success(), "{}", describe(&out));
+    // The token was fetched by now at the latest.
+    let renewal_due = tokio::time::Instant::now() + Duration::from_millis(8500);
 
     let mut watch = spawn_kubectl(&proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
     eventually("the watch reaches the apiserver", || api.open_watches() > 0).await;
     std::fs::write(&down, "").unwrap();
+    // Past the renewal point, with about six seconds of validity left for the checks below.
+    tokio::time::sleep_until(renewal_due).await;
     let runs_before = std::fs::read_to_string(&runs).unwrap().lines().count();
 
     // The endpoint is down: the open watch keeps receiving events, new requests keep working.
