@@ -136,6 +136,11 @@ impl<F: TokenFetcher> Refreshing<F> {
                     let delay = state.backoff.next_delay();
                     state.next_attempt = Instant::now() + delay;
                     state.last_error = Some(e.to_string());
+                    // No token yet (start-up): the caller gets the fetcher's own error, and
+                    // there is no current token to keep using.
+                    if state.current.is_none() {
+                        return Err(e);
+                    }
                     tracing::warn!(source = %self.fetcher.describe(), error = %e, retry_in_s = delay.as_secs(), "credential renewal failed; still using the current token");
                 }
             }
@@ -143,11 +148,14 @@ impl<F: TokenFetcher> Refreshing<F> {
         let state = self.lock();
         match &state.current {
             Some(current) if Instant::now() < current.expires_at => Ok(current.token.clone()),
-            _ => Err(CredentialError::Unavailable {
+            current => Err(CredentialError::Unavailable {
                 source_name: self.fetcher.describe(),
-                reason: match &state.last_error {
-                    Some(e) => format!("the token expired and renewal keeps failing: {e}"),
-                    None => "no token yet; renewal will be retried shortly".into(),
+                reason: match (&state.last_error, current) {
+                    (Some(e), Some(_)) => {
+                        format!("the token expired and renewal keeps failing: {e}")
+                    }
+                    (Some(e), None) => format!("could not get a token yet: {e}"),
+                    (None, _) => "no token yet; renewal will be retried shortly".into(),
                 },
             }),
         }

@@ -1,6 +1,8 @@
 //! Which clusters a proxy (or `run`) serves: the single-cluster flags, or a clusters file
 //! with one `[[cluster]]` table per cluster.
 
+use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +12,10 @@ use serde::Deserialize;
 use crate::auth::exec::TokenCommand;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
+use crate::entra::chain::{self, ChainOptions, Environment, SourceKind};
+use crate::entra::device_code::StderrPrompt;
+use crate::entra::http::HttpClient;
+use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 use crate::proxy::{ClusterConfig, RelayTarget};
 use crate::secret::Secret;
 use crate::tls;
@@ -47,9 +53,30 @@ pub struct ClusterFlags {
     #[arg(long, conflicts_with = "token")]
     pub token_command: Option<String>,
     /// Several clusters in one proxy: a TOML file of [[cluster]] tables with name, relay,
-    /// connection, key_file, token_file (or token) and optional relay_ca.
+    /// connection, key_file, token_file (or token, token_command, or none for Entra ID with an
+    /// optional server_app_id) and optional relay_ca.
     #[arg(long, conflicts_with_all = ["relay", "connection", "key_file", "token", "token_file", "token_command"])]
     pub clusters_file: Option<PathBuf>,
+    /// Without a token flag the proxy signs in to Entra ID; this picks the one credential source
+    /// instead of trying env, workload-identity, managed-identity, azure-cli, device-code in turn.
+    #[arg(long, value_name = "SOURCE", conflicts_with_all = ["token", "token_file", "token_command"])]
+    pub auth: Option<SourceKind>,
+    /// The cluster's Entra server application (the token audience) [default: the Azure Arc
+    /// server app, 6256c85f-0aad-4d50-b960-e6e9b21efe35].
+    #[arg(long, value_name = "APP_ID")]
+    pub server_app_id: Option<String>,
+    /// The public client app users sign in with (device code) [default: the Azure Arc client
+    /// app, 3f4439ff-e698-4d6d-84fe-09c9d574f06b].
+    #[arg(long, value_name = "APP_ID")]
+    pub client_app_id: Option<String>,
+    /// Entra tenant (id or domain) [default: AZURE_TENANT_ID, else "organizations" for the
+    /// device code].
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Azure cloud whose Entra authority to use (AZURE_AUTHORITY_HOST overrides the host):
+    /// AzurePublicCloud, AzureUSGovernmentCloud or AzureChinaCloud.
+    #[arg(long, default_value = "AzurePublicCloud")]
+    pub cloud: Cloud,
 }
 
 #[derive(Deserialize)]
@@ -69,10 +96,71 @@ struct ClusterEntry {
     token: Option<String>,
     token_file: Option<PathBuf>,
     token_command: Option<String>,
+    /// For a cluster without a token: the Entra server app its tokens are for.
+    server_app_id: Option<String>,
+}
+
+/// The Entra credentials of one start-up: one chain per server app, shared by its clusters so
+/// a sign-in happens once.
+struct EntraCredentials<'a> {
+    flags: &'a ClusterFlags,
+    env: Environment,
+    by_server_app: HashMap<String, Arc<dyn CredentialSource>>,
+}
+
+impl EntraCredentials<'_> {
+    async fn get(
+        &mut self,
+        server_app_id: Option<&str>,
+    ) -> anyhow::Result<Arc<dyn CredentialSource>> {
+        let server_app_id = server_app_id
+            .or(self.flags.server_app_id.as_deref())
+            .unwrap_or(ARC_SERVER_APP_ID)
+            .trim()
+            .to_string();
+        if uuid::Uuid::parse_str(&server_app_id).is_err()
+            && url::Url::parse(&server_app_id).is_err()
+        {
+            anyhow::bail!("server app id {server_app_id:?} is neither an application (client) id GUID nor an app id URI; pass the cluster's Entra server application id");
+        }
+        if let Some(source) = self.by_server_app.get(&server_app_id) {
+            return Ok(source.clone());
+        }
+        let flags = self.flags;
+        let authority = Authority::from_env(flags.cloud)
+            .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+        let http = HttpClient::with_system_roots(None)
+            .context("cannot set up TLS for Entra ID (the system trust store)")?;
+        let opts = ChainOptions {
+            authority,
+            tenant: flags.tenant.clone().filter(|t| !t.trim().is_empty()),
+            server_app_id: server_app_id.clone(),
+            client_app_id: flags
+                .client_app_id
+                .clone()
+                .unwrap_or_else(|| ARC_CLIENT_APP_ID.to_string()),
+            only: flags.auth,
+            // A CI job must never wait for a human; a terminal on stderr means one is there.
+            interactive: std::io::stderr().is_terminal(),
+            http,
+            config_dir: crate::proxy::local_ca::config_dir(),
+            prompt: Arc::new(StderrPrompt),
+        };
+        let source = chain::credential(&opts, &self.env).await.with_context(|| {
+            "no credential for the apiserver: pass --token-file, --token-command or --token, or make an Entra ID credential available"
+        })?;
+        self.by_server_app.insert(server_app_id, source.clone());
+        Ok(source)
+    }
 }
 
 impl ClusterFlags {
     pub async fn resolve(&self) -> anyhow::Result<Vec<ClusterConfig>> {
+        let mut entra = EntraCredentials {
+            flags: self,
+            env: Environment::from_process(),
+            by_server_app: HashMap::new(),
+        };
         let Some(path) = &self.clusters_file else {
             let missing: Vec<&str> = [
                 ("--relay", self.relay.is_none()),
@@ -94,8 +182,9 @@ impl ClusterFlags {
                 token: self.token.clone(),
                 token_file: self.token_file.clone(),
                 token_command: self.token_command.clone(),
+                server_app_id: None,
             };
-            return Ok(vec![entry.resolve(Path::new("")).await?]);
+            return Ok(vec![entry.resolve(Path::new(""), &mut entra).await?]);
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read clusters file {}", path.display()))?;
@@ -105,7 +194,7 @@ impl ClusterFlags {
         let mut clusters: Vec<ClusterConfig> = Vec::new();
         for entry in file.cluster {
             let cluster = entry
-                .resolve(base)
+                .resolve(base, &mut entra)
                 .await
                 .with_context(|| format!("in clusters file {}", path.display()))?;
             if clusters.iter().any(|c| c.name == cluster.name) {
@@ -125,7 +214,11 @@ impl ClusterFlags {
 }
 
 impl ClusterEntry {
-    async fn resolve(self, base: &Path) -> anyhow::Result<ClusterConfig> {
+    async fn resolve(
+        self,
+        base: &Path,
+        entra: &mut EntraCredentials<'_>,
+    ) -> anyhow::Result<ClusterConfig> {
         let relay = RelayAddress::parse(&self.relay)?;
         validate_entity(&self.connection)?;
         let name = self
@@ -141,6 +234,11 @@ impl ClusterEntry {
         let key = SasKey::from_file(&base.join(&self.key_file))?;
         let tls = tls::client_config(self.relay_ca.map(|p| base.join(p)).as_deref(), &[])
             .context("cannot set up TLS for the relay connection")?;
+        let has_token =
+            self.token.is_some() || self.token_file.is_some() || self.token_command.is_some();
+        if has_token && self.server_app_id.is_some() {
+            anyhow::bail!("cluster '{name}': server_app_id is for Entra ID and this cluster has a token; remove one of them");
+        }
         let credential: Arc<dyn CredentialSource> = match (self.token, self.token_file, self.token_command) {
             (Some(t), None, None) if !t.trim().is_empty() => Arc::new(StaticToken::new(Secret::new(t.trim()))),
             (None, Some(file), None) => {
@@ -153,8 +251,12 @@ impl ClusterEntry {
                 source.token().await?;
                 Arc::new(source)
             }
+            (None, None, None) => entra
+                .get(self.server_app_id.as_deref())
+                .await
+                .with_context(|| format!("cluster '{name}'"))?,
             _ => anyhow::bail!(
-                "cluster '{name}' needs exactly one credential for the apiserver: --token-file, --token-command, or --token / CLUSTERCONNECT_TOKEN (token_file, token_command or token in a clusters file)"
+                "cluster '{name}' has more than one credential for the apiserver (or an empty token): keep one of token_file, token_command or token, or none for Entra ID"
             ),
         };
         Ok(ClusterConfig {
@@ -167,5 +269,79 @@ impl ClusterEntry {
             },
             credential,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use crate::entra::chain::SourceKind;
+    use crate::entra::Cloud;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(
+            [
+                "clusterconnect",
+                "proxy",
+                "--relay",
+                "wss://r",
+                "--connection",
+                "c",
+            ]
+            .iter()
+            .chain(args),
+        )
+    }
+
+    #[test]
+    fn entra_flags_parse_and_auth_with_a_token_is_a_usage_error() {
+        let cli = parse(&[
+            "--auth",
+            "azure-cli",
+            "--tenant",
+            "contoso.onmicrosoft.com",
+            "--cloud",
+            "AzureChinaCloud",
+        ])
+        .unwrap();
+        let Command::Proxy(args) = cli.command else {
+            panic!("not proxy")
+        };
+        assert_eq!(args.clusters.auth, Some(SourceKind::AzureCli));
+        assert_eq!(args.clusters.cloud, Cloud::AzureChinaCloud);
+        let Command::Proxy(args) = parse(&[]).unwrap().command else {
+            panic!("not proxy")
+        };
+        assert_eq!(args.clusters.cloud, Cloud::AzurePublicCloud);
+        let err = parse(&["--auth", "env", "--token-file", "t"])
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let err = parse(&["--auth", "kerberos"]).err().unwrap().to_string();
+        assert!(err.contains("device-code"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_clusters_file_entry_with_a_token_and_a_server_app_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("send.key"),
+            "SharedAccessKeyName=send;SharedAccessKey=0123456789abcdef0123456789abcdef",
+        )
+        .unwrap();
+        let file = dir.path().join("clusters.toml");
+        std::fs::write(
+            &file,
+            "[[cluster]]\nrelay = \"wss://relay.example\"\nconnection = \"c\"\nkey_file = \"send.key\"\ntoken = \"t\"\nserver_app_id = \"6256c85f-0aad-4d50-b960-e6e9b21efe35\"\n",
+        )
+        .unwrap();
+        let flags = super::ClusterFlags {
+            clusters_file: Some(file),
+            ..Default::default()
+        };
+        let err = format!("{:#}", flags.resolve().await.err().unwrap());
+        assert!(err.contains("server_app_id is for Entra ID"), "{err}");
     }
 }

@@ -1,11 +1,27 @@
 //! Microsoft Entra ID: the authority and clouds, the HTTP client for identity endpoints, and
-//! the token shapes they share. The proxy's credential sources and the agent's token validation
-//! build on this.
+//! the token shapes they share, the proxy's credential sources, and the agent's token validation
+//! ([`validate`]) and group lookup ([`graph`]).
+//!
+//! The proxy's credential chain ([`chain`]) tries, in order: a service principal from the
+//! environment ([`client_credential`]), workload identity ([`workload_identity`]), managed
+//! identity ([`managed_identity`]: Azure IMDS or an Arc-enabled server's HIMDS), the Azure CLI
+//! ([`azure_cli`]) and the device-code sign-in ([`device_code`]). Every source reports "not
+//! configured" without touching the network, so the chain is quick where most are absent.
 
+pub mod azure_cli;
+pub mod chain;
+pub mod client_credential;
 pub mod cloud;
+pub mod device_code;
 pub mod graph;
 pub mod http;
+pub mod managed_identity;
+pub mod token_endpoint;
 pub mod validate;
+pub mod workload_identity;
+
+#[cfg(test)]
+pub(crate) mod test_server;
 
 use std::time::Duration;
 
@@ -65,6 +81,36 @@ impl OAuthError {
             (false, true) => self.error.clone(),
             (true, false) => first.to_string(),
             (false, false) => format!("{}: {first}", self.error),
+        }
+    }
+}
+
+/// Why a credential source gave no token. The chain moves on after `NotConfigured` and
+/// `Unavailable` and stops at `Failed`: a configured identity that Entra rejects must be fixed,
+/// not silently replaced by whichever identity comes next (azure-identity's rule too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceError {
+    /// The source's settings are absent (environment variables, `az` on PATH).
+    NotConfigured(String),
+    /// Configured, but not usable here (no IMDS answering, `az` not logged in, no terminal).
+    Unavailable(String),
+    /// Configured and tried, and the identity provider or the source itself refused.
+    Failed(String),
+}
+
+impl SourceError {
+    pub fn reason(&self) -> &str {
+        match self {
+            SourceError::NotConfigured(r)
+            | SourceError::Unavailable(r)
+            | SourceError::Failed(r) => r,
+        }
+    }
+
+    pub fn into_credential_error(self, source_name: &str) -> crate::auth::CredentialError {
+        crate::auth::CredentialError::Unavailable {
+            source_name: source_name.to_string(),
+            reason: self.reason().to_string(),
         }
     }
 }

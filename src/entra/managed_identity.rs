@@ -1,0 +1,449 @@
+//! Managed identity: Azure's Instance Metadata Service (VMs, VM scale sets, AKS nodes) or, on an
+//! Arc-enabled server, the Hybrid IMDS (HIMDS) of the Connected Machine agent.
+//!
+//! IMDS is a plain-HTTP GET with `Metadata: true`. Off Azure nothing answers at its link-local
+//! address, so the first request connects with a one-second limit and the chain moves on.
+//!
+//! HIMDS (`IDENTITY_ENDPOINT` and `IMDS_ENDPOINT` set) proves the caller may use the machine's
+//! identity with a challenge: the first GET is answered 401 with
+//! `WWW-Authenticate: Basic realm=<file>`; the agent has just written a secret into that file,
+//! readable only by root and the `himds` group, and the retry sends it as `Authorization: Basic`.
+//! The file path comes from the network answer, so (as azure-identity does) it is only read if
+//! it lies directly in the agent's token directory, ends in `.key` and is at most 4096 bytes.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
+use super::http::{HttpClient, HttpError, HttpResponse};
+use super::token_endpoint::{decode, EndpointError};
+use super::{SourceError, TokenResponse};
+use crate::auth::refresh::ExpiringToken;
+use crate::secret::Secret;
+
+pub const IMDS_BASE: &str = "http://169.254.169.254";
+const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
+/// Long enough for IMDS on a busy VM to accept a connection, short enough that a laptop
+/// trying the chain does not notice.
+pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// IMDS and HIMDS fetch tokens from Entra on the caller's behalf; give them that long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// azure-identity's limit on the challenge file; the agent writes far less.
+const MAX_CHALLENGE_BYTES: u64 = 4096;
+
+/// A client for the plain-HTTP identity endpoints: no TLS roots needed or loaded.
+pub fn plain_http_client(connect_timeout: Duration, timeout: Duration) -> HttpClient {
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    HttpClient::new(Arc::new(tls), connect_timeout, timeout)
+}
+
+/// The directory the Connected Machine agent writes challenge files into.
+pub fn default_challenge_dir() -> PathBuf {
+    if cfg!(windows) {
+        let program_data =
+            std::env::var_os("ProgramData").unwrap_or_else(|| "C:\\ProgramData".into());
+        PathBuf::from(program_data)
+            .join("AzureConnectedMachineAgent")
+            .join("Tokens")
+    } else {
+        PathBuf::from("/var/opt/azcmagent/tokens")
+    }
+}
+
+pub enum ManagedIdentity {
+    Imds(Imds),
+    Arc(Himds),
+}
+
+impl ManagedIdentity {
+    /// HIMDS when the Arc agent's variables are set, IMDS otherwise. Never "not configured":
+    /// whether IMDS exists is only known by asking it.
+    pub fn from_env(env: &Environment, opts: &ChainOptions) -> ManagedIdentity {
+        match (&env.identity_endpoint, &env.imds_endpoint) {
+            (Some(endpoint), Some(_)) => ManagedIdentity::Arc(Himds {
+                http: opts.http.with_timeout(REQUEST_TIMEOUT),
+                endpoint: endpoint.clone(),
+                resource: opts.server_app_id.clone(),
+                challenge_dir: env.himds_challenge_dir.clone(),
+            }),
+            _ => ManagedIdentity::Imds(Imds {
+                http: plain_http_client(PROBE_CONNECT_TIMEOUT, REQUEST_TIMEOUT),
+                base: env
+                    .imds_base
+                    .clone()
+                    .unwrap_or_else(|| IMDS_BASE.to_string())
+                    .trim_end_matches('/')
+                    .to_string(),
+                resource: opts.server_app_id.clone(),
+                client_id: env.client_id.clone(),
+                answered: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl Source for ManagedIdentity {
+    fn kind(&self) -> SourceKind {
+        SourceKind::ManagedIdentity
+    }
+
+    fn attempt(&self) -> SourceFuture<'_> {
+        match self {
+            ManagedIdentity::Imds(imds) => Box::pin(imds.get()),
+            ManagedIdentity::Arc(himds) => Box::pin(himds.get()),
+        }
+    }
+}
+
+pub struct Imds {
+    http: HttpClient,
+    base: String,
+    resource: String,
+    /// A user-assigned identity's client id; the VM's system identity without it.
+    client_id: Option<String>,
+    /// Once IMDS has answered, failures are real failures rather than "not on Azure".
+    answered: AtomicBool,
+}
+
+impl Imds {
+    fn url(&self) -> String {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query.append_pair("api-version", "2018-02-01");
+        query.append_pair("resource", &self.resource);
+        if let Some(id) = &self.client_id {
+            query.append_pair("client_id", id);
+        }
+        format!("{}{IMDS_PATH}?{}", self.base, query.finish())
+    }
+
+    async fn get(&self) -> Result<ExpiringToken, SourceError> {
+        let url = self.url();
+        let known = self.answered.load(Ordering::Relaxed);
+        let resp = match self.http.get(&url, &[("Metadata", "true")]).await {
+            Ok(resp) => resp,
+            Err(e) if !known => return Err(SourceError::Unavailable(self.unreachable(&e))),
+            Err(e) => return Err(SourceError::Failed(format!("IMDS: {e}"))),
+        };
+        let looks_like_imds = resp.status.is_success() || is_json(&resp);
+        if !known && !looks_like_imds {
+            // Another cloud's metadata service, or a captive proxy, at the same address.
+            return Err(SourceError::Unavailable(format!(
+                "{} answered HTTP {} but is not Azure IMDS",
+                self.base, resp.status
+            )));
+        }
+        self.answered.store(true, Ordering::Relaxed);
+        match decode::<TokenResponse>(&url, &resp) {
+            Ok(token) => Ok(token.into_expiring().0),
+            // IMDS says 400 when the VM has no identity, or not the one AZURE_CLIENT_ID names.
+            Err(e) if resp.status == StatusCode::BAD_REQUEST => {
+                Err(SourceError::Unavailable(format!(
+                    "IMDS at {} has no matching managed identity: {e}",
+                    self.base
+                )))
+            }
+            Err(e) => Err(e.into_source_error("IMDS")),
+        }
+    }
+
+    fn unreachable(&self, e: &HttpError) -> String {
+        let text = e.to_string();
+        if text.contains("timed out") || matches!(e, HttpError::Timeout { .. }) {
+            format!(
+                "IMDS at {} did not answer within {}s",
+                self.base,
+                PROBE_CONNECT_TIMEOUT.as_secs()
+            )
+        } else {
+            let reason = match e {
+                HttpError::Transport { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            format!("IMDS at {} is not reachable: {reason}", self.base)
+        }
+    }
+}
+
+fn is_json(resp: &HttpResponse) -> bool {
+    resp.header("content-type")
+        .is_some_and(|c| c.contains("json"))
+}
+
+pub struct Himds {
+    http: HttpClient,
+    endpoint: String,
+    resource: String,
+    /// Where challenge files may be; a field so tests can use a temporary directory.
+    pub challenge_dir: PathBuf,
+}
+
+impl Himds {
+    async fn get(&self) -> Result<ExpiringToken, SourceError> {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("api-version", "2020-06-01")
+            .append_pair("resource", &self.resource)
+            .finish();
+        let url = format!("{}?{query}", self.endpoint);
+        let fail = |e: HttpError| SourceError::Failed(format!("Azure Arc HIMDS: {e}"));
+        let challenge = self
+            .http
+            .get(&url, &[("Metadata", "true")])
+            .await
+            .map_err(fail)?;
+        if challenge.status != StatusCode::UNAUTHORIZED {
+            let err = decode::<TokenResponse>(&url, &challenge)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "a token without the challenge".into());
+            return Err(SourceError::Failed(format!(
+                "Azure Arc HIMDS answered HTTP {} instead of the expected 401 challenge: {err}",
+                challenge.status
+            )));
+        }
+        let realm = challenge
+            .header("www-authenticate")
+            .and_then(|h| h.split_once("realm="))
+            .map(|(_, path)| path.trim().trim_matches('"').to_string())
+            .ok_or_else(|| {
+                SourceError::Failed(
+                    "Azure Arc HIMDS answered 401 without a `WWW-Authenticate: Basic realm=<file>` challenge".into(),
+                )
+            })?;
+        // Single use: the agent writes a new secret for every challenge.
+        let secret = read_challenge(Path::new(&realm), &self.challenge_dir)?;
+        let authorization = Secret::new(format!("Basic {}", secret.expose()));
+        let resp = self
+            .http
+            .get(
+                &url,
+                &[
+                    ("Metadata", "true"),
+                    ("Authorization", authorization.expose()),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        decode::<TokenResponse>(&url, &resp)
+            .map(|t| t.into_expiring().0)
+            .map_err(|e: EndpointError| e.into_source_error("Azure Arc HIMDS"))
+    }
+}
+
+/// The secret in a HIMDS challenge file, once the file passed the checks that keep a hostile
+/// endpoint from making us send an arbitrary local file.
+pub fn read_challenge(path: &Path, allowed_dir: &Path) -> Result<Secret, SourceError> {
+    let fail = |reason: String| SourceError::Failed(format!("Azure Arc HIMDS: {reason}"));
+    let shown = path.display();
+    let dir = std::fs::canonicalize(allowed_dir).map_err(|e| {
+        fail(format!(
+            "the agent's token directory {} is not usable ({e}); is the Azure Connected Machine agent installed?",
+            allowed_dir.display()
+        ))
+    })?;
+    // Canonical, so neither `..` nor a symlink can lead out of the directory.
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| fail(format!("the challenge file {shown} cannot be opened: {e}")))?;
+    if real.parent() != Some(dir.as_path()) {
+        return Err(fail(format!(
+            "refusing the challenge file {shown}: it is not in {}",
+            allowed_dir.display()
+        )));
+    }
+    if real.extension().and_then(|e| e.to_str()) != Some("key") {
+        return Err(fail(format!(
+            "refusing the challenge file {shown}: its name does not end in .key"
+        )));
+    }
+    let file = std::fs::File::open(&real).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            fail(format!(
+                "cannot read the challenge file {shown}: permission denied. Only root and the \
+                 `himds` group may read it: run as root, or add this user to the group \
+                 (sudo usermod -a -G himds $USER) and log in again"
+            ))
+        } else {
+            fail(format!("cannot read the challenge file {shown}: {e}"))
+        }
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read the challenge file {shown}: {e}")))?
+        .len();
+    if size > MAX_CHALLENGE_BYTES {
+        return Err(fail(format!(
+            "refusing the challenge file {shown}: {size} bytes, more than {MAX_CHALLENGE_BYTES}"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_CHALLENGE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| fail(format!("cannot read the challenge file {shown}: {e}")))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(fail(format!("the challenge file {shown} is empty")));
+    }
+    Ok(Secret::new(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entra::chain::tests::options;
+    use crate::entra::test_server::{json, Reply, TestServer};
+
+    #[tokio::test]
+    async fn imds_gets_metadata_true_and_string_numbers() {
+        let server = TestServer::start(|req, _| {
+            assert_eq!(req.header("metadata"), Some("true"));
+            json(
+                200,
+                serde_json::json!({"access_token": "mi-token", "expires_in": "3599", "expires_on": "1700000000", "resource": "r", "token_type": "Bearer"}),
+            )
+        })
+        .await;
+        let env = Environment {
+            imds_base: Some(format!("{}/", server.base)),
+            client_id: Some("uami".into()),
+            ..Environment::default()
+        };
+        let source = ManagedIdentity::from_env(&env, &options(&server.base));
+        let token = source.attempt().await.unwrap();
+        assert_eq!(token.token.expose(), "mi-token");
+        assert_eq!(
+            token.expires_at - token.issued_at,
+            Duration::from_secs(3599)
+        );
+        let req = &server.requests()[0];
+        assert_eq!(req.method, "GET");
+        assert_eq!(
+            req.target,
+            format!(
+                "{IMDS_PATH}?api-version=2018-02-01&resource={}&client_id=uami",
+                crate::entra::ARC_SERVER_APP_ID
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn imds_that_is_absent_or_not_imds_is_unavailable() {
+        // A closed port: refused at once.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut env = Environment {
+            imds_base: Some(format!("http://{closed}")),
+            ..Environment::default()
+        };
+        let source = ManagedIdentity::from_env(&env, &options("http://unused"));
+        let err = source.attempt().await.unwrap_err();
+        assert!(
+            matches!(err, SourceError::Unavailable(ref r) if r.contains("not reachable")),
+            "{err:?}"
+        );
+        // Something else at the address: HTML 404.
+        let server = TestServer::start(|_, _| Reply {
+            status: 404,
+            headers: vec![("content-type", "text/html".into())],
+            body: "<html>not found</html>".into(),
+        })
+        .await;
+        env.imds_base = Some(server.base.clone());
+        let source = ManagedIdentity::from_env(&env, &options("http://unused"));
+        let err = source.attempt().await.unwrap_err();
+        assert!(
+            matches!(err, SourceError::Unavailable(ref r) if r.contains("not Azure IMDS")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn himds_reads_an_allowed_challenge_file_once_and_sends_it() {
+        let tokens = tempfile::tempdir().unwrap();
+        let challenge = tokens.path().join("abc.key");
+        std::fs::write(&challenge, "challenge-secret").unwrap();
+        let realm = challenge.display().to_string();
+        let server = TestServer::start(move |req, _| {
+            assert_eq!(req.header("metadata"), Some("true"));
+            match req.header("authorization") {
+                None => Reply {
+                    status: 401,
+                    headers: vec![("www-authenticate", format!("Basic realm={realm}"))],
+                    body: String::new(),
+                },
+                Some("Basic challenge-secret") => json(
+                    200,
+                    serde_json::json!({"access_token": "arc-token", "expires_in": "3600"}),
+                ),
+                Some(_) => json(401, serde_json::json!({"error": "bad secret"})),
+            }
+        })
+        .await;
+        let env = Environment {
+            identity_endpoint: Some(format!("{}/metadata/identity/oauth2/token", server.base)),
+            imds_endpoint: Some(server.base.clone()),
+            himds_challenge_dir: tokens.path().to_path_buf(),
+            ..Environment::default()
+        };
+        let source = ManagedIdentity::from_env(&env, &options(&server.base));
+        assert!(matches!(source, ManagedIdentity::Arc(_)));
+        let token = source.attempt().await.unwrap();
+        assert_eq!(token.token.expose(), "arc-token");
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 2, "one challenge, one answer");
+        assert!(reqs[0].target.contains("api-version=2020-06-01"));
+    }
+
+    #[test]
+    fn himds_refuses_challenge_files_outside_the_directory_or_of_the_wrong_shape() {
+        let tokens = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path().join("x.key");
+        std::fs::write(&outside, "s").unwrap();
+        let err = read_challenge(&outside, tokens.path()).unwrap_err();
+        assert!(err.reason().contains("is not in"), "{err:?}");
+        // `..` out of the directory is the same thing.
+        let sneaky = tokens.path().join("..").join(
+            outside
+                .strip_prefix(tokens.path().parent().unwrap())
+                .unwrap_or(&outside),
+        );
+        assert!(read_challenge(&sneaky, tokens.path()).is_err());
+        #[cfg(unix)]
+        {
+            let link = tokens.path().join("link.key");
+            std::os::unix::fs::symlink(&outside, &link).unwrap();
+            assert!(read_challenge(&link, tokens.path())
+                .unwrap_err()
+                .reason()
+                .contains("is not in"));
+        }
+        let txt = tokens.path().join("a.txt");
+        std::fs::write(&txt, "s").unwrap();
+        assert!(read_challenge(&txt, tokens.path())
+            .unwrap_err()
+            .reason()
+            .contains(".key"));
+        let big = tokens.path().join("big.key");
+        std::fs::write(&big, vec![b'a'; 5000]).unwrap();
+        assert!(read_challenge(&big, tokens.path())
+            .unwrap_err()
+            .reason()
+            .contains("more than 4096"));
+        let ok = tokens.path().join("ok.key");
+        std::fs::write(&ok, "secret\n").unwrap();
+        assert_eq!(
+            read_challenge(&ok, tokens.path()).unwrap().expose(),
+            "secret"
+        );
+    }
+}
