@@ -14,8 +14,13 @@ use clusterconnect::entra::http::HttpClient;
 use clusterconnect::entra::validate::{Validator, ValidatorConfig};
 use clusterconnect::entra::{Authority, Cloud, ARC_SERVER_APP_ID};
 
-use support::check::{describe, text};
+use clusterconnect::entra::chain::{self, ChainOptions, Environment, SourceKind};
+use clusterconnect::entra::device_code::Prompt;
+use clusterconnect::entra::ARC_CLIENT_APP_ID;
+use support::check::{describe, eventually, text, PROMPT};
 use support::entra::{Entra, GRAPH, OTHER_TENANT, TENANT};
+use support::imds::{Himds, Imds};
+use support::spawn_kubectl;
 use support::tunnel::{
     listen_key, send_key, static_token, wait_for_listener, Agent, LocalProxy, ProxiedCluster,
     Relay, CONNECTION,
@@ -381,4 +386,261 @@ async fn an_identity_in_250_groups_is_authorized_through_graph() {
         "{}",
         describe(&out)
     );
+}
+
+/// Records what the device-code flow would show the user.
+#[derive(Default)]
+struct Captured(std::sync::Mutex<Vec<String>>);
+
+impl Prompt for Captured {
+    fn show(&self, message: &str) {
+        self.0.lock().unwrap().push(message.to_string());
+    }
+}
+
+/// Chain options against the stand-in Entra for the Arc server app.
+fn chain_options(
+    entra: &Entra,
+    only: Option<SourceKind>,
+    config_dir: &std::path::Path,
+) -> ChainOptions {
+    ChainOptions {
+        authority: authority(entra),
+        tenant: Some(TENANT.into()),
+        server_app_id: ARC_SERVER_APP_ID.into(),
+        client_app_id: ARC_CLIENT_APP_ID.into(),
+        only,
+        interactive: false,
+        http: http_for(entra),
+        config_dir: config_dir.to_path_buf(),
+        prompt: Arc::new(Captured::default()),
+    }
+}
+
+/// An environment with nothing configured; each test sets what its source needs.
+fn empty_env(dir: &std::path::Path) -> Environment {
+    Environment {
+        himds_challenge_dir: dir.join("no-himds"),
+        path: Some(dir.join("no-bin").into_os_string()),
+        imds_base: Some("http://127.0.0.1:9".into()),
+        ..Environment::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_and_managed_identities_sign_in_through_the_chain() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = dir.path().join("himds-tokens");
+    std::fs::create_dir(&challenges).unwrap();
+
+    // A service principal with a secret.
+    let secret_app = (
+        "11111111-0000-0000-0000-00000000a001",
+        "a0000000-0000-0000-0000-00000000a001",
+    );
+    c.entra
+        .add_app_secret(secret_app.0, "s3cret-value", secret_app.1);
+    let mut env_secret = empty_env(dir.path());
+    env_secret.tenant_id = Some(TENANT.into());
+    env_secret.client_id = Some(secret_app.0.into());
+    env_secret.client_secret = Some(clusterconnect::secret::Secret::new("s3cret-value"));
+
+    // A service principal with a certificate.
+    let cert_app = (
+        "22222222-0000-0000-0000-00000000b002",
+        "b0000000-0000-0000-0000-00000000b002",
+    );
+    let pem = c.entra.add_app_certificate(cert_app.0, cert_app.1);
+    let cert_path = dir.path().join("sp.pem");
+    std::fs::write(&cert_path, pem).unwrap();
+    let mut env_cert = empty_env(dir.path());
+    env_cert.tenant_id = Some(TENANT.into());
+    env_cert.client_id = Some(cert_app.0.into());
+    env_cert.client_certificate_path = Some(cert_path);
+
+    // A managed identity through IMDS, and one through an Arc-enabled server's HIMDS.
+    let imds_oid = "c0000000-0000-0000-0000-00000000c003";
+    let imds = Imds::start(&c.entra, imds_oid, "33333333-0000-0000-0000-00000000c003").await;
+    let mut env_imds = empty_env(dir.path());
+    env_imds.imds_base = Some(imds.endpoint());
+    let himds_oid = "d0000000-0000-0000-0000-00000000d004";
+    let himds = Himds::start(&c.entra, himds_oid, &challenges).await;
+    let mut env_himds = empty_env(dir.path());
+    env_himds.identity_endpoint = Some(himds.identity_endpoint());
+    env_himds.imds_endpoint = Some(himds.imds_endpoint());
+    env_himds.himds_challenge_dir = challenges.clone();
+
+    let cases = [
+        ("sp-secret", env_secret, secret_app.1, "client_credentials"),
+        ("sp-cert", env_cert, cert_app.1, "client_credentials"),
+        ("imds", env_imds, imds_oid, ""),
+        ("himds", env_himds, himds_oid, ""),
+    ];
+    let mut credentials = Vec::new();
+    for (name, env, _, _) in &cases {
+        let opts = chain_options(&c.entra, None, dir.path());
+        let credential = chain::credential(&opts, env)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        credentials.push((*name, credential));
+    }
+    let proxy = c.proxy(dir.path(), credentials).await;
+    for (name, _, oid, _) in &cases {
+        let (user, _, extra) = whoami(&proxy.kubeconfig, name).await;
+        assert_eq!(user, *oid, "{name}: applications are named by object id");
+        assert_eq!(extra["oid"], serde_json::json!([oid]), "{name}");
+        let seen = c.api.requests().pop().expect("request");
+        assert_eq!(
+            seen.headers["authorization"].to_str().unwrap(),
+            format!("Bearer {}", c.api.agent_token()),
+            "{name}"
+        );
+    }
+    assert_eq!(imds.requests(), 1);
+    assert_eq!(himds.challenges_issued(), 1);
+    assert_eq!(himds.challenges_redeemed(), 1);
+    assert_eq!(
+        std::fs::read_dir(&challenges).unwrap().count(),
+        0,
+        "challenge file left behind"
+    );
+    let grants: Vec<_> = c
+        .entra
+        .token_requests()
+        .into_iter()
+        .map(|r| (r.client_id, r.grant_type))
+        .collect();
+    assert!(
+        grants.contains(&(secret_app.0.to_string(), "client_credentials".to_string())),
+        "{grants:?}"
+    );
+    assert!(
+        grants.contains(&(cert_app.0.to_string(), "client_credentials".to_string())),
+        "{grants:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_its_first_token_and_new_requests_use_the_renewed_one() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = (
+        "44444444-0000-0000-0000-00000000e005",
+        "e0000000-0000-0000-0000-00000000e005",
+    );
+    c.entra.add_app_secret(app.0, "another-secret", app.1);
+    // Short-lived tokens: renewal starts half way, at three seconds.
+    c.entra.set_token_lifetime(Duration::from_secs(6));
+    let mut env = empty_env(dir.path());
+    env.tenant_id = Some(TENANT.into());
+    env.client_id = Some(app.0.into());
+    env.client_secret = Some(clusterconnect::secret::Secret::new("another-secret"));
+    let credential = chain::credential(&chain_options(&c.entra, None, dir.path()), &env)
+        .await
+        .expect("credential");
+    let proxy = c.proxy(dir.path(), vec![("app", credential)]).await;
+
+    let mut watch = spawn_kubectl(&proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
+    eventually("the watch reaches the apiserver", || {
+        c.api.open_watches() > 0
+    })
+    .await;
+    // Past the first token's expiry.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    c.api.add_pod("default", "after-expiry");
+    let seen = watch
+        .read_stdout_until(PROMPT, |o| o.contains("after-expiry"))
+        .await;
+    assert!(seen.is_ok(), "{}", describe(&watch.kill().await));
+    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let fetched = c
+        .entra
+        .token_requests()
+        .iter()
+        .filter(|r| r.client_id == app.0)
+        .count();
+    assert!(
+        fetched >= 2,
+        "the token was never renewed ({fetched} fetches)"
+    );
+    watch.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_code_sign_in_completes_and_the_next_start_reuses_the_cached_refresh_token() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let upn = "dev@contoso.com";
+    let oid = "f0000000-0000-0000-0000-00000000f006";
+    c.entra.add_user(upn, oid, &["group-dev".to_string()]);
+    c.entra.slow_down_once();
+    let env = empty_env(dir.path());
+
+    let prompt = Arc::new(Captured::default());
+    let mut opts = chain_options(&c.entra, Some(SourceKind::DeviceCode), dir.path());
+    opts.prompt = prompt.clone();
+    let signing_in = tokio::spawn(async move { chain::credential(&opts, &env).await });
+    eventually("the sign-in instructions are shown", || {
+        !prompt.0.lock().unwrap().is_empty()
+    })
+    .await;
+    let message = prompt.0.lock().unwrap()[0].clone();
+    let code = c
+        .entra
+        .device_codes()
+        .pop()
+        .expect("a device code was issued");
+    assert!(
+        message.contains(&code) && message.contains("/devicelogin"),
+        "{message}"
+    );
+    c.entra.approve_device_code(&code, upn);
+    let first = signing_in.await.unwrap().expect("device code sign-in");
+
+    // The refresh token is cached privately.
+    let cached: Vec<_> = walk(&dir.path().join("entra"));
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cached[0]).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The next start: no prompt, the cached refresh token is redeemed.
+    let again = Arc::new(Captured::default());
+    let mut opts = chain_options(&c.entra, None, dir.path());
+    opts.prompt = again.clone();
+    let second = chain::credential(&opts, &empty_env(dir.path()))
+        .await
+        .expect("the cached sign-in is reused");
+    assert!(again.0.lock().unwrap().is_empty(), "prompted again");
+    assert!(c
+        .entra
+        .token_requests()
+        .iter()
+        .any(|r| r.grant_type == "refresh_token"));
+
+    let proxy = c
+        .proxy(dir.path(), vec![("first", first), ("second", second)])
+        .await;
+    for context in ["first", "second"] {
+        let (user, groups, _) = whoami(&proxy.kubeconfig, context).await;
+        assert_eq!(user, upn);
+        assert!(groups.contains(&"group-dev".to_string()), "{groups:?}");
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
 }

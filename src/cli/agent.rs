@@ -10,10 +10,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::RelayFlags;
 use crate::agent::{AgentConfig, AuthMode, Authenticator, EntraAuth, Upstream, DEFAULT_TOKEN_TTL};
+use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::CredentialSource;
+use crate::entra::chain::{ChainOptions, EntraChain, Environment};
+use crate::entra::device_code::StderrPrompt;
+use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
-use crate::entra::{Authority, Cloud, ARC_SERVER_APP_ID};
+use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -78,8 +82,14 @@ fn authenticator(
         anyhow::bail!("--auth-mode {mode:?} impersonates Entra users with the agent's own service-account token, and the cluster configuration has none: run the agent in a pod, or use a kubeconfig whose user has a token or tokenFile");
     };
     let authority = Authority::from_env(args.cloud)
-        .map_err(|e| anyhow::anyhow!("AZURE_AUTHORITY_HOST: {e}"))?;
-    let http = HttpClient::with_system_roots(None)?;
+        .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+    let http = HttpClient::with_system_roots(None)
+        .context("cannot set up TLS for Entra ID (the system trust store)")?;
+    let groups = GroupResolver::new(
+        http.clone(),
+        authority.graph.clone(),
+        graph_credential(&authority, &args.tenants[0], &http),
+    );
     let validator = Validator::new(
         ValidatorConfig {
             authority,
@@ -93,10 +103,46 @@ fn authenticator(
         mode,
         EntraAuth {
             validator,
-            groups: None,
+            groups: Some(groups),
             own_token,
         },
     ))
+}
+
+/// The agent's own Entra identity for Microsoft Graph (group overage lookups): workload
+/// identity, managed identity or a service principal from its environment, never a prompt.
+/// Tried once in the background at start so the log says early whether lookups will work.
+fn graph_credential(
+    authority: &Authority,
+    tenant: &str,
+    http: &HttpClient,
+) -> Arc<dyn CredentialSource> {
+    let env = Environment::from_process();
+    let opts = ChainOptions {
+        authority: authority.clone(),
+        tenant: env.tenant_id.clone().or_else(|| Some(tenant.to_string())),
+        server_app_id: authority.graph.clone(),
+        client_app_id: ARC_CLIENT_APP_ID.to_string(),
+        only: None,
+        interactive: false,
+        http: http.clone(),
+        config_dir: crate::proxy::local_ca::config_dir(),
+        prompt: Arc::new(StderrPrompt),
+    };
+    let credential: Arc<dyn CredentialSource> =
+        Arc::new(Refreshing::new(EntraChain::new(&opts, &env), RENEW_MARGIN));
+    let probe = credential.clone();
+    tokio::spawn(async move {
+        match probe.token().await {
+            Ok(_) => {
+                tracing::info!(identity = %probe.describe(), "group overage lookups in Microsoft Graph use this identity")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no Entra identity for Microsoft Graph: users in more than 200 groups cannot be authorized until one is configured")
+            }
+        }
+    });
+    credential
 }
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
