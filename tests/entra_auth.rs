@@ -644,3 +644,82 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default()
 }
+
+/// The real binaries: `agent --tenant` validating against the stand-in Entra, and `proxy` with
+/// no token flag signing in as a service principal from its environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_sign_in_with_entra_from_the_environment() {
+    use std::ffi::OsStr;
+    use support::processes::{agent_args, proxy_port, spawn, start_relay};
+    if !kubectl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let entra = Entra::start().await;
+    let api = ApiServer::start().await;
+    let relay = start_relay(dir.path()).await;
+    let ca = entra.write_ca(dir.path());
+    let host = entra.authority_host();
+    let trust = [
+        ("SSL_CERT_FILE", ca.as_os_str()),
+        ("AZURE_AUTHORITY_HOST", OsStr::new(&host)),
+    ];
+
+    let agent_kubeconfig = api.write_kubeconfig(dir.path(), &api.agent_token());
+    let mut args = agent_args(&relay, &agent_kubeconfig, CONNECTION, &relay.listen_key);
+    args.extend(["--tenant".into(), TENANT.into()]);
+    let agent = spawn(&args, &trust);
+    agent
+        .wait_for_log(Duration::from_secs(20), "listening")
+        .await
+        .expect("agent listening");
+
+    let app = (
+        "55555555-0000-0000-0000-0000000000b1",
+        "b1000000-0000-0000-0000-0000000000b1",
+    );
+    entra.add_app_secret(app.0, "binary-secret", app.1);
+    let kubeconfig = dir.path().join("kubeconfig");
+    let config_dir = dir.path().join("proxy-config");
+    let mut envs = trust.to_vec();
+    envs.extend([
+        ("AZURE_TENANT_ID", OsStr::new(TENANT)),
+        ("AZURE_CLIENT_ID", OsStr::new(app.0)),
+        ("AZURE_CLIENT_SECRET", OsStr::new("binary-secret")),
+        ("CLUSTERCONNECT_CONFIG_DIR", config_dir.as_os_str()),
+    ]);
+    let relay_ca = relay.ca_path.clone();
+    let send_key = relay.send_key.clone();
+    let proxy = spawn(
+        &[
+            OsStr::new("proxy"),
+            OsStr::new("--relay"),
+            OsStr::new(&relay.url),
+            OsStr::new("--connection"),
+            OsStr::new(CONNECTION),
+            OsStr::new("--key-file"),
+            send_key.as_os_str(),
+            OsStr::new("--relay-ca"),
+            relay_ca.as_os_str(),
+            OsStr::new("--port"),
+            OsStr::new("0"),
+            OsStr::new("--file"),
+            kubeconfig.as_os_str(),
+        ],
+        &envs,
+    );
+    proxy
+        .wait_for(Duration::from_secs(20), |text| proxy_port(text).is_some())
+        .await
+        .unwrap_or_else(|out| panic!("proxy did not start:\n{out}\nagent:\n{}", agent.output()));
+
+    let (user, _, _) = whoami(&kubeconfig, CONNECTION).await;
+    assert_eq!(user, app.1);
+    let out = kubectl(&kubeconfig, &["get", "pods"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let logs = format!("{}{}", proxy.output(), agent.output());
+    assert!(
+        !logs.contains("binary-secret"),
+        "a secret reached a log line"
+    );
+}

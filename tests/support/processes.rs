@@ -69,7 +69,7 @@ fn pump(
 }
 
 /// Starts `clusterconnect <args>` with `envs` added, HOME pointing at a fresh temp dir and
-/// none of the caller's CLUSTERCONNECT_*, KUBECONFIG or proxy variables.
+/// none of the caller's CLUSTERCONNECT_*, AZURE_*, KUBECONFIG, trust-store or proxy variables.
 pub fn spawn<A: AsRef<OsStr>>(args: &[A], envs: &[(&str, &OsStr)]) -> Process {
     let home = tempfile::Builder::new()
         .prefix("clusterconnect-home-")
@@ -118,9 +118,19 @@ fn command<A: AsRef<OsStr>>(args: &[A], envs: &[(&str, &OsStr)], home: &Path) ->
         .env_remove("KUBECONFIG")
         .kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("CLUSTERCONNECT_") {
+        let n = name.to_string_lossy();
+        // The caller's own Azure identity must not leak into a test's credential chain.
+        if n.starts_with("CLUSTERCONNECT_") || n.starts_with("AZURE_") {
             cmd.env_remove(&name);
         }
+    }
+    for name in [
+        "IDENTITY_ENDPOINT",
+        "IMDS_ENDPOINT",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    ] {
+        cmd.env_remove(name);
     }
     for proxy in [
         "HTTPS_PROXY",
