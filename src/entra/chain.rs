@@ -201,7 +201,7 @@ impl EntraChain {
                         WorkloadIdentity::from_env(env, opts).map(|s| Box::new(s) as _)
                     }
                     SourceKind::ManagedIdentity => {
-                        Ok(Box::new(ManagedIdentity::from_env(env, opts)) as _)
+                        ManagedIdentity::from_env(env, opts).map(|s| Box::new(s) as _)
                     }
                     SourceKind::AzureCli => AzureCli::from_env(env, opts).map(|s| Box::new(s) as _),
                     SourceKind::DeviceCode => {

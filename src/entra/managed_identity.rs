@@ -37,13 +37,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_CHALLENGE_BYTES: u64 = 4096;
 
 /// A client for the plain-HTTP identity endpoints: no TLS roots needed or loaded.
-pub fn plain_http_client(connect_timeout: Duration, timeout: Duration) -> HttpClient {
+pub fn plain_http_client(
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Result<HttpClient, rustls::Error> {
     let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    HttpClient::new(Arc::new(tls), connect_timeout, timeout)
+    Ok(HttpClient::new(Arc::new(tls), connect_timeout, timeout))
 }
 
 /// The directory the Connected Machine agent writes challenge files into.
@@ -67,8 +69,11 @@ pub enum ManagedIdentity {
 impl ManagedIdentity {
     /// HIMDS when the Arc agent's variables are set, IMDS otherwise. Never "not configured":
     /// whether IMDS exists is only known by asking it.
-    pub fn from_env(env: &Environment, opts: &ChainOptions) -> ManagedIdentity {
-        match (&env.identity_endpoint, &env.imds_endpoint) {
+    pub fn from_env(
+        env: &Environment,
+        opts: &ChainOptions,
+    ) -> Result<ManagedIdentity, SourceError> {
+        Ok(match (&env.identity_endpoint, &env.imds_endpoint) {
             (Some(endpoint), Some(_)) => ManagedIdentity::Arc(Himds {
                 http: opts.http.with_timeout(REQUEST_TIMEOUT),
                 endpoint: endpoint.clone(),
@@ -76,7 +81,9 @@ impl ManagedIdentity {
                 challenge_dir: env.himds_challenge_dir.clone(),
             }),
             _ => ManagedIdentity::Imds(Imds {
-                http: plain_http_client(PROBE_CONNECT_TIMEOUT, REQUEST_TIMEOUT),
+                http: plain_http_client(PROBE_CONNECT_TIMEOUT, REQUEST_TIMEOUT).map_err(|e| {
+                    SourceError::Unavailable(format!("no HTTP client for IMDS: {e}"))
+                })?,
                 base: env
                     .imds_base
                     .clone()
@@ -87,7 +94,7 @@ impl ManagedIdentity {
                 client_id: env.client_id.clone(),
                 answered: AtomicBool::new(false),
             }),
-        }
+        })
     }
 }
 
@@ -315,7 +322,7 @@ mod tests {
             client_id: Some("uami".into()),
             ..Environment::default()
         };
-        let source = ManagedIdentity::from_env(&env, &options(&server.base));
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
         let token = source.attempt().await.unwrap();
         assert_eq!(token.token.expose(), "mi-token");
         assert_eq!(
@@ -344,7 +351,7 @@ mod tests {
             imds_base: Some(format!("http://{closed}")),
             ..Environment::default()
         };
-        let source = ManagedIdentity::from_env(&env, &options("http://unused"));
+        let source = ManagedIdentity::from_env(&env, &options("http://unused")).unwrap();
         let err = source.attempt().await.unwrap_err();
         assert!(
             matches!(err, SourceError::Unavailable(ref r) if r.contains("not reachable")),
@@ -358,7 +365,7 @@ mod tests {
         })
         .await;
         env.imds_base = Some(server.base.clone());
-        let source = ManagedIdentity::from_env(&env, &options("http://unused"));
+        let source = ManagedIdentity::from_env(&env, &options("http://unused")).unwrap();
         let err = source.attempt().await.unwrap_err();
         assert!(
             matches!(err, SourceError::Unavailable(ref r) if r.contains("not Azure IMDS")),
@@ -394,7 +401,7 @@ mod tests {
             himds_challenge_dir: tokens.path().to_path_buf(),
             ..Environment::default()
         };
-        let source = ManagedIdentity::from_env(&env, &options(&server.base));
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
         assert!(matches!(source, ManagedIdentity::Arc(_)));
         let token = source.attempt().await.unwrap();
         assert_eq!(token.token.expose(), "arc-token");
