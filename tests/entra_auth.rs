@@ -198,6 +198,42 @@ async fn entra_users_and_groups_reach_the_apiserver_impersonated_with_the_agents
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_key_is_fetched_once_and_accepted() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let oid = "1f2e3d4c-0000-4000-8000-00000000abcd";
+    let before = c.user_token("rot@contoso.com", oid, &[]);
+    let first = c
+        .proxy(dir.path(), vec![("before", static_token(&before))])
+        .await;
+    assert_eq!(
+        whoami(&first.kubeconfig, "before").await.0,
+        "rot@contoso.com"
+    );
+    assert_eq!(c.entra.jwks_fetches(), 1);
+
+    c.entra.rotate_signing_key();
+    let after = c.user_token("rot@contoso.com", oid, &[]);
+    let dir2 = tempfile::tempdir().unwrap();
+    let second = c
+        .proxy(dir2.path(), vec![("after", static_token(&after))])
+        .await;
+    // The new key id is not in the cached set: one refetch, then accepted.
+    assert_eq!(
+        whoami(&second.kubeconfig, "after").await.0,
+        "rot@contoso.com"
+    );
+    assert_eq!(c.entra.jwks_fetches(), 2);
+    // Both keys now come from the cache.
+    whoami(&first.kubeconfig, "before").await;
+    whoami(&second.kubeconfig, "after").await;
+    assert_eq!(c.entra.jwks_fetches(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_get_a_401_naming_the_failed_check_and_never_reach_the_apiserver() {
     if !kubectl_available() {
         return;

@@ -66,11 +66,21 @@ impl Authenticator {
     /// Rewrites `headers` for the apiserver, or answers the request with a 401 saying why.
     pub async fn authorize(&self, headers: &mut HeaderMap) -> Result<(), Response<Body>> {
         strip_impersonation(headers);
+        if headers.get_all(AUTHORIZATION).iter().count() > 1 {
+            return Err(status(
+                400,
+                "BadRequest",
+                "the request has more than one Authorization header",
+            ));
+        }
+        // The scheme is case-insensitive: a "bearer" Entra token must not slip past
+        // validation to the apiserver.
         let bearer = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         let entra = match (&self.entra, self.mode) {
             (Some(entra), AuthMode::Entra | AuthMode::Both) => entra,
             _ => return Ok(()),
@@ -86,7 +96,7 @@ impl Authenticator {
         let identity = match entra.validator.validate(token).await {
             Ok(identity) => identity,
             Err(why) => {
-                tracing::info!(reason = %why, "Entra token rejected");
+                tracing::info!(reason = ?why.to_string(), "Entra token rejected");
                 return Err(unauthorized(&format!("Entra token rejected: {why}")));
             }
         };
@@ -96,7 +106,7 @@ impl Authenticator {
             status(
                 503,
                 "ServiceUnavailable",
-                &format!("the clusterconnect agent cannot impersonate: its own credential is unavailable: {e}"),
+                "the clusterconnect agent cannot impersonate: its own service-account credential is unavailable (see the agent's log)",
             )
         })?;
         let bearer = HeaderValue::from_str(&format!("Bearer {}", own.expose())).map_err(|_| {
@@ -125,12 +135,15 @@ impl Authenticator {
                 "your token has more than 200 groups (a groups overage) and this agent has no Entra identity to look them up in Microsoft Graph. {workaround}"
             )));
         };
-        match resolver.member_of(&identity.object_id).await {
+        match resolver
+            .member_of(&identity.tenant, &identity.object_id)
+            .await
+        {
             Ok(groups) => Ok(groups.as_ref().clone()),
             Err(e) => {
-                tracing::warn!(error = %e, "group lookup in Microsoft Graph failed");
+                tracing::warn!(error = %e, object_id = %identity.object_id, "group lookup in Microsoft Graph failed");
                 Err(unauthorized(&format!(
-                    "your token has more than 200 groups (a groups overage) and the agent could not look them up in Microsoft Graph: {e}. {workaround}"
+                    "your token has more than 200 groups (a groups overage) and the agent could not look them up in Microsoft Graph (the agent's log says why). {workaround}"
                 )))
             }
         }

@@ -73,10 +73,12 @@ fn authenticator(
             "--auth-mode {mode:?} needs --tenant: the Entra tenant id(s) whose users may connect"
         );
     }
+    let mut tenants = Vec::new();
     for tenant in &args.tenants {
-        uuid::Uuid::parse_str(tenant).map_err(|_| {
+        let id = uuid::Uuid::parse_str(tenant.trim()).map_err(|_| {
             anyhow::anyhow!("--tenant {tenant:?} is not a tenant id (a GUID, as in `az account show --query tenantId`)")
         })?;
+        tenants.push(id.hyphenated().to_string());
     }
     let Some(own_token) = own_token else {
         anyhow::bail!("--auth-mode {mode:?} impersonates Entra users with the agent's own service-account token, and the cluster configuration has none: run the agent in a pod, or use a kubeconfig whose user has a token or tokenFile");
@@ -88,13 +90,13 @@ fn authenticator(
     let groups = GroupResolver::new(
         http.clone(),
         authority.graph.clone(),
-        graph_credential(&authority, &args.tenants[0], &http),
+        graph_credential(&authority, &tenants[0], &http),
     );
     let validator = Validator::new(
         ValidatorConfig {
             authority,
             server_app_id: args.server_app_id.clone(),
-            tenants: args.tenants.clone(),
+            tenants,
             refetch_interval: Duration::from_secs(60),
         },
         http,

@@ -48,9 +48,15 @@ impl GroupResolver {
         }
     }
 
-    /// Every group (and directory role) the object `object_id` is a member of, transitively.
-    pub async fn member_of(&self, object_id: &str) -> Result<Arc<Vec<String>>, String> {
-        if let Some(groups) = self.cached(object_id) {
+    /// Every security group the object `object_id` of `tenant` is a member of, transitively
+    /// (what a `groups` claim would have held).
+    pub async fn member_of(
+        &self,
+        tenant: &str,
+        object_id: &str,
+    ) -> Result<Arc<Vec<String>>, String> {
+        let key = format!("{tenant}/{object_id}");
+        if let Some(groups) = self.cached(&key) {
             return Ok(groups);
         }
         let token = self
@@ -70,7 +76,7 @@ impl GroupResolver {
                 Method::POST,
                 &url,
                 &[("authorization", &auth)],
-                &serde_json::json!({ "securityEnabledOnly": false }),
+                &serde_json::json!({ "securityEnabledOnly": true }),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -95,13 +101,13 @@ impl GroupResolver {
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(object_id.to_string(), (groups.clone(), Instant::now()));
+        cache.insert(key, (groups.clone(), Instant::now()));
         Ok(groups)
     }
 
-    fn cached(&self, object_id: &str) -> Option<Arc<Vec<String>>> {
+    fn cached(&self, key: &str) -> Option<Arc<Vec<String>>> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let (groups, at) = cache.get(object_id)?;
+        let (groups, at) = cache.get(key)?;
         (at.elapsed() < MEMBERSHIP_TTL).then(|| groups.clone())
     }
 }

@@ -65,7 +65,7 @@ pub enum Rejected {
     Malformed(String),
     #[error("signing algorithm {0:?} is not accepted; Entra access tokens are RS256-signed")]
     Algorithm(String),
-    #[error("tenant {0} is not allowed by this agent (its --tenant list)")]
+    #[error("tenant {0:?} is not allowed by this agent (its --tenant list)")]
     Tenant(String),
     #[error("issuer {0:?} is not Entra's for the token's tenant")]
     Issuer(String),
@@ -108,8 +108,6 @@ struct Claims {
     exp: u64,
     oid: Option<String>,
     upn: Option<String>,
-    unique_name: Option<String>,
-    preferred_username: Option<String>,
     idtyp: Option<String>,
     scp: Option<String>,
     #[serde(default)]
@@ -122,7 +120,11 @@ struct Claims {
 
 struct TenantKeys {
     keys: HashMap<String, DecodingKey>,
-    fetched_at: Instant,
+    /// The last successful fetch.
+    fetched_at: Option<Instant>,
+    /// The last attempt, successful or not.
+    attempted_at: Instant,
+    last_error: Option<String>,
 }
 
 pub struct Validator {
@@ -196,7 +198,7 @@ impl Validator {
         {
             let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((identity, exp)) = accepted.get(&digest) {
-                if now <= exp + LEEWAY.as_secs() {
+                if now <= exp.saturating_add(LEEWAY.as_secs()) {
                     return Ok(identity.clone());
                 }
             }
@@ -204,7 +206,7 @@ impl Validator {
         let (identity, exp) = self.verify(token).await?;
         let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
         if accepted.len() >= MAX_ACCEPTED {
-            accepted.retain(|_, (_, exp)| now <= *exp + LEEWAY.as_secs());
+            accepted.retain(|_, (_, exp)| now <= exp.saturating_add(LEEWAY.as_secs()));
             if accepted.len() >= MAX_ACCEPTED {
                 accepted.clear();
             }
@@ -220,24 +222,27 @@ impl Validator {
         if alg != "RS256" {
             return Err(Rejected::Algorithm(alg));
         }
-        let tenant = unverified
+        let claimed = unverified
             .tid
             .clone()
             .ok_or(Rejected::MissingClaim("tid"))?;
         // The tenant is checked before any key fetch, so tokens naming arbitrary tenants
-        // cannot make the agent call Entra.
-        if !self
-            .config
-            .tenants
-            .iter()
-            .any(|t| t.eq_ignore_ascii_case(&tenant))
-        {
-            return Err(Rejected::Tenant(tenant));
-        }
-        let issuers = self.config.authority.issuers(&tenant);
+        // cannot make the agent call Entra; and it is used in one canonical spelling, so case
+        // variants of an allowed tenant cannot each start a fetch of their own.
+        let tenant = uuid::Uuid::parse_str(&claimed)
+            .ok()
+            .map(|t| t.hyphenated().to_string())
+            .filter(|t| {
+                self.config
+                    .tenants
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(t))
+            })
+            .ok_or_else(|| Rejected::Tenant(claimed.chars().take(64).collect()))?;
         let iss = unverified.iss.clone().unwrap_or_default();
+        let issuers = self.config.authority.issuers(&claimed);
         if !issuers.contains(&iss) {
-            return Err(Rejected::Issuer(iss));
+            return Err(Rejected::Issuer(iss.chars().take(200).collect()));
         }
         let kid = header.kid.ok_or(Rejected::MissingClaim("kid (header)"))?;
         let key = self.key(&tenant, &kid).await?;
@@ -268,12 +273,13 @@ impl Validator {
         })?;
         let c = data.claims;
         let object_id = c.oid.ok_or(Rejected::MissingClaim("oid"))?;
-        let app = c.idtyp.as_deref() == Some("app") || (c.scp.is_none() && c.upn.is_none());
-        let upn = if app {
-            None
-        } else {
-            c.upn.or(c.preferred_username).or(c.unique_name)
-        };
+        // Only `upn` names a user: `preferred_username` and `unique_name` are changeable and,
+        // for guests, hold their home address. Users without one are bound by object id, as
+        // AKS documents for guests. A `system:` name would alias Kubernetes' own identities.
+        let app = c.idtyp.as_deref() == Some("app") || c.scp.is_none();
+        let upn = c
+            .upn
+            .filter(|u| !app && !u.is_empty() && !u.starts_with("system:"));
         let groups_overage = c.hasgroups
             || c.claim_names
                 .as_ref()
@@ -288,55 +294,75 @@ impl Validator {
         Ok((identity, c.exp))
     }
 
-    /// The verification key `kid` of `tenant`, fetching the tenant's keys when they are
-    /// missing, old, or lack `kid` (at most once per `refetch_interval` for the latter).
+    /// The verification key `kid` of `tenant`. The tenant's keys are fetched when they are
+    /// missing, older than a day, or lack `kid`, but at most once per `refetch_interval`
+    /// (failed attempts included), so neither forged key ids nor an Entra outage turn every
+    /// request into a fetch. When a refresh fails, the keys already known keep working.
     async fn key(&self, tenant: &str, kid: &str) -> Result<DecodingKey, Rejected> {
-        if let Some(found) = self.cached(tenant, kid, false) {
-            return found;
+        if let Some(key) = self.fresh_key(tenant, kid) {
+            return Ok(key);
         }
         let _one = self.fetching.lock().await;
-        if let Some(found) = self.cached(tenant, kid, false) {
-            return found;
+        if let Some(key) = self.fresh_key(tenant, kid) {
+            return Ok(key);
         }
-        // Another request may have refetched moments ago: then the kid really is unknown.
-        if let Some(found) = self.cached(tenant, kid, true) {
-            return found;
+        let (known, attempted, last_error) = match self.lock().get(tenant) {
+            Some(e) => (
+                e.keys.get(kid).cloned(),
+                Some(e.attempted_at),
+                e.last_error.clone(),
+            ),
+            None => (None, None, None),
+        };
+        let due = attempted.is_none_or(|at| at.elapsed() >= self.config.refetch_interval);
+        if !due {
+            return match (known, last_error) {
+                (Some(key), _) => Ok(key),
+                (None, Some(e)) => Err(Rejected::KeysUnavailable(e)),
+                (None, None) => Err(Rejected::UnknownKey(kid.chars().take(64).collect())),
+            };
         }
-        let keys = self
-            .fetch_keys(tenant)
-            .await
-            .map_err(Rejected::KeysUnavailable)?;
-        let found = keys.get(kid).cloned();
-        self.lock().insert(
-            tenant.to_string(),
-            TenantKeys {
-                keys,
-                fetched_at: Instant::now(),
-            },
-        );
-        found.ok_or_else(|| Rejected::UnknownKey(kid.to_string()))
+        let result = self.fetch_keys(tenant).await;
+        let mut cache = self.lock();
+        let entry = cache
+            .entry(tenant.to_string())
+            .or_insert_with(|| TenantKeys {
+                keys: HashMap::new(),
+                fetched_at: None,
+                attempted_at: Instant::now(),
+                last_error: None,
+            });
+        entry.attempted_at = Instant::now();
+        match result {
+            Ok(keys) => {
+                entry.keys = keys;
+                entry.fetched_at = Some(Instant::now());
+                entry.last_error = None;
+                entry
+                    .keys
+                    .get(kid)
+                    .cloned()
+                    .ok_or_else(|| Rejected::UnknownKey(kid.chars().take(64).collect()))
+            }
+            Err(e) => {
+                tracing::warn!(tenant, error = %e, "fetching Entra signing keys failed; keeping the keys already known");
+                entry.last_error = Some(e.clone());
+                known.ok_or(Rejected::KeysUnavailable(e))
+            }
+        }
     }
 
-    /// `Some` when the cache can answer: the key, or (when `recent_miss_is_final` and the keys
-    /// were fetched within the refetch interval) a definite unknown-key rejection.
-    fn cached(
-        &self,
-        tenant: &str,
-        kid: &str,
-        recent_miss_is_final: bool,
-    ) -> Option<Result<DecodingKey, Rejected>> {
+    /// `kid` from keys fetched successfully within the last day.
+    fn fresh_key(&self, tenant: &str, kid: &str) -> Option<DecodingKey> {
         let cache = self.lock();
         let entry = cache.get(tenant)?;
-        let age = entry.fetched_at.elapsed();
-        if age > KEYS_MAX_AGE {
-            return None;
-        }
-        match entry.keys.get(kid) {
-            Some(key) => Some(Ok(key.clone())),
-            None if recent_miss_is_final && age < self.config.refetch_interval => {
-                Some(Err(Rejected::UnknownKey(kid.to_string())))
-            }
-            None => None,
+        let fresh = entry
+            .fetched_at
+            .is_some_and(|at| at.elapsed() <= KEYS_MAX_AGE);
+        if fresh {
+            entry.keys.get(kid).cloned()
+        } else {
+            None
         }
     }
 

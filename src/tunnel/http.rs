@@ -36,7 +36,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
-    if !keep_upgrade {
+    if keep_upgrade {
+        // Only "Upgrade": other names listed in Connection would ask the next hop to drop
+        // those headers, Impersonate-* among them.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    } else {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
