@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod arm;
 pub mod auth;
 pub mod cli;
 pub mod entra;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::Deserialize;
 
+use super::registry::{RegistryAccess, RegistryTokens};
 use crate::auth::exec::TokenCommand;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
@@ -16,7 +17,7 @@ use crate::entra::chain::{self, ChainOptions, Environment, SourceKind};
 use crate::entra::device_code::StderrPrompt;
 use crate::entra::http::HttpClient;
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
-use crate::proxy::{ClusterConfig, RelayTarget};
+use crate::proxy::{ClusterConfig, RelayTarget, SendCredential};
 use crate::secret::Secret;
 use crate::tls;
 use crate::tunnel::protocol::{validate_entity, RelayAddress};
@@ -42,29 +43,45 @@ pub struct ClusterFlags {
         long,
         env = "CLUSTERCONNECT_TOKEN",
         hide_env_values = true,
-        conflicts_with = "token_file"
+        conflicts_with_all = ["token_file", "auth"]
     )]
     pub token: Option<String>,
     /// File holding the bearer token; re-read as it rotates.
-    #[arg(long, conflicts_with = "token_command")]
+    #[arg(long, conflicts_with_all = ["token_command", "auth"])]
     pub token_file: Option<PathBuf>,
     /// Command printing a token or a kubectl ExecCredential (token + expirationTimestamp);
     /// re-run five minutes before expiry. A failed run keeps the current token until it expires.
-    #[arg(long, conflicts_with = "token")]
+    #[arg(long, conflicts_with_all = ["token", "auth"])]
     pub token_command: Option<String>,
     /// Several clusters in one proxy: a TOML file of [[cluster]] tables with name, relay,
     /// connection, key_file, token_file (or token, token_command, or none for Entra ID with an
     /// optional server_app_id) and optional relay_ca.
     #[arg(long, conflicts_with_all = ["relay", "connection", "key_file", "token", "token_file", "token_command"])]
     pub clusters_file: Option<PathBuf>,
-    /// Without a token flag the proxy signs in to Entra ID; this picks the one credential source
-    /// instead of trying env, workload-identity, managed-identity, azure-cli, device-code in turn.
-    #[arg(long, value_name = "SOURCE", conflicts_with_all = ["token", "token_file", "token_command"])]
-    pub auth: Option<SourceKind>,
     /// The cluster's Entra server application (the token audience) [default: the Azure Arc
     /// server app, 6256c85f-0aad-4d50-b960-e6e9b21efe35].
     #[arg(long, value_name = "APP_ID")]
     pub server_app_id: Option<String>,
+    /// A cluster registered with the relay (`clusterconnect connect`): its name. The relay,
+    /// connection and send token then come from the registry, as `az connectedk8s proxy -n`.
+    #[arg(short = 'n', long = "name", requires = "resource_group", conflicts_with_all = ["connection", "key_file", "clusters_file"])]
+    pub cluster_name: Option<String>,
+    /// The registered cluster's resource group.
+    #[arg(short = 'g', long, requires = "cluster_name")]
+    pub resource_group: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryAccess,
+    #[command(flatten)]
+    pub entra: EntraFlags,
+}
+
+/// How to sign in to Entra ID (the proxy's apiserver credential, the management API).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct EntraFlags {
+    /// Without a token flag the proxy signs in to Entra ID; this picks the one credential source
+    /// instead of trying env, workload-identity, managed-identity, azure-cli, device-code in turn.
+    #[arg(long, value_name = "SOURCE")]
+    pub auth: Option<SourceKind>,
     /// The public client app users sign in with (device code) [default: the Azure Arc client
     /// app, 3f4439ff-e698-4d6d-84fe-09c9d574f06b].
     #[arg(long, value_name = "APP_ID")]
@@ -102,19 +119,28 @@ struct ClusterEntry {
 
 /// The Entra credentials of one start-up: one chain per server app, shared by its clusters so
 /// a sign-in happens once.
-struct EntraCredentials<'a> {
-    flags: &'a ClusterFlags,
+pub(crate) struct EntraCredentials<'a> {
+    flags: &'a EntraFlags,
     env: Environment,
     by_server_app: HashMap<String, Arc<dyn CredentialSource>>,
 }
 
-impl EntraCredentials<'_> {
-    async fn get(
+impl<'a> EntraCredentials<'a> {
+    pub(crate) fn new(flags: &'a EntraFlags) -> Self {
+        EntraCredentials {
+            flags,
+            env: Environment::from_process(),
+            by_server_app: HashMap::new(),
+        }
+    }
+
+    /// The Entra credential for `server_app_id` (the token's audience: an app id or a resource
+    /// URL such as the management API's).
+    pub(crate) async fn get(
         &mut self,
         server_app_id: Option<&str>,
     ) -> anyhow::Result<Arc<dyn CredentialSource>> {
         let server_app_id = server_app_id
-            .or(self.flags.server_app_id.as_deref())
             .unwrap_or(ARC_SERVER_APP_ID)
             .trim()
             .to_string();
@@ -156,11 +182,10 @@ impl EntraCredentials<'_> {
 
 impl ClusterFlags {
     pub async fn resolve(&self) -> anyhow::Result<Vec<ClusterConfig>> {
-        let mut entra = EntraCredentials {
-            flags: self,
-            env: Environment::from_process(),
-            by_server_app: HashMap::new(),
-        };
+        let mut entra = EntraCredentials::new(&self.entra);
+        if let (Some(name), Some(group)) = (&self.cluster_name, &self.resource_group) {
+            return Ok(vec![self.registered(name, group, &mut entra).await?]);
+        }
         let Some(path) = &self.clusters_file else {
             let missing: Vec<&str> = [
                 ("--relay", self.relay.is_none()),
@@ -182,7 +207,7 @@ impl ClusterFlags {
                 token: self.token.clone(),
                 token_file: self.token_file.clone(),
                 token_command: self.token_command.clone(),
-                server_app_id: None,
+                server_app_id: self.server_app_id.clone(),
             };
             return Ok(vec![entry.resolve(Path::new(""), &mut entra).await?]);
         };
@@ -213,6 +238,57 @@ impl ClusterFlags {
     }
 }
 
+impl ClusterFlags {
+    /// A cluster from the registry (`proxy -n NAME -g RG`): relay, hybrid connection and a
+    /// renewing Send token from `listClusterUserCredential`.
+    async fn registered(
+        &self,
+        name: &str,
+        resource_group: &str,
+        entra: &mut EntraCredentials<'_>,
+    ) -> anyhow::Result<ClusterConfig> {
+        let relay_text = self.relay.as_deref().context(
+            "--relay is needed with -n/-g: the relay that holds the cluster registry (wss://host[:port])",
+        )?;
+        let id = self.registry.cluster_id(resource_group, name)?;
+        let client = self
+            .registry
+            .client(relay_text, self.relay_ca.as_deref(), entra)
+            .await?;
+        let first = client.list_user_credential(&id).await.with_context(|| {
+            format!(
+                "cannot get a connection for cluster '{name}' in resource group '{resource_group}'"
+            )
+        })?;
+        let relay = RelayAddress::parse(&first.relay)?;
+        let entity = first.hybrid_connection_name.clone();
+        let tokens = Refreshing::new(RegistryTokens { client, id }, RENEW_MARGIN);
+        tokens.token().await?;
+        let tls = tls::client_config(self.relay_ca.as_deref(), &[])
+            .context("cannot set up TLS for the relay connection")?;
+        let credential = apiserver_credential(
+            name,
+            Path::new(""),
+            entra,
+            self.token.clone(),
+            self.token_file.clone(),
+            self.token_command.clone(),
+            self.server_app_id.as_deref(),
+        )
+        .await?;
+        Ok(ClusterConfig {
+            name: name.to_string(),
+            target: RelayTarget {
+                relay,
+                entity,
+                send: SendCredential::Issued(Arc::new(tokens)),
+                tls,
+            },
+            credential,
+        })
+    }
+}
+
 impl ClusterEntry {
     async fn resolve(
         self,
@@ -239,7 +315,40 @@ impl ClusterEntry {
         if has_token && self.server_app_id.is_some() {
             anyhow::bail!("cluster '{name}': server_app_id is for Entra ID and this cluster has a token; remove one of them");
         }
-        let credential: Arc<dyn CredentialSource> = match (self.token, self.token_file, self.token_command) {
+        let credential = apiserver_credential(
+            &name,
+            base,
+            entra,
+            self.token,
+            self.token_file,
+            self.token_command,
+            self.server_app_id.as_deref(),
+        )
+        .await?;
+        Ok(ClusterConfig {
+            name,
+            target: RelayTarget {
+                relay,
+                entity: self.connection,
+                send: SendCredential::Key(key),
+                tls,
+            },
+            credential,
+        })
+    }
+}
+
+/// The apiserver credential of one cluster: one of the token flags, or Entra ID.
+async fn apiserver_credential(
+    name: &str,
+    base: &Path,
+    entra: &mut EntraCredentials<'_>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    token_command: Option<String>,
+    server_app_id: Option<&str>,
+) -> anyhow::Result<Arc<dyn CredentialSource>> {
+    Ok(match (token, token_file, token_command) {
             (Some(t), None, None) if !t.trim().is_empty() => Arc::new(StaticToken::new(Secret::new(t.trim()))),
             (None, Some(file), None) => {
                 let source = TokenFile::new(base.join(file));
@@ -252,24 +361,13 @@ impl ClusterEntry {
                 Arc::new(source)
             }
             (None, None, None) => entra
-                .get(self.server_app_id.as_deref())
+                .get(server_app_id)
                 .await
                 .with_context(|| format!("cluster '{name}'"))?,
             _ => anyhow::bail!(
                 "cluster '{name}' has more than one credential for the apiserver (or an empty token): keep one of token_file, token_command or token, or none for Entra ID"
             ),
-        };
-        Ok(ClusterConfig {
-            name,
-            target: RelayTarget {
-                relay,
-                entity: self.connection,
-                key,
-                tls,
-            },
-            credential,
-        })
-    }
+    })
 }
 
 #[cfg(test)]
@@ -309,12 +407,12 @@ mod tests {
         let Command::Proxy(args) = cli.command else {
             panic!("not proxy")
         };
-        assert_eq!(args.clusters.auth, Some(SourceKind::AzureCli));
-        assert_eq!(args.clusters.cloud, Cloud::AzureChinaCloud);
+        assert_eq!(args.clusters.entra.auth, Some(SourceKind::AzureCli));
+        assert_eq!(args.clusters.entra.cloud, Cloud::AzureChinaCloud);
         let Command::Proxy(args) = parse(&[]).unwrap().command else {
             panic!("not proxy")
         };
-        assert_eq!(args.clusters.cloud, Cloud::AzurePublicCloud);
+        assert_eq!(args.clusters.entra.cloud, Cloud::AzurePublicCloud);
         let err = parse(&["--auth", "env", "--token-file", "t"])
             .err()
             .unwrap();

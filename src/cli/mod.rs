@@ -3,8 +3,11 @@
 
 mod agent;
 mod clusters;
+mod inventory;
+mod output;
 mod proxy;
-mod relay;
+mod registry;
+pub(crate) mod relay;
 mod run;
 mod sas;
 
@@ -54,6 +57,10 @@ pub enum Command {
     /// Make relay keys and SAS tokens.
     #[command(subcommand)]
     Sas(sas::Command),
+    /// List the clusters registered with a relay (like `az connectedk8s list`).
+    List(inventory::ListArgs),
+    /// Show one registered cluster (like `az connectedk8s show`).
+    Show(inventory::ShowArgs),
 }
 
 /// Runs the chosen subcommand; the result is the process exit status.
@@ -64,6 +71,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Proxy(args) => proxy::run(args, shutdown).await,
         Command::Run(args) => run::run(args, shutdown).await,
         Command::Sas(cmd) => sas::run(cmd).map(|()| 0),
+        Command::List(args) => inventory::list(args).await.map(|()| 0),
+        Command::Show(args) => inventory::show(args).await.map(|()| 0),
     }
 }
 
@@ -105,4 +114,13 @@ impl RelayFlags {
 /// Durations such as "90s", "30m", "1h".
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_subcommand_has_consistent_flags() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

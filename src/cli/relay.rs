@@ -7,7 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::relay::{RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+use crate::entra::http::HttpClient;
+use crate::entra::validate::{Validator, ValidatorConfig};
+use crate::entra::{Authority, Cloud};
+use crate::relay::{EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
 
 #[derive(clap::Args, Debug)]
@@ -74,9 +77,27 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .listen
         .or(file.listen)
         .context("no listen address: set `listen` in the config or pass --listen")?;
+    let registry_file = base.join(
+        file.registry_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("registry.redb")),
+    );
+    let entra = match &file.entra {
+        None => None,
+        Some(e) => Some(management_validator(e).context("relay config [entra]")?),
+    };
+    let clusters = if args.check {
+        None
+    } else {
+        Some(Arc::new(crate::relay::clusters::Registry::open(
+            &registry_file,
+            entra,
+        )?))
+    };
     let config = RelayConfig {
         hostnames,
         rules: Arc::new(rules),
+        clusters,
         tls,
         max_connections: file
             .max_connections
@@ -93,4 +114,40 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .with_context(|| format!("cannot listen on {listen}"))?;
     crate::relay::run(listener, config, shutdown).await?;
     Ok(())
+}
+
+/// Azure Resource Manager's audience: what `az account get-access-token` issues by default.
+pub const MANAGEMENT_AUDIENCE: &str = "https://management.core.windows.net/";
+
+/// The validator for Entra callers of the management API.
+fn management_validator(e: &EntraFile) -> anyhow::Result<Validator> {
+    let cloud: Cloud = match &e.cloud {
+        Some(c) => c.parse().map_err(|m: String| anyhow::anyhow!(m))?,
+        None => Cloud::default(),
+    };
+    let mut tenants = Vec::new();
+    for t in &e.tenants {
+        let id = uuid::Uuid::parse_str(t.trim())
+            .map_err(|_| anyhow::anyhow!("tenant {t:?} is not a tenant id (a GUID)"))?;
+        tenants.push(id.hyphenated().to_string());
+    }
+    if tenants.is_empty() {
+        anyhow::bail!(
+            "tenants is empty: name the Entra tenant ids whose principals may register clusters"
+        );
+    }
+    let authority = Authority::from_env(cloud)
+        .map_err(|m| anyhow::anyhow!("{m}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+    Ok(Validator::new(
+        ValidatorConfig {
+            authority,
+            server_app_id: e
+                .audience
+                .clone()
+                .unwrap_or_else(|| MANAGEMENT_AUDIENCE.to_string()),
+            tenants,
+            refetch_interval: std::time::Duration::from_secs(60),
+        },
+        HttpClient::with_system_roots(None)?,
+    ))
 }

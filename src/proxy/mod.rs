@@ -8,7 +8,7 @@ mod pool;
 mod server;
 mod watch_end;
 
-pub use pool::{Pool, RelayTarget, SendBody, TunnelError, POOL_SIZE};
+pub use pool::{Pool, RelayTarget, SendBody, SendCredential, TunnelError, POOL_SIZE};
 pub use server::CLUSTER_PREFIX;
 
 use std::sync::Arc;

@@ -16,6 +16,7 @@ use rustls::ClientConfig;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::auth::{CredentialError, CredentialSource};
 use crate::tunnel::dial::{dial, DialError, RelayIo};
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 use crate::tunnel::protocol::{Action, RelayAddress};
@@ -30,8 +31,18 @@ pub type SendBody = BoxBody<Bytes, hyper::Error>;
 pub struct RelayTarget {
     pub relay: RelayAddress,
     pub entity: String,
-    pub key: SasKey,
+    pub send: SendCredential,
     pub tls: Arc<ClientConfig>,
+}
+
+/// Where the relay Send tokens come from.
+#[derive(Clone)]
+pub enum SendCredential {
+    /// A rule's key: the proxy mints its own tokens.
+    Key(SasKey),
+    /// Tokens issued by someone else (the registry's `listClusterUserCredential`), renewed
+    /// ahead of expiry by the source.
+    Issued(Arc<dyn CredentialSource>),
 }
 
 /// Send tokens are minted per connection and only need to outlive the handshake.
@@ -43,13 +54,18 @@ pub enum TunnelError {
     Dial(#[from] DialError),
     #[error("HTTP over the tunnel failed: {0}")]
     Http(#[from] hyper::Error),
+    #[error("no relay send token: {0}")]
+    SendToken(#[from] CredentialError),
 }
 
 impl RelayTarget {
-    async fn open(&self) -> Result<WsStream<RelayIo>, DialError> {
-        let token = self
-            .key
-            .mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
+    async fn open(&self) -> Result<WsStream<RelayIo>, TunnelError> {
+        let token = match &self.send {
+            SendCredential::Key(key) => {
+                key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL)
+            }
+            SendCredential::Issued(source) => source.token().await?,
+        };
         let url = self
             .relay
             .url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());

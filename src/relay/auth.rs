@@ -8,6 +8,7 @@ use super::config::Rule;
 pub enum Right {
     Listen,
     Send,
+    Manage,
 }
 
 impl Right {
@@ -15,13 +16,15 @@ impl Right {
         match self {
             Right::Listen => "Listen",
             Right::Send => "Send",
+            Right::Manage => "Manage",
         }
     }
 }
 
-/// Returns the token's expiry when it grants `right` on `entity`.
+/// Returns the token's expiry when it grants `right` on `entity`. `rule` finds a rule by
+/// name: the configured rules, then the registered clusters' own.
 pub fn authorize(
-    rules: &[Rule],
+    rule: impl Fn(&str) -> Option<Rule>,
     hosts: &[String],
     token: &str,
     entity: &str,
@@ -29,10 +32,8 @@ pub fn authorize(
     now: u64,
 ) -> Result<u64, SasError> {
     let token = SasToken::parse(token)?;
-    let rule = rules
-        .iter()
-        .find(|r| r.name == token.key_name)
-        .ok_or_else(|| SasError::UnknownRule(token.key_name.clone()))?;
+    let rule =
+        rule(&token.key_name).ok_or_else(|| SasError::UnknownRule(token.key_name.clone()))?;
     token.verify(&rule.key, now)?;
     let in_scope = rule
         .entity
@@ -47,6 +48,7 @@ pub fn authorize(
     let granted = match right {
         Right::Listen => rule.listen,
         Right::Send => rule.send,
+        Right::Manage => rule.manage,
     };
     if !granted {
         return Err(SasError::MissingRight {
@@ -71,6 +73,10 @@ mod tests {
     use crate::secret::Secret;
     use crate::tunnel::sas::SasKey;
 
+    fn find(name: &str) -> Option<Rule> {
+        rules().into_iter().find(|r| r.name == name)
+    }
+
     fn rules() -> Vec<Rule> {
         vec![
             Rule {
@@ -78,6 +84,7 @@ mod tests {
                 key: Secret::new("listen-key-0123456789"),
                 listen: true,
                 send: false,
+                manage: false,
                 entity: Some("c1".into()),
             },
             Rule {
@@ -85,6 +92,7 @@ mod tests {
                 key: Secret::new("send-key-0123456789"),
                 listen: false,
                 send: true,
+                manage: false,
                 entity: None,
             },
         ]
@@ -110,11 +118,11 @@ mod tests {
             100,
         );
         assert_eq!(
-            authorize(&rules(), &hosts, &listen, "c1", Right::Listen, 10),
+            authorize(find, &hosts, &listen, "c1", Right::Listen, 10),
             Ok(100)
         );
         assert!(matches!(
-            authorize(&rules(), &hosts, &listen, "c1", Right::Send, 10),
+            authorize(find, &hosts, &listen, "c1", Right::Send, 10),
             Err(SasError::MissingRight { .. })
         ));
         let other = token(
@@ -124,7 +132,7 @@ mod tests {
             100,
         );
         assert!(matches!(
-            authorize(&rules(), &hosts, &other, "c2", Right::Listen, 10),
+            authorize(find, &hosts, &other, "c2", Right::Listen, 10),
             Err(SasError::WrongResource { .. })
         ));
         let send = token(
@@ -134,21 +142,21 @@ mod tests {
             100,
         );
         assert_eq!(
-            authorize(&rules(), &hosts, &send, "any", Right::Send, 10),
+            authorize(find, &hosts, &send, "any", Right::Send, 10),
             Ok(100)
         );
         assert!(matches!(
-            authorize(&rules(), &hosts, &send, "any", Right::Send, 100),
+            authorize(find, &hosts, &send, "any", Right::Send, 100),
             Err(SasError::Expired(0))
         ));
         let forged = token("send", "wrong-key-0123456789", "http://relay.test/", 100);
         assert_eq!(
-            status_for(&authorize(&rules(), &hosts, &forged, "x", Right::Send, 10).unwrap_err()),
+            status_for(&authorize(find, &hosts, &forged, "x", Right::Send, 10).unwrap_err()),
             401
         );
         let unknown = token("nope", "k", "http://relay.test/", 100);
         assert!(matches!(
-            authorize(&rules(), &hosts, &unknown, "x", Right::Send, 10),
+            authorize(find, &hosts, &unknown, "x", Right::Send, 10),
             Err(SasError::UnknownRule(_))
         ));
     }

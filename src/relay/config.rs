@@ -46,6 +46,20 @@ pub struct RelayFile {
     pub rules: Vec<RuleFile>,
     /// Upper bound on simultaneous client connections (control channels, senders, rendezvous).
     pub max_connections: Option<usize>,
+    /// The cluster registry's file (default `registry.redb` next to this config).
+    pub registry_file: Option<PathBuf>,
+    /// Entra ID callers of the management API.
+    pub entra: Option<EntraFile>,
+}
+
+/// `[entra]`: which Entra tenants may call the management API, with tokens for which
+/// audience (default: Azure Resource Manager's, what `az account get-access-token` returns).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntraFile {
+    pub tenants: Vec<String>,
+    pub audience: Option<String>,
+    pub cloud: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +87,8 @@ pub struct Rule {
     pub key: Secret,
     pub listen: bool,
     pub send: bool,
+    /// May administer the cluster registry (the management API).
+    pub manage: bool,
     pub entity: Option<String>,
 }
 
@@ -81,6 +97,8 @@ pub struct Rule {
 pub struct RelayConfig {
     pub hostnames: Vec<String>,
     pub rules: Arc<Vec<Rule>>,
+    /// The connected-cluster registry and management API; `None` serves only the relay.
+    pub clusters: Option<Arc<super::clusters::Registry>>,
     pub tls: Arc<ServerConfig>,
     pub max_connections: usize,
     pub stats: Arc<super::RelayStats>,
@@ -181,14 +199,15 @@ impl RelayFile {
                     r.name
                 )));
             }
-            let (mut listen, mut send) = (false, false);
+            let (mut listen, mut send, mut manage) = (false, false, false);
             for right in &r.rights {
                 match right.to_ascii_lowercase().as_str() {
                     "listen" => listen = true,
                     "send" => send = true,
                     "manage" => {
                         listen = true;
-                        send = true
+                        send = true;
+                        manage = true
                     }
                     other => {
                         return Err(ConfigError::Invalid(format!(
@@ -212,6 +231,7 @@ impl RelayFile {
                 key: Secret::new(key),
                 listen,
                 send,
+                manage,
                 entity: r.entity.clone(),
             });
         }

@@ -61,7 +61,7 @@ pub async fn run(
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         if let Ok(ControlMessage::RenewToken(renew)) = serde_json::from_str(&text) {
-                            match authorize(&shared.rules, &hosts, &renew.token, &entity, Right::Listen, unix_now()) {
+                            match authorize(|n| shared.rule(n), &hosts, &renew.token, &entity, Right::Listen, unix_now()) {
                                 Ok(new_expiry) => {
                                     expiry = new_expiry;
                                     tracing::debug!(entity = %entity, "listener token renewed");

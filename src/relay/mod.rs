@@ -3,13 +3,14 @@
 //! listener and then splices their WebSockets without looking inside.
 
 mod auth;
+pub mod clusters;
 mod config;
 mod control;
 mod registry;
 mod server;
 mod splice;
 
-pub use config::{ConfigError, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
+pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
 pub use registry::Registry;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,7 +52,18 @@ impl RelayStats {
 pub(crate) struct Shared {
     pub hostnames: Arc<Vec<String>>,
     pub rules: Arc<Vec<Rule>>,
+    pub clusters: Option<Arc<clusters::Registry>>,
     pub stats: Arc<RelayStats>,
+}
+
+impl Shared {
+    /// A SAS rule by name: configured rules first, then the registered clusters' own.
+    pub fn rule(&self, name: &str) -> Option<Rule> {
+        if let Some(rule) = self.rules.iter().find(|r| r.name == name) {
+            return Some(rule.clone());
+        }
+        self.clusters.as_ref()?.rule(name)
+    }
 }
 
 #[derive(Clone)]
@@ -85,6 +97,7 @@ pub async fn run(
                     .collect(),
             ),
             rules: config.rules.clone(),
+            clusters: config.clusters.clone(),
             stats: config.stats.clone(),
         },
         registry,

@@ -47,6 +47,18 @@ pub async fn handle(
     if req.uri().path() == "/healthz" {
         return Ok(text(200, "ok"));
     }
+    if let Some(clusters) = &ctx.shared.clusters {
+        if req.uri().path().starts_with("/subscriptions/") {
+            let hosts = accepted_hosts(&ctx, &req);
+            let host = request_host(&req);
+            if let Some(resp) =
+                super::clusters::handle(clusters, &ctx.shared, &hosts, host, req).await
+            {
+                return Ok(resp);
+            }
+            return Ok(text(404, "not a management path"));
+        }
+    }
     let Some(target) = HcTarget::parse(req.uri().path(), req.uri().query()) else {
         return Ok(text(
             404,
@@ -125,7 +137,7 @@ fn check(
         ));
     };
     authorize(
-        &ctx.shared.rules,
+        |name| ctx.shared.rule(name),
         &accepted_hosts(ctx, req),
         token,
         &target.entity,

@@ -11,7 +11,7 @@ use clusterconnect::agent::{AgentConfig, Authenticator, Upstream};
 use clusterconnect::auth::{CredentialSource, StaticToken};
 use clusterconnect::proxy::kubeconfig::{self, Entry};
 use clusterconnect::proxy::{
-    new_local_secret, server_url, ClusterConfig, Proxy, ProxyConfig, RelayTarget,
+    new_local_secret, server_url, ClusterConfig, Proxy, ProxyConfig, RelayTarget, SendCredential,
 };
 use clusterconnect::relay::{RelayConfig, RelayStats, Rule};
 use clusterconnect::secret::Secret;
@@ -53,19 +53,54 @@ pub struct Relay {
     task: JoinHandle<()>,
 }
 
+/// The key of the registry's administrator rule ("admin", Manage right).
+pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
+
+pub fn admin_key() -> SasKey {
+    SasKey::parse(&format!(
+        "SharedAccessKeyName=admin;SharedAccessKey={ADMIN_KEY}"
+    ))
+    .expect("key")
+}
+
 impl Relay {
     pub async fn start() -> Relay {
+        Relay::start_with(None).await
+    }
+
+    /// A relay that also serves the cluster registry from `file`, with an "admin" Manage rule
+    /// and, when given, Entra callers checked by `entra`.
+    pub async fn start_with_registry(
+        file: &std::path::Path,
+        entra: Option<clusterconnect::entra::validate::Validator>,
+    ) -> Relay {
+        let registry =
+            clusterconnect::relay::clusters::Registry::open(file, entra).expect("registry");
+        Relay::start_with(Some(Arc::new(registry))).await
+    }
+
+    async fn start_with(clusters: Option<Arc<clusterconnect::relay::clusters::Registry>>) -> Relay {
         let stats = Arc::new(RelayStats::default());
         let ca = CertificateAuthority::generate("test relay CA").expect("CA");
         let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).expect("leaf");
         let config = RelayConfig {
             hostnames: vec![],
+            clusters,
             rules: Arc::new(vec![
+                Rule {
+                    name: "admin".into(),
+                    key: Secret::new(ADMIN_KEY),
+                    listen: true,
+                    send: true,
+                    manage: true,
+                    entity: None,
+                },
                 Rule {
                     name: "listen".into(),
                     key: Secret::new(LISTEN_KEY),
                     listen: true,
                     send: false,
+                    manage: false,
                     entity: None,
                 },
                 Rule {
@@ -73,6 +108,7 @@ impl Relay {
                     key: Secret::new(SEND_KEY),
                     listen: false,
                     send: true,
+                    manage: false,
                     entity: None,
                 },
             ]),
@@ -258,7 +294,7 @@ impl LocalProxy {
                 target: RelayTarget {
                     relay: c.relay.address(),
                     entity: c.connection.into(),
-                    key: c.key,
+                    send: SendCredential::Key(c.key),
                     tls: c.relay.client_tls.clone(),
                 },
                 credential: c.credential,
