@@ -668,6 +668,7 @@ async fn resource_request(
         "list" | "watch" => return collection(shared, &req, &query, r, ns),
         "get" => return single(shared, &req, &query, r, ns, name),
         "deletecollection" => return delete_collection(shared, &query, r, ns),
+        "delete" if *r == NAMESPACES => return delete_namespace(shared, name),
         "delete" => {
             return match store.delete(r, ns, name) {
                 Ok(object) => deleted(r, object),
@@ -754,6 +755,18 @@ const MAX_OBJECT_BODY: usize = 8 * 1024 * 1024;
 
 /// The request body as JSON (YAML for server-side apply, JSON being YAML too).
 async fn read_object(req: Request<Incoming>, yaml: bool) -> Result<Value, Refusal> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return Err(Box::new(status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"),
+        )));
+    }
     let bad = |message: String| Box::new(status(StatusCode::BAD_REQUEST, "BadRequest", &message));
     let bytes = match Limited::new(req.into_body(), MAX_OBJECT_BODY)
         .collect()
@@ -808,17 +821,19 @@ fn store_error(error: StoreError) -> Response<Body> {
             )
         }
         StoreError::BadRequest(message) => status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+        StoreError::NamespaceTerminating(r, name, ns) => status_with_details(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated", r.qualified()),
+            Some(details(r, &name)),
+        ),
     }
 }
 
-/// What DELETE answers: namespaces and pods come back as the object (a namespace in its
-/// Terminating phase), everything else as a success `Status`, as from the apiserver.
+/// What DELETE answers: pods come back as the object, everything else as a success `Status`,
+/// as from the apiserver.
 fn deleted(r: &Resource, mut object: Value) -> Response<Body> {
-    if *r == NAMESPACES {
-        object["metadata"]["deletionTimestamp"] = json!(rfc3339(SystemTime::now()));
-        object["status"]["phase"] = json!("Terminating");
-    }
-    if *r == NAMESPACES || *r == PODS {
+    if *r == PODS {
         return json_response(StatusCode::OK, &object);
     }
     let mut details = json!({
@@ -833,6 +848,28 @@ fn deleted(r: &Resource, mut object: Value) -> Response<Body> {
         StatusCode::OK,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}),
     )
+}
+
+/// Like the namespace controller: the namespace turns Terminating at once, and a moment later
+/// it and everything in it are gone, so deletes that follow it (`kubectl delete -f` of a file
+/// that starts with the namespace) still find their objects.
+fn delete_namespace(shared: &Arc<Shared>, name: &str) -> Response<Body> {
+    let now = rfc3339(SystemTime::now());
+    let terminating = shared.store.modify(&NAMESPACES, "", name, |ns| {
+        if ns["metadata"]["deletionTimestamp"].is_null() {
+            ns["metadata"]["deletionTimestamp"] = json!(now);
+        }
+        ns["status"]["phase"] = json!("Terminating");
+    });
+    let Some(terminating) = terminating else {
+        return not_found(&NAMESPACES, name);
+    };
+    let (store, name) = (shared.store.clone(), name.to_string());
+    shared.tasks.spawn(async move {
+        tokio::time::sleep(CONTROLLER_DELAY).await;
+        let _ = store.delete(&NAMESPACES, "", &name);
+    });
+    json_response(StatusCode::OK, &terminating)
 }
 
 fn delete_collection(

@@ -41,6 +41,8 @@ pub enum StoreError {
     /// A required field is missing: (resource, name, field, detail).
     Invalid(&'static Resource, String, &'static str, &'static str),
     BadRequest(String),
+    /// A create in a namespace being deleted: (resource, name, namespace).
+    NamespaceTerminating(&'static Resource, String, String),
 }
 
 /// One label-selector term.
@@ -597,8 +599,16 @@ impl Inner {
         };
         if resource.namespaced {
             let namespace_key = key(&NAMESPACES, "", namespace);
-            if !self.objects.contains_key(&namespace_key) {
-                return Err(StoreError::NotFound(&NAMESPACES, namespace.to_string()));
+            match self.objects.get(&namespace_key) {
+                None => return Err(StoreError::NotFound(&NAMESPACES, namespace.to_string())),
+                Some(ns) if !ns["metadata"]["deletionTimestamp"].is_null() => {
+                    return Err(StoreError::NamespaceTerminating(
+                        resource,
+                        name,
+                        namespace.to_string(),
+                    ))
+                }
+                Some(_) => {}
             }
         }
         let key = key(resource, namespace, &name);
