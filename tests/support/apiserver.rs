@@ -832,7 +832,7 @@ fn store_error(error: StoreError) -> Response<Body> {
 
 /// What DELETE answers: pods come back as the object, everything else as a success `Status`,
 /// as from the apiserver.
-fn deleted(r: &Resource, mut object: Value) -> Response<Body> {
+fn deleted(r: &Resource, object: Value) -> Response<Body> {
     if *r == PODS {
         return json_response(StatusCode::OK, &object);
     }

@@ -68,7 +68,7 @@ fn subresources(group: &str) -> Vec<(&'static str, &'static str, &'static [&'sta
 
 /// The `APIResourceList` of one group version, from the resource table.
 pub fn resource_list(group: &str, version: &str) -> Value {
-    let mut resources: Vec<Value> = resources::in_group(group, version)
+    let mut entries: Vec<Value> = resources::in_group(group, version)
         .map(|r| {
             // Like the apiserver, namespaces cannot be deleted as a collection.
             let verbs: Vec<&str> = ALL_VERBS
@@ -90,7 +90,7 @@ pub fn resource_list(group: &str, version: &str) -> Value {
         })
         .collect();
     for (name, kind, verbs) in subresources(group) {
-        resources.push(json!({"name": name, "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
+        entries.push(json!({"name": name, "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
     }
     let group_version = if group.is_empty() {
         version.to_string()
@@ -101,7 +101,7 @@ pub fn resource_list(group: &str, version: &str) -> Value {
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": group_version,
-        "resources": resources,
+        "resources": entries,
     })
 }
 

@@ -713,9 +713,7 @@ impl Inner {
 
 /// Kinds whose status only their controllers write: a client's PUT or PATCH keeps it.
 fn has_status_subresource(resource: &Resource) -> bool {
-    [&PODS, &DEPLOYMENTS, &NAMESPACES, &NODES]
-        .iter()
-        .any(|r| *r == resource)
+    [&PODS, &DEPLOYMENTS, &NAMESPACES, &NODES].contains(&resource)
 }
 
 /// The defaults the apiserver fills in that the installer's waits read.
