@@ -172,6 +172,16 @@ async fn entra_users_and_groups_reach_the_apiserver_impersonated_with_the_agents
     assert_eq!(extra["oid"], serde_json::json!([ada]));
     assert_eq!(extra["tid"], serde_json::json!([TENANT]));
 
+    // The apiserver authorizes the impersonated identity by RBAC: nothing is bound to ada or
+    // her groups yet, then a binding to one of her Entra groups lets her list pods.
+    let out = kubectl(&proxy.kubeconfig, &["get", "--raw", PODS], &[]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("User \"ada@contoso.com\" cannot list resource \"pods\""),
+        "{}",
+        describe(&out)
+    );
+    c.api.grant_cluster_admin("Group", "group-sre");
     let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
     assert!(out.status.success(), "{}", describe(&out));
     let seen = c
@@ -400,6 +410,8 @@ async fn an_identity_in_250_groups_is_authorized_through_graph() {
     for g in &groups {
         assert!(seen_groups.contains(g), "{g} missing");
     }
+    // Authorized through a group that only the Graph lookup revealed.
+    c.api.grant_cluster_admin("Group", "group-249");
     let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
     assert!(out.status.success(), "{}", describe(&out));
     // Looked up once, then cached.
@@ -582,6 +594,8 @@ async fn a_watch_outlives_its_first_token_and_new_requests_use_the_renewed_one()
         .await
         .expect("credential");
     let proxy = c.proxy(dir.path(), vec![("app", credential)]).await;
+    // Applications are impersonated by object id, which RBAC must allow to list pods.
+    c.api.grant_cluster_admin("User", app.1);
 
     let mut watch = spawn_kubectl(&proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
     eventually("the watch reaches the apiserver", || {
@@ -751,6 +765,7 @@ async fn the_binaries_sign_in_with_entra_from_the_environment() {
 
     let (user, _, _) = whoami(&kubeconfig, CONNECTION).await;
     assert_eq!(user, app.1);
+    api.grant_cluster_admin("User", app.1);
     let out = kubectl(&kubeconfig, &["get", "pods"], &[]).await;
     assert!(out.status.success(), "{}", describe(&out));
     let logs = format!("{}{}", proxy.output(), agent.output());

@@ -1,6 +1,9 @@
 //! A stand-in Kubernetes API server for integration tests: real TLS with its own CA, HTTP/2
 //! and HTTP/1.1, bearer-token authentication, a record of every request, and routing to the
-//! handful of endpoints kubectl needs for get/watch/logs/exec/attach/port-forward.
+//! handful of endpoints kubectl needs for get/watch/logs/exec/attach/port-forward, over a
+//! small object store: create/get/list/watch/update/patch/delete of the resources in the
+//! `resources` table, simulated deployment and token controllers, and RBAC for every caller
+//! but the tester's and the agent's own accounts.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -8,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use clusterconnect::tls::{server_config, CertificateAuthority};
@@ -18,6 +21,7 @@ use clusterconnect::tunnel::upgrade::{
 use clusterconnect::tunnel::WsStream;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -31,9 +35,16 @@ use tokio_rustls::TlsAcceptor;
 
 use super::body::{full, Body, Streaming};
 use super::discovery;
-use super::objects::{IncludeObject, Kind, Render, Selector, Store};
+use super::objects::{
+    parse_label_selector, render_list, render_one, rfc3339, IncludeObject, PatchKind, Render,
+    Selector, Store, StoreError, TokenOwner,
+};
 use super::portforward;
+use super::rbac::{self, Attributes};
 use super::remotecommand::{self, Session};
+use super::resources::{
+    self, Resource, CLUSTER_ROLE_BINDINGS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICE_ACCOUNTS,
+};
 
 /// The identity a valid token stands for.
 pub const SERVICE_ACCOUNT: &str = "system:serviceaccount:default:tester";
@@ -96,10 +107,12 @@ impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Tasks {
 
 struct Shared {
     addr: SocketAddr,
+    /// Handed out as `ca.crt` in service-account token Secrets.
+    ca_pem: String,
     token: String,
     agent_token: String,
     requests: Mutex<Vec<SeenRequest>>,
-    store: Store,
+    store: Arc<Store>,
     tasks: Tasks,
 }
 
@@ -126,10 +139,11 @@ impl ApiServer {
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             addr,
+            ca_pem: ca.cert_pem().to_string(),
             token: Alphanumeric.sample_string(&mut rand::rng(), 40),
             agent_token: Alphanumeric.sample_string(&mut rand::rng(), 40),
             requests: Mutex::new(Vec::new()),
-            store: Store::seeded(),
+            store: Arc::new(Store::seeded()),
             tasks: Tasks::default(),
         });
         shared.tasks.spawn(accept_loop(
@@ -217,6 +231,82 @@ impl ApiServer {
     pub fn open_log_follows(&self) -> usize {
         self.shared.store.open_log_follows()
     }
+
+    /// The object at an API path, e.g.
+    /// `/apis/apps/v1/namespaces/azure-arc/deployments/clusterconnect-agent`.
+    pub fn object(&self, api_path: &str) -> Option<Value> {
+        let (resource, namespace, name) = resources::parse_path(api_path)?;
+        self.shared.store.get(resource, &namespace, &name?)
+    }
+
+    /// The objects under a collection path (`/api/v1/namespaces/default/secrets`,
+    /// `/apis/rbac.authorization.k8s.io/v1/clusterrolebindings`, `/api/v1/pods` for all
+    /// namespaces); empty for a path that is not a collection.
+    pub fn objects(&self, resource_path: &str) -> Vec<Value> {
+        let Some((resource, namespace, None)) = resources::parse_path(resource_path) else {
+            return Vec::new();
+        };
+        let mut selector = Selector::all(resource);
+        if !namespace.is_empty() {
+            selector.namespace = Some(namespace);
+        }
+        self.shared.store.list(&selector).0
+    }
+
+    /// Creates an object under a collection path, as a POST would (without its controllers).
+    pub fn create_object(&self, resource_path: &str, object: Value) -> Value {
+        let (resource, namespace, _) =
+            resources::parse_path(resource_path).expect("a collection path");
+        self.shared
+            .store
+            .create(resource, &namespace, object)
+            .unwrap_or_else(|e| panic!("create under {resource_path}: {e:?}"))
+    }
+
+    /// The store's current resourceVersion (it counts every change).
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store.resource_version()
+    }
+
+    /// Whether new rollouts stall: deployments written from now on report their replicas
+    /// updated but never available, so `kubectl rollout status` waits until its timeout.
+    pub fn set_rollouts_stall(&self, stall: bool) {
+        self.shared.store.set_rollouts_stall(stall);
+    }
+
+    /// Binds `cluster-admin` to a subject: `("User", "ada@contoso.com")`, `("Group", "sre")`
+    /// or `("ServiceAccount", "namespace/name")`.
+    pub fn grant_cluster_admin(&self, subject_kind: &str, name: &str) {
+        let subject = match (subject_kind, name.split_once('/')) {
+            ("ServiceAccount", Some((namespace, name))) => {
+                json!({"kind": "ServiceAccount", "name": name, "namespace": namespace})
+            }
+            ("User" | "Group", _) => {
+                json!({"kind": subject_kind, "name": name, "apiGroup": "rbac.authorization.k8s.io"})
+            }
+            _ => panic!("grant_cluster_admin: unknown subject {subject_kind} {name}"),
+        };
+        let binding_name: String = format!("standin-cluster-admin-{subject_kind}-{name}")
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let binding = json!({
+            "metadata": {"name": binding_name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [subject],
+        });
+        self.shared
+            .store
+            .create(&CLUSTER_ROLE_BINDINGS, "", binding)
+            .expect("grant cluster-admin");
+    }
 }
 
 impl Drop for ApiServer {
@@ -260,6 +350,10 @@ struct Identity {
     user: String,
     groups: Vec<String>,
     extra: BTreeMap<String, Vec<String>>,
+    /// The tester's and the agent's own accounts may do anything, as before RBAC existed
+    /// here; everyone else (minted service-account tokens, impersonated users) is authorized
+    /// by the bindings in the store.
+    unrestricted: bool,
 }
 
 enum Authentication {
@@ -280,13 +374,31 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
             user: SERVICE_ACCOUNT.to_string(),
             groups: SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
             extra: BTreeMap::new(),
+            unrestricted: true,
         },
         Some(t) if t == shared.agent_token => Identity {
             user: AGENT_SERVICE_ACCOUNT.to_string(),
             groups: AGENT_SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
             extra: BTreeMap::new(),
+            unrestricted: true,
         },
-        _ => return Authentication::Unauthenticated,
+        Some(t) => match shared.store.token_owner(t) {
+            Some(owner) => Identity {
+                user: format!(
+                    "system:serviceaccount:{}:{}",
+                    owner.namespace, owner.service_account
+                ),
+                groups: vec![
+                    "system:serviceaccounts".to_string(),
+                    format!("system:serviceaccounts:{}", owner.namespace),
+                    "system:authenticated".to_string(),
+                ],
+                extra: BTreeMap::new(),
+                unrestricted: false,
+            },
+            None => return Authentication::Unauthenticated,
+        },
+        None => return Authentication::Unauthenticated,
     };
     let values = |name: &str| -> Vec<String> {
         headers
@@ -353,6 +465,7 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
         user,
         groups,
         extra,
+        unrestricted: false,
     })
 }
 
@@ -393,12 +506,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let get = req.method() == Method::GET;
+    let served_group = |g: &str| resources::GROUPS.contains(&g);
+    // Discovery, version and health are open to every authenticated caller, as the
+    // apiserver's system:discovery and system:basic-user bindings make them.
     match segments.as_slice() {
         ["version"] if get => json_response(StatusCode::OK, &discovery::version()),
         ["healthz" | "livez" | "readyz"] if get => text_response("ok"),
         ["api"] if get => json_response(StatusCode::OK, &discovery::core_versions(shared.addr)),
         ["api", "v1"] if get => json_response(StatusCode::OK, &discovery::core_v1()),
         ["apis"] if get => json_response(StatusCode::OK, &discovery::groups()),
+        ["apis", group]
+            if get && (served_group(group) || *group == discovery::AUTHENTICATION_GROUP) =>
+        {
+            json_response(StatusCode::OK, &discovery::group(group))
+        }
         ["apis", discovery::AUTHENTICATION_GROUP, "v1"] if get => {
             json_response(StatusCode::OK, &discovery::authentication_v1())
         }
@@ -407,37 +528,394 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         {
             self_subject_review(&identity)
         }
-        ["api", "v1", rest @ ..] => {
-            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
-            core_v1(&shared, req, &rest).await
+        ["apis", group, version] if get && served_group(group) => {
+            json_response(StatusCode::OK, &discovery::resource_list(group, version))
         }
-        _ => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource",
+        ["openapi", "v3"] if get => json_response(StatusCode::OK, &discovery::openapi_v3_index()),
+        ["openapi", "v3", rest @ ..] if get => {
+            let document = match rest {
+                ["api", version] => discovery::openapi_v3("", version),
+                ["apis", group, version] => discovery::openapi_v3(group, version),
+                _ => None,
+            };
+            match document {
+                Some(document) => json_response(StatusCode::OK, &document),
+                None => no_such_path(),
+            }
+        }
+        _ => match target(&segments) {
+            Some(target) => resource_request(&shared, req, &identity, target).await,
+            None => no_such_path(),
+        },
+    }
+}
+
+fn no_such_path() -> Response<Body> {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+fn method_not_allowed() -> Response<Body> {
+    status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+    )
+}
+
+/// A request for a resource: which one, where, and which object and subresource if any.
+#[derive(Debug)]
+struct Target {
+    resource: &'static Resource,
+    /// Empty for cluster-scoped resources and for namespaced ones listed across namespaces.
+    namespace: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn target(segments: &[&str]) -> Option<Target> {
+    let (group, version, rest) = match segments {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return None,
+    };
+    let namespaced =
+        |plural: &str| resources::lookup(group, version, plural).filter(|r| r.namespaced);
+    let (resource, namespace, more) = match rest {
+        ["namespaces", ns, plural, more @ ..] if namespaced(plural).is_some() => {
+            (namespaced(plural)?, ns.to_string(), more)
+        }
+        [plural, more @ ..] => (
+            resources::lookup(group, version, plural)?,
+            String::new(),
+            more,
+        ),
+        _ => return None,
+    };
+    if more.len() > 2 || (resource.namespaced && namespace.is_empty() && !more.is_empty()) {
+        return None;
+    }
+    Some(Target {
+        resource,
+        namespace,
+        name: more.first().map(|s| s.to_string()),
+        subresource: more.get(1).map(|s| s.to_string()),
+    })
+}
+
+/// The RBAC verb of a request, or `None` when the method makes no sense there.
+fn verb_of(method: &Method, target: &Target, query: &Query) -> Option<&'static str> {
+    let sub = target.subresource.as_deref();
+    Some(match (method.as_str(), &target.name, sub) {
+        ("GET", None, _) if query.flag("watch") => "watch",
+        ("GET", None, _) => "list",
+        // Streams opened with a GET (WebSocket) are authorized as the create they are.
+        ("GET", Some(_), Some("exec" | "attach" | "portforward")) => "create",
+        ("GET", Some(_), _) => "get",
+        ("POST", None, None) | ("POST", Some(_), Some(_)) => "create",
+        ("PUT", Some(_), None) => "update",
+        ("PATCH", Some(_), None) => "patch",
+        ("DELETE", None, None) => "deletecollection",
+        ("DELETE", Some(_), None) => "delete",
+        _ => return None,
+    })
+}
+
+async fn resource_request(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    identity: &Identity,
+    target: Target,
+) -> Response<Body> {
+    let query = Query::parse(req.uri().query());
+    let Some(verb) = verb_of(req.method(), &target, &query) else {
+        return method_not_allowed();
+    };
+    let r = target.resource;
+    let attributes = Attributes {
+        verb: verb.to_string(),
+        group: r.group.to_string(),
+        resource: match &target.subresource {
+            Some(sub) => format!("{}/{sub}", r.plural),
+            None => r.plural.to_string(),
+        },
+        namespace: target.namespace.clone(),
+        name: target.name.clone().unwrap_or_default(),
+    };
+    if !identity.unrestricted
+        && !rbac::allows(&shared.store, &identity.user, &identity.groups, &attributes)
+    {
+        let mut details = json!({"kind": r.plural});
+        if let Some(name) = &target.name {
+            details["name"] = json!(name);
+        }
+        if !r.group.is_empty() {
+            details["group"] = json!(r.group);
+        }
+        let message = rbac::forbidden_message(&identity.user, &attributes);
+        return status_with_details(StatusCode::FORBIDDEN, "Forbidden", &message, Some(details));
+    }
+    let ns = target.namespace.as_str();
+    if let (Some(name), Some(sub)) = (&target.name, &target.subresource) {
+        return subresource(shared, req, &query, r, ns, name, sub).await;
+    }
+    let name = target.name.as_deref().unwrap_or_default();
+    let store = &shared.store;
+    let written = match verb {
+        "list" | "watch" => return collection(shared, &req, &query, r, ns),
+        "get" => return single(shared, &req, &query, r, ns, name),
+        "deletecollection" => return delete_collection(shared, &query, r, ns),
+        "delete" if *r == NAMESPACES => return delete_namespace(shared, name),
+        "delete" => {
+            return match store.delete(r, ns, name) {
+                Ok(object) => deleted(r, object),
+                Err(e) => store_error(e),
+            }
+        }
+        "create" if r.namespaced && ns.is_empty() => return method_not_allowed(),
+        _ => {
+            let patch_kind = patch_kind(req.headers());
+            let body = match read_object(req, patch_kind == Some(PatchKind::Apply)).await {
+                Ok(body) => body,
+                Err(refusal) => return *refusal,
+            };
+            let body_ns = body["metadata"]["namespace"].as_str().unwrap_or(ns);
+            if r.namespaced && verb != "patch" && body_ns != ns {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                );
+            }
+            match verb {
+                "create" => store.create(r, ns, body).map(|o| (o, true)),
+                "update" => store.update(r, ns, name, body).map(|o| (o, false)),
+                _ => {
+                    let Some(kind) = patch_kind else {
+                        return status(
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                            "UnsupportedMediaType",
+                            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                        );
+                    };
+                    if kind == PatchKind::Apply
+                        && query.get("fieldManager").is_none_or(str::is_empty)
+                    {
+                        return invalid_field_manager();
+                    }
+                    store.patch(r, ns, name, kind, &body)
+                }
+            }
+        }
+    };
+    match written {
+        Ok((object, created)) => {
+            controllers(shared, r, &object);
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json_response(code, &object)
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+fn invalid_field_manager() -> Response<Body> {
+    status_with_details(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        Some(json!({"group": "meta.k8s.io", "kind": "PatchOptions", "causes": [
+            {"reason": "FieldValueRequired", "message": "Required value: is required for apply patch", "field": "fieldManager"},
+        ]})),
+    )
+}
+
+fn patch_kind(headers: &HeaderMap) -> Option<PatchKind> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match content_type.split(';').next().unwrap_or_default().trim() {
+        "application/merge-patch+json" => Some(PatchKind::Merge),
+        "application/strategic-merge-patch+json" => Some(PatchKind::Strategic),
+        "application/json-patch+json" => Some(PatchKind::Json),
+        "application/apply-patch+yaml" | "application/apply-patch+cbor" => Some(PatchKind::Apply),
+        _ => None,
+    }
+}
+
+/// Request bodies are single objects; anything near this is a mistake.
+const MAX_OBJECT_BODY: usize = 8 * 1024 * 1024;
+
+/// The request body as JSON (YAML for server-side apply, JSON being YAML too).
+async fn read_object(req: Request<Incoming>, yaml: bool) -> Result<Value, Refusal> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return Err(Box::new(status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"),
+        )));
+    }
+    let bad = |message: String| Box::new(status(StatusCode::BAD_REQUEST, "BadRequest", &message));
+    let bytes = match Limited::new(req.into_body(), MAX_OBJECT_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return Err(bad(format!("unable to read the request body: {e}"))),
+    };
+    let parsed = if yaml {
+        serde_norway::from_slice::<Value>(&bytes).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| bad(format!("the request body is not valid: {e}")))
+}
+
+/// The apiserver's `Status` for each refused write.
+fn store_error(error: StoreError) -> Response<Body> {
+    let details = |r: &Resource, name: &str| {
+        let mut details = json!({"name": name, "kind": r.plural});
+        if !r.group.is_empty() {
+            details["group"] = json!(r.group);
+        }
+        details
+    };
+    match error {
+        StoreError::NotFound(r, name) => not_found(r, &name),
+        StoreError::AlreadyExists(r, name) => status_with_details(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", r.qualified()),
+            Some(details(r, &name)),
+        ),
+        StoreError::Conflict(r, name) => status_with_details(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                r.qualified()
+            ),
+            Some(details(r, &name)),
+        ),
+        StoreError::Invalid(r, name, field, detail) => {
+            let mut details = details(r, &name);
+            details["kind"] = json!(r.kind);
+            details["causes"] = json!([{"reason": "FieldValueRequired", "message": format!("Required value: {detail}"), "field": field}]);
+            status_with_details(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                &format!("{} \"{name}\" is invalid: {field}: Required value: {detail}", r.qualified_kind()),
+                Some(details),
+            )
+        }
+        StoreError::BadRequest(message) => status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+        StoreError::NamespaceTerminating(r, name, ns) => status_with_details(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated", r.qualified()),
+            Some(details(r, &name)),
         ),
     }
 }
 
-/// The `/api/v1/...` resources: namespaces, pods and the pod subresources.
-async fn core_v1(shared: &Arc<Shared>, req: Request<Incoming>, rest: &[String]) -> Response<Body> {
-    let query = Query::parse(req.uri().query());
-    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+/// What DELETE answers: pods come back as the object, everything else as a success `Status`,
+/// as from the apiserver.
+fn deleted(r: &Resource, object: Value) -> Response<Body> {
+    if *r == PODS {
+        return json_response(StatusCode::OK, &object);
+    }
+    let mut details = json!({
+        "name": object["metadata"]["name"],
+        "kind": r.plural,
+        "uid": object["metadata"]["uid"],
+    });
+    if !r.group.is_empty() {
+        details["group"] = json!(r.group);
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}),
+    )
+}
+
+/// Like the namespace controller: the namespace turns Terminating at once, and a moment later
+/// it and everything in it are gone, so deletes that follow it (`kubectl delete -f` of a file
+/// that starts with the namespace) still find their objects.
+fn delete_namespace(shared: &Arc<Shared>, name: &str) -> Response<Body> {
+    let now = rfc3339(SystemTime::now());
+    let terminating = shared.store.modify(&NAMESPACES, "", name, |ns| {
+        if ns["metadata"]["deletionTimestamp"].is_null() {
+            ns["metadata"]["deletionTimestamp"] = json!(now);
+        }
+        ns["status"]["phase"] = json!("Terminating");
+    });
+    let Some(terminating) = terminating else {
+        return not_found(&NAMESPACES, name);
+    };
+    let (store, name) = (shared.store.clone(), name.to_string());
+    shared.tasks.spawn(async move {
+        tokio::time::sleep(CONTROLLER_DELAY).await;
+        let _ = store.delete(&NAMESPACES, "", &name);
+    });
+    json_response(StatusCode::OK, &terminating)
+}
+
+fn delete_collection(
+    shared: &Shared,
+    query: &Query,
+    r: &'static Resource,
+    ns: &str,
+) -> Response<Body> {
+    let selector = match selector(query, r, ns) {
+        Ok(selector) => selector,
+        Err(refusal) => return *refusal,
+    };
+    let (items, _) = shared.store.list(&selector);
+    let mut removed = Vec::new();
+    for item in items {
+        let name = item["metadata"]["name"].as_str().unwrap_or_default();
+        let namespace = item["metadata"]["namespace"].as_str().unwrap_or_default();
+        if let Ok(object) = shared.store.delete(r, namespace, name) {
+            removed.push(object);
+        }
+    }
+    let rv = shared.store.resource_version();
+    json_response(
+        StatusCode::OK,
+        &render_list(r, &removed, rv, Render::Json, false),
+    )
+}
+
+/// The pod streams (log, exec, attach, port-forward) and the TokenRequest.
+async fn subresource(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    query: &Query,
+    r: &'static Resource,
+    ns: &str,
+    name: &str,
+    sub: &str,
+) -> Response<Body> {
+    if !shared.store.exists(r, ns, name) {
+        return not_found(r, name);
+    }
     let get = req.method() == Method::GET;
-    let store = &shared.store;
-    match rest.as_slice() {
-        ["namespaces"] if get => collection(shared, &req, &query, Kind::Namespace, None),
-        ["pods"] if get => collection(shared, &req, &query, Kind::Pod, None),
-        ["namespaces", ns, "pods"] if get => collection(shared, &req, &query, Kind::Pod, Some(ns)),
-        ["namespaces", name] if get => single(shared, &req, &query, Kind::Namespace, "", name),
-        ["namespaces", ns, "pods", name] if get => {
-            single(shared, &req, &query, Kind::Pod, ns, name)
-        }
-        ["namespaces", ns, "pods", name, _] if !store.exists(Kind::Pod, ns, name) => {
-            not_found(Kind::Pod, name)
-        }
-        ["namespaces", ns, "pods", name, "log"] if get => logs(shared, &query, ns, name),
-        ["namespaces", _, "pods", _, "exec"] => {
+    match (r.plural, sub) {
+        ("pods", "log") if get => logs(shared, query, ns, name),
+        ("pods", "log") => method_not_allowed(),
+        ("pods", "exec") => {
             let session = Session {
                 command: query.all("command"),
                 stdin: query.flag("stdin"),
@@ -447,7 +925,7 @@ async fn core_v1(shared: &Arc<Shared>, req: Request<Incoming>, rest: &[String]) 
             };
             remote_command(shared, req, session)
         }
-        ["namespaces", _, "pods", _, "attach"] => {
+        ("pods", "attach") => {
             let session = Session::attach(
                 query.flag("stdin"),
                 query.flag("stdout"),
@@ -456,22 +934,158 @@ async fn core_v1(shared: &Arc<Shared>, req: Request<Incoming>, rest: &[String]) 
             );
             remote_command(shared, req, session)
         }
-        ["namespaces", _, "pods", _, "portforward"] => port_forward(shared, req),
-        ["namespaces" | "pods"]
-        | ["namespaces", _]
-        | ["namespaces", _, "pods"]
-        | ["namespaces", _, "pods", _]
-        | ["namespaces", _, "pods", _, "log"] => status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        ),
-        _ => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource",
-        ),
+        ("pods", "portforward") => port_forward(shared, req),
+        ("serviceaccounts", "token") if req.method() == Method::POST => {
+            let request = match read_object(req, false).await {
+                Ok(body) => body,
+                Err(refusal) => return *refusal,
+            };
+            token_request(shared, ns, name, request)
+        }
+        _ => no_such_path(),
     }
+}
+
+/// How long a TokenRequest's token lives when the request does not say.
+const DEFAULT_TOKEN_SECONDS: u64 = 3600;
+
+/// `POST .../serviceaccounts/{name}/token`: a fresh token for the account, good until it
+/// expires or the account is deleted.
+fn token_request(shared: &Shared, ns: &str, name: &str, mut request: Value) -> Response<Body> {
+    let seconds = request["spec"]["expirationSeconds"]
+        .as_u64()
+        .unwrap_or(DEFAULT_TOKEN_SECONDS);
+    let expires = SystemTime::now() + Duration::from_secs(seconds);
+    let uid = shared
+        .store
+        .get(&SERVICE_ACCOUNTS, ns, name)
+        .and_then(|sa| sa["metadata"]["uid"].as_str().map(String::from));
+    let token = mint_token();
+    shared.store.add_token(
+        &token,
+        TokenOwner {
+            namespace: ns.to_string(),
+            service_account: name.to_string(),
+            uid,
+            secret: None,
+            expires: Some(expires),
+        },
+    );
+    request["apiVersion"] = json!("authentication.k8s.io/v1");
+    request["kind"] = json!("TokenRequest");
+    request["metadata"] =
+        json!({"name": name, "namespace": ns, "creationTimestamp": rfc3339(SystemTime::now())});
+    request["spec"]["expirationSeconds"] = json!(seconds);
+    if request["spec"]["audiences"].is_null() {
+        request["spec"]["audiences"] = json!(["https://kubernetes.default.svc.cluster.local"]);
+    }
+    request["status"] = json!({"token": token, "expirationTimestamp": rfc3339(expires)});
+    json_response(StatusCode::CREATED, &request)
+}
+
+fn mint_token() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 48)
+}
+
+/// How long the simulated controllers take to react, like the real ones' short delay.
+const CONTROLLER_DELAY: Duration = Duration::from_millis(200);
+
+/// Starts what the cluster's controllers would do after a write: a Deployment rolls out, a
+/// service-account token Secret gets its token.
+fn controllers(shared: &Arc<Shared>, r: &'static Resource, object: &Value) {
+    let ns = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let store = shared.store.clone();
+    if *r == DEPLOYMENTS {
+        shared.tasks.spawn(async move {
+            tokio::time::sleep(CONTROLLER_DELAY).await;
+            let stall = store.rollouts_stall();
+            store.modify(&DEPLOYMENTS, &ns, &name, |d| {
+                d["status"] = rollout_status(d, stall)
+            });
+        });
+        return;
+    }
+    let annotations = &object["metadata"]["annotations"];
+    let account = annotations["kubernetes.io/service-account.name"].as_str();
+    let wants_token = *r == SECRETS
+        && object["type"] == "kubernetes.io/service-account-token"
+        && object["data"]["token"].is_null();
+    let (Some(account), true) = (account, wants_token) else {
+        return;
+    };
+    let account = account.to_string();
+    let ca = shared.ca_pem.clone();
+    shared.tasks.spawn(async move {
+        tokio::time::sleep(CONTROLLER_DELAY).await;
+        let uid = store
+            .get(&SERVICE_ACCOUNTS, &ns, &account)
+            .and_then(|sa| sa["metadata"]["uid"].as_str().map(String::from));
+        let token = mint_token();
+        let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+        let filled = store.modify(&SECRETS, &ns, &name, |secret| {
+            secret["data"]["token"] = json!(b64(&token));
+            secret["data"]["ca.crt"] = json!(b64(&ca));
+            secret["data"]["namespace"] = json!(b64(&ns));
+            if let Some(uid) = &uid {
+                secret["metadata"]["annotations"]["kubernetes.io/service-account.uid"] = json!(uid);
+            }
+        });
+        if filled.is_some() {
+            let owner = TokenOwner {
+                namespace: ns.clone(),
+                service_account: account,
+                uid,
+                secret: Some(name),
+                expires: None,
+            };
+            store.add_token(&token, owner);
+        }
+    });
+}
+
+/// The status the deployment controller reports: every replica updated and available, or
+/// (stalled) updated but never available, which keeps `rollout status` waiting.
+fn rollout_status(deployment: &Value, stall: bool) -> Value {
+    let replicas = deployment["spec"]["replicas"].as_i64().unwrap_or(1);
+    let generation = deployment["metadata"]["generation"].as_i64().unwrap_or(1);
+    let now = rfc3339(SystemTime::now());
+    let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+        json!({"type": kind, "status": status, "reason": reason, "message": message,
+               "lastUpdateTime": now, "lastTransitionTime": now})
+    };
+    let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
+    if stall {
+        return json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": 0,
+            "availableReplicas": 0,
+            "unavailableReplicas": replicas,
+            "conditions": [
+                condition("Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability."),
+                condition("Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{name}\" is progressing.")),
+            ],
+        });
+    }
+    json!({
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "updatedReplicas": replicas,
+        "readyReplicas": replicas,
+        "availableReplicas": replicas,
+        "conditions": [
+            condition("Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability."),
+            condition("Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{name}\" has successfully progressed.")),
+        ],
+    })
 }
 
 /// The representation asked for: a `Table` when the Accept header offers one (as `kubectl get`
@@ -494,25 +1108,42 @@ fn negotiate(req: &Request<Incoming>, query: &Query) -> Render {
     })
 }
 
-fn collection(
-    shared: &Shared,
-    req: &Request<Incoming>,
-    query: &Query,
-    kind: Kind,
-    namespace: Option<&str>,
-) -> Response<Body> {
-    let mut selector = Selector {
-        kind,
-        namespace: namespace.map(String::from),
-        name: None,
-    };
+/// The list or watch selector from the path's namespace and the field and label selectors.
+fn selector(query: &Query, r: &'static Resource, ns: &str) -> Result<Selector, Refusal> {
+    let mut selector = Selector::all(r);
+    if !ns.is_empty() {
+        selector.namespace = Some(ns.to_string());
+    }
     for term in query.get("fieldSelector").unwrap_or_default().split(',') {
+        let term = term.replace("==", "=");
         match term.split_once('=') {
             Some(("metadata.name", name)) => selector.name = Some(name.to_string()),
             Some(("metadata.namespace", ns)) => selector.namespace = Some(ns.to_string()),
             _ => {}
         }
     }
+    let labels = query.get("labelSelector").unwrap_or_default();
+    selector.labels = parse_label_selector(labels).map_err(|e| {
+        Box::new(status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("unable to parse requirement: {e}"),
+        ))
+    })?;
+    Ok(selector)
+}
+
+fn collection(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    query: &Query,
+    r: &'static Resource,
+    ns: &str,
+) -> Response<Body> {
+    let selector = match selector(query, r, ns) {
+        Ok(selector) => selector,
+        Err(refusal) => return *refusal,
+    };
     let render = negotiate(req, query);
     if query.flag("watch") {
         let since = query.get("resourceVersion").and_then(|v| v.parse().ok());
@@ -525,22 +1156,22 @@ fn collection(
         set_content_type(&mut response, "application/json");
         return response;
     }
-    let list = shared.store.list(&selector, render);
-    rendered(list, render)
+    let (items, rv) = shared.store.list(&selector);
+    rendered(render_list(r, &items, rv, render, false), render)
 }
 
 fn single(
     shared: &Shared,
     req: &Request<Incoming>,
     query: &Query,
-    kind: Kind,
+    r: &'static Resource,
     namespace: &str,
     name: &str,
 ) -> Response<Body> {
     let render = negotiate(req, query);
-    match shared.store.get(kind, namespace, name, render) {
-        Some(object) => rendered(object, render),
-        None => not_found(kind, name),
+    match shared.store.get(r, namespace, name) {
+        Some(object) => rendered(render_one(r, &object, render), render),
+        None => not_found(r, name),
     }
 }
 
@@ -792,11 +1423,15 @@ fn status_with_details(
     json_response(code, &body)
 }
 
-fn not_found(kind: Kind, name: &str) -> Response<Body> {
+fn not_found(r: &Resource, name: &str) -> Response<Body> {
+    let mut details = json!({"name": name, "kind": r.plural});
+    if !r.group.is_empty() {
+        details["group"] = json!(r.group);
+    }
     status_with_details(
         StatusCode::NOT_FOUND,
         "NotFound",
-        &format!("{} \"{name}\" not found", kind.resource()),
-        Some(json!({"name": name, "kind": kind.resource()})),
+        &format!("{} \"{name}\" not found", r.qualified()),
+        Some(details),
     )
 }
