@@ -7,6 +7,7 @@ mod proxy;
 mod relay;
 mod run;
 mod sas;
+mod secrets;
 
 use std::path::PathBuf;
 
@@ -54,6 +55,10 @@ pub enum Command {
     /// Make relay keys and SAS tokens.
     #[command(subcommand)]
     Sas(sas::Command),
+    /// Azure Key Vault secrets, keys and certificates: print one, or sync a SecretProviderClass
+    /// into Kubernetes Secrets and files, with rotation.
+    #[command(subcommand)]
+    Secrets(secrets::Command),
 }
 
 /// Runs the chosen subcommand; the result is the process exit status.
@@ -64,6 +69,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Proxy(args) => proxy::run(args, shutdown).await,
         Command::Run(args) => run::run(args, shutdown).await,
         Command::Sas(cmd) => sas::run(cmd).map(|()| 0),
+        Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
     }
 }
 
