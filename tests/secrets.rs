@@ -139,7 +139,10 @@ async fn get_returns_secrets_by_version_keys_as_pem_and_certificates_as_key_and_
     let v3 = vault.set_secret("example-secret", "third");
 
     let latest = client
-        .fetch(&object(ObjectType::Secret, "example-secret", None), Format::Pem)
+        .fetch(
+            &object(ObjectType::Secret, "example-secret", None),
+            Format::Pem,
+        )
         .await
         .unwrap();
     assert_eq!(latest.value.expose(), "third");
@@ -186,10 +189,20 @@ async fn get_returns_secrets_by_version_keys_as_pem_and_certificates_as_key_and_
         .unwrap();
     assert_eq!(cert.version, cert_version);
     let pem = cert.value.expose();
-    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{}", &pem[..40]);
+    assert!(
+        pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "{}",
+        &pem[..40]
+    );
     assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 1);
-    assert!(pem.contains(cert_pem.trim()), "the chain is the certificate");
-    let key_body: String = key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        pem.contains(cert_pem.trim()),
+        "the chain is the certificate"
+    );
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
     let out_body: String = pem
         .lines()
         .take_while(|l| !l.starts_with("-----END PRIVATE KEY"))
@@ -212,12 +225,21 @@ async fn forbidden_missing_and_throttled_requests_say_what_to_do() {
 
     vault.deny("app-password");
     let err = client
-        .fetch(&object(ObjectType::Secret, "app-password", None), Format::Pem)
+        .fetch(
+            &object(ObjectType::Secret, "app-password", None),
+            Format::Pem,
+        )
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("access denied") && err.contains("\"Key Vault Secrets User\""), "{err}");
-    assert!(err.contains("secret 'app-password'") && err.contains("127.0.0.1"), "{err}");
+    assert!(
+        err.contains("access denied") && err.contains("\"Key Vault Secrets User\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("secret 'app-password'") && err.contains("127.0.0.1"),
+        "{err}"
+    );
     vault.deny("signing");
     let err = client
         .fetch(&object(ObjectType::Key, "signing", None), Format::Pem)
@@ -228,33 +250,57 @@ async fn forbidden_missing_and_throttled_requests_say_what_to_do() {
     vault.allow("app-password");
 
     let err = client
-        .fetch(&object(ObjectType::Secret, "nope", Some("0123abcd")), Format::Pem)
+        .fetch(
+            &object(ObjectType::Secret, "nope", Some("0123abcd")),
+            Format::Pem,
+        )
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("secret 'nope' version 0123abcd not found"), "{err}");
+    assert!(
+        err.contains("secret 'nope' version 0123abcd not found"),
+        "{err}"
+    );
     assert!(err.contains(&client.vault().to_string()), "{err}");
 
     // Two 429s with Retry-After: 1, then the answer.
     vault.throttle_next(2);
     let started = Instant::now();
     let value = client
-        .fetch(&object(ObjectType::Secret, "app-password", None), Format::Pem)
+        .fetch(
+            &object(ObjectType::Secret, "app-password", None),
+            Format::Pem,
+        )
         .await
         .unwrap();
     assert_eq!(value.value.expose(), "hunter2-value");
-    assert!(started.elapsed() >= Duration::from_secs(2), "Retry-After honoured");
-    let statuses: Vec<u16> = vault.requests().iter().rev().take(3).map(|r| r.status).collect();
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "Retry-After honoured"
+    );
+    let statuses: Vec<u16> = vault
+        .requests()
+        .iter()
+        .rev()
+        .take(3)
+        .map(|r| r.status)
+        .collect();
     assert_eq!(statuses, [200, 429, 429]);
 
     // Throttled past the attempt limit: an error, not an endless loop.
     vault.throttle_next(100);
     let err = client
-        .fetch(&object(ObjectType::Secret, "app-password", None), Format::Pem)
+        .fetch(
+            &object(ObjectType::Secret, "app-password", None),
+            Format::Pem,
+        )
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("HTTP 429") && err.contains("gave up after 4 attempts"), "{err}");
+    assert!(
+        err.contains("HTTP 429") && err.contains("gave up after 4 attempts"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2-value"));
 }
 
@@ -323,7 +369,12 @@ async fn kube_client(store: &SecretStore) -> kube::Client {
 fn data(secret: &serde_json::Value, key: &str) -> String {
     use base64::Engine;
     let b64 = secret["data"][key].as_str().unwrap_or_default();
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 /// Current-thread runtime: the capturing subscriber is set for this thread, and every task runs
@@ -359,11 +410,17 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     let report = syncer.pass().await.unwrap();
     assert_eq!(
         report.secrets,
-        [("demo".into(), Outcome::Created), ("web-tls".into(), Outcome::Created)]
+        [
+            ("demo".into(), Outcome::Created),
+            ("web-tls".into(), Outcome::Created)
+        ]
     );
     let demo = store.get("apps", "demo").unwrap();
     assert_eq!(data(&demo, "password"), "MyExampleSecret");
-    assert_eq!(demo["metadata"]["labels"]["app.kubernetes.io/managed-by"], "clusterconnect");
+    assert_eq!(
+        demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "clusterconnect"
+    );
     assert_eq!(demo["metadata"]["labels"]["app"], "demo");
     let versions: serde_json::Value = serde_json::from_str(
         demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
@@ -384,9 +441,16 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
 
     // The mount: one private file per object, by alias or name.
     let file = |name: &str| mount.path().join(name);
-    assert_eq!(std::fs::read_to_string(file("DemoSecret")).unwrap(), "MyExampleSecret");
-    assert!(std::fs::read_to_string(file("tls")).unwrap().contains("BEGIN PRIVATE KEY"));
-    assert!(std::fs::read_to_string(file("signing")).unwrap().starts_with("-----BEGIN PUBLIC KEY-----"));
+    assert_eq!(
+        std::fs::read_to_string(file("DemoSecret")).unwrap(),
+        "MyExampleSecret"
+    );
+    assert!(std::fs::read_to_string(file("tls"))
+        .unwrap()
+        .contains("BEGIN PRIVATE KEY"));
+    assert!(std::fs::read_to_string(file("signing"))
+        .unwrap()
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
     #[cfg(unix)]
     for name in ["DemoSecret", "tls", "signing"] {
         use std::os::unix::fs::PermissionsExt;
@@ -403,7 +467,10 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
 
     // Rotation: a new version is picked up within one interval; the rest stays untouched.
     let tls_mtime = std::fs::metadata(file("tls")).unwrap().modified().unwrap();
-    let signing_mtime = std::fs::metadata(file("signing")).unwrap().modified().unwrap();
+    let signing_mtime = std::fs::metadata(file("signing"))
+        .unwrap()
+        .modified()
+        .unwrap();
     let tls_rv = store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"].clone();
     let demo_rv = demo["metadata"]["resourceVersion"].clone();
     let interval = Duration::from_millis(700);
@@ -419,7 +486,10 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         if std::fs::read_to_string(file("DemoSecret")).unwrap() == "RotatedSecretValue" {
             break;
         }
-        assert!(changed_at.elapsed() < interval * 2 + Duration::from_secs(1), "no rotation within an interval");
+        assert!(
+            changed_at.elapsed() < interval * 2 + Duration::from_secs(1),
+            "no rotation within an interval"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The Secret is written in the same pass, right after the files.
@@ -427,19 +497,36 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     let demo = store.get("apps", "demo").unwrap();
     assert_eq!(data(&demo, "password"), "RotatedSecretValue");
     assert_ne!(demo["metadata"]["resourceVersion"], demo_rv);
-    assert!(demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
-        .as_str()
-        .unwrap()
-        .contains(&v2));
-    assert_eq!(store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"], tls_rv);
-    assert_eq!(std::fs::metadata(file("tls")).unwrap().modified().unwrap(), tls_mtime);
-    assert_eq!(std::fs::metadata(file("signing")).unwrap().modified().unwrap(), signing_mtime);
+    assert!(
+        demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
+            .as_str()
+            .unwrap()
+            .contains(&v2)
+    );
+    assert_eq!(
+        store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"],
+        tls_rv
+    );
+    assert_eq!(
+        std::fs::metadata(file("tls")).unwrap().modified().unwrap(),
+        tls_mtime
+    );
+    assert_eq!(
+        std::fs::metadata(file("signing"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        signing_mtime
+    );
 
     // Key Vault refusing for a while: the last good value stays and a warning says so.
     vault.deny("DemoSecret");
     vault.set_secret("DemoSecret", "NeverDeliveredValue");
     tokio::time::sleep(interval * 2).await;
-    assert_eq!(std::fs::read_to_string(file("DemoSecret")).unwrap(), "RotatedSecretValue");
+    assert_eq!(
+        std::fs::read_to_string(file("DemoSecret")).unwrap(),
+        "RotatedSecretValue"
+    );
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), rotating)
         .await
@@ -447,9 +534,18 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         .unwrap();
 
     let logs = captured.text();
-    assert!(logs.contains("object rotated") && logs.contains(&v2), "{logs}");
+    assert!(
+        logs.contains("object rotated") && logs.contains(&v2),
+        "{logs}"
+    );
     assert!(logs.contains("keeping the last good version"), "{logs}");
-    for value in ["MyExampleSecret", "RotatedSecretValue", "NeverDeliveredValue", APP_SECRET, "PRIVATE KEY"] {
+    for value in [
+        "MyExampleSecret",
+        "RotatedSecretValue",
+        "NeverDeliveredValue",
+        APP_SECRET,
+        "PRIVATE KEY",
+    ] {
         assert!(!logs.contains(value), "{value} in the logs:\n{logs}");
     }
 }
@@ -461,7 +557,12 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
     vault.create_certificate("web", "web.test");
     vault.create_rsa_key("signing");
     let store = SecretStore::start().await;
-    store.put("apps", "demo", serde_json::json!({"owner": "someone-else"}), &[("password", "theirs")]);
+    store.put(
+        "apps",
+        "demo",
+        serde_json::json!({"owner": "someone-else"}),
+        &[("password", "theirs")],
+    );
     let api = kube::Api::<KubeSecret>::namespaced(kube_client(&store).await, "apps");
     let mut syncer = Syncer::new(
         client,
@@ -472,8 +573,14 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
         },
     );
     let err = syncer.pass().await.unwrap_err().to_string();
-    assert!(err.contains("apps/demo exists and is not managed by clusterconnect"), "{err}");
-    assert_eq!(data(&store.get("apps", "demo").unwrap(), "password"), "theirs");
+    assert!(
+        err.contains("apps/demo exists and is not managed by clusterconnect"),
+        "{err}"
+    );
+    assert_eq!(
+        data(&store.get("apps", "demo").unwrap(), "password"),
+        "theirs"
+    );
 }
 
 /// The binary: `secrets get --id` prints the value and only the value; `secrets sync` signs in
@@ -499,7 +606,16 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     ];
     let id = format!("{}/secrets/example-secret/{version}", vault.url());
     let out = run_to_end(
-        &["--log-format", "json", "secrets", "get", "--id", &id, "--auth", "env"],
+        &[
+            "--log-format",
+            "json",
+            "secrets",
+            "get",
+            "--id",
+            &id,
+            "--auth",
+            "env",
+        ],
         &sp_env,
         Duration::from_secs(60),
     )
@@ -507,7 +623,10 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "NinaIsTheMole\n");
-    assert!(!stderr.contains("NinaIsTheMole") && !stderr.contains(APP_SECRET), "{stderr}");
+    assert!(
+        !stderr.contains("NinaIsTheMole") && !stderr.contains(APP_SECRET),
+        "{stderr}"
+    );
 
     let key_id = format!("{}/keys/signing", vault.url());
     let out = run_to_end(
@@ -516,19 +635,33 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
         Duration::from_secs(60),
     )
     .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("-----BEGIN PUBLIC KEY-----"));
 
     // A 404 is an error naming the object, exit status 1.
     let missing = format!("{}/secrets/nope", vault.url());
-    let out = run_to_end(&["secrets", "get", "--id", &missing], &sp_env, Duration::from_secs(60)).await;
+    let out = run_to_end(
+        &["secrets", "get", "--id", &missing],
+        &sp_env,
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("secret 'nope' not found"), "{stderr}");
 
     // sync with the credentials Secret, no Azure identity in the environment at all.
     let store = SecretStore::start().await;
-    store.put("apps", "secrets-store-creds", serde_json::json!({"secrets-store.csi.k8s.io/used": "true"}), &[("clientid", APP), ("clientsecret", APP_SECRET)]);
+    store.put(
+        "apps",
+        "secrets-store-creds",
+        serde_json::json!({"secrets-store.csi.k8s.io/used": "true"}),
+        &[("clientid", APP), ("clientsecret", APP_SECRET)],
+    );
     let kubeconfig = store.write_kubeconfig(dir.path());
     let class = dir.path().join("spc.yaml");
     std::fs::write(&class, CLASS).unwrap();
@@ -563,10 +696,17 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(data(&store.get("apps", "demo").unwrap(), "password"), "MyExampleSecret");
-    assert_eq!(std::fs::read_to_string(mount.join("DemoSecret")).unwrap(), "MyExampleSecret");
+    assert_eq!(
+        data(&store.get("apps", "demo").unwrap(), "password"),
+        "MyExampleSecret"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mount.join("DemoSecret")).unwrap(),
+        "MyExampleSecret"
+    );
     for line in stderr.lines() {
-        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
         assert!(parsed.is_object());
     }
     assert!(stderr.contains("\"synced\""), "{stderr}");

@@ -18,7 +18,9 @@ use crate::entra::device_code::StderrPrompt;
 use crate::entra::http::HttpClient;
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID};
 use crate::secrets::credential::{read_credentials_secret, ChainCredentials};
-use crate::secrets::keyvault::{parse_id, vault_url, Format, KeyVaultClient, ObjectRef, ObjectType};
+use crate::secrets::keyvault::{
+    parse_id, vault_url, Format, KeyVaultClient, ObjectRef, ObjectType,
+};
 use crate::secrets::provider_class::ProviderClass;
 use crate::secrets::rotation;
 use crate::secrets::sync::{Syncer, Targets};
@@ -63,7 +65,11 @@ pub struct GetArgs {
     #[arg(long)]
     pub version: Option<String>,
     /// Object type.
-    #[arg(long = "type", default_value = "secret", value_name = "secret|key|cert")]
+    #[arg(
+        long = "type",
+        default_value = "secret",
+        value_name = "secret|key|cert"
+    )]
     pub object_type: ObjectType,
     /// The object's full id instead of --vault/--name/--version/--type, as `az keyvault secret
     /// show --query id` prints it: https://NAME.vault.azure.net/secrets/NAME[/VERSION].
@@ -217,8 +223,12 @@ async fn kube_client(
 }
 
 async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read SecretProviderClass file {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file).with_context(|| {
+        format!(
+            "cannot read SecretProviderClass file {}",
+            args.file.display()
+        )
+    })?;
     let class = ProviderClass::parse(&text).with_context(|| args.file.display().to_string())?;
     if let Some(interval) = args.rotation_poll_interval {
         if interval < MIN_ROTATION_INTERVAL {
@@ -285,7 +295,10 @@ async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8>
         "synced"
     );
     if let Some(interval) = args.rotation_poll_interval {
-        tracing::info!(interval_s = interval.as_secs(), "rotation on: polling Key Vault");
+        tracing::info!(
+            interval_s = interval.as_secs(),
+            "rotation on: polling Key Vault"
+        );
         rotation::run(&mut syncer, interval, shutdown).await;
     }
     Ok(0)

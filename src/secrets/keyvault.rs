@@ -330,13 +330,21 @@ pub fn parse_id(id: &str) -> Result<(String, ObjectRef), KeyVaultError> {
     let (kind, name, version) = match segments.as_slice() {
         [collection, name] => (*collection, *name, None),
         [collection, name, version] => (*collection, *name, Some(version.to_string())),
-        _ => return Err(bad("expected https://<vault>/secrets|keys|certificates/<name>[/<version>]")),
+        _ => {
+            return Err(bad(
+                "expected https://<vault>/secrets|keys|certificates/<name>[/<version>]",
+            ))
+        }
     };
     let kind = match kind {
         "secrets" => ObjectType::Secret,
         "keys" => ObjectType::Key,
         "certificates" => ObjectType::Cert,
-        other => return Err(bad(&format!("{other:?} is not secrets, keys or certificates"))),
+        other => {
+            return Err(bad(&format!(
+                "{other:?} is not secrets, keys or certificates"
+            )))
+        }
     };
     let base = match url.port() {
         Some(port) => format!("https://{host}:{port}"),
@@ -375,13 +383,15 @@ impl KeyVaultClient {
             url: vault_url.to_string(),
             reason: reason.to_string(),
         };
-        let base = Url::parse(vault_url.trim().trim_end_matches('/'))
-            .map_err(|e| bad(&e.to_string()))?;
+        let base =
+            Url::parse(vault_url.trim().trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
         if base.scheme() != "https" {
             return Err(bad("Key Vault is only reached over https://"));
         }
         if base.path() != "/" || base.query().is_some() {
-            return Err(bad("a vault URL has no path, e.g. https://myvault.vault.azure.net"));
+            return Err(bad(
+                "a vault URL has no path, e.g. https://myvault.vault.azure.net",
+            ));
         }
         let vault = base.host_str().ok_or_else(|| bad("no host"))?.to_string();
         Ok(KeyVaultClient {
@@ -407,7 +417,11 @@ impl KeyVaultClient {
 
     /// An object's content as a file would hold it (`format` matters for certificates and
     /// certificate-backed secrets only).
-    pub async fn fetch(&self, object: &ObjectRef, format: Format) -> Result<Fetched, KeyVaultError> {
+    pub async fn fetch(
+        &self,
+        object: &ObjectRef,
+        format: Format,
+    ) -> Result<Fetched, KeyVaultError> {
         for segment in std::iter::once(&object.name).chain(object.version.iter()) {
             if !valid_segment(segment) {
                 return Err(self.content(
@@ -516,7 +530,11 @@ impl KeyVaultClient {
         })
     }
 
-    async fn certificate(&self, object: &ObjectRef, format: Format) -> Result<Fetched, KeyVaultError> {
+    async fn certificate(
+        &self,
+        object: &ObjectRef,
+        format: Format,
+    ) -> Result<Fetched, KeyVaultError> {
         let url = self.object_url(object, "certificates");
         let what = object.to_string();
         let resp = self.get(&url, &what, ObjectType::Cert).await?;
@@ -636,8 +654,8 @@ impl KeyVaultClient {
     /// The resource must be the vault's parent domain (`vault.azure.net` for
     /// `x.vault.azure.net`), so a token for one service is never handed to another host.
     fn check_resource(&self, resource: &str) -> Result<(), String> {
-        let url = Url::parse(resource)
-            .map_err(|e| format!("resource {resource:?} is not a URL: {e}"))?;
+        let url =
+            Url::parse(resource).map_err(|e| format!("resource {resource:?} is not a URL: {e}"))?;
         let domain = url.host_str().unwrap_or_default().to_ascii_lowercase();
         let host = self.vault.to_ascii_lowercase();
         if !domain.is_empty() && host.ends_with(&format!(".{domain}")) {
@@ -800,7 +818,9 @@ pub fn parse_challenge(header: &str) -> Result<Challenge, String> {
             u.path_segments()
                 .and_then(|mut s| s.find(|s| !s.is_empty()).map(str::to_string))
         })
-        .ok_or_else(|| format!("the challenge's authorization {authorization:?} names no tenant"))?;
+        .ok_or_else(|| {
+            format!("the challenge's authorization {authorization:?} names no tenant")
+        })?;
     let resource = resource.ok_or("the challenge names no resource")?;
     Ok(Challenge {
         tenant,
@@ -821,9 +841,11 @@ mod tests {
         assert_eq!(c.tenant, "t1");
         assert_eq!(c.resource, "https://vault.usgovcloudapi.net");
         assert!(parse_challenge("Basic realm=x").is_err());
-        assert!(parse_challenge(r#"Bearer resource="https://vault.azure.net""#)
-            .unwrap_err()
-            .contains("tenant"));
+        assert!(
+            parse_challenge(r#"Bearer resource="https://vault.azure.net""#)
+                .unwrap_err()
+                .contains("tenant")
+        );
     }
 
     #[test]
@@ -875,8 +897,6 @@ mod tests {
         let local =
             KeyVaultClient::new(http, "https://127.0.0.1:9443", Arc::new(NoCredentials)).unwrap();
         assert!(local.check_resource("https://vault.azure.net").is_ok());
-        assert!(local
-            .check_resource("https://graph.microsoft.com")
-            .is_err());
+        assert!(local.check_resource("https://graph.microsoft.com").is_err());
     }
 }

@@ -67,7 +67,10 @@ mod tests {
         }
         let before = std::fs::metadata(&path).unwrap().modified().unwrap();
         assert!(!write_file(&mount, "DemoSecret", b"one").unwrap());
-        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), before);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            before
+        );
         assert!(write_file(&mount, "DemoSecret", b"two").unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
     }

@@ -84,11 +84,9 @@ pub fn jwk_to_pem(jwk: &Jwk) -> Result<String, String> {
             let algorithm = der(0x30, &[der(0x06, OID_EC), der(0x06, curve)].concat());
             der(0x30, &[algorithm, bit_string(&point)].concat())
         }
-        other => {
-            return Err(format!(
-                "key type {other:?} has no public key to export (symmetric keys never leave Key Vault)"
-            ))
-        }
+        other => return Err(format!(
+            "key type {other:?} has no public key to export (symmetric keys never leave Key Vault)"
+        )),
     };
     Ok(pem_block("PUBLIC KEY", &spki))
 }

@@ -170,11 +170,20 @@ fn text(params: &BTreeMap<String, Option<serde_norway::Value>>, name: &str) -> O
     (!s.is_empty()).then_some(s)
 }
 
-fn flag(params: &BTreeMap<String, Option<serde_norway::Value>>, name: &str) -> Result<bool, ProviderClassError> {
-    match text(params, name).as_deref().map(str::to_ascii_lowercase).as_deref() {
+fn flag(
+    params: &BTreeMap<String, Option<serde_norway::Value>>,
+    name: &str,
+) -> Result<bool, ProviderClassError> {
+    match text(params, name)
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
-        Some(other) => Err(fail(format!("parameter {name} is {other:?}; use \"true\" or \"false\""))),
+        Some(other) => Err(fail(format!(
+            "parameter {name} is {other:?}; use \"true\" or \"false\""
+        ))),
     }
 }
 
@@ -191,7 +200,9 @@ impl ProviderClass {
     pub fn parse(yaml: &str) -> Result<ProviderClass, ProviderClassError> {
         let doc: Document =
             serde_norway::from_str(yaml).map_err(|e| fail(format!("not valid YAML: {e}")))?;
-        if !doc.api_version.starts_with("secrets-store.csi.x-k8s.io/") || doc.kind != "SecretProviderClass" {
+        if !doc.api_version.starts_with("secrets-store.csi.x-k8s.io/")
+            || doc.kind != "SecretProviderClass"
+        {
             return Err(fail(format!(
                 "expected apiVersion secrets-store.csi.x-k8s.io/v1 and kind SecretProviderClass, found {} {}",
                 doc.api_version, doc.kind
@@ -209,7 +220,10 @@ impl ProviderClass {
             .ok_or_else(|| fail(format!("'{name}' has no parameters.keyvaultName")))?;
         let cloud = match text(params, "cloudName") {
             None => None,
-            Some(c) => Some(c.parse::<Cloud>().map_err(|e| fail(format!("cloudName: {e}")))?),
+            Some(c) => Some(
+                c.parse::<Cloud>()
+                    .map_err(|e| fail(format!("cloudName: {e}")))?,
+            ),
         };
         if flag(params, "usePodIdentity")? {
             return Err(fail(format!("'{name}' sets usePodIdentity, and AAD pod identity is retired: use workload identity (clientID) or a managed identity (useVMManagedIdentity) instead")));
@@ -225,21 +239,32 @@ impl ProviderClass {
         };
         let objects = parse_objects(&text(params, "objects").unwrap_or_default())?;
         if objects.is_empty() {
-            return Err(fail(format!("'{name}' lists no objects (parameters.objects: array: ...)")));
+            return Err(fail(format!(
+                "'{name}' lists no objects (parameters.objects: array: ...)"
+            )));
         }
         let mut seen = BTreeSet::new();
         for o in &objects {
             if !valid_file_name(o.file_name()) {
-                return Err(fail(format!("object file name {:?} must be a plain file name (no '/')", o.file_name())));
+                return Err(fail(format!(
+                    "object file name {:?} must be a plain file name (no '/')",
+                    o.file_name()
+                )));
             }
             if !seen.insert(o.file_name().to_string()) {
-                return Err(fail(format!("two objects are named {:?}; give one an objectAlias", o.file_name())));
+                return Err(fail(format!(
+                    "two objects are named {:?}; give one an objectAlias",
+                    o.file_name()
+                )));
             }
         }
         let mut secret_objects = Vec::new();
         for raw in doc.spec.secret_objects {
             if raw.data.is_empty() {
-                return Err(fail(format!("secretObjects '{}' has no data", raw.secret_name)));
+                return Err(fail(format!(
+                    "secretObjects '{}' has no data",
+                    raw.secret_name
+                )));
             }
             let mut data = Vec::new();
             for d in raw.data {
@@ -279,8 +304,11 @@ fn parse_objects(text: &str) -> Result<Vec<ObjectSpec>, ProviderClassError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let array: ObjectArray = serde_norway::from_str(text)
-        .map_err(|e| fail(format!("parameters.objects is not the expected 'array:' of YAML strings: {e}")))?;
+    let array: ObjectArray = serde_norway::from_str(text).map_err(|e| {
+        fail(format!(
+            "parameters.objects is not the expected 'array:' of YAML strings: {e}"
+        ))
+    })?;
     array
         .array
         .iter()
@@ -288,26 +316,52 @@ fn parse_objects(text: &str) -> Result<Vec<ObjectSpec>, ProviderClassError> {
         .map(|(i, entry)| {
             let raw: RawObject = serde_norway::from_str(entry)
                 .map_err(|e| fail(format!("objects entry {}: {e}", i + 1)))?;
-            let kind = match raw.object_type.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            let kind = match raw
+                .object_type
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+            {
                 None => ObjectType::Secret,
-                Some(t) => t.parse::<ObjectType>().map_err(|e| fail(format!("object {:?}: {e}", raw.object_name)))?,
+                Some(t) => t
+                    .parse::<ObjectType>()
+                    .map_err(|e| fail(format!("object {:?}: {e}", raw.object_name)))?,
             };
-            let format: Format = raw.object_format.as_deref().unwrap_or("").parse()
+            let format: Format = raw
+                .object_format
+                .as_deref()
+                .unwrap_or("")
+                .parse()
                 .map_err(|e| fail(format!("object {:?}: {e}", raw.object_name)))?;
-            let encoding = match raw.object_encoding.as_deref().map(|e| e.trim().to_ascii_lowercase()).as_deref() {
-                None | Some("") | Some("utf-8") | Some("utf8") => Encoding::Utf8,
-                Some("base64") => Encoding::Base64,
-                Some("hex") => Encoding::Hex,
-                Some(other) => return Err(fail(format!("object {:?}: unknown objectEncoding {other:?}; use utf-8, base64 or hex", raw.object_name))),
-            };
+            let encoding =
+                match raw
+                    .object_encoding
+                    .as_deref()
+                    .map(|e| e.trim().to_ascii_lowercase())
+                    .as_deref()
+                {
+                    None | Some("") | Some("utf-8") | Some("utf8") => Encoding::Utf8,
+                    Some("base64") => Encoding::Base64,
+                    Some("hex") => Encoding::Hex,
+                    Some(other) => return Err(fail(format!(
+                        "object {:?}: unknown objectEncoding {other:?}; use utf-8, base64 or hex",
+                        raw.object_name
+                    ))),
+                };
             let _ = raw.object_version_history;
             Ok(ObjectSpec {
                 object: ObjectRef {
                     kind,
                     name: raw.object_name.trim().to_string(),
-                    version: raw.object_version.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
+                    version: raw
+                        .object_version
+                        .map(|v| v.trim().to_string())
+                        .filter(|v| !v.is_empty()),
                 },
-                alias: raw.object_alias.map(|a| a.trim().to_string()).filter(|a| !a.is_empty()),
+                alias: raw
+                    .object_alias
+                    .map(|a| a.trim().to_string())
+                    .filter(|a| !a.is_empty()),
                 format,
                 encoding,
             })
@@ -348,7 +402,10 @@ spec:
         assert_eq!(spc.keyvault_name, "contoso-kv");
         assert_eq!(spc.cloud, None);
         assert_eq!(spc.identity, Identity::Default);
-        assert_eq!(spc.tenant_id.as_deref(), Some("72f988bf-86f1-41af-91ab-2d7cd011db47"));
+        assert_eq!(
+            spc.tenant_id.as_deref(),
+            Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
+        );
         assert_eq!(spc.objects.len(), 1);
         let o = &spc.objects[0];
         assert_eq!(o.object.kind, ObjectType::Secret);
@@ -409,14 +466,32 @@ spec:
         assert_eq!(spc.secret_objects[0].secret_type, "kubernetes.io/tls");
         assert_eq!(spc.secret_objects[0].data.len(), 2);
 
-        let bad_ref = yaml.replace("{objectName: tls, key: tls.crt}", "{objectName: web-cert, key: tls.crt}");
+        let bad_ref = yaml.replace(
+            "{objectName: tls, key: tls.crt}",
+            "{objectName: web-cert, key: tls.crt}",
+        );
         let err = ProviderClass::parse(&bad_ref).unwrap_err().to_string();
-        assert!(err.contains("\"web-cert\", which is not the name or alias"), "{err}");
+        assert!(
+            err.contains("\"web-cert\", which is not the name or alias"),
+            "{err}"
+        );
         let pod = SEED.replace("usePodIdentity: \"false\"", "usePodIdentity: \"true\"");
-        assert!(ProviderClass::parse(&pod).unwrap_err().to_string().contains("workload identity"));
+        assert!(ProviderClass::parse(&pod)
+            .unwrap_err()
+            .to_string()
+            .contains("workload identity"));
         let gcp = SEED.replace("provider: azure", "provider: gcp");
-        assert!(ProviderClass::parse(&gcp).unwrap_err().to_string().contains("only provider azure"));
-        let traversal = SEED.replace("objectName: DemoSecret", "objectName: DemoSecret\n          objectAlias: ../etc");
-        assert!(ProviderClass::parse(&traversal).unwrap_err().to_string().contains("plain file name"));
+        assert!(ProviderClass::parse(&gcp)
+            .unwrap_err()
+            .to_string()
+            .contains("only provider azure"));
+        let traversal = SEED.replace(
+            "objectName: DemoSecret",
+            "objectName: DemoSecret\n          objectAlias: ../etc",
+        );
+        assert!(ProviderClass::parse(&traversal)
+            .unwrap_err()
+            .to_string()
+            .contains("plain file name"));
     }
 }

@@ -213,8 +213,12 @@ pub fn build_secret(
             continue;
         };
         let value = match (tls, item.key.as_str()) {
-            (true, "tls.key") => blocks(&String::from_utf8_lossy(bytes), "PRIVATE KEY").into_bytes(),
-            (true, "tls.crt") => blocks(&String::from_utf8_lossy(bytes), "CERTIFICATE").into_bytes(),
+            (true, "tls.key") => {
+                blocks(&String::from_utf8_lossy(bytes), "PRIVATE KEY").into_bytes()
+            }
+            (true, "tls.crt") => {
+                blocks(&String::from_utf8_lossy(bytes), "CERTIFICATE").into_bytes()
+            }
             _ => bytes.clone(),
         };
         data.insert(item.key.clone(), ByteString(value));
@@ -245,7 +249,8 @@ pub fn build_secret(
 
 /// Whether `existing` already holds everything `desired` sets.
 fn same(existing: &KubeSecret, desired: &KubeSecret) -> bool {
-    let subset = |want: &Option<BTreeMap<String, String>>, have: &Option<BTreeMap<String, String>>| {
+    let subset = |want: &Option<BTreeMap<String, String>>,
+                  have: &Option<BTreeMap<String, String>>| {
         want.iter()
             .flatten()
             .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
@@ -253,7 +258,10 @@ fn same(existing: &KubeSecret, desired: &KubeSecret) -> bool {
     existing.data == desired.data
         && existing.type_ == desired.type_
         && subset(&desired.metadata.labels, &existing.metadata.labels)
-        && subset(&desired.metadata.annotations, &existing.metadata.annotations)
+        && subset(
+            &desired.metadata.annotations,
+            &existing.metadata.annotations,
+        )
 }
 
 /// Creates the Secret, or replaces it when its content differs; unchanged Secrets are not

@@ -74,7 +74,10 @@ fn new_version() -> String {
 }
 
 fn kv_error(code: StatusCode, kv_code: &str, message: &str) -> Response<Body> {
-    serve::json(code, &json!({"error": {"code": kv_code, "message": message}}))
+    serve::json(
+        code,
+        &json!({"error": {"code": kv_code, "message": message}}),
+    )
 }
 
 impl KeyVault {
@@ -312,12 +315,18 @@ impl Shared {
             ["keys", name, version] => self.key(name, Some(version)),
             ["certificates", name] => self.certificate(name, None),
             ["certificates", name, version] => self.certificate(name, Some(version)),
-            _ => kv_error(StatusCode::NOT_FOUND, "NotFound", "The requested path was not found."),
+            _ => kv_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "The requested path was not found.",
+            ),
         }
     }
 
     fn shared_verify(&self, token: &str) -> Result<(), String> {
-        self.entra.verify_access_token(token, &[RESOURCE]).map(|_| ())
+        self.entra
+            .verify_access_token(token, &[RESOURCE])
+            .map(|_| ())
     }
 
     fn challenge(&self, message: &str) -> Response<Body> {
@@ -429,10 +438,13 @@ impl Shared {
 
     fn certificate(&self, name: &str, version: Option<&str>) -> Response<Body> {
         let state = self.state();
-        let found = state.certificates.get(name).and_then(|versions| match version {
-            Some(v) => versions.iter().find(|c| c.as_str() == v),
-            None => versions.last(),
-        });
+        let found = state
+            .certificates
+            .get(name)
+            .and_then(|versions| match version {
+                Some(v) => versions.iter().find(|c| c.as_str() == v),
+                None => versions.last(),
+            });
         let Some(version) = found else {
             return Self::not_found("certificate", name, version);
         };

@@ -139,7 +139,11 @@ impl Shared {
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (req.method().clone(), segments.as_slice()) {
             (Method::GET, ["api", "v1", "namespaces", ns, "secrets", name]) => {
-                match self.state().secrets.get(&(ns.to_string(), name.to_string())) {
+                match self
+                    .state()
+                    .secrets
+                    .get(&(ns.to_string(), name.to_string()))
+                {
                     Some(obj) => serve::json(StatusCode::OK, obj),
                     None => status(
                         StatusCode::NOT_FOUND,
@@ -152,7 +156,10 @@ impl Shared {
                 let Ok(mut obj) = serde_json::from_slice::<Value>(req.body()) else {
                     return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
                 };
-                let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let mut state = self.state();
                 let key = (ns.to_string(), name.clone());
                 if state.secrets.contains_key(&key) {
@@ -197,7 +204,11 @@ impl Shared {
                 state.secrets.insert(key, obj.clone());
                 serve::json(StatusCode::OK, &obj)
             }
-            _ => status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
+            _ => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         }
     }
 }
