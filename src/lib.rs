@@ -22,5 +22,6 @@ pub mod net;
 pub mod proxy;
 pub mod relay;
 pub mod secret;
+pub mod secrets;
 pub mod tls;
 pub mod tunnel;

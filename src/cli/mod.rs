@@ -10,6 +10,7 @@ mod registry;
 pub(crate) mod relay;
 mod run;
 mod sas;
+mod secrets;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,10 @@ pub enum Command {
     List(inventory::ListArgs),
     /// Show one registered cluster (like `az connectedk8s show`).
     Show(inventory::ShowArgs),
+    /// Azure Key Vault secrets, keys and certificates: print one, or sync a SecretProviderClass
+    /// into Kubernetes Secrets and files, with rotation.
+    #[command(subcommand)]
+    Secrets(secrets::Command),
 }
 
 /// Runs the chosen subcommand; the result is the process exit status.
@@ -73,6 +78,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Sas(cmd) => sas::run(cmd).map(|()| 0),
         Command::List(args) => inventory::list(args).await.map(|()| 0),
         Command::Show(args) => inventory::show(args).await.map(|()| 0),
+        Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
     }
 }
 

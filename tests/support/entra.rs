@@ -92,7 +92,7 @@ impl RsaKey {
 }
 
 /// `n` and `e` of a DER RSAPublicKey, without the sign byte DER puts before a high bit.
-fn rsa_public_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
+pub(super) fn rsa_public_components(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
     fn element(input: &[u8]) -> (u8, &[u8], &[u8]) {
         let tag = input[0];
         let (len, header) = match input[1] {
@@ -466,6 +466,12 @@ impl Entra {
 
     pub fn slow_down_once(&self) {
         self.shared.state().slow_down_once = true;
+    }
+
+    /// Checks an access token the way a resource server does: signed by a published key, not
+    /// expired, for one of `audiences`. Returns its claims.
+    pub fn verify_access_token(&self, token: &str, audiences: &[&str]) -> Result<Value, String> {
+        self.shared.verify(token, audiences)
     }
 }
 
@@ -1081,6 +1087,10 @@ impl Shared {
     }
 
     fn verify_graph_token(&self, token: &str) -> Result<(), String> {
+        self.verify(token, &[GRAPH, GRAPH_APP_ID]).map(|_| ())
+    }
+
+    fn verify(&self, token: &str, audiences: &[&str]) -> Result<Value, String> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| format!("IDX14100: JWT is not well formed: {e}"))?;
         let active = self.state().active;
@@ -1089,10 +1099,10 @@ impl Shared {
             .find(|k| Some(&k.kid) == header.kid.as_ref())
             .ok_or("Signing key not found.")?;
         let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_audience(&[GRAPH, GRAPH_APP_ID]);
+        validation.set_audience(audiences);
         validation.leeway = 0;
         jsonwebtoken::decode::<Value>(token, &key.decoding, &validation)
-            .map(|_| ())
+            .map(|data| data.claims)
             .map_err(|e| format!("Access token validation failure: {e}."))
     }
 }

@@ -1,0 +1,365 @@
+//! One synchronisation pass: fetch every object of the class, write the files of the mount
+//! directory, and create or update the Kubernetes Secrets of `secretObjects`. The syncer keeps
+//! the last good content of every object, so a later pass (see [`super::rotation`]) can tell
+//! what rotated and keep serving an object Key Vault briefly fails to return.
+//!
+//! Kubernetes Secrets carry `app.kubernetes.io/managed-by: clusterconnect` and the versions of
+//! the objects they were built from; an existing Secret without that label is never overwritten.
+//! Values never reach a log line or an error: only object names and versions do.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use k8s_openapi::ByteString;
+use kube::api::{ObjectMeta, PostParams};
+use kube::Api;
+
+use super::keyvault::{Fetched, KeyVaultClient, KeyVaultError};
+use super::mount::{write_file, MountError};
+use super::pem::blocks;
+use super::provider_class::{Encoding, ObjectSpec, ProviderClass, SecretObject};
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "clusterconnect";
+/// JSON object of object name (or alias) -> Key Vault version the Secret was built from.
+pub const VERSIONS_ANNOTATION: &str = "clusterconnect.io/object-versions";
+pub const CLASS_ANNOTATION: &str = "clusterconnect.io/secret-provider-class";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{count} of {total} objects could not be fetched: {}", .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Fetch {
+        count: usize,
+        total: usize,
+        errors: Vec<KeyVaultError>,
+    },
+    #[error("object {object}: objectEncoding {encoding} does not fit its content: {reason}")]
+    Encoding {
+        object: String,
+        encoding: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("Kubernetes Secret {namespace}/{name}: {source}")]
+    Kube {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("Kubernetes Secret {namespace}/{name} exists and is not managed by clusterconnect (no {MANAGED_BY_LABEL}={MANAGED_BY} label); delete it or choose another secretName")]
+    NotManaged { namespace: String, name: String },
+}
+
+/// What happened to one Kubernetes Secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// What a pass did.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    /// Objects whose version changed since the previous pass: (file name, new version).
+    pub rotated: Vec<(String, String)>,
+    /// Objects Key Vault failed to return whose last good content was kept.
+    pub kept: Vec<String>,
+    pub files_written: Vec<String>,
+    pub secrets: Vec<(String, Outcome)>,
+}
+
+/// Where a pass delivers.
+pub struct Targets {
+    pub mount_dir: Option<PathBuf>,
+    /// Secrets of the target namespace; `None` leaves `secretObjects` alone.
+    pub secrets: Option<(Api<KubeSecret>, String)>,
+}
+
+pub struct Syncer {
+    client: KeyVaultClient,
+    class: ProviderClass,
+    targets: Targets,
+    /// Last good content by file name.
+    last: BTreeMap<String, Fetched>,
+}
+
+impl Syncer {
+    pub fn new(client: KeyVaultClient, class: ProviderClass, targets: Targets) -> Syncer {
+        Syncer {
+            client,
+            class,
+            targets,
+            last: BTreeMap::new(),
+        }
+    }
+
+    pub fn class(&self) -> &ProviderClass {
+        &self.class
+    }
+
+    /// Fetches everything and delivers what changed. Objects that fail keep their last good
+    /// content; a pass fails only when an object has never been fetched.
+    pub async fn pass(&mut self) -> Result<PassReport, SyncError> {
+        let mut report = PassReport::default();
+        let mut current = BTreeMap::new();
+        let mut errors = Vec::new();
+        for spec in &self.class.objects {
+            let name = spec.file_name().to_string();
+            match self.client.fetch(&spec.object, spec.format).await {
+                Ok(fetched) => {
+                    if let Some(previous) = self.last.get(&name) {
+                        if previous.version != fetched.version || previous.value != fetched.value {
+                            tracing::info!(object = %name, kind = %spec.object.kind, version = %fetched.version, previous_version = %previous.version, "object rotated");
+                            report.rotated.push((name.clone(), fetched.version.clone()));
+                        }
+                    }
+                    current.insert(name, fetched);
+                }
+                Err(e) => match self.last.get(&name) {
+                    Some(previous) => {
+                        tracing::warn!(object = %name, error = %e, version = %previous.version, "Key Vault did not return the object; keeping the last good version");
+                        report.kept.push(name.clone());
+                        current.insert(name, previous.clone());
+                    }
+                    None => errors.push(e),
+                },
+            }
+        }
+        if !errors.is_empty() {
+            return Err(SyncError::Fetch {
+                count: errors.len(),
+                total: self.class.objects.len(),
+                errors,
+            });
+        }
+        let mut contents = BTreeMap::new();
+        for spec in &self.class.objects {
+            let name = spec.file_name();
+            if let Some(fetched) = current.get(name) {
+                contents.insert(name.to_string(), encode(spec, fetched)?);
+            }
+        }
+        if let Some(dir) = &self.targets.mount_dir {
+            for (name, bytes) in &contents {
+                if write_file(dir, name, bytes)? {
+                    report.files_written.push(name.clone());
+                }
+            }
+        }
+        if let Some((api, namespace)) = &self.targets.secrets {
+            for object in &self.class.secret_objects {
+                let desired = build_secret(&self.class.name, object, &contents, &current);
+                let outcome = apply(api, namespace, desired).await?;
+                if outcome != Outcome::Unchanged {
+                    tracing::info!(secret = %object.secret_name, namespace = %namespace, outcome = ?outcome, "Kubernetes Secret synced");
+                }
+                report.secrets.push((object.secret_name.clone(), outcome));
+            }
+        }
+        self.last = current;
+        Ok(report)
+    }
+}
+
+/// The file content of an object: its text, or the bytes its base64 or hex encodes.
+fn encode(spec: &ObjectSpec, fetched: &Fetched) -> Result<Vec<u8>, SyncError> {
+    let text = fetched.value.expose();
+    let fail = |encoding: &'static str, reason: String| SyncError::Encoding {
+        object: spec.file_name().to_string(),
+        encoding,
+        reason,
+    };
+    match spec.encoding {
+        Encoding::Utf8 => Ok(text.as_bytes().to_vec()),
+        Encoding::Base64 => STANDARD
+            .decode(text.trim())
+            .map_err(|e| fail("base64", e.to_string())),
+        Encoding::Hex => decode_hex(text.trim()).map_err(|reason| fail("hex", reason)),
+    }
+}
+
+fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
+    if text.len() % 2 != 0 {
+        return Err("odd number of hex digits".into());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&text[i..i + 2], 16)
+                .map_err(|_| format!("not a hex digit pair at offset {i}"))
+        })
+        .collect()
+}
+
+/// The Secret `object` describes. For `kubernetes.io/tls`, `tls.key` and `tls.crt` take the
+/// private key and the certificates out of the PEM object, as the CSI driver does.
+pub fn build_secret(
+    class_name: &str,
+    object: &SecretObject,
+    contents: &BTreeMap<String, Vec<u8>>,
+    fetched: &BTreeMap<String, Fetched>,
+) -> KubeSecret {
+    let tls = object.secret_type == "kubernetes.io/tls";
+    let mut data = BTreeMap::new();
+    let mut versions = BTreeMap::new();
+    for item in &object.data {
+        let Some(bytes) = contents.get(&item.object_name) else {
+            continue;
+        };
+        let value = match (tls, item.key.as_str()) {
+            (true, "tls.key") => {
+                blocks(&String::from_utf8_lossy(bytes), "PRIVATE KEY").into_bytes()
+            }
+            (true, "tls.crt") => {
+                blocks(&String::from_utf8_lossy(bytes), "CERTIFICATE").into_bytes()
+            }
+            _ => bytes.clone(),
+        };
+        data.insert(item.key.clone(), ByteString(value));
+        if let Some(f) = fetched.get(&item.object_name) {
+            versions.insert(item.object_name.clone(), f.version.clone());
+        }
+    }
+    let mut labels = object.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+    let mut annotations = object.annotations.clone();
+    annotations.insert(
+        VERSIONS_ANNOTATION.into(),
+        serde_json::to_string(&versions).unwrap_or_default(),
+    );
+    annotations.insert(CLASS_ANNOTATION.into(), class_name.to_string());
+    KubeSecret {
+        metadata: ObjectMeta {
+            name: Some(object.secret_name.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        type_: Some(object.secret_type.clone()),
+        data: Some(data),
+        ..KubeSecret::default()
+    }
+}
+
+/// Whether `existing` already holds everything `desired` sets.
+fn same(existing: &KubeSecret, desired: &KubeSecret) -> bool {
+    let subset = |want: &Option<BTreeMap<String, String>>,
+                  have: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    existing.data == desired.data
+        && existing.type_ == desired.type_
+        && subset(&desired.metadata.labels, &existing.metadata.labels)
+        && subset(
+            &desired.metadata.annotations,
+            &existing.metadata.annotations,
+        )
+}
+
+/// Creates the Secret, or replaces it when its content differs; unchanged Secrets are not
+/// written (their resourceVersion stays).
+pub async fn apply(
+    api: &Api<KubeSecret>,
+    namespace: &str,
+    mut desired: KubeSecret,
+) -> Result<Outcome, SyncError> {
+    let name = desired.metadata.name.clone().unwrap_or_default();
+    let kube = |source: kube::Error| SyncError::Kube {
+        namespace: namespace.to_string(),
+        name: name.clone(),
+        source,
+    };
+    match api.get_opt(&name).await.map_err(kube)? {
+        None => {
+            api.create(&PostParams::default(), &desired)
+                .await
+                .map_err(kube)?;
+            Ok(Outcome::Created)
+        }
+        Some(existing) => {
+            let managed = existing
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY_LABEL))
+                .is_some_and(|v| v == MANAGED_BY);
+            if !managed {
+                return Err(SyncError::NotManaged {
+                    namespace: namespace.to_string(),
+                    name,
+                });
+            }
+            if same(&existing, &desired) {
+                return Ok(Outcome::Unchanged);
+            }
+            desired.metadata.resource_version = existing.metadata.resource_version.clone();
+            api.replace(&name, &PostParams::default(), &desired)
+                .await
+                .map_err(kube)?;
+            Ok(Outcome::Updated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::secrets::provider_class::SecretObjectData;
+
+    #[test]
+    fn a_tls_secret_splits_the_pem_and_records_versions() {
+        let object = SecretObject {
+            secret_name: "web-tls".into(),
+            secret_type: "kubernetes.io/tls".into(),
+            labels: BTreeMap::from([("team".to_string(), "web".to_string())]),
+            annotations: BTreeMap::new(),
+            data: vec![
+                SecretObjectData {
+                    object_name: "tls".into(),
+                    key: "tls.key".into(),
+                },
+                SecretObjectData {
+                    object_name: "tls".into(),
+                    key: "tls.crt".into(),
+                },
+            ],
+        };
+        let pem = "-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        let contents = BTreeMap::from([("tls".to_string(), pem.as_bytes().to_vec())]);
+        let fetched = BTreeMap::from([(
+            "tls".to_string(),
+            Fetched {
+                value: Secret::new(pem),
+                version: "v1".into(),
+                content_type: None,
+            },
+        )]);
+        let secret = build_secret("web", &object, &contents, &fetched);
+        let data = secret.data.as_ref().unwrap();
+        assert!(String::from_utf8_lossy(&data["tls.key"].0).contains("AAA"));
+        assert!(!String::from_utf8_lossy(&data["tls.key"].0).contains("BBB"));
+        assert!(String::from_utf8_lossy(&data["tls.crt"].0).contains("BBB"));
+        let labels = secret.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
+        assert_eq!(labels["team"], "web");
+        let annotations = secret.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations[VERSIONS_ANNOTATION], r#"{"tls":"v1"}"#);
+        assert!(same(&secret, &secret.clone()));
+    }
+
+    #[test]
+    fn hex_decodes_and_says_where_it_fails_without_the_value() {
+        assert_eq!(decode_hex("00ff10").unwrap(), vec![0, 255, 16]);
+        let err = decode_hex("zz").unwrap_err();
+        assert!(err.contains("offset 0") && !err.contains("zz"), "{err}");
+    }
+}
