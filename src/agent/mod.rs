@@ -3,12 +3,13 @@
 
 mod forward;
 mod health;
+pub mod heartbeat;
 mod identity;
 mod listener;
 mod upstream;
 
 pub use identity::{strip_impersonation, AuthMode, Authenticator, EntraAuth};
-pub use upstream::{Upstream, UpstreamError};
+pub use upstream::{Loaded, Upstream, UpstreamError};
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

@@ -36,6 +36,15 @@ pub enum UpstreamError {
     NotHttps(String),
 }
 
+/// A loaded cluster connection.
+pub struct Loaded {
+    pub upstream: Upstream,
+    /// The agent's own bearer token source, when the configuration has one.
+    pub own_token: Option<Arc<dyn CredentialSource>>,
+    /// The configuration itself, for the agent's own API calls (status reports).
+    pub config: kube::Config,
+}
+
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
 pub struct Upstream {
@@ -53,11 +62,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 impl Upstream {
     /// Loads the cluster from `kubeconfig`/`context` when given, else infers it the way
     /// kubectl and client-go do (in-cluster service account first, then `$KUBECONFIG`).
-    /// Also returns the agent's own bearer token source, when the configuration has one.
     pub async fn load(
         kubeconfig: Option<PathBuf>,
         context: Option<String>,
-    ) -> Result<(Upstream, Option<Arc<dyn CredentialSource>>), UpstreamError> {
+    ) -> Result<Loaded, UpstreamError> {
         let config = match (kubeconfig, context) {
             (Some(path), context) => {
                 let file = Kubeconfig::read_from(&path)
@@ -100,7 +108,11 @@ impl Upstream {
             (None, None) => None,
         };
         let upstream = Upstream::new(&config.cluster_url, ca_pem.as_deref())?;
-        Ok((upstream, own_token(&config.auth_info)))
+        Ok(Loaded {
+            upstream,
+            own_token: own_token(&config.auth_info),
+            config,
+        })
     }
 
     /// An upstream at `url` trusting `ca_pem` (or the system roots when `None`).

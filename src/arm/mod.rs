@@ -59,6 +59,24 @@ impl ClusterId {
         })
     }
 
+    /// Parses a full resource id, as `connect` passes it to the agent.
+    pub fn parse(id: &str) -> Result<ClusterId, String> {
+        let parts: Vec<&str> = id.trim_matches('/').split('/').collect();
+        match parts.as_slice() {
+            [s, sub, r, rg, p, ns, t, name]
+                if s.eq_ignore_ascii_case("subscriptions")
+                    && r.eq_ignore_ascii_case("resourceGroups")
+                    && p.eq_ignore_ascii_case("providers")
+                    && format!("{ns}/{t}").eq_ignore_ascii_case(RESOURCE_TYPE) =>
+            {
+                ClusterId::new(sub, rg, name)
+            }
+            _ => Err(format!(
+                "{id:?} is not a connected cluster id (/subscriptions/<s>/resourceGroups/<rg>/providers/{RESOURCE_TYPE}/<name>)"
+            )),
+        }
+    }
+
     pub fn path(&self) -> String {
         format!(
             "/subscriptions/{}/resourceGroups/{}/providers/{RESOURCE_TYPE}/{}",
@@ -234,6 +252,8 @@ mod tests {
         let same = ClusterId::new(DEFAULT_SUBSCRIPTION, "RG-1", "Prod").unwrap();
         assert_eq!(id.hybrid_connection(), same.hybrid_connection());
         assert!(id.hybrid_connection().starts_with("cc-"));
+        assert_eq!(ClusterId::parse(&id.path()).unwrap(), id);
+        assert!(ClusterId::parse("/subscriptions/s/resourceGroups/rg").is_err());
         let err = ClusterId::new(DEFAULT_SUBSCRIPTION, "rg", "a/b").unwrap_err();
         assert!(err.contains("cluster name"), "{err}");
     }

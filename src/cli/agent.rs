@@ -9,7 +9,10 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use super::RelayFlags;
+use crate::agent::heartbeat::{load_key, Heartbeat, INTERVAL as HEARTBEAT_INTERVAL};
 use crate::agent::{AgentConfig, AuthMode, Authenticator, EntraAuth, Upstream, DEFAULT_TOKEN_TTL};
+use crate::arm::client::ManagementClient;
+use crate::arm::ClusterId;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::CredentialSource;
 use crate::entra::chain::{ChainOptions, EntraChain, Environment};
@@ -18,6 +21,7 @@ use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
+use crate::tunnel::protocol::RelayAddress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -53,6 +57,43 @@ pub struct Args {
     /// Azure cloud of the tenant (AZURE_AUTHORITY_HOST overrides its authority).
     #[arg(long, default_value = "AzurePublicCloud")]
     pub cloud: Cloud,
+    /// The cluster's registration (set by `clusterconnect connect`): report status to the
+    /// relay's registry under this resource id.
+    #[arg(long, requires = "agent_key_file")]
+    pub cluster_id: Option<String>,
+    /// The agent's private key (PKCS#8 PEM) that signs its status reports.
+    #[arg(long, requires = "cluster_id")]
+    pub agent_key_file: Option<PathBuf>,
+}
+
+/// The status reporter, when the agent was installed with a registration.
+fn heartbeat(
+    args: &Args,
+    relay: &RelayAddress,
+    relay_tls: &Arc<rustls::ClientConfig>,
+    config: kube::Config,
+) -> anyhow::Result<Option<Heartbeat>> {
+    let (Some(id), Some(key_file)) = (&args.cluster_id, &args.agent_key_file) else {
+        return Ok(None);
+    };
+    let id = ClusterId::parse(id).map_err(|e| anyhow::anyhow!("--cluster-id: {e}"))?;
+    let pem = std::fs::read_to_string(key_file)
+        .with_context(|| format!("cannot read --agent-key-file {}", key_file.display()))?;
+    let key = load_key(&pem)
+        .map_err(|e| anyhow::anyhow!("--agent-key-file {}: {e}", key_file.display()))?;
+    let kube =
+        kube::Client::try_from(config).context("cannot build the agent's own Kubernetes client")?;
+    let http = HttpClient::new(
+        relay_tls.clone(),
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+    );
+    Ok(Some(Heartbeat {
+        registry: ManagementClient::new(relay.clone(), http, None),
+        id,
+        key,
+        kube,
+    }))
 }
 
 /// The authenticator for `--auth-mode`, `--tenant` and the agent's own token.
@@ -149,9 +190,12 @@ fn graph_credential(
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (relay, key, tls) = args.relay.resolve()?;
-    let (upstream, own_token) =
-        Upstream::load(args.kubeconfig.clone(), args.context.clone()).await?;
-    let auth = authenticator(&args, own_token)?;
+    let loaded = Upstream::load(args.kubeconfig.clone(), args.context.clone()).await?;
+    let auth = authenticator(&args, loaded.own_token)?;
+    let upstream = loaded.upstream;
+    if let Some(heartbeat) = heartbeat(&args, &relay, &tls, loaded.config)? {
+        tokio::spawn(heartbeat.run(HEARTBEAT_INTERVAL, shutdown.clone()));
+    }
     let health = match args.health_addr.as_str() {
         "off" | "" => None,
         addr => {

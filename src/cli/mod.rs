@@ -2,7 +2,7 @@
 //! running it. Errors become messages that say what was wrong and what to do.
 
 mod agent;
-mod clusters;
+pub mod clusters;
 mod inventory;
 mod output;
 mod proxy;

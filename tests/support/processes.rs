@@ -341,8 +341,13 @@ rights = ["send"]
 /// Writes `dir/relay.toml` and runs `relay --dev-self-signed` on 127.0.0.1:0; returns once it
 /// logged "relay listening".
 pub async fn start_relay(dir: &Path) -> RelayProcess {
+    start_relay_with(dir, RELAY_TOML).await
+}
+
+/// [`start_relay`] with `toml` as the configuration.
+pub async fn start_relay_with(dir: &Path, toml: &str) -> RelayProcess {
     let config = dir.join("relay.toml");
-    std::fs::write(&config, RELAY_TOML).expect("write relay.toml");
+    std::fs::write(&config, toml).expect("write relay.toml");
     let process = spawn(
         &[
             OsStr::new("relay"),

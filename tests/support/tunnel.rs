@@ -283,10 +283,6 @@ impl LocalProxy {
         clusters: Vec<ProxiedCluster<'_>>,
         dir: &std::path::Path,
     ) -> LocalProxy {
-        let ca = CertificateAuthority::generate("test proxy CA").expect("CA");
-        let leaf = ca.issue_server(&["127.0.0.1"]).expect("leaf");
-        let local_secret = new_local_secret();
-        let names: Vec<String> = clusters.iter().map(|c| c.name.to_string()).collect();
         let clusters = clusters
             .into_iter()
             .map(|c| ClusterConfig {
@@ -300,6 +296,15 @@ impl LocalProxy {
                 credential: c.credential,
             })
             .collect();
+        LocalProxy::start_configs(clusters, dir).await
+    }
+
+    /// A proxy for clusters resolved elsewhere (e.g. by the CLI's flags).
+    pub async fn start_configs(clusters: Vec<ClusterConfig>, dir: &std::path::Path) -> LocalProxy {
+        let ca = CertificateAuthority::generate("test proxy CA").expect("CA");
+        let leaf = ca.issue_server(&["127.0.0.1"]).expect("leaf");
+        let local_secret = new_local_secret();
+        let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
         let proxy = Proxy::new(ProxyConfig {
             clusters,
             local_tls: tls::server_config(
