@@ -1,11 +1,12 @@
 //! `clusterconnect secrets` against stand-ins: the Key Vault stand-in (challenge, versions,
-//! keys, PFX-backed certificates, throttling, denial), the Entra, IMDS and HIMDS stand-ins, and a
-//! small Secrets store reached through a kubeconfig with kube-rs.
+//! keys, PFX-backed certificates, throttling, denial), the Entra, IMDS and HIMDS stand-ins, and the
+//! shared stand-in apiserver reached through a kubeconfig with kube-rs.
 
 mod support;
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use support::entra::{Entra, TENANT};
 use support::imds::Himds;
 use support::keyvault::KeyVault;
 use support::processes::run_to_end;
-use support::secret_store::SecretStore;
+use support::ApiServer;
 use tokio_util::sync::CancellationToken;
 
 const APP: &str = "66666666-0000-0000-0000-0000000000c1";
@@ -358,12 +359,60 @@ impl Write for Captured {
     }
 }
 
-async fn kube_client(store: &SecretStore) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&store.kubeconfig_yaml()).unwrap();
+/// The namespace every sync here targets; the stand-in, like a real cluster, has only `default`
+/// and `kube-system` until it is created.
+const NAMESPACE: &str = "apps";
+
+/// The shared stand-in apiserver with the `apps` namespace.
+async fn cluster() -> ApiServer {
+    let api = ApiServer::start().await;
+    api.create_object(
+        "/api/v1/namespaces",
+        serde_json::json!({"metadata": {"name": NAMESPACE}}),
+    );
+    api
+}
+
+/// A kube-rs client from a kubeconfig file, as `secrets sync --kubeconfig` builds one.
+async fn kube_client(kubeconfig: &Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap();
     kube::Client::try_from(config).unwrap()
+}
+
+/// The Secrets API of `apps`, as the tester's service account, through `api`'s own kubeconfig.
+async fn secrets_api(api: &ApiServer, dir: &Path) -> kube::Api<KubeSecret> {
+    let kubeconfig = api.write_kubeconfig(dir, &api.token());
+    kube::Api::namespaced(kube_client(&kubeconfig).await, NAMESPACE)
+}
+
+/// The stored Secret `apps/<name>`, as the apiserver holds it.
+fn stored(api: &ApiServer, name: &str) -> serde_json::Value {
+    api.object(&format!("/api/v1/namespaces/{NAMESPACE}/secrets/{name}"))
+        .unwrap_or_else(|| panic!("no Secret {NAMESPACE}/{name}"))
+}
+
+/// Puts a Secret in place as someone else would (`data` values in plain text).
+fn put_secret(api: &ApiServer, name: &str, labels: serde_json::Value, data: &[(&str, &str)]) {
+    let strings: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    api.create_object(
+        &format!("/api/v1/namespaces/{NAMESPACE}/secrets"),
+        serde_json::json!({"metadata": {"name": name, "labels": labels}, "stringData": strings}),
+    );
+}
+
+/// Requests that could change a Secret (create, replace, patch, delete) the apiserver has seen.
+fn secret_writes(api: &ApiServer) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| matches!(r.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE"))
+        .filter(|r| r.path_and_query.contains("/secrets"))
+        .count()
 }
 
 fn data(secret: &serde_json::Value, key: &str) -> String {
@@ -394,8 +443,9 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     let v1 = vault.set_secret("DemoSecret", "MyExampleSecret");
     let (cert_version, cert_pem, _) = vault.create_certificate("web", "web.contoso.test");
     vault.create_rsa_key("signing");
-    let store = SecretStore::start().await;
-    let api = kube::Api::<KubeSecret>::namespaced(kube_client(&store).await, "apps");
+    let cluster = cluster().await;
+    let kube_dir = tempfile::tempdir().unwrap();
+    let api = secrets_api(&cluster, kube_dir.path()).await;
     let mount = tempfile::tempdir().unwrap();
     let class = ProviderClass::parse(CLASS).unwrap();
     let mut syncer = Syncer::new(
@@ -415,8 +465,9 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
             ("web-tls".into(), Outcome::Created)
         ]
     );
-    let demo = store.get("apps", "demo").unwrap();
+    let demo = stored(&cluster, "demo");
     assert_eq!(data(&demo, "password"), "MyExampleSecret");
+    assert_eq!(demo["type"], "Opaque");
     assert_eq!(
         demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "clusterconnect"
@@ -429,7 +480,7 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     )
     .unwrap();
     assert_eq!(versions["DemoSecret"], v1.as_str());
-    let tls = store.get("apps", "web-tls").unwrap();
+    let tls = stored(&cluster, "web-tls");
     assert_eq!(tls["type"], "kubernetes.io/tls");
     assert_eq!(data(&tls, "tls.crt").trim(), cert_pem.trim());
     assert!(data(&tls, "tls.key").starts_with("-----BEGIN PRIVATE KEY-----"));
@@ -459,11 +510,14 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     }
 
     // A second pass with nothing new writes nothing.
-    let writes = store.writes();
+    let writes = secret_writes(&cluster);
+    assert_eq!(writes, 2, "one create per Secret");
     let report = syncer.pass().await.unwrap();
     assert!(report.rotated.is_empty() && report.files_written.is_empty());
     assert!(report.secrets.iter().all(|(_, o)| *o == Outcome::Unchanged));
-    assert_eq!(store.writes(), writes);
+    assert_eq!(secret_writes(&cluster), writes);
+    assert_eq!(stored(&cluster, "demo"), demo, "resourceVersion and all");
+    assert_eq!(stored(&cluster, "web-tls"), tls, "resourceVersion and all");
 
     // Rotation: a new version is picked up within one interval; the rest stays untouched.
     let tls_mtime = std::fs::metadata(file("tls")).unwrap().modified().unwrap();
@@ -471,7 +525,7 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         .unwrap()
         .modified()
         .unwrap();
-    let tls_rv = store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"].clone();
+    let tls_rv = tls["metadata"]["resourceVersion"].clone();
     let demo_rv = demo["metadata"]["resourceVersion"].clone();
     let interval = Duration::from_millis(700);
     let shutdown = CancellationToken::new();
@@ -494,8 +548,13 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     }
     // The Secret is written in the same pass, right after the files.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let demo = store.get("apps", "demo").unwrap();
+    let demo = stored(&cluster, "demo");
     assert_eq!(data(&demo, "password"), "RotatedSecretValue");
+    assert_eq!(demo["metadata"]["labels"]["app"], "demo");
+    assert_eq!(
+        demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "clusterconnect"
+    );
     assert_ne!(demo["metadata"]["resourceVersion"], demo_rv);
     assert!(
         demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
@@ -504,7 +563,7 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
             .contains(&v2)
     );
     assert_eq!(
-        store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"],
+        stored(&cluster, "web-tls")["metadata"]["resourceVersion"],
         tls_rv
     );
     assert_eq!(
@@ -532,6 +591,12 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         .await
         .expect("rotation stops on shutdown")
         .unwrap();
+    // One replace in all (the rotation); the refused fetch left the Secret as it was.
+    assert_eq!(secret_writes(&cluster), writes + 1);
+    assert_eq!(
+        data(&stored(&cluster, "demo"), "password"),
+        "RotatedSecretValue"
+    );
 
     let logs = captured.text();
     assert!(
@@ -556,14 +621,16 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
     vault.set_secret("DemoSecret", "x");
     vault.create_certificate("web", "web.test");
     vault.create_rsa_key("signing");
-    let store = SecretStore::start().await;
-    store.put(
-        "apps",
+    let cluster = cluster().await;
+    put_secret(
+        &cluster,
         "demo",
         serde_json::json!({"owner": "someone-else"}),
         &[("password", "theirs")],
     );
-    let api = kube::Api::<KubeSecret>::namespaced(kube_client(&store).await, "apps");
+    let theirs = stored(&cluster, "demo");
+    let kube_dir = tempfile::tempdir().unwrap();
+    let api = secrets_api(&cluster, kube_dir.path()).await;
     let mut syncer = Syncer::new(
         client,
         ProviderClass::parse(CLASS).unwrap(),
@@ -577,10 +644,9 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
         err.contains("apps/demo exists and is not managed by clusterconnect"),
         "{err}"
     );
-    assert_eq!(
-        data(&store.get("apps", "demo").unwrap(), "password"),
-        "theirs"
-    );
+    assert_eq!(data(&stored(&cluster, "demo"), "password"), "theirs");
+    assert_eq!(stored(&cluster, "demo"), theirs, "resourceVersion and all");
+    assert_eq!(secret_writes(&cluster), 0);
 }
 
 /// The binary: `secrets get --id` prints the value and only the value; `secrets sync` signs in
@@ -655,14 +721,14 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     assert!(stderr.contains("secret 'nope' not found"), "{stderr}");
 
     // sync with the credentials Secret, no Azure identity in the environment at all.
-    let store = SecretStore::start().await;
-    store.put(
-        "apps",
+    let cluster = cluster().await;
+    put_secret(
+        &cluster,
         "secrets-store-creds",
         serde_json::json!({"secrets-store.csi.k8s.io/used": "true"}),
         &[("clientid", APP), ("clientsecret", APP_SECRET)],
     );
-    let kubeconfig = store.write_kubeconfig(dir.path());
+    let kubeconfig = cluster.write_kubeconfig(dir.path(), &cluster.token());
     let class = dir.path().join("spc.yaml");
     std::fs::write(&class, CLASS).unwrap();
     let mount = dir.path().join("secrets-store");
@@ -697,7 +763,7 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
-        data(&store.get("apps", "demo").unwrap(), "password"),
+        data(&stored(&cluster, "demo"), "password"),
         "MyExampleSecret"
     );
     assert_eq!(
