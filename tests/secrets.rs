@@ -1,6 +1,7 @@
 //! `clusterconnect secrets` against stand-ins: the Key Vault stand-in (challenge, versions,
 //! keys, PFX-backed certificates, throttling, denial), the Entra, IMDS and HIMDS stand-ins, and the
-//! shared stand-in apiserver reached through a kubeconfig with kube-rs.
+//! shared stand-in apiserver reached through a kubeconfig with kube-rs, directly and through the
+//! tunnel (relay, agent and the proxy's kubeconfig).
 
 mod support;
 
@@ -28,7 +29,8 @@ use support::entra::{Entra, TENANT};
 use support::imds::Himds;
 use support::keyvault::KeyVault;
 use support::processes::run_to_end;
-use support::ApiServer;
+use support::tunnel::{Stack, CONNECTION};
+use support::{ApiServer, SERVICE_ACCOUNT};
 use tokio_util::sync::CancellationToken;
 
 const APP: &str = "66666666-0000-0000-0000-0000000000c1";
@@ -779,4 +781,146 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     for value in ["MyExampleSecret", APP_SECRET, "PRIVATE KEY"] {
         assert!(!stderr.contains(value), "{value} on stderr:\n{stderr}");
     }
+}
+
+/// `secrets sync` into a cluster through the tunnel: the binary gets nothing but the kubeconfig
+/// the proxy wrote and its context, so reading the credentials Secret and writing the synced
+/// ones all cross proxy -> relay -> agent -> apiserver. A second run with nothing rotated
+/// writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_through_the_tunnel_with_the_proxys_kubeconfig_context() {
+    let entra = Entra::start().await;
+    entra.add_app_secret(APP, APP_SECRET, APP_OID);
+    let vault = KeyVault::start(&entra).await;
+    let version = vault.set_secret("DemoSecret", "ThroughTheTunnel");
+    let (cert_version, cert_pem, _) = vault.create_certificate("web", "web.test");
+    vault.create_rsa_key("signing");
+
+    let stack = Stack::start().await;
+    let cluster = &stack.api;
+    cluster.create_object(
+        "/api/v1/namespaces",
+        serde_json::json!({"metadata": {"name": NAMESPACE}}),
+    );
+    put_secret(
+        cluster,
+        "secrets-store-creds",
+        serde_json::json!({"secrets-store.csi.k8s.io/used": "true"}),
+        &[("clientid", APP), ("clientsecret", APP_SECRET)],
+    );
+    // The proxy's kubeconfig names the proxy, never the apiserver.
+    let kubeconfig = &stack.proxy.kubeconfig;
+    let parsed = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let servers: Vec<String> = parsed
+        .clusters
+        .iter()
+        .filter_map(|c| c.cluster.as_ref()?.server.clone())
+        .collect();
+    let proxy = format!("https://127.0.0.1:{}/", stack.proxy.addr.port());
+    assert!(
+        !servers.is_empty() && servers.iter().all(|s| s.starts_with(&proxy)),
+        "{servers:?}"
+    );
+    assert_eq!(parsed.current_context.as_deref(), Some(CONNECTION));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = vault.write_ca_bundle(&entra, dir.path());
+    let host = entra.authority_host();
+    let class = dir.path().join("spc.yaml");
+    std::fs::write(&class, CLASS).unwrap();
+    let vault_url = vault.url();
+    let args = [
+        OsStr::new("--log-format"),
+        OsStr::new("json"),
+        OsStr::new("secrets"),
+        OsStr::new("sync"),
+        OsStr::new("-f"),
+        class.as_os_str(),
+        OsStr::new("--vault-url"),
+        OsStr::new(&vault_url),
+        OsStr::new("--kubeconfig"),
+        kubeconfig.as_os_str(),
+        OsStr::new("--context"),
+        OsStr::new(CONNECTION),
+        OsStr::new("--namespace"),
+        OsStr::new(NAMESPACE),
+        OsStr::new("--credentials-secret"),
+        OsStr::new("secrets-store-creds"),
+    ];
+    let trust_only = [
+        ("SSL_CERT_FILE", bundle.as_os_str()),
+        ("AZURE_AUTHORITY_HOST", OsStr::new(&host)),
+    ];
+    let rendezvous = stack.relay.stats.total();
+    let seen = cluster.requests().len();
+    let out = run_to_end(&args, &trust_only, Duration::from_secs(60)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for value in ["ThroughTheTunnel", APP_SECRET, "PRIVATE KEY"] {
+        assert!(!stderr.contains(value), "{value} on stderr:\n{stderr}");
+    }
+
+    let demo = stored(cluster, "demo");
+    assert_eq!(data(&demo, "password"), "ThroughTheTunnel");
+    assert_eq!(demo["type"], "Opaque");
+    assert_eq!(demo["metadata"]["labels"]["app"], "demo");
+    assert_eq!(
+        demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "clusterconnect"
+    );
+    let versions: serde_json::Value = serde_json::from_str(
+        demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(versions["DemoSecret"], version.as_str());
+    let tls = stored(cluster, "web-tls");
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    assert_eq!(data(&tls, "tls.crt").trim(), cert_pem.trim());
+    assert!(data(&tls, "tls.key").starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(
+        tls["metadata"]["annotations"]["clusterconnect.io/object-versions"]
+            .as_str()
+            .unwrap()
+            .contains(&cert_version)
+    );
+
+    // Every request came over the relay, as the proxy's credential (the tester's token).
+    assert!(stack.relay.stats.total() > rendezvous, "no rendezvous");
+    let requests: Vec<_> = cluster.requests().into_iter().skip(seen).collect();
+    let calls: Vec<String> = requests
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path_and_query))
+        .collect();
+    let secrets = format!("/api/v1/namespaces/{NAMESPACE}/secrets");
+    for wanted in [
+        format!("GET {secrets}/secrets-store-creds"),
+        format!("GET {secrets}/demo"),
+        format!("POST {secrets}?"),
+        format!("GET {secrets}/web-tls"),
+    ] {
+        assert!(
+            calls.iter().any(|c| c.starts_with(&wanted)),
+            "{wanted} in {calls:?}"
+        );
+    }
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.user.as_deref() == Some(SERVICE_ACCOUNT)),
+        "{calls:?}"
+    );
+
+    // Nothing rotated: the second run reads through the tunnel and writes nothing.
+    let writes = secret_writes(cluster);
+    let out = run_to_end(&args, &trust_only, Duration::from_secs(60)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(secret_writes(cluster), writes);
+    assert_eq!(stored(cluster, "demo"), demo, "resourceVersion and all");
+    assert_eq!(stored(cluster, "web-tls"), tls, "resourceVersion and all");
 }
