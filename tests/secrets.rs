@@ -1,11 +1,13 @@
 //! `clusterconnect secrets` against stand-ins: the Key Vault stand-in (challenge, versions,
-//! keys, PFX-backed certificates, throttling, denial), the Entra, IMDS and HIMDS stand-ins, and a
-//! small Secrets store reached through a kubeconfig with kube-rs.
+//! keys, PFX-backed certificates, throttling, denial), the Entra, IMDS and HIMDS stand-ins, and the
+//! shared stand-in apiserver reached through a kubeconfig with kube-rs, directly and through the
+//! tunnel (relay, agent and the proxy's kubeconfig).
 
 mod support;
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +29,8 @@ use support::entra::{Entra, TENANT};
 use support::imds::Himds;
 use support::keyvault::KeyVault;
 use support::processes::run_to_end;
-use support::secret_store::SecretStore;
+use support::tunnel::{Stack, CONNECTION};
+use support::{ApiServer, SERVICE_ACCOUNT};
 use tokio_util::sync::CancellationToken;
 
 const APP: &str = "66666666-0000-0000-0000-0000000000c1";
@@ -358,12 +361,60 @@ impl Write for Captured {
     }
 }
 
-async fn kube_client(store: &SecretStore) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&store.kubeconfig_yaml()).unwrap();
+/// The namespace every sync here targets; the stand-in, like a real cluster, has only `default`
+/// and `kube-system` until it is created.
+const NAMESPACE: &str = "apps";
+
+/// The shared stand-in apiserver with the `apps` namespace.
+async fn cluster() -> ApiServer {
+    let api = ApiServer::start().await;
+    api.create_object(
+        "/api/v1/namespaces",
+        serde_json::json!({"metadata": {"name": NAMESPACE}}),
+    );
+    api
+}
+
+/// A kube-rs client from a kubeconfig file, as `secrets sync --kubeconfig` builds one.
+async fn kube_client(kubeconfig: &Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap();
     kube::Client::try_from(config).unwrap()
+}
+
+/// The Secrets API of `apps`, as the tester's service account, through `api`'s own kubeconfig.
+async fn secrets_api(api: &ApiServer, dir: &Path) -> kube::Api<KubeSecret> {
+    let kubeconfig = api.write_kubeconfig(dir, &api.token());
+    kube::Api::namespaced(kube_client(&kubeconfig).await, NAMESPACE)
+}
+
+/// The stored Secret `apps/<name>`, as the apiserver holds it.
+fn stored(api: &ApiServer, name: &str) -> serde_json::Value {
+    api.object(&format!("/api/v1/namespaces/{NAMESPACE}/secrets/{name}"))
+        .unwrap_or_else(|| panic!("no Secret {NAMESPACE}/{name}"))
+}
+
+/// Puts a Secret in place as someone else would (`data` values in plain text).
+fn put_secret(api: &ApiServer, name: &str, labels: serde_json::Value, data: &[(&str, &str)]) {
+    let strings: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    api.create_object(
+        &format!("/api/v1/namespaces/{NAMESPACE}/secrets"),
+        serde_json::json!({"metadata": {"name": name, "labels": labels}, "stringData": strings}),
+    );
+}
+
+/// Requests that could change a Secret (create, replace, patch, delete) the apiserver has seen.
+fn secret_writes(api: &ApiServer) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| matches!(r.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE"))
+        .filter(|r| r.path_and_query.contains("/secrets"))
+        .count()
 }
 
 fn data(secret: &serde_json::Value, key: &str) -> String {
@@ -394,8 +445,9 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     let v1 = vault.set_secret("DemoSecret", "MyExampleSecret");
     let (cert_version, cert_pem, _) = vault.create_certificate("web", "web.contoso.test");
     vault.create_rsa_key("signing");
-    let store = SecretStore::start().await;
-    let api = kube::Api::<KubeSecret>::namespaced(kube_client(&store).await, "apps");
+    let cluster = cluster().await;
+    let kube_dir = tempfile::tempdir().unwrap();
+    let api = secrets_api(&cluster, kube_dir.path()).await;
     let mount = tempfile::tempdir().unwrap();
     let class = ProviderClass::parse(CLASS).unwrap();
     let mut syncer = Syncer::new(
@@ -415,8 +467,9 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
             ("web-tls".into(), Outcome::Created)
         ]
     );
-    let demo = store.get("apps", "demo").unwrap();
+    let demo = stored(&cluster, "demo");
     assert_eq!(data(&demo, "password"), "MyExampleSecret");
+    assert_eq!(demo["type"], "Opaque");
     assert_eq!(
         demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "clusterconnect"
@@ -429,7 +482,7 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     )
     .unwrap();
     assert_eq!(versions["DemoSecret"], v1.as_str());
-    let tls = store.get("apps", "web-tls").unwrap();
+    let tls = stored(&cluster, "web-tls");
     assert_eq!(tls["type"], "kubernetes.io/tls");
     assert_eq!(data(&tls, "tls.crt").trim(), cert_pem.trim());
     assert!(data(&tls, "tls.key").starts_with("-----BEGIN PRIVATE KEY-----"));
@@ -459,11 +512,14 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     }
 
     // A second pass with nothing new writes nothing.
-    let writes = store.writes();
+    let writes = secret_writes(&cluster);
+    assert_eq!(writes, 2, "one create per Secret");
     let report = syncer.pass().await.unwrap();
     assert!(report.rotated.is_empty() && report.files_written.is_empty());
     assert!(report.secrets.iter().all(|(_, o)| *o == Outcome::Unchanged));
-    assert_eq!(store.writes(), writes);
+    assert_eq!(secret_writes(&cluster), writes);
+    assert_eq!(stored(&cluster, "demo"), demo, "resourceVersion and all");
+    assert_eq!(stored(&cluster, "web-tls"), tls, "resourceVersion and all");
 
     // Rotation: a new version is picked up within one interval; the rest stays untouched.
     let tls_mtime = std::fs::metadata(file("tls")).unwrap().modified().unwrap();
@@ -471,7 +527,7 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         .unwrap()
         .modified()
         .unwrap();
-    let tls_rv = store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"].clone();
+    let tls_rv = tls["metadata"]["resourceVersion"].clone();
     let demo_rv = demo["metadata"]["resourceVersion"].clone();
     let interval = Duration::from_millis(700);
     let shutdown = CancellationToken::new();
@@ -494,8 +550,13 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
     }
     // The Secret is written in the same pass, right after the files.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let demo = store.get("apps", "demo").unwrap();
+    let demo = stored(&cluster, "demo");
     assert_eq!(data(&demo, "password"), "RotatedSecretValue");
+    assert_eq!(demo["metadata"]["labels"]["app"], "demo");
+    assert_eq!(
+        demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "clusterconnect"
+    );
     assert_ne!(demo["metadata"]["resourceVersion"], demo_rv);
     assert!(
         demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
@@ -504,7 +565,7 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
             .contains(&v2)
     );
     assert_eq!(
-        store.get("apps", "web-tls").unwrap()["metadata"]["resourceVersion"],
+        stored(&cluster, "web-tls")["metadata"]["resourceVersion"],
         tls_rv
     );
     assert_eq!(
@@ -532,6 +593,12 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         .await
         .expect("rotation stops on shutdown")
         .unwrap();
+    // One replace in all (the rotation); the refused fetch left the Secret as it was.
+    assert_eq!(secret_writes(&cluster), writes + 1);
+    assert_eq!(
+        data(&stored(&cluster, "demo"), "password"),
+        "RotatedSecretValue"
+    );
 
     let logs = captured.text();
     assert!(
@@ -556,14 +623,16 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
     vault.set_secret("DemoSecret", "x");
     vault.create_certificate("web", "web.test");
     vault.create_rsa_key("signing");
-    let store = SecretStore::start().await;
-    store.put(
-        "apps",
+    let cluster = cluster().await;
+    put_secret(
+        &cluster,
         "demo",
         serde_json::json!({"owner": "someone-else"}),
         &[("password", "theirs")],
     );
-    let api = kube::Api::<KubeSecret>::namespaced(kube_client(&store).await, "apps");
+    let theirs = stored(&cluster, "demo");
+    let kube_dir = tempfile::tempdir().unwrap();
+    let api = secrets_api(&cluster, kube_dir.path()).await;
     let mut syncer = Syncer::new(
         client,
         ProviderClass::parse(CLASS).unwrap(),
@@ -577,10 +646,9 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
         err.contains("apps/demo exists and is not managed by clusterconnect"),
         "{err}"
     );
-    assert_eq!(
-        data(&store.get("apps", "demo").unwrap(), "password"),
-        "theirs"
-    );
+    assert_eq!(data(&stored(&cluster, "demo"), "password"), "theirs");
+    assert_eq!(stored(&cluster, "demo"), theirs, "resourceVersion and all");
+    assert_eq!(secret_writes(&cluster), 0);
 }
 
 /// The binary: `secrets get --id` prints the value and only the value; `secrets sync` signs in
@@ -655,14 +723,14 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     assert!(stderr.contains("secret 'nope' not found"), "{stderr}");
 
     // sync with the credentials Secret, no Azure identity in the environment at all.
-    let store = SecretStore::start().await;
-    store.put(
-        "apps",
+    let cluster = cluster().await;
+    put_secret(
+        &cluster,
         "secrets-store-creds",
         serde_json::json!({"secrets-store.csi.k8s.io/used": "true"}),
         &[("clientid", APP), ("clientsecret", APP_SECRET)],
     );
-    let kubeconfig = store.write_kubeconfig(dir.path());
+    let kubeconfig = cluster.write_kubeconfig(dir.path(), &cluster.token());
     let class = dir.path().join("spc.yaml");
     std::fs::write(&class, CLASS).unwrap();
     let mount = dir.path().join("secrets-store");
@@ -697,7 +765,7 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
-        data(&store.get("apps", "demo").unwrap(), "password"),
+        data(&stored(&cluster, "demo"), "password"),
         "MyExampleSecret"
     );
     assert_eq!(
@@ -713,4 +781,146 @@ async fn the_binary_gets_and_syncs_without_logging_values() {
     for value in ["MyExampleSecret", APP_SECRET, "PRIVATE KEY"] {
         assert!(!stderr.contains(value), "{value} on stderr:\n{stderr}");
     }
+}
+
+/// `secrets sync` into a cluster through the tunnel: the binary gets nothing but the kubeconfig
+/// the proxy wrote and its context, so reading the credentials Secret and writing the synced
+/// ones all cross proxy -> relay -> agent -> apiserver. A second run with nothing rotated
+/// writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_through_the_tunnel_with_the_proxys_kubeconfig_context() {
+    let entra = Entra::start().await;
+    entra.add_app_secret(APP, APP_SECRET, APP_OID);
+    let vault = KeyVault::start(&entra).await;
+    let version = vault.set_secret("DemoSecret", "ThroughTheTunnel");
+    let (cert_version, cert_pem, _) = vault.create_certificate("web", "web.test");
+    vault.create_rsa_key("signing");
+
+    let stack = Stack::start().await;
+    let cluster = &stack.api;
+    cluster.create_object(
+        "/api/v1/namespaces",
+        serde_json::json!({"metadata": {"name": NAMESPACE}}),
+    );
+    put_secret(
+        cluster,
+        "secrets-store-creds",
+        serde_json::json!({"secrets-store.csi.k8s.io/used": "true"}),
+        &[("clientid", APP), ("clientsecret", APP_SECRET)],
+    );
+    // The proxy's kubeconfig names the proxy, never the apiserver.
+    let kubeconfig = &stack.proxy.kubeconfig;
+    let parsed = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let servers: Vec<String> = parsed
+        .clusters
+        .iter()
+        .filter_map(|c| c.cluster.as_ref()?.server.clone())
+        .collect();
+    let proxy = format!("https://127.0.0.1:{}/", stack.proxy.addr.port());
+    assert!(
+        !servers.is_empty() && servers.iter().all(|s| s.starts_with(&proxy)),
+        "{servers:?}"
+    );
+    assert_eq!(parsed.current_context.as_deref(), Some(CONNECTION));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = vault.write_ca_bundle(&entra, dir.path());
+    let host = entra.authority_host();
+    let class = dir.path().join("spc.yaml");
+    std::fs::write(&class, CLASS).unwrap();
+    let vault_url = vault.url();
+    let args = [
+        OsStr::new("--log-format"),
+        OsStr::new("json"),
+        OsStr::new("secrets"),
+        OsStr::new("sync"),
+        OsStr::new("-f"),
+        class.as_os_str(),
+        OsStr::new("--vault-url"),
+        OsStr::new(&vault_url),
+        OsStr::new("--kubeconfig"),
+        kubeconfig.as_os_str(),
+        OsStr::new("--context"),
+        OsStr::new(CONNECTION),
+        OsStr::new("--namespace"),
+        OsStr::new(NAMESPACE),
+        OsStr::new("--credentials-secret"),
+        OsStr::new("secrets-store-creds"),
+    ];
+    let trust_only = [
+        ("SSL_CERT_FILE", bundle.as_os_str()),
+        ("AZURE_AUTHORITY_HOST", OsStr::new(&host)),
+    ];
+    let rendezvous = stack.relay.stats.total();
+    let seen = cluster.requests().len();
+    let out = run_to_end(&args, &trust_only, Duration::from_secs(60)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for value in ["ThroughTheTunnel", APP_SECRET, "PRIVATE KEY"] {
+        assert!(!stderr.contains(value), "{value} on stderr:\n{stderr}");
+    }
+
+    let demo = stored(cluster, "demo");
+    assert_eq!(data(&demo, "password"), "ThroughTheTunnel");
+    assert_eq!(demo["type"], "Opaque");
+    assert_eq!(demo["metadata"]["labels"]["app"], "demo");
+    assert_eq!(
+        demo["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "clusterconnect"
+    );
+    let versions: serde_json::Value = serde_json::from_str(
+        demo["metadata"]["annotations"]["clusterconnect.io/object-versions"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(versions["DemoSecret"], version.as_str());
+    let tls = stored(cluster, "web-tls");
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    assert_eq!(data(&tls, "tls.crt").trim(), cert_pem.trim());
+    assert!(data(&tls, "tls.key").starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(
+        tls["metadata"]["annotations"]["clusterconnect.io/object-versions"]
+            .as_str()
+            .unwrap()
+            .contains(&cert_version)
+    );
+
+    // Every request came over the relay, as the proxy's credential (the tester's token).
+    assert!(stack.relay.stats.total() > rendezvous, "no rendezvous");
+    let requests: Vec<_> = cluster.requests().into_iter().skip(seen).collect();
+    let calls: Vec<String> = requests
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path_and_query))
+        .collect();
+    let secrets = format!("/api/v1/namespaces/{NAMESPACE}/secrets");
+    for wanted in [
+        format!("GET {secrets}/secrets-store-creds"),
+        format!("GET {secrets}/demo"),
+        format!("POST {secrets}?"),
+        format!("GET {secrets}/web-tls"),
+    ] {
+        assert!(
+            calls.iter().any(|c| c.starts_with(&wanted)),
+            "{wanted} in {calls:?}"
+        );
+    }
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.user.as_deref() == Some(SERVICE_ACCOUNT)),
+        "{calls:?}"
+    );
+
+    // Nothing rotated: the second run reads through the tunnel and writes nothing.
+    let writes = secret_writes(cluster);
+    let out = run_to_end(&args, &trust_only, Duration::from_secs(60)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(secret_writes(cluster), writes);
+    assert_eq!(stored(cluster, "demo"), demo, "resourceVersion and all");
+    assert_eq!(stored(cluster, "web-tls"), tls, "resourceVersion and all");
 }

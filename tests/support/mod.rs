@@ -18,7 +18,6 @@ pub mod processes;
 pub mod rbac;
 pub mod remotecommand;
 pub mod resources;
-pub mod secret_store;
 pub mod serve;
 pub mod spdy;
 pub mod tunnel;
