@@ -10,10 +10,10 @@ use serde::Deserialize;
 use tokio::process::Command;
 
 use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
-use super::client_credential::unix_now;
 use super::SourceError;
 use crate::auth::refresh::ExpiringToken;
 use crate::secret::Secret;
+use crate::tunnel::sas::unix_now;
 
 /// A CLI run slower than this is treated as failed (az can stall on a proxy or a prompt).
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);

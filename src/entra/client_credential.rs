@@ -4,7 +4,9 @@
 //! in which case the proxy proves possession with a signed client-assertion JWT.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::tunnel::sas::unix_now;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -211,13 +213,6 @@ impl CertificateKey {
             .map(Secret::new)
             .map_err(|e| format!("cannot sign the client assertion: {e}"))
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
