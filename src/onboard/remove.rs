@@ -120,16 +120,15 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
 {
-    match apply::get(api, AGENT_NAME).await? {
-        None => {}
-        Some(object) if !is_managed(&object) => removal.kept.push(format!(
+    let Some(object) = apply::get(api, AGENT_NAME).await? else {
+        return Ok(());
+    };
+    if !is_managed(&object) {
+        removal.kept.push(format!(
             "{kind}/{AGENT_NAME}: it was not created by clusterconnect"
-        )),
-        Some(_) => {
-            if apply::delete(api, AGENT_NAME).await? {
-                removal.removed.push(format!("{kind}/{AGENT_NAME}"));
-            }
-        }
+        ));
+    } else if apply::delete(api, AGENT_NAME).await? {
+        removal.removed.push(format!("{kind}/{AGENT_NAME}"));
     }
     Ok(())
 }
