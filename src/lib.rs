@@ -8,7 +8,8 @@
 //!
 //! Shared mechanisms: [`tunnel`] (protocol, SAS tokens, WebSocket byte streams), [`tls`] (rustls
 //! configuration and certificate generation), [`auth`] (credential sources) and [`entra`]
-//! (Microsoft Entra ID: token acquisition and validation).
+//! (Microsoft Entra ID: token acquisition and validation). [`onboard`] installs the agent in a
+//! cluster and registers it (`connect`, `disconnect`, `token create`).
 //! Dependency direction: `cli -> roles -> {tunnel, tls, auth, secret}`; no role imports another.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod entra;
 pub mod files;
 pub mod net;
+pub mod onboard;
 pub mod proxy;
 pub mod relay;
 pub mod secret;

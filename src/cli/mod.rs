@@ -3,7 +3,9 @@
 
 mod agent;
 pub mod clusters;
+mod connect;
 mod inventory;
+mod kubeclient;
 mod output;
 mod proxy;
 mod registry;
@@ -11,6 +13,7 @@ pub(crate) mod relay;
 mod run;
 mod sas;
 mod secrets;
+mod token;
 
 use std::path::PathBuf;
 
@@ -62,6 +65,14 @@ pub enum Command {
     List(inventory::ListArgs),
     /// Show one registered cluster (like `az connectedk8s show`).
     Show(inventory::ShowArgs),
+    /// Install the agent in the cluster of your kubeconfig and register it with the relay
+    /// (like `az connectedk8s connect`); safe to run again.
+    Connect(Box<connect::ConnectArgs>),
+    /// Remove the agent from the cluster and its registration (like `az connectedk8s delete`).
+    Disconnect(Box<connect::DisconnectArgs>),
+    /// Service-account tokens for kubectl through the proxy.
+    #[command(subcommand)]
+    Token(token::Command),
     /// Azure Key Vault secrets, keys and certificates: print one, or sync a SecretProviderClass
     /// into Kubernetes Secrets and files, with rotation.
     #[command(subcommand)]
@@ -78,6 +89,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Sas(cmd) => sas::run(cmd).map(|()| 0),
         Command::List(args) => inventory::list(args).await.map(|()| 0),
         Command::Show(args) => inventory::show(args).await.map(|()| 0),
+        Command::Connect(args) => connect::connect(*args).await.map(|()| 0),
+        Command::Disconnect(args) => connect::disconnect(*args).await.map(|()| 0),
+        Command::Token(cmd) => token::run(cmd).await.map(|()| 0),
         Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
     }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Api;
 use tokio_util::sync::CancellationToken;
 
@@ -198,28 +197,12 @@ async fn kube_client(
     kubeconfig: Option<&Path>,
     context: Option<&str>,
 ) -> anyhow::Result<(kube::Client, String)> {
-    let options = KubeConfigOptions {
-        context: context.map(str::to_string),
-        ..Default::default()
-    };
-    let config = match (kubeconfig, context) {
-        (Some(path), _) => {
-            let file = Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &options)
-                .await
-                .with_context(|| format!("kubeconfig {} is not usable", path.display()))?
-        }
-        (None, Some(_)) => kube::Config::from_kubeconfig(&options)
-            .await
-            .context("the kubeconfig context is not usable")?,
-        (None, None) => kube::Config::infer()
-            .await
-            .context("no cluster configuration: run in a pod, set KUBECONFIG or pass --kubeconfig (or --no-k8s with --mount-dir)")?,
-    };
-    let namespace = config.default_namespace.clone();
-    let client = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
-    Ok((client, namespace))
+    super::kubeclient::client(
+        kubeconfig,
+        context,
+        "run in a pod, set KUBECONFIG or pass --kubeconfig (or --no-k8s with --mount-dir)",
+    )
+    .await
 }
 
 async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {

@@ -1,0 +1,492 @@
+//! The objects `connect` puts in a cluster, as plain data: built from an [`AgentSpec`], applied
+//! by [`super::apply`], or written out as multi-document YAML for GitOps (`connect --dry-run`).
+//!
+//! The agent Deployment is made to pass OpenShift's `restricted` (v2) SCC and the `restricted`
+//! Pod Security Standard as is: non-root without a fixed uid (the SCC assigns one), no
+//! privilege escalation, every capability dropped, the RuntimeDefault seccomp profile and a
+//! read-only root filesystem. The ClusterRole grants only what the agent uses.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, HTTPGetAction, Namespace, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret as KubeSecret, SecretVolumeSource, SecurityContext, ServiceAccount,
+    Volume, VolumeMount, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+
+use crate::secret::Secret;
+
+/// The name of every namespaced object and of the ClusterRole and its binding.
+pub const AGENT_NAME: &str = "clusterconnect-agent";
+/// Arc's namespace, so `kubectl -n azure-arc` habits carry over.
+pub const DEFAULT_NAMESPACE: &str = "azure-arc";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "clusterconnect";
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+/// Which registration the objects serve: lets `connect` notice a cluster that is already
+/// connected under another name, and `disconnect` a kubeconfig pointing at the wrong cluster.
+pub const CLUSTER_ID_ANNOTATION: &str = "clusterconnect.io/cluster-id";
+/// On the pod template: a digest of the agent Secret's content (see [`secret_digest`]).
+pub const SECRET_DIGEST_ANNOTATION: &str = "clusterconnect.io/secret-sha256";
+/// Where the agent Secret is mounted in the pod.
+pub const MOUNT_DIR: &str = "/etc/clusterconnect";
+pub const LISTEN_KEY_FILE: &str = "listen.key";
+pub const AGENT_KEY_FILE: &str = "agent.key";
+pub const RELAY_CA_FILE: &str = "relay-ca.crt";
+/// The agent's `--health-addr` default port: /healthz and /readyz.
+pub const HEALTH_PORT: i32 = 8081;
+/// Two agents keep the cluster reachable through a node drain or a rolling update.
+pub const REPLICAS: i32 = 2;
+/// What `--dry-run` writes instead of key material.
+pub const PLACEHOLDER: &str = "<filled in by clusterconnect connect>";
+
+/// The agent image of this release.
+pub fn default_image() -> String {
+    format!(
+        "ghcr.io/clusterconnect/clusterconnect:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Everything the manifests depend on.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    pub namespace: String,
+    pub image: String,
+    /// `wss://host[:port]` the agent listens on.
+    pub relay: String,
+    pub hybrid_connection: String,
+    /// The ARM id of the registration, for the agent's signed status reports.
+    pub cluster_id: String,
+    /// Entra tenants whose users the agent accepts (empty: service-account tokens only).
+    pub tenants: Vec<String>,
+    /// Whether the Secret carries a CA for the relay (then the agent is told to trust it).
+    pub relay_ca: bool,
+}
+
+/// What goes in the agent Secret.
+#[derive(Clone, Debug)]
+pub enum SecretContent {
+    Keys {
+        listen_key: Secret,
+        agent_key: Secret,
+        relay_ca: Option<String>,
+    },
+    /// For `--dry-run`: placeholders where the keys go.
+    Placeholders,
+}
+
+/// The installed objects, in the order they are applied.
+#[derive(Clone, Debug)]
+pub struct Manifests {
+    pub namespace: Namespace,
+    pub service_account: ServiceAccount,
+    pub cluster_role: ClusterRole,
+    pub cluster_role_binding: ClusterRoleBinding,
+    pub secret: KubeSecret,
+    pub deployment: Deployment,
+}
+
+pub fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (NAME_LABEL.to_string(), AGENT_NAME.to_string()),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: namespace.map(str::to_string),
+        labels: Some(labels()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Option<Vec<String>> {
+    Some(items.iter().map(|s| s.to_string()).collect())
+}
+
+pub fn build(spec: &AgentSpec, content: &SecretContent) -> Manifests {
+    let ns = spec.namespace.as_str();
+    Manifests {
+        namespace: Namespace {
+            metadata: meta(ns, None),
+            ..Namespace::default()
+        },
+        service_account: ServiceAccount {
+            metadata: meta(AGENT_NAME, Some(ns)),
+            ..ServiceAccount::default()
+        },
+        cluster_role: cluster_role(),
+        cluster_role_binding: ClusterRoleBinding {
+            metadata: meta(AGENT_NAME, None),
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "ClusterRole".into(),
+                name: AGENT_NAME.into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: AGENT_NAME.into(),
+                namespace: Some(ns.to_string()),
+                ..Subject::default()
+            }]),
+        },
+        secret: secret(spec, content),
+        deployment: deployment(spec, secret_digest(content)),
+    }
+}
+
+/// A digest of the Secret's content for the pod template, so pods restart when a key
+/// changes (a mounted Secret updates in place, but the agent reads its keys at start).
+fn secret_digest(content: &SecretContent) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let SecretContent::Keys {
+        listen_key,
+        agent_key,
+        relay_ca,
+    } = content
+    else {
+        return None;
+    };
+    let mut hash = Sha256::new();
+    for part in [
+        listen_key.expose(),
+        agent_key.expose(),
+        relay_ca.as_deref().unwrap_or_default(),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    Some(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Impersonation of users, groups and the two extras the agent sets (an Entra caller's oid and
+/// tid), and reading nodes for the status report's counts; nothing else.
+fn cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(AGENT_NAME, None),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: strings(&[""]),
+                resources: strings(&["users", "groups"]),
+                verbs: vec!["impersonate".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: strings(&["authentication.k8s.io"]),
+                resources: strings(&["userextras/oid", "userextras/tid"]),
+                verbs: vec!["impersonate".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: strings(&[""]),
+                resources: strings(&["nodes"]),
+                verbs: vec!["get".into(), "list".into()],
+                ..PolicyRule::default()
+            },
+        ]),
+        ..ClusterRole::default()
+    }
+}
+
+fn secret(spec: &AgentSpec, content: &SecretContent) -> KubeSecret {
+    let mut metadata = meta(AGENT_NAME, Some(&spec.namespace));
+    metadata.annotations = Some(BTreeMap::from([(
+        CLUSTER_ID_ANNOTATION.to_string(),
+        spec.cluster_id.clone(),
+    )]));
+    let mut secret = KubeSecret {
+        metadata,
+        type_: Some("Opaque".into()),
+        ..KubeSecret::default()
+    };
+    match content {
+        SecretContent::Keys {
+            listen_key,
+            agent_key,
+            relay_ca,
+        } => {
+            let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+            let mut data = BTreeMap::from([
+                (LISTEN_KEY_FILE.to_string(), bytes(listen_key.expose())),
+                (AGENT_KEY_FILE.to_string(), bytes(agent_key.expose())),
+            ]);
+            if let Some(ca) = relay_ca {
+                data.insert(RELAY_CA_FILE.to_string(), bytes(ca));
+            }
+            secret.data = Some(data);
+        }
+        SecretContent::Placeholders => {
+            let mut data = BTreeMap::from([
+                (LISTEN_KEY_FILE.to_string(), PLACEHOLDER.to_string()),
+                (AGENT_KEY_FILE.to_string(), PLACEHOLDER.to_string()),
+            ]);
+            if spec.relay_ca {
+                data.insert(RELAY_CA_FILE.to_string(), PLACEHOLDER.to_string());
+            }
+            secret.string_data = Some(data);
+        }
+    }
+    secret
+}
+
+/// The agent's command line inside the pod.
+pub fn agent_args(spec: &AgentSpec) -> Vec<String> {
+    let file = |name: &str| format!("{MOUNT_DIR}/{name}");
+    let mut args = vec![
+        "agent".to_string(),
+        "--relay".into(),
+        spec.relay.clone(),
+        "--connection".into(),
+        spec.hybrid_connection.clone(),
+        "--key-file".into(),
+        file(LISTEN_KEY_FILE),
+        "--cluster-id".into(),
+        spec.cluster_id.clone(),
+        "--agent-key-file".into(),
+        file(AGENT_KEY_FILE),
+    ];
+    if spec.relay_ca {
+        args.extend(["--relay-ca".into(), file(RELAY_CA_FILE)]);
+    }
+    for tenant in &spec.tenants {
+        args.extend(["--tenant".into(), tenant.clone()]);
+    }
+    args.extend(["--log-format".into(), "json".into()]);
+    args
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(HEALTH_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn quantities(cpu: &str, memory: &str) -> Option<BTreeMap<String, Quantity>> {
+    Some(BTreeMap::from([
+        ("cpu".to_string(), Quantity(cpu.to_string())),
+        ("memory".to_string(), Quantity(memory.to_string())),
+    ]))
+}
+
+fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
+    let selector = BTreeMap::from([(NAME_LABEL.to_string(), AGENT_NAME.to_string())]);
+    let container = Container {
+        name: "agent".into(),
+        image: Some(spec.image.clone()),
+        args: Some(agent_args(spec)),
+        ports: Some(vec![ContainerPort {
+            name: Some("health".into()),
+            container_port: HEALTH_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        resources: Some(ResourceRequirements {
+            requests: quantities("50m", "64Mi"),
+            limits: quantities("500m", "256Mi"),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: strings(&["ALL"]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "credentials".into(),
+            mount_path: MOUNT_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    // Prefer the two agents on different nodes, without refusing to schedule on one node.
+    let spread = PodAntiAffinity {
+        preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+            weight: 100,
+            pod_affinity_term: PodAffinityTerm {
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(selector.clone()),
+                    ..LabelSelector::default()
+                }),
+                topology_key: "kubernetes.io/hostname".into(),
+                ..PodAffinityTerm::default()
+            },
+        }]),
+        ..PodAntiAffinity::default()
+    };
+    Deployment {
+        metadata: meta(AGENT_NAME, Some(&spec.namespace)),
+        spec: DeploymentSpec {
+            replicas: Some(REPLICAS),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    annotations: secret_digest
+                        .map(|d| BTreeMap::from([(SECRET_DIGEST_ANNOTATION.to_string(), d)])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(AGENT_NAME.into()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(spread),
+                        ..Affinity::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "credentials".into(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(AGENT_NAME.into()),
+                            ..SecretVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the {kind} manifest as YAML: {reason}")]
+pub struct YamlError {
+    kind: &'static str,
+    reason: String,
+}
+
+/// The manifests as one multi-document YAML stream, for `kubectl apply -f` or a GitOps repo.
+pub fn to_yaml(manifests: &Manifests, placeholders: bool) -> Result<String, YamlError> {
+    fn doc<T: serde::Serialize>(kind: &'static str, object: &T) -> Result<String, YamlError> {
+        serde_norway::to_string(object).map_err(|e| YamlError {
+            kind,
+            reason: e.to_string(),
+        })
+    }
+    let mut secret_doc = doc("Secret", &manifests.secret)?;
+    if placeholders {
+        secret_doc = format!(
+            "# The keys below are placeholders: `clusterconnect connect` registers the cluster and\n\
+             # fills in the relay Listen key (listen.key), the agent's signing key (agent.key){}.\n\
+             # Keep the real Secret out of Git (a sealed or external secret, or let connect write it).\n{secret_doc}",
+            if manifests.secret.string_data.as_ref().is_some_and(|d| d.contains_key(RELAY_CA_FILE)) {
+                " and the relay CA (relay-ca.crt)"
+            } else {
+                ""
+            }
+        );
+    }
+    let docs = [
+        doc("Namespace", &manifests.namespace)?,
+        doc("ServiceAccount", &manifests.service_account)?,
+        doc("ClusterRole", &manifests.cluster_role)?,
+        doc("ClusterRoleBinding", &manifests.cluster_role_binding)?,
+        secret_doc,
+        doc("Deployment", &manifests.deployment)?,
+    ];
+    Ok(docs
+        .iter()
+        .map(|d| format!("---\n{d}"))
+        .collect::<Vec<_>>()
+        .join(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> AgentSpec {
+        AgentSpec {
+            namespace: DEFAULT_NAMESPACE.into(),
+            image: default_image(),
+            relay: "wss://relay.example".into(),
+            hybrid_connection: "cc-0123".into(),
+            cluster_id: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/prod".into(),
+            tenants: vec!["72f988bf-86f1-41af-91ab-2d7cd011db47".into()],
+            relay_ca: true,
+        }
+    }
+
+    #[test]
+    fn the_agent_runs_under_the_restricted_profile_with_its_credentials_mounted() {
+        let m = build(&spec(), &SecretContent::Placeholders);
+        let d = serde_json::to_value(&m.deployment).unwrap();
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(d["spec"]["replicas"], 2);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        let c = &pod["containers"][0];
+        assert!(c["securityContext"].get("runAsUser").is_none());
+        assert!(pod["securityContext"].get("runAsUser").is_none());
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+        assert_eq!(c["livenessProbe"]["httpGet"]["port"], 8081);
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(c["volumeMounts"][0]["readOnly"], true);
+        let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
+        let joined = args.join(" ");
+        assert!(joined.starts_with("agent --relay wss://relay.example --connection cc-0123 --key-file /etc/clusterconnect/listen.key --cluster-id /subscriptions/"), "{joined}");
+        assert!(joined.contains("--agent-key-file /etc/clusterconnect/agent.key --relay-ca /etc/clusterconnect/relay-ca.crt --tenant 72f988bf"), "{joined}");
+        assert!(joined.ends_with("--log-format json"), "{joined}");
+    }
+
+    #[test]
+    fn dry_run_yaml_has_six_documents_and_no_keys() {
+        let m = build(&spec(), &SecretContent::Placeholders);
+        let yaml = to_yaml(&m, true).unwrap();
+        assert_eq!(yaml.matches("---\n").count(), 6);
+        assert!(yaml.contains("placeholders"));
+        assert!(!yaml.contains("PRIVATE KEY"));
+        assert!(yaml.contains(PLACEHOLDER));
+        let keyed = build(
+            &spec(),
+            &SecretContent::Keys {
+                listen_key: Secret::new("SharedAccessKeyName=l;SharedAccessKey=k"),
+                agent_key: Secret::new("-----BEGIN PRIVATE KEY-----"),
+                relay_ca: Some("ca".into()),
+            },
+        );
+        let data = keyed.secret.data.unwrap();
+        assert_eq!(data[AGENT_KEY_FILE].0, b"-----BEGIN PRIVATE KEY-----");
+        assert!(data.contains_key(RELAY_CA_FILE));
+    }
+}

@@ -1,0 +1,151 @@
+//! `disconnect`: remove what `connect` installed and the registration, the way
+//! `az connectedk8s delete` does. Parts already gone are fine; objects clusterconnect did not
+//! create are left alone; a kubeconfig that points at a different cluster than the
+//! registration is refused before anything is deleted.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret as KubeSecret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::{Api, Client};
+
+use super::apply::{self, is_managed, ApplyError};
+use super::install::{existing_key, ConnectError};
+use super::manifests::AGENT_NAME;
+use crate::arm::client::ManagementClient;
+use crate::arm::ClusterId;
+
+/// How often to look whether the namespace has finished terminating.
+const NAMESPACE_POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Default)]
+pub struct Removal {
+    /// What was deleted, as `kind/name`.
+    pub removed: Vec<String>,
+    /// What was there but left alone, with why.
+    pub kept: Vec<String>,
+    /// Whether the namespace was still terminating when the wait ended.
+    pub still_terminating: bool,
+}
+
+/// Removes the agent objects in `namespace` and the cluster-scoped RBAC, then the
+/// registration; waits up to `timeout` for the namespace to finish terminating.
+pub async fn disconnect(
+    kube: &Client,
+    registry: &ManagementClient,
+    id: &ClusterId,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<Removal, ConnectError> {
+    let secrets: Api<KubeSecret> = Api::namespaced(kube.clone(), namespace);
+    // Refuses a Secret of another registration, or an unmanaged one, before deleting anything.
+    let local = existing_key(&secrets, namespace, id).await?;
+    let registered = registry
+        .get(id)
+        .await
+        .map_err(|source| ConnectError::Registry {
+            step: "looking up the cluster",
+            source,
+        })?;
+    if let (Some(key), Some(reg)) = (&local, &registered) {
+        if !key.matches(&reg.properties.agent_public_key_certificate) {
+            return Err(ConnectError::RegisteredElsewhere {
+                name: id.name.clone(),
+                group: id.resource_group.clone(),
+                location: format!("{namespace}/{AGENT_NAME}"),
+            });
+        }
+    }
+    let mut removal = Removal::default();
+    let namespaces: Api<Namespace> = Api::all(kube.clone());
+    let ns_object = apply::get(&namespaces, namespace).await?;
+    let own_namespace = ns_object.as_ref().is_some_and(is_managed);
+    if own_namespace {
+        if apply::delete(&namespaces, namespace).await? {
+            removal
+                .removed
+                .push(format!("namespace/{namespace} (and everything in it)"));
+        }
+    } else if ns_object.is_some() {
+        // A namespace someone else made: take out only what connect put there.
+        removal.kept.push(format!(
+            "namespace/{namespace}: it was not created by clusterconnect"
+        ));
+        delete_owned(
+            &Api::<Deployment>::namespaced(kube.clone(), namespace),
+            "deployment",
+            &mut removal,
+        )
+        .await?;
+        delete_owned(&secrets, "secret", &mut removal).await?;
+        delete_owned(
+            &Api::<ServiceAccount>::namespaced(kube.clone(), namespace),
+            "serviceaccount",
+            &mut removal,
+        )
+        .await?;
+    }
+    delete_owned(
+        &Api::<ClusterRoleBinding>::all(kube.clone()),
+        "clusterrolebinding",
+        &mut removal,
+    )
+    .await?;
+    delete_owned(
+        &Api::<ClusterRole>::all(kube.clone()),
+        "clusterrole",
+        &mut removal,
+    )
+    .await?;
+    if registry
+        .delete(id)
+        .await
+        .map_err(|source| ConnectError::Registry {
+            step: "deleting the registration",
+            source,
+        })?
+    {
+        removal.removed.push(format!("registration {}", id.path()));
+    }
+    if own_namespace {
+        removal.still_terminating = !namespace_gone(&namespaces, namespace, timeout).await?;
+    }
+    Ok(removal)
+}
+
+/// Deletes `AGENT_NAME` of this kind when clusterconnect made it.
+async fn delete_owned<K>(api: &Api<K>, kind: &str, removal: &mut Removal) -> Result<(), ApplyError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let Some(object) = apply::get(api, AGENT_NAME).await? else {
+        return Ok(());
+    };
+    if !is_managed(&object) {
+        removal.kept.push(format!(
+            "{kind}/{AGENT_NAME}: it was not created by clusterconnect"
+        ));
+    } else if apply::delete(api, AGENT_NAME).await? {
+        removal.removed.push(format!("{kind}/{AGENT_NAME}"));
+    }
+    Ok(())
+}
+
+async fn namespace_gone(
+    namespaces: &Api<Namespace>,
+    name: &str,
+    timeout: Duration,
+) -> Result<bool, ApplyError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if apply::get(namespaces, name).await?.is_none() {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() + NAMESPACE_POLL > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(NAMESPACE_POLL).await;
+    }
+}
