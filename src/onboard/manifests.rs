@@ -443,6 +443,18 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_accepts_the_command_line_connect_installs() {
+        use clap::Parser;
+        let args = agent_args(&spec());
+        let parsed = crate::cli::Cli::try_parse_from(
+            std::iter::once("clusterconnect".to_string()).chain(args),
+        );
+        let cli =
+            parsed.unwrap_or_else(|e| panic!("the agent refuses its own install's args: {e}"));
+        assert!(matches!(cli.command, crate::cli::Command::Agent(_)));
+    }
+
+    #[test]
     fn the_agent_runs_under_the_restricted_profile_with_its_credentials_mounted() {
         let m = build(&spec(), &SecretContent::Placeholders);
         let d = serde_json::to_value(&m.deployment).unwrap();
