@@ -15,9 +15,7 @@ use clusterconnect::tunnel::sas::SasKey;
 
 use support::check::describe;
 use support::entra::{Entra, TENANT};
-use support::tunnel::{
-    admin_key, static_token, wait_for_listener_on, Agent, LocalProxy, Relay, ADMIN_KEY,
-};
+use support::tunnel::{admin_key, static_token, Agent, LocalProxy, Relay, ADMIN_KEY};
 use support::{kubectl, kubectl_available, ApiServer};
 
 const MANAGEMENT: &str = "https://management.core.windows.net/";
@@ -169,6 +167,22 @@ async fn only_owners_and_granted_users_get_a_send_token_and_it_opens_only_their_
     )
     .unwrap();
     let api = ApiServer::start().await;
+    // The relay-wide Listen rule does not reach a registered cluster's connection.
+    let intruder = Agent::start_for(
+        &relay,
+        &api,
+        support::tunnel::listen_key(),
+        &config.hybrid_connection_name,
+    )
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), intruder.task).await;
+    assert!(
+        matches!(
+            ended,
+            Ok(Ok(Err(clusterconnect::agent::AgentError::Rejected { .. })))
+        ),
+        "a relay-wide listen key listened on a registered cluster's connection"
+    );
     let _agent = Agent::start_for(&relay, &api, listen, &config.hybrid_connection_name).await;
     let dial = |entity: &str| {
         let url = relay.address().url(
@@ -223,7 +237,29 @@ async fn proxy_by_name_and_resource_group_reaches_the_cluster_and_status_reports
     let listen = SasKey::parse(&agent_credential.listen_key).unwrap();
     let hc = agent_credential.hybrid_connection_name.clone();
     let _agent = Agent::start_for(&relay, &api, listen, &hc).await;
-    wait_for_listener_on(&relay, &hc).await;
+    // Registered connections take the cluster's own Send token, not the relay-wide key.
+    let probe = admin.list_user_credential(&id("edge")).await.unwrap();
+    let token = clusterconnect::secret::Secret::new(probe.token.clone());
+    let url = relay.address().url(
+        &hc,
+        clusterconnect::tunnel::protocol::Action::Connect,
+        "probe",
+    );
+    let mut listening = false;
+    for _ in 0..200 {
+        if clusterconnect::tunnel::dial::dial(&url, Some(&token), &relay.client_tls)
+            .await
+            .is_ok()
+        {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        listening,
+        "the agent never listened on its registered connection"
+    );
 
     // The CLI's own resolution of `proxy -n edge -g rg-test`.
     let ca = dir.path().join("relay-ca.crt");

@@ -178,18 +178,29 @@ impl ManagementClient {
         )
     }
 
-    /// Grants `principal_id` the cluster user role.
-    pub async fn grant_user(&self, id: &ClusterId, principal_id: &str) -> Result<(), ArmError> {
+    /// Grants `principal_id` the cluster user role; returns the assignment's name (its id's
+    /// last segment), which [`ManagementClient::revoke`] takes.
+    pub async fn grant_user(&self, id: &ClusterId, principal_id: &str) -> Result<String, ArmError> {
+        let assignment = uuid::Uuid::new_v4().to_string();
         let path = format!(
-            "{}/providers/Microsoft.Authorization/roleAssignments/{}",
-            id.path(),
-            uuid::Uuid::new_v4()
+            "{}/providers/Microsoft.Authorization/roleAssignments/{assignment}",
+            id.path()
         );
         let body = serde_json::json!({"properties": {
             "principalId": principal_id,
             "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", crate::relay::clusters::CLUSTER_USER_ROLE),
         }});
-        self.call(Method::PUT, &path, Some(&body)).await.map(|_| ())
+        self.call(Method::PUT, &path, Some(&body)).await?;
+        Ok(assignment)
+    }
+
+    /// Removes a role assignment by name.
+    pub async fn revoke(&self, id: &ClusterId, assignment: &str) -> Result<(), ArmError> {
+        let path = format!(
+            "{}/providers/Microsoft.Authorization/roleAssignments/{assignment}",
+            id.path()
+        );
+        self.call(Method::DELETE, &path, None).await.map(|_| ())
     }
 
     /// Sends the agent's status, signed with its key (PKCS#8 DER of an ECDSA P-256 key).

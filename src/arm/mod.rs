@@ -176,13 +176,13 @@ pub struct RequestProperties {
 }
 
 /// `listClusterUserCredential`'s answer, as Arc returns it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialResults {
     pub hybrid_connection_config: HybridConnectionConfig,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HybridConnectionConfig {
     /// `wss://host[:port]` of the relay.
@@ -195,13 +195,35 @@ pub struct HybridConnectionConfig {
 }
 
 /// `listAgentCredential`'s answer: what the installer puts in the agent's Secret.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentCredential {
     pub relay: String,
     pub hybrid_connection_name: String,
     /// `SharedAccessKeyName=...;SharedAccessKey=...` with Listen rights on that connection.
     pub listen_key: String,
+}
+
+// Debug without the credentials they carry.
+impl std::fmt::Debug for HybridConnectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HybridConnectionConfig")
+            .field("relay", &self.relay)
+            .field("hybrid_connection_name", &self.hybrid_connection_name)
+            .field("token", &"***")
+            .field("expiration_time", &self.expiration_time)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AgentCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCredential")
+            .field("relay", &self.relay)
+            .field("hybrid_connection_name", &self.hybrid_connection_name)
+            .field("listen_key", &"***")
+            .finish()
+    }
 }
 
 /// The agent's signed status report.

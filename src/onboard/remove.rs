@@ -57,6 +57,17 @@ pub async fn disconnect(
             });
         }
     }
+    // Only an owner may remove the registration (the Listen key is owner-only): check that
+    // before the agent is taken out of the cluster, not after.
+    if registered.is_some() {
+        registry
+            .list_agent_credential(id)
+            .await
+            .map_err(|source| ConnectError::Registry {
+                step: "checking that you own the registration",
+                source,
+            })?;
+    }
     let mut removal = Removal::default();
     let namespaces: Api<Namespace> = Api::all(kube.clone());
     let ns_object = apply::get(&namespaces, namespace).await?;

@@ -35,10 +35,13 @@ pub fn authorize(
     let rule =
         rule(&token.key_name).ok_or_else(|| SasError::UnknownRule(token.key_name.clone()))?;
     token.verify(&rule.key, now)?;
-    let in_scope = rule
-        .entity
-        .as_deref()
-        .is_none_or(|e| e.eq_ignore_ascii_case(entity));
+    // A rule for the whole relay does not reach registered clusters' connections: those take
+    // their own keys (or an administrator's), so a relay-wide Listen key cannot receive a
+    // registered cluster's traffic.
+    let in_scope = match rule.entity.as_deref() {
+        Some(e) => e.eq_ignore_ascii_case(entity),
+        None => rule.manage || !is_registered_entity(entity),
+    };
     if !in_scope || !token.covers(hosts, entity) {
         return Err(SasError::WrongResource {
             token: token.resource(),
@@ -57,6 +60,14 @@ pub fn authorize(
         });
     }
     Ok(token.expiry)
+}
+
+/// Hybrid connections of registered clusters are named `cc-<hash>` (see `ClusterId`); that
+/// prefix is reserved for them.
+pub fn is_registered_entity(entity: &str) -> bool {
+    entity
+        .get(..3)
+        .is_some_and(|p| p.eq_ignore_ascii_case("cc-"))
 }
 
 /// 401 when the caller is not who it says, 403 when it is but may not do this.

@@ -226,6 +226,13 @@ impl RelayFile {
             if let Some(entity) = &r.entity {
                 validate_entity(entity).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
+            let reserved = |s: &str| s.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("cc-"));
+            if reserved(&r.name) || r.entity.as_deref().is_some_and(reserved) {
+                return Err(ConfigError::Invalid(format!(
+                    "rule '{}': names and entities starting with \"cc-\" are reserved for registered clusters",
+                    r.name
+                )));
+            }
             rules.push(Rule {
                 name: r.name.clone(),
                 key: Secret::new(key),

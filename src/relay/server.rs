@@ -50,7 +50,7 @@ pub async fn handle(
     if let Some(clusters) = &ctx.shared.clusters {
         if req.uri().path().starts_with("/subscriptions/") {
             let hosts = accepted_hosts(&ctx, &req);
-            let host = request_host(&req);
+            let host = public_host(&ctx, &req);
             if let Some(resp) =
                 super::clusters::handle(clusters, &ctx.shared, &hosts, host, req).await
             {
@@ -102,6 +102,32 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// The `host[:port]` clients should use for this relay: the one the caller used, unless the
+/// relay has configured names and that is not one of them (tokens must name a configured
+/// host to be accepted).
+fn public_host(ctx: &Ctx, req: &Request<Incoming>) -> Option<String> {
+    let used = request_host(req)?;
+    let Some(first) = ctx.shared.hostnames.first() else {
+        return Some(used);
+    };
+    let (name, port) = match used.rsplit_once(':') {
+        Some((n, p)) if p.chars().all(|c| c.is_ascii_digit()) => (n, Some(p)),
+        _ => (used.as_str(), None),
+    };
+    if ctx
+        .shared
+        .hostnames
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+    {
+        return Some(used);
+    }
+    Some(match port {
+        Some(p) => format!("{first}:{p}"),
+        None => first.clone(),
+    })
 }
 
 fn accepted_hosts(ctx: &Ctx, req: &Request<Incoming>) -> Vec<String> {

@@ -188,11 +188,14 @@ fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
     if text.len() % 2 != 0 {
         return Err("odd number of hex digits".into());
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&text[i..i + 2], 16)
-                .map_err(|_| format!("not a hex digit pair at offset {i}"))
+    text.as_bytes()
+        .chunks(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("not a hex digit pair at offset {}", i * 2))
         })
         .collect()
 }

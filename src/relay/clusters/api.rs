@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::caller::{authenticate, Caller};
+use super::store::Change;
 use super::{Record, Registry, EXPIRED_AFTER, OFFLINE_AFTER, USER_TOKEN_TTL};
 use crate::arm::{
     signed_message, AgentCredential, AgentStatus, ClusterId, ClusterRequest, ConnectedCluster,
@@ -48,7 +49,7 @@ enum Target {
     },
     Cluster(ClusterId),
     Action(ClusterId, String),
-    RoleAssignment(ClusterId),
+    RoleAssignment(ClusterId, String),
 }
 
 fn parse(path: &str) -> Option<Result<Target, String>> {
@@ -88,12 +89,12 @@ fn parse(path: &str) -> Option<Result<Target, String>> {
     Some(Ok(match &parts[8..] {
         [] => Target::Cluster(id),
         [action] => Target::Action(id, action.to_string()),
-        [p, ns, ra, _assignment]
+        [p, ns, ra, assignment]
             if eq(p, "providers")
                 && eq(ns, "Microsoft.Authorization")
                 && eq(ra, "roleAssignments") =>
         {
-            Target::RoleAssignment(id)
+            Target::RoleAssignment(id, assignment.to_ascii_lowercase())
         }
         _ => return Some(Err("unknown path".into())),
     }))
@@ -179,15 +180,21 @@ async fn serve(
             Ok(json_response(200, &present(&record)))
         }
         (Target::Cluster(id), Method::PUT) => put(registry, &caller, &id, &body),
-        (Target::Cluster(id), Method::DELETE) => match store.get(&id.key()).map_err(internal)? {
-            None => Ok(empty(204)),
-            Some(record) => {
-                owner(&caller, &record, &id)?;
-                store.delete(&id.key()).map_err(internal)?;
+        (Target::Cluster(id), Method::DELETE) => {
+            let deleted = store
+                .update(&id.key(), |current| match current {
+                    None => Ok((Change::Keep, false)),
+                    Some(record) => {
+                        owner(&caller, &record, &id)?;
+                        Ok((Change::Delete, true))
+                    }
+                })
+                .map_err(internal)??;
+            if deleted {
                 tracing::info!(cluster = %id.path(), by = caller.display_name(), "cluster registration deleted");
-                Ok(empty(200))
             }
-        },
+            Ok(empty(if deleted { 200 } else { 204 }))
+        }
         (Target::Action(id, action), Method::POST)
             if action.eq_ignore_ascii_case("listClusterUserCredential") =>
         {
@@ -232,9 +239,7 @@ async fn serve(
             };
             Ok(json_response(200, &credential))
         }
-        (Target::RoleAssignment(id), method @ (Method::PUT | Method::DELETE)) => {
-            let mut record = existing(registry, &id)?;
-            owner(&caller, &record, &id)?;
+        (Target::RoleAssignment(id, assignment), Method::PUT) => {
             #[derive(Deserialize)]
             #[serde(rename_all = "camelCase")]
             struct Assignment {
@@ -246,10 +251,10 @@ async fn serve(
                 principal_id: String,
                 role_definition_id: String,
             }
-            let assignment: Assignment = serde_json::from_slice(&body).map_err(|e| {
+            let request: Assignment = serde_json::from_slice(&body).map_err(|e| {
                 (400, "InvalidRequestContent", format!("a role assignment is {{\"properties\": {{\"principalId\", \"roleDefinitionId\"}}}}: {e}"))
             })?;
-            let role = assignment
+            let role = request
                 .properties
                 .role_definition_id
                 .rsplit('/')
@@ -258,19 +263,40 @@ async fn serve(
             if !role.eq_ignore_ascii_case(CLUSTER_USER_ROLE) {
                 return Err((400, "InvalidRoleDefinitionId", format!("only the cluster user role ({CLUSTER_USER_ROLE}, \"Azure Arc Enabled Kubernetes Cluster User Role\") can be assigned here")));
             }
-            let principal = assignment.properties.principal_id.to_ascii_lowercase();
-            record.users.retain(|u| *u != principal);
-            if method == Method::PUT {
-                record.users.push(principal.clone());
-            }
-            store.put(&id.key(), &record).map_err(internal)?;
-            tracing::info!(cluster = %id.path(), principal, granted = method == Method::PUT, "cluster user role changed");
+            let principal = request.properties.principal_id.to_ascii_lowercase();
+            store
+                .update(&id.key(), |current| {
+                    let mut record = current.ok_or_else(|| not_found(&id))?;
+                    owner(&caller, &record, &id)?;
+                    record
+                        .assignments
+                        .insert(assignment.clone(), principal.clone());
+                    Ok((Change::Put(Box::new(record)), ()))
+                })
+                .map_err(internal)??;
+            tracing::info!(cluster = %id.path(), principal, assignment, "cluster user role granted");
             Ok(json_response(
                 200,
                 &json!({
+                    "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{assignment}", id.path()),
+                    "name": assignment,
                     "properties": {"principalId": principal, "roleDefinitionId": CLUSTER_USER_ROLE, "scope": id.path()}
                 }),
             ))
+        }
+        (Target::RoleAssignment(id, assignment), Method::DELETE) => {
+            let removed = store
+                .update(&id.key(), |current| {
+                    let mut record = current.ok_or_else(|| not_found(&id))?;
+                    owner(&caller, &record, &id)?;
+                    let removed = record.assignments.remove(&assignment);
+                    Ok((Change::Put(Box::new(record)), removed))
+                })
+                .map_err(internal)??;
+            if let Some(principal) = &removed {
+                tracing::info!(cluster = %id.path(), principal, assignment, "cluster user role revoked");
+            }
+            Ok(empty(if removed.is_some() { 200 } else { 204 }))
         }
         (_, method) => Err((
             405,
@@ -294,80 +320,31 @@ fn put(
     }
     agent_key(&request.properties.agent_public_key_certificate)
         .map_err(|e| (400, "InvalidAgentPublicKeyCertificate", e))?;
-    let store = &registry.store;
     let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
     let now = rfc3339(unix_now());
-    let existing = store.get(&id.key()).map_err(internal)?;
-    let (record, created) = match existing {
-        Some(mut record) => {
-            owner(caller, &record, id)?;
-            let r = &mut record.resource;
-            r.location = request.location;
-            r.tags = request.tags;
-            r.properties.agent_public_key_certificate =
-                request.properties.agent_public_key_certificate;
-            r.properties.distribution = request.properties.distribution;
-            r.properties.infrastructure = request.properties.infrastructure;
-            r.system_data.last_modified_at = now;
-            r.system_data.last_modified_by = caller.display_name().to_string();
-            r.system_data.last_modified_by_type = caller.kind().to_string();
-            (record, false)
-        }
-        None => {
-            let random_key = || {
-                use base64::Engine;
-                base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    let (record, created) = registry
+        .store
+        .update(&id.key(), |current| {
+            let (record, created) = match current {
+                Some(mut record) => {
+                    owner(caller, &record, id)?;
+                    let r = &mut record.resource;
+                    r.location = request.location;
+                    r.tags = request.tags;
+                    r.properties.agent_public_key_certificate =
+                        request.properties.agent_public_key_certificate;
+                    r.properties.distribution = request.properties.distribution;
+                    r.properties.infrastructure = request.properties.infrastructure;
+                    r.system_data.last_modified_at = now;
+                    r.system_data.last_modified_by = caller.display_name().to_string();
+                    r.system_data.last_modified_by_type = caller.kind().to_string();
+                    (record, false)
+                }
+                None => (new_record(caller, id, request, now), true),
             };
-            let resource = ConnectedCluster {
-                id: id.path(),
-                name: id.name.clone(),
-                kind: RESOURCE_TYPE.to_string(),
-                location: request.location,
-                tags: request.tags,
-                identity: Identity {
-                    kind: "None".into(),
-                    principal_id: None,
-                    tenant_id: None,
-                },
-                properties: Properties {
-                    agent_public_key_certificate: request.properties.agent_public_key_certificate,
-                    agent_version: None,
-                    connectivity_status: ConnectivityStatus::Connecting,
-                    distribution: request.properties.distribution,
-                    infrastructure: request.properties.infrastructure,
-                    kubernetes_version: None,
-                    last_connectivity_time: None,
-                    provisioning_state: "Succeeded".into(),
-                    total_core_count: None,
-                    total_node_count: None,
-                },
-                system_data: SystemData {
-                    created_at: now.clone(),
-                    created_by: caller.display_name().to_string(),
-                    created_by_type: caller.kind().to_string(),
-                    last_modified_at: now,
-                    last_modified_by: caller.display_name().to_string(),
-                    last_modified_by_type: caller.kind().to_string(),
-                },
-            };
-            let owners = match caller {
-                Caller::Principal { object_id, .. } => vec![object_id.to_ascii_lowercase()],
-                Caller::Admin { .. } => Vec::new(),
-            };
-            let record = Record {
-                resource,
-                owners,
-                users: Vec::new(),
-                hybrid_connection: id.hybrid_connection(),
-                listen_key: random_key(),
-                send_key: random_key(),
-                last_heartbeat: None,
-                last_report_timestamp: 0,
-            };
-            (record, true)
-        }
-    };
-    store.put(&id.key(), &record).map_err(internal)?;
+            Ok((Change::Put(Box::new(record.clone())), (record, created)))
+        })
+        .map_err(internal)??;
     tracing::info!(cluster = %id.path(), by = caller.display_name(), created, "cluster registered");
     Ok(json_response(
         if created { 201 } else { 200 },
@@ -375,7 +352,62 @@ fn put(
     ))
 }
 
-/// Verifies and records an agent's status report.
+/// A first registration: the caller owns it; it gets fresh Listen and Send keys.
+fn new_record(caller: &Caller, id: &ClusterId, request: ClusterRequest, now: String) -> Record {
+    let random_key = || {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    };
+    let resource = ConnectedCluster {
+        id: id.path(),
+        name: id.name.clone(),
+        kind: RESOURCE_TYPE.to_string(),
+        location: request.location,
+        tags: request.tags,
+        identity: Identity {
+            kind: "None".into(),
+            principal_id: None,
+            tenant_id: None,
+        },
+        properties: Properties {
+            agent_public_key_certificate: request.properties.agent_public_key_certificate,
+            agent_version: None,
+            connectivity_status: ConnectivityStatus::Connecting,
+            distribution: request.properties.distribution,
+            infrastructure: request.properties.infrastructure,
+            kubernetes_version: None,
+            last_connectivity_time: None,
+            provisioning_state: "Succeeded".into(),
+            total_core_count: None,
+            total_node_count: None,
+        },
+        system_data: SystemData {
+            created_at: now.clone(),
+            created_by: caller.display_name().to_string(),
+            created_by_type: caller.kind().to_string(),
+            last_modified_at: now,
+            last_modified_by: caller.display_name().to_string(),
+            last_modified_by_type: caller.kind().to_string(),
+        },
+    };
+    let owners = match caller {
+        Caller::Principal { object_id, .. } => vec![object_id.to_ascii_lowercase()],
+        Caller::Admin { .. } => Vec::new(),
+    };
+    Record {
+        resource,
+        owners,
+        assignments: Default::default(),
+        hybrid_connection: id.hybrid_connection(),
+        listen_key: random_key(),
+        send_key: random_key(),
+        last_heartbeat: None,
+        last_report_timestamp: 0,
+    }
+}
+
+/// Verifies and records an agent's status report. Every refusal is the same 401, so the
+/// endpoint does not tell an unauthenticated caller which clusters exist.
 fn agent_status(
     registry: &Registry,
     id: &ClusterId,
@@ -391,7 +423,6 @@ fn agent_status(
             format!("agent status refused: {why}"),
         )
     };
-    let mut record = existing(registry, id)?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let timestamp: u64 = header(HEADER_TIMESTAMP)
         .and_then(|t| t.parse().ok())
@@ -408,28 +439,34 @@ fn agent_status(
             "its timestamp is more than five minutes from the relay's clock",
         ));
     }
-    if timestamp <= record.last_report_timestamp {
-        return Err(refused(
-            "a report with this timestamp was already accepted (replay)",
-        ));
-    }
-    let key = agent_key(&record.resource.properties.agent_public_key_certificate)
-        .map_err(|e| (500, "InternalServerError", e))?;
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
-        .verify(&signed_message(timestamp, path, body), &signature)
-        .map_err(|_| {
-            refused("the signature does not match the cluster's agentPublicKeyCertificate")
-        })?;
     let status: AgentStatus = serde_json::from_slice(body)
         .map_err(|e| (400, "InvalidRequestContent", format!("agent status: {e}")))?;
-    let p = &mut record.resource.properties;
-    p.agent_version = Some(status.agent_version);
-    p.kubernetes_version = status.kubernetes_version;
-    p.total_node_count = status.total_node_count;
-    p.total_core_count = status.total_core_count;
-    record.last_heartbeat = Some(now);
-    record.last_report_timestamp = timestamp;
-    registry.store.put(&id.key(), &record).map_err(internal)?;
+    registry
+        .store
+        .update(&id.key(), |current| {
+            let not_verified =
+                || refused("the signature does not match the cluster's agentPublicKeyCertificate");
+            let mut record = current.ok_or_else(not_verified)?;
+            let key = agent_key(&record.resource.properties.agent_public_key_certificate)
+                .map_err(|_| not_verified())?;
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+                .verify(&signed_message(timestamp, path, body), &signature)
+                .map_err(|_| not_verified())?;
+            if timestamp <= record.last_report_timestamp {
+                return Err(refused(
+                    "a report with this timestamp was already accepted (replay)",
+                ));
+            }
+            let p = &mut record.resource.properties;
+            p.agent_version = Some(status.agent_version);
+            p.kubernetes_version = status.kubernetes_version;
+            p.total_node_count = status.total_node_count;
+            p.total_core_count = status.total_core_count;
+            record.last_heartbeat = Some(now);
+            record.last_report_timestamp = timestamp;
+            Ok((Change::Put(Box::new(record)), ()))
+        })
+        .map_err(internal)??;
     Ok(empty(204))
 }
 
@@ -479,7 +516,7 @@ fn may_read(caller: &Caller, record: &Record) -> bool {
         Caller::Admin { .. } => true,
         Caller::Principal { object_id, .. } => {
             let id = object_id.to_ascii_lowercase();
-            record.owners.contains(&id) || record.users.contains(&id)
+            record.owners.contains(&id) || record.assignments.values().any(|p| *p == id)
         }
     }
 }
@@ -511,16 +548,18 @@ fn existing(registry: &Registry, id: &ClusterId) -> Result<Record, Refusal> {
         .store
         .get(&id.key())
         .map_err(|e| (500, "InternalServerError", e.to_string()))?
-        .ok_or_else(|| {
-            (
-                404,
-                "ResourceNotFound",
-                format!(
-                    "the connected cluster '{}' under resource group '{}' was not found",
-                    id.name, id.resource_group
-                ),
-            )
-        })
+        .ok_or_else(|| not_found(id))
+}
+
+fn not_found(id: &ClusterId) -> Refusal {
+    (
+        404,
+        "ResourceNotFound",
+        format!(
+            "the connected cluster '{}' under resource group '{}' was not found",
+            id.name, id.resource_group
+        ),
+    )
 }
 
 fn readable(registry: &Registry, caller: &Caller, id: &ClusterId) -> Result<Record, Refusal> {

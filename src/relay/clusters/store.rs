@@ -24,14 +24,15 @@ fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> StoreError + '_ {
 }
 
 /// One registration as stored: the resource plus what only the relay knows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Record {
     pub resource: ConnectedCluster,
     /// Principals (object ids) that own the registration; "admin" callers bypass this.
     pub owners: Vec<String>,
-    /// Principals granted the cluster user role: they may get a Send token.
+    /// Role assignments of the cluster user role (assignment id -> principal): those
+    /// principals may get a Send token.
     #[serde(default)]
-    pub users: Vec<String>,
+    pub assignments: std::collections::BTreeMap<String, String>,
     pub hybrid_connection: String,
     pub listen_key: String,
     pub send_key: String,
@@ -40,6 +41,16 @@ pub struct Record {
     pub last_heartbeat: Option<u64>,
     #[serde(default)]
     pub last_report_timestamp: u64,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("id", &self.resource.id)
+            .field("hybrid_connection", &self.hybrid_connection)
+            .field("keys", &"***")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Record {
@@ -67,6 +78,13 @@ impl Record {
     }
 }
 
+/// What an [`Store::update`] does with the record it was shown.
+pub enum Change {
+    Keep,
+    Put(Box<Record>),
+    Delete,
+}
+
 pub struct Store {
     db: Database,
     /// The clusters' rules by name, kept in step with the file for the hot path.
@@ -81,6 +99,14 @@ impl Store {
                 path.display()
             ))
         })?;
+        // Every cluster's keys are in here: readable by the relay's user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| StoreError(format!("{}: cannot make it private: {e}", path.display())),
+            )?;
+        }
         let txn = db.begin_write().map_err(|e| err("begin")(&e))?;
         txn.open_table(CLUSTERS)
             .map_err(|e| err("open table")(&e))?;
@@ -135,42 +161,56 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes `record` under `key` durably, then updates the rules.
-    pub fn put(&self, key: &str, record: &Record) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(|e| err("encode")(&e))?;
+    /// Reads, changes and writes one registration in a single write transaction, so
+    /// concurrent changes (a role grant, a heartbeat, a delete) cannot undo each other. `f`
+    /// sees the current record and decides; an `Err` from it changes nothing.
+    pub fn update<R, E>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<Record>) -> Result<(Change, R), E>,
+    ) -> Result<Result<R, E>, StoreError> {
+        // Writers are serialized with the rules cache, so the cache never lags the file.
+        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(|e| err("begin")(&e))?;
-        {
+        let (change, result) = {
             let mut table = txn
                 .open_table(CLUSTERS)
                 .map_err(|e| err("open table")(&e))?;
-            table
-                .insert(key, bytes.as_slice())
-                .map_err(|e| err("write")(&e))?;
-        }
-        txn.commit().map_err(|e| err("commit")(&e))?;
-        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        for rule in record.rules() {
-            rules.insert(rule.name.clone(), rule);
-        }
-        Ok(())
-    }
-
-    pub fn delete(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let Some(record) = self.get(key)? else {
-            return Ok(None);
+            let current: Option<Record> = match table.get(key).map_err(|e| err("read")(&e))? {
+                Some(v) => Some(serde_json::from_slice(v.value()).map_err(|e| err("decode")(&e))?),
+                None => None,
+            };
+            let before = current.clone();
+            let (change, result) = match f(current) {
+                Ok(done) => done,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            match &change {
+                Change::Keep => {}
+                Change::Put(record) => {
+                    let bytes = serde_json::to_vec(record).map_err(|e| err("encode")(&e))?;
+                    table
+                        .insert(key, bytes.as_slice())
+                        .map_err(|e| err("write")(&e))?;
+                }
+                Change::Delete => {
+                    table.remove(key).map_err(|e| err("delete")(&e))?;
+                }
+            }
+            ((change, before), result)
         };
-        let txn = self.db.begin_write().map_err(|e| err("begin")(&e))?;
-        {
-            let mut table = txn
-                .open_table(CLUSTERS)
-                .map_err(|e| err("open table")(&e))?;
-            table.remove(key).map_err(|e| err("delete")(&e))?;
-        }
         txn.commit().map_err(|e| err("commit")(&e))?;
-        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        for rule in record.rules() {
-            rules.remove(&rule.name);
+        let (change, before) = change;
+        if !matches!(change, Change::Keep) {
+            for rule in before.iter().flat_map(Record::rules) {
+                rules.remove(&rule.name);
+            }
         }
-        Ok(Some(record))
+        if let Change::Put(record) = &change {
+            for rule in record.rules() {
+                rules.insert(rule.name.clone(), rule);
+            }
+        }
+        Ok(Ok(result))
     }
 }
