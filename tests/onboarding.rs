@@ -306,6 +306,35 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_stopped_after_registering_can_be_run_again() {
+    let s = Setup::start().await;
+    let request = s.request("half-done");
+    // The registration exists, its key is lost with the process that made it.
+    let lost = AgentKey::generate().unwrap();
+    s.registry
+        .put(
+            &request.id,
+            &ClusterRequest {
+                location: "eastus".into(),
+                tags: BTreeMap::new(),
+                properties: RequestProperties {
+                    agent_public_key_certificate: lost.public_certificate().into(),
+                    distribution: None,
+                    infrastructure: None,
+                },
+            },
+        )
+        .await
+        .unwrap();
+    let cluster = s.connect(&request).await.expect("the re-run completes");
+    assert_ne!(
+        cluster.properties.agent_public_key_certificate,
+        lost.public_certificate()
+    );
+    assert!(s.api.object(NAMESPACE).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_registered_with_another_agent_key_is_refused_and_nothing_is_installed() {
     let s = Setup::start().await;
     let request = s.request("taken");
@@ -323,6 +352,19 @@ async fn a_name_registered_with_another_agent_key_is_refused_and_nothing_is_inst
                 },
             },
         )
+        .await
+        .unwrap();
+    // While no agent has ever reported, the name would be taken over (a half-finished
+    // connect); an agent that reported makes it another cluster's.
+    let status = clusterconnect::arm::AgentStatus {
+        agent_version: "0.1.0".into(),
+        kubernetes_version: None,
+        total_node_count: None,
+        total_core_count: None,
+    };
+    let key = clusterconnect::agent::heartbeat::load_key(other.private_pem().expose()).unwrap();
+    s.registry
+        .report_status(&request.id, &status, &key)
         .await
         .unwrap();
     let err = s.connect(&request).await.unwrap_err();

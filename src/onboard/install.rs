@@ -21,7 +21,9 @@ use super::manifests::{
 };
 use super::rollout::{self, RolloutError};
 use crate::arm::client::{ArmError, ManagementClient};
-use crate::arm::{ClusterId, ClusterRequest, ConnectedCluster, RequestProperties};
+use crate::arm::{
+    ClusterId, ClusterRequest, ConnectedCluster, ConnectivityStatus, RequestProperties,
+};
 use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +152,15 @@ pub async fn connect(
         (Some(key), Some(reg)) if key.matches(&reg.properties.agent_public_key_certificate) => {
             progress("The cluster is registered with this cluster's agent key; updating");
             key
+        }
+        // No agent ever reported under this registration and this cluster holds no key: an
+        // earlier `connect` stopped between registering and installing, and its key is gone.
+        // Replace it (the registry lets only an owner do so) rather than strand the name.
+        (None, Some(reg))
+            if reg.properties.connectivity_status == ConnectivityStatus::Connecting =>
+        {
+            progress("The registration never had an agent report (an earlier connect did not finish); replacing its agent key");
+            AgentKey::generate()?
         }
         (_, Some(_)) => {
             return Err(ConnectError::RegisteredElsewhere {
