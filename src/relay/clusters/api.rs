@@ -616,3 +616,40 @@ fn error(status: u16, code: &str, message: &str) -> Response<Body> {
         &json!({"error": {"code": code, "message": message}}),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_follows_the_last_report() {
+        let caller = Caller::Admin {
+            rule: "admin".into(),
+        };
+        let id = ClusterId::new("s", "rg", "c").unwrap();
+        let mut record = new_record(&caller, &id, ClusterRequest::default(), rfc3339(0));
+        assert_eq!(status_of(&record), ConnectivityStatus::Connecting);
+        let now = unix_now();
+        record.last_heartbeat = Some(now - 30);
+        assert_eq!(status_of(&record), ConnectivityStatus::Connected);
+        record.last_heartbeat = Some(now - OFFLINE_AFTER.as_secs() - 1);
+        assert_eq!(status_of(&record), ConnectivityStatus::Offline);
+        record.last_heartbeat = Some(now - EXPIRED_AFTER.as_secs() - 1);
+        assert_eq!(status_of(&record), ConnectivityStatus::Expired);
+        assert_eq!(
+            present(&record).properties.connectivity_status,
+            ConnectivityStatus::Expired
+        );
+    }
+
+    #[test]
+    fn only_p256_public_keys_are_agent_keys() {
+        use base64::Engine;
+        use rcgen::PublicKeyData;
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let spki = base64::engine::general_purpose::STANDARD.encode(pair.subject_public_key_info());
+        assert_eq!(agent_key(&spki).unwrap().len(), 65);
+        assert!(agent_key("bm90IGEga2V5").is_err());
+        assert!(agent_key("%%%").is_err());
+    }
+}
