@@ -75,7 +75,11 @@ impl ClientCredential {
                 }
                 Proof::Certificate(path.clone())
             }
-            (None, None) => unreachable!("checked above"),
+            (None, None) => {
+                return Err(SourceError::NotConfigured(
+                    "AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH not set".into(),
+                ))
+            }
         };
         let tenant = tenant.unwrap_or_default();
         Ok(ClientCredential {
