@@ -172,9 +172,9 @@ impl<'a> EntraCredentials<'a> {
             config_dir: crate::proxy::local_ca::config_dir(),
             prompt: Arc::new(StderrPrompt),
         };
-        let source = chain::credential(&opts, &self.env).await.with_context(|| {
-            "no credential for the apiserver: pass --token-file, --token-command or --token, or make an Entra ID credential available"
-        })?;
+        let source = chain::credential(&opts, &self.env)
+            .await
+            .with_context(|| format!("no Entra ID credential for {server_app_id}"))?;
         self.by_server_app.insert(server_app_id, source.clone());
         Ok(source)
     }
@@ -360,10 +360,9 @@ async fn apiserver_credential(
                 source.token().await?;
                 Arc::new(source)
             }
-            (None, None, None) => entra
-                .get(server_app_id)
-                .await
-                .with_context(|| format!("cluster '{name}'"))?,
+            (None, None, None) => entra.get(server_app_id).await.with_context(|| {
+                format!("cluster '{name}': no credential for the apiserver: pass --token-file, --token-command or --token, or make an Entra ID credential available")
+            })?,
             _ => anyhow::bail!(
                 "cluster '{name}' has more than one credential for the apiserver (or an empty token): keep one of token_file, token_command or token, or none for Entra ID"
             ),

@@ -36,7 +36,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     if args.dev_self_signed && !args.check {
         for path in file.create_missing_keys(&base)? {
             eprintln!(
-                "dev mode: created key file {} (use it as --key-file)",
+                "dev mode: created key file {} (agent and proxy take it as --key-file; a manage rule's as --admin-key-file)",
                 path.display()
             );
         }
