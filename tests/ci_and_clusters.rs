@@ -77,6 +77,28 @@ async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
         describe(&out)
     );
 
+    // `get --raw` drops the server URL's /clusters/<name> path; the context's credential
+    // names the cluster instead.
+    let out = kubectl(
+        &proxy.kubeconfig,
+        &[
+            "--context",
+            "staging",
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/pods",
+        ],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("only-in-staging")
+            && !text(&out.stdout).contains("only-in-prod"),
+        "{}",
+        describe(&out)
+    );
+
     // Upgrades route by the same prefix.
     let staging_execs = || {
         staging_api

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::clusters::ClusterFlags;
 use crate::proxy::kubeconfig::{self, Entry};
 use crate::proxy::{
-    local_ca, new_local_secret, server_url, ClusterConfig, Prober, Proxy, ProxyConfig, TunnelError,
-    DEFAULT_PORT,
+    local_ca, local_token, new_local_secret, server_url, ClusterConfig, Prober, Proxy, ProxyConfig,
+    TunnelError, DEFAULT_PORT,
 };
 use crate::secret::Secret;
 use crate::tls;
@@ -71,11 +71,12 @@ impl Started {
     /// unless `keep_context`.
     pub fn write_kubeconfig(&self, path: &Path, keep_context: bool) -> anyhow::Result<()> {
         for (i, (name, server)) in self.entries().iter().enumerate() {
+            let token = local_token(&self.local_secret, name);
             let entry = Entry {
                 name,
                 server,
                 ca_pem: &self.ca_pem,
-                token: &self.local_secret,
+                token: &token,
             };
             kubeconfig::write(path, &entry, i == 0 && !keep_context)
                 .context("cannot write the kubeconfig context")?;
@@ -86,11 +87,12 @@ impl Started {
     pub fn kubeconfig_text(&self) -> anyhow::Result<String> {
         let mut text = String::new();
         for (i, (name, server)) in self.entries().iter().enumerate() {
+            let token = local_token(&self.local_secret, name);
             let entry = Entry {
                 name,
                 server,
                 ca_pem: &self.ca_pem,
-                token: &self.local_secret,
+                token: &token,
             };
             text = kubeconfig::merge(&text, &entry, i == 0, Path::new("-"))?;
         }

@@ -71,6 +71,13 @@ impl Prober {
     }
 }
 
+/// The kubeconfig token of cluster `name`: the session secret plus the cluster's name, so a
+/// request names its cluster even when its path does not carry `/clusters/<name>`. The
+/// secret's alphabet has no '.', so the split is unambiguous.
+pub fn local_token(secret: &Secret, name: &str) -> Secret {
+    Secret::new(format!("{}.{name}", secret.expose()))
+}
+
 /// A fresh random secret for the kubeconfig (256 bits, URL-safe).
 pub fn new_local_secret() -> Secret {
     use base64::Engine;

@@ -170,12 +170,17 @@ pub struct Handler {
 impl Handler {
     /// The route a request path names, and the path with the prefix removed. A lone cluster
     /// also answers unprefixed paths, so `curl https://127.0.0.1:47011/version` works.
-    fn route_for<'a>(&'a self, path: &str) -> Option<(&'a Route, usize)> {
+    /// Without a prefix, the cluster the credential names serves the request: `kubectl get
+    /// --raw` and other absolute paths drop the server URL's path.
+    fn route_for<'a>(&'a self, path: &str, named: Option<&'a Route>) -> Option<(&'a Route, usize)> {
         if let Some(rest) = path.strip_prefix(CLUSTER_PREFIX) {
             let name = rest.split('/').next().unwrap_or_default();
             if let Some(route) = self.routes.iter().find(|r| r.name == name) {
                 return Some((route, CLUSTER_PREFIX.len() + name.len()));
             }
+        }
+        if let Some(route) = named {
+            return Some((route, 0));
         }
         match self.routes.as_slice() {
             [only] => Some((only, 0)),
@@ -187,15 +192,15 @@ impl Handler {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        if !self.local_credential_ok(&req) {
+        let Some(named) = self.local_credential(&req) else {
             tracing::info!(path = %req.uri().path(), "request without the session's local credential refused");
             return Ok(status(
                 401,
                 "Unauthorized",
                 "this clusterconnect proxy only serves the kubeconfig it wrote (missing or wrong local credential)",
             ));
-        }
-        let Some((route, strip)) = self.route_for(req.uri().path()) else {
+        };
+        let Some((route, strip)) = self.route_for(req.uri().path(), named) else {
             let names: Vec<_> = self.routes.iter().map(|r| r.name.as_str()).collect();
             return Ok(status(
                 404,
@@ -260,13 +265,25 @@ impl Handler {
         })
     }
 
-    fn local_credential_ok(&self, req: &Request<Incoming>) -> bool {
-        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-            return false;
+    /// `None` when the request lacks the session's credential; else the cluster the
+    /// kubeconfig token names, if it names one (see [`super::local_token`]).
+    fn local_credential(&self, req: &Request<Incoming>) -> Option<Option<&Route>> {
+        let value = req.headers().get(header::AUTHORIZATION)?;
+        let presented = value.as_bytes().strip_prefix(b"Bearer ")?;
+        let (secret, name) = match presented.iter().position(|b| *b == b'.') {
+            Some(dot) => (&presented[..dot], Some(&presented[dot + 1..])),
+            None => (presented, None),
         };
-        let Some(presented) = value.as_bytes().strip_prefix(b"Bearer ") else {
-            return false;
-        };
-        self.local_secret.ct_eq(presented)
+        if !self.local_secret.ct_eq(secret) {
+            return None;
+        }
+        match name {
+            None => Some(None),
+            Some(name) => self
+                .routes
+                .iter()
+                .find(|r| r.name.as_bytes() == name)
+                .map(Some),
+        }
     }
 }

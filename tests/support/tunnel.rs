@@ -320,11 +320,12 @@ impl LocalProxy {
         let kubeconfig = dir.join("kubeconfig");
         for (i, name) in names.iter().enumerate() {
             let server = server_url(addr.port(), name);
+            let token = clusterconnect::proxy::local_token(&local_secret, name);
             let entry = Entry {
                 name,
                 server: &server,
                 ca_pem: ca.cert_pem(),
-                token: &local_secret,
+                token: &token,
             };
             kubeconfig::write(&kubeconfig, &entry, i == 0).expect("kubeconfig");
         }
