@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::clusters::EntraCredentials;
 use super::inventory::RegistryFlags;
 use super::kubeclient;
 use super::output::flatten;
@@ -223,12 +222,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         NO_KUBECONFIG,
     )
     .await?;
-    let mut entra = EntraCredentials::new(&args.at.entra);
-    let registry = args
-        .at
-        .registry
-        .client(&args.at.relay, args.at.relay_ca.as_deref(), &mut entra)
-        .await?;
+    let registry = args.at.client().await?;
     let cluster = install::connect(&kube, &registry, &request, &mut |line| eprintln!("{line}"))
         .await
         .with_context(|| {
@@ -275,12 +269,7 @@ pub async fn disconnect(args: DisconnectArgs) -> anyhow::Result<()> {
         NO_KUBECONFIG,
     )
     .await?;
-    let mut entra = EntraCredentials::new(&args.at.entra);
-    let registry = args
-        .at
-        .registry
-        .client(&args.at.relay, args.at.relay_ca.as_deref(), &mut entra)
-        .await?;
+    let registry = args.at.client().await?;
     let removal = remove::disconnect(&kube, &registry, &id, &args.kube.namespace, args.timeout)
         .await
         .with_context(|| {

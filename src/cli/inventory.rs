@@ -22,6 +22,17 @@ pub struct RegistryFlags {
     pub entra: EntraFlags,
 }
 
+impl RegistryFlags {
+    /// The management client these flags describe (signing in to Entra ID when no admin key
+    /// is given).
+    pub async fn client(&self) -> anyhow::Result<crate::arm::client::ManagementClient> {
+        let mut entra = EntraCredentials::new(&self.entra);
+        self.registry
+            .client(&self.relay, self.relay_ca.as_deref(), &mut entra)
+            .await
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
     /// Only this resource group.
@@ -61,12 +72,7 @@ fn print(value: serde_json::Value, q: Option<&str>, output: Output) -> anyhow::R
 }
 
 pub async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let mut entra = EntraCredentials::new(&args.at.entra);
-    let client = args
-        .at
-        .registry
-        .client(&args.at.relay, args.at.relay_ca.as_deref(), &mut entra)
-        .await?;
+    let client = args.at.client().await?;
     let clusters = client
         .list(
             &args.at.registry.subscription,
@@ -82,12 +88,7 @@ pub async fn show(args: ShowArgs) -> anyhow::Result<()> {
         .at
         .registry
         .cluster_id(&args.resource_group, &args.name)?;
-    let mut entra = EntraCredentials::new(&args.at.entra);
-    let client = args
-        .at
-        .registry
-        .client(&args.at.relay, args.at.relay_ca.as_deref(), &mut entra)
-        .await?;
+    let client = args.at.client().await?;
     let Some(cluster) = client.get(&id).await? else {
         anyhow::bail!(
             "the connected cluster '{}' under resource group '{}' was not found",

@@ -129,6 +129,26 @@ fn spec(request: &ConnectRequest, relay: &str, hybrid_connection: &str) -> Agent
     }
 }
 
+/// This cluster's agent key (from its Secret in `namespace`) and the registration, to compare
+/// before anything changes. Refuses a Secret of another registration or an unmanaged one.
+pub(crate) async fn local_and_registered(
+    kube: &Client,
+    registry: &ManagementClient,
+    namespace: &str,
+    id: &ClusterId,
+) -> Result<(Option<AgentKey>, Option<ConnectedCluster>), ConnectError> {
+    let secrets: Api<KubeSecret> = Api::namespaced(kube.clone(), namespace);
+    let local = existing_key(&secrets, namespace, id).await?;
+    let registered = registry
+        .get(id)
+        .await
+        .map_err(|source| ConnectError::Registry {
+            step: "looking up the cluster",
+            source,
+        })?;
+    Ok((local, registered))
+}
+
 /// Registers the cluster, installs the agent, waits for it to roll out and returns the
 /// registration. `progress` receives one line per step.
 pub async fn connect(
@@ -139,15 +159,7 @@ pub async fn connect(
 ) -> Result<ConnectedCluster, ConnectError> {
     let ns = request.namespace.as_str();
     let id = &request.id;
-    let secrets: Api<KubeSecret> = Api::namespaced(kube.clone(), ns);
-    let local = existing_key(&secrets, ns, id).await?;
-    let registered = registry
-        .get(id)
-        .await
-        .map_err(|source| ConnectError::Registry {
-            step: "looking up the cluster",
-            source,
-        })?;
+    let (local, registered) = local_and_registered(kube, registry, ns, id).await?;
     let key = match (local, registered) {
         (Some(key), Some(reg)) if key.matches(&reg.properties.agent_public_key_certificate) => {
             progress("The cluster is registered with this cluster's agent key; updating");

@@ -11,7 +11,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::{Api, Client};
 
 use super::apply::{self, is_managed, ApplyError};
-use super::install::{existing_key, ConnectError};
+use super::install::{local_and_registered, ConnectError};
 use super::manifests::AGENT_NAME;
 use crate::arm::client::ManagementClient;
 use crate::arm::ClusterId;
@@ -40,14 +40,7 @@ pub async fn disconnect(
 ) -> Result<Removal, ConnectError> {
     let secrets: Api<KubeSecret> = Api::namespaced(kube.clone(), namespace);
     // Refuses a Secret of another registration, or an unmanaged one, before deleting anything.
-    let local = existing_key(&secrets, namespace, id).await?;
-    let registered = registry
-        .get(id)
-        .await
-        .map_err(|source| ConnectError::Registry {
-            step: "looking up the cluster",
-            source,
-        })?;
+    let (local, registered) = local_and_registered(kube, registry, namespace, id).await?;
     if let (Some(key), Some(reg)) = (&local, &registered) {
         if !key.matches(&reg.properties.agent_public_key_certificate) {
             return Err(ConnectError::RegisteredElsewhere {
