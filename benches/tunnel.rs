@@ -4,6 +4,8 @@
 //!
 //! - latency (p50/p99) of a small GET against the stand-in apiserver, sequential, plus the CPU
 //!   time one request costs (everything runs in this process, so that is the whole path's);
+//! - the same latency with the agent in Entra mode: it validates an Entra access token and
+//!   forwards with its own token and impersonation headers;
 //! - throughput of one 256 MiB streamed response from a bench-local bulk server, and its CPU
 //!   cost per GiB;
 //! - resident memory of relay, agent and proxy (separate processes, the real binary) idle and
@@ -13,7 +15,7 @@
 //!   tunnel still answers.
 //!
 //! Run: `cargo bench --bench tunnel` (all phases), or name phases to run only those:
-//! `cargo bench --bench tunnel -- latency throughput memory`. The figures also go to
+//! `cargo bench --bench tunnel -- latency entra throughput memory`. The figures also go to
 //! `<target dir>/bench-tunnel.json`. Targets are printed next to the figures, never asserted.
 
 #[path = "../tests/support/mod.rs"]
@@ -56,6 +58,7 @@ const PHASE_LIMIT: Duration = Duration::from_secs(120);
 /// Which phases to run: all by default, or those named on the command line.
 struct Phases {
     latency: bool,
+    entra: bool,
     throughput: bool,
     memory: bool,
 }
@@ -70,6 +73,7 @@ impl Phases {
         let on = |phase: &str| names.is_empty() || names.iter().any(|n| phase.contains(n.as_str()));
         Phases {
             latency: on("latency"),
+            entra: on("entra"),
             throughput: on("throughput"),
             memory: on("memory"),
         }
@@ -180,6 +184,8 @@ impl Throughput {
 #[derive(Default)]
 struct Report {
     latency: Option<(Latency, Latency)>,
+    /// Direct vs tunnel with the agent validating an Entra token and impersonating.
+    entra: Option<(Latency, Latency)>,
     throughput: Option<(Throughput, Throughput)>,
     memory: Option<MemoryFigures>,
 }
@@ -238,6 +244,16 @@ async fn run(phases: &Phases) -> Report {
         }
     }
 
+    if phases.entra {
+        report.entra = Some(
+            phase(
+                "entra: small GET, direct vs tunnel with Entra validation and impersonation",
+                entra_latency(),
+            )
+            .await,
+        );
+    }
+
     if phases.memory {
         report.memory = Some(
             phase(
@@ -248,6 +264,71 @@ async fn run(phases: &Phases) -> Report {
         );
     }
     report
+}
+
+/// The latency pair with the agent in Entra mode: kubectl's token is an Entra access token
+/// (from the Entra stand-in), validated by the agent, which forwards with its own token and
+/// impersonation headers. Direct requests use the apiserver's own token.
+async fn entra_latency() -> (Latency, Latency) {
+    use clusterconnect::agent::{AuthMode, Authenticator, EntraAuth};
+    use clusterconnect::entra::http::HttpClient;
+    use clusterconnect::entra::validate::{Validator, ValidatorConfig};
+    use clusterconnect::entra::{Authority, Cloud, ARC_SERVER_APP_ID};
+    use support::entra::{Entra, TENANT};
+    use support::tunnel::{
+        listen_key, send_key, static_token, wait_for_listener, Agent, LocalProxy, Relay, CONNECTION,
+    };
+
+    let entra = Entra::start().await;
+    let api = support::ApiServer::start().await;
+    let user = "bench@contoso.com";
+    api.grant_cluster_admin("User", user);
+    let relay = Relay::start().await;
+    let validator = Validator::new(
+        ValidatorConfig {
+            authority: Authority::new(Cloud::AzurePublicCloud, Some(&entra.authority_host()))
+                .expect("authority"),
+            server_app_id: ARC_SERVER_APP_ID.into(),
+            tenants: vec![TENANT.into()],
+            refetch_interval: Duration::from_secs(60),
+        },
+        HttpClient::new(
+            entra.client_tls(),
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        ),
+    );
+    let auth = Authenticator::new(
+        AuthMode::Both,
+        EntraAuth {
+            validator,
+            groups: None,
+            own_token: static_token(&api.agent_token()),
+        },
+    );
+    let _agent = Agent::start_with(&relay, &api, listen_key(), CONNECTION, auth).await;
+    wait_for_listener(&relay).await;
+    let token = entra.sign(&entra.user_claims(
+        user,
+        "0e0e0e0e-0000-4000-8000-000000000001",
+        &["group-a", "group-b"],
+        ARC_SERVER_APP_ID,
+        Duration::from_secs(3600),
+    ));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = LocalProxy::start(&relay, send_key(), &token, dir.path()).await;
+    let proxied = client::KubeTarget::read(&proxy.kubeconfig);
+    let direct_client = client::https(api.ca_pem().as_bytes());
+    let tunnel_client = client::https(proxied.ca_pem.as_bytes());
+    let direct = client::Target::new(&api.url(), &api.token());
+    let tunnel = client::Target::new(&proxied.server, &proxied.token);
+    latency_pair(
+        &direct_client,
+        &direct.at(SMALL_GET),
+        &tunnel_client,
+        &tunnel.at(SMALL_GET),
+    )
+    .await
 }
 
 /// Warm-up, then SAMPLES sequential GETs on each path, alternating so drift (CPU frequency,
@@ -391,6 +472,31 @@ impl Report {
                 us(t.cpu_per_request) / us(d.cpu_per_request)
             );
         }
+        if let Some((d, t)) = &self.entra {
+            println!();
+            println!(
+                "latency with Entra ID: the agent validates the token and impersonates (GET {SMALL_GET}, {SAMPLES} sequential)"
+            );
+            println!(
+                "  {:<14} {:>10} {:>10} {:>8}",
+                "", "direct", "tunnel", "ratio"
+            );
+            for (name, a, b) in [("p50 ms", d.p50, t.p50), ("p99 ms", d.p99, t.p99)] {
+                println!(
+                    "  {name:<14} {:>10.3} {:>10.3} {:>7.2}x",
+                    ms(a),
+                    ms(b),
+                    ms(b) / ms(a)
+                );
+            }
+            println!(
+                "  {:<14} {:>10.0} {:>10.0} {:>7.2}x",
+                "CPU us/request",
+                us(d.cpu_per_request),
+                us(t.cpu_per_request),
+                us(t.cpu_per_request) / us(d.cpu_per_request)
+            );
+        }
         if let Some((d, t)) = &self.throughput {
             let (bd, bt) = (d.median(), t.median());
             let share = bt / bd;
@@ -470,6 +576,14 @@ impl Report {
                 "p50_ratio": ms(t.p50) / ms(d.p50),
                 "p99_ratio": ms(t.p99) / ms(d.p99),
                 "target_p50_ratio_max": TARGET_P50_RATIO,
+            });
+        }
+        if let Some((d, t)) = &self.entra {
+            out["entra_latency"] = json!({
+                "path": SMALL_GET,
+                "direct": lat(d),
+                "tunnel": lat(t),
+                "p50_ratio": ms(t.p50) / ms(d.p50),
             });
         }
         if let Some((d, t)) = &self.throughput {
