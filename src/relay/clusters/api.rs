@@ -35,6 +35,22 @@ use crate::tunnel::sas::{unix_now, SasKey};
 type Body = Full<Bytes>;
 
 const MAX_BODY: usize = 1024 * 1024;
+/// A status report is a few hundred bytes.
+const MAX_REPORT: usize = 16 * 1024;
+
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
+    Ok(Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|_| {
+            (
+                413,
+                "RequestTooLarge",
+                format!("the request body is larger than {} KiB", limit / 1024),
+            )
+        })?
+        .to_bytes())
+}
 /// The built-in "Azure Arc Enabled Kubernetes Cluster User Role", the one role that may list
 /// user credentials.
 pub const CLUSTER_USER_ROLE: &str = "00493d72-78f6-4148-b6c5-d3ce8e4799dd";
@@ -130,26 +146,19 @@ async fn serve(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (parts, body) = req.into_parts();
-    let body = Limited::new(body, MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| {
-            (
-                413,
-                "RequestTooLarge",
-                "the request body is larger than 1 MiB".to_string(),
-            )
-        })?
-        .to_bytes();
-    // The agent's report is authenticated by its signature, not a caller credential.
+    // The agent's report is authenticated by its signature over the body: a small body, read
+    // before the check. Everything else is authenticated from the headers before any body
+    // is read.
     if let Target::Action(id, action) = &target {
         if action.eq_ignore_ascii_case("agentStatus") && method == Method::POST {
+            let body = read_body(body, MAX_REPORT).await?;
             return agent_status(registry, id, &path, &parts.headers, &body);
         }
     }
     let caller = authenticate(registry, shared, hosts, &parts.headers)
         .await
         .map_err(|(code, message)| (401, code, message))?;
+    let body = read_body(body, MAX_BODY).await?;
     let store = &registry.store;
     let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
     match (target, method) {
