@@ -305,20 +305,16 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
     assert_eq!(listed.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connect_that_stopped_after_registering_can_be_run_again() {
-    let s = Setup::start().await;
-    let request = s.request("half-done");
-    // The registration exists, its key is lost with the process that made it.
-    let lost = AgentKey::generate().unwrap();
+/// Registers `id` directly with `key`'s public half, as another connect would have.
+async fn register_with(s: &Setup, id: &ClusterId, key: &AgentKey) {
     s.registry
         .put(
-            &request.id,
+            id,
             &ClusterRequest {
                 location: "eastus".into(),
                 tags: BTreeMap::new(),
                 properties: RequestProperties {
-                    agent_public_key_certificate: lost.public_certificate().into(),
+                    agent_public_key_certificate: key.public_certificate().into(),
                     distribution: None,
                     infrastructure: None,
                 },
@@ -326,6 +322,15 @@ async fn a_connect_that_stopped_after_registering_can_be_run_again() {
         )
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_stopped_after_registering_can_be_run_again() {
+    let s = Setup::start().await;
+    let request = s.request("half-done");
+    // The registration exists, its key is lost with the process that made it.
+    let lost = AgentKey::generate().unwrap();
+    register_with(&s, &request.id, &lost).await;
     let cluster = s.connect(&request).await.expect("the re-run completes");
     assert_ne!(
         cluster.properties.agent_public_key_certificate,
@@ -339,21 +344,7 @@ async fn a_name_registered_with_another_agent_key_is_refused_and_nothing_is_inst
     let s = Setup::start().await;
     let request = s.request("taken");
     let other = AgentKey::generate().unwrap();
-    s.registry
-        .put(
-            &request.id,
-            &ClusterRequest {
-                location: "eastus".into(),
-                tags: BTreeMap::new(),
-                properties: RequestProperties {
-                    agent_public_key_certificate: other.public_certificate().into(),
-                    distribution: None,
-                    infrastructure: None,
-                },
-            },
-        )
-        .await
-        .unwrap();
+    register_with(&s, &request.id, &other).await;
     // While no agent has ever reported, the name would be taken over (a half-finished
     // connect); an agent that reported makes it another cluster's.
     let status = clusterconnect::arm::AgentStatus {

@@ -225,17 +225,7 @@ fn display_name(upn: &str) -> String {
 
 impl Entra {
     pub async fn start() -> Entra {
-        let ca = CertificateAuthority::generate("standin-entra-ca").expect("generate CA");
-        let cert = ca
-            .issue_server(&["127.0.0.1", "localhost"])
-            .expect("issue server certificate");
-        let tls = server_config(
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-            &[b"http/1.1"],
-        )
-        .expect("server TLS config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (listener, tls, ca_pem) = serve::tls_listener("standin-entra-ca").await;
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             host: format!("https://{addr}"),
@@ -263,13 +253,13 @@ impl Entra {
             graph_calls: AtomicUsize::new(0),
         });
         let handler_shared = shared.clone();
-        let tasks = serve::serve(listener, Some(TlsAcceptor::from(tls)), move |req| {
+        let tasks = serve::serve(listener, Some(tls), move |req| {
             let shared = handler_shared.clone();
             async move { shared.handle(req) }
         });
         Entra {
             shared,
-            ca_pem: ca.cert_pem().into(),
+            ca_pem: ca_pem.into(),
             _tasks: tasks,
         }
     }

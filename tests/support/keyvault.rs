@@ -82,17 +82,7 @@ fn kv_error(code: StatusCode, kv_code: &str, message: &str) -> Response<Body> {
 
 impl KeyVault {
     pub async fn start(entra: &Entra) -> KeyVault {
-        let ca = CertificateAuthority::generate("standin-keyvault-ca").expect("generate CA");
-        let cert = ca
-            .issue_server(&["127.0.0.1", "localhost"])
-            .expect("issue server certificate");
-        let tls = server_config(
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-            &[b"http/1.1"],
-        )
-        .expect("server TLS config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (listener, tls, ca_pem) = serve::tls_listener("standin-keyvault-ca").await;
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             host: format!("https://{addr}"),
@@ -100,13 +90,13 @@ impl KeyVault {
             state: Mutex::new(State::default()),
         });
         let handler = shared.clone();
-        let tasks = serve::serve(listener, Some(TlsAcceptor::from(tls)), move |req| {
+        let tasks = serve::serve(listener, Some(tls), move |req| {
             let shared = handler.clone();
             async move { shared.handle(req) }
         });
         KeyVault {
             shared,
-            ca_pem: ca.cert_pem().into(),
+            ca_pem: ca_pem.into(),
             _tasks: tasks,
         }
     }

@@ -19,6 +19,24 @@ use tokio_rustls::TlsAcceptor;
 
 use super::body::{full, Body};
 
+/// An HTTPS stand-in's listener on 127.0.0.1:0: a fresh CA named `ca_name`, a certificate
+/// for 127.0.0.1 and localhost, and the acceptor. Returns the CA PEM clients trust.
+pub async fn tls_listener(ca_name: &str) -> (TcpListener, TlsAcceptor, String) {
+    use clusterconnect::tls::{server_config, CertificateAuthority};
+    let ca = CertificateAuthority::generate(ca_name).expect("generate CA");
+    let cert = ca
+        .issue_server(&["127.0.0.1", "localhost"])
+        .expect("issue server certificate");
+    let tls = server_config(
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+        &[b"http/1.1"],
+    )
+    .expect("server TLS config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    (listener, TlsAcceptor::from(tls), ca.cert_pem().to_string())
+}
+
 /// Identity requests are small forms and JSON documents.
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
