@@ -12,6 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use super::identity::Authenticator;
 use super::upstream::Upstream;
@@ -20,9 +21,15 @@ use crate::tunnel::http::{
     strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
 };
 
-/// Serves HTTP over one tunnelled byte stream until the proxy closes it.
-pub async fn serve<S>(io: S, upstream: Arc<Upstream>, auth: Arc<Authenticator>)
-where
+/// Serves HTTP over one tunnelled byte stream until the proxy closes it or the agent shuts
+/// down. On shutdown the stream takes no new requests (HTTP/2 GOAWAY, or `Connection: close`
+/// on HTTP/1.1) and those in flight finish, within the agent's drain deadline.
+pub async fn serve<S>(
+    io: S,
+    upstream: Arc<Upstream>,
+    auth: Arc<Authenticator>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| forward(req, upstream.clone(), auth.clone()));
@@ -34,11 +41,17 @@ where
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_send_buf_size(1024 * 1024);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
-        tracing::debug!(error = %e, "tunnel stream ended with error");
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %error_chain(&*e), "tunnel stream ended with error");
     }
 }
 

@@ -5,9 +5,11 @@
 //!   configuration error and ends the agent (retrying the same key cannot help). Anything
 //!   else -> backing off.
 //! - listening: each `accept` spawns a rendezvous; pings every 30 s; renews the token at
-//!   three quarters of its lifetime. Close 1008 (token lapsed) or silence -> connecting at
-//!   once; other failures -> backing off.
-//! - backing off: jittered exponential wait (1 s doubling to 60 s) -> connecting.
+//!   three quarters of its lifetime. Close 1008 (token lapsed) after a stable connection ->
+//!   connecting at once; any other end -> backing off.
+//! - backing off: jittered exponential wait (1 s doubling to 60 s) -> connecting. The wait
+//!   starts from 1 s again only after a connection that stayed up for a minute, so a relay
+//!   that accepts and drops at once is not hammered.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,13 +24,12 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::{forward, AgentConfig, AgentError, Shared};
-use crate::tunnel::backoff::Backoff;
+use crate::tunnel::backoff::{Backoff, STABLE_AFTER};
 use crate::tunnel::dial::{dial, RelayStream};
+use crate::tunnel::http::error_chain;
+use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
 use crate::tunnel::protocol::{Accept, Action, ControlMessage, RenewToken};
 use crate::tunnel::WsStream;
-
-const PING_INTERVAL: Duration = Duration::from_secs(30);
-const DEAD_PEER: Duration = Duration::from_secs(75);
 
 enum Ended {
     /// The relay closed with 1008: our token lapsed; reconnect with a fresh one now.
@@ -57,20 +58,30 @@ pub async fn run(
         };
         let ended = match dialed {
             Ok(ws) => {
-                backoff.reset();
                 shared.listening.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(listener = index, relay = %config.relay.authority(), connection = %config.entity, "listening");
+                let connected_at = Instant::now();
                 let ended = listen(ws, &config, &shared, &tasks, &shutdown).await;
                 shared.listening.fetch_sub(1, Ordering::Relaxed);
-                ended
+                let up_for = connected_at.elapsed();
+                backoff.connection_ended(up_for);
+                match ended {
+                    // A token that lapsed on a channel that never proved stable (a clock far
+                    // off, a relay capping lifetimes below ours) is backed off from like any
+                    // other failure rather than retried in a tight loop.
+                    Ended::TokenLapsed if up_for < STABLE_AFTER => {
+                        Ended::Lost("the relay closed the channel for an expired token".into())
+                    }
+                    other => other,
+                }
             }
             Err(e) if e.is_auth() => {
                 return Err(AgentError::Rejected {
                     connection: config.entity.clone(),
-                    detail: e.to_string(),
+                    source: e,
                 })
             }
-            Err(e) => Ended::Lost(e.to_string()),
+            Err(e) => Ended::Lost(error_chain(&e)),
         };
         match ended {
             Ended::Shutdown => return Ok(()),
@@ -111,7 +122,7 @@ async fn listen(
                 last_seen = Instant::now();
                 match msg {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
-                        Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks),
+                        Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks, shutdown),
                         Ok(other) => tracing::debug!(?other, "ignoring control message"),
                         Err(e) => tracing::debug!(error = %e, "ignoring unknown control message"),
                     },
@@ -158,6 +169,7 @@ fn spawn_rendezvous(
     config: Arc<AgentConfig>,
     shared: Arc<Shared>,
     tasks: &TaskTracker,
+    shutdown: &CancellationToken,
 ) {
     // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
     // new sender is rejected with 503 rather than exhausting the agent's memory.
@@ -172,6 +184,7 @@ fn spawn_rendezvous(
         });
         return;
     };
+    let shutdown = shutdown.clone();
     tasks.spawn(async move {
         let _permit = permit;
         if !accept.address.starts_with("wss://") {
@@ -185,11 +198,12 @@ fn spawn_rendezvous(
                     WsStream::new(ws),
                     shared.upstream.clone(),
                     config.auth.clone(),
+                    shutdown,
                 )
                 .await;
                 shared.streams.fetch_sub(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!(error = %e, "could not complete a rendezvous"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "could not complete a rendezvous"),
         }
     });
 }

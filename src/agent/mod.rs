@@ -47,8 +47,12 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("the relay refused the listen token for connection '{connection}': {detail}. Check --key-file and that its rule has the Listen right for this connection")]
-    Rejected { connection: String, detail: String },
+    #[error("the relay refused the listen token for connection '{connection}'. Check --key-file and that its rule has the Listen right for this connection")]
+    Rejected {
+        connection: String,
+        #[source]
+        source: crate::tunnel::dial::DialError,
+    },
 }
 
 pub(crate) struct Shared {

@@ -23,14 +23,23 @@ use crate::auth::{CredentialSource, StaticToken, TokenFile};
 use crate::secret::Secret;
 use crate::tls;
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
+use crate::tunnel::keepalive::{PING_INTERVAL, PING_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot load the cluster connection: {0}")]
-    Kubeconfig(String),
+    #[error("cannot load the cluster connection from kubeconfig {}", path.display())]
+    ReadKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot load the cluster connection from the kubeconfig")]
+    Kubeconfig(#[source] kube::config::KubeconfigError),
+    #[error("cannot load the cluster connection (run in a pod, or pass --kubeconfig)")]
+    Infer(#[source] kube::config::InferConfigError),
     #[error("the kubeconfig asks to skip TLS verification of the apiserver; the agent needs the cluster CA (certificate-authority-data) instead")]
     InsecureSkipVerify,
-    #[error("cluster CA: {0}")]
+    #[error("cluster CA")]
     Tls(#[from] tls::TlsError),
     #[error("apiserver URL {0} must be https://")]
     NotHttps(String),
@@ -69,14 +78,14 @@ impl Upstream {
         let config = match (kubeconfig, context) {
             (Some(path), context) => {
                 let file = Kubeconfig::read_from(&path)
-                    .map_err(|e| UpstreamError::Kubeconfig(format!("{}: {e}", path.display())))?;
+                    .map_err(|source| UpstreamError::ReadKubeconfig { path, source })?;
                 let options = KubeConfigOptions {
                     context,
                     ..Default::default()
                 };
                 kube::Config::from_custom_kubeconfig(file, &options)
                     .await
-                    .map_err(|e| UpstreamError::Kubeconfig(e.to_string()))?
+                    .map_err(UpstreamError::Kubeconfig)?
             }
             (None, Some(context)) => {
                 let options = KubeConfigOptions {
@@ -85,11 +94,9 @@ impl Upstream {
                 };
                 kube::Config::from_kubeconfig(&options)
                     .await
-                    .map_err(|e| UpstreamError::Kubeconfig(e.to_string()))?
+                    .map_err(UpstreamError::Kubeconfig)?
             }
-            (None, None) => kube::Config::infer().await.map_err(|e| {
-                UpstreamError::Kubeconfig(format!("{e} (run in a pod, or pass --kubeconfig)"))
-            })?,
+            (None, None) => kube::Config::infer().await.map_err(UpstreamError::Infer)?,
         };
         if config.accept_invalid_certs {
             return Err(UpstreamError::InsecureSkipVerify);
@@ -146,8 +153,8 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
             .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(PING_INTERVAL)
+            .http2_keep_alive_timeout(PING_TIMEOUT)
             .build(connector(true));
         let streams = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -189,16 +196,13 @@ fn own_token(auth: &kube::config::AuthInfo) -> Option<Arc<dyn CredentialSource>>
 }
 
 fn ders_to_pem(ders: &[Vec<u8>]) -> Vec<u8> {
-    use base64::Engine;
-    let mut pem = String::new();
-    for der in ders {
-        pem.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        for line in b64.as_bytes().chunks(64) {
-            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-            pem.push('\n');
-        }
-        pem.push_str("-----END CERTIFICATE-----\n");
-    }
-    pem.into_bytes()
+    let certs: Vec<pem::Pem> = ders
+        .iter()
+        .map(|der| pem::Pem::new("CERTIFICATE", der.clone()))
+        .collect();
+    pem::encode_many_config(
+        &certs,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+    .into_bytes()
 }

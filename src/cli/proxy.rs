@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use super::clusters::ClusterFlags;
 use crate::proxy::kubeconfig::{self, Entry};
 use crate::proxy::{
-    local_ca, local_token, new_local_secret, server_url, ClusterConfig, Prober, Proxy, ProxyConfig,
-    TunnelError, DEFAULT_PORT,
+    local_ca, local_token, new_local_secret, server_url, ClusterConfig, ProbeError, Prober, Proxy,
+    ProxyConfig, TunnelError, DEFAULT_PORT,
 };
 use crate::secret::Secret;
 use crate::tls;
+use crate::tunnel::http::error_chain;
 
 /// Ports tried after the default when another proxy already holds it.
 const PORT_RANGE: u16 = 20;
@@ -165,9 +166,28 @@ pub async fn start(clusters: Vec<ClusterConfig>, port: Option<u16>) -> anyhow::R
     })
 }
 
+/// Why the tunnel did not become usable.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("cluster '{cluster}'")]
+    Failed {
+        cluster: String,
+        #[source]
+        source: ProbeError,
+    },
+    #[error("cluster '{cluster}' did not answer within {}s", within.as_secs())]
+    Timeout { cluster: String, within: Duration },
+    #[error("interrupted while waiting for the tunnel")]
+    Interrupted,
+}
+
 /// Waits until every cluster answers `/version` through the tunnel, retrying failures that
 /// can clear by themselves (agent not yet connected) until `within` runs out.
-pub async fn wait_ready(prober: &Prober, names: &[String], within: Duration) -> Result<(), String> {
+pub async fn wait_ready(
+    prober: &Prober,
+    names: &[String],
+    within: Duration,
+) -> Result<(), NotReady> {
     let deadline = tokio::time::Instant::now() + within;
     for name in names {
         loop {
@@ -176,28 +196,27 @@ pub async fn wait_ready(prober: &Prober, names: &[String], within: Duration) -> 
                 Ok(Ok(())) => break,
                 Ok(Err(e))
                     if tokio::time::Instant::now() + Duration::from_millis(250) < deadline
-                        && retryable(&e) =>
+                        && e.is_transient() =>
                 {
-                    tracing::debug!(cluster = %name, error = %e, "not ready yet");
+                    tracing::debug!(cluster = %name, error = %error_chain(&e), "not ready yet");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                Ok(Err(e)) => return Err(format!("cluster '{name}': {e}")),
+                Ok(Err(source)) => {
+                    return Err(NotReady::Failed {
+                        cluster: name.clone(),
+                        source,
+                    })
+                }
                 Err(_) => {
-                    return Err(format!(
-                        "cluster '{name}' did not answer within {}s",
-                        within.as_secs()
-                    ))
+                    return Err(NotReady::Timeout {
+                        cluster: name.clone(),
+                        within,
+                    })
                 }
             }
         }
     }
     Ok(())
-}
-
-fn retryable(message: &str) -> bool {
-    message.contains("is not connected")
-        || message.contains("could not serve")
-        || message.contains("cannot reach")
 }
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> {
@@ -240,7 +259,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
                     print_ready(format, port, &ready_names, &target);
                     return;
                 }
-                Err(e) => tracing::warn!(error = %e, "not ready yet; retrying"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "not ready yet; retrying"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use super::clusters::ClusterFlags;
-use super::proxy::{start, wait_ready};
+use super::proxy::{start, wait_ready, NotReady};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -61,12 +61,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
 
     let ready = tokio::select! {
         r = wait_ready(&prober, &names, args.wait) => r,
-        _ = shutdown.cancelled() => Err("interrupted while waiting for the tunnel".into()),
+        _ = shutdown.cancelled() => Err(NotReady::Interrupted),
     };
     if let Err(e) = ready {
         proxy_stop.cancel();
         let _ = serving.await;
-        anyhow::bail!("the tunnel is not usable: {e}");
+        return Err(anyhow::Error::new(e).context("the tunnel is not usable"));
     }
     tracing::info!(contexts = %names.join(","), "tunnel ready; starting {program}");
 

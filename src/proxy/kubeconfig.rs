@@ -11,13 +11,15 @@ use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
-    #[error("cannot read kubeconfig {path}: {source}")]
+    #[error("cannot read kubeconfig {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("kubeconfig {path} is not valid YAML ({source}); fix or move it, or pass --file to write elsewhere")]
+    #[error(
+        "kubeconfig {path} is not valid YAML; fix or move it, or pass --file to write elsewhere"
+    )]
     Parse {
         path: PathBuf,
         #[source]
@@ -25,7 +27,7 @@ pub enum KubeconfigError {
     },
     #[error("kubeconfig {path}: '{field}' must be a list")]
     Shape { path: PathBuf, field: &'static str },
-    #[error("cannot write kubeconfig {path}: {source}")]
+    #[error("cannot write kubeconfig {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -7,13 +7,13 @@ use crate::tls::{CertificateAuthority, IssuedCert, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalCaError {
-    #[error("cannot use config dir {path}: {source}")]
+    #[error("cannot use config dir {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("local CA in {path} is damaged ({source}); delete that directory's local-ca files to regenerate")]
+    #[error("local CA in {path} is damaged; delete that directory's local-ca files to regenerate")]
     Damaged {
         path: PathBuf,
         #[source]

@@ -9,7 +9,7 @@ mod server;
 mod watch_end;
 
 pub use pool::{Pool, RelayTarget, SendBody, SendCredential, TunnelError, POOL_SIZE};
-pub use server::CLUSTER_PREFIX;
+pub use server::{ProbeError, CLUSTER_PREFIX};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,10 +63,10 @@ pub struct Proxy {
 pub struct Prober(Arc<Handler>);
 
 impl Prober {
-    pub async fn probe(&self, name: &str) -> Result<(), String> {
+    pub async fn probe(&self, name: &str) -> Result<(), ProbeError> {
         match self.0.routes.iter().find(|r| r.name == name) {
             Some(route) => route.probe().await,
-            None => Err(format!("no cluster named '{name}'")),
+            None => Err(ProbeError::UnknownCluster(name.to_string())),
         }
     }
 }

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::auth::{CredentialError, CredentialSource};
 use crate::tunnel::dial::{dial, DialError, RelayIo};
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
+use crate::tunnel::keepalive::{PING_INTERVAL, PING_TIMEOUT};
 use crate::tunnel::protocol::{Action, RelayAddress};
 use crate::tunnel::sas::SasKey;
 use crate::tunnel::WsStream;
@@ -52,9 +53,9 @@ const SEND_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub enum TunnelError {
     #[error(transparent)]
     Dial(#[from] DialError),
-    #[error("HTTP over the tunnel failed: {0}")]
+    #[error("HTTP over the tunnel failed")]
     Http(#[from] hyper::Error),
-    #[error("no relay send token: {0}")]
+    #[error("no relay send token")]
     SendToken(#[from] CredentialError),
 }
 
@@ -136,8 +137,8 @@ impl Pool {
             .max_send_buf_size(1024 * 1024)
             // Keeps the rendezvous alive through idle-dropping load balancers, and notices a
             // dead relay or agent before the next kubectl call does.
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_interval(PING_INTERVAL)
+            .keep_alive_timeout(PING_TIMEOUT)
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await?;

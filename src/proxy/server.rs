@@ -39,7 +39,7 @@ const REFUSAL_BODY_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error("no credential: {0}")]
+    #[error("no credential")]
     Credential(#[from] CredentialError),
     #[error("credential contains characters not allowed in an HTTP header")]
     BadCredential,
@@ -78,38 +78,81 @@ impl Route {
 
     /// Asks the apiserver for `/version` through the tunnel: the proof that relay, agent,
     /// apiserver and credential all work.
-    pub async fn probe(&self) -> Result<(), String> {
-        let req = Request::get("/version")
-            .body(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .map_err(|e| e.to_string())?;
+    pub async fn probe(&self) -> Result<(), ProbeError> {
+        let mut req = Request::new(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *req.uri_mut() = Uri::from_static("/version");
         match self.send(req).await {
             Ok(resp) if resp.status().is_success() => Ok(()),
             Ok(resp) => {
-                let code = resp.status();
-                let body = resp
-                    .into_body()
+                let status = resp.status();
+                let limited = http_body_util::Limited::new(resp.into_body(), REFUSAL_BODY_LIMIT);
+                let body = limited
                     .collect()
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
                 let body = String::from_utf8_lossy(&body);
-                let what = match code.as_u16() {
-                    401 => "the apiserver rejected the credential",
-                    403 => "the credential may not read /version",
-                    502..=504 => "the cluster agent could not serve the request",
-                    _ => "unexpected answer",
-                };
-                Err(format!(
-                    "{what} (HTTP {code}): {}",
-                    body.chars().take(300).collect::<String>().trim()
-                ))
+                Err(ProbeError::Answered {
+                    status,
+                    body: body
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                        .trim()
+                        .to_string(),
+                })
             }
-            Err(e) => Err(describe_failure(&self.name, &e)),
+            Err(source) => Err(ProbeError::Tunnel {
+                cluster: self.name.clone(),
+                source,
+            }),
         }
+    }
+}
+
+/// Why a cluster did not answer `/version` through the tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no cluster named '{0}'")]
+    UnknownCluster(String),
+    #[error("{} (HTTP {status}): {body}", answer_meaning(*status))]
+    Answered { status: StatusCode, body: String },
+    #[error("{}", headline(cluster, source))]
+    Tunnel {
+        cluster: String,
+        #[source]
+        source: RouteError,
+    },
+}
+
+impl ProbeError {
+    /// Whether waiting can help: the agent has not connected to the relay yet, the relay is not
+    /// reachable yet (restarting), or the agent could not serve the request this time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProbeError::Answered { status, .. } => matches!(status.as_u16(), 502..=504),
+            ProbeError::Tunnel {
+                source: RouteError::Tunnel(TunnelError::Dial(d)),
+                ..
+            } => {
+                d.is_no_listener()
+                    || matches!(d, DialError::Connect { .. } | DialError::ConnectTimeout(..))
+            }
+            _ => false,
+        }
+    }
+}
+
+fn answer_meaning(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "the apiserver rejected the credential",
+        403 => "the credential may not read /version",
+        502..=504 => "the cluster agent could not serve the request",
+        _ => "unexpected answer",
     }
 }
 
@@ -141,23 +184,27 @@ impl Route {
     }
 }
 
-/// A message a user can act on for a failed tunnel request.
+/// A message a user can act on for a failed tunnel request, with the whole cause.
 pub fn describe_failure(name: &str, e: &RouteError) -> String {
-    let detail = error_chain(e);
+    format!("{} ({})", headline(name, e), error_chain(e))
+}
+
+/// What failed, in the user's terms; the cause is appended by whoever prints it.
+fn headline(name: &str, e: &RouteError) -> String {
     match e {
         RouteError::Tunnel(TunnelError::Dial(d)) if d.is_no_listener() => {
-            format!("clusterconnect: the cluster agent for '{name}' is not connected to the relay ({detail})")
+            format!("clusterconnect: the cluster agent for '{name}' is not connected to the relay")
         }
         RouteError::Tunnel(TunnelError::Dial(d)) if d.is_auth() => format!(
-            "clusterconnect: the relay refused the proxy's send token for '{name}' ({detail}); check --key-file and that its rule has the Send right"
+            "clusterconnect: the relay refused the proxy's send token for '{name}'; check --key-file and that its rule has the Send right"
         ),
         RouteError::Tunnel(TunnelError::Dial(DialError::Rejected { .. })) => {
-            format!("clusterconnect: the relay could not connect to the cluster agent for '{name}' ({detail})")
+            format!("clusterconnect: the relay could not connect to the cluster agent for '{name}'")
         }
         RouteError::Credential(_) | RouteError::BadCredential => {
-            format!("clusterconnect: no usable credential for '{name}': {detail}")
+            format!("clusterconnect: no usable credential for '{name}'")
         }
-        _ => format!("clusterconnect: tunnel to '{name}' failed ({detail})"),
+        _ => format!("clusterconnect: tunnel to '{name}' failed"),
     }
 }
 

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} file {path}: {source}")]
+    #[error("cannot read {what} file {path}")]
     ReadFile {
         what: &'static str,
         path: PathBuf,
@@ -28,13 +28,13 @@ pub enum TlsError {
         path: PathBuf,
         expected: &'static str,
     },
-    #[error("{what} is not valid PEM: {source}")]
+    #[error("{what} is not valid PEM")]
     BadPem {
         what: &'static str,
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    #[error("certificate authority file {path} was rejected by the TLS library: {source}")]
+    #[error("certificate authority file {path} was rejected by the TLS library")]
     BadCa {
         path: PathBuf,
         #[source]
@@ -42,9 +42,9 @@ pub enum TlsError {
     },
     #[error("no trusted root certificates: the system store is empty and no CA file was given")]
     NoRoots,
-    #[error("TLS configuration rejected: {0}")]
+    #[error("TLS configuration rejected")]
     Config(#[from] rustls::Error),
-    #[error("certificate generation failed: {0}")]
+    #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
 }
 

@@ -32,7 +32,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(40);
 pub enum DialError {
     #[error("invalid relay URL {0:?}")]
     Url(String),
-    #[error("cannot reach relay {addr}: {source}")]
+    #[error("cannot reach relay {addr}")]
     Connect {
         addr: String,
         #[source]
@@ -40,7 +40,9 @@ pub enum DialError {
     },
     #[error("relay {0} did not answer within {1:?}")]
     ConnectTimeout(String, Duration),
-    #[error("TLS with relay {addr} failed: {source} (if the relay uses a private CA, pass it with --relay-ca)")]
+    #[error(
+        "TLS with relay {addr} failed (if the relay uses a private CA, pass it with --relay-ca)"
+    )]
     Tls {
         addr: String,
         #[source]
@@ -50,7 +52,7 @@ pub enum DialError {
     HandshakeTimeout(String, Duration),
     #[error("relay answered HTTP {status}: {description}")]
     Rejected { status: u16, description: String },
-    #[error("WebSocket handshake with relay {addr} failed: {source}")]
+    #[error("WebSocket handshake with relay {addr} failed")]
     Handshake {
         addr: String,
         #[source]

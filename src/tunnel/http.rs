@@ -54,14 +54,19 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Watches and followed logs: streams that stay open for hours and that clients re-establish
-/// by themselves when they end.
+/// by themselves when they end. Decided as the apiserver decides: the query decoded as a form,
+/// and `watch`/`follow` read as Go's `strconv.ParseBool` reads them (`true`, `True`, `1`, `t`...).
 pub fn is_long_lived(path_and_query: &str) -> bool {
     let Some((_, query)) = path_and_query.split_once('?') else {
         return false;
     };
-    query
-        .split('&')
-        .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
+    form_urlencoded::parse(query.as_bytes())
+        .any(|(k, v)| matches!(&*k, "watch" | "follow") && go_parse_bool(&v))
+}
+
+/// The values Go's `strconv.ParseBool` takes as true.
+fn go_parse_bool(v: &str) -> bool {
+    matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
 /// A Kubernetes `Status` body, which kubectl prints as "Error from server (Reason): message".
@@ -169,5 +174,24 @@ mod tests {
         assert!(is_long_lived("/api/v1/namespaces/d/pods/p/log?follow=true"));
         assert!(!is_long_lived("/api/v1/pods?limit=500"));
         assert!(!is_long_lived("/api/v1/pods"));
+        // The apiserver reads these as true too; each must get a connection of its own.
+        for q in [
+            "watch=True",
+            "watch=TRUE",
+            "watch=t",
+            "follow=True",
+            "watch=%74rue",
+        ] {
+            assert!(is_long_lived(&format!("/api/v1/pods?limit=1&{q}")), "{q}");
+        }
+        for q in [
+            "watch=false",
+            "watch=0",
+            "watch=yes",
+            "watchx=true",
+            "label=watch%3Dtrue",
+        ] {
+            assert!(!is_long_lived(&format!("/api/v1/pods?{q}")), "{q}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod dial;
 pub mod http;
+pub mod keepalive;
 pub mod protocol;
 pub mod sas;
 pub mod upgrade;

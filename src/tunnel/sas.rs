@@ -46,8 +46,36 @@ pub enum SasError {
     WrongResource { token: String, requested: String },
     #[error("rule '{rule}' does not grant the {right} right")]
     MissingRight { rule: String, right: &'static str },
-    #[error("key file {path}: {reason}")]
-    KeyFile { path: String, reason: String },
+}
+
+/// Why a key file or connection string could not be used. Nothing here ever holds text from
+/// the input that could be key material: field names are echoed only when they look like one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyFormatError {
+    #[error("a part is not of the form Name=Value; write 'SharedAccessKeyName=<rule>;SharedAccessKey=<key>'")]
+    NotNameValue,
+    #[error("unknown field '{0}'; expected SharedAccessKeyName, SharedAccessKey, Endpoint or EntityPath")]
+    UnknownField(String),
+    #[error("the file holds a bare key (or another unknown field, not shown); write 'SharedAccessKeyName=<rule>;SharedAccessKey=<key>': the rule's name is part of every token")]
+    BareKey,
+    #[error("expected 'SharedAccessKeyName=<rule>;SharedAccessKey=<key>'")]
+    Incomplete,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read key file {}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key file {}", path.display())]
+    Format {
+        path: std::path::PathBuf,
+        #[source]
+        source: KeyFormatError,
+    },
 }
 
 /// A named key of an authorization rule (`SharedAccessKeyName` / `SharedAccessKey`).
@@ -61,18 +89,22 @@ impl SasKey {
     /// Parses the connection-string form the Azure portal shows:
     /// `Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=listen;SharedAccessKey=...`
     /// (`Endpoint` and `EntityPath` are accepted and ignored).
-    pub fn parse(text: &str) -> Result<SasKey, String> {
+    pub fn parse(text: &str) -> Result<SasKey, KeyFormatError> {
         let mut name = None;
         let mut key = None;
         for part in text.trim().split(';').filter(|p| !p.trim().is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{}' is not of the form Name=Value", redact(part)))?;
+            let (k, v) = part.split_once('=').ok_or(KeyFormatError::NotNameValue)?;
             match k.trim() {
                 "SharedAccessKeyName" => name = Some(v.trim().to_string()),
                 "SharedAccessKey" => key = Some(v.trim().to_string()),
                 "Endpoint" | "EntityPath" => {}
-                other => return Err(format!("unknown field '{other}'")),
+                // Base64 keys end in '=' padding, so a bare key parses as an unknown field
+                // whose "name" is the key itself and whose value is padding: never echo
+                // anything that could be one.
+                other if looks_like_field_name(other) && !v.trim().trim_matches('=').is_empty() => {
+                    return Err(KeyFormatError::UnknownField(other.to_string()))
+                }
+                _ => return Err(KeyFormatError::BareKey),
             }
         }
         match (name, key) {
@@ -80,18 +112,18 @@ impl SasKey {
                 name,
                 key: Secret::new(key),
             }),
-            _ => Err("expected 'SharedAccessKeyName=<rule>;SharedAccessKey=<key>'".into()),
+            _ => Err(KeyFormatError::Incomplete),
         }
     }
 
-    pub fn from_file(path: &Path) -> Result<SasKey, SasError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SasError::KeyFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
+    pub fn from_file(path: &Path) -> Result<SasKey, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: path.to_path_buf(),
+            source,
         })?;
-        SasKey::parse(&text).map_err(|reason| SasError::KeyFile {
-            path: path.display().to_string(),
-            reason,
+        SasKey::parse(&text).map_err(|source| KeyFileError::Format {
+            path: path.to_path_buf(),
+            source,
         })
     }
 
@@ -187,14 +219,13 @@ impl SasToken {
             .map(|(_, rest)| rest)
             .unwrap_or(&resource);
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let host = authority.rsplit_once(':').map_or(authority, |(h, p)| {
-            if p.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                authority
-            }
-        });
-        if !hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        let Ok(authority) = authority.parse::<http::uri::Authority>() else {
+            return false;
+        };
+        // IPv6 literals are compared without their brackets, however each side spelled them.
+        let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = bare(authority.host());
+        if !hosts.iter().any(|h| bare(h).eq_ignore_ascii_case(&host)) {
             return false;
         }
         let token_path = path.trim_matches('/').to_ascii_lowercase();
@@ -222,11 +253,9 @@ pub fn unix_now() -> u64 {
 }
 
 /// Shows the shape of a key-file fragment without its value.
-fn redact(part: &str) -> String {
-    match part.split_once('=') {
-        Some((k, _)) => format!("{k}=***"),
-        None => "***".into(),
-    }
+/// Connection-string field names are short words of letters; keys have digits, '+' or '/'.
+fn looks_like_field_name(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphabetic())
 }
 
 #[cfg(test)]
@@ -272,6 +301,25 @@ mod tests {
     }
 
     #[test]
+    fn the_resource_host_is_compared_without_port_or_brackets() {
+        let k = key();
+        for (resource, host) in [
+            ("http://relay.example.com:8443/c", "relay.example.com"),
+            ("https://RELAY.example.com/c", "relay.example.com"),
+            ("sb://[::1]:9443/c", "::1"),
+            ("http://[::1]/c", "[::1]"),
+        ] {
+            let parsed =
+                SasToken::parse(k.mint(resource, Duration::from_secs(60)).expose()).unwrap();
+            assert!(parsed.covers(&[host.into()], "c"), "{resource} vs {host}");
+            assert!(!parsed.covers(&["relay.example.org".into()], "c"));
+        }
+        let odd =
+            SasToken::parse(k.mint("http://a b/c", Duration::from_secs(60)).expose()).unwrap();
+        assert!(!odd.covers(&["a b".into()], "c"));
+    }
+
+    #[test]
     fn namespace_wide_token_covers_every_entity() {
         let k = key();
         let parsed =
@@ -299,7 +347,22 @@ mod tests {
     #[test]
     fn key_file_errors_never_echo_the_key() {
         let err = SasKey::parse("SharedAccessKey=topsecret;Bogus").unwrap_err();
-        assert!(!err.contains("topsecret"), "{err}");
+        assert!(!err.to_string().contains("topsecret"), "{err}");
         assert!(SasKey::parse("Endpoint=sb://x/;SharedAccessKeyName=a;SharedAccessKey=b").is_ok());
+        // A bare base64 key, the most common mistake: its padding makes it look like a field.
+        for bare in [
+            "k3J8aGVsbG8rd29ybGQvMTIzNDU2Nzg5MA==",
+            "c2VjcmV0a2V5",
+            "AbCdEfGhIjKlMnOp=",
+        ] {
+            let err = SasKey::parse(bare).unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains(bare.trim_end_matches('=')), "{text}");
+            assert!(text.contains("SharedAccessKeyName=<rule>"), "{text}");
+        }
+        assert_eq!(
+            SasKey::parse("Bogus=1;SharedAccessKeyName=a;SharedAccessKey=b").err(),
+            Some(KeyFormatError::UnknownField("Bogus".into()))
+        );
     }
 }
