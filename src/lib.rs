@@ -10,7 +10,10 @@
 //! configuration and certificate generation), [`auth`] (credential sources) and [`entra`]
 //! (Microsoft Entra ID: token acquisition and validation). [`onboard`] installs the agent in a
 //! cluster and registers it (`connect`, `disconnect`, `token create`).
-//! Dependency direction: `cli -> roles -> {tunnel, tls, auth, secret}`; no role imports another.
+//! Dependency direction (docs/architecture.md explains it):
+//! `cli -> {relay, agent, proxy, onboard, secrets} -> {arm, entra, auth} -> tunnel ->
+//! {tls, net, files, secret}`. No role imports another, nothing imports upward, and no two
+//! files import each other.
 #![forbid(unsafe_code)]
 
 pub mod agent;
