@@ -171,6 +171,11 @@ fn spawn_rendezvous(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
+    // Checked before anything is dialed, the busy answer included.
+    if let Err(refused) = config.relay.check_rendezvous(&accept.address) {
+        tracing::warn!(reason = %refused, "refusing a rendezvous address from the relay");
+        return;
+    }
     // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
     // new sender is rejected with 503 rather than exhausting the agent's memory.
     let Ok(permit) = shared.rendezvous.clone().try_acquire_owned() else {
@@ -187,10 +192,6 @@ fn spawn_rendezvous(
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
         let _permit = permit;
-        if !accept.address.starts_with("wss://") {
-            tracing::warn!("relay sent a non-TLS rendezvous address; refusing it");
-            return;
-        }
         match dial(&accept.address, None, &config.relay_tls).await {
             Ok(ws) => {
                 shared.streams.fetch_add(1, Ordering::Relaxed);

@@ -115,6 +115,58 @@ impl RelayAddress {
     }
 }
 
+/// DNS suffixes of Azure Relay namespaces in the public and national clouds. A namespace's
+/// rendezvous addresses name gateways under the same suffix
+/// (`g12-prod-by3-010-sb.servicebus.windows.net`), never the namespace itself.
+pub const AZURE_RELAY_SUFFIXES: &[&str] = &[
+    ".servicebus.windows.net",
+    ".servicebus.chinacloudapi.cn",
+    ".servicebus.usgovcloudapi.net",
+    ".servicebus.cloudapi.de",
+];
+
+/// Why a listener refuses to dial a rendezvous address its relay sent.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RendezvousRefused {
+    #[error("the rendezvous address is not a wss:// URL")]
+    NotWss,
+    #[error("the rendezvous address names host '{host}', which is neither the relay ({relay}) nor one of its gateways")]
+    UntrustedHost { host: String, relay: String },
+}
+
+impl RelayAddress {
+    /// Whether a rendezvous address sent down this relay's control channel may be dialed.
+    /// Only hosts the agent already trusts qualify: the relay's own host and, for an Azure
+    /// Relay namespace, the gateways under the namespace's cloud suffix. Anything else would
+    /// let whoever controls the address (a forged header, a compromised relay) make the agent
+    /// open connections from inside the cluster to hosts of their choosing.
+    pub fn check_rendezvous(&self, address: &str) -> Result<(), RendezvousRefused> {
+        let url = Url::parse(address).map_err(|_| RendezvousRefused::NotWss)?;
+        if url.scheme() != "wss" {
+            return Err(RendezvousRefused::NotWss);
+        }
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let relay = self.host.to_ascii_lowercase();
+        let gateway = AZURE_RELAY_SUFFIXES
+            .iter()
+            .find(|suffix| relay.ends_with(*suffix))
+            .is_some_and(|suffix| host.ends_with(suffix) && host.len() > suffix.len());
+        if host == relay || gateway {
+            Ok(())
+        } else {
+            Err(RendezvousRefused::UntrustedHost {
+                host,
+                relay: self.authority(),
+            })
+        }
+    }
+}
+
 /// Hybrid connection names follow Azure's entity naming rules closely enough to keep them
 /// safe inside URLs and kubeconfig names.
 pub fn validate_entity(entity: &str) -> Result<(), AddressError> {
@@ -232,6 +284,10 @@ mod tests {
         );
         assert_eq!(a.resource_uri("c1"), "http://relay.example.com/c1");
         let b = RelayAddress::parse("sb://ns.servicebus.windows.net/").unwrap();
+        assert_eq!(
+            b.check_rendezvous("wss://g12-prod-by3-010-sb.servicebus.windows.net/$hc/c?sb-hc-action=accept&sb-hc-id=1"),
+            Ok(())
+        );
         assert_eq!(b.port, 443);
         let c = RelayAddress::parse("127.0.0.1:8443").unwrap();
         assert_eq!(c.authority(), "127.0.0.1:8443");
@@ -254,5 +310,44 @@ mod tests {
         assert_eq!(t.get(QUERY_ACTION), Some("listen"));
         assert_eq!(t.get(QUERY_TOKEN), Some("a&b"));
         assert!(HcTarget::parse("/other", None).is_none());
+    }
+
+    #[test]
+    fn rendezvous_addresses_must_name_a_trusted_host() {
+        let ours = RelayAddress::parse("wss://relay.example.com:8443").unwrap();
+        let ok = "wss://Relay.Example.com:8443/$hc/c?sb-hc-action=accept&sb-hc-id=1";
+        assert_eq!(ours.check_rendezvous(ok), Ok(()));
+        for bad in [
+            "wss://attacker.example:443/$hc/c?sb-hc-action=accept",
+            "wss://relay.example.com.attacker.example/$hc/c",
+            "wss://169.254.169.254/$hc/c",
+            "wss://g1.servicebus.windows.net/$hc/c",
+        ] {
+            assert!(
+                matches!(
+                    ours.check_rendezvous(bad),
+                    Err(RendezvousRefused::UntrustedHost { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            ours.check_rendezvous("ws://relay.example.com:8443/$hc/c"),
+            Err(RendezvousRefused::NotWss)
+        );
+        assert_eq!(
+            ours.check_rendezvous("not a url"),
+            Err(RendezvousRefused::NotWss)
+        );
+        let azure = RelayAddress::parse("sb://ns.servicebus.windows.net").unwrap();
+        for bad in [
+            "wss://servicebus.windows.net/$hc/c",
+            "wss://x.servicebus.windows.net.attacker.example/$hc/c",
+            "wss://g1.servicebus.chinacloudapi.cn/$hc/c",
+        ] {
+            assert!(azure.check_rendezvous(bad).is_err(), "{bad}");
+        }
+        let v6 = RelayAddress::parse("wss://[::1]:9443").unwrap();
+        assert_eq!(v6.check_rendezvous("wss://[::1]:9443/$hc/c"), Ok(()));
     }
 }
