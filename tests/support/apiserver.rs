@@ -852,7 +852,9 @@ fn deleted(r: &Resource, object: Value) -> Response<Body> {
 
 /// Like the namespace controller: the namespace turns Terminating at once, and a moment later
 /// it and everything in it are gone, so deletes that follow it (`kubectl delete -f` of a file
-/// that starts with the namespace) still find their objects.
+/// that starts with the namespace) usually still find their objects. Only usually: a slow
+/// client loses that race, as against a real cluster, so such a delete needs
+/// `--ignore-not-found`.
 fn delete_namespace(shared: &Arc<Shared>, name: &str) -> Response<Body> {
     let now = rfc3339(SystemTime::now());
     let terminating = shared.store.modify(&NAMESPACES, "", name, |ns| {
