@@ -2,7 +2,7 @@
 //! the agent validates Entra tokens issued by a stand-in Entra and impersonates the identity
 //! with its own service-account token.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! Send token, `proxy -n -g` through it with the real kubectl, signed agent status, and the
 //! real binaries' `list`/`show` across a relay restart.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

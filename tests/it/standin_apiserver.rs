@@ -1,7 +1,7 @@
 //! The stand-in API server against the real kubectl, with no tunnel in between: proves the
 //! stand-in speaks the wire protocols kubectl 1.32 uses, so tunnel tests can rely on it.
 
-mod support;
+use crate::support;
 
 use support::check::{describe, eventually, text, PROMPT};
 

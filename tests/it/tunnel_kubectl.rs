@@ -1,7 +1,7 @@
 //! The real kubectl through proxy -> relay -> agent -> stand-in apiserver, every hop on
 //! loopback with real TLS.
 
-mod support;
+use crate::support;
 
 use support::check::{describe, eventually, text, PROMPT};
 

@@ -4,7 +4,7 @@
 //! all; `token create` prints a service-account token kubectl can use. Against the stand-in
 //! apiserver and the in-process relay with its registry, and the real binary.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -175,10 +175,6 @@ pub async fn run_to_end<A: AsRef<OsStr>>(
 }
 
 impl Process {
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// The private HOME the process runs with (removed when the `Process` is dropped).
     pub fn home(&self) -> &Path {
         self._home.path()
@@ -193,6 +189,7 @@ impl Process {
     }
 
     /// Resident set size in KiB (`VmRSS` of /proc/<pid>/status); 0 once the process is gone.
+    #[allow(dead_code, reason = "only benches/tunnel.rs measures memory")]
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
@@ -278,12 +275,6 @@ impl Process {
         }
         Some(status)
     }
-
-    /// Kills the process (SIGKILL) and waits for it.
-    pub async fn kill(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-    }
 }
 
 /// The JSON log records in `text` whose `fields.message` is `message`, in order.
@@ -312,7 +303,6 @@ fn listeners_registered(relay_output: &str, connection: &str) -> usize {
 /// A relay process in development mode (self-signed certificate, generated keys).
 pub struct RelayProcess {
     pub process: Process,
-    pub addr: SocketAddr,
     /// `wss://127.0.0.1:PORT`
     pub url: String,
     /// The dev CA the relay wrote next to its config (`relay-dev-ca.crt`).
@@ -321,7 +311,6 @@ pub struct RelayProcess {
     pub listen_key: PathBuf,
     /// `SharedAccessKeyName=send;SharedAccessKey=...`, created by the relay.
     pub send_key: PathBuf,
-    pub config: PathBuf,
 }
 
 /// The relay.toml `start_relay` writes: a listen rule and a send rule, keys in files.
@@ -371,12 +360,10 @@ pub async fn start_relay_with(dir: &Path, toml: &str) -> RelayProcess {
         .unwrap_or_else(|| panic!("relay listening record without an addr: {record}"));
     RelayProcess {
         process,
-        addr,
         url: format!("wss://127.0.0.1:{}", addr.port()),
         ca_path: dir.join("relay-dev-ca.crt"),
         listen_key: dir.join("listen.key"),
         send_key: dir.join("send.key"),
-        config,
     }
 }
 

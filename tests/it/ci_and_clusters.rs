@@ -1,7 +1,7 @@
 //! Issue 7: several clusters in one proxy, sessions that survive a relay restart, and
 //! `clusterconnect run -- CMD` for CI jobs (the real binary, the real kubectl).
 
-mod support;
+use crate::support;
 
 use support::check::{describe, eventually, text, PROMPT};
 

@@ -2,7 +2,7 @@
 //! kube-rs `Api<T>`, the apiserver's error statuses, the simulated deployment and token
 //! controllers, and RBAC deciding what a freshly minted service-account token may do.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
