@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 
+use super::check::{describe, text};
+
 /// Longest any single kubectl invocation may take before the test fails.
 pub const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -83,6 +85,23 @@ pub async fn kubectl(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) ->
         Ok(output) => output.expect("wait for kubectl"),
         Err(_) => panic!("kubectl {args:?} did not finish within {KUBECTL_TIMEOUT:?}"),
     }
+}
+
+/// Runs kubectl like [`kubectl`] (no extra environment) and asserts that it succeeded, with
+/// its arguments, status, stdout and stderr in the panic message; returns its stdout.
+pub async fn kubectl_ok(kubeconfig: &Path, args: &[&str]) -> String {
+    kubectl_ok_with(kubeconfig, args, &[]).await
+}
+
+/// [`kubectl_ok`] with extra environment variables for kubectl.
+pub async fn kubectl_ok_with(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = kubectl(kubeconfig, args, envs).await;
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        describe(&out)
+    );
+    text(&out.stdout)
 }
 
 /// A running kubectl whose stdin the test writes and whose stdout it reads as it comes:

@@ -24,4 +24,6 @@ pub mod tunnel;
 pub use apiserver::{ApiServer, SeenRequest, SERVICE_ACCOUNT};
 pub use entra::{Entra, TokenRequest};
 pub use imds::{Himds, Imds};
-pub use kubectl::{kubectl, kubectl_available, kubectl_binary, spawn_kubectl};
+pub use kubectl::{
+    kubectl, kubectl_available, kubectl_binary, kubectl_ok, kubectl_ok_with, spawn_kubectl,
+};
