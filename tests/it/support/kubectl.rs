@@ -27,13 +27,30 @@ pub fn kubectl_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Whether tests can use kubectl; when not, says so, so a skipped test is visibly skipped.
+/// How to get the kubectl the end-to-end tests need.
+pub const INSTALL_KUBECTL: &str = "install kubectl 1.32 as /usr/bin/kubectl, e.g. \
+    curl -fsSLo /usr/bin/kubectl https://dl.k8s.io/release/v1.32.0/bin/linux/amd64/kubectl \
+    && chmod 0755 /usr/bin/kubectl";
+
+/// Whether the environment variable `CI` is set: there, a test never skips for want of a
+/// program; it fails and says what to install.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Whether tests can use kubectl. When not, says so, so a skipped test is visibly skipped;
+/// under CI (`CI` set) it panics instead, so a missing kubectl fails the run.
 pub fn kubectl_available() -> bool {
-    let found = kubectl_binary().is_some();
-    if !found {
-        eprintln!("skipping: kubectl is not at /usr/bin/kubectl nor on PATH");
+    if kubectl_binary().is_some() {
+        return true;
     }
-    found
+    assert!(
+        !in_ci(),
+        "kubectl is not at /usr/bin/kubectl nor on PATH, and CI is set, so the kubectl \
+         tests may not be skipped: {INSTALL_KUBECTL}"
+    );
+    eprintln!("skipping: kubectl is not at /usr/bin/kubectl nor on PATH ({INSTALL_KUBECTL})");
+    false
 }
 
 fn command(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)], home: &Path) -> Command {

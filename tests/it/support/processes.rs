@@ -254,13 +254,11 @@ impl Process {
         Ok(find_log(&text, message).expect("just found"))
     }
 
-    /// Sends SIGTERM (ignored if the process is already gone).
+    /// Sends SIGTERM (ignored if the process is already gone). A system call rather than the
+    /// `kill` program, so no external program can be missing.
     pub fn terminate(&self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid).expect("pid fits in i32"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     }
 
     /// Waits up to `within` for the process to exit; `None` if it is still running. After an
