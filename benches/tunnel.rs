@@ -18,7 +18,7 @@
 //! `cargo bench --bench tunnel -- latency entra throughput memory`. The figures also go to
 //! `<target dir>/bench-tunnel.json`. Targets are printed next to the figures, never asserted.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/bench_support.rs"]
 mod support;
 
 use std::path::PathBuf;

@@ -15,9 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
 use clusterconnect::entra::ARC_CLIENT_APP_ID;
-use clusterconnect::tls::{
-    client_config_with_roots, roots_from_pem, server_config, CertificateAuthority,
-};
+use clusterconnect::tls::{client_config_with_roots, roots_from_pem};
 use http::{header, Method, Request, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::distr::{Alphanumeric, SampleString};
@@ -25,8 +23,6 @@ use rand::Rng;
 use rcgen::PublicKeyData;
 use serde_json::{json, Value};
 use sha1::Digest;
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use super::body::Body;
 use super::serve::{self, Form, Refusal, TaskGuard};
@@ -284,11 +280,6 @@ impl Entra {
         path
     }
 
-    /// The token endpoint for `tenant` (the `aud` of client assertions).
-    pub fn token_endpoint(&self, tenant: &str) -> String {
-        format!("{}/{tenant}/oauth2/v2.0/token", self.shared.host)
-    }
-
     pub fn sign(&self, claims: &Value) -> String {
         self.shared.sign(claims)
     }
@@ -444,14 +435,6 @@ impl Entra {
             .find(|c| c.user_code == user_code)
             .unwrap_or_else(|| panic!("no device code {user_code}"));
         code.approved_by = Some(upn.to_string());
-    }
-
-    pub fn set_device_code_interval(&self, secs: u64) {
-        self.shared.state().device_code_interval = secs;
-    }
-
-    pub fn set_device_code_lifetime(&self, lifetime: Duration) {
-        self.shared.state().device_code_lifetime = lifetime;
     }
 
     pub fn slow_down_once(&self) {

@@ -2,7 +2,7 @@
 //! accept, connect, renewToken), driven by raw WebSocket clients: no agent, no proxy.
 //! https://learn.microsoft.com/azure/azure-relay/relay-hybrid-connections-protocol
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

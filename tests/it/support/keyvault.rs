@@ -12,12 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use bytes::Bytes;
-use clusterconnect::tls::{server_config, CertificateAuthority};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use rcgen::PublicKeyData;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use super::body::Body;
 use super::entra::{rsa_public_components, Entra, TENANT};
@@ -201,15 +198,6 @@ impl KeyVault {
 
     pub fn requests(&self) -> Vec<VaultRequest> {
         self.state().requests.clone()
-    }
-
-    /// Requests that reached an object with a valid token and were answered 200.
-    pub fn served(&self) -> usize {
-        self.state()
-            .requests
-            .iter()
-            .filter(|r| r.status == 200)
-            .count()
     }
 }
 

@@ -1,7 +1,7 @@
 //! The real kubectl through proxy -> relay -> agent -> stand-in apiserver, every hop on
 //! loopback with real TLS.
 
-mod support;
+use crate::support;
 
 use support::check::{describe, eventually, text, PROMPT};
 
@@ -10,7 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use support::tunnel::{
     listen_key, send_key, wait_for_listener, Agent, LocalProxy, Stack, CONNECTION,
 };
-use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer, SERVICE_ACCOUNT};
+use support::{
+    kubectl, kubectl_available, kubectl_ok, kubectl_ok_with, spawn_kubectl, ApiServer,
+    SERVICE_ACCOUNT,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_version_and_discovery_through_the_tunnel() {
@@ -20,18 +23,14 @@ async fn get_version_and_discovery_through_the_tunnel() {
     let s = Stack::start().await;
     let k = &s.proxy.kubeconfig;
 
-    let out = kubectl(k, &["get", "pods", "-A"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let stdout = text(&out.stdout);
+    let stdout = kubectl_ok(k, &["get", "pods", "-A"]).await;
     assert!(
         stdout.contains("web-0") && stdout.contains("coredns-0"),
-        "{}",
-        describe(&out)
+        "{stdout}"
     );
 
-    let out = kubectl(k, &["get", "ns", "-o", "json"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let stdout = kubectl_ok(k, &["get", "ns", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     let names: Vec<_> = list["items"]
         .as_array()
         .expect("items")
@@ -43,19 +42,11 @@ async fn get_version_and_discovery_through_the_tunnel() {
         "{names:?}"
     );
 
-    let out = kubectl(k, &["version"], &[]).await;
-    assert!(
-        out.status.success() && text(&out.stdout).contains("Server Version: v1.32"),
-        "{}",
-        describe(&out)
-    );
+    let stdout = kubectl_ok(k, &["version"]).await;
+    assert!(stdout.contains("Server Version: v1.32"), "{stdout}");
 
-    let out = kubectl(k, &["api-resources"], &[]).await;
-    assert!(
-        out.status.success() && text(&out.stdout).contains("pods"),
-        "{}",
-        describe(&out)
-    );
+    let stdout = kubectl_ok(k, &["api-resources"]).await;
+    assert!(stdout.contains("pods"), "{stdout}");
 
     // What reached the apiserver: the proxy's real token, never the kubeconfig's local one,
     // and the caller's identity (service-account mode passes the token through).
@@ -89,8 +80,7 @@ async fn a_burst_of_requests_reuses_pooled_tunnel_connections() {
     // Stack::start probes the relay once per attempt; count from here.
     let before = s.relay.stats.total();
     for _ in 0..5 {
-        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods", "-n", "default"], &[]).await;
-        assert!(out.status.success(), "{}", describe(&out));
+        kubectl_ok(&s.proxy.kubeconfig, &["get", "pods", "-n", "default"]).await;
     }
     // Each kubectl run makes several requests (discovery, list); all of them together must
     // have travelled over the pool's few HTTP/2 connections.
@@ -148,14 +138,13 @@ async fn logs_follow_streams_new_lines() {
 
 async fn exec_works(env: &[(&str, &str)], expected_upgrade: &str) {
     let s = Stack::start().await;
-    let out = kubectl(
+    let stdout = kubectl_ok_with(
         &s.proxy.kubeconfig,
         &["exec", "web-0", "--", "echo", "hi"],
         env,
     )
     .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(stdout, "hi\n");
 
     let mut cat = spawn_kubectl(
         &s.proxy.kubeconfig,
@@ -321,16 +310,14 @@ async fn two_agents_serve_and_losing_one_keeps_new_requests_working() {
     let second = Agent::start(&s.relay, &s.api, listen_key()).await;
     s.agents.push(second);
     for _ in 0..4 {
-        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods"], &[]).await;
-        assert!(out.status.success(), "{}", describe(&out));
+        kubectl_ok(&s.proxy.kubeconfig, &["get", "pods"]).await;
     }
     let first = s.agents.remove(0);
     first.stop().await;
     // The proxy's pooled connections ran through whichever agent accepted them; new requests
     // must find the surviving agent, even if a pooled connection died with the first.
     for _ in 0..4 {
-        let out = kubectl(&s.proxy.kubeconfig, &["get", "pods"], &[]).await;
-        assert!(out.status.success(), "{}", describe(&out));
+        kubectl_ok(&s.proxy.kubeconfig, &["get", "pods"]).await;
     }
 }
 
@@ -369,12 +356,10 @@ async fn a_stalled_local_client_does_not_hold_up_kubectl() {
     for _ in 0..3 {
         stalled.push(tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap());
     }
-    let out = kubectl(
+    kubectl_ok(
         &s.proxy.kubeconfig,
         &["get", "pods", "--request-timeout=5s"],
-        &[],
     )
     .await;
-    assert!(out.status.success(), "{}", describe(&out));
     drop(stalled);
 }

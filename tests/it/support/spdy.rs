@@ -353,7 +353,6 @@ enum Outgoing {
 /// A stream the client opened. Its bytes arrive on `incoming`, which ends at the client's FIN
 /// or RST_STREAM, or when the connection goes away.
 pub struct Stream {
-    pub id: u32,
     pub headers: Headers,
     pub incoming: mpsc::UnboundedReceiver<Bytes>,
     pub writer: StreamWriter,
@@ -482,7 +481,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 let _ = out.send(Outgoing::Reply(id));
                 let stream = Stream {
-                    id,
                     headers,
                     incoming: rx,
                     writer: StreamWriter {

@@ -2,7 +2,7 @@
 //! processes on loopback, the real kubectl through them, signals, and the messages a
 //! misconfiguration produces.
 
-mod support;
+use crate::support;
 
 use support::check::{describe, text};
 

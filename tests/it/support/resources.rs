@@ -138,19 +138,6 @@ impl Resource {
             format!("/apis/{}/{}", self.group, self.version)
         }
     }
-
-    /// The path of one object.
-    pub fn object_path(&self, namespace: &str, name: &str) -> String {
-        if self.namespaced {
-            format!(
-                "{}/namespaces/{namespace}/{}/{name}",
-                self.prefix(),
-                self.plural
-            )
-        } else {
-            format!("{}/{}/{name}", self.prefix(), self.plural)
-        }
-    }
 }
 
 /// The resource served under `group`/`version` as `plural`.

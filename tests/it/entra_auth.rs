@@ -2,7 +2,7 @@
 //! the agent validates Entra tokens issued by a stand-in Entra and impersonates the identity
 //! with its own service-account token.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use support::tunnel::{
     listen_key, send_key, static_token, wait_for_listener, Agent, LocalProxy, ProxiedCluster,
     Relay, CONNECTION,
 };
-use support::{kubectl, kubectl_available, ApiServer};
+use support::{kubectl, kubectl_available, kubectl_ok, ApiServer};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const PODS: &str = "/api/v1/namespaces/default/pods";
@@ -128,14 +128,12 @@ async fn whoami(
     kubeconfig: &std::path::Path,
     context: &str,
 ) -> (String, Vec<String>, serde_json::Value) {
-    let out = kubectl(
+    let stdout = kubectl_ok(
         kubeconfig,
         &["--context", context, "auth", "whoami", "-o", "json"],
-        &[],
     )
     .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let review: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let review: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     let info = &review["status"]["userInfo"];
     let groups = info["groups"]
         .as_array()
@@ -182,8 +180,7 @@ async fn entra_users_and_groups_reach_the_apiserver_impersonated_with_the_agents
         describe(&out)
     );
     c.api.grant_cluster_admin("Group", "group-sre");
-    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
+    kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
     let seen = c
         .api
         .requests()
@@ -412,8 +409,7 @@ async fn an_identity_in_250_groups_is_authorized_through_graph() {
     }
     // Authorized through a group that only the Graph lookup revealed.
     c.api.grant_cluster_admin("Group", "group-249");
-    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
+    kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
     // Looked up once, then cached.
     assert_eq!(c.entra.graph_calls(), 1);
 
@@ -609,8 +605,7 @@ async fn a_watch_outlives_its_first_token_and_new_requests_use_the_renewed_one()
         .read_stdout_until(PROMPT, |o| o.contains("after-expiry"))
         .await;
     assert!(seen.is_ok(), "{}", describe(&watch.kill().await));
-    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
+    kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
     let fetched = c
         .entra
         .token_requests()
@@ -766,8 +761,7 @@ async fn the_binaries_sign_in_with_entra_from_the_environment() {
     let (user, _, _) = whoami(&kubeconfig, CONNECTION).await;
     assert_eq!(user, app.1);
     api.grant_cluster_admin("User", app.1);
-    let out = kubectl(&kubeconfig, &["get", "pods"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
+    kubectl_ok(&kubeconfig, &["get", "pods"]).await;
     let logs = format!("{}{}", proxy.output(), agent.output());
     assert!(
         !logs.contains("binary-secret"),

@@ -175,10 +175,6 @@ pub async fn run_to_end<A: AsRef<OsStr>>(
 }
 
 impl Process {
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// The private HOME the process runs with (removed when the `Process` is dropped).
     pub fn home(&self) -> &Path {
         self._home.path()
@@ -193,6 +189,7 @@ impl Process {
     }
 
     /// Resident set size in KiB (`VmRSS` of /proc/<pid>/status); 0 once the process is gone.
+    #[allow(dead_code, reason = "only benches/tunnel.rs measures memory")]
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
@@ -257,13 +254,11 @@ impl Process {
         Ok(find_log(&text, message).expect("just found"))
     }
 
-    /// Sends SIGTERM (ignored if the process is already gone).
+    /// Sends SIGTERM (ignored if the process is already gone). A system call rather than the
+    /// `kill` program, so no external program can be missing.
     pub fn terminate(&self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid).expect("pid fits in i32"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     }
 
     /// Waits up to `within` for the process to exit; `None` if it is still running. After an
@@ -277,12 +272,6 @@ impl Process {
             let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
         Some(status)
-    }
-
-    /// Kills the process (SIGKILL) and waits for it.
-    pub async fn kill(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
     }
 }
 
@@ -312,7 +301,6 @@ fn listeners_registered(relay_output: &str, connection: &str) -> usize {
 /// A relay process in development mode (self-signed certificate, generated keys).
 pub struct RelayProcess {
     pub process: Process,
-    pub addr: SocketAddr,
     /// `wss://127.0.0.1:PORT`
     pub url: String,
     /// The dev CA the relay wrote next to its config (`relay-dev-ca.crt`).
@@ -321,7 +309,6 @@ pub struct RelayProcess {
     pub listen_key: PathBuf,
     /// `SharedAccessKeyName=send;SharedAccessKey=...`, created by the relay.
     pub send_key: PathBuf,
-    pub config: PathBuf,
 }
 
 /// The relay.toml `start_relay` writes: a listen rule and a send rule, keys in files.
@@ -371,12 +358,10 @@ pub async fn start_relay_with(dir: &Path, toml: &str) -> RelayProcess {
         .unwrap_or_else(|| panic!("relay listening record without an addr: {record}"));
     RelayProcess {
         process,
-        addr,
         url: format!("wss://127.0.0.1:{}", addr.port()),
         ca_path: dir.join("relay-dev-ca.crt"),
         listen_key: dir.join("listen.key"),
         send_key: dir.join("send.key"),
-        config,
     }
 }
 

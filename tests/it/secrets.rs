@@ -3,7 +3,7 @@
 //! shared stand-in apiserver reached through a kubeconfig with kube-rs, directly and through the
 //! tunnel (relay, agent and the proxy's kubeconfig).
 
-mod support;
+use crate::support;
 
 use std::ffi::OsStr;
 use std::io::Write;

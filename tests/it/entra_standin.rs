@@ -1,7 +1,7 @@
 //! The Entra, Graph, IMDS and HIMDS stand-ins against a plain client: proves they answer the
 //! way the real services do, so credential and validation tests can rely on them.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -77,8 +77,6 @@ pub struct SeenRequest {
     pub user: Option<String>,
     /// The groups of `user` (impersonated ones included); empty when unauthenticated.
     pub groups: Vec<String>,
-    /// The extras of `user` (from `Impersonate-Extra-*`, keys unescaped).
-    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 /// Every task of the server (accept loop, connections, h2 streams, upgraded sessions) lives
@@ -156,10 +154,6 @@ impl ApiServer {
             ca_pem: ca.cert_pem().to_string(),
             shared,
         }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     pub fn url(&self) -> String {
@@ -481,7 +475,6 @@ impl Shared {
             version: req.version(),
             user: identity.map(|i| i.user.clone()),
             groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
-            extra: identity.map(|i| i.extra.clone()).unwrap_or_default(),
         };
         self.requests
             .lock()
@@ -852,7 +845,9 @@ fn deleted(r: &Resource, object: Value) -> Response<Body> {
 
 /// Like the namespace controller: the namespace turns Terminating at once, and a moment later
 /// it and everything in it are gone, so deletes that follow it (`kubectl delete -f` of a file
-/// that starts with the namespace) still find their objects.
+/// that starts with the namespace) usually still find their objects. Only usually: a slow
+/// client loses that race, as against a real cluster, so such a delete needs
+/// `--ignore-not-found`.
 fn delete_namespace(shared: &Arc<Shared>, name: &str) -> Response<Body> {
     let now = rfc3339(SystemTime::now());
     let terminating = shared.store.modify(&NAMESPACES, "", name, |ns| {

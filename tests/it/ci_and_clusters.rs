@@ -1,7 +1,7 @@
 //! Issue 7: several clusters in one proxy, sessions that survive a relay restart, and
 //! `clusterconnect run -- CMD` for CI jobs (the real binary, the real kubectl).
 
-mod support;
+use crate::support;
 
 use support::check::{describe, eventually, text, PROMPT};
 
@@ -13,7 +13,7 @@ use support::tunnel::{
     listen_key, send_key, static_token, wait_for_listener, wait_for_listener_on, Agent, LocalProxy,
     ProxiedCluster, Relay, Stack, CONNECTION, SEND_KEY,
 };
-use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer};
+use support::{kubectl, kubectl_available, kubectl_ok, spawn_kubectl, ApiServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
@@ -50,36 +50,20 @@ async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
     prod_api.add_pod("default", "only-in-prod");
     staging_api.add_pod("default", "only-in-staging");
 
-    let out = kubectl(
-        &proxy.kubeconfig,
-        &["--context", "prod", "get", "pods"],
-        &[],
-    )
-    .await;
-    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = kubectl_ok(&proxy.kubeconfig, &["--context", "prod", "get", "pods"]).await;
     assert!(
-        text(&out.stdout).contains("only-in-prod")
-            && !text(&out.stdout).contains("only-in-staging"),
-        "{}",
-        describe(&out)
+        stdout.contains("only-in-prod") && !stdout.contains("only-in-staging"),
+        "{stdout}"
     );
-    let out = kubectl(
-        &proxy.kubeconfig,
-        &["--context", "staging", "get", "pods"],
-        &[],
-    )
-    .await;
-    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = kubectl_ok(&proxy.kubeconfig, &["--context", "staging", "get", "pods"]).await;
     assert!(
-        text(&out.stdout).contains("only-in-staging")
-            && !text(&out.stdout).contains("only-in-prod"),
-        "{}",
-        describe(&out)
+        stdout.contains("only-in-staging") && !stdout.contains("only-in-prod"),
+        "{stdout}"
     );
 
     // `get --raw` drops the server URL's /clusters/<name> path; the context's credential
     // names the cluster instead.
-    let out = kubectl(
+    let stdout = kubectl_ok(
         &proxy.kubeconfig,
         &[
             "--context",
@@ -88,15 +72,11 @@ async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
             "--raw",
             "/api/v1/namespaces/default/pods",
         ],
-        &[],
     )
     .await;
-    assert!(out.status.success(), "{}", describe(&out));
     assert!(
-        text(&out.stdout).contains("only-in-staging")
-            && !text(&out.stdout).contains("only-in-prod"),
-        "{}",
-        describe(&out)
+        stdout.contains("only-in-staging") && !stdout.contains("only-in-prod"),
+        "{stdout}"
     );
 
     // Upgrades route by the same prefix.
@@ -398,8 +378,7 @@ async fn a_failing_credential_command_does_not_end_the_session_while_the_token_i
         dir.path(),
     )
     .await;
-    let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
-    assert!(out.status.success(), "{}", describe(&out));
+    kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
 
     let mut watch = spawn_kubectl(&proxy.kubeconfig, &["get", "pods", "-w"], &[], false);
     eventually("the watch reaches the apiserver", || api.open_watches() > 0).await;
@@ -411,8 +390,7 @@ async fn a_failing_credential_command_does_not_end_the_session_while_the_token_i
     // failed renewal keeps the current token.
     let mut attempted = false;
     for _ in 0..30 {
-        let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
-        assert!(out.status.success(), "{}", describe(&out));
+        kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
         if count_runs() > runs_before {
             attempted = true;
             break;
@@ -427,8 +405,7 @@ async fn a_failing_credential_command_does_not_end_the_session_while_the_token_i
         .await;
     assert!(seen.is_ok(), "{}", describe(&watch.kill().await));
     for _ in 0..3 {
-        let out = kubectl(&proxy.kubeconfig, &["get", "pods"], &[]).await;
-        assert!(out.status.success(), "{}", describe(&out));
+        kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
     }
     watch.kill().await;
 }
@@ -510,7 +487,6 @@ async fn a_second_proxy_on_the_same_machine_takes_the_next_free_port() {
         "{p1} {p2}"
     );
     for config in [&first_config, &second_config] {
-        let out = kubectl(config, &["get", "pods"], &[]).await;
-        assert!(out.status.success(), "{}", describe(&out));
+        kubectl_ok(config, &["get", "pods"]).await;
     }
 }

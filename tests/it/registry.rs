@@ -2,7 +2,7 @@
 //! Send token, `proxy -n -g` through it with the real kubectl, signed agent status, and the
 //! real binaries' `list`/`show` across a relay restart.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use clusterconnect::tunnel::sas::SasKey;
 use support::check::describe;
 use support::entra::{Entra, TENANT};
 use support::tunnel::{admin_key, static_token, Agent, LocalProxy, Relay, ADMIN_KEY};
-use support::{kubectl, kubectl_available, ApiServer};
+use support::{kubectl_available, kubectl_ok, ApiServer};
 
 const MANAGEMENT: &str = "https://management.core.windows.net/";
 const HOUR: Duration = Duration::from_secs(3600);
@@ -282,13 +282,7 @@ async fn proxy_by_name_and_resource_group_reaches_the_cluster_and_status_reports
     let clusters = flags.resolve().await.expect("resolve -n/-g");
     assert_eq!(clusters[0].name, "edge");
     let proxy = LocalProxy::start_configs(clusters, dir.path()).await;
-    let out = kubectl(
-        &proxy.kubeconfig,
-        &["--context", "edge", "get", "pods"],
-        &[],
-    )
-    .await;
-    assert!(out.status.success(), "{}", describe(&out));
+    kubectl_ok(&proxy.kubeconfig, &["--context", "edge", "get", "pods"]).await;
 
     // A signed status report: Connected, with versions and counts from the apiserver.
     let kubeconfig = api.write_kubeconfig(dir.path(), &api.agent_token());

@@ -1,7 +1,6 @@
 //! Shared integration-test support: a stand-in Kubernetes API server that real kubectl talks
 //! to, and helpers that run kubectl in isolation.
-// Each test binary uses a different part of this module.
-#![allow(dead_code, unused_imports)]
+// tests/it uses all of it; benches/tunnel.rs uses a part, through tests/it/bench_support.rs.
 
 pub mod apiserver;
 pub mod body;
@@ -22,7 +21,9 @@ pub mod serve;
 pub mod spdy;
 pub mod tunnel;
 
-pub use apiserver::{ApiServer, SeenRequest, AGENT_SERVICE_ACCOUNT, SERVICE_ACCOUNT};
+pub use apiserver::{ApiServer, SeenRequest, SERVICE_ACCOUNT};
 pub use entra::{Entra, TokenRequest};
 pub use imds::{Himds, Imds};
-pub use kubectl::{kubectl, kubectl_available, kubectl_binary, spawn_kubectl, KubectlProcess};
+pub use kubectl::{
+    kubectl, kubectl_available, kubectl_binary, kubectl_ok, kubectl_ok_with, spawn_kubectl,
+};

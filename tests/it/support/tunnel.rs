@@ -178,11 +178,6 @@ impl Relay {
         RelayAddress::parse(&format!("wss://127.0.0.1:{}", self.addr.port()))
             .expect("relay address")
     }
-
-    pub async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
 }
 
 pub struct Agent {
@@ -346,6 +341,7 @@ impl LocalProxy {
         }
     }
 
+    #[allow(dead_code, reason = "only benches/tunnel.rs stops a proxy")]
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
@@ -379,7 +375,8 @@ pub struct Stack {
     pub relay: Relay,
     pub agents: Vec<Agent>,
     pub proxy: LocalProxy,
-    pub dir: tempfile::TempDir,
+    /// Holds the proxy's kubeconfig and local CA.
+    _dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -395,7 +392,7 @@ impl Stack {
             relay,
             agents: vec![agent],
             proxy,
-            dir,
+            _dir: dir,
         }
     }
 }

@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 
+use super::check::{describe, text};
+
 /// Longest any single kubectl invocation may take before the test fails.
 pub const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -25,13 +27,30 @@ pub fn kubectl_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Whether tests can use kubectl; when not, says so, so a skipped test is visibly skipped.
+/// How to get the kubectl the end-to-end tests need.
+pub const INSTALL_KUBECTL: &str = "install kubectl 1.32 as /usr/bin/kubectl, e.g. \
+    curl -fsSLo /usr/bin/kubectl https://dl.k8s.io/release/v1.32.0/bin/linux/amd64/kubectl \
+    && chmod 0755 /usr/bin/kubectl";
+
+/// Whether the environment variable `CI` is set: there, a test never skips for want of a
+/// program; it fails and says what to install.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Whether tests can use kubectl. When not, says so, so a skipped test is visibly skipped;
+/// under CI (`CI` set) it panics instead, so a missing kubectl fails the run.
 pub fn kubectl_available() -> bool {
-    let found = kubectl_binary().is_some();
-    if !found {
-        eprintln!("skipping: kubectl is not at /usr/bin/kubectl nor on PATH");
+    if kubectl_binary().is_some() {
+        return true;
     }
-    found
+    assert!(
+        !in_ci(),
+        "kubectl is not at /usr/bin/kubectl nor on PATH, and CI is set, so the kubectl \
+         tests may not be skipped: {INSTALL_KUBECTL}"
+    );
+    eprintln!("skipping: kubectl is not at /usr/bin/kubectl nor on PATH ({INSTALL_KUBECTL})");
+    false
 }
 
 fn command(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)], home: &Path) -> Command {
@@ -83,6 +102,23 @@ pub async fn kubectl(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) ->
         Ok(output) => output.expect("wait for kubectl"),
         Err(_) => panic!("kubectl {args:?} did not finish within {KUBECTL_TIMEOUT:?}"),
     }
+}
+
+/// Runs kubectl like [`kubectl`] (no extra environment) and asserts that it succeeded, with
+/// its arguments, status, stdout and stderr in the panic message; returns its stdout.
+pub async fn kubectl_ok(kubeconfig: &Path, args: &[&str]) -> String {
+    kubectl_ok_with(kubeconfig, args, &[]).await
+}
+
+/// [`kubectl_ok`] with extra environment variables for kubectl.
+pub async fn kubectl_ok_with(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = kubectl(kubeconfig, args, envs).await;
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        describe(&out)
+    );
+    text(&out.stdout)
 }
 
 /// A running kubectl whose stdin the test writes and whose stdout it reads as it comes:

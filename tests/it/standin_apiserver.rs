@@ -1,7 +1,7 @@
 //! The stand-in API server against the real kubectl, with no tunnel in between: proves the
 //! stand-in speaks the wire protocols kubectl 1.32 uses, so tunnel tests can rely on it.
 
-mod support;
+use crate::support;
 
 use support::check::{describe, eventually, text, PROMPT};
 
@@ -13,7 +13,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::spdy::{self, HeaderCompressor, HeaderDecompressor, DICTIONARY};
-use support::{kubectl, kubectl_available, spawn_kubectl, ApiServer, SeenRequest, SERVICE_ACCOUNT};
+use support::{
+    kubectl, kubectl_available, kubectl_ok, kubectl_ok_with, spawn_kubectl, ApiServer, SeenRequest,
+    SERVICE_ACCOUNT,
+};
 
 /// A stand-in server plus a kubeconfig for it with the valid token.
 struct Cluster {
@@ -37,6 +40,11 @@ impl Cluster {
     async fn kubectl(&self, args: &[&str]) -> Output {
         kubectl(&self.kubeconfig, args, &[]).await
     }
+
+    /// [`kubectl_ok`] against this cluster: asserts success, returns stdout.
+    async fn kubectl_ok(&self, args: &[&str]) -> String {
+        kubectl_ok(&self.kubeconfig, args).await
+    }
 }
 
 #[tokio::test]
@@ -45,13 +53,8 @@ async fn kubectl_version_prints_server_version() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster.kubectl(&["version"]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    assert!(
-        text(&out.stdout).contains("Server Version: v1.32.0"),
-        "{}",
-        describe(&out)
-    );
+    let stdout = cluster.kubectl_ok(&["version"]).await;
+    assert!(stdout.contains("Server Version: v1.32.0"), "{stdout}");
 }
 
 #[test]
@@ -89,18 +92,16 @@ async fn get_pods_in_all_namespaces_lists_both_pods() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster.kubectl(&["get", "pods", "-A"]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let stdout = text(&out.stdout);
+    let stdout = cluster.kubectl_ok(&["get", "pods", "-A"]).await;
     let header = stdout.lines().next().unwrap_or_default();
     for column in ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"] {
-        assert!(header.contains(column), "{}", describe(&out));
+        assert!(header.contains(column), "{stdout}");
     }
     for (namespace, pod) in [("default", "web-0"), ("kube-system", "coredns-0")] {
         let row = stdout
             .lines()
             .find(|l| l.contains(pod))
-            .unwrap_or_else(|| panic!("no row for {pod}: {}", describe(&out)));
+            .unwrap_or_else(|| panic!("no row for {pod}: {}", stdout));
         assert!(row.starts_with(namespace), "{row}");
         assert!(row.contains("1/1") && row.contains("Running"), "{row}");
     }
@@ -112,9 +113,8 @@ async fn get_namespaces_as_json_lists_both_namespaces() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster.kubectl(&["get", "ns", "-o", "json"]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let list: Value = serde_json::from_slice(&out.stdout).expect("kubectl printed JSON");
+    let stdout = cluster.kubectl_ok(&["get", "ns", "-o", "json"]).await;
+    let list: Value = serde_json::from_str(&stdout).expect("kubectl printed JSON");
     let names: Vec<&str> = list["items"]
         .as_array()
         .expect("items")
@@ -131,11 +131,9 @@ async fn get_pod_as_yaml_prints_the_object() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster
-        .kubectl(&["get", "pod", "web-0", "-o", "yaml"])
+    let stdout = cluster
+        .kubectl_ok(&["get", "pod", "web-0", "-o", "yaml"])
         .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let stdout = text(&out.stdout);
     for expected in [
         "kind: Pod",
         "name: web-0",
@@ -147,7 +145,7 @@ async fn get_pod_as_yaml_prints_the_object() {
         assert!(
             stdout.contains(expected),
             "missing {expected:?}: {}",
-            describe(&out)
+            stdout
         );
     }
 }
@@ -173,13 +171,11 @@ async fn api_resources_lists_pods_and_namespaces() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster.kubectl(&["api-resources"]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let stdout = text(&out.stdout);
+    let stdout = cluster.kubectl_ok(&["api-resources"]).await;
     let pods = stdout
         .lines()
         .find(|l| l.starts_with("pods "))
-        .unwrap_or_else(|| panic!("no pods row: {}", describe(&out)));
+        .unwrap_or_else(|| panic!("no pods row: {}", stdout));
     assert!(pods.contains(" po ") && pods.contains("Pod"), "{pods}");
     assert!(stdout
         .lines()
@@ -334,9 +330,8 @@ async fn logs_print_existing_lines() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster.kubectl(&["logs", "web-0", "--tail", "1"]).await;
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(text(&out.stdout), "ready\n");
+    let stdout = cluster.kubectl_ok(&["logs", "web-0", "--tail", "1"]).await;
+    assert_eq!(stdout, "ready\n");
 }
 
 /// How kubectl carries exec/attach and port-forward, chosen through its environment switches.
@@ -390,14 +385,13 @@ impl Transport {
 async fn exec_echo(transport: Transport) {
     let cluster = Cluster::start().await;
     let env = transport.exec_env();
-    let out = kubectl(
+    let stdout = kubectl_ok_with(
         &cluster.kubeconfig,
         &["exec", "web-0", "--", "echo", "hi"],
         &env,
     )
     .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(text(&out.stdout), "hi\n", "{}", describe(&out));
+    assert_eq!(stdout, "hi\n", "{stdout}");
     transport.assert_used(&cluster.server.requests(), "/pods/web-0/exec");
 }
 
@@ -607,8 +601,7 @@ async fn requests_are_recorded_with_token_identity_and_http2() {
         return;
     }
     let cluster = Cluster::start().await;
-    let out = cluster.kubectl(&["get", "pods"]).await;
-    assert!(out.status.success(), "{}", describe(&out));
+    cluster.kubectl_ok(&["get", "pods"]).await;
     let requests = cluster.server.requests();
     let list = requests
         .iter()
@@ -639,7 +632,7 @@ async fn impersonation_is_recorded_and_reported() {
     let agent_kubeconfig = cluster
         .server
         .write_kubeconfig(agent_dir.path(), &cluster.server.agent_token());
-    let out = kubectl(
+    let stdout = kubectl_ok(
         &agent_kubeconfig,
         &[
             "auth",
@@ -651,11 +644,9 @@ async fn impersonation_is_recorded_and_reported() {
             "-o",
             "json",
         ],
-        &[],
     )
     .await;
-    assert!(out.status.success(), "{}", describe(&out));
-    let review: Value = serde_json::from_slice(&out.stdout).expect("kubectl printed JSON");
+    let review: Value = serde_json::from_str(&stdout).expect("kubectl printed JSON");
     assert_eq!(review["status"]["userInfo"]["username"], "alice");
     let groups = review["status"]["userInfo"]["groups"]
         .as_array()

@@ -1,0 +1,20 @@
+//! The integration tests: one test binary, so the shared support code (the stand-in
+//! apiserver, the Entra/IMDS/Key Vault stand-ins, the tunnel harness) is compiled once.
+//! Each area is a module; run one with `cargo test --test it <module>::`.
+//!
+//! Every test shares this process: none may set environment variables, change the current
+//! directory, bind fixed ports or install a global tracing subscriber.
+
+mod support;
+
+mod ci_and_clusters;
+mod cli_binaries;
+mod entra_auth;
+mod entra_standin;
+mod onboarding;
+mod registry;
+mod relay_protocol;
+mod secrets;
+mod standin_apiserver;
+mod standin_store;
+mod tunnel_kubectl;
