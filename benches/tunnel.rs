@@ -999,7 +999,7 @@ mod bulk {
 }
 
 /// Resident memory of relay, agent and proxy as separate processes (the real binary, started
-/// by tests/support/processes.rs), idle and with watches open through them. The stand-in
+/// by tests/it/support/processes.rs), idle and with watches open through them. The stand-in
 /// apiserver and the watching client live in this process.
 mod rss {
     use std::sync::atomic::{AtomicUsize, Ordering};
