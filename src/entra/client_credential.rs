@@ -15,8 +15,8 @@ use rustls_pki_types::pem::{PemObject, SectionKind};
 use serde::Serialize;
 use sha1::{Digest, Sha1};
 
-use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::http::HttpClient;
+use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::request_token;
 use super::{default_scope, SourceError};
 use crate::auth::refresh::ExpiringToken;
@@ -222,8 +222,7 @@ impl CertificateKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entra::chain::tests::options;
-    use crate::entra::test_server::{json, TestServer};
+    use crate::entra::test_server::{json, options, TestServer};
 
     const TEST_KEY: &str = include_str!("testdata/test-only-rsa-key.pem");
 

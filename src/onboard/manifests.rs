@@ -1,5 +1,5 @@
 //! The objects `connect` puts in a cluster, as plain data: built from an [`AgentSpec`], applied
-//! by [`super::apply`], or written out as multi-document YAML for GitOps (`connect --dry-run`).
+//! by the `apply` module, or written out as multi-document YAML for GitOps (`connect --dry-run`).
 //!
 //! The agent Deployment is made to pass OpenShift's `restricted` (v2) SCC and the `restricted`
 //! Pod Security Standard as is: non-root without a fixed uid (the SCC assigns one), no

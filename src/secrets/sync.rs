@@ -1,7 +1,7 @@
 //! One synchronisation pass: fetch every object of the class, write the files of the mount
 //! directory, and create or update the Kubernetes Secrets of `secretObjects`. The syncer keeps
-//! the last good content of every object, so a later pass (see [`super::rotation`]) can tell
-//! what rotated and keep serving an object Key Vault briefly fails to return.
+//! the last good content of every object, so a later pass (the rotation module repeats them)
+//! can tell what rotated and keep serving an object Key Vault briefly fails to return.
 //!
 //! Kubernetes Secrets carry `app.kubernetes.io/managed-by: clusterconnect` and the versions of
 //! the objects they were built from; an existing Secret without that label is never overwritten.
