@@ -188,10 +188,7 @@ impl CertificateKey {
         } else {
             "PRIVATE KEY"
         };
-        let key_pem = Secret::new(format!(
-            "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
-            base64::engine::general_purpose::STANDARD.encode(&der)
-        ));
+        let key_pem = Secret::new(pem::encode(&pem::Pem::new(tag, der)));
         let key = EncodingKey::from_rsa_pem(key_pem.expose().as_bytes())
             .map_err(|_| "the private key is not an RSA key jsonwebtoken can use (an RSA key of at least 2048 bits is needed)".to_string())?;
         Ok(CertificateKey {

@@ -1,9 +1,9 @@
 //! What Key Vault returns, in the PEM files the CSI driver writes: a key's public half (a JWK)
 //! as a SubjectPublicKeyInfo, and a certificate's PKCS#12 bundle as the private key followed by
 //! the certificate chain. The DER here is the handful of shapes those need, written by hand so
-//! no ASN.1 library is pulled in for two structures.
+//! no ASN.1 library is pulled in for two structures; the PEM armour is the `pem` crate's.
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
 
@@ -138,15 +138,10 @@ pub fn blocks(text: &str, label: &str) -> String {
     out
 }
 
-pub fn pem_block(label: &str, der: &[u8]) -> String {
-    let text = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in text.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+/// One PEM block as the CSI driver writes it: 64-character lines, `\n` endings.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
 fn der(tag: u8, content: &[u8]) -> Vec<u8> {
@@ -186,6 +181,7 @@ fn bit_string(content: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
     use rcgen::PublicKeyData;
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::SubjectPublicKeyInfoDer;
@@ -258,6 +254,21 @@ mod tests {
             der[2..h].iter().fold(0, |a, b| (a << 8) | *b as usize)
         };
         (&der[h..h + len], &der[h + len..])
+    }
+
+    #[test]
+    fn pem_blocks_have_64_character_lines_and_lf_endings() {
+        let der: Vec<u8> = (0..=255u8).collect();
+        let text = pem_block("CERTIFICATE", &der);
+        let body = STANDARD.encode(&der);
+        let mut expected = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in body.as_bytes().chunks(64) {
+            expected.push_str(std::str::from_utf8(line).unwrap());
+            expected.push('\n');
+        }
+        expected.push_str("-----END CERTIFICATE-----\n");
+        assert_eq!(text, expected);
+        assert!(!text.contains('\r'));
     }
 
     #[test]
