@@ -28,7 +28,7 @@ use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{step} in the relay's registry: {source}")]
+    #[error("{step} in the relay's registry")]
     Registry {
         step: &'static str,
         #[source]

@@ -384,19 +384,17 @@ fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write the {kind} manifest as YAML: {reason}")]
+#[error("cannot write the {kind} manifest as YAML")]
 pub struct YamlError {
     kind: &'static str,
-    reason: String,
+    #[source]
+    source: serde_norway::Error,
 }
 
 /// The manifests as one multi-document YAML stream, for `kubectl apply -f` or a GitOps repo.
 pub fn to_yaml(manifests: &Manifests, placeholders: bool) -> Result<String, YamlError> {
     fn doc<T: serde::Serialize>(kind: &'static str, object: &T) -> Result<String, YamlError> {
-        serde_norway::to_string(object).map_err(|e| YamlError {
-            kind,
-            reason: e.to_string(),
-        })
+        serde_norway::to_string(object).map_err(|source| YamlError { kind, source })
     }
     let mut secret_doc = doc("Secret", &manifests.secret)?;
     if placeholders {
