@@ -129,8 +129,7 @@ impl TestServer {
 
 /// A client for plain http:// test servers.
 pub fn client() -> HttpClient {
-    plain_http_client(Duration::from_secs(1), Duration::from_secs(5))
-        .expect("a TLS-less client")
+    plain_http_client(Duration::from_secs(1), Duration::from_secs(5)).expect("a TLS-less client")
 }
 
 /// An authority whose host is a test server (the real constructor insists on https).

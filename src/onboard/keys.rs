@@ -42,8 +42,7 @@ impl std::fmt::Debug for AgentKey {
 
 impl AgentKey {
     pub fn generate() -> Result<AgentKey, KeyError> {
-        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(KeyError::Generate)?;
+        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(KeyError::Generate)?;
         Ok(AgentKey::from_pair(&pair))
     }
 

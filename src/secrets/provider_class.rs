@@ -37,7 +37,9 @@ pub enum ProviderClassError {
     EmptySecretObject(String),
     #[error("SecretProviderClass: secretObjects '{secret}' refers to objectName {object:?}, which is not the name or alias of any object in parameters.objects")]
     UnknownObject { secret: String, object: String },
-    #[error("SecretProviderClass: parameters.objects is not the expected 'array:' of YAML strings")]
+    #[error(
+        "SecretProviderClass: parameters.objects is not the expected 'array:' of YAML strings"
+    )]
     ObjectsArray(#[source] serde_norway::Error),
     #[error("SecretProviderClass: objects entry {index}")]
     ObjectEntry {
@@ -236,8 +238,8 @@ impl ProviderClass {
         check_kind(&doc)?;
         let name = doc.metadata.name;
         let params = &doc.spec.parameters;
-        let keyvault_name =
-            text(params, "keyvaultName").ok_or_else(|| ProviderClassError::NoKeyVault(name.clone()))?;
+        let keyvault_name = text(params, "keyvaultName")
+            .ok_or_else(|| ProviderClassError::NoKeyVault(name.clone()))?;
         let cloud = text(params, "cloudName")
             .map(|c| c.parse::<Cloud>().map_err(ProviderClassError::Cloud))
             .transpose()?;
@@ -358,11 +360,12 @@ fn parse_objects(text: &str) -> Result<Vec<ObjectSpec>, ProviderClassError> {
         .iter()
         .enumerate()
         .map(|(i, entry)| {
-            let raw: RawObject =
-                serde_norway::from_str(entry).map_err(|source| ProviderClassError::ObjectEntry {
+            let raw: RawObject = serde_norway::from_str(entry).map_err(|source| {
+                ProviderClassError::ObjectEntry {
                     index: i + 1,
                     source,
-                })?;
+                }
+            })?;
             object_spec(raw)
         })
         .collect()

@@ -20,8 +20,8 @@ use kube::Api;
 use super::keyvault::{Fetched, KeyVaultClient, KeyVaultError};
 use super::mount::{write_file, MountError};
 use super::pem::blocks;
-use crate::tunnel::http::error_chain;
 use super::provider_class::{Encoding, ObjectSpec, ProviderClass, SecretObject};
+use crate::tunnel::http::error_chain;
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "clusterconnect";
