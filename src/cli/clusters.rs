@@ -1,22 +1,17 @@
 //! Which clusters a proxy (or `run`) serves: the single-cluster flags, or a clusters file
 //! with one `[[cluster]]` table per cluster.
 
-use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Deserialize;
 
+use super::entra::{EntraCredentials, EntraFlags};
 use super::registry::{RegistryAccess, RegistryTokens};
 use crate::auth::exec::TokenCommand;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
-use crate::entra::chain::{self, ChainOptions, Environment, SourceKind};
-use crate::entra::device_code::StderrPrompt;
-use crate::entra::http::HttpClient;
-use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 use crate::proxy::{ClusterConfig, RelayTarget, SendCredential};
 use crate::secret::Secret;
 use crate::tls;
@@ -75,27 +70,6 @@ pub struct ClusterFlags {
     pub entra: EntraFlags,
 }
 
-/// How to sign in to Entra ID (the proxy's apiserver credential, the management API).
-#[derive(clap::Args, Debug, Default, Clone)]
-pub struct EntraFlags {
-    /// Without a token flag the proxy signs in to Entra ID; this picks the one credential source
-    /// instead of trying env, workload-identity, managed-identity, azure-cli, device-code in turn.
-    #[arg(long, value_name = "SOURCE")]
-    pub auth: Option<SourceKind>,
-    /// The public client app users sign in with (device code) [default: the Azure Arc client
-    /// app, 3f4439ff-e698-4d6d-84fe-09c9d574f06b].
-    #[arg(long, value_name = "APP_ID")]
-    pub client_app_id: Option<String>,
-    /// Entra tenant (id or domain) [default: AZURE_TENANT_ID, else "organizations" for the
-    /// device code].
-    #[arg(long)]
-    pub tenant: Option<String>,
-    /// Azure cloud whose Entra authority to use (AZURE_AUTHORITY_HOST overrides the host):
-    /// AzurePublicCloud, AzureUSGovernmentCloud or AzureChinaCloud.
-    #[arg(long, default_value = "AzurePublicCloud")]
-    pub cloud: Cloud,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClustersFile {
@@ -115,69 +89,6 @@ struct ClusterEntry {
     token_command: Option<String>,
     /// For a cluster without a token: the Entra server app its tokens are for.
     server_app_id: Option<String>,
-}
-
-/// The Entra credentials of one start-up: one chain per server app, shared by its clusters so
-/// a sign-in happens once.
-pub(crate) struct EntraCredentials<'a> {
-    flags: &'a EntraFlags,
-    env: Environment,
-    by_server_app: HashMap<String, Arc<dyn CredentialSource>>,
-}
-
-impl<'a> EntraCredentials<'a> {
-    pub(crate) fn new(flags: &'a EntraFlags) -> Self {
-        EntraCredentials {
-            flags,
-            env: Environment::from_process(),
-            by_server_app: HashMap::new(),
-        }
-    }
-
-    /// The Entra credential for `server_app_id` (the token's audience: an app id or a resource
-    /// URL such as the management API's).
-    pub(crate) async fn get(
-        &mut self,
-        server_app_id: Option<&str>,
-    ) -> anyhow::Result<Arc<dyn CredentialSource>> {
-        let server_app_id = server_app_id
-            .unwrap_or(ARC_SERVER_APP_ID)
-            .trim()
-            .to_string();
-        if uuid::Uuid::parse_str(&server_app_id).is_err()
-            && url::Url::parse(&server_app_id).is_err()
-        {
-            anyhow::bail!("server app id {server_app_id:?} is neither an application (client) id GUID nor an app id URI; pass the cluster's Entra server application id");
-        }
-        if let Some(source) = self.by_server_app.get(&server_app_id) {
-            return Ok(source.clone());
-        }
-        let flags = self.flags;
-        let authority = Authority::from_env(flags.cloud)
-            .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
-        let http = HttpClient::with_system_roots(None)
-            .context("cannot set up TLS for Entra ID (the system trust store)")?;
-        let opts = ChainOptions {
-            authority,
-            tenant: flags.tenant.clone().filter(|t| !t.trim().is_empty()),
-            server_app_id: server_app_id.clone(),
-            client_app_id: flags
-                .client_app_id
-                .clone()
-                .unwrap_or_else(|| ARC_CLIENT_APP_ID.to_string()),
-            only: flags.auth,
-            // A CI job must never wait for a human; a terminal on stderr means one is there.
-            interactive: std::io::stderr().is_terminal(),
-            http,
-            config_dir: crate::proxy::local_ca::config_dir(),
-            prompt: Arc::new(StderrPrompt),
-        };
-        let source = chain::credential(&opts, &self.env)
-            .await
-            .with_context(|| format!("no Entra ID credential for {server_app_id}"))?;
-        self.by_server_app.insert(server_app_id, source.clone());
-        Ok(source)
-    }
 }
 
 impl ClusterFlags {

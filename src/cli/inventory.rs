@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::clusters::{EntraCredentials, EntraFlags};
+use super::entra::{EntraCredentials, EntraFlags};
 use super::output::{flatten, query, render, Output};
 use super::registry::RegistryAccess;
 

@@ -4,6 +4,7 @@
 mod agent;
 pub mod clusters;
 mod connect;
+mod entra;
 mod inventory;
 mod kubeclient;
 mod output;

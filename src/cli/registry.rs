@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::clusters::EntraCredentials;
+use super::entra::EntraCredentials;
 use super::relay::MANAGEMENT_AUDIENCE;
 use crate::arm::client::{ManagementAuth, ManagementClient};
 use crate::arm::{ClusterId, DEFAULT_SUBSCRIPTION};

@@ -205,7 +205,8 @@ async fn kube_client(
     .await
 }
 
-async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+/// The SecretProviderClass of `--file`, checked against the flags.
+fn read_class(args: &SyncArgs) -> anyhow::Result<ProviderClass> {
     let text = std::fs::read_to_string(&args.file).with_context(|| {
         format!(
             "cannot read SecretProviderClass file {}",
@@ -222,14 +223,45 @@ async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8>
             );
         }
     }
-    let use_k8s =
-        !args.no_k8s && (!class.secret_objects.is_empty() || args.credentials_secret.is_some());
-    if !use_k8s && args.mount_dir.is_none() {
+    if !uses_k8s(args, &class) && args.mount_dir.is_none() {
         anyhow::bail!(
             "nothing to deliver: SecretProviderClass '{}' has no secretObjects; pass --mount-dir to write files",
             class.name
         );
     }
+    Ok(class)
+}
+
+/// Whether the cluster is needed: for secretObjects or for the credentials Secret.
+fn uses_k8s(args: &SyncArgs, class: &ProviderClass) -> bool {
+    !args.no_k8s && (!class.secret_objects.is_empty() || args.credentials_secret.is_some())
+}
+
+/// The Secrets API of the target namespace; signs in as the credentials Secret's service
+/// principal when `--credentials-secret` names one.
+async fn secret_target(
+    args: &SyncArgs,
+    class: &ProviderClass,
+    creds: &mut ChainCredentials,
+) -> anyhow::Result<(Api<KubeSecret>, String)> {
+    let (client, default_namespace) =
+        kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| class.namespace.clone())
+        .unwrap_or(default_namespace);
+    let api: Api<KubeSecret> = Api::namespaced(client, &namespace);
+    if let Some(name) = &args.credentials_secret {
+        let (client_id, secret) = read_credentials_secret(&api, &namespace, name).await?;
+        tracing::info!(secret = %name, namespace = %namespace, client_id = %client_id, "signing in to Key Vault as the service principal of the credentials Secret");
+        creds.use_service_principal(client_id, secret);
+    }
+    Ok((api, namespace))
+}
+
+async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    let class = read_class(&args)?;
     let cloud = args.entra.cloud.or(class.cloud).unwrap_or_default();
     let url = match &args.vault_url {
         Some(url) => url.clone(),
@@ -237,21 +269,8 @@ async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8>
     };
     let (http, mut creds) = credentials(&args.entra, cloud, class.tenant_id.clone())?;
     creds.use_identity(&class.identity);
-    let secrets = if use_k8s {
-        let (client, default_namespace) =
-            kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
-        let namespace = args
-            .namespace
-            .clone()
-            .or_else(|| class.namespace.clone())
-            .unwrap_or(default_namespace);
-        let api: Api<KubeSecret> = Api::namespaced(client, &namespace);
-        if let Some(name) = &args.credentials_secret {
-            let (client_id, secret) = read_credentials_secret(&api, &namespace, name).await?;
-            tracing::info!(secret = %name, namespace = %namespace, client_id = %client_id, "signing in to Key Vault as the service principal of the credentials Secret");
-            creds.use_service_principal(client_id, secret);
-        }
-        Some((api, namespace))
+    let secrets = if uses_k8s(&args, &class) {
+        Some(secret_target(&args, &class, &mut creds).await?)
     } else {
         None
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::process::Command;
 
-use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
+use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::SourceError;
 use crate::auth::refresh::ExpiringToken;
 use crate::secret::Secret;
@@ -178,7 +178,7 @@ fn parse_output(stdout: &[u8], now: u64) -> Result<ExpiringToken, String> {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
-    use crate::entra::chain::tests::options;
+    use crate::entra::test_server::options;
 
     /// A fake `az` that prints `stdout`/`stderr` and exits with `code`; it records its
     /// arguments next to itself.

@@ -7,171 +7,20 @@
 //! next identity in line). The environment is read once into [`Environment`], so tests build it
 //! explicitly instead of changing the process's variables.
 
-use std::ffi::OsString;
-use std::fmt;
-use std::future::Future;
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use super::azure_cli::AzureCli;
 use super::client_credential::ClientCredential;
-use super::device_code::{DeviceCode, Prompt};
-use super::http::HttpClient;
-use super::managed_identity::{default_challenge_dir, ManagedIdentity};
+use super::device_code::DeviceCode;
+use super::managed_identity::ManagedIdentity;
 use super::workload_identity::WorkloadIdentity;
-use super::{Authority, SourceError};
+use super::SourceError;
 use crate::auth::refresh::{ExpiringToken, FetchFuture, Refreshing, TokenFetcher, RENEW_MARGIN};
 use crate::auth::{CredentialError, CredentialSource};
-use crate::secret::Secret;
 
-/// The credential sources, in the order the chain tries them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourceKind {
-    Env,
-    WorkloadIdentity,
-    ManagedIdentity,
-    AzureCli,
-    DeviceCode,
-}
-
-impl SourceKind {
-    pub const ALL: [SourceKind; 5] = [
-        SourceKind::Env,
-        SourceKind::WorkloadIdentity,
-        SourceKind::ManagedIdentity,
-        SourceKind::AzureCli,
-        SourceKind::DeviceCode,
-    ];
-
-    /// The `--auth` value.
-    pub fn flag_value(self) -> &'static str {
-        match self {
-            SourceKind::Env => "env",
-            SourceKind::WorkloadIdentity => "workload-identity",
-            SourceKind::ManagedIdentity => "managed-identity",
-            SourceKind::AzureCli => "azure-cli",
-            SourceKind::DeviceCode => "device-code",
-        }
-    }
-}
-
-/// The name in messages.
-impl fmt::Display for SourceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SourceKind::Env => "environment",
-            SourceKind::WorkloadIdentity => "workload identity",
-            SourceKind::ManagedIdentity => "managed identity",
-            SourceKind::AzureCli => "Azure CLI",
-            SourceKind::DeviceCode => "device code",
-        })
-    }
-}
-
-impl FromStr for SourceKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SourceKind::ALL
-            .into_iter()
-            .find(|k| k.flag_value().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                let all: Vec<&str> = SourceKind::ALL.iter().map(|k| k.flag_value()).collect();
-                format!(
-                    "unknown credential source {s:?}: use one of {}",
-                    all.join(", ")
-                )
-            })
-    }
-}
-
-pub type SourceFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<ExpiringToken, SourceError>> + Send + 'a>>;
-
-/// One way to get an Entra token; the chain needs to know why one did not work.
-pub trait Source: Send + Sync {
-    fn kind(&self) -> SourceKind;
-    fn attempt(&self) -> SourceFuture<'_>;
-}
-
-/// Every source is also a plain [`TokenFetcher`], usable on its own behind `Refreshing`.
-impl<S: Source> TokenFetcher for S {
-    fn fetch(&self) -> FetchFuture<'_> {
-        let name = self.kind().to_string();
-        let attempt = self.attempt();
-        Box::pin(async move { attempt.await.map_err(|e| e.into_credential_error(&name)) })
-    }
-
-    fn describe(&self) -> String {
-        format!("Entra ID ({})", self.kind())
-    }
-}
-
-/// The process environment the chain reads, captured once.
-#[derive(Clone, Debug, Default)]
-pub struct Environment {
-    pub tenant_id: Option<String>,
-    pub client_id: Option<String>,
-    pub client_secret: Option<Secret>,
-    pub client_certificate_path: Option<PathBuf>,
-    /// Only whether it is set: encrypted keys are refused, the password is never read.
-    pub client_certificate_password_set: bool,
-    pub federated_token_file: Option<PathBuf>,
-    /// `AZURE_POD_IDENTITY_AUTHORITY_HOST`: IMDS somewhere other than 169.254.169.254.
-    pub imds_base: Option<String>,
-    /// `IDENTITY_ENDPOINT` and `IMDS_ENDPOINT`: both set on an Arc-enabled server.
-    pub identity_endpoint: Option<String>,
-    pub imds_endpoint: Option<String>,
-    /// Where HIMDS challenge files may be read from.
-    pub himds_challenge_dir: PathBuf,
-    /// `PATH`, to find `az`.
-    pub path: Option<OsString>,
-}
-
-impl Environment {
-    pub fn from_process() -> Environment {
-        let var = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        Environment {
-            tenant_id: var("AZURE_TENANT_ID"),
-            client_id: var("AZURE_CLIENT_ID"),
-            client_secret: var("AZURE_CLIENT_SECRET").map(Secret::new),
-            client_certificate_path: var("AZURE_CLIENT_CERTIFICATE_PATH").map(PathBuf::from),
-            client_certificate_password_set: var("AZURE_CLIENT_CERTIFICATE_PASSWORD").is_some(),
-            federated_token_file: var("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from),
-            imds_base: var("AZURE_POD_IDENTITY_AUTHORITY_HOST"),
-            identity_endpoint: var("IDENTITY_ENDPOINT"),
-            imds_endpoint: var("IMDS_ENDPOINT"),
-            himds_challenge_dir: default_challenge_dir(),
-            path: std::env::var_os("PATH"),
-        }
-    }
-}
-
-pub struct ChainOptions {
-    pub authority: Authority,
-    /// `--tenant`; else `AZURE_TENANT_ID`; else "organizations" for the device code.
-    pub tenant: Option<String>,
-    /// The cluster's server application: the token's audience.
-    pub server_app_id: String,
-    /// The public client users sign in with (device code).
-    pub client_app_id: String,
-    /// `--auth`: only this source.
-    pub only: Option<SourceKind>,
-    /// Whether the device code may start a sign-in in the automatic chain (stderr is a
-    /// terminal). `--auth device-code` always may.
-    pub interactive: bool,
-    pub http: HttpClient,
-    /// The device code's refresh tokens go under `<config_dir>/entra/`.
-    pub config_dir: PathBuf,
-    pub prompt: Arc<dyn Prompt>,
-}
+/// Where callers have always found these; they live in [`super::source`] so that the sources
+/// need not import the chain.
+pub use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 
 /// A source, or why it is not configured.
 type Slot = (SourceKind, Result<Box<dyn Source>, SourceError>);
@@ -307,26 +156,10 @@ pub async fn credential(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::entra::device_code::StderrPrompt;
-    use crate::entra::test_server::{authority, client, json, TestServer};
-    use crate::entra::{ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
-
-    /// Options pointing Entra at a test server, prompting nowhere, caching nowhere useful.
-    pub(crate) fn options(base: &str) -> ChainOptions {
-        ChainOptions {
-            authority: authority(base),
-            tenant: None,
-            server_app_id: ARC_SERVER_APP_ID.into(),
-            client_app_id: ARC_CLIENT_APP_ID.into(),
-            only: None,
-            interactive: false,
-            http: client(),
-            config_dir: std::env::temp_dir().join("clusterconnect-test-unused"),
-            prompt: Arc::new(StderrPrompt),
-        }
-    }
+    use crate::entra::test_server::{json, options, TestServer};
+    use crate::secret::Secret;
 
     /// Nothing configured, IMDS refused, no `az`, no terminal.
     fn bare_environment(imds: std::net::SocketAddr, path: &std::path::Path) -> Environment {

@@ -15,8 +15,8 @@ use rustls_pki_types::pem::{PemObject, SectionKind};
 use serde::Serialize;
 use sha1::{Digest, Sha1};
 
-use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::http::HttpClient;
+use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::request_token;
 use super::{default_scope, SourceError};
 use crate::auth::refresh::ExpiringToken;
@@ -188,10 +188,7 @@ impl CertificateKey {
         } else {
             "PRIVATE KEY"
         };
-        let key_pem = Secret::new(format!(
-            "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
-            base64::engine::general_purpose::STANDARD.encode(&der)
-        ));
+        let key_pem = Secret::new(pem::encode(&pem::Pem::new(tag, der)));
         let key = EncodingKey::from_rsa_pem(key_pem.expose().as_bytes())
             .map_err(|_| "the private key is not an RSA key jsonwebtoken can use (an RSA key of at least 2048 bits is needed)".to_string())?;
         Ok(CertificateKey {
@@ -222,8 +219,7 @@ impl CertificateKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entra::chain::tests::options;
-    use crate::entra::test_server::{json, TestServer};
+    use crate::entra::test_server::{json, options, TestServer};
 
     const TEST_KEY: &str = include_str!("testdata/test-only-rsa-key.pem");
 

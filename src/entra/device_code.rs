@@ -15,8 +15,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::chain::{ChainOptions, Source, SourceFuture, SourceKind};
 use super::http::HttpClient;
+use super::source::{ChainOptions, Source, SourceFuture, SourceKind};
+/// Where callers have always found these.
+pub use super::source::{Prompt, StderrPrompt};
 use super::token_endpoint::{request_device_code, request_token, EndpointError};
 use super::{default_scope, SourceError, TokenResponse};
 use crate::auth::refresh::ExpiringToken;
@@ -25,20 +27,6 @@ use crate::secret::Secret;
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// RFC 8628 section 3.5: after `slow_down`, poll this much less often.
 pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
-
-/// Shows the sign-in instructions to the user; a trait so tests can capture them.
-pub trait Prompt: Send + Sync {
-    fn show(&self, message: &str);
-}
-
-/// Writes the instructions to stderr, where the proxy's other messages to the user go.
-pub struct StderrPrompt;
-
-impl Prompt for StderrPrompt {
-    fn show(&self, message: &str) {
-        eprintln!("{message}");
-    }
-}
 
 pub struct DeviceCode {
     http: HttpClient,
@@ -288,8 +276,7 @@ impl Source for DeviceCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entra::chain::tests::options;
-    use crate::entra::test_server::{json, TestServer};
+    use crate::entra::test_server::{json, options, TestServer};
 
     #[derive(Default)]
     struct Captured(Mutex<Vec<String>>);

@@ -194,6 +194,18 @@ impl HttpClient {
     }
 }
 
+/// A client for the plain-HTTP identity endpoints (IMDS, HIMDS): no TLS roots needed or loaded.
+pub fn plain_http_client(
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Result<HttpClient, rustls::Error> {
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Ok(HttpClient::new(Arc::new(tls), connect_timeout, timeout))
+}
+
 /// The URL without its query string.
 pub fn redact(url: &str) -> String {
     match url.split_once('?') {

@@ -14,13 +14,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 
-use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
-use super::http::{HttpClient, HttpError, HttpResponse};
+use super::http::{plain_http_client, HttpClient, HttpError, HttpResponse};
+use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::{decode, EndpointError};
 use super::{SourceError, TokenResponse};
 use crate::auth::refresh::ExpiringToken;
@@ -35,31 +34,6 @@ pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// azure-identity's limit on the challenge file; the agent writes far less.
 const MAX_CHALLENGE_BYTES: u64 = 4096;
-
-/// A client for the plain-HTTP identity endpoints: no TLS roots needed or loaded.
-pub fn plain_http_client(
-    connect_timeout: Duration,
-    timeout: Duration,
-) -> Result<HttpClient, rustls::Error> {
-    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    Ok(HttpClient::new(Arc::new(tls), connect_timeout, timeout))
-}
-
-/// The directory the Connected Machine agent writes challenge files into.
-pub fn default_challenge_dir() -> PathBuf {
-    if cfg!(windows) {
-        let program_data =
-            std::env::var_os("ProgramData").unwrap_or_else(|| "C:\\ProgramData".into());
-        PathBuf::from(program_data)
-            .join("AzureConnectedMachineAgent")
-            .join("Tokens")
-    } else {
-        PathBuf::from("/var/opt/azcmagent/tokens")
-    }
-}
 
 pub enum ManagedIdentity {
     Imds(Imds),
@@ -304,8 +278,7 @@ pub fn read_challenge(path: &Path, allowed_dir: &Path) -> Result<Secret, SourceE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entra::chain::tests::options;
-    use crate::entra::test_server::{json, Reply, TestServer};
+    use crate::entra::test_server::{json, options, Reply, TestServer};
 
     #[tokio::test]
     async fn imds_gets_metadata_true_and_string_numbers() {

@@ -11,7 +11,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::http::HttpClient;
+use super::http::{plain_http_client, HttpClient};
+use super::source::{ChainOptions, StderrPrompt};
+use super::{ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -127,8 +129,7 @@ impl TestServer {
 
 /// A client for plain http:// test servers.
 pub fn client() -> HttpClient {
-    super::managed_identity::plain_http_client(Duration::from_secs(1), Duration::from_secs(5))
-        .expect("a TLS-less client")
+    plain_http_client(Duration::from_secs(1), Duration::from_secs(5)).expect("a TLS-less client")
 }
 
 /// An authority whose host is a test server (the real constructor insists on https).
@@ -137,5 +138,20 @@ pub fn authority(base: &str) -> super::Authority {
         cloud: super::Cloud::AzurePublicCloud,
         host: base.to_string(),
         graph: String::new(),
+    }
+}
+
+/// Options pointing Entra at a test server, prompting nowhere, caching nowhere useful.
+pub fn options(base: &str) -> ChainOptions {
+    ChainOptions {
+        authority: authority(base),
+        tenant: None,
+        server_app_id: ARC_SERVER_APP_ID.into(),
+        client_app_id: ARC_CLIENT_APP_ID.into(),
+        only: None,
+        interactive: false,
+        http: client(),
+        config_dir: std::env::temp_dir().join("clusterconnect-test-unused"),
+        prompt: Arc::new(StderrPrompt),
     }
 }

@@ -226,19 +226,7 @@ impl Validator {
             .tid
             .clone()
             .ok_or(Rejected::MissingClaim("tid"))?;
-        // The tenant is checked before any key fetch, so tokens naming arbitrary tenants
-        // cannot make the agent call Entra; and it is used in one canonical spelling, so case
-        // variants of an allowed tenant cannot each start a fetch of their own.
-        let tenant = uuid::Uuid::parse_str(&claimed)
-            .ok()
-            .map(|t| t.hyphenated().to_string())
-            .filter(|t| {
-                self.config
-                    .tenants
-                    .iter()
-                    .any(|a| a.eq_ignore_ascii_case(t))
-            })
-            .ok_or_else(|| Rejected::Tenant(claimed.chars().take(64).collect()))?;
+        let tenant = self.allowed_tenant(&claimed)?;
         let iss = unverified.iss.clone().unwrap_or_default();
         let issuers = self.config.authority.issuers(&claimed);
         if !issuers.contains(&iss) {
@@ -253,47 +241,78 @@ impl Validator {
         validation.set_audience(&self.audiences);
         validation.set_issuer(&issuers);
         validation.set_required_spec_claims(&["exp", "aud", "iss"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::InvalidSignature => Rejected::Signature,
-                K::ExpiredSignature => Rejected::Expired(unverified.exp.unwrap_or_default()),
-                K::ImmatureSignature => Rejected::NotYetValid(unverified.nbf.unwrap_or_default()),
-                K::InvalidAudience => Rejected::Audience(
-                    unverified
-                        .aud
-                        .as_ref()
-                        .map_or_else(|| "(none)".into(), |a| a.to_string()),
-                    self.audiences[0].clone(),
-                ),
-                K::InvalidIssuer => Rejected::Issuer(iss.clone()),
-                K::MissingRequiredClaim(c) => Rejected::Malformed(format!("no {c} claim")),
-                other => Rejected::Malformed(format!("{other:?}")),
-            }
-        })?;
-        let c = data.claims;
-        let object_id = c.oid.ok_or(Rejected::MissingClaim("oid"))?;
-        // Only `upn` names a user: `preferred_username` and `unique_name` are changeable and,
-        // for guests, hold their home address. Users without one are bound by object id, as
-        // AKS documents for guests. A `system:` name would alias Kubernetes' own identities.
-        let app = c.idtyp.as_deref() == Some("app") || c.scp.is_none();
-        let upn = c
-            .upn
-            .filter(|u| !app && !u.is_empty() && !u.starts_with("system:"));
-        let groups_overage = c.hasgroups
-            || c.claim_names
-                .as_ref()
-                .is_some_and(|n| n.contains_key("groups"));
-        let identity = EntraIdentity {
-            tenant: c.tid,
-            object_id,
-            upn,
-            groups: c.groups,
-            groups_overage,
-        };
-        Ok((identity, c.exp))
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|e| self.rejection(&e, &unverified, &iss))?;
+        identity_of(data.claims)
     }
 
+    /// The tenant is checked before any key fetch, so tokens naming arbitrary tenants cannot
+    /// make the agent call Entra; and it is used in one canonical spelling, so case variants of
+    /// an allowed tenant cannot each start a fetch of their own.
+    fn allowed_tenant(&self, claimed: &str) -> Result<String, Rejected> {
+        uuid::Uuid::parse_str(claimed)
+            .ok()
+            .map(|t| t.hyphenated().to_string())
+            .filter(|t| {
+                self.config
+                    .tenants
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(t))
+            })
+            .ok_or_else(|| Rejected::Tenant(claimed.chars().take(64).collect()))
+    }
+
+    /// Which check jsonwebtoken's verification failed, by its error kind.
+    fn rejection(
+        &self,
+        e: &jsonwebtoken::errors::Error,
+        unverified: &Unverified,
+        iss: &str,
+    ) -> Rejected {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match e.kind() {
+            K::InvalidSignature => Rejected::Signature,
+            K::ExpiredSignature => Rejected::Expired(unverified.exp.unwrap_or_default()),
+            K::ImmatureSignature => Rejected::NotYetValid(unverified.nbf.unwrap_or_default()),
+            K::InvalidAudience => Rejected::Audience(
+                unverified
+                    .aud
+                    .as_ref()
+                    .map_or_else(|| "(none)".into(), |a| a.to_string()),
+                self.audiences[0].clone(),
+            ),
+            K::InvalidIssuer => Rejected::Issuer(iss.to_string()),
+            K::MissingRequiredClaim(c) => Rejected::Malformed(format!("no {c} claim")),
+            other => Rejected::Malformed(format!("{other:?}")),
+        }
+    }
+}
+
+/// The identity a verified token stands for, and its `exp`.
+fn identity_of(c: Claims) -> Result<(EntraIdentity, u64), Rejected> {
+    let object_id = c.oid.ok_or(Rejected::MissingClaim("oid"))?;
+    // Only `upn` names a user: `preferred_username` and `unique_name` are changeable and,
+    // for guests, hold their home address. Users without one are bound by object id, as
+    // AKS documents for guests. A `system:` name would alias Kubernetes' own identities.
+    let app = c.idtyp.as_deref() == Some("app") || c.scp.is_none();
+    let upn = c
+        .upn
+        .filter(|u| !app && !u.is_empty() && !u.starts_with("system:"));
+    let groups_overage = c.hasgroups
+        || c.claim_names
+            .as_ref()
+            .is_some_and(|n| n.contains_key("groups"));
+    let identity = EntraIdentity {
+        tenant: c.tid,
+        object_id,
+        upn,
+        groups: c.groups,
+        groups_overage,
+    };
+    Ok((identity, c.exp))
+}
+
+impl Validator {
     /// The verification key `kid` of `tenant`. The tenant's keys are fetched when they are
     /// missing, older than a day, or lack `kid`, but at most once per `refetch_interval`
     /// (failed attempts included), so neither forged key ids nor an Entra outage turn every

@@ -5,9 +5,9 @@
 
 use std::path::PathBuf;
 
-use super::chain::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::client_credential::JWT_BEARER;
 use super::http::HttpClient;
+use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::request_token;
 use super::{default_scope, SourceError};
 use crate::auth::refresh::ExpiringToken;
@@ -91,8 +91,7 @@ impl Source for WorkloadIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entra::chain::tests::options;
-    use crate::entra::test_server::{json, TestServer};
+    use crate::entra::test_server::{json, options, TestServer};
 
     #[tokio::test]
     async fn the_projected_token_is_the_assertion_and_is_reread_each_time() {

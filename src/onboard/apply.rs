@@ -18,7 +18,7 @@ pub const FIELD_MANAGER: &str = "clusterconnect";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{kind} {name}: {source}")]
+    #[error("{kind} {name}")]
     Kube {
         kind: String,
         name: String,

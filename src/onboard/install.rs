@@ -28,7 +28,7 @@ use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{step} in the relay's registry: {source}")]
+    #[error("{step} in the relay's registry")]
     Registry {
         step: &'static str,
         #[source]
@@ -160,46 +160,8 @@ pub async fn connect(
     let ns = request.namespace.as_str();
     let id = &request.id;
     let (local, registered) = local_and_registered(kube, registry, ns, id).await?;
-    let key = match (local, registered) {
-        (Some(key), Some(reg)) if key.matches(&reg.properties.agent_public_key_certificate) => {
-            progress("The cluster is registered with this cluster's agent key; updating");
-            key
-        }
-        // No agent ever reported under this registration and this cluster holds no key: an
-        // earlier `connect` stopped between registering and installing, and its key is gone.
-        // Replace it (the registry lets only an owner do so) rather than strand the name.
-        (None, Some(reg))
-            if reg.properties.connectivity_status == ConnectivityStatus::Connecting =>
-        {
-            progress("The registration never had an agent report (an earlier connect did not finish); replacing its agent key");
-            AgentKey::generate()?
-        }
-        (_, Some(_)) => {
-            return Err(ConnectError::RegisteredElsewhere {
-                name: id.name.clone(),
-                group: id.resource_group.clone(),
-                location: format!("{ns}/{AGENT_NAME}"),
-            })
-        }
-        (Some(key), None) => key,
-        (None, None) => AgentKey::generate()?,
-    };
-    let body = ClusterRequest {
-        location: request.location.clone(),
-        tags: request.tags.clone(),
-        properties: RequestProperties {
-            agent_public_key_certificate: key.public_certificate().to_string(),
-            distribution: Some(request.distribution.clone()),
-            infrastructure: Some(request.infrastructure.clone()),
-        },
-    };
-    registry
-        .put(id, &body)
-        .await
-        .map_err(|source| ConnectError::Registry {
-            step: "registering the cluster",
-            source,
-        })?;
+    let key = choose_key(local, registered, request, progress)?;
+    register(registry, request, &key).await?;
     progress(&format!("Registered {}", id.path()));
     let credential =
         registry
@@ -226,6 +188,74 @@ pub async fn connect(
     })
     .await?;
     progress("The agent is available");
+    read_back(registry, id).await
+}
+
+/// The agent key to register: this cluster's own, a new one, or none when the registration
+/// belongs to another cluster.
+fn choose_key(
+    local: Option<AgentKey>,
+    registered: Option<ConnectedCluster>,
+    request: &ConnectRequest,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<AgentKey, ConnectError> {
+    let id = &request.id;
+    Ok(match (local, registered) {
+        (Some(key), Some(reg)) if key.matches(&reg.properties.agent_public_key_certificate) => {
+            progress("The cluster is registered with this cluster's agent key; updating");
+            key
+        }
+        // No agent ever reported under this registration and this cluster holds no key: an
+        // earlier `connect` stopped between registering and installing, and its key is gone.
+        // Replace it (the registry lets only an owner do so) rather than strand the name.
+        (None, Some(reg))
+            if reg.properties.connectivity_status == ConnectivityStatus::Connecting =>
+        {
+            progress("The registration never had an agent report (an earlier connect did not finish); replacing its agent key");
+            AgentKey::generate()?
+        }
+        (_, Some(_)) => {
+            return Err(ConnectError::RegisteredElsewhere {
+                name: id.name.clone(),
+                group: id.resource_group.clone(),
+                location: format!("{}/{AGENT_NAME}", request.namespace),
+            })
+        }
+        (Some(key), None) => key,
+        (None, None) => AgentKey::generate()?,
+    })
+}
+
+/// Creates or updates the registration with `key`'s public half.
+async fn register(
+    registry: &ManagementClient,
+    request: &ConnectRequest,
+    key: &AgentKey,
+) -> Result<(), ConnectError> {
+    let body = ClusterRequest {
+        location: request.location.clone(),
+        tags: request.tags.clone(),
+        properties: RequestProperties {
+            agent_public_key_certificate: key.public_certificate().to_string(),
+            distribution: Some(request.distribution.clone()),
+            infrastructure: Some(request.infrastructure.clone()),
+        },
+    };
+    registry
+        .put(&request.id, &body)
+        .await
+        .map_err(|source| ConnectError::Registry {
+            step: "registering the cluster",
+            source,
+        })?;
+    Ok(())
+}
+
+/// The registration as the registry holds it once the agent is up.
+async fn read_back(
+    registry: &ManagementClient,
+    id: &ClusterId,
+) -> Result<ConnectedCluster, ConnectError> {
     let cluster = registry
         .get(id)
         .await

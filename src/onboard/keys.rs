@@ -13,10 +13,16 @@ use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot generate the agent key pair: {0}")]
-    Generate(String),
-    #[error("the agent key in Secret {location} is not a PKCS#8 PEM ECDSA P-256 key ({reason}); delete the Secret and run `clusterconnect connect` again, or `clusterconnect disconnect` first")]
-    Unreadable { location: String, reason: String },
+    #[error("cannot generate the agent key pair")]
+    Generate(#[source] rcgen::Error),
+    #[error("the agent key in Secret {location} is not a PKCS#8 PEM ECDSA P-256 key; delete the Secret and run `clusterconnect connect` again, or `clusterconnect disconnect` first")]
+    Unreadable {
+        location: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the agent key in Secret {location} is not a P-256 key; delete the Secret and run `clusterconnect connect` again, or `clusterconnect disconnect` first")]
+    NotP256 { location: String },
 }
 
 /// The agent's key pair. `Debug` never prints the private half.
@@ -36,20 +42,20 @@ impl std::fmt::Debug for AgentKey {
 
 impl AgentKey {
     pub fn generate() -> Result<AgentKey, KeyError> {
-        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| KeyError::Generate(e.to_string()))?;
+        let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(KeyError::Generate)?;
         Ok(AgentKey::from_pair(&pair))
     }
 
     /// The key stored in a cluster's agent Secret; `location` names that Secret in errors.
     pub fn from_pem(pem: &str, location: &str) -> Result<AgentKey, KeyError> {
-        let unreadable = |reason: String| KeyError::Unreadable {
+        let pair = KeyPair::from_pem(pem).map_err(|source| KeyError::Unreadable {
             location: location.to_string(),
-            reason,
-        };
-        let pair = KeyPair::from_pem(pem).map_err(|e| unreadable(e.to_string()))?;
+            source,
+        })?;
         if pair.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(unreadable("not a P-256 key".into()));
+            return Err(KeyError::NotP256 {
+                location: location.to_string(),
+            });
         }
         Ok(AgentKey::from_pair(&pair))
     }

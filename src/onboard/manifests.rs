@@ -1,5 +1,5 @@
 //! The objects `connect` puts in a cluster, as plain data: built from an [`AgentSpec`], applied
-//! by [`super::apply`], or written out as multi-document YAML for GitOps (`connect --dry-run`).
+//! by the `apply` module, or written out as multi-document YAML for GitOps (`connect --dry-run`).
 //!
 //! The agent Deployment is made to pass OpenShift's `restricted` (v2) SCC and the `restricted`
 //! Pod Security Standard as is: non-root without a fixed uid (the SCC assigns one), no
@@ -285,9 +285,9 @@ fn quantities(cpu: &str, memory: &str) -> Option<BTreeMap<String, Quantity>> {
     ]))
 }
 
-fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
-    let selector = BTreeMap::from([(NAME_LABEL.to_string(), AGENT_NAME.to_string())]);
-    let container = Container {
+/// The agent container: non-root, read-only, every capability dropped, the Secret mounted.
+fn agent_container(spec: &AgentSpec) -> Container {
+    Container {
         name: "agent".into(),
         image: Some(spec.image.clone()),
         args: Some(agent_args(spec)),
@@ -320,9 +320,12 @@ fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
             ..VolumeMount::default()
         }]),
         ..Container::default()
-    };
-    // Prefer the two agents on different nodes, without refusing to schedule on one node.
-    let spread = PodAntiAffinity {
+    }
+}
+
+/// Prefers the two agents on different nodes, without refusing to schedule on one node.
+fn spread(selector: &BTreeMap<String, String>) -> PodAntiAffinity {
+    PodAntiAffinity {
         preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
             weight: 100,
             pod_affinity_term: PodAffinityTerm {
@@ -335,13 +338,46 @@ fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
             },
         }]),
         ..PodAntiAffinity::default()
-    };
+    }
+}
+
+/// The pod: the agent's service account, the restricted security context, the Secret volume.
+fn pod_spec(spec: &AgentSpec, selector: &BTreeMap<String, String>) -> PodSpec {
+    PodSpec {
+        service_account_name: Some(AGENT_NAME.into()),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(spread(selector)),
+            ..Affinity::default()
+        }),
+        containers: vec![agent_container(spec)],
+        volumes: Some(vec![Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(AGENT_NAME.into()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        }]),
+        ..PodSpec::default()
+    }
+}
+
+fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
+    let selector = BTreeMap::from([(NAME_LABEL.to_string(), AGENT_NAME.to_string())]);
     Deployment {
         metadata: meta(AGENT_NAME, Some(&spec.namespace)),
         spec: DeploymentSpec {
             replicas: Some(REPLICAS),
             selector: LabelSelector {
-                match_labels: Some(selector),
+                match_labels: Some(selector.clone()),
                 ..LabelSelector::default()
             },
             template: PodTemplateSpec {
@@ -351,31 +387,7 @@ fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
                         .map(|d| BTreeMap::from([(SECRET_DIGEST_ANNOTATION.to_string(), d)])),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(AGENT_NAME.into()),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    affinity: Some(Affinity {
-                        pod_anti_affinity: Some(spread),
-                        ..Affinity::default()
-                    }),
-                    containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "credentials".into(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(AGENT_NAME.into()),
-                            ..SecretVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod_spec(spec, &selector)),
             },
             ..DeploymentSpec::default()
         },
@@ -384,19 +396,17 @@ fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write the {kind} manifest as YAML: {reason}")]
+#[error("cannot write the {kind} manifest as YAML")]
 pub struct YamlError {
     kind: &'static str,
-    reason: String,
+    #[source]
+    source: serde_norway::Error,
 }
 
 /// The manifests as one multi-document YAML stream, for `kubectl apply -f` or a GitOps repo.
 pub fn to_yaml(manifests: &Manifests, placeholders: bool) -> Result<String, YamlError> {
     fn doc<T: serde::Serialize>(kind: &'static str, object: &T) -> Result<String, YamlError> {
-        serde_norway::to_string(object).map_err(|e| YamlError {
-            kind,
-            reason: e.to_string(),
-        })
+        serde_norway::to_string(object).map_err(|source| YamlError { kind, source })
     }
     let mut secret_doc = doc("Secret", &manifests.secret)?;
     if placeholders {

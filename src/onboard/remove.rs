@@ -38,58 +38,10 @@ pub async fn disconnect(
     namespace: &str,
     timeout: Duration,
 ) -> Result<Removal, ConnectError> {
-    let secrets: Api<KubeSecret> = Api::namespaced(kube.clone(), namespace);
-    // Refuses a Secret of another registration, or an unmanaged one, before deleting anything.
-    let (local, registered) = local_and_registered(kube, registry, namespace, id).await?;
-    if let (Some(key), Some(reg)) = (&local, &registered) {
-        if !key.matches(&reg.properties.agent_public_key_certificate) {
-            return Err(ConnectError::RegisteredElsewhere {
-                name: id.name.clone(),
-                group: id.resource_group.clone(),
-                location: format!("{namespace}/{AGENT_NAME}"),
-            });
-        }
-    }
-    // Only an owner may remove the registration (the Listen key is owner-only): check that
-    // before the agent is taken out of the cluster, not after.
-    if registered.is_some() {
-        registry
-            .list_agent_credential(id)
-            .await
-            .map_err(|source| ConnectError::Registry {
-                step: "checking that you own the registration",
-                source,
-            })?;
-    }
+    check_owner(kube, registry, id, namespace).await?;
     let mut removal = Removal::default();
     let namespaces: Api<Namespace> = Api::all(kube.clone());
-    let ns_object = apply::get(&namespaces, namespace).await?;
-    let own_namespace = ns_object.as_ref().is_some_and(is_managed);
-    if own_namespace {
-        if apply::delete(&namespaces, namespace).await? {
-            removal
-                .removed
-                .push(format!("namespace/{namespace} (and everything in it)"));
-        }
-    } else if ns_object.is_some() {
-        // A namespace someone else made: take out only what connect put there.
-        removal.kept.push(format!(
-            "namespace/{namespace}: it was not created by clusterconnect"
-        ));
-        delete_owned(
-            &Api::<Deployment>::namespaced(kube.clone(), namespace),
-            "deployment",
-            &mut removal,
-        )
-        .await?;
-        delete_owned(&secrets, "secret", &mut removal).await?;
-        delete_owned(
-            &Api::<ServiceAccount>::namespaced(kube.clone(), namespace),
-            "serviceaccount",
-            &mut removal,
-        )
-        .await?;
-    }
+    let own_namespace = remove_namespaced(kube, namespace, &mut removal).await?;
     delete_owned(
         &Api::<ClusterRoleBinding>::all(kube.clone()),
         "clusterrolebinding",
@@ -116,6 +68,82 @@ pub async fn disconnect(
         removal.still_terminating = !namespace_gone(&namespaces, namespace, timeout).await?;
     }
     Ok(removal)
+}
+
+/// Refuses, before anything is deleted, a kubeconfig whose cluster holds another
+/// registration's key (or an unmanaged Secret), and a caller who does not own the
+/// registration.
+async fn check_owner(
+    kube: &Client,
+    registry: &ManagementClient,
+    id: &ClusterId,
+    namespace: &str,
+) -> Result<(), ConnectError> {
+    let (local, registered) = local_and_registered(kube, registry, namespace, id).await?;
+    if let (Some(key), Some(reg)) = (&local, &registered) {
+        if !key.matches(&reg.properties.agent_public_key_certificate) {
+            return Err(ConnectError::RegisteredElsewhere {
+                name: id.name.clone(),
+                group: id.resource_group.clone(),
+                location: format!("{namespace}/{AGENT_NAME}"),
+            });
+        }
+    }
+    // Only an owner may remove the registration (the Listen key is owner-only): check that
+    // before the agent is taken out of the cluster, not after.
+    if registered.is_some() {
+        registry
+            .list_agent_credential(id)
+            .await
+            .map_err(|source| ConnectError::Registry {
+                step: "checking that you own the registration",
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Deletes the namespace when clusterconnect made it, else only the agent's objects in it.
+/// Returns whether the namespace itself was clusterconnect's.
+async fn remove_namespaced(
+    kube: &Client,
+    namespace: &str,
+    removal: &mut Removal,
+) -> Result<bool, ApplyError> {
+    let namespaces: Api<Namespace> = Api::all(kube.clone());
+    let ns_object = apply::get(&namespaces, namespace).await?;
+    let own_namespace = ns_object.as_ref().is_some_and(is_managed);
+    if own_namespace {
+        if apply::delete(&namespaces, namespace).await? {
+            removal
+                .removed
+                .push(format!("namespace/{namespace} (and everything in it)"));
+        }
+    } else if ns_object.is_some() {
+        // A namespace someone else made: take out only what connect put there.
+        removal.kept.push(format!(
+            "namespace/{namespace}: it was not created by clusterconnect"
+        ));
+        delete_owned(
+            &Api::<Deployment>::namespaced(kube.clone(), namespace),
+            "deployment",
+            removal,
+        )
+        .await?;
+        delete_owned(
+            &Api::<KubeSecret>::namespaced(kube.clone(), namespace),
+            "secret",
+            removal,
+        )
+        .await?;
+        delete_owned(
+            &Api::<ServiceAccount>::namespaced(kube.clone(), namespace),
+            "serviceaccount",
+            removal,
+        )
+        .await?;
+    }
+    Ok(own_namespace)
 }
 
 /// Deletes `AGENT_NAME` of this kind when clusterconnect made it.

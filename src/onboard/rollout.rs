@@ -29,7 +29,7 @@ pub enum RolloutError {
     },
     #[error("the agent deployment {namespace}/{name} disappeared while waiting for it; was it deleted? Run connect again")]
     Gone { namespace: String, name: String },
-    #[error("reading the agent deployment {namespace}/{name}: {source}")]
+    #[error("reading the agent deployment {namespace}/{name}")]
     Kube {
         namespace: String,
         name: String,

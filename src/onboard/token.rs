@@ -52,7 +52,7 @@ pub enum TokenError {
     Empty { namespace: String, account: String },
     #[error(transparent)]
     Kube(#[from] ApplyError),
-    #[error("{step} {name}: {source}")]
+    #[error("{step} {name}")]
     Write {
         step: &'static str,
         name: String,

@@ -13,7 +13,7 @@ use kube::Api;
 use super::keyvault::{Challenge, VaultCredentials};
 use super::provider_class::Identity;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
-use crate::auth::CredentialSource;
+use crate::auth::{CredentialError, CredentialSource};
 use crate::entra::chain::{ChainOptions, EntraChain, Environment, SourceKind};
 use crate::entra::device_code::Prompt;
 use crate::entra::http::HttpClient;
@@ -65,7 +65,10 @@ impl ChainCredentials {
 }
 
 impl VaultCredentials for ChainCredentials {
-    fn credential(&self, challenge: &Challenge) -> Result<Arc<dyn CredentialSource>, String> {
+    fn credential(
+        &self,
+        challenge: &Challenge,
+    ) -> Result<Arc<dyn CredentialSource>, CredentialError> {
         if let Some(configured) = &self.tenant {
             if !configured.eq_ignore_ascii_case(&challenge.tenant) {
                 tracing::warn!(configured = %configured, vault_tenant = %challenge.tenant, "the vault belongs to another tenant than the one configured; signing in to the vault's tenant");
@@ -89,7 +92,7 @@ impl VaultCredentials for ChainCredentials {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsSecretError {
-    #[error("cannot read Secret {namespace}/{name} for the Key Vault credentials: {source}; create it with kubectl create secret generic {name} --from-literal clientid=<client-id> --from-literal clientsecret=<client-secret>")]
+    #[error("cannot read Secret {namespace}/{name} for the Key Vault credentials; create it with kubectl create secret generic {name} --from-literal clientid=<client-id> --from-literal clientsecret=<client-secret>")]
     Read {
         namespace: String,
         name: String,

@@ -24,8 +24,8 @@ use http::StatusCode;
 use serde::Deserialize;
 use url::Url;
 
-use super::pem::{jwk_to_pem, pkcs12_to_pem, Jwk};
-use crate::auth::CredentialSource;
+use super::pem::{jwk_to_pem, pkcs12_to_pem, Jwk, PemError};
+use crate::auth::{CredentialError, CredentialSource};
 use crate::entra::http::{HttpClient, HttpError, HttpResponse};
 use crate::entra::Cloud;
 use crate::secret::Secret;
@@ -169,13 +169,45 @@ pub struct Challenge {
 /// Turns a vault's challenge into a credential: the proxy's chain with that tenant and
 /// resource, or the service principal of `--credentials-secret`.
 pub trait VaultCredentials: Send + Sync {
-    fn credential(&self, challenge: &Challenge) -> Result<Arc<dyn CredentialSource>, String>;
+    fn credential(
+        &self,
+        challenge: &Challenge,
+    ) -> Result<Arc<dyn CredentialSource>, CredentialError>;
+}
+
+/// Why a vault's 401 challenge cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    #[error("HTTP 401 without WWW-Authenticate: is this URL a Key Vault?")]
+    NoHeader,
+    #[error("not a Bearer challenge: {0:?}")]
+    NotBearer(String),
+    #[error("the challenge has no authorization (the Entra tenant)")]
+    NoAuthorization,
+    #[error("the challenge's authorization {0:?} names no tenant")]
+    NoTenant(String),
+    #[error("the challenge names no resource")]
+    NoResource,
+    #[error("resource {resource:?} is not a URL")]
+    ResourceNotUrl {
+        resource: String,
+        #[source]
+        source: url::ParseError,
+    },
+    #[error("it asks for a token for {resource}, which is not {vault}'s domain; refusing to send a token there")]
+    ForeignResource { resource: String, vault: String },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyVaultError {
     #[error("{url:?} is not a Key Vault URL: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{url:?} is not a Key Vault URL")]
+    NotUrl {
+        url: String,
+        #[source]
+        source: url::ParseError,
+    },
     #[error("{vault}: {what}: access denied (HTTP 403: {message}); grant the identity the \"{role}\" role on the vault (or, for a vault using access policies, get permission on {collection})")]
     Forbidden {
         vault: String,
@@ -197,17 +229,46 @@ pub enum KeyVaultError {
         status: u16,
         message: String,
     },
-    #[error("{vault}: {what}: {source}")]
+    #[error("{vault}: {what}")]
     Http {
         vault: String,
         what: String,
         #[source]
         source: HttpError,
     },
-    #[error("{vault}: no token for Key Vault: {reason}")]
-    Credential { vault: String, reason: String },
-    #[error("{vault}: the vault's authentication challenge cannot be used: {reason}")]
-    Challenge { vault: String, reason: String },
+    #[error("{vault}: no token for Key Vault")]
+    Credential {
+        vault: String,
+        #[source]
+        source: CredentialError,
+    },
+    #[error("{vault}: the vault's authentication challenge cannot be used")]
+    Challenge {
+        vault: String,
+        #[source]
+        source: ChallengeError,
+    },
+    #[error("{vault}: {what}")]
+    Convert {
+        vault: String,
+        what: String,
+        #[source]
+        source: PemError,
+    },
+    #[error("{vault}: {what}: the certificate's sid is not an object id")]
+    Sid {
+        vault: String,
+        what: String,
+        #[source]
+        source: Box<KeyVaultError>,
+    },
+    #[error("{vault}: {what}: nextLink is not a URL")]
+    NextLink {
+        vault: String,
+        what: String,
+        #[source]
+        source: url::ParseError,
+    },
     #[error("{vault}: {what}: {reason}")]
     Content {
         vault: String,
@@ -318,7 +379,10 @@ pub fn parse_id(id: &str) -> Result<(String, ObjectRef), KeyVaultError> {
         url: id.to_string(),
         reason: reason.to_string(),
     };
-    let url = Url::parse(id.trim()).map_err(|e| bad(&e.to_string()))?;
+    let url = Url::parse(id.trim()).map_err(|source| KeyVaultError::NotUrl {
+        url: id.to_string(),
+        source,
+    })?;
     if url.scheme() != "https" {
         return Err(bad("Key Vault is only reached over https://"));
     }
@@ -383,8 +447,12 @@ impl KeyVaultClient {
             url: vault_url.to_string(),
             reason: reason.to_string(),
         };
-        let base =
-            Url::parse(vault_url.trim().trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
+        let base = Url::parse(vault_url.trim().trim_end_matches('/')).map_err(|source| {
+            KeyVaultError::NotUrl {
+                url: vault_url.to_string(),
+                source,
+            }
+        })?;
         if base.scheme() != "https" {
             return Err(bad("Key Vault is only reached over https://"));
         }
@@ -491,13 +559,10 @@ impl KeyVaultClient {
             .is_some_and(|t| t.eq_ignore_ascii_case("application/x-pkcs12"));
         let value = match (is_pfx, format) {
             (true, Format::Pem) => {
-                let der = STANDARD.decode(bundle.value.trim()).map_err(|e| {
-                    self.content(
-                        &object.to_string(),
-                        format!("PKCS#12 content is not base64: {e}"),
-                    )
-                })?;
-                pkcs12_to_pem(&der).map_err(|e| self.content(&object.to_string(), e))?
+                let der = STANDARD
+                    .decode(bundle.value.trim())
+                    .map_err(|e| self.convert(object, PemError::Pkcs12Base64(e)))?;
+                pkcs12_to_pem(&der).map_err(|e| self.convert(object, e))?
             }
             (false, Format::Pfx) if object.kind == ObjectType::Cert => {
                 return Err(self.content(
@@ -522,7 +587,7 @@ impl KeyVaultClient {
         let what = object.to_string();
         let resp = self.get(&url, &what, ObjectType::Key).await?;
         let bundle: KeyBundle = self.decode(&resp, &url, &what)?;
-        let pem = jwk_to_pem(&bundle.key.jwk).map_err(|e| self.content(&what, e))?;
+        let pem = jwk_to_pem(&bundle.key.jwk).map_err(|e| self.convert(object, e))?;
         Ok(Fetched {
             value: Secret::new(pem),
             version: version_of(&bundle.key.kid),
@@ -541,7 +606,11 @@ impl KeyVaultClient {
         let bundle: CertificateBundle = self.decode(&resp, &url, &what)?;
         // The private key lives in the certificate's backing secret, named by `sid`; only its
         // name and version are taken, so the token never goes to a host the answer names.
-        let (_, backing) = parse_id(&bundle.sid).map_err(|e| self.content(&what, e.to_string()))?;
+        let (_, backing) = parse_id(&bundle.sid).map_err(|e| KeyVaultError::Sid {
+            vault: self.vault.clone(),
+            what: what.clone(),
+            source: Box::new(e),
+        })?;
         if backing.kind != ObjectType::Secret || !valid_segment(&backing.name) {
             return Err(self.content(&what, "the certificate's sid does not name a secret".into()));
         }
@@ -567,8 +636,11 @@ impl KeyVaultClient {
 
     /// A `nextLink` only if it points back at this vault.
     fn same_vault(&self, link: &str, what: &str) -> Result<String, KeyVaultError> {
-        let url = Url::parse(link)
-            .map_err(|e| self.content(what, format!("nextLink is not a URL: {e}")))?;
+        let url = Url::parse(link).map_err(|source| KeyVaultError::NextLink {
+            vault: self.vault.clone(),
+            what: what.to_string(),
+            source,
+        })?;
         if url.scheme() != self.base.scheme()
             || url.host_str() != self.base.host_str()
             || url.port_or_known_default() != self.base.port_or_known_default()
@@ -589,6 +661,14 @@ impl KeyVaultClient {
             vault: self.vault.clone(),
             what: what.to_string(),
             reason,
+        }
+    }
+
+    fn convert(&self, object: &ObjectRef, source: PemError) -> KeyVaultError {
+        KeyVaultError::Convert {
+            vault: self.vault.clone(),
+            what: object.to_string(),
+            source,
         }
     }
 
@@ -617,9 +697,9 @@ impl KeyVaultClient {
                 .token()
                 .await
                 .map(Some)
-                .map_err(|e| KeyVaultError::Credential {
+                .map_err(|source| KeyVaultError::Credential {
                     vault: self.vault.clone(),
-                    reason: e.to_string(),
+                    source,
                 }),
         }
     }
@@ -627,13 +707,13 @@ impl KeyVaultClient {
     /// Reads the challenge and picks the credential for it. Returns false when the challenge
     /// is the one already answered (the token itself was refused).
     fn accept_challenge(&self, resp: &HttpResponse) -> Result<bool, KeyVaultError> {
-        let fail = |reason: String| KeyVaultError::Challenge {
+        let fail = |source: ChallengeError| KeyVaultError::Challenge {
             vault: self.vault.clone(),
-            reason,
+            source,
         };
-        let header = resp.header("www-authenticate").ok_or_else(|| {
-            fail("HTTP 401 without WWW-Authenticate: is this URL a Key Vault?".into())
-        })?;
+        let header = resp
+            .header("www-authenticate")
+            .ok_or_else(|| fail(ChallengeError::NoHeader))?;
         let challenge = parse_challenge(header).map_err(fail)?;
         self.check_resource(&challenge.resource).map_err(fail)?;
         let mut auth = self.auth.lock().unwrap_or_else(|p| p.into_inner());
@@ -641,10 +721,10 @@ impl KeyVaultClient {
             return Ok(false);
         }
         tracing::debug!(vault = %self.vault, tenant = %challenge.tenant, resource = %challenge.resource, "Key Vault authentication challenge");
-        let credential = self.credentials.credential(&challenge).map_err(|reason| {
+        let credential = self.credentials.credential(&challenge).map_err(|source| {
             KeyVaultError::Credential {
                 vault: self.vault.clone(),
-                reason,
+                source,
             }
         })?;
         *auth = Some((challenge, credential));
@@ -653,9 +733,11 @@ impl KeyVaultClient {
 
     /// The resource must be the vault's parent domain (`vault.azure.net` for
     /// `x.vault.azure.net`), so a token for one service is never handed to another host.
-    fn check_resource(&self, resource: &str) -> Result<(), String> {
-        let url =
-            Url::parse(resource).map_err(|e| format!("resource {resource:?} is not a URL: {e}"))?;
+    fn check_resource(&self, resource: &str) -> Result<(), ChallengeError> {
+        let url = Url::parse(resource).map_err(|source| ChallengeError::ResourceNotUrl {
+            resource: resource.to_string(),
+            source,
+        })?;
         let domain = url.host_str().unwrap_or_default().to_ascii_lowercase();
         let host = self.vault.to_ascii_lowercase();
         if !domain.is_empty() && host.ends_with(&format!(".{domain}")) {
@@ -665,10 +747,10 @@ impl KeyVaultClient {
         if loopback && KNOWN_RESOURCES.contains(&resource.trim_end_matches('/')) {
             return Ok(());
         }
-        Err(format!(
-            "it asks for a token for {resource}, which is not {}'s domain; refusing to send a token there",
-            self.vault
-        ))
+        Err(ChallengeError::ForeignResource {
+            resource: resource.to_string(),
+            vault: self.vault.clone(),
+        })
     }
 
     /// GET with the challenge handled and throttling retried.
@@ -788,12 +870,12 @@ fn retry_after(resp: &HttpResponse) -> Option<Duration> {
 
 /// `Bearer authorization="https://login.microsoftonline.com/<tenant>", resource="..."` (or the
 /// newer `authorization_uri` and `scope="<resource>/.default"`).
-pub fn parse_challenge(header: &str) -> Result<Challenge, String> {
+pub fn parse_challenge(header: &str) -> Result<Challenge, ChallengeError> {
     let rest = header
         .trim()
         .strip_prefix("Bearer")
         .or_else(|| header.trim().strip_prefix("bearer"))
-        .ok_or_else(|| format!("not a Bearer challenge: {header:?}"))?;
+        .ok_or_else(|| ChallengeError::NotBearer(header.to_string()))?;
     let mut authorization = None;
     let mut resource = None;
     for part in rest.split(',') {
@@ -810,18 +892,15 @@ pub fn parse_challenge(header: &str) -> Result<Challenge, String> {
             _ => {}
         }
     }
-    let authorization =
-        authorization.ok_or("the challenge has no authorization (the Entra tenant)")?;
+    let authorization = authorization.ok_or(ChallengeError::NoAuthorization)?;
     let tenant = Url::parse(&authorization)
         .ok()
         .and_then(|u| {
             u.path_segments()
                 .and_then(|mut s| s.find(|s| !s.is_empty()).map(str::to_string))
         })
-        .ok_or_else(|| {
-            format!("the challenge's authorization {authorization:?} names no tenant")
-        })?;
-    let resource = resource.ok_or("the challenge names no resource")?;
+        .ok_or_else(|| ChallengeError::NoTenant(authorization.clone()))?;
+    let resource = resource.ok_or(ChallengeError::NoResource)?;
     Ok(Challenge {
         tenant,
         resource: resource.trim_end_matches('/').to_string(),
@@ -844,6 +923,7 @@ mod tests {
         assert!(
             parse_challenge(r#"Bearer resource="https://vault.azure.net""#)
                 .unwrap_err()
+                .to_string()
                 .contains("tenant")
         );
     }
@@ -875,8 +955,11 @@ mod tests {
 
     struct NoCredentials;
     impl VaultCredentials for NoCredentials {
-        fn credential(&self, _: &Challenge) -> Result<Arc<dyn CredentialSource>, String> {
-            Err("none".into())
+        fn credential(&self, _: &Challenge) -> Result<Arc<dyn CredentialSource>, CredentialError> {
+            Err(CredentialError::Unavailable {
+                source_name: "test".into(),
+                reason: "none".into(),
+            })
         }
     }
 
@@ -892,7 +975,8 @@ mod tests {
         assert!(client.check_resource("https://vault.azure.net").is_ok());
         let err = client
             .check_resource("https://management.azure.com")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("refusing"), "{err}");
         let local =
             KeyVaultClient::new(http, "https://127.0.0.1:9443", Arc::new(NoCredentials)).unwrap();

@@ -8,13 +8,13 @@ use crate::files::write_private;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("cannot create mount directory {path}: {source}; check the path and its permissions")]
+    #[error("cannot create mount directory {path}; check the path and its permissions")]
     CreateDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}; check that the directory is writable")]
+    #[error("cannot write {path}; check that the directory is writable")]
     Write {
         path: PathBuf,
         #[source]

@@ -1,9 +1,9 @@
 //! What Key Vault returns, in the PEM files the CSI driver writes: a key's public half (a JWK)
 //! as a SubjectPublicKeyInfo, and a certificate's PKCS#12 bundle as the private key followed by
 //! the certificate chain. The DER here is the handful of shapes those need, written by hand so
-//! no ASN.1 library is pulled in for two structures.
+//! no ASN.1 library is pulled in for two structures; the PEM armour is the `pem` crate's.
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
 
@@ -19,6 +19,32 @@ const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
 /// secp521r1 (1.3.132.0.35).
 const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
+
+/// Why a key or a PKCS#12 bundle from Key Vault cannot be turned into PEM. Values are never
+/// quoted, only field names.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    #[error("the {kty} key has no '{field}'")]
+    MissingField { kty: String, field: &'static str },
+    #[error("the key's '{field}' is not base64url")]
+    NotBase64Url {
+        field: &'static str,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("the EC key's curve {0:?} is not supported; P-256, P-384 and P-521 are")]
+    UnsupportedCurve(Option<String>),
+    #[error("the EC key's coordinates are longer than its curve allows")]
+    CoordinatesTooLong,
+    #[error("key type {0:?} has no public key to export (symmetric keys never leave Key Vault)")]
+    NoPublicKey(String),
+    #[error("PKCS#12 content is not base64")]
+    Pkcs12Base64(#[source] base64::DecodeError),
+    #[error("the PKCS#12 (PFX) content cannot be read")]
+    Pkcs12(#[source] p12_keystore::error::Error),
+    #[error("the PKCS#12 (PFX) content holds no private key")]
+    NoPrivateKey,
+}
 
 /// The public fields of a Key Vault JSON Web Key.
 #[derive(Debug, Deserialize)]
@@ -38,14 +64,15 @@ pub struct Jwk {
 
 /// The key's public half as a PEM `PUBLIC KEY` (SubjectPublicKeyInfo), as the CSI provider
 /// writes keys.
-pub fn jwk_to_pem(jwk: &Jwk) -> Result<String, String> {
-    let field = |value: &Option<String>, name: &str| -> Result<Vec<u8>, String> {
-        let text = value
-            .as_deref()
-            .ok_or_else(|| format!("the {} key has no '{name}'", jwk.kty))?;
+pub fn jwk_to_pem(jwk: &Jwk) -> Result<String, PemError> {
+    let field = |value: &Option<String>, field: &'static str| -> Result<Vec<u8>, PemError> {
+        let text = value.as_deref().ok_or_else(|| PemError::MissingField {
+            kty: jwk.kty.clone(),
+            field,
+        })?;
         URL_SAFE_NO_PAD
             .decode(text.trim_end_matches('='))
-            .map_err(|e| format!("the key's '{name}' is not base64url: {e}"))
+            .map_err(|source| PemError::NotBase64Url { field, source })
     };
     let spki = match jwk.kty.as_str() {
         "RSA" | "RSA-HSM" => {
@@ -65,15 +92,11 @@ pub fn jwk_to_pem(jwk: &Jwk) -> Result<String, String> {
                 Some("P-256") => (OID_P256, 32),
                 Some("P-384") => (OID_P384, 48),
                 Some("P-521") => (OID_P521, 66),
-                other => {
-                    return Err(format!(
-                        "the EC key's curve {other:?} is not supported; P-256, P-384 and P-521 are"
-                    ))
-                }
+                other => return Err(PemError::UnsupportedCurve(other.map(str::to_string))),
             };
             let (x, y) = (field(&jwk.x, "x")?, field(&jwk.y, "y")?);
             if x.len() > size || y.len() > size {
-                return Err("the EC key's coordinates are longer than its curve allows".into());
+                return Err(PemError::CoordinatesTooLong);
             }
             // Uncompressed point: 0x04, then x and y left-padded to the field size.
             let mut point = vec![0x04];
@@ -84,24 +107,16 @@ pub fn jwk_to_pem(jwk: &Jwk) -> Result<String, String> {
             let algorithm = der(0x30, &[der(0x06, OID_EC), der(0x06, curve)].concat());
             der(0x30, &[algorithm, bit_string(&point)].concat())
         }
-        other => {
-            return Err(format!(
-            "key type {other:?} has no public key to export (symmetric keys never leave Key Vault)"
-        ))
-        }
+        other => return Err(PemError::NoPublicKey(other.to_string())),
     };
     Ok(pem_block("PUBLIC KEY", &spki))
 }
 
 /// A PKCS#12 bundle (Key Vault's are protected by the empty password) as PEM: the private key,
 /// then the certificate that goes with it, then the rest of the chain.
-pub fn pkcs12_to_pem(pfx: &[u8]) -> Result<Secret, String> {
-    let archive = p12_keystore::Pkcs12Archive::from_pkcs12(pfx, "")
-        .map_err(|e| format!("the PKCS#12 (PFX) content cannot be read: {e}"))?;
-    let key = archive
-        .keys
-        .first()
-        .ok_or("the PKCS#12 (PFX) content holds no private key")?;
+pub fn pkcs12_to_pem(pfx: &[u8]) -> Result<Secret, PemError> {
+    let archive = p12_keystore::Pkcs12Archive::from_pkcs12(pfx, "").map_err(PemError::Pkcs12)?;
+    let key = archive.keys.first().ok_or(PemError::NoPrivateKey)?;
     let mut out = pem_block("PRIVATE KEY", key.key.as_der());
     let key_id = key.local_key_id.as_ref().map(|id| id.0.clone());
     let (leaf, rest): (Vec<_>, Vec<_>) = archive
@@ -138,15 +153,10 @@ pub fn blocks(text: &str, label: &str) -> String {
     out
 }
 
-pub fn pem_block(label: &str, der: &[u8]) -> String {
-    let text = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in text.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+/// One PEM block as the CSI driver writes it: 64-character lines, `\n` endings.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
 fn der(tag: u8, content: &[u8]) -> Vec<u8> {
@@ -186,6 +196,7 @@ fn bit_string(content: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
     use rcgen::PublicKeyData;
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::SubjectPublicKeyInfoDer;
@@ -239,7 +250,10 @@ mod tests {
             x: None,
             y: None,
         };
-        assert!(jwk_to_pem(&oct).unwrap_err().contains("symmetric"));
+        assert!(jwk_to_pem(&oct)
+            .unwrap_err()
+            .to_string()
+            .contains("symmetric"));
     }
 
     fn header_len(der: &[u8]) -> usize {
@@ -258,6 +272,21 @@ mod tests {
             der[2..h].iter().fold(0, |a, b| (a << 8) | *b as usize)
         };
         (&der[h..h + len], &der[h + len..])
+    }
+
+    #[test]
+    fn pem_blocks_have_64_character_lines_and_lf_endings() {
+        let der: Vec<u8> = (0..=255u8).collect();
+        let text = pem_block("CERTIFICATE", &der);
+        let body = STANDARD.encode(&der);
+        let mut expected = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in body.as_bytes().chunks(64) {
+            expected.push_str(std::str::from_utf8(line).unwrap());
+            expected.push('\n');
+        }
+        expected.push_str("-----END CERTIFICATE-----\n");
+        assert_eq!(text, expected);
+        assert!(!text.contains('\r'));
     }
 
     #[test]

@@ -10,12 +10,48 @@ use serde::Deserialize;
 use super::keyvault::{Format, ObjectRef, ObjectType};
 use crate::entra::Cloud;
 
+/// Why a SecretProviderClass cannot be used; each variant names the part that is wrong.
 #[derive(Debug, thiserror::Error)]
-#[error("SecretProviderClass: {0}")]
-pub struct ProviderClassError(pub String);
-
-fn fail(reason: impl Into<String>) -> ProviderClassError {
-    ProviderClassError(reason.into())
+pub enum ProviderClassError {
+    #[error("SecretProviderClass: not valid YAML")]
+    Yaml(#[source] serde_norway::Error),
+    #[error("SecretProviderClass: expected apiVersion secrets-store.csi.x-k8s.io/v1 and kind SecretProviderClass, found {api_version} {kind}")]
+    NotAProviderClass { api_version: String, kind: String },
+    #[error("SecretProviderClass: '{name}' is for provider {provider:?}; only provider azure (Key Vault) is supported")]
+    Provider { name: String, provider: String },
+    #[error("SecretProviderClass: '{0}' has no parameters.keyvaultName")]
+    NoKeyVault(String),
+    #[error("SecretProviderClass: cloudName: {0}")]
+    Cloud(String),
+    #[error("SecretProviderClass: parameter {name} is {value:?}; use \"true\" or \"false\"")]
+    Flag { name: String, value: String },
+    #[error("SecretProviderClass: '{0}' sets usePodIdentity, and AAD pod identity is retired: use workload identity (clientID) or a managed identity (useVMManagedIdentity) instead")]
+    PodIdentity(String),
+    #[error("SecretProviderClass: '{0}' lists no objects (parameters.objects: array: ...)")]
+    NoObjects(String),
+    #[error("SecretProviderClass: object file name {0:?} must be a plain file name (no '/')")]
+    FileName(String),
+    #[error("SecretProviderClass: two objects are named {0:?}; give one an objectAlias")]
+    DuplicateObject(String),
+    #[error("SecretProviderClass: secretObjects '{0}' has no data")]
+    EmptySecretObject(String),
+    #[error("SecretProviderClass: secretObjects '{secret}' refers to objectName {object:?}, which is not the name or alias of any object in parameters.objects")]
+    UnknownObject { secret: String, object: String },
+    #[error(
+        "SecretProviderClass: parameters.objects is not the expected 'array:' of YAML strings"
+    )]
+    ObjectsArray(#[source] serde_norway::Error),
+    #[error("SecretProviderClass: objects entry {index}")]
+    ObjectEntry {
+        index: usize,
+        #[source]
+        source: serde_norway::Error,
+    },
+    /// `objectType` or `objectFormat` with a value those types do not parse.
+    #[error("SecretProviderClass: object {object:?}: {reason}")]
+    ObjectField { object: String, reason: String },
+    #[error("SecretProviderClass: object {object:?}: unknown objectEncoding {encoding:?}; use utf-8, base64 or hex")]
+    ObjectEncoding { object: String, encoding: String },
 }
 
 /// How the written file is encoded from the object's text.
@@ -158,7 +194,7 @@ struct RawObject {
 }
 
 /// A parameter as text: YAML may make `"false"` a string and `false` a bool; empty is absent.
-fn text(params: &BTreeMap<String, Option<serde_norway::Value>>, name: &str) -> Option<String> {
+fn text(params: &Parameters, name: &str) -> Option<String> {
     let value = params.get(name)?.as_ref()?;
     let s = match value {
         serde_norway::Value::String(s) => s.clone(),
@@ -170,10 +206,9 @@ fn text(params: &BTreeMap<String, Option<serde_norway::Value>>, name: &str) -> O
     (!s.is_empty()).then_some(s)
 }
 
-fn flag(
-    params: &BTreeMap<String, Option<serde_norway::Value>>,
-    name: &str,
-) -> Result<bool, ProviderClassError> {
+type Parameters = BTreeMap<String, Option<serde_norway::Value>>;
+
+fn flag(params: &Parameters, name: &str) -> Result<bool, ProviderClassError> {
     match text(params, name)
         .as_deref()
         .map(str::to_ascii_lowercase)
@@ -181,9 +216,10 @@ fn flag(
     {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
-        Some(other) => Err(fail(format!(
-            "parameter {name} is {other:?}; use \"true\" or \"false\""
-        ))),
+        Some(other) => Err(ProviderClassError::Flag {
+            name: name.to_string(),
+            value: other.to_string(),
+        }),
     }
 }
 
@@ -198,95 +234,27 @@ fn valid_file_name(name: &str) -> bool {
 
 impl ProviderClass {
     pub fn parse(yaml: &str) -> Result<ProviderClass, ProviderClassError> {
-        let doc: Document =
-            serde_norway::from_str(yaml).map_err(|e| fail(format!("not valid YAML: {e}")))?;
-        if !doc.api_version.starts_with("secrets-store.csi.x-k8s.io/")
-            || doc.kind != "SecretProviderClass"
-        {
-            return Err(fail(format!(
-                "expected apiVersion secrets-store.csi.x-k8s.io/v1 and kind SecretProviderClass, found {} {}",
-                doc.api_version, doc.kind
-            )));
-        }
+        let doc: Document = serde_norway::from_str(yaml).map_err(ProviderClassError::Yaml)?;
+        check_kind(&doc)?;
         let name = doc.metadata.name;
-        if doc.spec.provider != "azure" {
-            return Err(fail(format!(
-                "'{name}' is for provider {:?}; only provider azure (Key Vault) is supported",
-                doc.spec.provider
-            )));
-        }
         let params = &doc.spec.parameters;
         let keyvault_name = text(params, "keyvaultName")
-            .ok_or_else(|| fail(format!("'{name}' has no parameters.keyvaultName")))?;
-        let cloud = match text(params, "cloudName") {
-            None => None,
-            Some(c) => Some(
-                c.parse::<Cloud>()
-                    .map_err(|e| fail(format!("cloudName: {e}")))?,
-            ),
-        };
-        if flag(params, "usePodIdentity")? {
-            return Err(fail(format!("'{name}' sets usePodIdentity, and AAD pod identity is retired: use workload identity (clientID) or a managed identity (useVMManagedIdentity) instead")));
-        }
-        let identity = if let Some(client_id) = text(params, "clientID") {
-            Identity::WorkloadIdentity { client_id }
-        } else if flag(params, "useVMManagedIdentity")? {
-            Identity::ManagedIdentity {
-                client_id: text(params, "userAssignedIdentityID"),
-            }
-        } else {
-            Identity::Default
-        };
+            .ok_or_else(|| ProviderClassError::NoKeyVault(name.clone()))?;
+        let cloud = text(params, "cloudName")
+            .map(|c| c.parse::<Cloud>().map_err(ProviderClassError::Cloud))
+            .transpose()?;
+        let identity = identity(&name, params)?;
         let objects = parse_objects(&text(params, "objects").unwrap_or_default())?;
         if objects.is_empty() {
-            return Err(fail(format!(
-                "'{name}' lists no objects (parameters.objects: array: ...)"
-            )));
+            return Err(ProviderClassError::NoObjects(name));
         }
-        let mut seen = BTreeSet::new();
-        for o in &objects {
-            if !valid_file_name(o.file_name()) {
-                return Err(fail(format!(
-                    "object file name {:?} must be a plain file name (no '/')",
-                    o.file_name()
-                )));
-            }
-            if !seen.insert(o.file_name().to_string()) {
-                return Err(fail(format!(
-                    "two objects are named {:?}; give one an objectAlias",
-                    o.file_name()
-                )));
-            }
-        }
-        let mut secret_objects = Vec::new();
-        for raw in doc.spec.secret_objects {
-            if raw.data.is_empty() {
-                return Err(fail(format!(
-                    "secretObjects '{}' has no data",
-                    raw.secret_name
-                )));
-            }
-            let mut data = Vec::new();
-            for d in raw.data {
-                if !seen.contains(&d.object_name) {
-                    return Err(fail(format!(
-                        "secretObjects '{}' refers to objectName {:?}, which is not the name or alias of any object in parameters.objects",
-                        raw.secret_name, d.object_name
-                    )));
-                }
-                data.push(SecretObjectData {
-                    object_name: d.object_name,
-                    key: d.key,
-                });
-            }
-            secret_objects.push(SecretObject {
-                secret_name: raw.secret_name,
-                secret_type: raw.secret_type,
-                labels: raw.labels,
-                annotations: raw.annotations,
-                data,
-            });
-        }
+        let file_names = unique_file_names(&objects)?;
+        let secret_objects = doc
+            .spec
+            .secret_objects
+            .into_iter()
+            .map(|raw| secret_object(raw, &file_names))
+            .collect::<Result<_, _>>()?;
         Ok(ProviderClass {
             name,
             namespace: doc.metadata.namespace,
@@ -300,74 +268,165 @@ impl ProviderClass {
     }
 }
 
+/// Only `secrets-store.csi.x-k8s.io` SecretProviderClasses of provider `azure`.
+fn check_kind(doc: &Document) -> Result<(), ProviderClassError> {
+    if !doc.api_version.starts_with("secrets-store.csi.x-k8s.io/")
+        || doc.kind != "SecretProviderClass"
+    {
+        return Err(ProviderClassError::NotAProviderClass {
+            api_version: doc.api_version.clone(),
+            kind: doc.kind.clone(),
+        });
+    }
+    if doc.spec.provider != "azure" {
+        return Err(ProviderClassError::Provider {
+            name: doc.metadata.name.clone(),
+            provider: doc.spec.provider.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The identity the parameters ask for; `usePodIdentity` is refused.
+fn identity(name: &str, params: &Parameters) -> Result<Identity, ProviderClassError> {
+    if flag(params, "usePodIdentity")? {
+        return Err(ProviderClassError::PodIdentity(name.to_string()));
+    }
+    Ok(if let Some(client_id) = text(params, "clientID") {
+        Identity::WorkloadIdentity { client_id }
+    } else if flag(params, "useVMManagedIdentity")? {
+        Identity::ManagedIdentity {
+            client_id: text(params, "userAssignedIdentityID"),
+        }
+    } else {
+        Identity::Default
+    })
+}
+
+/// The objects' file names, each a plain file name and none twice.
+fn unique_file_names(objects: &[ObjectSpec]) -> Result<BTreeSet<String>, ProviderClassError> {
+    let mut seen = BTreeSet::new();
+    for o in objects {
+        if !valid_file_name(o.file_name()) {
+            return Err(ProviderClassError::FileName(o.file_name().to_string()));
+        }
+        if !seen.insert(o.file_name().to_string()) {
+            return Err(ProviderClassError::DuplicateObject(
+                o.file_name().to_string(),
+            ));
+        }
+    }
+    Ok(seen)
+}
+
+/// One `secretObjects` entry, whose data must name objects of the class.
+fn secret_object(
+    raw: RawSecretObject,
+    file_names: &BTreeSet<String>,
+) -> Result<SecretObject, ProviderClassError> {
+    if raw.data.is_empty() {
+        return Err(ProviderClassError::EmptySecretObject(raw.secret_name));
+    }
+    let mut data = Vec::new();
+    for d in raw.data {
+        if !file_names.contains(&d.object_name) {
+            return Err(ProviderClassError::UnknownObject {
+                secret: raw.secret_name,
+                object: d.object_name,
+            });
+        }
+        data.push(SecretObjectData {
+            object_name: d.object_name,
+            key: d.key,
+        });
+    }
+    Ok(SecretObject {
+        secret_name: raw.secret_name,
+        secret_type: raw.secret_type,
+        labels: raw.labels,
+        annotations: raw.annotations,
+        data,
+    })
+}
+
 fn parse_objects(text: &str) -> Result<Vec<ObjectSpec>, ProviderClassError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let array: ObjectArray = serde_norway::from_str(text).map_err(|e| {
-        fail(format!(
-            "parameters.objects is not the expected 'array:' of YAML strings: {e}"
-        ))
-    })?;
+    let array: ObjectArray =
+        serde_norway::from_str(text).map_err(ProviderClassError::ObjectsArray)?;
     array
         .array
         .iter()
         .enumerate()
         .map(|(i, entry)| {
-            let raw: RawObject = serde_norway::from_str(entry)
-                .map_err(|e| fail(format!("objects entry {}: {e}", i + 1)))?;
-            let kind = match raw
-                .object_type
-                .as_deref()
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-            {
-                None => ObjectType::Secret,
-                Some(t) => t
-                    .parse::<ObjectType>()
-                    .map_err(|e| fail(format!("object {:?}: {e}", raw.object_name)))?,
-            };
-            let format: Format = raw
-                .object_format
-                .as_deref()
-                .unwrap_or("")
-                .parse()
-                .map_err(|e| fail(format!("object {:?}: {e}", raw.object_name)))?;
-            let encoding = match raw
-                .object_encoding
-                .as_deref()
-                .map(|e| e.trim().to_ascii_lowercase())
-                .as_deref()
-            {
-                None | Some("") | Some("utf-8") | Some("utf8") => Encoding::Utf8,
-                Some("base64") => Encoding::Base64,
-                Some("hex") => Encoding::Hex,
-                Some(other) => {
-                    return Err(fail(format!(
-                        "object {:?}: unknown objectEncoding {other:?}; use utf-8, base64 or hex",
-                        raw.object_name
-                    )))
+            let raw: RawObject = serde_norway::from_str(entry).map_err(|source| {
+                ProviderClassError::ObjectEntry {
+                    index: i + 1,
+                    source,
                 }
-            };
-            let _ = raw.object_version_history;
-            Ok(ObjectSpec {
-                object: ObjectRef {
-                    kind,
-                    name: raw.object_name.trim().to_string(),
-                    version: raw
-                        .object_version
-                        .map(|v| v.trim().to_string())
-                        .filter(|v| !v.is_empty()),
-                },
-                alias: raw
-                    .object_alias
-                    .map(|a| a.trim().to_string())
-                    .filter(|a| !a.is_empty()),
-                format,
-                encoding,
-            })
+            })?;
+            object_spec(raw)
         })
         .collect()
+}
+
+/// One entry of `objects`, its type, format and encoding checked.
+fn object_spec(raw: RawObject) -> Result<ObjectSpec, ProviderClassError> {
+    let field = |reason: String| ProviderClassError::ObjectField {
+        object: raw.object_name.clone(),
+        reason,
+    };
+    let kind = match raw
+        .object_type
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        None => ObjectType::Secret,
+        Some(t) => t.parse::<ObjectType>().map_err(field)?,
+    };
+    let format: Format = raw
+        .object_format
+        .as_deref()
+        .unwrap_or("")
+        .parse()
+        .map_err(field)?;
+    let encoding = encoding(&raw)?;
+    let _ = raw.object_version_history;
+    Ok(ObjectSpec {
+        object: ObjectRef {
+            kind,
+            name: raw.object_name.trim().to_string(),
+            version: raw
+                .object_version
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty()),
+        },
+        alias: raw
+            .object_alias
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty()),
+        format,
+        encoding,
+    })
+}
+
+fn encoding(raw: &RawObject) -> Result<Encoding, ProviderClassError> {
+    match raw
+        .object_encoding
+        .as_deref()
+        .map(|e| e.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") | Some("utf-8") | Some("utf8") => Ok(Encoding::Utf8),
+        Some("base64") => Ok(Encoding::Base64),
+        Some("hex") => Ok(Encoding::Hex),
+        Some(other) => Err(ProviderClassError::ObjectEncoding {
+            object: raw.object_name.clone(),
+            encoding: other.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::sync::Syncer;
+use crate::tunnel::http::error_chain;
 
 /// Runs passes every `interval` until `shutdown`; the first pass is the caller's.
 pub async fn run(syncer: &mut Syncer, interval: Duration, shutdown: CancellationToken) {
@@ -25,7 +26,7 @@ pub async fn run(syncer: &mut Syncer, interval: Duration, shutdown: Cancellation
                 );
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_s = interval.as_secs(), "rotation pass failed; keeping the last good content");
+                tracing::warn!(error = %error_chain(&e), retry_in_s = interval.as_secs(), "rotation pass failed; keeping the last good content");
             }
         }
     }

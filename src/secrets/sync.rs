@@ -1,7 +1,7 @@
 //! One synchronisation pass: fetch every object of the class, write the files of the mount
 //! directory, and create or update the Kubernetes Secrets of `secretObjects`. The syncer keeps
-//! the last good content of every object, so a later pass (see [`super::rotation`]) can tell
-//! what rotated and keep serving an object Key Vault briefly fails to return.
+//! the last good content of every object, so a later pass (the rotation module repeats them)
+//! can tell what rotated and keep serving an object Key Vault briefly fails to return.
 //!
 //! Kubernetes Secrets carry `app.kubernetes.io/managed-by: clusterconnect` and the versions of
 //! the objects they were built from; an existing Secret without that label is never overwritten.
@@ -21,6 +21,7 @@ use super::keyvault::{Fetched, KeyVaultClient, KeyVaultError};
 use super::mount::{write_file, MountError};
 use super::pem::blocks;
 use super::provider_class::{Encoding, ObjectSpec, ProviderClass, SecretObject};
+use crate::tunnel::http::error_chain;
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "clusterconnect";
@@ -30,21 +31,28 @@ pub const CLASS_ANNOTATION: &str = "clusterconnect.io/secret-provider-class";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("{count} of {total} objects could not be fetched: {}", .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    /// Several causes, so each is written out with its own chain rather than kept as a source.
+    #[error("{count} of {total} objects could not be fetched: {}", .errors.iter().map(|e| error_chain(e)).collect::<Vec<_>>().join("; "))]
     Fetch {
         count: usize,
         total: usize,
         errors: Vec<KeyVaultError>,
     },
-    #[error("object {object}: objectEncoding {encoding} does not fit its content: {reason}")]
-    Encoding {
+    #[error("object {object}: objectEncoding base64 does not fit its content")]
+    Base64 {
         object: String,
-        encoding: &'static str,
-        reason: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("object {object}: objectEncoding hex does not fit its content")]
+    Hex {
+        object: String,
+        #[source]
+        source: HexError,
     },
     #[error(transparent)]
     Mount(#[from] MountError),
-    #[error("Kubernetes Secret {namespace}/{name}: {source}")]
+    #[error("Kubernetes Secret {namespace}/{name}")]
     Kube {
         namespace: String,
         name: String,
@@ -53,6 +61,15 @@ pub enum SyncError {
     },
     #[error("Kubernetes Secret {namespace}/{name} exists and is not managed by clusterconnect (no {MANAGED_BY_LABEL}={MANAGED_BY} label); delete it or choose another secretName")]
     NotManaged { namespace: String, name: String },
+}
+
+/// Why a hex value does not decode; never quotes the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HexError {
+    #[error("odd number of hex digits")]
+    OddLength,
+    #[error("not a hex digit pair at offset {0}")]
+    NotHex(usize),
 }
 
 /// What happened to one Kubernetes Secret.
@@ -123,7 +140,7 @@ impl Syncer {
                 }
                 Err(e) => match self.last.get(&name) {
                     Some(previous) => {
-                        tracing::warn!(object = %name, error = %e, version = %previous.version, "Key Vault did not return the object; keeping the last good version");
+                        tracing::warn!(object = %name, error = %error_chain(&e), version = %previous.version, "Key Vault did not return the object; keeping the last good version");
                         report.kept.push(name.clone());
                         current.insert(name, previous.clone());
                     }
@@ -170,23 +187,21 @@ impl Syncer {
 /// The file content of an object: its text, or the bytes its base64 or hex encodes.
 fn encode(spec: &ObjectSpec, fetched: &Fetched) -> Result<Vec<u8>, SyncError> {
     let text = fetched.value.expose();
-    let fail = |encoding: &'static str, reason: String| SyncError::Encoding {
-        object: spec.file_name().to_string(),
-        encoding,
-        reason,
-    };
+    let object = spec.file_name().to_string();
     match spec.encoding {
         Encoding::Utf8 => Ok(text.as_bytes().to_vec()),
         Encoding::Base64 => STANDARD
             .decode(text.trim())
-            .map_err(|e| fail("base64", e.to_string())),
-        Encoding::Hex => decode_hex(text.trim()).map_err(|reason| fail("hex", reason)),
+            .map_err(|source| SyncError::Base64 { object, source }),
+        Encoding::Hex => {
+            decode_hex(text.trim()).map_err(|source| SyncError::Hex { object, source })
+        }
     }
 }
 
-fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
+fn decode_hex(text: &str) -> Result<Vec<u8>, HexError> {
     if text.len() % 2 != 0 {
-        return Err("odd number of hex digits".into());
+        return Err(HexError::OddLength);
     }
     text.as_bytes()
         .chunks(2)
@@ -195,7 +210,7 @@ fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
             std::str::from_utf8(pair)
                 .ok()
                 .and_then(|p| u8::from_str_radix(p, 16).ok())
-                .ok_or_else(|| format!("not a hex digit pair at offset {}", i * 2))
+                .ok_or(HexError::NotHex(i * 2))
         })
         .collect()
 }
@@ -362,7 +377,7 @@ mod tests {
     #[test]
     fn hex_decodes_and_says_where_it_fails_without_the_value() {
         assert_eq!(decode_hex("00ff10").unwrap(), vec![0, 255, 16]);
-        let err = decode_hex("zz").unwrap_err();
+        let err = decode_hex("zz").unwrap_err().to_string();
         assert!(err.contains("offset 0") && !err.contains("zz"), "{err}");
     }
 }
