@@ -23,7 +23,12 @@ const MAX_BODY: usize = 8 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("{url}: {reason}")]
-    Transport { url: String, reason: String },
+    Transport {
+        url: String,
+        reason: String,
+        /// The connection attempt itself timed out (an endpoint that is not there).
+        connect_timed_out: bool,
+    },
     #[error("{url}: no answer within {}s", .after.as_secs())]
     Timeout { url: String, after: Duration },
     #[error("{url}: response is not the expected JSON: {reason}")]
@@ -152,6 +157,7 @@ impl HttpClient {
         let transport = |reason: String| HttpError::Transport {
             url: shown.clone(),
             reason,
+            connect_timed_out: false,
         };
         let mut req = Request::builder()
             .method(method)
@@ -171,7 +177,11 @@ impl HttpClient {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| transport(error_chain(&e)))?;
+                .map_err(|e| HttpError::Transport {
+                    url: shown.clone(),
+                    reason: error_chain(&e),
+                    connect_timed_out: e.is_connect() && has_timed_out_io(&e),
+                })?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
@@ -192,6 +202,20 @@ impl HttpClient {
             }),
         }
     }
+}
+
+/// Whether an `io::Error` of kind `TimedOut` is among the causes.
+fn has_timed_out_io(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A client for the plain-HTTP identity endpoints (IMDS, HIMDS): no TLS roots needed or loaded.

@@ -137,8 +137,14 @@ impl Imds {
     }
 
     fn unreachable(&self, e: &HttpError) -> String {
-        let text = e.to_string();
-        if text.contains("timed out") || matches!(e, HttpError::Timeout { .. }) {
+        if matches!(
+            e,
+            HttpError::Timeout { .. }
+                | HttpError::Transport {
+                    connect_timed_out: true,
+                    ..
+                }
+        ) {
             format!(
                 "IMDS at {} did not answer within {}s",
                 self.base,
