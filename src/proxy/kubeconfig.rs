@@ -90,11 +90,14 @@ pub struct Foreign {
 }
 
 fn describe(entries: &[Foreign]) -> String {
-    let parts: Vec<String> = entries
+    let mut parts: Vec<String> = entries
         .iter()
         .map(|f| format!("a {} named '{}'", f.kind, f.name))
         .collect();
-    parts.join(", ")
+    match parts.pop() {
+        Some(last) if !parts.is_empty() => format!("{} and {last}", parts.join(", ")),
+        last => last.unwrap_or_default(),
+    }
 }
 
 /// What the proxy writes for one connection.
@@ -580,7 +583,7 @@ current-context: edge
         )
         .unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("a context named 'edge'"), "{message}");
+        assert!(message.contains("a context named 'edge' that"), "{message}");
         assert!(
             message.contains("context 'edge' cannot be added"),
             "{message}"
@@ -633,6 +636,23 @@ current-context: edge
             assert_eq!(found.len(), 1, "{text}");
             assert_eq!(found[0].kind, kind);
         }
+    }
+
+    #[test]
+    fn the_message_lists_every_foreign_entry() {
+        let f = |kind, name: &str| Foreign {
+            kind,
+            name: name.into(),
+        };
+        assert_eq!(describe(&[f("context", "a")]), "a context named 'a'");
+        assert_eq!(
+            describe(&[
+                f("context", "a"),
+                f("cluster", "a"),
+                f("user", "clusterconnect-a")
+            ]),
+            "a context named 'a', a cluster named 'a' and a user named 'clusterconnect-a'"
+        );
     }
 
     #[test]
