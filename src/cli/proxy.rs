@@ -36,6 +36,10 @@ pub struct Args {
     /// Add the contexts without changing current-context.
     #[arg(long)]
     pub keep_context: bool,
+    /// Replace a same-name context, cluster or user that clusterconnect did not write (by
+    /// default the proxy refuses to touch it).
+    #[arg(long)]
+    pub overwrite_context: bool,
     /// Format of the readiness line printed on stdout once traffic flows.
     #[arg(long, short = 'o', value_enum, default_value_t = ReadyFormat::Text)]
     pub output: ReadyFormat,
@@ -68,20 +72,37 @@ impl Started {
             .collect()
     }
 
-    /// Merges one context per cluster into the kubeconfig at `path`; the first becomes current
-    /// unless `keep_context`.
-    pub fn write_kubeconfig(&self, path: &Path, keep_context: bool) -> anyhow::Result<()> {
-        for (i, (name, server)) in self.entries().iter().enumerate() {
-            let token = local_token(&self.local_secret, name);
-            let entry = Entry {
+    /// Merges one context per cluster into the kubeconfig at `path`, all under one lock; the
+    /// first becomes current unless `keep_context`. Same-name entries clusterconnect did not
+    /// write are refused unless `overwrite`.
+    pub fn write_kubeconfig(
+        &self,
+        path: &Path,
+        keep_context: bool,
+        overwrite: bool,
+    ) -> anyhow::Result<()> {
+        let entries = self.entries();
+        let tokens: Vec<Secret> = entries
+            .iter()
+            .map(|(name, _)| local_token(&self.local_secret, name))
+            .collect();
+        let entries: Vec<Entry> = entries
+            .iter()
+            .zip(&tokens)
+            .map(|((name, server), token)| Entry {
                 name,
                 server,
                 ca_pem: &self.ca_pem,
-                token: &token,
-            };
-            kubeconfig::write(path, &entry, i == 0 && !keep_context)
-                .context("cannot write the kubeconfig context")?;
-        }
+                token,
+            })
+            .collect();
+        let options = kubeconfig::Options {
+            set_current: !keep_context,
+            overwrite,
+            lock_wait: kubeconfig::LOCK_WAIT,
+        };
+        kubeconfig::write_many(path, &entries, &options)
+            .context("cannot write the kubeconfig context")?;
         Ok(())
     }
 
@@ -95,7 +116,11 @@ impl Started {
                 ca_pem: &self.ca_pem,
                 token: &token,
             };
-            text = kubeconfig::merge(&text, &entry, i == 0, Path::new("-"))?;
+            let options = kubeconfig::Options {
+                set_current: i == 0,
+                ..kubeconfig::Options::default()
+            };
+            text = kubeconfig::merge(&text, &entry, &options, Path::new("-"))?;
         }
         Ok(text)
     }
@@ -221,18 +246,28 @@ pub async fn wait_ready(
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let clusters = args.clusters.resolve().await?;
+    let kubeconfig_path = match args.file.as_deref() {
+        Some(p) if p.as_os_str() == "-" => None,
+        other => Some(
+            other
+                .map(PathBuf::from)
+                .unwrap_or_else(kubeconfig::default_path),
+        ),
+    };
+    // A context that is not ours is refused before the proxy connects anywhere.
+    if let (Some(path), false) = (&kubeconfig_path, args.overwrite_context) {
+        let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
+        kubeconfig::check_foreign(path, &names).context("cannot write the kubeconfig context")?;
+    }
     let started = start(clusters, args.port).await?;
     let names = started.proxy.cluster_names();
-    let target = match args.file.as_deref() {
-        Some(p) if p.as_os_str() == "-" => {
+    let target = match kubeconfig_path {
+        None => {
             print!("{}", started.kubeconfig_text()?);
             "standard output".to_string()
         }
-        other => {
-            let path = other
-                .map(PathBuf::from)
-                .unwrap_or_else(kubeconfig::default_path);
-            started.write_kubeconfig(&path, args.keep_context)?;
+        Some(path) => {
+            started.write_kubeconfig(&path, args.keep_context, args.overwrite_context)?;
             path.display().to_string()
         }
     };

@@ -53,7 +53,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
         .tempdir()
         .context("cannot create a private temporary directory")?;
     let kubeconfig: PathBuf = dir.path().join("kubeconfig");
-    started.write_kubeconfig(&kubeconfig, false)?;
+    started.write_kubeconfig(&kubeconfig, false, false)?;
 
     let prober = started.proxy.prober();
     let proxy_stop = CancellationToken::new();

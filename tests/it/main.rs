@@ -11,6 +11,7 @@ mod ci_and_clusters;
 mod cli_binaries;
 mod entra_auth;
 mod entra_standin;
+mod files;
 mod onboarding;
 mod registry;
 mod relay_protocol;
