@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{authorize, Right};
-use super::registry::Registry;
+use super::rendezvous::Rendezvous;
 use super::Shared;
 use crate::tunnel::protocol::ControlMessage;
 use crate::tunnel::sas::unix_now;
@@ -31,12 +31,12 @@ pub async fn run(
     mut expiry: u64,
     hosts: Vec<String>,
     shared: Shared,
-    registry: Registry,
+    rendezvous: Rendezvous,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel(QUEUE);
-    let _guard = registry.add_listener(&entity, tx);
-    tracing::info!(entity = %entity, listeners = registry.listener_count(&entity), "listener connected");
+    let _guard = rendezvous.add_listener(&entity, tx);
+    tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener connected");
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.reset();
     let mut last_seen = Instant::now();
@@ -99,5 +99,5 @@ pub async fn run(
         }
     }
     drop(_guard);
-    tracing::info!(entity = %entity, listeners = registry.listener_count(&entity), "listener disconnected");
+    tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener disconnected");
 }

@@ -6,12 +6,12 @@ mod auth;
 pub mod clusters;
 mod config;
 mod control;
-mod registry;
+mod rendezvous;
 mod server;
 mod splice;
 
 pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
-pub use registry::Registry;
+pub use rendezvous::Rendezvous;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -69,7 +69,7 @@ impl Shared {
 #[derive(Clone)]
 pub(crate) struct Ctx {
     pub shared: Shared,
-    pub registry: Registry,
+    pub rendezvous: Rendezvous,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     /// Cancelled when the drain period is over: open rendezvous are then closed.
@@ -85,7 +85,7 @@ pub async fn run(
     config: RelayConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let registry = Registry::default();
+    let rendezvous = Rendezvous::default();
     let tasks = TaskTracker::new();
     let ctx = Ctx {
         shared: Shared {
@@ -100,7 +100,7 @@ pub async fn run(
             clusters: config.clusters.clone(),
             stats: config.stats.clone(),
         },
-        registry,
+        rendezvous,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use uuid::Uuid;
 
 use super::auth::{authorize, status_for, Right};
-use super::registry::AcceptOutcome;
+use super::rendezvous::AcceptOutcome;
 use super::{control, splice, Ctx};
 use crate::tunnel::protocol::{
     Accept, Action, ControlMessage, HcTarget, RemoteEndpoint, HEADER_AUTHORIZATION, QUERY_ACTION,
@@ -190,16 +190,16 @@ fn listen(
     let hosts = accepted_hosts(ctx, req);
     let on_upgrade = hyper::upgrade::on(req);
     let permit = ctx.permit.clone();
-    let (entity, shared, registry, shutdown) = (
+    let (entity, shared, rendezvous, shutdown) = (
         target.entity.clone(),
         ctx.shared.clone(),
-        ctx.registry.clone(),
+        ctx.rendezvous.clone(),
         ctx.shutdown.clone(),
     );
     ctx.tasks.spawn(async move {
         let _permit = permit;
         match server_stream(on_upgrade).await {
-            Ok(ws) => control::run(ws, entity, expiry, hosts, shared, registry, shutdown).await,
+            Ok(ws) => control::run(ws, entity, expiry, hosts, shared, rendezvous, shutdown).await,
             Err(e) => tracing::debug!(error = %e, "listener upgrade failed"),
         }
     });
@@ -243,8 +243,8 @@ async fn connect(
         })
         .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    let reply = ctx.registry.add_pending(&id, &target.entity);
-    let offered = ctx.registry.offer(
+    let reply = ctx.rendezvous.add_pending(&id, &target.entity);
+    let offered = ctx.rendezvous.offer(
         &target.entity,
         ControlMessage::Accept(Accept {
             address,
@@ -257,7 +257,7 @@ async fn connect(
         }),
     );
     if !offered {
-        ctx.registry.remove_pending(&id);
+        ctx.rendezvous.remove_pending(&id);
         return text(
             404,
             format!("no listener is connected for hybrid connection '{}' (is the cluster agent running?)", target.entity),
@@ -298,7 +298,7 @@ async fn connect(
         })) => text(status, description),
         Ok(Err(_)) => text(502, "listener dropped the connection before accepting it"),
         Err(_) => {
-            ctx.registry.remove_pending(&id);
+            ctx.rendezvous.remove_pending(&id);
             text(
                 504,
                 format!(
@@ -320,7 +320,7 @@ fn accept(
         return text(400, "accept without sb-hc-id");
     };
     // The address itself is the credential: random, single-use and short-lived.
-    let Some(reply) = ctx.registry.take_pending(id, &target.entity) else {
+    let Some(reply) = ctx.rendezvous.take_pending(id, &target.entity) else {
         return text(404, "unknown or expired rendezvous address");
     };
     if let Some(code) = target.get(QUERY_STATUS_CODE) {
