@@ -22,9 +22,9 @@ use super::caller::{authenticate, Caller};
 use super::store::Change;
 use super::{Record, Registry, EXPIRED_AFTER, OFFLINE_AFTER, USER_TOKEN_TTL};
 use crate::arm::{
-    signed_message, AgentCredential, AgentStatus, ClusterId, ClusterRequest, ConnectedCluster,
-    ConnectivityStatus, CredentialResults, HybridConnectionConfig, Identity, Properties,
-    SystemData, HEADER_SIGNATURE, HEADER_TIMESTAMP, RESOURCE_TYPE,
+    agent_key, signed_message, AgentCredential, AgentStatus, ClusterId, ClusterRequest,
+    ConnectedCluster, ConnectivityStatus, CredentialResults, HybridConnectionConfig, Identity,
+    Properties, SystemData, CLUSTER_USER_ROLE, HEADER_SIGNATURE, HEADER_TIMESTAMP, RESOURCE_TYPE,
 };
 use crate::relay::Shared;
 use crate::secret::Secret;
@@ -51,9 +51,6 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
         })?
         .to_bytes())
 }
-/// The built-in "Azure Arc Enabled Kubernetes Cluster User Role", the one role that may list
-/// user credentials.
-pub const CLUSTER_USER_ROLE: &str = "00493d72-78f6-4148-b6c5-d3ce8e4799dd";
 /// How far an agent's report timestamp may be from the relay's clock.
 const REPORT_SKEW: Duration = Duration::from_secs(5 * 60);
 
@@ -100,7 +97,7 @@ fn parse(path: &str) -> Option<Result<Target, String>> {
     }
     let id = match ClusterId::new(&subscription, &resource_group, parts.get(7)?) {
         Ok(id) => id,
-        Err(e) => return Some(Err(e)),
+        Err(e) => return Some(Err(e.to_string())),
     };
     Some(Ok(match &parts[8..] {
         [] => Target::Cluster(id),
@@ -328,7 +325,7 @@ fn put(
         return Err((400, "LocationRequired", "location is required".into()));
     }
     agent_key(&request.properties.agent_public_key_certificate)
-        .map_err(|e| (400, "InvalidAgentPublicKeyCertificate", e))?;
+        .map_err(|e| (400, "InvalidAgentPublicKeyCertificate", e.to_string()))?;
     let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
     let now = rfc3339(unix_now());
     let (record, created) = registry
@@ -477,23 +474,6 @@ fn agent_status(
         })
         .map_err(internal)??;
     Ok(empty(204))
-}
-
-/// The raw P-256 point of an `agentPublicKeyCertificate` (base64 SubjectPublicKeyInfo DER).
-pub fn agent_key(certificate: &str) -> Result<Vec<u8>, String> {
-    use base64::Engine;
-    // SubjectPublicKeyInfo of an uncompressed P-256 key: this fixed header, then the point.
-    const P256_SPKI_PREFIX: [u8; 26] = [
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(certificate.trim())
-        .map_err(|_| "agentPublicKeyCertificate is not base64".to_string())?;
-    match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
-        Some(point) if point.len() == 65 && point[0] == 4 => Ok(der[P256_SPKI_PREFIX.len()..].to_vec()),
-        _ => Err("agentPublicKeyCertificate must be an ECDSA P-256 public key (SubjectPublicKeyInfo DER, base64)".into()),
-    }
 }
 
 fn status_of(record: &Record) -> ConnectivityStatus {
@@ -649,16 +629,5 @@ mod tests {
             present(&record).properties.connectivity_status,
             ConnectivityStatus::Expired
         );
-    }
-
-    #[test]
-    fn only_p256_public_keys_are_agent_keys() {
-        use base64::Engine;
-        use rcgen::PublicKeyData;
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let spki = base64::engine::general_purpose::STANDARD.encode(pair.subject_public_key_info());
-        assert_eq!(agent_key(&spki).unwrap().len(), 65);
-        assert!(agent_key("bm90IGEga2V5").is_err());
-        assert!(agent_key("%%%").is_err());
     }
 }

@@ -7,8 +7,9 @@ mod api;
 mod caller;
 mod store;
 
+/// Where it was before it moved to `arm`; `onboard` still names it here.
+pub use crate::arm::agent_key;
 pub(crate) use api::handle;
-pub use api::{agent_key, CLUSTER_USER_ROLE};
 pub use caller::Caller;
 pub use store::{Record, StoreError};
 
