@@ -7,6 +7,9 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use serde::Deserialize;
 
+use super::clusters::Registry;
+use super::rule::Rule;
+use super::state::RelayStats;
 use crate::secret::Secret;
 use crate::tls;
 use crate::tunnel::protocol::validate_entity;
@@ -80,28 +83,16 @@ pub struct RuleFile {
     pub entity: Option<String>,
 }
 
-/// An authorization rule, as Azure Relay has them: a named key with Listen and/or Send rights.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub name: String,
-    pub key: Secret,
-    pub listen: bool,
-    pub send: bool,
-    /// May administer the cluster registry (the management API).
-    pub manage: bool,
-    pub entity: Option<String>,
-}
-
 /// Everything the relay needs to run, validated.
 #[derive(Clone)]
 pub struct RelayConfig {
     pub hostnames: Vec<String>,
     pub rules: Arc<Vec<Rule>>,
     /// The connected-cluster registry and management API; `None` serves only the relay.
-    pub clusters: Option<Arc<super::clusters::Registry>>,
+    pub clusters: Option<Arc<Registry>>,
     pub tls: Arc<ServerConfig>,
     pub max_connections: usize,
-    pub stats: Arc<super::RelayStats>,
+    pub stats: Arc<RelayStats>,
 }
 
 /// Connections beyond this wait for a slot rather than exhausting file descriptors; each costs

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{authorize, Right};
 use super::rendezvous::Rendezvous;
-use super::Shared;
+use super::state::Shared;
 use crate::tunnel::protocol::ControlMessage;
 use crate::tunnel::sas::unix_now;
 use crate::tunnel::upgrade::ServerStream;

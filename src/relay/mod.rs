@@ -7,13 +7,15 @@ pub mod clusters;
 mod config;
 mod control;
 mod rendezvous;
+mod rule;
 mod server;
 mod splice;
+mod state;
 
-pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
+pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 pub use rendezvous::Rendezvous;
-
-use std::sync::atomic::{AtomicU64, Ordering};
+pub use rule::Rule;
+pub use state::RelayStats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,63 +23,17 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use state::{Ctx, Shared};
 
 /// A client that has not finished TLS and its HTTP request by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// On shutdown, open rendezvous streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
-
-/// Counters an operator (and a test) can read: how many rendezvous were made and are open.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub rendezvous_total: AtomicU64,
-    pub rendezvous_open: AtomicU64,
-}
-
-impl RelayStats {
-    pub fn total(&self) -> u64 {
-        self.rendezvous_total.load(Ordering::Relaxed)
-    }
-
-    pub fn open(&self) -> u64 {
-        self.rendezvous_open.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Shared {
-    pub hostnames: Arc<Vec<String>>,
-    pub rules: Arc<Vec<Rule>>,
-    pub clusters: Option<Arc<clusters::Registry>>,
-    pub stats: Arc<RelayStats>,
-}
-
-impl Shared {
-    /// A SAS rule by name: configured rules first, then the registered clusters' own.
-    pub fn rule(&self, name: &str) -> Option<Rule> {
-        if let Some(rule) = self.rules.iter().find(|r| r.name == name) {
-            return Some(rule.clone());
-        }
-        self.clusters.as_ref()?.rule(name)
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Ctx {
-    pub shared: Shared,
-    pub rendezvous: Rendezvous,
-    pub tasks: TaskTracker,
-    pub shutdown: CancellationToken,
-    /// Cancelled when the drain period is over: open rendezvous are then closed.
-    pub closing: CancellationToken,
-    /// This connection's slot under `max_connections`; tasks that outlive the HTTP exchange
-    /// (control channels, splices) hold a clone so the limit counts upgraded connections too.
-    pub permit: Option<Arc<OwnedSemaphorePermit>>,
-}
 
 /// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
 pub async fn run(

@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use super::auth::{authorize, status_for, Right};
 use super::rendezvous::AcceptOutcome;
-use super::{control, splice, Ctx};
+use super::state::Ctx;
+use super::{clusters, control, splice};
 use crate::tunnel::protocol::{
     Accept, Action, ControlMessage, HcTarget, RemoteEndpoint, HEADER_AUTHORIZATION, QUERY_ACTION,
     QUERY_ID, QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION, QUERY_TOKEN,
@@ -52,7 +53,7 @@ pub async fn handle(
             let hosts = accepted_hosts(&ctx, &req);
             let host = public_host(&ctx, &req);
             if let Some(resp) =
-                super::clusters::handle(clusters, &ctx.shared, &hosts, host, req).await
+                clusters::handle(clusters, &|name| ctx.shared.rule(name), &hosts, host, req).await
             {
                 return Ok(resp);
             }

@@ -19,20 +19,27 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::caller::{authenticate, Caller};
-use super::store::Change;
-use super::{Record, Registry, EXPIRED_AFTER, OFFLINE_AFTER, USER_TOKEN_TTL};
+use super::registry::Registry;
+use super::store::{Change, Record, StoreError};
 use crate::arm::{
     agent_key, signed_message, AgentCredential, AgentStatus, ClusterId, ClusterRequest,
     ConnectedCluster, ConnectivityStatus, CredentialResults, HybridConnectionConfig, Identity,
     Properties, SystemData, CLUSTER_USER_ROLE, HEADER_SIGNATURE, HEADER_TIMESTAMP, RESOURCE_TYPE,
 };
-use crate::relay::Shared;
+use crate::relay::rule::FindRule;
 use crate::secret::Secret;
 use crate::tunnel::protocol::RelayAddress;
 use crate::tunnel::sas::{unix_now, SasKey};
 
 /// The relay answers with whole bodies.
 type Body = Full<Bytes>;
+
+/// A cluster whose agent has not reported for this long is Offline.
+pub const OFFLINE_AFTER: Duration = Duration::from_secs(5 * 60);
+/// ... and after this long its credential has lapsed: Expired, and no more user tokens.
+pub const EXPIRED_AFTER: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of the Send tokens `listClusterUserCredential` mints.
+pub const USER_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 const MAX_BODY: usize = 1024 * 1024;
 /// A status report is a few hundred bytes.
@@ -116,7 +123,7 @@ fn parse(path: &str) -> Option<Result<Target, String>> {
 /// `Some` when `path` is a management path; the relay's own routes otherwise.
 pub(crate) async fn handle(
     registry: &Registry,
-    shared: &Shared,
+    rule: &FindRule<'_>,
     hosts: &[String],
     relay_host: Option<String>,
     req: Request<Incoming>,
@@ -124,7 +131,7 @@ pub(crate) async fn handle(
     let target = parse(req.uri().path())?;
     Some(match target {
         Err(e) => error(404, "InvalidResourceType", &e),
-        Ok(target) => serve(registry, shared, hosts, relay_host, req, target)
+        Ok(target) => serve(registry, rule, hosts, relay_host, req, target)
             .await
             .unwrap_or_else(|(status, code, message)| error(status, code, &message)),
     })
@@ -134,7 +141,7 @@ type Refusal = (u16, &'static str, String);
 
 async fn serve(
     registry: &Registry,
-    shared: &Shared,
+    rule: &FindRule<'_>,
     hosts: &[String],
     relay_host: Option<String>,
     req: Request<Incoming>,
@@ -152,12 +159,12 @@ async fn serve(
             return agent_status(registry, id, &path, &parts.headers, &body);
         }
     }
-    let caller = authenticate(registry, shared, hosts, &parts.headers)
+    let caller = authenticate(registry, rule, hosts, &parts.headers)
         .await
         .map_err(|(code, message)| (401, code, message))?;
     let body = read_body(body, MAX_BODY).await?;
     let store = &registry.store;
-    let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
+    let internal = |e: StoreError| (500, "InternalServerError", e.to_string());
     match (target, method) {
         (
             Target::List {
@@ -326,7 +333,7 @@ fn put(
     }
     agent_key(&request.properties.agent_public_key_certificate)
         .map_err(|e| (400, "InvalidAgentPublicKeyCertificate", e.to_string()))?;
-    let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
+    let internal = |e: StoreError| (500, "InternalServerError", e.to_string());
     let now = rfc3339(unix_now());
     let (record, created) = registry
         .store
@@ -421,7 +428,7 @@ fn agent_status(
     headers: &http::HeaderMap,
     body: &Bytes,
 ) -> Result<Response<Body>, Refusal> {
-    let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
+    let internal = |e: StoreError| (500, "InternalServerError", e.to_string());
     let refused = |why: &str| {
         (
             401,

@@ -3,9 +3,9 @@
 
 use http::HeaderMap;
 
-use super::Registry;
+use super::registry::Registry;
 use crate::relay::auth::{authorize, Right};
-use crate::relay::Shared;
+use crate::relay::rule::FindRule;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -41,7 +41,7 @@ impl Caller {
 /// The caller, or why not (an ARM error code and message).
 pub async fn authenticate(
     registry: &Registry,
-    shared: &Shared,
+    rule: &FindRule<'_>,
     hosts: &[String],
     headers: &HeaderMap,
 ) -> Result<Caller, (&'static str, String)> {
@@ -75,7 +75,7 @@ pub async fn authenticate(
     }
     // A SAS token for the relay's root with a Manage rule.
     let now = crate::tunnel::sas::unix_now();
-    match authorize(|n| shared.rule(n), hosts, value, "", Right::Manage, now) {
+    match authorize(rule, hosts, value, "", Right::Manage, now) {
         Ok(_) => {
             let rule = crate::tunnel::sas::SasToken::parse(value)
                 .map(|t| t.key_name)

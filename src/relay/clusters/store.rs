@@ -10,7 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::arm::ConnectedCluster;
-use crate::relay::config::Rule;
+use crate::relay::rule::Rule;
 use crate::secret::Secret;
 
 const CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("connected_clusters");
