@@ -17,12 +17,13 @@ pub use rendezvous::Rendezvous;
 pub use rule::Rule;
 pub use state::RelayStats;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -41,27 +42,8 @@ pub async fn run(
     config: RelayConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let rendezvous = Rendezvous::default();
     let tasks = TaskTracker::new();
-    let ctx = Ctx {
-        shared: Shared {
-            hostnames: Arc::new(
-                config
-                    .hostnames
-                    .iter()
-                    .map(|h| h.to_ascii_lowercase())
-                    .collect(),
-            ),
-            rules: config.rules.clone(),
-            clusters: config.clusters.clone(),
-            stats: config.stats.clone(),
-        },
-        rendezvous,
-        tasks: tasks.clone(),
-        shutdown: shutdown.clone(),
-        closing: CancellationToken::new(),
-        permit: None,
-    };
+    let ctx = context(&config, &tasks, &shutdown);
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -77,29 +59,59 @@ pub async fn run(
         let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await else {
             break;
         };
-        let acceptor = acceptor.clone();
         let mut ctx = ctx.clone();
         ctx.permit = Some(Arc::new(permit));
-        tasks.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with error");
-            }
-        });
+        tasks.spawn(serve_connection(acceptor.clone(), tcp, peer, ctx));
     }
+    drain(&tasks, &closing).await;
+    Ok(())
+}
+
+/// What every connection shares, before it gets its own connection slot.
+fn context(config: &RelayConfig, tasks: &TaskTracker, shutdown: &CancellationToken) -> Ctx {
+    let hostnames = config
+        .hostnames
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    Ctx {
+        shared: Shared {
+            hostnames: Arc::new(hostnames),
+            rules: config.rules.clone(),
+            clusters: config.clusters.clone(),
+            stats: config.stats.clone(),
+        },
+        rendezvous: Rendezvous::default(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+        closing: CancellationToken::new(),
+        permit: None,
+    }
+}
+
+/// TLS, then HTTP/1.1 with upgrades, each phase under the handshake deadline.
+async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, ctx: Ctx) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+    }
+}
+
+/// Lets open streams finish for [`DRAIN`], then closes what is left.
+async fn drain(tasks: &TaskTracker, closing: &CancellationToken) {
     tracing::info!("relay stopping: no new connections, draining open streams");
     tasks.close();
     if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
@@ -107,5 +119,4 @@ pub async fn run(
         closing.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     }
-    Ok(())
 }
