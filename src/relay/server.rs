@@ -230,15 +230,7 @@ async fn connect(
         return text(400, "request has no Host header");
     };
     let id = rendezvous_id(target);
-    let accept = Accept {
-        address: accept_address(&host, &target.entity, &id),
-        id: id.clone(),
-        connect_headers: connect_headers(req),
-        remote_endpoint: Some(RemoteEndpoint {
-            address: peer.ip().to_string(),
-            port: peer.port(),
-        }),
-    };
+    let accept = accept_message(req, target, &host, &id, peer);
     let reply = ctx.rendezvous.add_pending(&id, &target.entity);
     if !ctx
         .rendezvous
@@ -277,6 +269,25 @@ async fn connect(
                 ),
             )
         }
+    }
+}
+
+/// What the listener is offered: where to accept, and who the sender is.
+fn accept_message(
+    req: &Request<Incoming>,
+    target: &HcTarget,
+    host: &str,
+    id: &str,
+    peer: SocketAddr,
+) -> Accept {
+    Accept {
+        address: accept_address(host, &target.entity, id),
+        id: id.to_string(),
+        connect_headers: connect_headers(req),
+        remote_endpoint: Some(RemoteEndpoint {
+            address: peer.ip().to_string(),
+            port: peer.port(),
+        }),
     }
 }
 
