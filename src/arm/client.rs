@@ -7,13 +7,13 @@ use std::time::Duration;
 use http::Method;
 use serde::de::DeserializeOwned;
 
-use super::{
-    signed_message, AgentCredential, AgentStatus, ClusterId, ClusterRequest, ConnectedCluster,
-    CredentialResults, ErrorResponse, HybridConnectionConfig, API_VERSION, HEADER_SIGNATURE,
-    HEADER_TIMESTAMP, RESOURCE_TYPE,
+use super::report::{signed_message, AgentStatus, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use super::resource::{
+    AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, CredentialResults, ErrorResponse,
+    HybridConnectionConfig, API_VERSION, CLUSTER_USER_ROLE, RESOURCE_TYPE,
 };
-use crate::auth::CredentialSource;
-use crate::entra::http::{HttpClient, HttpResponse};
+use crate::auth::{CredentialError, CredentialSource};
+use crate::entra::http::{HttpClient, HttpError, HttpResponse};
 use crate::tunnel::protocol::RelayAddress;
 use crate::tunnel::sas::{unix_now, SasKey};
 
@@ -25,10 +25,18 @@ pub enum ArmError {
         code: String,
         message: String,
     },
-    #[error("cannot reach the relay's management API: {0}")]
-    Transport(String),
-    #[error("no credential for the relay's management API: {0}")]
-    Credential(String),
+    #[error("cannot reach the relay's management API")]
+    Send(#[source] HttpError),
+    #[error("cannot reach the relay's management API")]
+    EncodeRequest(#[source] serde_json::Error),
+    #[error("cannot reach the relay's management API: unexpected answer")]
+    DecodeAnswer(#[source] serde_json::Error),
+    #[error("no credential for the relay's management API")]
+    Token(#[source] CredentialError),
+    #[error("no credential for the relay's management API: pass --admin-key-file, or make an Entra ID credential available")]
+    NoCredential,
+    #[error("no credential for the relay's management API: signing the status report failed")]
+    SignReport,
 }
 
 impl ArmError {
@@ -86,10 +94,8 @@ impl ManagementClient {
                 .token()
                 .await
                 .map(|t| format!("Bearer {}", t.expose()))
-                .map_err(|e| ArmError::Credential(e.to_string())),
-            None => Err(ArmError::Credential(
-                "pass --admin-key-file, or make an Entra ID credential available".into(),
-            )),
+                .map_err(ArmError::Token),
+            None => Err(ArmError::NoCredential),
         }
     }
 
@@ -110,7 +116,7 @@ impl ManagementClient {
                     .await
             }
         }
-        .map_err(|e| ArmError::Transport(e.to_string()))?;
+        .map_err(ArmError::Send)?;
         check(resp)
     }
 
@@ -127,7 +133,7 @@ impl ManagementClient {
         id: &ClusterId,
         request: &ClusterRequest,
     ) -> Result<ConnectedCluster, ArmError> {
-        let body = serde_json::to_value(request).map_err(|e| ArmError::Transport(e.to_string()))?;
+        let body = serde_json::to_value(request).map_err(ArmError::EncodeRequest)?;
         decode(&self.call(Method::PUT, &id.path(), Some(&body)).await?)
     }
 
@@ -188,7 +194,7 @@ impl ManagementClient {
         );
         let body = serde_json::json!({"properties": {
             "principalId": principal_id,
-            "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", crate::relay::clusters::CLUSTER_USER_ROLE),
+            "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{CLUSTER_USER_ROLE}"),
         }});
         self.call(Method::PUT, &path, Some(&body)).await?;
         Ok(assignment)
@@ -212,14 +218,14 @@ impl ManagementClient {
     ) -> Result<(), ArmError> {
         use base64::Engine;
         let path = format!("{}/agentStatus", id.path());
-        let body = serde_json::to_vec(status).map_err(|e| ArmError::Transport(e.to_string()))?;
+        let body = serde_json::to_vec(status).map_err(ArmError::EncodeRequest)?;
         let timestamp = unix_now();
         let signature = key
             .sign(
                 &ring::rand::SystemRandom::new(),
                 &signed_message(timestamp, &path, &body),
             )
-            .map_err(|_| ArmError::Credential("signing the status report failed".into()))?;
+            .map_err(|_| ArmError::SignReport)?;
         let signature = base64::engine::general_purpose::STANDARD.encode(signature.as_ref());
         let timestamp = timestamp.to_string();
         let headers = [
@@ -231,7 +237,7 @@ impl ManagementClient {
             .http
             .send(Method::POST, &self.url(&path), &headers, body.into())
             .await
-            .map_err(|e| ArmError::Transport(e.to_string()))?;
+            .map_err(ArmError::Send)?;
         check(resp).map(|_| ())
     }
 }
@@ -260,6 +266,5 @@ fn check(resp: HttpResponse) -> Result<HttpResponse, ArmError> {
 }
 
 fn decode<T: DeserializeOwned>(resp: &HttpResponse) -> Result<T, ArmError> {
-    serde_json::from_slice(&resp.body)
-        .map_err(|e| ArmError::Transport(format!("unexpected answer: {e}")))
+    serde_json::from_slice(&resp.body).map_err(ArmError::DecodeAnswer)
 }

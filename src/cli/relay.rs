@@ -1,7 +1,7 @@
 //! `clusterconnect relay`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud};
+use crate::relay::clusters::Registry;
 use crate::relay::{EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
 
@@ -34,66 +35,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let file = RelayFile::load(&args.config)?;
     let base = args.config.parent().map(PathBuf::from).unwrap_or_default();
     if args.dev_self_signed && !args.check {
-        for path in file.create_missing_keys(&base)? {
-            eprintln!(
-                "dev mode: created key file {} (agent and proxy take it as --key-file; a manage rule's as --admin-key-file)",
-                path.display()
-            );
-        }
+        create_dev_keys(&file, &base)?;
     }
     let rules = file.rules(&base)?;
     let mut hostnames = file.hostnames.clone();
-    let tls = match (&file.tls, args.dev_self_signed) {
-        (_, true) => {
-            let mut names: Vec<&str> = hostnames.iter().map(String::as_str).collect();
-            names.extend(["localhost", "127.0.0.1", "::1"]);
-            let ca = tls::CertificateAuthority::generate("clusterconnect relay dev CA")?;
-            let leaf = ca.issue_server(&names)?;
-            let ca_path = base.join("relay-dev-ca.crt");
-            if !args.check {
-                std::fs::write(&ca_path, ca.cert_pem())
-                    .with_context(|| format!("cannot write the dev CA to {}", ca_path.display()))?;
-                eprintln!(
-                    "dev self-signed certificate for {}; CA SHA-256 fingerprint {}; clients pass --relay-ca {}",
-                    names.join(", "),
-                    tls::fingerprint_sha256(ca.cert_pem()).unwrap_or_default(),
-                    ca_path.display()
-                );
-            }
-            tls::server_config(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), &[tls::ALPN_HTTP11])?
-        }
-        (Some(files), false) => {
-            let cert = tls::read_pem_file(&base.join(&files.cert_file), "TLS certificate")?;
-            let key = tls::read_pem_file(&base.join(&files.key_file), "TLS key")?;
-            tls::server_config(&cert, &key, &[tls::ALPN_HTTP11])?
-        }
-        (None, false) => anyhow::bail!(
-            "relay config {} has no [tls] section; add cert_file/key_file, or pass --dev-self-signed for local use",
-            args.config.display()
-        ),
-    };
+    let tls = tls_config(&args, &file, &base, &hostnames)?;
     hostnames.retain(|h| !h.is_empty());
     let listen = args
         .listen
         .or(file.listen)
         .context("no listen address: set `listen` in the config or pass --listen")?;
-    let registry_file = base.join(
-        file.registry_file
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("registry.redb")),
-    );
-    let entra = match &file.entra {
-        None => None,
-        Some(e) => Some(management_validator(e).context("relay config [entra]")?),
-    };
-    let clusters = if args.check {
-        None
-    } else {
-        Some(Arc::new(crate::relay::clusters::Registry::open(
-            &registry_file,
-            entra,
-        )?))
-    };
+    let clusters = open_registry(&args, &file, &base)?;
     let config = RelayConfig {
         hostnames,
         rules: Arc::new(rules),
@@ -114,6 +66,88 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .with_context(|| format!("cannot listen on {listen}"))?;
     crate::relay::run(listener, config, shutdown).await?;
     Ok(())
+}
+
+/// Development mode: a fresh key for every rule whose key file is missing, announced.
+fn create_dev_keys(file: &RelayFile, base: &Path) -> anyhow::Result<()> {
+    for path in file.create_missing_keys(base)? {
+        eprintln!(
+            "dev mode: created key file {} (agent and proxy take it as --key-file; a manage rule's as --admin-key-file)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The file's certificate, or with `--dev-self-signed` a throwaway CA and leaf.
+fn tls_config(
+    args: &Args,
+    file: &RelayFile,
+    base: &Path,
+    hostnames: &[String],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    match (&file.tls, args.dev_self_signed) {
+        (_, true) => dev_tls_config(args, base, hostnames),
+        (Some(files), false) => {
+            let cert = tls::read_pem_file(&base.join(&files.cert_file), "TLS certificate")?;
+            let key = tls::read_pem_file(&base.join(&files.key_file), "TLS key")?;
+            Ok(tls::server_config(&cert, &key, &[tls::ALPN_HTTP11])?)
+        }
+        (None, false) => anyhow::bail!(
+            "relay config {} has no [tls] section; add cert_file/key_file, or pass --dev-self-signed for local use",
+            args.config.display()
+        ),
+    }
+}
+
+/// A throwaway CA (written next to the config unless only checking) and a leaf for the
+/// configured names and the loopback ones.
+fn dev_tls_config(
+    args: &Args,
+    base: &Path,
+    hostnames: &[String],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut names: Vec<&str> = hostnames.iter().map(String::as_str).collect();
+    names.extend(["localhost", "127.0.0.1", "::1"]);
+    let ca = tls::CertificateAuthority::generate("clusterconnect relay dev CA")?;
+    let leaf = ca.issue_server(&names)?;
+    let ca_path = base.join("relay-dev-ca.crt");
+    if !args.check {
+        std::fs::write(&ca_path, ca.cert_pem())
+            .with_context(|| format!("cannot write the dev CA to {}", ca_path.display()))?;
+        eprintln!(
+            "dev self-signed certificate for {}; CA SHA-256 fingerprint {}; clients pass --relay-ca {}",
+            names.join(", "),
+            tls::fingerprint_sha256(ca.cert_pem()).unwrap_or_default(),
+            ca_path.display()
+        );
+    }
+    Ok(tls::server_config(
+        leaf.cert_pem.as_bytes(),
+        leaf.key_pem.as_bytes(),
+        &[tls::ALPN_HTTP11],
+    )?)
+}
+
+/// The cluster registry and its Entra validator; `--check` validates `[entra]` but opens no file.
+fn open_registry(
+    args: &Args,
+    file: &RelayFile,
+    base: &Path,
+) -> anyhow::Result<Option<Arc<Registry>>> {
+    let registry_file = base.join(
+        file.registry_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("registry.redb")),
+    );
+    let entra = match &file.entra {
+        None => None,
+        Some(e) => Some(management_validator(e).context("relay config [entra]")?),
+    };
+    if args.check {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(Registry::open(&registry_file, entra)?)))
 }
 
 /// Azure Resource Manager's audience: what `az account get-access-token` issues by default.

@@ -2,7 +2,7 @@
 
 use crate::tunnel::sas::{SasError, SasToken};
 
-use super::config::Rule;
+use super::rule::Rule;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Right {

@@ -7,9 +7,12 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use serde::Deserialize;
 
+use super::auth::is_registered_entity;
+use super::clusters::Registry;
+use super::rule::Rule;
+use super::state::RelayStats;
 use crate::secret::Secret;
-use crate::tls;
-use crate::tunnel::protocol::validate_entity;
+use crate::tunnel::protocol::{validate_entity, AddressError};
 use crate::tunnel::sas::SasKey;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,16 +23,39 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("relay config {path} is not valid: {source}")]
+    #[error("relay config {} is not valid", .path.display())]
     Parse {
         path: PathBuf,
         #[source]
         source: toml::de::Error,
     },
-    #[error("relay config: {0}")]
-    Invalid(String),
-    #[error("relay TLS: {0}")]
-    Tls(#[from] tls::TlsError),
+    #[error("relay config: a rule has an empty name")]
+    EmptyRuleName,
+    #[error("relay config: rule '{0}' is defined twice")]
+    DuplicateRule(String),
+    #[error("relay config: rule '{0}' needs exactly one of 'key' or 'key_file'")]
+    KeySource(String),
+    /// `reason` is `SasKey::parse`'s, which has no error type of its own.
+    #[error("relay config: key file {}: {reason}", .path.display())]
+    KeyFile { path: PathBuf, reason: String },
+    #[error("relay config: key file {} is for rule '{key_rule}', but rule '{rule}' uses it", .path.display())]
+    KeyFileForOtherRule {
+        path: PathBuf,
+        key_rule: String,
+        rule: String,
+    },
+    #[error("relay config: rule '{0}' has a key shorter than 16 characters; generate one with 'clusterconnect sas new-key'")]
+    ShortKey(String),
+    #[error("relay config: rule '{rule}' has unknown right '{right}'; use listen, send or manage")]
+    UnknownRight { rule: String, right: String },
+    #[error("relay config: rule '{0}' grants no rights; add rights = [\"listen\"] or [\"send\"]")]
+    NoRights(String),
+    #[error("relay config")]
+    Entity(#[source] AddressError),
+    #[error("relay config: rule '{0}': names and entities starting with \"cc-\" are reserved for registered clusters")]
+    Reserved(String),
+    #[error("relay config: no [[rules]]: nobody could listen or send; see config/relay.toml")]
+    NoRules,
 }
 
 /// The file as written by the operator.
@@ -80,28 +106,16 @@ pub struct RuleFile {
     pub entity: Option<String>,
 }
 
-/// An authorization rule, as Azure Relay has them: a named key with Listen and/or Send rights.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub name: String,
-    pub key: Secret,
-    pub listen: bool,
-    pub send: bool,
-    /// May administer the cluster registry (the management API).
-    pub manage: bool,
-    pub entity: Option<String>,
-}
-
 /// Everything the relay needs to run, validated.
 #[derive(Clone)]
 pub struct RelayConfig {
     pub hostnames: Vec<String>,
     pub rules: Arc<Vec<Rule>>,
     /// The connected-cluster registry and management API; `None` serves only the relay.
-    pub clusters: Option<Arc<super::clusters::Registry>>,
+    pub clusters: Option<Arc<Registry>>,
     pub tls: Arc<ServerConfig>,
     pub max_connections: usize,
-    pub stats: Arc<super::RelayStats>,
+    pub stats: Arc<RelayStats>,
 }
 
 /// Connections beyond this wait for a slot rather than exhausting file descriptors; each costs
@@ -149,104 +163,143 @@ impl RelayFile {
     }
 
     pub fn rules(&self, base: &Path) -> Result<Vec<Rule>, ConfigError> {
-        let mut rules = Vec::new();
+        let mut rules: Vec<Rule> = Vec::new();
         for r in &self.rules {
             if r.name.trim().is_empty() {
-                return Err(ConfigError::Invalid("a rule has an empty name".into()));
+                return Err(ConfigError::EmptyRuleName);
             }
-            if rules.iter().any(|x: &Rule| x.name == r.name) {
-                return Err(ConfigError::Invalid(format!(
-                    "rule '{}' is defined twice",
-                    r.name
-                )));
+            if rules.iter().any(|x| x.name == r.name) {
+                return Err(ConfigError::DuplicateRule(r.name.clone()));
             }
-            let key = match (&r.key, &r.key_file) {
-                (Some(k), None) => k.trim().to_string(),
-                (None, Some(f)) => {
-                    let f = base.join(f);
-                    let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::Read {
-                        path: f.clone(),
-                        source,
-                    })?;
-                    // Either the bare key or the connection-string form agents and proxies read.
-                    if text.contains("SharedAccessKey=") {
-                        let key = SasKey::parse(&text).map_err(|reason| {
-                            ConfigError::Invalid(format!("key file {}: {reason}", f.display()))
-                        })?;
-                        if key.name != r.name {
-                            return Err(ConfigError::Invalid(format!(
-                                "key file {} is for rule '{}', but rule '{}' uses it",
-                                f.display(),
-                                key.name,
-                                r.name
-                            )));
-                        }
-                        key.key.expose().to_string()
-                    } else {
-                        text.trim().to_string()
-                    }
-                }
-                _ => {
-                    return Err(ConfigError::Invalid(format!(
-                        "rule '{}' needs exactly one of 'key' or 'key_file'",
-                        r.name
-                    )))
-                }
-            };
-            if key.len() < 16 {
-                return Err(ConfigError::Invalid(format!(
-                    "rule '{}' has a key shorter than 16 characters; generate one with 'clusterconnect sas new-key'",
-                    r.name
-                )));
-            }
-            let (mut listen, mut send, mut manage) = (false, false, false);
-            for right in &r.rights {
-                match right.to_ascii_lowercase().as_str() {
-                    "listen" => listen = true,
-                    "send" => send = true,
-                    "manage" => {
-                        listen = true;
-                        send = true;
-                        manage = true
-                    }
-                    other => {
-                        return Err(ConfigError::Invalid(format!(
-                            "rule '{}' has unknown right '{other}'; use listen, send or manage",
-                            r.name
-                        )))
-                    }
-                }
-            }
-            if !listen && !send {
-                return Err(ConfigError::Invalid(format!(
-                    "rule '{}' grants no rights; add rights = [\"listen\"] or [\"send\"]",
-                    r.name
-                )));
-            }
-            if let Some(entity) = &r.entity {
-                validate_entity(entity).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            }
-            let reserved = |s: &str| s.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("cc-"));
-            if reserved(&r.name) || r.entity.as_deref().is_some_and(reserved) {
-                return Err(ConfigError::Invalid(format!(
-                    "rule '{}': names and entities starting with \"cc-\" are reserved for registered clusters",
-                    r.name
-                )));
-            }
-            rules.push(Rule {
-                name: r.name.clone(),
-                key: Secret::new(key),
-                listen,
-                send,
-                manage,
-                entity: r.entity.clone(),
-            });
+            rules.push(r.rule(base)?);
         }
         if rules.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no [[rules]]: nobody could listen or send; see config/relay.toml".into(),
-            ));
+            return Err(ConfigError::NoRules);
         }
         Ok(rules)
+    }
+}
+
+impl RuleFile {
+    /// The rule this entry declares, its key read and its rights and entity checked.
+    fn rule(&self, base: &Path) -> Result<Rule, ConfigError> {
+        let key = self.key(base)?;
+        if key.len() < 16 {
+            return Err(ConfigError::ShortKey(self.name.clone()));
+        }
+        let (listen, send, manage) = self.rights()?;
+        if let Some(entity) = &self.entity {
+            validate_entity(entity).map_err(ConfigError::Entity)?;
+        }
+        if is_registered_entity(&self.name)
+            || self.entity.as_deref().is_some_and(is_registered_entity)
+        {
+            return Err(ConfigError::Reserved(self.name.clone()));
+        }
+        Ok(Rule {
+            name: self.name.clone(),
+            key: Secret::new(key),
+            listen,
+            send,
+            manage,
+            entity: self.entity.clone(),
+        })
+    }
+
+    fn key(&self, base: &Path) -> Result<String, ConfigError> {
+        match (&self.key, &self.key_file) {
+            (Some(k), None) => Ok(k.trim().to_string()),
+            (None, Some(f)) => self.key_from_file(&base.join(f)),
+            _ => Err(ConfigError::KeySource(self.name.clone())),
+        }
+    }
+
+    /// Either the bare key or the connection-string form agents and proxies read.
+    fn key_from_file(&self, path: &Path) -> Result<String, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !text.contains("SharedAccessKey=") {
+            return Ok(text.trim().to_string());
+        }
+        let key = SasKey::parse(&text).map_err(|reason| ConfigError::KeyFile {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        if key.name != self.name {
+            return Err(ConfigError::KeyFileForOtherRule {
+                path: path.to_path_buf(),
+                key_rule: key.name,
+                rule: self.name.clone(),
+            });
+        }
+        Ok(key.key.expose().to_string())
+    }
+
+    /// (listen, send, manage); manage implies the other two.
+    fn rights(&self) -> Result<(bool, bool, bool), ConfigError> {
+        let (mut listen, mut send, mut manage) = (false, false, false);
+        for right in &self.rights {
+            match right.to_ascii_lowercase().as_str() {
+                "listen" => listen = true,
+                "send" => send = true,
+                "manage" => (listen, send, manage) = (true, true, true),
+                other => {
+                    return Err(ConfigError::UnknownRight {
+                        rule: self.name.clone(),
+                        right: other.to_string(),
+                    })
+                }
+            }
+        }
+        if !listen && !send {
+            return Err(ConfigError::NoRights(self.name.clone()));
+        }
+        Ok((listen, send, manage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(toml: &str) -> Result<Vec<Rule>, ConfigError> {
+        toml::from_str::<RelayFile>(toml)
+            .unwrap()
+            .rules(Path::new("."))
+    }
+
+    #[test]
+    fn rules_are_checked_one_step_at_a_time() {
+        let ok = rules(
+            "[[rules]]\nname = \"admin\"\nkey = \"0123456789abcdef\"\nrights = [\"Manage\"]\n",
+        )
+        .unwrap();
+        assert!(ok[0].listen && ok[0].send && ok[0].manage);
+        let err = |toml: &str| rules(toml).unwrap_err();
+        assert!(matches!(err(""), ConfigError::NoRules));
+        let twice = "[[rules]]\nname = \"a\"\nkey = \"0123456789abcdef\"\nrights = [\"send\"]\n";
+        assert!(matches!(err(&twice.repeat(2)), ConfigError::DuplicateRule(n) if n == "a"));
+        assert!(matches!(
+            err("[[rules]]\nname = \"a\"\nkey = \"short\"\nrights = [\"send\"]\n"),
+            ConfigError::ShortKey(_)
+        ));
+        assert!(matches!(
+            err("[[rules]]\nname = \"a\"\nrights = [\"send\"]\n"),
+            ConfigError::KeySource(_)
+        ));
+        assert!(matches!(
+            err("[[rules]]\nname = \"a\"\nkey = \"0123456789abcdef\"\nrights = [\"fly\"]\n"),
+            ConfigError::UnknownRight { right, .. } if right == "fly"
+        ));
+        assert!(matches!(
+            err("[[rules]]\nname = \"a\"\nkey = \"0123456789abcdef\"\nrights = []\n"),
+            ConfigError::NoRights(_)
+        ));
+        assert!(matches!(
+            err("[[rules]]\nname = \"CC-x\"\nkey = \"0123456789abcdef\"\nrights = [\"send\"]\n"),
+            ConfigError::Reserved(_)
+        ));
     }
 }

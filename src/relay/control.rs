@@ -8,12 +8,12 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{authorize, Right};
-use super::registry::Registry;
-use super::Shared;
+use super::rendezvous::Rendezvous;
+use super::state::Shared;
 use crate::tunnel::protocol::ControlMessage;
 use crate::tunnel::sas::unix_now;
 use crate::tunnel::upgrade::ServerStream;
@@ -25,79 +25,132 @@ pub const DEAD_PEER: Duration = Duration::from_secs(75);
 /// Accept messages queued for one listener; a listener this far behind gets no more senders.
 const QUEUE: usize = 64;
 
-pub async fn run(
-    mut ws: ServerStream,
+/// One listener's control channel, from its upgrade to its close.
+struct Channel {
+    ws: ServerStream,
     entity: String,
-    mut expiry: u64,
+    /// Unix seconds when the listener's token lapses; a `renewToken` moves it.
+    expiry: u64,
     hosts: Vec<String>,
     shared: Shared,
-    registry: Registry,
+    last_seen: Instant,
+}
+
+/// What the loop does after one event.
+enum Next {
+    Continue,
+    Stop,
+}
+
+pub async fn run(
+    ws: ServerStream,
+    entity: String,
+    expiry: u64,
+    hosts: Vec<String>,
+    shared: Shared,
+    rendezvous: Rendezvous,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel(QUEUE);
-    let _guard = registry.add_listener(&entity, tx);
-    tracing::info!(entity = %entity, listeners = registry.listener_count(&entity), "listener connected");
+    let guard = rendezvous.add_listener(&entity, tx);
+    tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener connected");
+    let mut channel = Channel {
+        ws,
+        entity,
+        expiry,
+        hosts,
+        shared,
+        last_seen: Instant::now(),
+    };
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.reset();
-    let mut last_seen = Instant::now();
-    let close = |code: CloseCode, reason: &'static str| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    };
     loop {
-        let expires_at = Instant::now() + Duration::from_secs(expiry.saturating_sub(unix_now()));
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                let Ok(json) = serde_json::to_string(&msg) else { continue };
-                if ws.send(Message::text(json)).await.is_err() {
-                    break;
-                }
-            }
-            incoming = ws.next() => {
-                last_seen = Instant::now();
-                match incoming {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Ok(ControlMessage::RenewToken(renew)) = serde_json::from_str(&text) {
-                            match authorize(|n| shared.rule(n), &hosts, &renew.token, &entity, Right::Listen, unix_now()) {
-                                Ok(new_expiry) => {
-                                    expiry = new_expiry;
-                                    tracing::debug!(entity = %entity, "listener token renewed");
-                                }
-                                Err(e) => {
-                                    tracing::warn!(entity = %entity, error = %e, "listener sent an invalid renewToken");
-                                    let _ = ws.send(close(CloseCode::Policy, "renewToken rejected")).await;
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => {}
-                }
-            }
-            _ = ping.tick() => {
-                if last_seen.elapsed() > DEAD_PEER {
-                    tracing::info!(entity = %entity, "listener stopped answering pings");
-                    break;
-                }
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
-                }
-            }
+        let expires_at =
+            Instant::now() + Duration::from_secs(channel.expiry.saturating_sub(unix_now()));
+        let next = tokio::select! {
+            msg = rx.recv() => channel.deliver(msg).await,
+            incoming = channel.ws.next() => channel.receive(incoming).await,
+            _ = ping.tick() => channel.ping().await,
             _ = sleep_until(expires_at) => {
-                tracing::info!(entity = %entity, "listener token expired without renewal");
-                let _ = ws.send(close(CloseCode::Policy, "token expired")).await;
-                break;
+                tracing::info!(entity = %channel.entity, "listener token expired without renewal");
+                channel.close(CloseCode::Policy, "token expired").await
             }
-            _ = shutdown.cancelled() => {
-                let _ = ws.send(close(CloseCode::Restart, "relay shutting down")).await;
-                break;
+            _ = shutdown.cancelled() => channel.close(CloseCode::Restart, "relay shutting down").await,
+        };
+        if let Next::Stop = next {
+            break;
+        }
+    }
+    drop(guard);
+    tracing::info!(entity = %channel.entity, listeners = rendezvous.listener_count(&channel.entity), "listener disconnected");
+}
+
+impl Channel {
+    /// Sends an `accept` (or other control message) down to the listener.
+    async fn deliver(&mut self, msg: Option<ControlMessage>) -> Next {
+        let Some(msg) = msg else { return Next::Stop };
+        let Ok(json) = serde_json::to_string(&msg) else {
+            return Next::Continue;
+        };
+        match self.ws.send(Message::text(json)).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Stop,
+        }
+    }
+
+    /// Anything from the listener shows it is alive; a `renewToken` moves the expiry.
+    async fn receive(&mut self, incoming: Option<Result<Message, WsError>>) -> Next {
+        self.last_seen = Instant::now();
+        match incoming {
+            Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                Ok(ControlMessage::RenewToken(renew)) => self.renew(&renew.token).await,
+                _ => Next::Continue,
+            },
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Next::Stop,
+            Some(Ok(_)) => Next::Continue,
+        }
+    }
+
+    async fn renew(&mut self, token: &str) -> Next {
+        let shared = &self.shared;
+        match authorize(
+            |n| shared.rule(n),
+            &self.hosts,
+            token,
+            &self.entity,
+            Right::Listen,
+            unix_now(),
+        ) {
+            Ok(new_expiry) => {
+                self.expiry = new_expiry;
+                tracing::debug!(entity = %self.entity, "listener token renewed");
+                Next::Continue
+            }
+            Err(e) => {
+                tracing::warn!(entity = %self.entity, error = %e, "listener sent an invalid renewToken");
+                self.close(CloseCode::Policy, "renewToken rejected").await
             }
         }
     }
-    drop(_guard);
-    tracing::info!(entity = %entity, listeners = registry.listener_count(&entity), "listener disconnected");
+
+    async fn ping(&mut self) -> Next {
+        if self.last_seen.elapsed() > DEAD_PEER {
+            tracing::info!(entity = %self.entity, "listener stopped answering pings");
+            return Next::Stop;
+        }
+        match self.ws.send(Message::Ping(Default::default())).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Stop,
+        }
+    }
+
+    /// Closes the channel with `code`; the loop ends either way.
+    async fn close(&mut self, code: CloseCode, reason: &'static str) -> Next {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = self.ws.send(Message::Close(Some(frame))).await;
+        Next::Stop
+    }
 }

@@ -6,78 +6,35 @@ mod auth;
 pub mod clusters;
 mod config;
 mod control;
-mod registry;
+mod rendezvous;
+mod rule;
 mod server;
 mod splice;
+mod state;
 
-pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, Rule, DEFAULT_MAX_CONNECTIONS};
-pub use registry::Registry;
+pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+pub use rendezvous::Rendezvous;
+pub use rule::Rule;
+pub use state::RelayStats;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use state::{Ctx, Shared};
 
 /// A client that has not finished TLS and its HTTP request by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// On shutdown, open rendezvous streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
-
-/// Counters an operator (and a test) can read: how many rendezvous were made and are open.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub rendezvous_total: AtomicU64,
-    pub rendezvous_open: AtomicU64,
-}
-
-impl RelayStats {
-    pub fn total(&self) -> u64 {
-        self.rendezvous_total.load(Ordering::Relaxed)
-    }
-
-    pub fn open(&self) -> u64 {
-        self.rendezvous_open.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Shared {
-    pub hostnames: Arc<Vec<String>>,
-    pub rules: Arc<Vec<Rule>>,
-    pub clusters: Option<Arc<clusters::Registry>>,
-    pub stats: Arc<RelayStats>,
-}
-
-impl Shared {
-    /// A SAS rule by name: configured rules first, then the registered clusters' own.
-    pub fn rule(&self, name: &str) -> Option<Rule> {
-        if let Some(rule) = self.rules.iter().find(|r| r.name == name) {
-            return Some(rule.clone());
-        }
-        self.clusters.as_ref()?.rule(name)
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Ctx {
-    pub shared: Shared,
-    pub registry: Registry,
-    pub tasks: TaskTracker,
-    pub shutdown: CancellationToken,
-    /// Cancelled when the drain period is over: open rendezvous are then closed.
-    pub closing: CancellationToken,
-    /// This connection's slot under `max_connections`; tasks that outlive the HTTP exchange
-    /// (control channels, splices) hold a clone so the limit counts upgraded connections too.
-    pub permit: Option<Arc<OwnedSemaphorePermit>>,
-}
 
 /// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
 pub async fn run(
@@ -85,27 +42,8 @@ pub async fn run(
     config: RelayConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let registry = Registry::default();
     let tasks = TaskTracker::new();
-    let ctx = Ctx {
-        shared: Shared {
-            hostnames: Arc::new(
-                config
-                    .hostnames
-                    .iter()
-                    .map(|h| h.to_ascii_lowercase())
-                    .collect(),
-            ),
-            rules: config.rules.clone(),
-            clusters: config.clusters.clone(),
-            stats: config.stats.clone(),
-        },
-        registry,
-        tasks: tasks.clone(),
-        shutdown: shutdown.clone(),
-        closing: CancellationToken::new(),
-        permit: None,
-    };
+    let ctx = context(&config, &tasks, &shutdown);
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -121,29 +59,59 @@ pub async fn run(
         let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await else {
             break;
         };
-        let acceptor = acceptor.clone();
         let mut ctx = ctx.clone();
         ctx.permit = Some(Arc::new(permit));
-        tasks.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with error");
-            }
-        });
+        tasks.spawn(serve_connection(acceptor.clone(), tcp, peer, ctx));
     }
+    drain(&tasks, &closing).await;
+    Ok(())
+}
+
+/// What every connection shares, before it gets its own connection slot.
+fn context(config: &RelayConfig, tasks: &TaskTracker, shutdown: &CancellationToken) -> Ctx {
+    let hostnames = config
+        .hostnames
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    Ctx {
+        shared: Shared {
+            hostnames: Arc::new(hostnames),
+            rules: config.rules.clone(),
+            clusters: config.clusters.clone(),
+            stats: config.stats.clone(),
+        },
+        rendezvous: Rendezvous::default(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+        closing: CancellationToken::new(),
+        permit: None,
+    }
+}
+
+/// TLS, then HTTP/1.1 with upgrades, each phase under the handshake deadline.
+async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, ctx: Ctx) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+    }
+}
+
+/// Lets open streams finish for [`DRAIN`], then closes what is left.
+async fn drain(tasks: &TaskTracker, closing: &CancellationToken) {
     tracing::info!("relay stopping: no new connections, draining open streams");
     tasks.close();
     if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
@@ -151,5 +119,4 @@ pub async fn run(
         closing.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     }
-    Ok(())
 }

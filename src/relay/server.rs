@@ -6,17 +6,21 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use super::auth::{authorize, status_for, Right};
-use super::registry::AcceptOutcome;
-use super::{control, splice, Ctx};
+use super::rendezvous::AcceptOutcome;
+use super::state::Ctx;
+use super::{clusters, control, splice};
 use crate::tunnel::protocol::{
     Accept, Action, ControlMessage, HcTarget, RemoteEndpoint, HEADER_AUTHORIZATION, QUERY_ACTION,
     QUERY_ID, QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION, QUERY_TOKEN,
@@ -52,7 +56,7 @@ pub async fn handle(
             let hosts = accepted_hosts(&ctx, &req);
             let host = public_host(&ctx, &req);
             if let Some(resp) =
-                super::clusters::handle(clusters, &ctx.shared, &hosts, host, req).await
+                clusters::handle(clusters, &|name| ctx.shared.rule(name), &hosts, host, req).await
             {
                 return Ok(resp);
             }
@@ -112,15 +116,12 @@ fn public_host(ctx: &Ctx, req: &Request<Incoming>) -> Option<String> {
     let Some(first) = ctx.shared.hostnames.first() else {
         return Some(used);
     };
-    let (name, port) = match used.rsplit_once(':') {
-        Some((n, p)) if p.chars().all(|c| c.is_ascii_digit()) => (n, Some(p)),
-        _ => (used.as_str(), None),
-    };
+    let (name, port) = split_host(&used);
     if ctx
         .shared
         .hostnames
         .iter()
-        .any(|h| h.eq_ignore_ascii_case(name))
+        .any(|h| h.eq_ignore_ascii_case(&name))
     {
         return Some(used);
     }
@@ -137,16 +138,25 @@ fn accepted_hosts(ctx: &Ctx, req: &Request<Incoming>) -> Vec<String> {
     // No names configured: the name the client used is the one its token must carry.
     request_host(req)
         .map(|h| {
-            let h = h.rsplit_once(':').map_or(h.as_str(), |(host, port)| {
-                if port.chars().all(|c| c.is_ascii_digit()) {
-                    host
-                } else {
-                    h.as_str()
-                }
-            });
-            vec![h.trim_start_matches('[').trim_end_matches(']').to_string()]
+            let (name, _) = split_host(&h);
+            vec![name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()]
         })
         .unwrap_or_default()
+}
+
+/// `host[:port]` as the Host header has it; an IPv6 literal keeps its brackets. Something
+/// that is not an authority is all host.
+fn split_host(used: &str) -> (String, Option<String>) {
+    match used.parse::<http::uri::Authority>() {
+        Ok(a) => (
+            a.host().to_string(),
+            a.port().map(|p| p.as_str().to_string()),
+        ),
+        Err(_) => (used.to_string(), None),
+    }
 }
 
 /// The token's expiry, or the status and message to refuse the request with.
@@ -190,16 +200,16 @@ fn listen(
     let hosts = accepted_hosts(ctx, req);
     let on_upgrade = hyper::upgrade::on(req);
     let permit = ctx.permit.clone();
-    let (entity, shared, registry, shutdown) = (
+    let (entity, shared, rendezvous, shutdown) = (
         target.entity.clone(),
         ctx.shared.clone(),
-        ctx.registry.clone(),
+        ctx.rendezvous.clone(),
         ctx.shutdown.clone(),
     );
     ctx.tasks.spawn(async move {
         let _permit = permit;
         match server_stream(on_upgrade).await {
-            Ok(ws) => control::run(ws, entity, expiry, hosts, shared, registry, shutdown).await,
+            Ok(ws) => control::run(ws, entity, expiry, hosts, shared, rendezvous, shutdown).await,
             Err(e) => tracing::debug!(error = %e, "listener upgrade failed"),
         }
     });
@@ -219,45 +229,14 @@ async fn connect(
     let Some(host) = request_host(req) else {
         return text(400, "request has no Host header");
     };
-    let id = target
-        .get(QUERY_ID)
-        .filter(|s| !s.is_empty() && s.len() <= 64)
-        .map(|s| format!("{s}_{}", Uuid::new_v4().simple()))
-        .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
-    let encoded_entity =
-        percent_encoding::utf8_percent_encode(&target.entity, percent_encoding::NON_ALPHANUMERIC);
-    let address =
-        format!("wss://{host}/$hc/{encoded_entity}?{QUERY_ACTION}=accept&{QUERY_ID}={id}");
-    let connect_headers: BTreeMap<String, String> = req
-        .headers()
-        .iter()
-        .filter(|(name, _)| {
-            let n = name.as_str();
-            !(n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
-                || n == "authorization"
-                // The sender's own handshake fields; subprotocol and extensions are passed on.
-                || n == "sec-websocket-key"
-                || n == "sec-websocket-version"
-                || n == "connection"
-                || n == "upgrade")
-        })
-        .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
-        .collect();
-    let reply = ctx.registry.add_pending(&id, &target.entity);
-    let offered = ctx.registry.offer(
-        &target.entity,
-        ControlMessage::Accept(Accept {
-            address,
-            id: id.clone(),
-            connect_headers,
-            remote_endpoint: Some(RemoteEndpoint {
-                address: peer.ip().to_string(),
-                port: peer.port(),
-            }),
-        }),
-    );
-    if !offered {
-        ctx.registry.remove_pending(&id);
+    let id = rendezvous_id(target);
+    let accept = accept_message(req, target, &host, &id, peer);
+    let reply = ctx.rendezvous.add_pending(&id, &target.entity);
+    if !ctx
+        .rendezvous
+        .offer(&target.entity, ControlMessage::Accept(accept))
+    {
+        ctx.rendezvous.remove_pending(&id);
         return text(
             404,
             format!("no listener is connected for hybrid connection '{}' (is the cluster agent running?)", target.entity),
@@ -266,30 +245,13 @@ async fn connect(
     let sender_upgrade = hyper::upgrade::on(req);
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit))) => {
-            let sender_permit = ctx.permit.clone();
-            let entity = target.entity.clone();
-            let stats = ctx.shared.stats.clone();
-            let closing = ctx.closing.clone();
-            ctx.tasks.spawn(async move {
-                let _permits = (sender_permit, listener_permit);
-                match tokio::try_join!(
-                    server_stream(sender_upgrade),
-                    server_stream(listener_upgrade)
-                ) {
-                    Ok((s, l)) => {
-                        stats.rendezvous_total.fetch_add(1, Ordering::Relaxed);
-                        stats.rendezvous_open.fetch_add(1, Ordering::Relaxed);
-                        tokio::select! {
-                            _ = splice::splice(s, l) => {}
-                            _ = closing.cancelled() => tracing::debug!(entity = %entity, "rendezvous closed by relay shutdown"),
-                        }
-                        stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed")
-                    }
-                }
-            });
+            spawn_splice(
+                ctx,
+                &target.entity,
+                sender_upgrade,
+                listener_upgrade,
+                listener_permit,
+            );
             switching
         }
         Ok(Ok(AcceptOutcome::Rejected {
@@ -298,7 +260,7 @@ async fn connect(
         })) => text(status, description),
         Ok(Err(_)) => text(502, "listener dropped the connection before accepting it"),
         Err(_) => {
-            ctx.registry.remove_pending(&id);
+            ctx.rendezvous.remove_pending(&id);
             text(
                 504,
                 format!(
@@ -308,6 +270,93 @@ async fn connect(
             )
         }
     }
+}
+
+/// What the listener is offered: where to accept, and who the sender is.
+fn accept_message(
+    req: &Request<Incoming>,
+    target: &HcTarget,
+    host: &str,
+    id: &str,
+    peer: SocketAddr,
+) -> Accept {
+    Accept {
+        address: accept_address(host, &target.entity, id),
+        id: id.to_string(),
+        connect_headers: connect_headers(req),
+        remote_endpoint: Some(RemoteEndpoint {
+            address: peer.ip().to_string(),
+            port: peer.port(),
+        }),
+    }
+}
+
+/// The sender's `sb-hc-id` (when short enough) made unique, or a fresh id.
+fn rendezvous_id(target: &HcTarget) -> String {
+    target
+        .get(QUERY_ID)
+        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .map(|s| format!("{s}_{}", Uuid::new_v4().simple()))
+        .unwrap_or_else(|| Uuid::new_v4().simple().to_string())
+}
+
+/// Where the listener comes back to accept this sender: the host the sender used.
+fn accept_address(host: &str, entity: &str, id: &str) -> String {
+    let entity = percent_encoding::utf8_percent_encode(entity, percent_encoding::NON_ALPHANUMERIC);
+    format!("wss://{host}/$hc/{entity}?{QUERY_ACTION}=accept&{QUERY_ID}={id}")
+}
+
+/// The sender's headers for the listener, without its credential and its own handshake
+/// fields (subprotocol and extensions are passed on).
+fn connect_headers(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.headers()
+        .iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !(n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
+                || n == "authorization"
+                || n == "sec-websocket-key"
+                || n == "sec-websocket-version"
+                || n == "connection"
+                || n == "upgrade")
+        })
+        .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+/// Joins the sender's and the listener's WebSockets once both upgrades complete; both
+/// connection slots are held until the splice ends.
+fn spawn_splice(
+    ctx: &Ctx,
+    entity: &str,
+    sender_upgrade: OnUpgrade,
+    listener_upgrade: OnUpgrade,
+    listener_permit: Option<Arc<OwnedSemaphorePermit>>,
+) {
+    let sender_permit = ctx.permit.clone();
+    let entity = entity.to_string();
+    let stats = ctx.shared.stats.clone();
+    let closing = ctx.closing.clone();
+    ctx.tasks.spawn(async move {
+        let _permits = (sender_permit, listener_permit);
+        match tokio::try_join!(
+            server_stream(sender_upgrade),
+            server_stream(listener_upgrade)
+        ) {
+            Ok((s, l)) => {
+                stats.rendezvous_total.fetch_add(1, Ordering::Relaxed);
+                stats.rendezvous_open.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = splice::splice(s, l) => {}
+                    _ = closing.cancelled() => tracing::debug!(entity = %entity, "rendezvous closed by relay shutdown"),
+                }
+                stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed")
+            }
+        }
+    });
 }
 
 fn accept(
@@ -320,7 +369,7 @@ fn accept(
         return text(400, "accept without sb-hc-id");
     };
     // The address itself is the credential: random, single-use and short-lived.
-    let Some(reply) = ctx.registry.take_pending(id, &target.entity) else {
+    let Some(reply) = ctx.rendezvous.take_pending(id, &target.entity) else {
         return text(404, "unknown or expired rendezvous address");
     };
     if let Some(code) = target.get(QUERY_STATUS_CODE) {
@@ -351,4 +400,25 @@ fn accept(
         return text(410, "the sender gave up waiting");
     }
     switching
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_split_from_their_ports_ipv6_literals_too() {
+        let split = |s: &str| {
+            let (h, p) = split_host(s);
+            (h, p)
+        };
+        assert_eq!(
+            split("relay.test:8443"),
+            ("relay.test".into(), Some("8443".into()))
+        );
+        assert_eq!(split("relay.test"), ("relay.test".into(), None));
+        assert_eq!(split("[::1]:443"), ("[::1]".into(), Some("443".into())));
+        assert_eq!(split("[::1]"), ("[::1]".into(), None));
+        assert_eq!(split("127.0.0.1:1"), ("127.0.0.1".into(), Some("1".into())));
+    }
 }

@@ -1,4 +1,4 @@
-//! The management API's HTTP surface: ARM paths, ARM error bodies, and the cluster actions.
+//! The management API's routes: ARM paths and methods, each to one handler.
 //!
 //! - `GET /subscriptions/{s}/providers/Microsoft.Kubernetes/connectedClusters` and the same
 //!   under `/resourceGroups/{rg}`: the clusters the caller has a role on;
@@ -8,622 +8,182 @@
 //! - `POST .../{name}/agentStatus`: the agent's heartbeat, signed with its registered key;
 //! - `PUT|DELETE .../{name}/providers/Microsoft.Authorization/roleAssignments/{id}` (owners):
 //!   grant or revoke the cluster user role.
-
-use std::time::Duration;
+//!
+//! Every caller is authenticated from the request's headers before any body is read; only the
+//! agent's report, which its signature over the body authenticates, reads a small body first.
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde::Deserialize;
-use serde_json::json;
 
-use super::caller::{authenticate, Caller};
-use super::store::Change;
-use super::{Record, Registry, EXPIRED_AFTER, OFFLINE_AFTER, USER_TOKEN_TTL};
-use crate::arm::{
-    signed_message, AgentCredential, AgentStatus, ClusterId, ClusterRequest, ConnectedCluster,
-    ConnectivityStatus, CredentialResults, HybridConnectionConfig, Identity, Properties,
-    SystemData, HEADER_SIGNATURE, HEADER_TIMESTAMP, RESOURCE_TYPE,
-};
-use crate::relay::Shared;
-use crate::secret::Secret;
-use crate::tunnel::protocol::RelayAddress;
-use crate::tunnel::sas::{unix_now, SasKey};
-
-/// The relay answers with whole bodies.
-type Body = Full<Bytes>;
+use super::caller::authenticate;
+use super::error::ApiError;
+use super::handlers::{self, Call, Reply};
+use super::path::{self, Scope, Target};
+use super::registry::Registry;
+use super::reply::Body;
+use super::report::{self, SignedReport};
+use crate::arm::ClusterId;
+use crate::relay::rule::FindRule;
 
 const MAX_BODY: usize = 1024 * 1024;
 /// A status report is a few hundred bytes.
 const MAX_REPORT: usize = 16 * 1024;
 
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
-    Ok(Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|_| {
-            (
-                413,
-                "RequestTooLarge",
-                format!("the request body is larger than {} KiB", limit / 1024),
-            )
-        })?
-        .to_bytes())
-}
-/// The built-in "Azure Arc Enabled Kubernetes Cluster User Role", the one role that may list
-/// user credentials.
-pub const CLUSTER_USER_ROLE: &str = "00493d72-78f6-4148-b6c5-d3ce8e4799dd";
-/// How far an agent's report timestamp may be from the relay's clock.
-const REPORT_SKEW: Duration = Duration::from_secs(5 * 60);
-
-/// What a path names.
-enum Target {
-    List {
-        subscription: String,
-        resource_group: Option<String>,
-    },
-    Cluster(ClusterId),
-    Action(ClusterId, String),
-    RoleAssignment(ClusterId, String),
+/// What a route's path looks like.
+enum Path {
+    List,
+    Cluster,
+    /// `POST .../{name}/{action}`, the action's name compared without case.
+    Action(&'static str),
+    RoleAssignment,
 }
 
-fn parse(path: &str) -> Option<Result<Target, String>> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
-    let provider = |i: usize| {
-        parts.get(i).is_some_and(|p| eq(p, "providers"))
-            && parts
-                .get(i + 1)
-                .is_some_and(|p| eq(p, "Microsoft.Kubernetes"))
-            && parts.get(i + 2).is_some_and(|p| eq(p, "connectedClusters"))
-    };
-    if !parts.first().is_some_and(|p| eq(p, "subscriptions")) {
-        return None;
+enum Handler {
+    List(fn(&Call<'_>, &Scope) -> Reply),
+    Cluster(fn(&Call<'_>, &ClusterId) -> Reply),
+    RoleAssignment(fn(&Call<'_>, &ClusterId, &str) -> Reply),
+    /// Authenticated by its signature, not by a caller's credential.
+    AgentReport(fn(&Registry, &ClusterId, &SignedReport<'_>) -> Reply),
+}
+
+struct Route {
+    method: Method,
+    path: Path,
+    handler: Handler,
+}
+
+const fn route(method: Method, path: Path, handler: Handler) -> Route {
+    Route {
+        method,
+        path,
+        handler,
     }
-    let subscription = parts.get(1)?.to_string();
-    if provider(2) && parts.len() == 5 {
-        return Some(Ok(Target::List {
-            subscription,
-            resource_group: None,
-        }));
-    }
-    if !parts.get(2).is_some_and(|p| eq(p, "resourceGroups")) || !provider(4) {
-        return Some(Err("unknown path".into()));
-    }
-    let resource_group = parts.get(3)?.to_string();
-    if parts.len() == 7 {
-        return Some(Ok(Target::List {
-            subscription,
-            resource_group: Some(resource_group),
-        }));
-    }
-    let id = match ClusterId::new(&subscription, &resource_group, parts.get(7)?) {
-        Ok(id) => id,
-        Err(e) => return Some(Err(e)),
-    };
-    Some(Ok(match &parts[8..] {
-        [] => Target::Cluster(id),
-        [action] => Target::Action(id, action.to_string()),
-        [p, ns, ra, assignment]
-            if eq(p, "providers")
-                && eq(ns, "Microsoft.Authorization")
-                && eq(ra, "roleAssignments") =>
-        {
-            Target::RoleAssignment(id, assignment.to_ascii_lowercase())
+}
+
+const ROUTES: &[Route] = &[
+    route(Method::GET, Path::List, Handler::List(handlers::list)),
+    route(Method::GET, Path::Cluster, Handler::Cluster(handlers::show)),
+    route(Method::PUT, Path::Cluster, Handler::Cluster(handlers::put)),
+    route(
+        Method::DELETE,
+        Path::Cluster,
+        Handler::Cluster(handlers::delete),
+    ),
+    route(
+        Method::POST,
+        Path::Action("listClusterUserCredential"),
+        Handler::Cluster(handlers::list_user_credential),
+    ),
+    route(
+        Method::POST,
+        Path::Action("listAgentCredential"),
+        Handler::Cluster(handlers::list_agent_credential),
+    ),
+    route(
+        Method::POST,
+        Path::Action("agentStatus"),
+        Handler::AgentReport(report::agent_status),
+    ),
+    route(
+        Method::PUT,
+        Path::RoleAssignment,
+        Handler::RoleAssignment(handlers::grant_role),
+    ),
+    route(
+        Method::DELETE,
+        Path::RoleAssignment,
+        Handler::RoleAssignment(handlers::revoke_role),
+    ),
+];
+
+impl Path {
+    fn matches(&self, target: &Target) -> bool {
+        match (self, target) {
+            (Path::List, Target::List(_))
+            | (Path::Cluster, Target::Cluster(_))
+            | (Path::RoleAssignment, Target::RoleAssignment(..)) => true,
+            (Path::Action(name), Target::Action(_, action)) => name.eq_ignore_ascii_case(action),
+            _ => false,
         }
-        _ => return Some(Err("unknown path".into())),
-    }))
+    }
+}
+
+fn find(method: &Method, target: &Target) -> Option<&'static Route> {
+    ROUTES
+        .iter()
+        .find(|r| r.method == method && r.path.matches(target))
 }
 
 /// `Some` when `path` is a management path; the relay's own routes otherwise.
 pub(crate) async fn handle(
     registry: &Registry,
-    shared: &Shared,
+    rule: &FindRule<'_>,
     hosts: &[String],
     relay_host: Option<String>,
     req: Request<Incoming>,
 ) -> Option<Response<Body>> {
-    let target = parse(req.uri().path())?;
-    Some(match target {
-        Err(e) => error(404, "InvalidResourceType", &e),
-        Ok(target) => serve(registry, shared, hosts, relay_host, req, target)
-            .await
-            .unwrap_or_else(|(status, code, message)| error(status, code, &message)),
-    })
+    let answer = match path::parse(req.uri().path())? {
+        Ok(target) => serve(registry, rule, hosts, relay_host.as_deref(), req, target).await,
+        Err(e) => Err(e),
+    };
+    Some(answer.unwrap_or_else(ApiError::into_response))
 }
-
-type Refusal = (u16, &'static str, String);
 
 async fn serve(
     registry: &Registry,
-    shared: &Shared,
+    rule: &FindRule<'_>,
     hosts: &[String],
-    relay_host: Option<String>,
+    relay_host: Option<&str>,
     req: Request<Incoming>,
     target: Target,
-) -> Result<Response<Body>, Refusal> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+) -> Reply {
+    let route = find(req.method(), &target);
     let (parts, body) = req.into_parts();
-    // The agent's report is authenticated by its signature over the body: a small body, read
-    // before the check. Everything else is authenticated from the headers before any body
-    // is read.
-    if let Target::Action(id, action) = &target {
-        if action.eq_ignore_ascii_case("agentStatus") && method == Method::POST {
-            let body = read_body(body, MAX_REPORT).await?;
-            return agent_status(registry, id, &path, &parts.headers, &body);
-        }
+    if let (Some(Handler::AgentReport(report)), Target::Action(id, _)) =
+        (route.map(|r| &r.handler), &target)
+    {
+        let body = read_body(body, MAX_REPORT).await?;
+        let signed = SignedReport {
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            body: &body,
+        };
+        return report(registry, id, &signed);
     }
-    let caller = authenticate(registry, shared, hosts, &parts.headers)
-        .await
-        .map_err(|(code, message)| (401, code, message))?;
+    let caller = authenticate(registry, rule, hosts, &parts.headers).await?;
     let body = read_body(body, MAX_BODY).await?;
-    let store = &registry.store;
-    let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
-    match (target, method) {
-        (
-            Target::List {
-                subscription,
-                resource_group,
-            },
-            Method::GET,
-        ) => {
-            let prefix = match &resource_group {
-                Some(rg) => format!("/subscriptions/{subscription}/resourcegroups/{rg}/")
-                    .to_ascii_lowercase(),
-                None => format!("/subscriptions/{subscription}/").to_ascii_lowercase(),
-            };
-            let value: Vec<ConnectedCluster> = store
-                .all()
-                .map_err(internal)?
-                .into_iter()
-                .filter(|r| r.resource.id.to_ascii_lowercase().starts_with(&prefix))
-                .filter(|r| may_read(&caller, r))
-                .map(|r| present(&r))
-                .collect();
-            Ok(json_response(200, &json!({ "value": value })))
-        }
-        (Target::Cluster(id), Method::GET) => {
-            let record = readable(registry, &caller, &id)?;
-            Ok(json_response(200, &present(&record)))
-        }
-        (Target::Cluster(id), Method::PUT) => put(registry, &caller, &id, &body),
-        (Target::Cluster(id), Method::DELETE) => {
-            let deleted = store
-                .update(&id.key(), |current| match current {
-                    None => Ok((Change::Keep, false)),
-                    Some(record) => {
-                        owner(&caller, &record, &id)?;
-                        Ok((Change::Delete, true))
-                    }
-                })
-                .map_err(internal)??;
-            if deleted {
-                tracing::info!(cluster = %id.path(), by = caller.display_name(), "cluster registration deleted");
-            }
-            Ok(empty(if deleted { 200 } else { 204 }))
-        }
-        (Target::Action(id, action), Method::POST)
-            if action.eq_ignore_ascii_case("listClusterUserCredential") =>
-        {
-            let record = readable(registry, &caller, &id)?;
-            if status_of(&record) == ConnectivityStatus::Expired {
-                return Err((409, "ClusterExpired", format!("{}: the agent's credential has lapsed (no heartbeat for 90 days); run `clusterconnect connect` again", id.name)));
-            }
-            let relay = relay_address(relay_host.as_deref())?;
-            let key = SasKey {
-                name: format!("{}-send", record.hybrid_connection),
-                key: Secret::new(record.send_key.clone()),
-            };
-            let expiration_time = unix_now() + USER_TOKEN_TTL.as_secs();
-            let token = key.mint_until(
-                &relay.resource_uri(&record.hybrid_connection),
-                expiration_time,
-            );
-            let results = CredentialResults {
-                hybrid_connection_config: HybridConnectionConfig {
-                    relay: format!("wss://{}", relay.authority()),
-                    hybrid_connection_name: record.hybrid_connection.clone(),
-                    token: token.expose().to_string(),
-                    expiration_time,
-                },
-            };
-            tracing::info!(cluster = %id.path(), by = caller.display_name(), "user credential issued");
-            Ok(json_response(200, &results))
-        }
-        (Target::Action(id, action), Method::POST)
-            if action.eq_ignore_ascii_case("listAgentCredential") =>
-        {
-            let record = existing(registry, &id)?;
-            owner(&caller, &record, &id)?;
-            let relay = relay_address(relay_host.as_deref())?;
-            let credential = AgentCredential {
-                relay: format!("wss://{}", relay.authority()),
-                hybrid_connection_name: record.hybrid_connection.clone(),
-                listen_key: format!(
-                    "SharedAccessKeyName={}-listen;SharedAccessKey={}",
-                    record.hybrid_connection, record.listen_key
-                ),
-            };
-            Ok(json_response(200, &credential))
-        }
-        (Target::RoleAssignment(id, assignment), Method::PUT) => {
-            #[derive(Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Assignment {
-                properties: AssignmentProperties,
-            }
-            #[derive(Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct AssignmentProperties {
-                principal_id: String,
-                role_definition_id: String,
-            }
-            let request: Assignment = serde_json::from_slice(&body).map_err(|e| {
-                (400, "InvalidRequestContent", format!("a role assignment is {{\"properties\": {{\"principalId\", \"roleDefinitionId\"}}}}: {e}"))
-            })?;
-            let role = request
-                .properties
-                .role_definition_id
-                .rsplit('/')
-                .next()
-                .unwrap_or_default();
-            if !role.eq_ignore_ascii_case(CLUSTER_USER_ROLE) {
-                return Err((400, "InvalidRoleDefinitionId", format!("only the cluster user role ({CLUSTER_USER_ROLE}, \"Azure Arc Enabled Kubernetes Cluster User Role\") can be assigned here")));
-            }
-            let principal = request.properties.principal_id.to_ascii_lowercase();
-            store
-                .update(&id.key(), |current| {
-                    let mut record = current.ok_or_else(|| not_found(&id))?;
-                    owner(&caller, &record, &id)?;
-                    record
-                        .assignments
-                        .insert(assignment.clone(), principal.clone());
-                    Ok((Change::Put(Box::new(record)), ()))
-                })
-                .map_err(internal)??;
-            tracing::info!(cluster = %id.path(), principal, assignment, "cluster user role granted");
-            Ok(json_response(
-                200,
-                &json!({
-                    "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{assignment}", id.path()),
-                    "name": assignment,
-                    "properties": {"principalId": principal, "roleDefinitionId": CLUSTER_USER_ROLE, "scope": id.path()}
-                }),
-            ))
-        }
-        (Target::RoleAssignment(id, assignment), Method::DELETE) => {
-            let removed = store
-                .update(&id.key(), |current| {
-                    let mut record = current.ok_or_else(|| not_found(&id))?;
-                    owner(&caller, &record, &id)?;
-                    let removed = record.assignments.remove(&assignment);
-                    Ok((Change::Put(Box::new(record)), removed))
-                })
-                .map_err(internal)??;
-            if let Some(principal) = &removed {
-                tracing::info!(cluster = %id.path(), principal, assignment, "cluster user role revoked");
-            }
-            Ok(empty(if removed.is_some() { 200 } else { 204 }))
-        }
-        (_, method) => Err((
-            405,
-            "MethodNotAllowed",
-            format!("{method} is not supported on this path"),
-        )),
-    }
-}
-
-fn put(
-    registry: &Registry,
-    caller: &Caller,
-    id: &ClusterId,
-    body: &Bytes,
-) -> Result<Response<Body>, Refusal> {
-    let request: ClusterRequest = serde_json::from_slice(body).map_err(|e| {
-        (400, "InvalidRequestContent", format!("the body must be a connected cluster with location and properties.agentPublicKeyCertificate: {e}"))
-    })?;
-    if request.location.trim().is_empty() {
-        return Err((400, "LocationRequired", "location is required".into()));
-    }
-    agent_key(&request.properties.agent_public_key_certificate)
-        .map_err(|e| (400, "InvalidAgentPublicKeyCertificate", e))?;
-    let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
-    let now = rfc3339(unix_now());
-    let (record, created) = registry
-        .store
-        .update(&id.key(), |current| {
-            let (record, created) = match current {
-                Some(mut record) => {
-                    owner(caller, &record, id)?;
-                    let r = &mut record.resource;
-                    r.location = request.location;
-                    r.tags = request.tags;
-                    r.properties.agent_public_key_certificate =
-                        request.properties.agent_public_key_certificate;
-                    r.properties.distribution = request.properties.distribution;
-                    r.properties.infrastructure = request.properties.infrastructure;
-                    r.system_data.last_modified_at = now;
-                    r.system_data.last_modified_by = caller.display_name().to_string();
-                    r.system_data.last_modified_by_type = caller.kind().to_string();
-                    (record, false)
-                }
-                None => (new_record(caller, id, request, now), true),
-            };
-            Ok((Change::Put(Box::new(record.clone())), (record, created)))
-        })
-        .map_err(internal)??;
-    tracing::info!(cluster = %id.path(), by = caller.display_name(), created, "cluster registered");
-    Ok(json_response(
-        if created { 201 } else { 200 },
-        &present(&record),
-    ))
-}
-
-/// A first registration: the caller owns it; it gets fresh Listen and Send keys.
-fn new_record(caller: &Caller, id: &ClusterId, request: ClusterRequest, now: String) -> Record {
-    let random_key = || {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    let call = Call {
+        registry,
+        caller: &caller,
+        relay_host,
+        body: &body,
     };
-    let resource = ConnectedCluster {
-        id: id.path(),
-        name: id.name.clone(),
-        kind: RESOURCE_TYPE.to_string(),
-        location: request.location,
-        tags: request.tags,
-        identity: Identity {
-            kind: "None".into(),
-            principal_id: None,
-            tenant_id: None,
-        },
-        properties: Properties {
-            agent_public_key_certificate: request.properties.agent_public_key_certificate,
-            agent_version: None,
-            connectivity_status: ConnectivityStatus::Connecting,
-            distribution: request.properties.distribution,
-            infrastructure: request.properties.infrastructure,
-            kubernetes_version: None,
-            last_connectivity_time: None,
-            provisioning_state: "Succeeded".into(),
-            total_core_count: None,
-            total_node_count: None,
-        },
-        system_data: SystemData {
-            created_at: now.clone(),
-            created_by: caller.display_name().to_string(),
-            created_by_type: caller.kind().to_string(),
-            last_modified_at: now,
-            last_modified_by: caller.display_name().to_string(),
-            last_modified_by_type: caller.kind().to_string(),
-        },
-    };
-    let owners = match caller {
-        Caller::Principal { object_id, .. } => vec![object_id.to_ascii_lowercase()],
-        Caller::Admin { .. } => Vec::new(),
-    };
-    Record {
-        resource,
-        owners,
-        assignments: Default::default(),
-        hybrid_connection: id.hybrid_connection(),
-        listen_key: random_key(),
-        send_key: random_key(),
-        last_heartbeat: None,
-        last_report_timestamp: 0,
+    match route {
+        Some(route) => dispatch(&route.handler, &call, &target, parts.method),
+        None => Err(ApiError::MethodNotAllowed(parts.method)),
     }
 }
 
-/// Verifies and records an agent's status report. Every refusal is the same 401, so the
-/// endpoint does not tell an unauthenticated caller which clusters exist.
-fn agent_status(
-    registry: &Registry,
-    id: &ClusterId,
-    path: &str,
-    headers: &http::HeaderMap,
-    body: &Bytes,
-) -> Result<Response<Body>, Refusal> {
-    let internal = |e: super::StoreError| (500, "InternalServerError", e.to_string());
-    let refused = |why: &str| {
-        (
-            401,
-            "InvalidSignature",
-            format!("agent status refused: {why}"),
-        )
-    };
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let timestamp: u64 = header(HEADER_TIMESTAMP)
-        .and_then(|t| t.parse().ok())
-        .ok_or_else(|| refused("no timestamp header"))?;
-    let signature = header(HEADER_SIGNATURE)
-        .and_then(|s| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.decode(s).ok()
-        })
-        .ok_or_else(|| refused("no signature header"))?;
-    let now = unix_now();
-    if timestamp.abs_diff(now) > REPORT_SKEW.as_secs() {
-        return Err(refused(
-            "its timestamp is more than five minutes from the relay's clock",
-        ));
-    }
-    let status: AgentStatus = serde_json::from_slice(body)
-        .map_err(|e| (400, "InvalidRequestContent", format!("agent status: {e}")))?;
-    registry
-        .store
-        .update(&id.key(), |current| {
-            let not_verified =
-                || refused("the signature does not match the cluster's agentPublicKeyCertificate");
-            let mut record = current.ok_or_else(not_verified)?;
-            let key = agent_key(&record.resource.properties.agent_public_key_certificate)
-                .map_err(|_| not_verified())?;
-            ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
-                .verify(&signed_message(timestamp, path, body), &signature)
-                .map_err(|_| not_verified())?;
-            if timestamp <= record.last_report_timestamp {
-                return Err(refused(
-                    "a report with this timestamp was already accepted (replay)",
-                ));
-            }
-            let p = &mut record.resource.properties;
-            p.agent_version = Some(status.agent_version);
-            p.kubernetes_version = status.kubernetes_version;
-            p.total_node_count = status.total_node_count;
-            p.total_core_count = status.total_core_count;
-            record.last_heartbeat = Some(now);
-            record.last_report_timestamp = timestamp;
-            Ok((Change::Put(Box::new(record)), ()))
-        })
-        .map_err(internal)??;
-    Ok(empty(204))
-}
-
-/// The raw P-256 point of an `agentPublicKeyCertificate` (base64 SubjectPublicKeyInfo DER).
-pub fn agent_key(certificate: &str) -> Result<Vec<u8>, String> {
-    use base64::Engine;
-    // SubjectPublicKeyInfo of an uncompressed P-256 key: this fixed header, then the point.
-    const P256_SPKI_PREFIX: [u8; 26] = [
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(certificate.trim())
-        .map_err(|_| "agentPublicKeyCertificate is not base64".to_string())?;
-    match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
-        Some(point) if point.len() == 65 && point[0] == 4 => Ok(der[P256_SPKI_PREFIX.len()..].to_vec()),
-        _ => Err("agentPublicKeyCertificate must be an ECDSA P-256 public key (SubjectPublicKeyInfo DER, base64)".into()),
-    }
-}
-
-fn status_of(record: &Record) -> ConnectivityStatus {
-    match record.last_heartbeat {
-        None => ConnectivityStatus::Connecting,
-        Some(at) => {
-            let silent = unix_now().saturating_sub(at);
-            if silent > EXPIRED_AFTER.as_secs() {
-                ConnectivityStatus::Expired
-            } else if silent > OFFLINE_AFTER.as_secs() {
-                ConnectivityStatus::Offline
-            } else {
-                ConnectivityStatus::Connected
-            }
+fn dispatch(handler: &Handler, call: &Call<'_>, target: &Target, method: Method) -> Reply {
+    match (handler, target) {
+        (Handler::List(f), Target::List(scope)) => f(call, scope),
+        (Handler::Cluster(f), Target::Cluster(id) | Target::Action(id, _)) => f(call, id),
+        (Handler::RoleAssignment(f), Target::RoleAssignment(id, assignment)) => {
+            f(call, id, assignment)
         }
+        // A route's path and handler agree (see the test below), so this is not reached.
+        _ => Err(ApiError::MethodNotAllowed(method)),
     }
 }
 
-/// The resource as callers see it, with the status as of now.
-fn present(record: &Record) -> ConnectedCluster {
-    let mut resource = record.resource.clone();
-    resource.properties.connectivity_status = status_of(record);
-    resource.properties.last_connectivity_time = record.last_heartbeat.map(rfc3339);
-    resource
-}
-
-fn may_read(caller: &Caller, record: &Record) -> bool {
-    match caller {
-        Caller::Admin { .. } => true,
-        Caller::Principal { object_id, .. } => {
-            let id = object_id.to_ascii_lowercase();
-            record.owners.contains(&id) || record.assignments.values().any(|p| *p == id)
-        }
-    }
-}
-
-fn owner(caller: &Caller, record: &Record, id: &ClusterId) -> Result<(), Refusal> {
-    let ok = match caller {
-        Caller::Admin { .. } => true,
-        Caller::Principal { object_id, .. } => {
-            record.owners.contains(&object_id.to_ascii_lowercase())
-        }
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err((
-            403,
-            "AuthorizationFailed",
-            format!(
-                "'{}' is not an owner of {}; ask an owner or an administrator",
-                caller.display_name(),
-                id.path()
-            ),
-        ))
-    }
-}
-
-fn existing(registry: &Registry, id: &ClusterId) -> Result<Record, Refusal> {
-    registry
-        .store
-        .get(&id.key())
-        .map_err(|e| (500, "InternalServerError", e.to_string()))?
-        .ok_or_else(|| not_found(id))
-}
-
-fn not_found(id: &ClusterId) -> Refusal {
-    (
-        404,
-        "ResourceNotFound",
-        format!(
-            "the connected cluster '{}' under resource group '{}' was not found",
-            id.name, id.resource_group
-        ),
-    )
-}
-
-fn readable(registry: &Registry, caller: &Caller, id: &ClusterId) -> Result<Record, Refusal> {
-    let record = existing(registry, id)?;
-    if !may_read(caller, &record) {
-        return Err((
-            403,
-            "AuthorizationFailed",
-            format!(
-                "'{}' has no role on {}; an owner can grant the cluster user role",
-                caller.display_name(),
-                id.path()
-            ),
-        ));
-    }
-    Ok(record)
-}
-
-fn relay_address(host: Option<&str>) -> Result<RelayAddress, Refusal> {
-    let host = host.ok_or_else(|| (400, "BadRequest", "no Host header".to_string()))?;
-    RelayAddress::parse(&format!("wss://{host}")).map_err(|e| (400, "BadRequest", e.to_string()))
-}
-
-fn rfc3339(unix: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
-fn json_response<T: serde::Serialize>(status: u16, value: &T) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    resp
-}
-
-fn empty(status: u16) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    resp
-}
-
-fn error(status: u16, code: &str, message: &str) -> Response<Body> {
-    json_response(
-        status,
-        &json!({"error": {"code": code, "message": message}}),
-    )
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|_| ApiError::BodyTooLarge(limit))?
+        .to_bytes())
 }
 
 #[cfg(test)]
@@ -631,34 +191,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_follows_the_last_report() {
-        let caller = Caller::Admin {
-            rule: "admin".into(),
-        };
-        let id = ClusterId::new("s", "rg", "c").unwrap();
-        let mut record = new_record(&caller, &id, ClusterRequest::default(), rfc3339(0));
-        assert_eq!(status_of(&record), ConnectivityStatus::Connecting);
-        let now = unix_now();
-        record.last_heartbeat = Some(now - 30);
-        assert_eq!(status_of(&record), ConnectivityStatus::Connected);
-        record.last_heartbeat = Some(now - OFFLINE_AFTER.as_secs() - 1);
-        assert_eq!(status_of(&record), ConnectivityStatus::Offline);
-        record.last_heartbeat = Some(now - EXPIRED_AFTER.as_secs() - 1);
-        assert_eq!(status_of(&record), ConnectivityStatus::Expired);
-        assert_eq!(
-            present(&record).properties.connectivity_status,
-            ConnectivityStatus::Expired
-        );
+    fn every_route_has_the_handler_its_path_takes() {
+        for route in ROUTES {
+            let agrees = matches!(
+                (&route.path, &route.handler),
+                (Path::List, Handler::List(_))
+                    | (Path::Cluster, Handler::Cluster(_))
+                    | (
+                        Path::Action(_),
+                        Handler::Cluster(_) | Handler::AgentReport(_)
+                    )
+                    | (Path::RoleAssignment, Handler::RoleAssignment(_))
+            );
+            assert!(agrees, "{} route with a mismatched handler", route.method);
+        }
     }
 
     #[test]
-    fn only_p256_public_keys_are_agent_keys() {
-        use base64::Engine;
-        use rcgen::PublicKeyData;
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let spki = base64::engine::general_purpose::STANDARD.encode(pair.subject_public_key_info());
-        assert_eq!(agent_key(&spki).unwrap().len(), 65);
-        assert!(agent_key("bm90IGEga2V5").is_err());
-        assert!(agent_key("%%%").is_err());
+    fn routes_match_method_and_path() {
+        let id = ClusterId::new("s", "rg", "c").unwrap();
+        let status = Target::Action(id.clone(), "AGENTSTATUS".into());
+        assert!(matches!(
+            find(&Method::POST, &status).map(|r| &r.handler),
+            Some(Handler::AgentReport(_))
+        ));
+        assert!(find(&Method::GET, &status).is_none());
+        assert!(find(&Method::POST, &Target::Action(id.clone(), "other".into())).is_none());
+        assert!(find(&Method::PATCH, &Target::Cluster(id)).is_none());
     }
 }

@@ -3,9 +3,11 @@
 
 use http::HeaderMap;
 
-use super::Registry;
+use super::registry::Registry;
+use crate::entra::validate::Rejected;
 use crate::relay::auth::{authorize, Right};
-use crate::relay::Shared;
+use crate::relay::rule::FindRule;
+use crate::tunnel::sas::{unix_now, SasError, SasToken};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -38,50 +40,60 @@ impl Caller {
     }
 }
 
-/// The caller, or why not (an ARM error code and message).
+/// Why a caller is not let in; every one is a 401.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no Authorization header: send an Entra ID bearer token or a SAS token of a rule with the Manage right")]
+    NoAuthorization,
+    #[error("this relay accepts no Entra ID tokens (no [entra] in its config); use a Manage key")]
+    NoEntra,
+    #[error("Entra token rejected")]
+    EntraToken(#[source] Rejected),
+    #[error("SAS token refused")]
+    SasToken(#[source] SasError),
+}
+
+impl AuthError {
+    /// ARM's error code for it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::EntraToken(_) => "InvalidAuthenticationToken",
+            _ => "AuthenticationFailed",
+        }
+    }
+}
+
+/// The caller, from the request's headers alone (no body is read before this).
 pub async fn authenticate(
     registry: &Registry,
-    shared: &Shared,
+    rule: &FindRule<'_>,
     hosts: &[String],
     headers: &HeaderMap,
-) -> Result<Caller, (&'static str, String)> {
-    let Some(value) = headers
+) -> Result<Caller, AuthError> {
+    let value = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    else {
-        return Err((
-            "AuthenticationFailed",
-            "no Authorization header: send an Entra ID bearer token or a SAS token of a rule with the Manage right".into(),
-        ));
-    };
+        .ok_or(AuthError::NoAuthorization)?;
     let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
     if scheme.eq_ignore_ascii_case("bearer") {
-        let Some(validator) = &registry.entra else {
-            return Err((
-                "AuthenticationFailed",
-                "this relay accepts no Entra ID tokens (no [entra] in its config); use a Manage key".into(),
-            ));
-        };
-        return match validator.validate(credential.trim()).await {
-            Ok(identity) => Ok(Caller::Principal {
-                name: identity.username().to_string(),
-                object_id: identity.object_id,
-            }),
-            Err(why) => Err((
-                "InvalidAuthenticationToken",
-                format!("Entra token rejected: {why}"),
-            )),
-        };
+        return entra_caller(registry, credential.trim()).await;
     }
     // A SAS token for the relay's root with a Manage rule.
-    let now = crate::tunnel::sas::unix_now();
-    match authorize(|n| shared.rule(n), hosts, value, "", Right::Manage, now) {
-        Ok(_) => {
-            let rule = crate::tunnel::sas::SasToken::parse(value)
-                .map(|t| t.key_name)
-                .unwrap_or_default();
-            Ok(Caller::Admin { rule })
-        }
-        Err(e) => Err(("AuthenticationFailed", format!("SAS token refused: {e}"))),
-    }
+    authorize(rule, hosts, value, "", Right::Manage, unix_now()).map_err(AuthError::SasToken)?;
+    let rule = SasToken::parse(value)
+        .map(|t| t.key_name)
+        .unwrap_or_default();
+    Ok(Caller::Admin { rule })
+}
+
+async fn entra_caller(registry: &Registry, token: &str) -> Result<Caller, AuthError> {
+    let validator = registry.entra.as_ref().ok_or(AuthError::NoEntra)?;
+    let identity = validator
+        .validate(token)
+        .await
+        .map_err(AuthError::EntraToken)?;
+    Ok(Caller::Principal {
+        name: identity.username().to_string(),
+        object_id: identity.object_id,
+    })
 }

@@ -2,44 +2,27 @@
 //! (`Microsoft.Kubernetes/connectedClusters`), its durable store, who may call it, and the
 //! per-cluster keys that make `listClusterUserCredential` hand out Send tokens for one
 //! cluster only.
+//!
+//! `api` routes each method and path to a handler (`handlers`, `report`); `error` is every
+//! refusal and the one place that turns it into ARM's error body.
 
 mod api;
 mod caller;
+mod error;
+mod handlers;
+mod path;
+mod registry;
+mod reply;
+mod report;
 mod store;
+mod view;
 
 pub(crate) use api::handle;
-pub use api::{agent_key, CLUSTER_USER_ROLE};
 pub use caller::Caller;
+pub use handlers::USER_TOKEN_TTL;
+pub use registry::Registry;
 pub use store::{Record, StoreError};
+pub use view::{EXPIRED_AFTER, OFFLINE_AFTER};
 
-use std::path::Path;
-use std::time::Duration;
-
-use crate::entra::validate::Validator;
-use crate::relay::config::Rule;
-
-/// A cluster whose agent has not reported for this long is Offline.
-pub const OFFLINE_AFTER: Duration = Duration::from_secs(5 * 60);
-/// ... and after this long its credential has lapsed: Expired, and no more user tokens.
-pub const EXPIRED_AFTER: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Lifetime of the Send tokens `listClusterUserCredential` mints.
-pub const USER_TOKEN_TTL: Duration = Duration::from_secs(3600);
-
-pub struct Registry {
-    store: store::Store,
-    /// Validates Entra callers; `None` when only admin keys may call.
-    entra: Option<Validator>,
-}
-
-impl Registry {
-    pub fn open(path: &Path, entra: Option<Validator>) -> Result<Registry, StoreError> {
-        Ok(Registry {
-            store: store::Store::open(path)?,
-            entra,
-        })
-    }
-
-    pub fn rule(&self, name: &str) -> Option<Rule> {
-        self.store.rule(name)
-    }
-}
+/// Where it was before it moved to `arm`; `onboard` still names it here.
+pub use crate::arm::agent_key;

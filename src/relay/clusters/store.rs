@@ -3,24 +3,51 @@
 //! Listen and Send keys; the relay's authorization consults them next to its static rules.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::arm::ConnectedCluster;
-use crate::relay::config::Rule;
+use crate::relay::rule::Rule;
 use crate::secret::Secret;
 
 const CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("connected_clusters");
 
+/// Which step of reading or writing the registry file failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cluster registry {0}")]
-pub struct StoreError(String);
-
-fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> StoreError + '_ {
-    move |e| StoreError(format!("{what}: {e}"))
+pub enum StoreError {
+    #[error("cluster registry {}: cannot open (is another relay using it?)", .path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("cluster registry {}: cannot make it private", .path.display())]
+    MakePrivate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster registry begin")]
+    Begin(#[source] redb::TransactionError),
+    #[error("cluster registry open table")]
+    OpenTable(#[source] redb::TableError),
+    #[error("cluster registry read")]
+    Read(#[source] redb::StorageError),
+    #[error("cluster registry scan")]
+    Scan(#[source] redb::StorageError),
+    #[error("cluster registry decode")]
+    Decode(#[source] serde_json::Error),
+    #[error("cluster registry encode")]
+    Encode(#[source] serde_json::Error),
+    #[error("cluster registry write")]
+    Write(#[source] redb::StorageError),
+    #[error("cluster registry delete")]
+    Delete(#[source] redb::StorageError),
+    #[error("cluster registry commit")]
+    Commit(#[source] redb::CommitError),
 }
 
 /// One registration as stored: the resource plus what only the relay knows.
@@ -93,24 +120,14 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|e| {
-            StoreError(format!(
-                "{}: cannot open: {e} (is another relay using it?)",
-                path.display()
-            ))
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
         })?;
-        // Every cluster's keys are in here: readable by the relay's user only.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                |e| StoreError(format!("{}: cannot make it private: {e}", path.display())),
-            )?;
-        }
-        let txn = db.begin_write().map_err(|e| err("begin")(&e))?;
-        txn.open_table(CLUSTERS)
-            .map_err(|e| err("open table")(&e))?;
-        txn.commit().map_err(|e| err("commit")(&e))?;
+        make_private(path)?;
+        let txn = db.begin_write().map_err(StoreError::Begin)?;
+        txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
+        txn.commit().map_err(StoreError::Commit)?;
         let store = Store {
             db,
             rules: RwLock::new(HashMap::new()),
@@ -136,27 +153,21 @@ impl Store {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| err("begin")(&e))?;
-        let table = txn
-            .open_table(CLUSTERS)
-            .map_err(|e| err("open table")(&e))?;
-        let Some(value) = table.get(key).map_err(|e| err("read")(&e))? else {
+        let txn = self.db.begin_read().map_err(StoreError::Begin)?;
+        let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
+        let Some(value) = table.get(key).map_err(StoreError::Read)? else {
             return Ok(None);
         };
-        serde_json::from_slice(value.value())
-            .map(Some)
-            .map_err(|e| err("decode")(&e))
+        decode(value.value()).map(Some)
     }
 
     pub fn all(&self) -> Result<Vec<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| err("begin")(&e))?;
-        let table = txn
-            .open_table(CLUSTERS)
-            .map_err(|e| err("open table")(&e))?;
+        let txn = self.db.begin_read().map_err(StoreError::Begin)?;
+        let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| err("scan")(&e))? {
-            let (_, value) = entry.map_err(|e| err("scan")(&e))?;
-            out.push(serde_json::from_slice(value.value()).map_err(|e| err("decode")(&e))?);
+        for entry in table.iter().map_err(StoreError::Scan)? {
+            let (_, value) = entry.map_err(StoreError::Scan)?;
+            out.push(decode(value.value())?);
         }
         Ok(out)
     }
@@ -164,43 +175,25 @@ impl Store {
     /// Reads, changes and writes one registration in a single write transaction, so
     /// concurrent changes (a role grant, a heartbeat, a delete) cannot undo each other. `f`
     /// sees the current record and decides; an `Err` from it changes nothing.
-    pub fn update<R, E>(
+    pub fn update<R, E: From<StoreError>>(
         &self,
         key: &str,
         f: impl FnOnce(Option<Record>) -> Result<(Change, R), E>,
-    ) -> Result<Result<R, E>, StoreError> {
+    ) -> Result<R, E> {
         // Writers are serialized with the rules cache, so the cache never lags the file.
         let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(|e| err("begin")(&e))?;
-        let (change, result) = {
-            let mut table = txn
-                .open_table(CLUSTERS)
-                .map_err(|e| err("open table")(&e))?;
-            let current: Option<Record> = match table.get(key).map_err(|e| err("read")(&e))? {
-                Some(v) => Some(serde_json::from_slice(v.value()).map_err(|e| err("decode")(&e))?),
+        let txn = self.db.begin_write().map_err(StoreError::Begin)?;
+        let (before, change, result) = {
+            let mut table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
+            let before = match table.get(key).map_err(StoreError::Read)? {
+                Some(v) => Some(decode(v.value())?),
                 None => None,
             };
-            let before = current.clone();
-            let (change, result) = match f(current) {
-                Ok(done) => done,
-                Err(refused) => return Ok(Err(refused)),
-            };
-            match &change {
-                Change::Keep => {}
-                Change::Put(record) => {
-                    let bytes = serde_json::to_vec(record).map_err(|e| err("encode")(&e))?;
-                    table
-                        .insert(key, bytes.as_slice())
-                        .map_err(|e| err("write")(&e))?;
-                }
-                Change::Delete => {
-                    table.remove(key).map_err(|e| err("delete")(&e))?;
-                }
-            }
-            ((change, before), result)
+            let (change, result) = f(before.clone())?;
+            write(&mut table, key, &change)?;
+            (before, change, result)
         };
-        txn.commit().map_err(|e| err("commit")(&e))?;
-        let (change, before) = change;
+        txn.commit().map_err(StoreError::Commit)?;
         if !matches!(change, Change::Keep) {
             for rule in before.iter().flat_map(Record::rules) {
                 rules.remove(&rule.name);
@@ -211,6 +204,47 @@ impl Store {
                 rules.insert(rule.name.clone(), rule);
             }
         }
-        Ok(Ok(result))
+        Ok(result)
     }
+}
+
+/// Every cluster's keys are in the file: readable by the relay's user only.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| StoreError::MakePrivate {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes).map_err(StoreError::Decode)
+}
+
+fn write(
+    table: &mut redb::Table<'_, &str, &[u8]>,
+    key: &str,
+    change: &Change,
+) -> Result<(), StoreError> {
+    match change {
+        Change::Keep => {}
+        Change::Put(record) => {
+            let bytes = serde_json::to_vec(record).map_err(StoreError::Encode)?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(StoreError::Write)?;
+        }
+        Change::Delete => {
+            table.remove(key).map_err(StoreError::Delete)?;
+        }
+    }
+    Ok(())
 }

@@ -38,21 +38,21 @@ struct Inner {
 }
 
 #[derive(Clone, Default)]
-pub struct Registry {
+pub struct Rendezvous {
     inner: Arc<Mutex<Inner>>,
     next_id: Arc<AtomicU64>,
 }
 
-/// Removes its listener from the registry when the control channel ends.
+/// Removes its listener from the rendezvous table when the control channel ends.
 pub struct ListenerGuard {
-    registry: Registry,
+    rendezvous: Rendezvous,
     entity: String,
     id: u64,
 }
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        let mut inner = self.registry.lock();
+        let mut inner = self.rendezvous.lock();
         if let Some(list) = inner.listeners.get_mut(&self.entity) {
             list.retain(|l| l.id != self.id);
             if list.is_empty() {
@@ -67,7 +67,7 @@ fn key(entity: &str) -> String {
     entity.to_ascii_lowercase()
 }
 
-impl Registry {
+impl Rendezvous {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere must not take the whole relay down with a poisoned lock.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -81,7 +81,7 @@ impl Registry {
             .or_default()
             .push(ListenerEntry { id, tx });
         ListenerGuard {
-            registry: self.clone(),
+            rendezvous: self.clone(),
             entity: key(entity),
             id,
         }
@@ -160,7 +160,7 @@ mod tests {
 
     #[tokio::test]
     async fn spreads_senders_across_listeners_and_forgets_closed_ones() {
-        let reg = Registry::default();
+        let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
         let g1 = reg.add_listener("C", tx1);
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_rendezvous_id_is_usable_once_and_only_for_its_entity() {
-        let reg = Registry::default();
+        let reg = Rendezvous::default();
         let _rx = reg.add_pending("id1", "c");
         assert!(reg.take_pending("id1", "other").is_none());
         assert!(reg.take_pending("id1", "c").is_some());

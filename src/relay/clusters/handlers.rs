@@ -1,0 +1,366 @@
+//! The management API's handlers for authenticated callers: one function per method and
+//! path, each given the caller and the whole (bounded) body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::caller::Caller;
+use super::error::ApiError;
+use super::path::Scope;
+use super::registry::Registry;
+use super::reply::{self, Body};
+use super::store::{Change, Record};
+use super::view::{present, rfc3339, status_of};
+use crate::arm::{
+    agent_key, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, ConnectivityStatus,
+    CredentialResults, HybridConnectionConfig, Identity, Properties, SystemData, CLUSTER_USER_ROLE,
+    RESOURCE_TYPE,
+};
+use crate::secret::Secret;
+use crate::tunnel::protocol::RelayAddress;
+use crate::tunnel::sas::{unix_now, SasKey};
+
+/// Lifetime of the Send tokens `listClusterUserCredential` mints.
+pub const USER_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// One authenticated request.
+pub struct Call<'a> {
+    pub registry: &'a Registry,
+    pub caller: &'a Caller,
+    /// The `host[:port]` clients should use for this relay.
+    pub relay_host: Option<&'a str>,
+    pub body: &'a Bytes,
+}
+
+pub type Reply = Result<Response<Body>, ApiError>;
+
+/// `GET .../connectedClusters`: the clusters in scope the caller has a role on.
+pub fn list(call: &Call<'_>, scope: &Scope) -> Reply {
+    let prefix = scope.prefix();
+    let value: Vec<ConnectedCluster> = call
+        .registry
+        .store
+        .all()?
+        .into_iter()
+        .filter(|r| r.resource.id.to_ascii_lowercase().starts_with(&prefix))
+        .filter(|r| may_read(call.caller, r))
+        .map(|r| present(&r))
+        .collect();
+    Ok(reply::json(StatusCode::OK, &json!({ "value": value })))
+}
+
+/// `GET .../{name}`.
+pub fn show(call: &Call<'_>, id: &ClusterId) -> Reply {
+    let record = readable(call, id)?;
+    Ok(reply::json(StatusCode::OK, &present(&record)))
+}
+
+/// `PUT .../{name}`: registers a cluster (201) or updates the caller's own registration (200).
+pub fn put(call: &Call<'_>, id: &ClusterId) -> Reply {
+    let request: ClusterRequest =
+        serde_json::from_slice(call.body).map_err(ApiError::ClusterBody)?;
+    if request.location.trim().is_empty() {
+        return Err(ApiError::LocationRequired);
+    }
+    agent_key(&request.properties.agent_public_key_certificate).map_err(ApiError::AgentKey)?;
+    let caller = call.caller;
+    let now = rfc3339(unix_now());
+    let (record, created) = call.registry.store.update(&id.key(), |current| {
+        let (record, created) = match current {
+            Some(mut record) => {
+                owner(caller, &record, id)?;
+                update_record(&mut record, caller, request, now);
+                (record, false)
+            }
+            None => (new_record(caller, id, request, now), true),
+        };
+        Ok::<_, ApiError>((Change::Put(Box::new(record.clone())), (record, created)))
+    })?;
+    tracing::info!(cluster = %id.path(), by = caller.display_name(), created, "cluster registered");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(reply::json(status, &present(&record)))
+}
+
+/// `DELETE .../{name}`: 200 when there was a registration, 204 when there was none.
+pub fn delete(call: &Call<'_>, id: &ClusterId) -> Reply {
+    let deleted = call
+        .registry
+        .store
+        .update(&id.key(), |current| match current {
+            None => Ok((Change::Keep, false)),
+            Some(record) => {
+                owner(call.caller, &record, id)?;
+                Ok::<_, ApiError>((Change::Delete, true))
+            }
+        })?;
+    if deleted {
+        tracing::info!(cluster = %id.path(), by = call.caller.display_name(), "cluster registration deleted");
+    }
+    Ok(reply::changed(deleted))
+}
+
+/// `POST .../{name}/listClusterUserCredential`: a Send token for that cluster only.
+pub fn list_user_credential(call: &Call<'_>, id: &ClusterId) -> Reply {
+    let record = readable(call, id)?;
+    if status_of(&record) == ConnectivityStatus::Expired {
+        return Err(ApiError::Expired(id.name.clone()));
+    }
+    let relay = relay_address(call.relay_host)?;
+    let key = SasKey {
+        name: format!("{}-send", record.hybrid_connection),
+        key: Secret::new(record.send_key.clone()),
+    };
+    let expiration_time = unix_now() + USER_TOKEN_TTL.as_secs();
+    let token = key.mint_until(
+        &relay.resource_uri(&record.hybrid_connection),
+        expiration_time,
+    );
+    let results = CredentialResults {
+        hybrid_connection_config: HybridConnectionConfig {
+            relay: format!("wss://{}", relay.authority()),
+            hybrid_connection_name: record.hybrid_connection.clone(),
+            token: token.expose().to_string(),
+            expiration_time,
+        },
+    };
+    tracing::info!(cluster = %id.path(), by = call.caller.display_name(), "user credential issued");
+    Ok(reply::json(StatusCode::OK, &results))
+}
+
+/// `POST .../{name}/listAgentCredential` (owners): the agent's Listen key, for the installer.
+pub fn list_agent_credential(call: &Call<'_>, id: &ClusterId) -> Reply {
+    let record = existing(call.registry, id)?;
+    owner(call.caller, &record, id)?;
+    let relay = relay_address(call.relay_host)?;
+    let credential = AgentCredential {
+        relay: format!("wss://{}", relay.authority()),
+        hybrid_connection_name: record.hybrid_connection.clone(),
+        listen_key: format!(
+            "SharedAccessKeyName={}-listen;SharedAccessKey={}",
+            record.hybrid_connection, record.listen_key
+        ),
+    };
+    Ok(reply::json(StatusCode::OK, &credential))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Assignment {
+    properties: AssignmentProperties,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AssignmentProperties {
+    principal_id: String,
+    role_definition_id: String,
+}
+
+/// `PUT .../{name}/providers/Microsoft.Authorization/roleAssignments/{id}` (owners): grants
+/// the cluster user role.
+pub fn grant_role(call: &Call<'_>, id: &ClusterId, assignment: &str) -> Reply {
+    let request: Assignment =
+        serde_json::from_slice(call.body).map_err(ApiError::AssignmentBody)?;
+    let role = request
+        .properties
+        .role_definition_id
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    if !role.eq_ignore_ascii_case(CLUSTER_USER_ROLE) {
+        return Err(ApiError::RoleNotAssignable);
+    }
+    let principal = request.properties.principal_id.to_ascii_lowercase();
+    call.registry.store.update(&id.key(), |current| {
+        let mut record = current.ok_or_else(|| ApiError::not_found(id))?;
+        owner(call.caller, &record, id)?;
+        record
+            .assignments
+            .insert(assignment.to_string(), principal.clone());
+        Ok::<_, ApiError>((Change::Put(Box::new(record)), ()))
+    })?;
+    tracing::info!(cluster = %id.path(), principal, assignment, "cluster user role granted");
+    Ok(reply::json(
+        StatusCode::OK,
+        &json!({
+            "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{assignment}", id.path()),
+            "name": assignment,
+            "properties": {"principalId": principal, "roleDefinitionId": CLUSTER_USER_ROLE, "scope": id.path()}
+        }),
+    ))
+}
+
+/// `DELETE .../roleAssignments/{id}` (owners): 200 when it existed, 204 when it did not.
+pub fn revoke_role(call: &Call<'_>, id: &ClusterId, assignment: &str) -> Reply {
+    let removed = call.registry.store.update(&id.key(), |current| {
+        let mut record = current.ok_or_else(|| ApiError::not_found(id))?;
+        owner(call.caller, &record, id)?;
+        let removed = record.assignments.remove(assignment);
+        Ok::<_, ApiError>((Change::Put(Box::new(record)), removed))
+    })?;
+    if let Some(principal) = &removed {
+        tracing::info!(cluster = %id.path(), principal, assignment, "cluster user role revoked");
+    }
+    Ok(reply::changed(removed.is_some()))
+}
+
+/// A re-registration by an owner: the caller's part of the resource and who changed it when.
+fn update_record(record: &mut Record, caller: &Caller, request: ClusterRequest, now: String) {
+    let r = &mut record.resource;
+    r.location = request.location;
+    r.tags = request.tags;
+    r.properties.agent_public_key_certificate = request.properties.agent_public_key_certificate;
+    r.properties.distribution = request.properties.distribution;
+    r.properties.infrastructure = request.properties.infrastructure;
+    r.system_data.last_modified_at = now;
+    r.system_data.last_modified_by = caller.display_name().to_string();
+    r.system_data.last_modified_by_type = caller.kind().to_string();
+}
+
+/// A first registration: the caller owns it; it gets fresh Listen and Send keys.
+fn new_record(caller: &Caller, id: &ClusterId, request: ClusterRequest, now: String) -> Record {
+    let owners = match caller {
+        Caller::Principal { object_id, .. } => vec![object_id.to_ascii_lowercase()],
+        Caller::Admin { .. } => Vec::new(),
+    };
+    Record {
+        resource: new_resource(caller, id, request, now),
+        owners,
+        assignments: Default::default(),
+        hybrid_connection: id.hybrid_connection(),
+        listen_key: random_key(),
+        send_key: random_key(),
+        last_heartbeat: None,
+        last_report_timestamp: 0,
+    }
+}
+
+fn new_resource(
+    caller: &Caller,
+    id: &ClusterId,
+    request: ClusterRequest,
+    now: String,
+) -> ConnectedCluster {
+    ConnectedCluster {
+        id: id.path(),
+        name: id.name.clone(),
+        kind: RESOURCE_TYPE.to_string(),
+        location: request.location,
+        tags: request.tags,
+        identity: Identity {
+            kind: "None".into(),
+            principal_id: None,
+            tenant_id: None,
+        },
+        properties: Properties {
+            agent_public_key_certificate: request.properties.agent_public_key_certificate,
+            agent_version: None,
+            connectivity_status: ConnectivityStatus::Connecting,
+            distribution: request.properties.distribution,
+            infrastructure: request.properties.infrastructure,
+            kubernetes_version: None,
+            last_connectivity_time: None,
+            provisioning_state: "Succeeded".into(),
+            total_core_count: None,
+            total_node_count: None,
+        },
+        system_data: SystemData {
+            created_at: now.clone(),
+            created_by: caller.display_name().to_string(),
+            created_by_type: caller.kind().to_string(),
+            last_modified_at: now,
+            last_modified_by: caller.display_name().to_string(),
+            last_modified_by_type: caller.kind().to_string(),
+        },
+    }
+}
+
+fn random_key() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+}
+
+fn may_read(caller: &Caller, record: &Record) -> bool {
+    match caller {
+        Caller::Admin { .. } => true,
+        Caller::Principal { object_id, .. } => {
+            let id = object_id.to_ascii_lowercase();
+            record.owners.contains(&id) || record.assignments.values().any(|p| *p == id)
+        }
+    }
+}
+
+fn owner(caller: &Caller, record: &Record, id: &ClusterId) -> Result<(), ApiError> {
+    let ok = match caller {
+        Caller::Admin { .. } => true,
+        Caller::Principal { object_id, .. } => {
+            record.owners.contains(&object_id.to_ascii_lowercase())
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::NotOwner {
+            caller: caller.display_name().to_string(),
+            cluster: id.path(),
+        })
+    }
+}
+
+fn existing(registry: &Registry, id: &ClusterId) -> Result<Record, ApiError> {
+    registry
+        .store
+        .get(&id.key())?
+        .ok_or_else(|| ApiError::not_found(id))
+}
+
+fn readable(call: &Call<'_>, id: &ClusterId) -> Result<Record, ApiError> {
+    let record = existing(call.registry, id)?;
+    if !may_read(call.caller, &record) {
+        return Err(ApiError::NoRole {
+            caller: call.caller.display_name().to_string(),
+            cluster: id.path(),
+        });
+    }
+    Ok(record)
+}
+
+fn relay_address(host: Option<&str>) -> Result<RelayAddress, ApiError> {
+    let host = host.ok_or(ApiError::NoHost)?;
+    RelayAddress::parse(&format!("wss://{host}")).map_err(ApiError::RelayAddress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::clusters::view::{EXPIRED_AFTER, OFFLINE_AFTER};
+
+    #[test]
+    fn status_follows_the_last_report() {
+        let caller = Caller::Admin {
+            rule: "admin".into(),
+        };
+        let id = ClusterId::new("s", "rg", "c").unwrap();
+        let mut record = new_record(&caller, &id, ClusterRequest::default(), rfc3339(0));
+        assert_eq!(status_of(&record), ConnectivityStatus::Connecting);
+        let now = unix_now();
+        record.last_heartbeat = Some(now - 30);
+        assert_eq!(status_of(&record), ConnectivityStatus::Connected);
+        record.last_heartbeat = Some(now - OFFLINE_AFTER.as_secs() - 1);
+        assert_eq!(status_of(&record), ConnectivityStatus::Offline);
+        record.last_heartbeat = Some(now - EXPIRED_AFTER.as_secs() - 1);
+        assert_eq!(status_of(&record), ConnectivityStatus::Expired);
+        assert_eq!(
+            present(&record).properties.connectivity_status,
+            ConnectivityStatus::Expired
+        );
+    }
+}

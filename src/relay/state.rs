@@ -1,0 +1,61 @@
+//! What every connection handler shares: the relay's names and rules, the cluster registry,
+//! the rendezvous table, the counters, and the shutdown signals.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::clusters::Registry;
+use super::rendezvous::Rendezvous;
+use super::rule::Rule;
+
+/// Counters an operator (and a test) can read: how many rendezvous were made and are open.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub rendezvous_total: AtomicU64,
+    pub rendezvous_open: AtomicU64,
+}
+
+impl RelayStats {
+    pub fn total(&self) -> u64 {
+        self.rendezvous_total.load(Ordering::Relaxed)
+    }
+
+    pub fn open(&self) -> u64 {
+        self.rendezvous_open.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub hostnames: Arc<Vec<String>>,
+    pub rules: Arc<Vec<Rule>>,
+    pub clusters: Option<Arc<Registry>>,
+    pub stats: Arc<RelayStats>,
+}
+
+impl Shared {
+    /// A SAS rule by name: configured rules first, then the registered clusters' own.
+    pub fn rule(&self, name: &str) -> Option<Rule> {
+        if let Some(rule) = self.rules.iter().find(|r| r.name == name) {
+            return Some(rule.clone());
+        }
+        self.clusters.as_ref()?.rule(name)
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub shared: Shared,
+    pub rendezvous: Rendezvous,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+    /// Cancelled when the drain period is over: open rendezvous are then closed.
+    pub closing: CancellationToken,
+    /// This connection's slot under `max_connections`; tasks that outlive the HTTP exchange
+    /// (control channels, splices) hold a clone so the limit counts upgraded connections too.
+    pub permit: Option<Arc<OwnedSemaphorePermit>>,
+}
