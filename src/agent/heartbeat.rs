@@ -50,7 +50,7 @@ impl Heartbeat {
                 Err(e) => {
                     // Once per outage, not once a minute.
                     if !failing {
-                        tracing::warn!(error = %e, "status report to the registry failed; the cluster will show Offline until one succeeds");
+                        tracing::warn!(error = %crate::tunnel::http::error_chain(&e), "status report to the registry failed; the cluster will show Offline until one succeeds");
                     }
                     failing = true;
                 }
@@ -62,12 +62,11 @@ impl Heartbeat {
         }
     }
 
-    pub async fn report(&self) -> Result<(), String> {
+    pub async fn report(&self) -> Result<(), crate::arm::client::ArmError> {
         let status = self.status().await;
         self.registry
             .report_status(&self.id, &status, &self.key)
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// What the agent can see; fields it cannot read stay empty rather than fail the report.

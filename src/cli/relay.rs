@@ -113,7 +113,7 @@ fn dev_tls_config(
     let leaf = ca.issue_server(&names)?;
     let ca_path = base.join("relay-dev-ca.crt");
     if !args.check {
-        std::fs::write(&ca_path, ca.cert_pem())
+        crate::files::write_private(&ca_path, ca.cert_pem().as_bytes())
             .with_context(|| format!("cannot write the dev CA to {}", ca_path.display()))?;
         eprintln!(
             "dev self-signed certificate for {}; CA SHA-256 fingerprint {}; clients pass --relay-ca {}",

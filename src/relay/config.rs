@@ -35,9 +35,12 @@ pub enum ConfigError {
     DuplicateRule(String),
     #[error("relay config: rule '{0}' needs exactly one of 'key' or 'key_file'")]
     KeySource(String),
-    /// `reason` is `SasKey::parse`'s, which has no error type of its own.
-    #[error("relay config: key file {}: {reason}", .path.display())]
-    KeyFile { path: PathBuf, reason: String },
+    #[error("relay config: key file {}", .path.display())]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        source: crate::tunnel::sas::KeyFormatError,
+    },
     #[error("relay config: key file {} is for rule '{key_rule}', but rule '{rule}' uses it", .path.display())]
     KeyFileForOtherRule {
         path: PathBuf,
@@ -223,9 +226,9 @@ impl RuleFile {
         if !text.contains("SharedAccessKey=") {
             return Ok(text.trim().to_string());
         }
-        let key = SasKey::parse(&text).map_err(|reason| ConfigError::KeyFile {
+        let key = SasKey::parse(&text).map_err(|source| ConfigError::KeyFile {
             path: path.to_path_buf(),
-            reason,
+            source,
         })?;
         if key.name != self.name {
             return Err(ConfigError::KeyFileForOtherRule {

@@ -14,14 +14,11 @@ use tokio_util::sync::CancellationToken;
 use super::auth::{authorize, Right};
 use super::rendezvous::Rendezvous;
 use super::state::Shared;
+use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
 use crate::tunnel::protocol::ControlMessage;
 use crate::tunnel::sas::unix_now;
 use crate::tunnel::upgrade::ServerStream;
 
-/// Load balancers on 443 drop idle connections after a minute or so; ping well inside that.
-pub const PING_INTERVAL: Duration = Duration::from_secs(30);
-/// A listener silent for this long (no pong, no message) is gone.
-pub const DEAD_PEER: Duration = Duration::from_secs(75);
 /// Accept messages queued for one listener; a listener this far behind gets no more senders.
 const QUEUE: usize = 64;
 

@@ -327,7 +327,7 @@ async fn proxy_by_name_and_resource_group_reaches_the_cluster_and_status_reports
         key: clusterconnect::agent::heartbeat::load_key(&other_private).unwrap(),
         ..heartbeat
     };
-    let err = forged.report().await.unwrap_err();
+    let err = clusterconnect::tunnel::http::error_chain(&forged.report().await.unwrap_err());
     assert!(err.contains("InvalidSignature"), "{err}");
 }
 
