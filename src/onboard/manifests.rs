@@ -15,10 +15,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, HTTPGetAction, Namespace, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, Secret as KubeSecret, SecretVolumeSource, SecurityContext, ServiceAccount,
-    Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    Namespace, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret as KubeSecret,
+    SecretVolumeSource, SecurityContext, ServiceAccount, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -52,6 +53,10 @@ pub const AGENT_KEY_FILE: &str = "agent.key";
 pub const RELAY_CA_FILE: &str = "relay-ca.crt";
 /// The agent's `--health-addr` default port: /healthz and /readyz.
 pub const HEALTH_PORT: i32 = 8081;
+/// The container's environment variable holding the pod IP (downward API), which the agent's
+/// `--health-addr` binds to: the kubelet probes the pod IP, and nothing needs the health port
+/// on any other address of the pod's network namespace.
+pub const POD_IP_ENV: &str = "POD_IP";
 /// Two agents keep the cluster reachable through a node drain or a rolling update.
 pub const REPLICAS: i32 = 2;
 /// What `--dry-run` writes instead of key material.
@@ -287,6 +292,8 @@ pub fn agent_args(spec: &AgentSpec) -> Vec<String> {
     for tenant in &spec.tenants {
         args.extend(["--tenant".into(), tenant.clone()]);
     }
+    // Kubernetes expands `$(POD_IP)` from the container's env (see `agent_container`).
+    args.push(format!("--health-addr=$({POD_IP_ENV}):{HEALTH_PORT}"));
     args.extend(["--log-format".into(), "json".into()]);
     args
 }
@@ -317,6 +324,17 @@ fn agent_container(spec: &AgentSpec) -> Container {
         name: "agent".into(),
         image: Some(spec.image.clone()),
         args: Some(agent_args(spec)),
+        env: Some(vec![EnvVar {
+            name: POD_IP_ENV.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
         ports: Some(vec![ContainerPort {
             name: Some("health".into()),
             container_port: HEALTH_PORT,
@@ -518,7 +536,14 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.starts_with("agent --relay wss://relay.example --connection cc-0123 --key-file /etc/clusterconnect/listen.key --cluster-id /subscriptions/"), "{joined}");
         assert!(joined.contains("--agent-key-file /etc/clusterconnect/agent.key --relay-ca /etc/clusterconnect/relay-ca.crt --tenant 72f988bf"), "{joined}");
-        assert!(joined.ends_with("--log-format json"), "{joined}");
+        assert!(
+            joined.ends_with("--health-addr=$(POD_IP):8081 --log-format json"),
+            "{joined}"
+        );
+        assert_eq!(
+            c["env"],
+            serde_json::json!([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}])
+        );
     }
 
     #[test]

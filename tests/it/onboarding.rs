@@ -293,6 +293,7 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
         "/etc/clusterconnect/relay-ca.crt",
         "--tenant",
         TENANT,
+        "--health-addr=$(POD_IP):8081",
         "--log-format",
         "json",
     ]
@@ -300,6 +301,11 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
     .map(|a| a.to_string())
     .collect();
     assert_eq!(args_of(&d), expected);
+    // The health port on the pod IP only, which Kubernetes puts in $(POD_IP).
+    assert_eq!(
+        c["env"],
+        serde_json::json!([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}])
+    );
     assert_eq!(d["status"]["availableReplicas"], 2);
 
     // Again: the same registration and key, no object rewritten.
