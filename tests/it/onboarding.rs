@@ -3,8 +3,9 @@
 //! timeout, writes the manifests for GitOps without touching anything; `disconnect` removes it
 //! all; `token create` prints a service-account token kubectl can use. Relay hardening: a
 //! namespace the user already had is refused without `--use-existing-namespace` and, with it,
-//! left alone with everything in it by connect and disconnect. Against the stand-in apiserver
-//! and the in-process relay with its registry, and the real binary.
+//! left alone with everything in it by connect and disconnect; `token create` needs an explicit
+//! role and issues expiring tokens unless `--no-expiry`. Against the stand-in apiserver and
+//! the in-process relay with its registry, and the real binary.
 
 use crate::support;
 
@@ -837,7 +838,7 @@ async fn pods_visible_with(api: &ApiServer, token: &str) -> Result<usize, kube::
 async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicates() {
     let s = Setup::start().await;
     let (kubeconfig, _, _) = s.files();
-    let args = [
+    let base = [
         "token",
         "create",
         "--service-account",
@@ -845,6 +846,24 @@ async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicat
         "--kubeconfig",
         path(&kubeconfig),
     ];
+    // The role is never implied.
+    let out = run_to_end(&base, &binary_env(), Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--cluster-role"), "{stderr}");
+    assert!(
+        stderr.contains("choose the role to bind, e.g. --cluster-role view"),
+        "{stderr}"
+    );
+    assert!(s
+        .api
+        .objects("/api/v1/namespaces/default/serviceaccounts")
+        .iter()
+        .all(|o| o["metadata"]["name"] != "demo-user"));
+
+    // --no-expiry: the long-lived Secret token, reused by a re-run.
+    let mut args = base.to_vec();
+    args.extend(["--cluster-role", "cluster-admin", "--no-expiry"]);
     let out = run_to_end(&args, &binary_env(), Duration::from_secs(30)).await;
     assert!(out.status.success(), "{}", describe(&out));
     let token = text(&out.stdout).trim().to_string();
@@ -886,6 +905,51 @@ async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicat
         .object(&format!("{bindings}/demo-user-cluster-admin-binding"))
         .unwrap();
     assert_eq!(binding["subjects"].as_array().unwrap().len(), 1);
+
+    // Without --no-expiry: a TokenRequest for an hour, no Secret.
+    let viewer = [
+        "token",
+        "create",
+        "--service-account",
+        "reader",
+        "--cluster-role",
+        "view",
+        "--kubeconfig",
+        path(&kubeconfig),
+    ];
+    let out = run_to_end(&viewer, &binary_env(), Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let expiring = text(&out.stdout).trim().to_string();
+    assert!(pods_visible_with(&s.api, &expiring).await.unwrap() >= 2);
+    assert_eq!(
+        named("/api/v1/namespaces/default/secrets", "reader-token"),
+        0
+    );
+    let requested: Vec<String> = s
+        .api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "POST" && r.path_and_query.contains("/serviceaccounts/reader/token")
+        })
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    let out = run_to_end(&viewer, &binary_env(), Duration::from_secs(30)).await;
+    assert_ne!(
+        text(&out.stdout).trim(),
+        expiring,
+        "each run issues a new token"
+    );
+    let mut both = viewer.to_vec();
+    both.extend(["--no-expiry", "--duration", "2h"]);
+    let out = run_to_end(&both, &binary_env(), Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("cannot be used with"),
+        "{}",
+        describe(&out)
+    );
 
     // --duration: a TokenRequest, no Secret; a view-bound account may list but not delete.
     let spec = TokenSpec {
