@@ -95,6 +95,11 @@ pub struct ConnectArgs {
     pub tags: Vec<(String, String)>,
     #[command(flatten)]
     pub kube: KubeFlags,
+    /// Install into --namespace although it already exists and connect did not create it.
+    /// Without this flag such a namespace is refused. With it the namespace is used as is (not
+    /// labelled or annotated), and disconnect removes only the agent's objects from it.
+    #[arg(long)]
+    pub use_existing_namespace: bool,
     /// The agent image [default: ghcr.io/clusterconnect/clusterconnect:<this version>].
     #[arg(long)]
     pub agent_image: Option<String>,
@@ -184,6 +189,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         distribution: args.distribution.to_ascii_lowercase(),
         infrastructure: args.infrastructure.to_ascii_lowercase(),
         namespace: args.kube.namespace.clone(),
+        use_existing_namespace: args.use_existing_namespace,
         image: args
             .agent_image
             .clone()
@@ -198,14 +204,17 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         let text = match args.output {
             Format::Yaml => manifests::to_yaml(&m, true)?,
             Format::Json => {
-                let items = [
-                    serde_json::to_value(&m.namespace)?,
-                    serde_json::to_value(&m.service_account)?,
-                    serde_json::to_value(&m.cluster_role)?,
-                    serde_json::to_value(&m.cluster_role_binding)?,
-                    serde_json::to_value(&m.secret)?,
-                    serde_json::to_value(&m.deployment)?,
-                ];
+                let namespace = m.namespace.as_ref().map(serde_json::to_value).transpose()?;
+                let items: Vec<_> = namespace
+                    .into_iter()
+                    .chain([
+                        serde_json::to_value(&m.service_account)?,
+                        serde_json::to_value(&m.cluster_role)?,
+                        serde_json::to_value(&m.cluster_role_binding)?,
+                        serde_json::to_value(&m.secret)?,
+                        serde_json::to_value(&m.deployment)?,
+                    ])
+                    .collect();
                 serde_json::to_string_pretty(
                     &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}),
                 )?

@@ -51,9 +51,6 @@ impl Outcome {
 /// How an existing object is compared with the desired one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Policy {
-    /// Take over an existing object without the managed-by label (a namespace someone made
-    /// beforehand is fine to install into).
-    pub adopt: bool,
     /// Top-level fields that must match exactly rather than contain what is asked for (a
     /// Secret's `data`, where a key that should be gone must go).
     pub exact: &'static [&'static str],
@@ -99,7 +96,7 @@ where
     };
     let existing = api.get_opt(&name).await.map_err(failed)?;
     if let Some(existing) = &existing {
-        if !policy.adopt && !is_managed(existing) {
+        if !is_managed(existing) {
             return Err(ApplyError::NotManaged {
                 kind,
                 name: display_name(desired),

@@ -5,6 +5,11 @@
 //! agent Secret; the registry holds the public half. A re-run reads the key back from the
 //! Secret, so it registers the same key and rewrites nothing that is already right; a
 //! registration holding some other key belongs to another cluster and is never taken over.
+//!
+//! A namespace is connect's only when connect created it (its ownership annotations say so).
+//! One the user already had is refused unless the request allows it
+//! ([`ConnectRequest::use_existing_namespace`]), and then it is used as is: never labelled,
+//! annotated or, by `disconnect`, deleted.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,7 +22,7 @@ use kube::{Api, Client, ResourceExt};
 use super::apply::{self, is_managed, ApplyError, Outcome, Policy};
 use super::keys::{AgentKey, KeyError};
 use super::manifests::{
-    self, AgentSpec, SecretContent, AGENT_KEY_FILE, AGENT_NAME, CLUSTER_ID_ANNOTATION,
+    self, created_for, AgentSpec, SecretContent, AGENT_KEY_FILE, AGENT_NAME, CLUSTER_ID_ANNOTATION,
 };
 use super::rollout::{self, RolloutError};
 use crate::arm::client::{ArmError, ManagementClient};
@@ -42,6 +47,8 @@ pub enum ConnectError {
     },
     #[error("this cluster is already connected as {existing} (Secret {location}); use that name and resource group, or run `clusterconnect disconnect` for it first")]
     ConnectedElsewhere { existing: String, location: String },
+    #[error("namespace {namespace} already exists and was not created by `clusterconnect connect` for this cluster; to install the agent into it anyway pass --use-existing-namespace (the namespace and everything else in it are then left alone, by disconnect too), or choose another --namespace")]
+    ExistingNamespace { namespace: String },
     #[error("the agent Secret {location} has no {AGENT_KEY_FILE}; delete the Secret (`kubectl -n {namespace} delete secret {AGENT_NAME}`) and run connect again")]
     KeyMissing { location: String, namespace: String },
     #[error(transparent)]
@@ -61,6 +68,9 @@ pub struct ConnectRequest {
     pub distribution: String,
     pub infrastructure: String,
     pub namespace: String,
+    /// Install into `namespace` even when it exists and connect did not create it; it is then
+    /// left as it is (not labelled, not annotated, not deleted by `disconnect`).
+    pub use_existing_namespace: bool,
     pub image: String,
     pub tenants: Vec<String>,
     /// PEM of the CA the agent should trust for the relay.
@@ -110,14 +120,25 @@ pub async fn existing_key(
 
 /// The manifests for `request` with placeholders instead of keys, for `--dry-run`: computed
 /// locally, touching neither the cluster nor the registry.
+/// With `use_existing_namespace` the namespace is the user's and not among them.
 pub fn dry_run(request: &ConnectRequest, relay: &str) -> manifests::Manifests {
     manifests::build(
-        &spec(request, relay, &request.id.hybrid_connection()),
+        &spec(
+            request,
+            relay,
+            &request.id.hybrid_connection(),
+            request.use_existing_namespace,
+        ),
         &SecretContent::Placeholders,
     )
 }
 
-fn spec(request: &ConnectRequest, relay: &str, hybrid_connection: &str) -> AgentSpec {
+fn spec(
+    request: &ConnectRequest,
+    relay: &str,
+    hybrid_connection: &str,
+    existing_namespace: bool,
+) -> AgentSpec {
     AgentSpec {
         namespace: request.namespace.clone(),
         image: request.image.clone(),
@@ -126,7 +147,30 @@ fn spec(request: &ConnectRequest, relay: &str, hybrid_connection: &str) -> Agent
         cluster_id: request.id.path(),
         tenants: request.tenants.clone(),
         relay_ca: request.relay_ca.is_some(),
+        existing_namespace,
     }
+}
+
+/// Whether the agent goes into a namespace the user already had (`true`: leave it as is) or
+/// one connect creates or created for this registration (`false`). Refuses the user's
+/// namespace unless the request allows it.
+pub async fn existing_namespace(
+    kube: &Client,
+    request: &ConnectRequest,
+) -> Result<bool, ConnectError> {
+    let namespaces: Api<Namespace> = Api::all(kube.clone());
+    let Some(namespace) = apply::get(&namespaces, &request.namespace).await? else {
+        return Ok(false);
+    };
+    if created_for(&namespace, &request.id.path()) {
+        return Ok(false);
+    }
+    if request.use_existing_namespace {
+        return Ok(true);
+    }
+    Err(ConnectError::ExistingNamespace {
+        namespace: request.namespace.clone(),
+    })
 }
 
 /// This cluster's agent key (from its Secret in `namespace`) and the registration, to compare
@@ -159,6 +203,8 @@ pub async fn connect(
 ) -> Result<ConnectedCluster, ConnectError> {
     let ns = request.namespace.as_str();
     let id = &request.id;
+    // Before anything is registered or written.
+    let existing_namespace = existing_namespace(kube, request).await?;
     let (local, registered) = local_and_registered(kube, registry, ns, id).await?;
     let key = choose_key(local, registered, request, progress)?;
     register(registry, request, &key).await?;
@@ -175,6 +221,7 @@ pub async fn connect(
         request,
         &credential.relay,
         &credential.hybrid_connection_name,
+        existing_namespace,
     );
     let content = SecretContent::Keys {
         listen_key: Secret::new(credential.listen_key),
@@ -277,22 +324,27 @@ async fn read_back(
 }
 
 /// Applies the manifests in dependency order, reporting each object like `kubectl apply`.
+/// Without a namespace among them, the user's namespace is used as it is.
 pub async fn install(
     kube: &Client,
     m: &manifests::Manifests,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), ApplyError> {
-    let ns = m.namespace.name_any();
+    let ns = m.service_account.namespace().unwrap_or_default();
+    let own = Policy::default();
+    match &m.namespace {
+        Some(namespace) => {
+            let outcome =
+                apply::apply(&Api::<Namespace>::all(kube.clone()), namespace, own).await?;
+            progress(&format!("namespace/{ns} {}", outcome.as_str()));
+        }
+        None => progress(&format!(
+            "namespace/{ns} exists and is not clusterconnect's: used as is"
+        )),
+    }
     let mut report = |kind: &str, name: &str, outcome: Outcome| {
         progress(&format!("{kind}/{name} {}", outcome.as_str()))
     };
-    let adopt = Policy {
-        adopt: true,
-        exact: &[],
-    };
-    let own = Policy::default();
-    let outcome = apply::apply(&Api::<Namespace>::all(kube.clone()), &m.namespace, adopt).await?;
-    report("namespace", &ns, outcome);
     let outcome = apply::apply(
         &Api::<ServiceAccount>::namespaced(kube.clone(), &ns),
         &m.service_account,
@@ -310,10 +362,7 @@ pub async fn install(
     )
     .await?;
     report("clusterrolebinding", AGENT_NAME, outcome);
-    let secret_policy = Policy {
-        adopt: false,
-        exact: &["data"],
-    };
+    let secret_policy = Policy { exact: &["data"] };
     let outcome = apply::apply(
         &Api::<KubeSecret>::namespaced(kube.clone(), &ns),
         &m.secret,

@@ -5,15 +5,21 @@
 //! Pod Security Standard as is: non-root without a fixed uid (the SCC assigns one), no
 //! privilege escalation, every capability dropped, the RuntimeDefault seccomp profile and a
 //! read-only root filesystem. The ClusterRole grants only what the agent uses.
+//!
+//! Every object carries the ownership annotations ([`CREATED_BY_ANNOTATION`] and
+//! [`CLUSTER_ID_ANNOTATION`]): `disconnect` deletes only what they mark as made by `connect`
+//! for that registration. A namespace the user already had is not among the objects at all
+//! (see [`AgentSpec::existing_namespace`]): it is used as is, never labelled or annotated.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, HTTPGetAction, Namespace, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, Secret as KubeSecret, SecretVolumeSource, SecurityContext, ServiceAccount,
-    Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    Namespace, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret as KubeSecret,
+    SecretVolumeSource, SecurityContext, ServiceAccount, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -33,6 +39,11 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 /// Which registration the objects serve: lets `connect` notice a cluster that is already
 /// connected under another name, and `disconnect` a kubeconfig pointing at the wrong cluster.
 pub const CLUSTER_ID_ANNOTATION: &str = "clusterconnect.io/cluster-id";
+/// Written when `connect` creates an object, with [`CLUSTER_ID_ANNOTATION`]: the proof of
+/// ownership `disconnect` asks for before deleting. The managed-by label is not enough: it is a
+/// common convention others may set, and older releases stamped it on namespaces they adopted.
+pub const CREATED_BY_ANNOTATION: &str = "clusterconnect.io/created-by";
+pub const CREATED_BY: &str = "connect";
 /// On the pod template: a digest of the agent Secret's content (see [`secret_digest`]).
 pub const SECRET_DIGEST_ANNOTATION: &str = "clusterconnect.io/secret-sha256";
 /// Where the agent Secret is mounted in the pod.
@@ -42,6 +53,10 @@ pub const AGENT_KEY_FILE: &str = "agent.key";
 pub const RELAY_CA_FILE: &str = "relay-ca.crt";
 /// The agent's `--health-addr` default port: /healthz and /readyz.
 pub const HEALTH_PORT: i32 = 8081;
+/// The container's environment variable holding the pod IP (downward API), which the agent's
+/// `--health-addr` binds to: the kubelet probes the pod IP, and nothing needs the health port
+/// on any other address of the pod's network namespace.
+pub const POD_IP_ENV: &str = "POD_IP";
 /// Two agents keep the cluster reachable through a node drain or a rolling update.
 pub const REPLICAS: i32 = 2;
 /// What `--dry-run` writes instead of key material.
@@ -69,6 +84,9 @@ pub struct AgentSpec {
     pub tenants: Vec<String>,
     /// Whether the Secret carries a CA for the relay (then the agent is told to trust it).
     pub relay_ca: bool,
+    /// The namespace exists and is the user's (`connect --use-existing-namespace`): it is not
+    /// among the manifests, so nothing labels, annotates or deletes it.
+    pub existing_namespace: bool,
 }
 
 /// What goes in the agent Secret.
@@ -86,7 +104,8 @@ pub enum SecretContent {
 /// The installed objects, in the order they are applied.
 #[derive(Clone, Debug)]
 pub struct Manifests {
-    pub namespace: Namespace,
+    /// `None` when the namespace is the user's ([`AgentSpec::existing_namespace`]).
+    pub namespace: Option<Namespace>,
     pub service_account: ServiceAccount,
     pub cluster_role: ClusterRole,
     pub cluster_role_binding: ClusterRoleBinding,
@@ -101,11 +120,28 @@ pub fn labels() -> BTreeMap<String, String> {
     ])
 }
 
-fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+/// The ownership annotations every object `connect` creates carries.
+pub fn ownership(cluster_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (CREATED_BY_ANNOTATION.to_string(), CREATED_BY.to_string()),
+        (CLUSTER_ID_ANNOTATION.to_string(), cluster_id.to_string()),
+    ])
+}
+
+/// Whether `connect` created `object` for the registration `cluster_id` (by its annotations).
+pub fn created_for<K: kube::Resource>(object: &K, cluster_id: &str) -> bool {
+    let annotations = object.meta().annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key));
+    get(CREATED_BY_ANNOTATION).is_some_and(|v| v == CREATED_BY)
+        && get(CLUSTER_ID_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case(cluster_id))
+}
+
+fn meta(spec: &AgentSpec, name: &str, namespace: Option<&str>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_string()),
         namespace: namespace.map(str::to_string),
         labels: Some(labels()),
+        annotations: Some(ownership(&spec.cluster_id)),
         ..ObjectMeta::default()
     }
 }
@@ -117,17 +153,17 @@ fn strings(items: &[&str]) -> Option<Vec<String>> {
 pub fn build(spec: &AgentSpec, content: &SecretContent) -> Manifests {
     let ns = spec.namespace.as_str();
     Manifests {
-        namespace: Namespace {
-            metadata: meta(ns, None),
+        namespace: (!spec.existing_namespace).then(|| Namespace {
+            metadata: meta(spec, ns, None),
             ..Namespace::default()
-        },
+        }),
         service_account: ServiceAccount {
-            metadata: meta(AGENT_NAME, Some(ns)),
+            metadata: meta(spec, AGENT_NAME, Some(ns)),
             ..ServiceAccount::default()
         },
-        cluster_role: cluster_role(),
+        cluster_role: cluster_role(spec),
         cluster_role_binding: ClusterRoleBinding {
-            metadata: meta(AGENT_NAME, None),
+            metadata: meta(spec, AGENT_NAME, None),
             role_ref: RoleRef {
                 api_group: Some("rbac.authorization.k8s.io".into()),
                 kind: "ClusterRole".into(),
@@ -171,9 +207,9 @@ fn secret_digest(content: &SecretContent) -> Option<String> {
 
 /// Impersonation of users, groups and the two extras the agent sets (an Entra caller's oid and
 /// tid), and reading nodes for the status report's counts; nothing else.
-fn cluster_role() -> ClusterRole {
+fn cluster_role(spec: &AgentSpec) -> ClusterRole {
     ClusterRole {
-        metadata: meta(AGENT_NAME, None),
+        metadata: meta(spec, AGENT_NAME, None),
         rules: Some(vec![
             PolicyRule {
                 api_groups: strings(&[""]),
@@ -199,13 +235,8 @@ fn cluster_role() -> ClusterRole {
 }
 
 fn secret(spec: &AgentSpec, content: &SecretContent) -> KubeSecret {
-    let mut metadata = meta(AGENT_NAME, Some(&spec.namespace));
-    metadata.annotations = Some(BTreeMap::from([(
-        CLUSTER_ID_ANNOTATION.to_string(),
-        spec.cluster_id.clone(),
-    )]));
     let mut secret = KubeSecret {
-        metadata,
+        metadata: meta(spec, AGENT_NAME, Some(&spec.namespace)),
         type_: Some("Opaque".into()),
         ..KubeSecret::default()
     };
@@ -261,6 +292,8 @@ pub fn agent_args(spec: &AgentSpec) -> Vec<String> {
     for tenant in &spec.tenants {
         args.extend(["--tenant".into(), tenant.clone()]);
     }
+    // Kubernetes expands `$(POD_IP)` from the container's env (see `agent_container`).
+    args.push(format!("--health-addr=$({POD_IP_ENV}):{HEALTH_PORT}"));
     args.extend(["--log-format".into(), "json".into()]);
     args
 }
@@ -291,6 +324,17 @@ fn agent_container(spec: &AgentSpec) -> Container {
         name: "agent".into(),
         image: Some(spec.image.clone()),
         args: Some(agent_args(spec)),
+        env: Some(vec![EnvVar {
+            name: POD_IP_ENV.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
         ports: Some(vec![ContainerPort {
             name: Some("health".into()),
             container_port: HEALTH_PORT,
@@ -373,7 +417,7 @@ fn pod_spec(spec: &AgentSpec, selector: &BTreeMap<String, String>) -> PodSpec {
 fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
     let selector = BTreeMap::from([(NAME_LABEL.to_string(), AGENT_NAME.to_string())]);
     Deployment {
-        metadata: meta(AGENT_NAME, Some(&spec.namespace)),
+        metadata: meta(spec, AGENT_NAME, Some(&spec.namespace)),
         spec: DeploymentSpec {
             replicas: Some(REPLICAS),
             selector: LabelSelector {
@@ -421,14 +465,17 @@ pub fn to_yaml(manifests: &Manifests, placeholders: bool) -> Result<String, Yaml
             }
         );
     }
-    let docs = [
-        doc("Namespace", &manifests.namespace)?,
+    let mut docs = Vec::new();
+    if let Some(namespace) = &manifests.namespace {
+        docs.push(doc("Namespace", namespace)?);
+    }
+    docs.extend([
         doc("ServiceAccount", &manifests.service_account)?,
         doc("ClusterRole", &manifests.cluster_role)?,
         doc("ClusterRoleBinding", &manifests.cluster_role_binding)?,
         secret_doc,
         doc("Deployment", &manifests.deployment)?,
-    ];
+    ]);
     Ok(docs
         .iter()
         .map(|d| format!("---\n{d}"))
@@ -449,6 +496,7 @@ mod tests {
             cluster_id: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/prod".into(),
             tenants: vec!["72f988bf-86f1-41af-91ab-2d7cd011db47".into()],
             relay_ca: true,
+            existing_namespace: false,
         }
     }
 
@@ -488,7 +536,54 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.starts_with("agent --relay wss://relay.example --connection cc-0123 --key-file /etc/clusterconnect/listen.key --cluster-id /subscriptions/"), "{joined}");
         assert!(joined.contains("--agent-key-file /etc/clusterconnect/agent.key --relay-ca /etc/clusterconnect/relay-ca.crt --tenant 72f988bf"), "{joined}");
-        assert!(joined.ends_with("--log-format json"), "{joined}");
+        assert!(
+            joined.ends_with("--health-addr=$(POD_IP):8081 --log-format json"),
+            "{joined}"
+        );
+        assert_eq!(
+            c["env"],
+            serde_json::json!([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}])
+        );
+    }
+
+    #[test]
+    fn every_object_carries_the_ownership_annotations() {
+        let spec = spec();
+        let m = build(&spec, &SecretContent::Placeholders);
+        let metas = [
+            m.namespace.as_ref().map(|n| &n.metadata).unwrap(),
+            &m.service_account.metadata,
+            &m.cluster_role.metadata,
+            &m.cluster_role_binding.metadata,
+            &m.secret.metadata,
+            &m.deployment.metadata,
+        ];
+        for meta in metas {
+            let annotations = meta.annotations.as_ref().unwrap();
+            assert_eq!(annotations[CREATED_BY_ANNOTATION], CREATED_BY, "{meta:?}");
+            assert_eq!(
+                annotations[CLUSTER_ID_ANNOTATION], spec.cluster_id,
+                "{meta:?}"
+            );
+        }
+        assert!(created_for(&m.deployment, &spec.cluster_id.to_uppercase()));
+        assert!(!created_for(&m.deployment, "/subscriptions/s/other"));
+        let mut unannotated = m.deployment.clone();
+        unannotated.metadata.annotations = None;
+        assert!(!created_for(&unannotated, &spec.cluster_id));
+    }
+
+    #[test]
+    fn an_existing_namespace_is_not_among_the_manifests() {
+        let spec = AgentSpec {
+            existing_namespace: true,
+            ..spec()
+        };
+        let m = build(&spec, &SecretContent::Placeholders);
+        assert!(m.namespace.is_none());
+        let yaml = to_yaml(&m, true).unwrap();
+        assert_eq!(yaml.matches("---\n").count(), 5);
+        assert!(!yaml.contains("kind: Namespace"), "{yaml}");
     }
 
     #[test]

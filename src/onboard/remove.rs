@@ -1,7 +1,9 @@
 //! `disconnect`: remove what `connect` installed and the registration, the way
-//! `az connectedk8s delete` does. Parts already gone are fine; objects clusterconnect did not
-//! create are left alone; a kubeconfig that points at a different cluster than the
-//! registration is refused before anything is deleted.
+//! `az connectedk8s delete` does. Parts already gone are fine; only objects whose ownership
+//! annotations say `connect` created them for this registration are deleted, everything else
+//! is left alone: a namespace the user had before connect stays, with all that is in it but
+//! the agent's objects. A kubeconfig that points at a different cluster than the registration
+//! is refused before anything is deleted.
 
 use std::time::Duration;
 
@@ -10,9 +12,9 @@ use k8s_openapi::api::core::v1::{Namespace, Secret as KubeSecret, ServiceAccount
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::{Api, Client};
 
-use super::apply::{self, is_managed, ApplyError};
+use super::apply::{self, ApplyError};
 use super::install::{local_and_registered, ConnectError};
-use super::manifests::AGENT_NAME;
+use super::manifests::{created_for, AGENT_NAME};
 use crate::arm::client::ManagementClient;
 use crate::arm::ClusterId;
 
@@ -41,16 +43,18 @@ pub async fn disconnect(
     check_owner(kube, registry, id, namespace).await?;
     let mut removal = Removal::default();
     let namespaces: Api<Namespace> = Api::all(kube.clone());
-    let own_namespace = remove_namespaced(kube, namespace, &mut removal).await?;
+    let own_namespace = remove_namespaced(kube, id, namespace, &mut removal).await?;
     delete_owned(
         &Api::<ClusterRoleBinding>::all(kube.clone()),
         "clusterrolebinding",
+        id,
         &mut removal,
     )
     .await?;
     delete_owned(
         &Api::<ClusterRole>::all(kube.clone()),
         "clusterrole",
+        id,
         &mut removal,
     )
     .await?;
@@ -103,16 +107,19 @@ async fn check_owner(
     Ok(())
 }
 
-/// Deletes the namespace when clusterconnect made it, else only the agent's objects in it.
-/// Returns whether the namespace itself was clusterconnect's.
+/// Deletes the namespace when connect created it for this registration, else only the agent's
+/// objects in it. Returns whether the namespace itself was connect's.
 async fn remove_namespaced(
     kube: &Client,
+    id: &ClusterId,
     namespace: &str,
     removal: &mut Removal,
 ) -> Result<bool, ApplyError> {
     let namespaces: Api<Namespace> = Api::all(kube.clone());
     let ns_object = apply::get(&namespaces, namespace).await?;
-    let own_namespace = ns_object.as_ref().is_some_and(is_managed);
+    let own_namespace = ns_object
+        .as_ref()
+        .is_some_and(|ns| created_for(ns, &id.path()));
     if own_namespace {
         if apply::delete(&namespaces, namespace).await? {
             removal
@@ -122,23 +129,26 @@ async fn remove_namespaced(
     } else if ns_object.is_some() {
         // A namespace someone else made: take out only what connect put there.
         removal.kept.push(format!(
-            "namespace/{namespace}: it was not created by clusterconnect"
+            "namespace/{namespace}: it was not created by clusterconnect connect"
         ));
         delete_owned(
             &Api::<Deployment>::namespaced(kube.clone(), namespace),
             "deployment",
+            id,
             removal,
         )
         .await?;
         delete_owned(
             &Api::<KubeSecret>::namespaced(kube.clone(), namespace),
             "secret",
+            id,
             removal,
         )
         .await?;
         delete_owned(
             &Api::<ServiceAccount>::namespaced(kube.clone(), namespace),
             "serviceaccount",
+            id,
             removal,
         )
         .await?;
@@ -146,8 +156,13 @@ async fn remove_namespaced(
     Ok(own_namespace)
 }
 
-/// Deletes `AGENT_NAME` of this kind when clusterconnect made it.
-async fn delete_owned<K>(api: &Api<K>, kind: &str, removal: &mut Removal) -> Result<(), ApplyError>
+/// Deletes `AGENT_NAME` of this kind when connect created it for this registration.
+async fn delete_owned<K>(
+    api: &Api<K>,
+    kind: &str,
+    id: &ClusterId,
+    removal: &mut Removal,
+) -> Result<(), ApplyError>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
@@ -155,9 +170,9 @@ where
     let Some(object) = apply::get(api, AGENT_NAME).await? else {
         return Ok(());
     };
-    if !is_managed(&object) {
+    if !created_for(&object, &id.path()) {
         removal.kept.push(format!(
-            "{kind}/{AGENT_NAME}: it was not created by clusterconnect"
+            "{kind}/{AGENT_NAME}: it was not created by clusterconnect connect for this cluster"
         ));
     } else if apply::delete(api, AGENT_NAME).await? {
         removal.removed.push(format!("{kind}/{AGENT_NAME}"));

@@ -1,7 +1,8 @@
 //! `token create`: a bearer token for a service account bound to a cluster role, the three
 //! `kubectl` steps of the Arc documentation in one (service account, ClusterRoleBinding, a
-//! `kubernetes.io/service-account-token` Secret the token controller fills), or a
-//! TokenRequest with an expiry instead of the Secret. Every step reuses what is already there.
+//! token): a TokenRequest with an expiry, or, asked for explicitly, a
+//! `kubernetes.io/service-account-token` Secret the token controller fills, whose token never
+//! expires. Every step reuses what is already there.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -40,7 +41,7 @@ pub enum TokenError {
         name: String,
         account: String,
     },
-    #[error("the token controller did not fill Secret {namespace}/{name} within {}; check that kube-controller-manager runs (its serviceaccount-token controller fills such Secrets) with `kubectl -n {namespace} describe secret {name}`, or use --duration for a TokenRequest instead", humantime::format_duration(*timeout))]
+    #[error("the token controller did not fill Secret {namespace}/{name} within {}; check that kube-controller-manager runs (its serviceaccount-token controller fills such Secrets) with `kubectl -n {namespace} describe secret {name}`, or leave out --no-expiry for a TokenRequest instead", humantime::format_duration(*timeout))]
     NotFilled {
         namespace: String,
         name: String,

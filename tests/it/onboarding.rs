@@ -1,8 +1,11 @@
 //! Issue 4, onboarding: `connect` installs the agent and registers the cluster, re-runs change
 //! nothing, refuses a name registered to another cluster, waits for the rollout within its
 //! timeout, writes the manifests for GitOps without touching anything; `disconnect` removes it
-//! all; `token create` prints a service-account token kubectl can use. Against the stand-in
-//! apiserver and the in-process relay with its registry, and the real binary.
+//! all; `token create` prints a service-account token kubectl can use. Relay hardening: a
+//! namespace the user already had is refused without `--use-existing-namespace` and, with it,
+//! left alone with everything in it by connect and disconnect; `token create` needs an explicit
+//! role and issues expiring tokens unless `--no-expiry`. Against the stand-in apiserver and
+//! the in-process relay with its registry, and the real binary.
 
 use crate::support;
 
@@ -20,6 +23,7 @@ use clusterconnect::onboard::keys::AgentKey;
 use clusterconnect::onboard::remove;
 use clusterconnect::onboard::token::{self, TokenSpec};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use serde_json::Value;
 
 use support::check::{describe, text};
@@ -92,6 +96,7 @@ impl Setup {
             distribution: "openshift".into(),
             infrastructure: "azure".into(),
             namespace: NS.into(),
+            use_existing_namespace: false,
             image: "registry.example/clusterconnect:test".into(),
             tenants: vec![TENANT.into()],
             relay_ca: Some(self.relay.ca_pem.clone()),
@@ -191,6 +196,16 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
             labels["app.kubernetes.io/name"], "clusterconnect-agent",
             "{path}"
         );
+        let annotations = &o["metadata"]["annotations"];
+        assert_eq!(
+            annotations["clusterconnect.io/created-by"], "connect",
+            "{path}"
+        );
+        assert_eq!(
+            annotations["clusterconnect.io/cluster-id"],
+            request.id.path(),
+            "{path}"
+        );
     }
 
     // Only impersonation and reading nodes.
@@ -279,6 +294,7 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
         "/etc/clusterconnect/relay-ca.crt",
         "--tenant",
         TENANT,
+        "--health-addr=$(POD_IP):8081",
         "--log-format",
         "json",
     ]
@@ -286,6 +302,11 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
     .map(|a| a.to_string())
     .collect();
     assert_eq!(args_of(&d), expected);
+    // The health port on the pod IP only, which Kubernetes puts in $(POD_IP).
+    assert_eq!(
+        c["env"],
+        serde_json::json!([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}])
+    );
     assert_eq!(d["status"]["availableReplicas"], 2);
 
     // Again: the same registration and key, no object rewritten.
@@ -421,6 +442,212 @@ async fn disconnect_removes_every_object_and_the_registration_and_may_run_twice(
     assert!(again.removed.is_empty(), "{:?}", again.removed);
 }
 
+/// The user's namespace `team-a` with their own ConfigMap and Deployment in it.
+const USER_NS: &str = "team-a";
+const USER_NAMESPACE: &str = "/api/v1/namespaces/team-a";
+const USER_CONFIG_MAP: &str = "/api/v1/namespaces/team-a/configmaps/settings";
+const USER_DEPLOYMENT: &str = "/apis/apps/v1/namespaces/team-a/deployments/web";
+const OURS_IN_USER_NS: [&str; 3] = [
+    "/api/v1/namespaces/team-a/serviceaccounts/clusterconnect-agent",
+    "/api/v1/namespaces/team-a/secrets/clusterconnect-agent",
+    "/apis/apps/v1/namespaces/team-a/deployments/clusterconnect-agent",
+];
+
+fn seed_user_namespace(api: &ApiServer, name: &str, labels: Value) {
+    api.create_object(
+        "/api/v1/namespaces",
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels}}),
+    );
+    api.create_object(
+        &format!("/api/v1/namespaces/{name}/configmaps"),
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "settings", "namespace": name}, "data": {"mode": "prod"}}),
+    );
+    let selector = serde_json::json!({"app": "web"});
+    api.create_object(
+        &format!("/apis/apps/v1/namespaces/{name}/deployments"),
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": name},
+            "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+                "template": {"metadata": {"labels": selector},
+                    "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_the_user_had_is_refused_without_the_flag_and_left_alone_with_it() {
+    let s = Setup::start().await;
+    seed_user_namespace(&s.api, USER_NS, serde_json::json!({"team": "a"}));
+    let namespace_before = s.api.object(USER_NAMESPACE).unwrap();
+    let mut request = s.request("shared-ns");
+    request.namespace = USER_NS.into();
+
+    // Without the flag: refused before anything is registered or written.
+    let err = s.connect(&request).await.unwrap_err();
+    assert!(
+        matches!(err, ConnectError::ExistingNamespace { .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("namespace team-a"), "{message}");
+    assert!(message.contains("--use-existing-namespace"), "{message}");
+    assert!(s.registry.get(&request.id).await.unwrap().is_none());
+    assert!(s.api.object(CLUSTER_ROLE).is_none());
+    for path in OURS_IN_USER_NS {
+        assert!(s.api.object(path).is_none(), "{path} was not created");
+    }
+    assert_eq!(s.api.object(USER_NAMESPACE).unwrap(), namespace_before);
+
+    // With it: the agent goes in, the namespace is not labelled or annotated as ours, and a
+    // re-run rewrites nothing.
+    request.use_existing_namespace = true;
+    let mut progress = Vec::new();
+    install::connect(&s.kube, &s.registry, &request, &mut |line| {
+        progress.push(line.to_string())
+    })
+    .await
+    .unwrap();
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.starts_with("namespace/team-a exists and is not clusterconnect's")),
+        "{progress:?}"
+    );
+    assert_eq!(s.api.object(USER_NAMESPACE).unwrap(), namespace_before);
+    for path in OURS_IN_USER_NS
+        .iter()
+        .chain(&[CLUSTER_ROLE, CLUSTER_ROLE_BINDING])
+    {
+        let o = s
+            .api
+            .object(path)
+            .unwrap_or_else(|| panic!("{path} exists"));
+        assert_eq!(
+            o["metadata"]["annotations"]["clusterconnect.io/created-by"], "connect",
+            "{path}"
+        );
+    }
+    let versions = |s: &Setup| -> Vec<Value> {
+        OURS_IN_USER_NS
+            .iter()
+            .chain(&[USER_NAMESPACE, CLUSTER_ROLE, CLUSTER_ROLE_BINDING])
+            .map(|p| s.api.object(p).unwrap()["metadata"]["resourceVersion"].clone())
+            .collect()
+    };
+    let before = versions(&s);
+    s.connect(&request).await.unwrap();
+    assert_eq!(versions(&s), before, "a re-run changes nothing");
+
+    // disconnect takes out only what connect made: the namespace and the user's objects stay.
+    let removal = remove::disconnect(
+        &s.kube,
+        &s.registry,
+        &request.id,
+        USER_NS,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let removed = removal.removed.join("\n");
+    for what in [
+        "deployment/clusterconnect-agent",
+        "secret/clusterconnect-agent",
+        "serviceaccount/clusterconnect-agent",
+        "clusterrolebinding/clusterconnect-agent",
+        "clusterrole/clusterconnect-agent",
+        "registration ",
+    ] {
+        assert!(removed.contains(what), "{what} in {removed}");
+    }
+    assert!(!removed.contains("namespace/"), "{removed}");
+    assert!(
+        removal
+            .kept
+            .iter()
+            .any(|k| k.starts_with("namespace/team-a")),
+        "{:?}",
+        removal.kept
+    );
+    for path in OURS_IN_USER_NS
+        .iter()
+        .chain(&[CLUSTER_ROLE, CLUSTER_ROLE_BINDING])
+    {
+        assert!(s.api.object(path).is_none(), "{path} is gone");
+    }
+    let namespace_after = s.api.object(USER_NAMESPACE).expect("the namespace stays");
+    assert!(namespace_after["metadata"]["deletionTimestamp"].is_null());
+    assert_eq!(
+        namespace_after["metadata"]["labels"],
+        namespace_before["metadata"]["labels"]
+    );
+    assert_eq!(
+        s.api.object(USER_CONFIG_MAP).unwrap()["data"]["mode"],
+        "prod"
+    );
+    assert!(s.api.object(USER_DEPLOYMENT).is_some());
+    assert!(s.registry.get(&request.id).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_leaves_an_object_without_this_registrations_annotations() {
+    let s = Setup::start().await;
+    // A namespace that carries the managed-by label but that connect did not create (someone
+    // copied the label, or an older release adopted it): not ours either.
+    seed_user_namespace(
+        &s.api,
+        USER_NS,
+        serde_json::json!({"app.kubernetes.io/managed-by": "clusterconnect"}),
+    );
+    let mut request = s.request("labelled-ns");
+    request.namespace = USER_NS.into();
+    let err = s.connect(&request).await.unwrap_err();
+    assert!(
+        matches!(err, ConnectError::ExistingNamespace { .. }),
+        "{err:?}"
+    );
+
+    // In our own namespace, a ClusterRoleBinding of the agent's name but without our
+    // annotations (made by hand) is kept by disconnect; everything else goes.
+    let request = s.request("own-ns");
+    s.connect(&request).await.unwrap();
+    let bindings: kube::Api<ClusterRoleBinding> = kube::Api::all(s.kube.clone());
+    let mut binding = bindings.get("clusterconnect-agent").await.unwrap();
+    binding.metadata.annotations = None;
+    bindings
+        .replace("clusterconnect-agent", &Default::default(), &binding)
+        .await
+        .unwrap();
+    let removal = remove::disconnect(
+        &s.kube,
+        &s.registry,
+        &request.id,
+        NS,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(
+        removal
+            .removed
+            .iter()
+            .any(|r| r.starts_with("namespace/azure-arc")),
+        "{:?}",
+        removal.removed
+    );
+    assert!(
+        removal
+            .kept
+            .iter()
+            .any(|k| k.starts_with("clusterrolebinding/clusterconnect-agent")),
+        "{:?}",
+        removal.kept
+    );
+    assert!(s.api.object(CLUSTER_ROLE_BINDING).is_some());
+    assert!(s.api.object(CLUSTER_ROLE).is_none());
+    assert!(s.api.object(NAMESPACE).is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_rollout_ends_within_the_timeout_naming_the_deployment() {
     let s = Setup::start().await;
@@ -511,6 +738,28 @@ async fn the_binary_connects_prints_the_resource_and_dry_run_touches_nothing() {
     assert!(!yaml.contains("PRIVATE KEY"), "{yaml}");
     assert!(yaml.contains("placeholders"), "{yaml}");
     assert!(yaml.contains("--cluster-id"), "{yaml}");
+    // Into a namespace the user has: the namespace is not among the manifests.
+    let mut existing: Vec<&str> = vec!["connect", "--dry-run", "--use-existing-namespace"];
+    existing.extend(common);
+    let out = run_to_end(&existing, &binary_env(), Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Secret",
+            "Deployment"
+        ]
+    );
     let writes: Vec<String> = s
         .api
         .requests()
@@ -589,7 +838,7 @@ async fn pods_visible_with(api: &ApiServer, token: &str) -> Result<usize, kube::
 async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicates() {
     let s = Setup::start().await;
     let (kubeconfig, _, _) = s.files();
-    let args = [
+    let base = [
         "token",
         "create",
         "--service-account",
@@ -597,6 +846,24 @@ async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicat
         "--kubeconfig",
         path(&kubeconfig),
     ];
+    // The role is never implied.
+    let out = run_to_end(&base, &binary_env(), Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--cluster-role"), "{stderr}");
+    assert!(
+        stderr.contains("choose the role to bind, e.g. --cluster-role view"),
+        "{stderr}"
+    );
+    assert!(s
+        .api
+        .objects("/api/v1/namespaces/default/serviceaccounts")
+        .iter()
+        .all(|o| o["metadata"]["name"] != "demo-user"));
+
+    // --no-expiry: the long-lived Secret token, reused by a re-run.
+    let mut args = base.to_vec();
+    args.extend(["--cluster-role", "cluster-admin", "--no-expiry"]);
     let out = run_to_end(&args, &binary_env(), Duration::from_secs(30)).await;
     assert!(out.status.success(), "{}", describe(&out));
     let token = text(&out.stdout).trim().to_string();
@@ -638,6 +905,51 @@ async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicat
         .object(&format!("{bindings}/demo-user-cluster-admin-binding"))
         .unwrap();
     assert_eq!(binding["subjects"].as_array().unwrap().len(), 1);
+
+    // Without --no-expiry: a TokenRequest for an hour, no Secret.
+    let viewer = [
+        "token",
+        "create",
+        "--service-account",
+        "reader",
+        "--cluster-role",
+        "view",
+        "--kubeconfig",
+        path(&kubeconfig),
+    ];
+    let out = run_to_end(&viewer, &binary_env(), Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let expiring = text(&out.stdout).trim().to_string();
+    assert!(pods_visible_with(&s.api, &expiring).await.unwrap() >= 2);
+    assert_eq!(
+        named("/api/v1/namespaces/default/secrets", "reader-token"),
+        0
+    );
+    let requested: Vec<String> = s
+        .api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "POST" && r.path_and_query.contains("/serviceaccounts/reader/token")
+        })
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    let out = run_to_end(&viewer, &binary_env(), Duration::from_secs(30)).await;
+    assert_ne!(
+        text(&out.stdout).trim(),
+        expiring,
+        "each run issues a new token"
+    );
+    let mut both = viewer.to_vec();
+    both.extend(["--no-expiry", "--duration", "2h"]);
+    let out = run_to_end(&both, &binary_env(), Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("cannot be used with"),
+        "{}",
+        describe(&out)
+    );
 
     // --duration: a TokenRequest, no Secret; a view-bound account may list but not delete.
     let spec = TokenSpec {
