@@ -199,8 +199,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let health = match args.health_addr.as_str() {
         "off" | "" => None,
         addr => {
-            let addr: SocketAddr = addr
-                .parse()
+            let addr = parse_health_addr(addr)
                 .with_context(|| format!("--health-addr {addr:?} is not host:port or \"off\""))?;
             Some(
                 tokio::net::TcpListener::bind(addr)
@@ -224,4 +223,44 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     };
     crate::agent::run(config, upstream, health, shutdown).await?;
     Ok(())
+}
+
+/// `host:port`, also with an unbracketed IPv6 host: the manifests pass `$(POD_IP):8081`, and
+/// Kubernetes cannot add brackets around an IPv6 pod IP. The last `:` group is the port.
+fn parse_health_addr(s: &str) -> Option<SocketAddr> {
+    s.parse().ok().or_else(|| {
+        let (host, port) = s.rsplit_once(':')?;
+        let ip = host.parse::<std::net::Ipv6Addr>().ok()?;
+        Some(SocketAddr::from((ip, port.parse().ok()?)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_health_addr;
+
+    #[test]
+    fn health_addresses_take_pod_ips_of_both_families() {
+        for (given, want) in [
+            ("10.0.0.5:8081", "10.0.0.5:8081"),
+            ("[fd00::1]:8081", "[fd00::1]:8081"),
+            ("fd00::1:8081", "[fd00::1]:8081"),
+            ("0.0.0.0:8081", "0.0.0.0:8081"),
+        ] {
+            assert_eq!(
+                parse_health_addr(given).map(|a| a.to_string()).as_deref(),
+                Some(want)
+            );
+        }
+        for bad in [
+            "",
+            "8081",
+            "fd00::1",
+            "host:8081",
+            "10.0.0.5:x",
+            "::1:99999",
+        ] {
+            assert_eq!(parse_health_addr(bad), None, "{bad}");
+        }
+    }
 }
