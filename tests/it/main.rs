@@ -12,6 +12,7 @@ mod cli_binaries;
 mod entra_auth;
 mod entra_standin;
 mod files;
+mod hyco_interop;
 mod onboarding;
 mod registry;
 mod relay_protocol;
