@@ -41,6 +41,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let mut hostnames = file.hostnames.clone();
     let tls = tls_config(&args, &file, &base, &hostnames)?;
     hostnames.retain(|h| !h.is_empty());
+    if hostnames.is_empty() {
+        if !args.dev_self_signed {
+            anyhow::bail!(
+                "relay config {} has no hostnames: set `hostnames = [\"relay.example.com\"]`, the name(s) clients reach this relay by (rendezvous addresses sent to agents name the first one)",
+                args.config.display()
+            );
+        }
+        // The names the dev certificate carries.
+        hostnames = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+    }
     let listen = args
         .listen
         .or(file.listen)
@@ -56,6 +66,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .unwrap_or(DEFAULT_MAX_CONNECTIONS)
             .max(1),
         stats: Default::default(),
+        public_port: file.public_port,
+        limits: file.limits(),
     };
     if args.check {
         println!("relay config {} is valid", args.config.display());

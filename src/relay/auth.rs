@@ -32,8 +32,10 @@ pub fn authorize(
     now: u64,
 ) -> Result<u64, SasError> {
     let token = SasToken::parse(token)?;
+    // An unknown rule reads exactly like a wrong key: a stranger must not learn which rule
+    // names (and so which registered clusters) exist.
     let rule =
-        rule(&token.key_name).ok_or_else(|| SasError::UnknownRule(token.key_name.clone()))?;
+        rule(&token.key_name).ok_or_else(|| SasError::BadSignature(token.key_name.clone()))?;
     token.verify(&rule.key, now)?;
     // A rule for the whole relay does not reach registered clusters' connections: those take
     // their own keys (or an administrator's), so a relay-wide Listen key cannot receive a
@@ -68,6 +70,21 @@ pub fn is_registered_entity(entity: &str) -> bool {
     entity
         .get(..3)
         .is_some_and(|p| p.eq_ignore_ascii_case("cc-"))
+}
+
+/// A listener token may not outlive `max` from `now`: the relay, not the listener, decides
+/// how long a control channel may stay open without renewing.
+pub fn check_listener_lifetime(
+    expiry: u64,
+    now: u64,
+    max: std::time::Duration,
+) -> Result<u64, SasError> {
+    if expiry.saturating_sub(now) > max.as_secs() {
+        return Err(SasError::LifetimeTooLong {
+            max_secs: max.as_secs(),
+        });
+    }
+    Ok(expiry)
 }
 
 /// 401 when the caller is not who it says, 403 when it is but may not do this.
@@ -168,7 +185,7 @@ mod tests {
         let unknown = token("nope", "k", "http://relay.test/", 100);
         assert!(matches!(
             authorize(find, &hosts, &unknown, "x", Right::Send, 10),
-            Err(SasError::UnknownRule(_))
+            Err(SasError::BadSignature(_))
         ));
     }
 }

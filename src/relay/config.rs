@@ -79,6 +79,14 @@ pub struct RelayFile {
     pub registry_file: Option<PathBuf>,
     /// Entra ID callers of the management API.
     pub entra: Option<EntraFile>,
+    /// The port clients reach this relay on, used in the rendezvous addresses sent to
+    /// listeners (default: the listen port; set 443 behind a load balancer that maps it).
+    pub public_port: Option<u16>,
+    /// Listeners one hybrid connection may have at once (Azure Relay: 25).
+    pub max_listeners_per_connection: Option<usize>,
+    /// The longest a listener token may be valid for, in seconds (default one day); a
+    /// listener renews with `renewToken` well before.
+    pub max_listener_token_lifetime_secs: Option<u64>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -119,6 +127,50 @@ pub struct RelayConfig {
     pub tls: Arc<ServerConfig>,
     pub max_connections: usize,
     pub stats: Arc<RelayStats>,
+    /// See [`RelayFile::public_port`]; `None` is the listen port.
+    pub public_port: Option<u16>,
+    pub limits: Limits,
+}
+
+/// Azure Relay's documented quotas, as settings with Azure's values (or ours, where Azure
+/// documents none) as defaults. Each refusal names the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Azure Relay allows 25 listeners per hybrid connection and refuses the 26th.
+    pub max_listeners_per_connection: usize,
+    /// A listener's token may not ask for more than this; the control channel closes (1008)
+    /// when its token lapses, so this bounds how long a listener holds on without renewing.
+    pub max_listener_token_lifetime: std::time::Duration,
+    /// `sb-hc-id` values longer than this are refused (Azure's ids are GUIDs plus a suffix).
+    pub max_id_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_listeners_per_connection: 25,
+            max_listener_token_lifetime: std::time::Duration::from_secs(24 * 3600),
+            max_id_len: 128,
+        }
+    }
+}
+
+impl RelayFile {
+    /// The file's limits over the defaults.
+    pub fn limits(&self) -> Limits {
+        let default = Limits::default();
+        Limits {
+            max_listeners_per_connection: self
+                .max_listeners_per_connection
+                .unwrap_or(default.max_listeners_per_connection)
+                .max(1),
+            max_listener_token_lifetime: self
+                .max_listener_token_lifetime_secs
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(default.max_listener_token_lifetime),
+            max_id_len: default.max_id_len,
+        }
+    }
 }
 
 /// Connections beyond this wait for a slot rather than exhausting file descriptors; each costs

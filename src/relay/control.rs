@@ -11,13 +11,16 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{authorize, Right};
-use super::rendezvous::Rendezvous;
+use super::auth::{authorize, check_listener_lifetime, Right};
+use super::rendezvous::{ListenerGuard, ListenersFull, Rendezvous};
 use super::state::Shared;
 use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
 use crate::tunnel::protocol::ControlMessage;
 use crate::tunnel::sas::unix_now;
 use crate::tunnel::upgrade::ServerStream;
+
+/// Longer than any listener token may live; bounds the deadline computed from an expiry.
+const MAX_WAIT_SECS: u64 = 366 * 24 * 3600;
 
 /// Accept messages queued for one listener; a listener this far behind gets no more senders.
 const QUEUE: usize = 64;
@@ -39,8 +42,29 @@ enum Next {
     Stop,
 }
 
+/// A listener's place in the rendezvous table and the queue of messages for it, taken before
+/// the listener's handshake is answered (so a listener over the cap is refused with a status).
+pub struct Registration {
+    pub guard: ListenerGuard,
+    pub rx: mpsc::Receiver<ControlMessage>,
+}
+
+/// Registers a listener of `entity` reached at `authority`, within the per-connection cap.
+pub fn register(
+    rendezvous: &Rendezvous,
+    entity: &str,
+    authority: String,
+    max: usize,
+) -> Result<Registration, ListenersFull> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let guard = rendezvous.add_listener(entity, tx, authority, max)?;
+    Ok(Registration { guard, rx })
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ws: ServerStream,
+    registration: Registration,
     entity: String,
     expiry: u64,
     hosts: Vec<String>,
@@ -48,8 +72,7 @@ pub async fn run(
     rendezvous: Rendezvous,
     shutdown: CancellationToken,
 ) {
-    let (tx, mut rx) = mpsc::channel(QUEUE);
-    let guard = rendezvous.add_listener(&entity, tx);
+    let Registration { guard, mut rx } = registration;
     tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener connected");
     let mut channel = Channel {
         ws,
@@ -62,8 +85,9 @@ pub async fn run(
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.reset();
     loop {
-        let expires_at =
-            Instant::now() + Duration::from_secs(channel.expiry.saturating_sub(unix_now()));
+        // Expiries are capped at authorization; `min` keeps the arithmetic safe regardless.
+        let remaining = channel.expiry.saturating_sub(unix_now()).min(MAX_WAIT_SECS);
+        let expires_at = Instant::now() + Duration::from_secs(remaining);
         let next = tokio::select! {
             msg = rx.recv() => channel.deliver(msg).await,
             incoming = channel.ws.next() => channel.receive(incoming).await,
@@ -110,14 +134,17 @@ impl Channel {
 
     async fn renew(&mut self, token: &str) -> Next {
         let shared = &self.shared;
-        match authorize(
+        let now = unix_now();
+        let authorized = authorize(
             |n| shared.rule(n),
             &self.hosts,
             token,
             &self.entity,
             Right::Listen,
-            unix_now(),
-        ) {
+            now,
+        )
+        .and_then(|e| check_listener_lifetime(e, now, shared.limits.max_listener_token_lifetime));
+        match authorized {
             Ok(new_expiry) => {
                 self.expiry = new_expiry;
                 tracing::debug!(entity = %self.entity, "listener token renewed");

@@ -12,7 +12,7 @@ mod server;
 mod splice;
 mod state;
 
-pub use config::{ConfigError, EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+pub use config::{ConfigError, EntraFile, Limits, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 pub use rendezvous::Rendezvous;
 pub use rule::Rule;
 pub use state::RelayStats;
@@ -42,8 +42,18 @@ pub async fn run(
     config: RelayConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    if config.hostnames.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the relay needs at least one configured hostname: rendezvous addresses sent to listeners name it",
+        ));
+    }
+    let public_port = match config.public_port {
+        Some(p) => p,
+        None => listener.local_addr()?.port(),
+    };
     let tasks = TaskTracker::new();
-    let ctx = context(&config, &tasks, &shutdown);
+    let ctx = context(&config, public_port, &tasks, &shutdown);
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -68,7 +78,12 @@ pub async fn run(
 }
 
 /// What every connection shares, before it gets its own connection slot.
-fn context(config: &RelayConfig, tasks: &TaskTracker, shutdown: &CancellationToken) -> Ctx {
+fn context(
+    config: &RelayConfig,
+    public_port: u16,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Ctx {
     let hostnames = config
         .hostnames
         .iter()
@@ -80,6 +95,8 @@ fn context(config: &RelayConfig, tasks: &TaskTracker, shutdown: &CancellationTok
             rules: config.rules.clone(),
             clusters: config.clusters.clone(),
             stats: config.stats.clone(),
+            public_port,
+            limits: config.limits,
         },
         rendezvous: Rendezvous::default(),
         tasks: tasks.clone(),

@@ -12,8 +12,13 @@ use crate::tunnel::protocol::ControlMessage;
 
 /// How a listener answered one sender.
 pub enum AcceptOutcome {
-    /// The listener's upgrade, and its connection slot, which the splice keeps.
-    Accepted(OnUpgrade, Option<Arc<OwnedSemaphorePermit>>),
+    /// The listener's upgrade, its connection slot (which the splice keeps), and the
+    /// WebSocket subprotocol it chose, which the sender's 101 must carry.
+    Accepted(
+        OnUpgrade,
+        Option<Arc<OwnedSemaphorePermit>>,
+        Option<http::HeaderValue>,
+    ),
     Rejected {
         status: u16,
         description: String,
@@ -23,6 +28,15 @@ pub enum AcceptOutcome {
 struct ListenerEntry {
     id: u64,
     tx: mpsc::Sender<ControlMessage>,
+    /// Where this listener reaches the relay (`host[:port]`, from configuration): the host
+    /// its rendezvous addresses name, which is the one host it already trusts.
+    authority: String,
+}
+
+/// A hybrid connection already has as many listeners as allowed.
+#[derive(Debug)]
+pub struct ListenersFull {
+    pub max: usize,
 }
 
 struct Pending {
@@ -73,27 +87,36 @@ impl Rendezvous {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn add_listener(&self, entity: &str, tx: mpsc::Sender<ControlMessage>) -> ListenerGuard {
+    /// Registers a listener unless `entity` already has `max` of them.
+    pub fn add_listener(
+        &self,
+        entity: &str,
+        tx: mpsc::Sender<ControlMessage>,
+        authority: String,
+        max: usize,
+    ) -> Result<ListenerGuard, ListenersFull> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .listeners
-            .entry(key(entity))
-            .or_default()
-            .push(ListenerEntry { id, tx });
-        ListenerGuard {
+        let mut inner = self.lock();
+        let list = inner.listeners.entry(key(entity)).or_default();
+        if list.len() >= max {
+            return Err(ListenersFull { max });
+        }
+        list.push(ListenerEntry { id, tx, authority });
+        Ok(ListenerGuard {
             rendezvous: self.clone(),
             entity: key(entity),
             id,
-        }
+        })
     }
 
     pub fn listener_count(&self, entity: &str) -> usize {
         self.lock().listeners.get(&key(entity)).map_or(0, Vec::len)
     }
 
-    /// Hands `msg` to the next listener of `entity` in turn, skipping any whose control channel
-    /// is full or gone. Returns false when no listener took it.
-    pub fn offer(&self, entity: &str, msg: ControlMessage) -> bool {
+    /// Hands the message `msg` makes for a listener (given that listener's relay authority) to
+    /// the next listener of `entity` in turn, skipping any whose control channel is full or
+    /// gone. Returns false when no listener took it.
+    pub fn offer(&self, entity: &str, msg: impl Fn(&str) -> ControlMessage) -> bool {
         let mut inner = self.lock();
         let k = key(entity);
         let Some(list) = inner.listeners.get(&k) else {
@@ -104,7 +127,8 @@ impl Rendezvous {
         let mut taken = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            if inner.listeners[&k][idx].tx.try_send(msg.clone()).is_ok() {
+            let listener = &inner.listeners[&k][idx];
+            if listener.tx.try_send(msg(&listener.authority)).is_ok() {
                 taken = Some(idx);
                 break;
             }
@@ -138,8 +162,17 @@ impl Rendezvous {
     /// to `entity`.
     pub fn take_pending(&self, id: &str, entity: &str) -> Option<oneshot::Sender<AcceptOutcome>> {
         let mut inner = self.lock();
+        // The accept path may carry the sender's path suffix after the connection's name.
+        let path = key(entity);
         match inner.pending.get(id) {
-            Some(p) if p.entity == key(entity) => inner.pending.remove(id).map(|p| p.reply),
+            Some(p)
+                if path == p.entity
+                    || path
+                        .strip_prefix(p.entity.as_str())
+                        .is_some_and(|rest| rest.starts_with('/')) =>
+            {
+                inner.pending.remove(id).map(|p| p.reply)
+            }
             _ => None,
         }
     }
@@ -154,7 +187,7 @@ mod tests {
     use super::*;
     use crate::tunnel::protocol::RenewToken;
 
-    fn msg() -> ControlMessage {
+    fn msg(_authority: &str) -> ControlMessage {
         ControlMessage::RenewToken(RenewToken { token: "t".into() })
     }
 
@@ -163,17 +196,41 @@ mod tests {
         let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
-        let g1 = reg.add_listener("C", tx1);
-        let _g2 = reg.add_listener("c", tx2);
+        let g1 = reg.add_listener("C", tx1, "a".into(), 25).unwrap();
+        let _g2 = reg.add_listener("c", tx2, "b".into(), 25).unwrap();
         assert_eq!(reg.listener_count("c"), 2);
-        assert!(reg.offer("c", msg()));
-        assert!(reg.offer("c", msg()));
+        assert!(reg.offer("c", msg));
+        assert!(reg.offer("c", msg));
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
         drop(g1);
         assert_eq!(reg.listener_count("c"), 1);
-        assert!(reg.offer("c", msg()));
+        assert!(reg.offer("c", msg));
         assert!(rx2.try_recv().is_ok());
-        assert!(!reg.offer("other", msg()));
+        assert!(!reg.offer("other", msg));
+    }
+
+    #[tokio::test]
+    async fn each_listener_gets_addresses_naming_its_own_host_and_the_cap_holds() {
+        let reg = Rendezvous::default();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, _rx2) = mpsc::channel(4);
+        let (tx3, _rx3) = mpsc::channel(4);
+        let _g1 = reg
+            .add_listener("c", tx1, "relay-a:8443".into(), 2)
+            .unwrap();
+        let _g2 = reg
+            .add_listener("c", tx2, "relay-b:8443".into(), 2)
+            .unwrap();
+        assert!(reg.add_listener("c", tx3, "x".into(), 2).is_err());
+        assert!(
+            reg.offer("c", |authority| ControlMessage::RenewToken(RenewToken {
+                token: authority.to_string()
+            }))
+        );
+        match rx1.try_recv() {
+            Ok(ControlMessage::RenewToken(t)) => assert_eq!(t.token, "relay-a:8443"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hyper::upgrade::OnUpgrade;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use super::auth::{authorize, status_for, Right};
+use super::auth::{authorize, check_listener_lifetime, status_for, Right};
 use super::rendezvous::AcceptOutcome;
 use super::state::Ctx;
 use super::{clusters, control, splice};
@@ -166,6 +166,17 @@ fn check(
     ctx: &Ctx,
     right: Right,
 ) -> Result<u64, (u16, String)> {
+    check_entity(req, target, &target.entity, ctx, right)
+}
+
+/// [`check`] for `entity`, which a sender's path may extend with a suffix.
+fn check_entity(
+    req: &Request<Incoming>,
+    target: &HcTarget,
+    entity: &str,
+    ctx: &Ctx,
+    right: Right,
+) -> Result<u64, (u16, String)> {
     let Some(token) = token(req, target) else {
         return Err((
             401,
@@ -176,12 +187,12 @@ fn check(
         |name| ctx.shared.rule(name),
         &accepted_hosts(ctx, req),
         token,
-        &target.entity,
+        entity,
         right,
         unix_now(),
     )
     .map_err(|e| {
-        tracing::info!(entity = %target.entity, error = %e, "token refused");
+        tracing::info!(%entity, error = %e, "token refused");
         (status_for(&e), e.to_string())
     })
 }
@@ -192,9 +203,33 @@ fn listen(
     ctx: &Ctx,
     switching: Response<Body>,
 ) -> Response<Body> {
-    let expiry = match check(req, target, ctx, Right::Listen) {
+    let expiry = match check(req, target, ctx, Right::Listen).and_then(|expiry| {
+        check_listener_lifetime(
+            expiry,
+            unix_now(),
+            ctx.shared.limits.max_listener_token_lifetime,
+        )
+        .map_err(|e| (status_for(&e), e.to_string()))
+    }) {
         Ok(e) => e,
         Err((code, msg)) => return text(code, msg),
+    };
+    if let Some(refused) = id_too_long(target, ctx) {
+        return refused;
+    }
+    let authority = ctx
+        .shared
+        .rendezvous_authority(request_host(req).as_deref());
+    let max = ctx.shared.limits.max_listeners_per_connection;
+    let registration = match control::register(&ctx.rendezvous, &target.entity, authority, max) {
+        Ok(r) => r,
+        Err(full) => return text(
+            403,
+            format!(
+                "QuotaExceeded: hybrid connection '{}' already has {} listeners, the most allowed",
+                target.entity, full.max
+            ),
+        ),
     };
     // Renewals must name the same host the listener first connected with.
     let hosts = accepted_hosts(ctx, req);
@@ -209,7 +244,19 @@ fn listen(
     ctx.tasks.spawn(async move {
         let _permit = permit;
         match server_stream(on_upgrade).await {
-            Ok(ws) => control::run(ws, entity, expiry, hosts, shared, rendezvous, shutdown).await,
+            Ok(ws) => {
+                control::run(
+                    ws,
+                    registration,
+                    entity,
+                    expiry,
+                    hosts,
+                    shared,
+                    rendezvous,
+                    shutdown,
+                )
+                .await
+            }
             Err(e) => tracing::debug!(error = %e, "listener upgrade failed"),
         }
     });
@@ -221,37 +268,47 @@ async fn connect(
     target: &HcTarget,
     ctx: &Ctx,
     peer: SocketAddr,
-    switching: Response<Body>,
+    mut switching: Response<Body>,
 ) -> Response<Body> {
-    if let Err((code, msg)) = check(req, target, ctx, Right::Send) {
+    if let Some(refused) = id_too_long(target, ctx) {
+        return refused;
+    }
+    // `/$hc/<name>/more/path`: the longest name with listeners takes it, as Azure Relay routes.
+    let (entity, suffix) = route(&ctx.rendezvous, &target.entity);
+    if let Err((code, msg)) = check_entity(req, target, entity, ctx, Right::Send) {
         return text(code, msg);
     }
-    let Some(host) = request_host(req) else {
-        return text(400, "request has no Host header");
-    };
     let id = rendezvous_id(target);
-    let accept = accept_message(req, target, &host, &id, peer);
-    let reply = ctx.rendezvous.add_pending(&id, &target.entity);
-    if !ctx
-        .rendezvous
-        .offer(&target.entity, ControlMessage::Accept(accept))
-    {
+    let accept = accept_message(req, target, (entity, suffix), &id, peer);
+    let reply = ctx.rendezvous.add_pending(&id, entity);
+    let offered = ctx.rendezvous.offer(entity, |authority| {
+        let mut accept = accept.clone();
+        accept.address = format!("wss://{authority}{}", accept.address);
+        ControlMessage::Accept(accept)
+    });
+    if !offered {
         ctx.rendezvous.remove_pending(&id);
         return text(
             404,
-            format!("no listener is connected for hybrid connection '{}' (is the cluster agent running?)", target.entity),
+            format!("no listener is connected for hybrid connection '{entity}' (is the cluster agent running?)"),
         );
     }
     let sender_upgrade = hyper::upgrade::on(req);
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
-        Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit))) => {
+        Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
             spawn_splice(
                 ctx,
-                &target.entity,
+                entity,
                 sender_upgrade,
                 listener_upgrade,
                 listener_permit,
             );
+            // The sender learns the subprotocol the listener chose, as Azure Relay tells it.
+            if let Some(protocol) = protocol {
+                switching
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+            }
             switching
         }
         Ok(Ok(AcceptOutcome::Rejected {
@@ -272,16 +329,42 @@ async fn connect(
     }
 }
 
-/// What the listener is offered: where to accept, and who the sender is.
+/// The hybrid connection a sender's path names, and the rest of the path: the longest
+/// `/`-bounded prefix that has listeners, else the whole path (which then has none).
+fn route<'a>(rendezvous: &super::rendezvous::Rendezvous, path: &'a str) -> (&'a str, &'a str) {
+    let mut end = path.len();
+    loop {
+        let candidate = &path[..end];
+        if rendezvous.listener_count(candidate) > 0 {
+            return (candidate, &path[end..]);
+        }
+        match candidate.rfind('/') {
+            Some(slash) if slash > 0 => end = slash,
+            _ => return (path, ""),
+        }
+    }
+}
+
+/// A `sb-hc-id` longer than the relay allows is refused, as Azure Relay refuses it.
+fn id_too_long(target: &HcTarget, ctx: &Ctx) -> Option<Response<Body>> {
+    let max = ctx.shared.limits.max_id_len;
+    target
+        .get(QUERY_ID)
+        .filter(|id| id.len() > max)
+        .map(|_| text(400, format!("{QUERY_ID} is longer than {max} characters")))
+}
+
+/// What the listener is offered: where to accept (the path and query; the relay's host for
+/// this listener is put in front by [`Rendezvous::offer`]), and who the sender is.
 fn accept_message(
     req: &Request<Incoming>,
     target: &HcTarget,
-    host: &str,
+    (entity, suffix): (&str, &str),
     id: &str,
     peer: SocketAddr,
 ) -> Accept {
     Accept {
-        address: accept_address(host, &target.entity, id),
+        address: accept_path(entity, suffix, id, target),
         id: id.to_string(),
         connect_headers: connect_headers(req),
         remote_endpoint: Some(RemoteEndpoint {
@@ -300,25 +383,46 @@ fn rendezvous_id(target: &HcTarget) -> String {
         .unwrap_or_else(|| Uuid::new_v4().simple().to_string())
 }
 
-/// Where the listener comes back to accept this sender: the host the sender used.
-fn accept_address(host: &str, entity: &str, id: &str) -> String {
-    let entity = percent_encoding::utf8_percent_encode(entity, percent_encoding::NON_ALPHANUMERIC);
-    format!("wss://{host}/$hc/{entity}?{QUERY_ACTION}=accept&{QUERY_ID}={id}")
+/// `/$hc/<entity><suffix>?sb-hc-action=accept&sb-hc-id=<id>` plus the sender's own query
+/// parameters (those not `sb-hc-*`), every part encoded.
+fn accept_path(entity: &str, suffix: &str, id: &str, target: &HcTarget) -> String {
+    let segment = |s: &str| {
+        s.split('/')
+            .map(|p| percent_encoding::utf8_percent_encode(p, UNRESERVED).to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair(QUERY_ACTION, "accept");
+    query.append_pair(QUERY_ID, id);
+    for (k, v) in &target.query {
+        if !k.starts_with("sb-hc-") {
+            query.append_pair(k, v);
+        }
+    }
+    format!(
+        "/$hc/{}{}?{}",
+        segment(entity),
+        segment(suffix),
+        query.finish()
+    )
 }
 
-/// The sender's headers for the listener, without its credential and its own handshake
-/// fields (subprotocol and extensions are passed on).
+/// Everything but RFC 3986's unreserved characters is encoded in a path segment.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The sender's headers for the listener, its WebSocket handshake included (a listener such
+/// as Microsoft's hyco-ws completes the handshake from them), without its credential.
 fn connect_headers(req: &Request<Incoming>) -> BTreeMap<String, String> {
     req.headers()
         .iter()
         .filter(|(name, _)| {
             let n = name.as_str();
-            !(n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
-                || n == "authorization"
-                || n == "sec-websocket-key"
-                || n == "sec-websocket-version"
-                || n == "connection"
-                || n == "upgrade")
+            !(n.eq_ignore_ascii_case(HEADER_AUTHORIZATION) || n == "authorization")
         })
         .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
         .collect()
@@ -363,7 +467,7 @@ fn accept(
     req: &mut Request<Incoming>,
     target: &HcTarget,
     ctx: &Ctx,
-    switching: Response<Body>,
+    mut switching: Response<Body>,
 ) -> Response<Body> {
     let Some(id) = target.get(QUERY_ID) else {
         return text(400, "accept without sb-hc-id");
@@ -390,10 +494,26 @@ fn accept(
         });
         return text(410, "rejection delivered");
     }
+    // The subprotocol the listener chose (the one it asks for here) goes back to it and on
+    // to the sender.
+    let protocol = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .and_then(|p| http::HeaderValue::from_str(p).ok());
+    if let Some(p) = &protocol {
+        switching
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
+    }
     if reply
         .send(AcceptOutcome::Accepted(
             hyper::upgrade::on(req),
             ctx.permit.clone(),
+            protocol,
         ))
         .is_err()
     {

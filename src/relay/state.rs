@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::clusters::Registry;
+use super::config::Limits;
 use super::rendezvous::Rendezvous;
 use super::rule::Rule;
 
@@ -35,9 +36,50 @@ pub(crate) struct Shared {
     pub rules: Arc<Vec<Rule>>,
     pub clusters: Option<Arc<Registry>>,
     pub stats: Arc<RelayStats>,
+    /// The port in rendezvous addresses: where clients reach this relay.
+    pub public_port: u16,
+    pub limits: Limits,
 }
 
 impl Shared {
+    /// The configured name a client used (matched case-insensitively, port ignored), else the
+    /// first configured name: never a name the client made up.
+    pub fn configured_host(&self, used: Option<&str>) -> &str {
+        let used = used.map(|u| match u.parse::<http::uri::Authority>() {
+            Ok(a) => a
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            Err(_) => u.to_string(),
+        });
+        let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
+        self.hostnames
+            .iter()
+            .find(|h| {
+                used.as_deref()
+                    .is_some_and(|u| bare(h).eq_ignore_ascii_case(u))
+            })
+            .or_else(|| self.hostnames.first())
+            .map(String::as_str)
+            .unwrap_or("localhost")
+    }
+
+    /// `host[:port]` for rendezvous addresses of a listener that connected with `used`.
+    pub fn rendezvous_authority(&self, used: Option<&str>) -> String {
+        let host = self.configured_host(used);
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        if self.public_port == 443 {
+            host
+        } else {
+            format!("{host}:{}", self.public_port)
+        }
+    }
+
     /// A SAS rule by name: configured rules first, then the registered clusters' own.
     pub fn rule(&self, name: &str) -> Option<Rule> {
         if let Some(rule) = self.rules.iter().find(|r| r.name == name) {

@@ -40,8 +40,8 @@ pub enum SasError {
     Expired(u64),
     #[error("token signature does not match key '{0}'")]
     BadSignature(String),
-    #[error("token names no rule called '{0}' on this relay")]
-    UnknownRule(String),
+    #[error("a listener token may be valid for at most {max_secs} seconds on this relay; mint a shorter one and renew it (renewToken)")]
+    LifetimeTooLong { max_secs: u64 },
     #[error("token is for resource '{token}', not for '{requested}'")]
     WrongResource { token: String, requested: String },
     #[error("rule '{rule}' does not grant the {right} right")]

@@ -21,7 +21,9 @@ fn interop_dir() -> PathBuf {
 
 /// Whether node and the installed hyco-ws are here; under CI their absence fails the test.
 fn hyco_available() -> bool {
-    let installed = interop_dir().join("node_modules/hyco-ws/index.js").is_file();
+    let installed = interop_dir()
+        .join("node_modules/hyco-ws/index.js")
+        .is_file();
     let node = std::process::Command::new("node")
         .arg("--version")
         .output()
@@ -37,7 +39,13 @@ fn hyco_available() -> bool {
     false
 }
 
-fn node(relay: &Relay, script: &str, path: &str, key: (&str, &str), extra: &[(&str, String)]) -> Command {
+fn node(
+    relay: &Relay,
+    script: &str,
+    path: &str,
+    key: (&str, &str),
+    extra: &[(&str, String)],
+) -> Command {
     let dir = interop_dir();
     let ca = dir.join(format!("target-ca-{}.pem", relay.addr.port()));
     std::fs::write(&ca, &relay.ca_pem).expect("write CA for node");
@@ -117,12 +125,22 @@ async fn hyco_ws_listener_and_sender_talk_through_our_relay() {
     assert_eq!(plain["replyOk"], true, "{plain}");
 
     // The subprotocol the listener picked reaches the sender in the 101, as Azure Relay does.
-    let negotiated = send(&relay, "hyco-echo", &[("PROTOCOLS", "chat.v1,chat.v2".into())]).await;
+    let negotiated = send(
+        &relay,
+        "hyco-echo",
+        &[("PROTOCOLS", "chat.v1,chat.v2".into())],
+    )
+    .await;
     assert_eq!(negotiated["replyOk"], true, "{negotiated}");
     assert_eq!(negotiated["protocol"], "chat.v2", "{negotiated}");
 
     // A message larger than any one frame of ours crosses intact both ways.
-    let big = send(&relay, "hyco-echo", &[("BYTES", (3 * 1024 * 1024).to_string())]).await;
+    let big = send(
+        &relay,
+        "hyco-echo",
+        &[("BYTES", (3 * 1024 * 1024).to_string())],
+    )
+    .await;
     assert_eq!(big["replyOk"], true, "{}", big["replyBytes"]);
 
     let _ = listener.kill().await;

@@ -782,3 +782,178 @@ async fn a_listener_closing_mid_stream_closes_the_sender_too() {
         Some(Message::binary(&b"next"[..]))
     );
 }
+
+// --- The relay on the open internet: what a hostile caller cannot make it do. ----------------
+
+/// A sender's forged `Host` never reaches the listener: the accept address names the relay's
+/// configured host (and the port it is reached on), whatever the sender claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_host_header_does_not_choose_where_the_listener_dials() {
+    let relay = Relay::start().await;
+    let mut listener = listen(&relay, &listen_token(&relay)).await;
+    let mut headers = auth_header(&send_token(&relay));
+    headers.push(("host".into(), "attacker.example:443".into()));
+    let sender = spawn_sender(
+        url(&relay, Action::Connect, "forged"),
+        headers,
+        relay.client_tls.clone(),
+    );
+    let accept = next_accept(&mut listener).await;
+    let address = url::Url::parse(&accept.address).expect("accept address");
+    assert_eq!(address.host_str(), Some("127.0.0.1"), "{}", accept.address);
+    assert_eq!(
+        address.port(),
+        Some(relay.addr.port()),
+        "{}",
+        accept.address
+    );
+    assert!(!accept.address.contains("attacker"), "{}", accept.address);
+    // The sender's WebSocket handshake reaches the listener, as Azure Relay passes it on; its
+    // credential does not.
+    for name in [
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "upgrade",
+        "connection",
+    ] {
+        assert!(
+            accept.connect_headers.contains_key(name),
+            "{name}: {:?}",
+            accept.connect_headers.keys()
+        );
+    }
+    assert!(!accept
+        .connect_headers
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case(HEADER_AUTHORIZATION)));
+    let (_accepted, _) = raw_dial(&accept.address, &[], &relay.client_tls)
+        .await
+        .expect("the listener accepts at the configured host");
+    joined(sender).await.expect("the sender is connected");
+}
+
+/// Azure Relay's quotas: 25 listeners per hybrid connection, bounded ids, and listener
+/// tokens whose lifetime the relay caps (an `se` of u64::MAX is refused, not a panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_are_enforced_with_documented_statuses() {
+    let relay = Relay::start().await;
+    let tls = &relay.client_tls;
+    let token = listen_token(&relay);
+    let mut listeners = Vec::new();
+    for _ in 0..25 {
+        listeners.push(listen(&relay, &token).await);
+    }
+    let (status, description) =
+        expect_rejected(dial(&url(&relay, Action::Listen, "l26"), Some(&token), tls).await);
+    assert_eq!(status, 403, "{description}");
+    assert!(description.contains("25"), "{description}");
+    // One leaves, another may come.
+    drop(listeners.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        match dial(&url(&relay, Action::Listen, "l25"), Some(&token), tls).await {
+            Ok(ws) => {
+                again = Some(ws);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(again.is_some(), "a freed listener slot is usable again");
+
+    let long_id = "x".repeat(10 * 1024);
+    let (status, description) = expect_rejected(
+        dial(
+            &url(&relay, Action::Connect, &long_id),
+            Some(&send_token(&relay)),
+            tls,
+        )
+        .await,
+    );
+    assert_eq!(status, 400, "{description}");
+    assert!(
+        !description.contains(&long_id[..200]),
+        "the id is not echoed"
+    );
+
+    for se in [u64::MAX, 1 << 62, unix_now() + 400 * 24 * 3600] {
+        let forever = listen_key().mint_until(&resource(&relay, "other-connection"), se);
+        let mut u = relay.address().url("other-connection", Action::Listen, "x");
+        u.push_str("&x=1");
+        let (status, description) = expect_rejected(dial(&u, Some(&forever), tls).await);
+        assert_eq!(status, 401, "se={se}: {description}");
+        assert!(description.contains("at most"), "{description}");
+    }
+}
+
+/// An unknown rule and a wrong key read the same, so a stranger cannot probe which rules
+/// (and so which registered clusters) exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_rules_and_wrong_keys_are_indistinguishable() {
+    let relay = Relay::start().await;
+    let tls = &relay.client_tls;
+    let uri = resource(&relay, CONNECTION);
+    let wrong_key =
+        SasKey::parse("SharedAccessKeyName=send;SharedAccessKey=not-the-key-0123456789")
+            .unwrap()
+            .mint(&uri, Duration::from_secs(600));
+    let no_rule =
+        SasKey::parse("SharedAccessKeyName=cc-nosuch;SharedAccessKey=not-the-key-0123456789")
+            .unwrap()
+            .mint(&uri, Duration::from_secs(600));
+    let connect = url(&relay, Action::Connect, "probe");
+    let (s1, d1) = expect_rejected(dial(&connect, Some(&wrong_key), tls).await);
+    let (s2, d2) = expect_rejected(dial(&connect, Some(&no_rule), tls).await);
+    assert_eq!((s1, s2), (401, 401));
+    assert_eq!(
+        d1.replace("'send'", "'R'"),
+        d2.replace("'cc-nosuch'", "'R'"),
+        "the two refusals differ only in the rule name the caller sent"
+    );
+}
+
+/// `/$hc/<name>/more/path?q=1` reaches the listener of `<name>`, which sees the path suffix
+/// and the sender's own query in its accept address, as Azure Relay routes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_suffix_is_routed_to_the_longest_listening_name() {
+    let relay = Relay::start().await;
+    let mut listener = listen(&relay, &listen_token(&relay)).await;
+    let sender_url = format!(
+        "wss://127.0.0.1:{}/$hc/{CONNECTION}/api/v1/pods?sb-hc-action=connect&sb-hc-id=sfx&watch=true",
+        relay.addr.port()
+    );
+    let sender = spawn_sender(
+        sender_url,
+        auth_header(&send_token(&relay)),
+        relay.client_tls.clone(),
+    );
+    let accept = next_accept(&mut listener).await;
+    let address = url::Url::parse(&accept.address).expect("accept address");
+    assert_eq!(
+        address.path(),
+        format!("/$hc/{CONNECTION}/api/v1/pods"),
+        "{}",
+        accept.address
+    );
+    let query: Vec<(String, String)> = address.query_pairs().into_owned().collect();
+    assert!(
+        query.contains(&("watch".into(), "true".into())),
+        "{query:?}"
+    );
+    assert!(
+        query.contains(&("sb-hc-action".into(), "accept".into())),
+        "{query:?}"
+    );
+    let (mut accepted, _) = raw_dial(&accept.address, &[], &relay.client_tls)
+        .await
+        .expect("the listener accepts the suffixed address");
+    let (mut sender, _) = joined(sender).await.expect("the sender is connected");
+    sender
+        .send(Message::binary(b"hello".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut accepted).await,
+        Some(Message::binary(b"hello".to_vec()))
+    );
+}

@@ -84,7 +84,7 @@ impl Relay {
         let ca = CertificateAuthority::generate("test relay CA").expect("CA");
         let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).expect("leaf");
         let config = RelayConfig {
-            hostnames: vec![],
+            hostnames: vec!["127.0.0.1".into(), "localhost".into()],
             clusters,
             rules: Arc::new(vec![
                 Rule {
@@ -120,6 +120,9 @@ impl Relay {
             .expect("tls"),
             max_connections: 1000,
             stats: stats.clone(),
+            // The port this relay is bound to (see `spawn`): rendezvous addresses name it.
+            public_port: None,
+            limits: Default::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
