@@ -223,13 +223,7 @@ fn listen(
     let max = ctx.shared.limits.max_listeners_per_connection;
     let registration = match control::register(&ctx.rendezvous, &target.entity, authority, max) {
         Ok(r) => r,
-        Err(full) => return text(
-            403,
-            format!(
-                "QuotaExceeded: hybrid connection '{}' already has {} listeners, the most allowed",
-                target.entity, full.max
-            ),
-        ),
+        Err(full) => return quota_exceeded(&target.entity, full.max),
     };
     // Renewals must name the same host the listener first connected with.
     let hosts = accepted_hosts(ctx, req);
@@ -343,6 +337,14 @@ fn route<'a>(rendezvous: &super::rendezvous::Rendezvous, path: &'a str) -> (&'a 
             _ => return (path, ""),
         }
     }
+}
+
+/// Azure Relay's answer to one listener too many.
+fn quota_exceeded(entity: &str, max: usize) -> Response<Body> {
+    let message = format!(
+        "QuotaExceeded: hybrid connection '{entity}' already has {max} listeners, the most allowed"
+    );
+    text(403, message)
 }
 
 /// A `sb-hc-id` longer than the relay allows is refused, as Azure Relay refuses it.
