@@ -87,6 +87,9 @@ pub struct RelayFile {
     /// The longest a listener token may be valid for, in seconds (default one day); a
     /// listener renews with `renewToken` well before.
     pub max_listener_token_lifetime_secs: Option<u64>,
+    /// Unauthenticated connections (TLS, headers, management API calls) one source address
+    /// may hold at once (default 64).
+    pub max_unauthenticated_per_ip: Option<usize>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -143,6 +146,15 @@ pub struct Limits {
     pub max_listener_token_lifetime: std::time::Duration,
     /// `sb-hc-id` values longer than this are refused (Azure's ids are GUIDs plus a suffix).
     pub max_id_len: usize,
+    /// The TLS handshake, and then each request's headers (an idle keep-alive connection
+    /// included), must complete within this.
+    pub handshake_timeout: std::time::Duration,
+    /// A management API request, body included, must be answered within this.
+    pub request_timeout: std::time::Duration,
+    /// Connections not yet authenticated (in TLS, headers, or a management API call).
+    pub max_unauthenticated: usize,
+    /// Of those, from one source address.
+    pub max_unauthenticated_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -151,6 +163,10 @@ impl Default for Limits {
             max_listeners_per_connection: 25,
             max_listener_token_lifetime: std::time::Duration::from_secs(24 * 3600),
             max_id_len: 128,
+            handshake_timeout: std::time::Duration::from_secs(15),
+            request_timeout: std::time::Duration::from_secs(10),
+            max_unauthenticated: 4096,
+            max_unauthenticated_per_ip: 64,
         }
     }
 }
@@ -168,7 +184,10 @@ impl RelayFile {
                 .max_listener_token_lifetime_secs
                 .map(std::time::Duration::from_secs)
                 .unwrap_or(default.max_listener_token_lifetime),
-            max_id_len: default.max_id_len,
+            max_unauthenticated_per_ip: self
+                .max_unauthenticated_per_ip
+                .unwrap_or(default.max_unauthenticated_per_ip),
+            ..default
         }
     }
 }

@@ -2,6 +2,7 @@
 //! Connections protocol, checks SAS tokens against its rules, pairs each sender with a
 //! listener and then splices their WebSockets without looking inside.
 
+mod admission;
 mod auth;
 pub mod clusters;
 mod config;
@@ -31,8 +32,6 @@ use tokio_util::task::TaskTracker;
 
 use state::{Ctx, Shared};
 
-/// A client that has not finished TLS and its HTTP request by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// On shutdown, open rendezvous streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
@@ -56,22 +55,27 @@ pub async fn run(
     let ctx = context(&config, public_port, &tasks, &shutdown);
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let admission = admission::Admission::new(
+        config.limits.max_unauthenticated,
+        config.limits.max_unauthenticated_per_ip,
+    );
     tracing::info!(addr = %listener.local_addr()?, "relay listening");
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
+    while let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await {
+        // Strangers get no slot: only a place among the unauthenticated, capped per address.
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refused) => {
+                tracing::debug!(peer = %peer, ?refused, "unauthenticated connection refused");
+                continue;
+            }
         };
-        let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await else {
-            break;
-        };
-        let mut ctx = ctx.clone();
-        ctx.permit = Some(Arc::new(permit));
-        tasks.spawn(serve_connection(acceptor.clone(), tcp, peer, ctx));
+        tasks.spawn(serve_connection(
+            acceptor.clone(),
+            tcp,
+            peer,
+            ctx.clone(),
+            admitted,
+        ));
     }
     drain(&tasks, &closing).await;
     Ok(())
@@ -102,13 +106,22 @@ fn context(
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
-        permit: None,
+        slots: Arc::new(Semaphore::new(config.max_connections)),
     }
 }
 
-/// TLS, then HTTP/1.1 with upgrades, each phase under the handshake deadline.
-async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, ctx: Ctx) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+/// TLS, then HTTP/1.1 with upgrades, each phase under the handshake deadline. `admitted` is
+/// held until the HTTP exchange ends; an upgraded listener or rendezvous holds a slot instead.
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Ctx,
+    admitted: admission::Admitted,
+) {
+    let _admitted = admitted;
+    let deadline = ctx.shared.limits.handshake_timeout;
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -119,7 +132,7 @@ async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAdd
     let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .header_read_timeout(deadline)
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
     if let Err(e) = conn.await {

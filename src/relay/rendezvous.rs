@@ -16,7 +16,7 @@ pub enum AcceptOutcome {
     /// WebSocket subprotocol it chose, which the sender's 101 must carry.
     Accepted(
         OnUpgrade,
-        Option<Arc<OwnedSemaphorePermit>>,
+        Arc<OwnedSemaphorePermit>,
         Option<http::HeaderValue>,
     ),
     Rejected {

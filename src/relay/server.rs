@@ -55,12 +55,21 @@ pub async fn handle(
         if req.uri().path().starts_with("/subscriptions/") {
             let hosts = accepted_hosts(&ctx, &req);
             let host = public_host(&ctx, &req);
-            if let Some(resp) =
-                clusters::handle(clusters, &|name| ctx.shared.rule(name), &hosts, host, req).await
-            {
-                return Ok(resp);
-            }
-            return Ok(text(404, "not a management path"));
+            // The whole call, body included, within the deadline: a caller that withholds
+            // its body is answered 408 and the connection closed.
+            let deadline = ctx.shared.limits.request_timeout;
+            let rule = |name: &str| ctx.shared.rule(name);
+            let call = clusters::handle(clusters, &rule, &hosts, host, req);
+            return Ok(match tokio::time::timeout(deadline, call).await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => text(404, "not a management path"),
+                Err(_) => {
+                    let mut resp = text(408, "request not completed in time");
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                    resp
+                }
+            });
         }
     }
     let Some(target) = HcTarget::parse(req.uri().path(), req.uri().query()) else {
@@ -225,10 +234,12 @@ fn listen(
         Ok(r) => r,
         Err(full) => return quota_exceeded(&target.entity, full.max),
     };
+    let Some(permit) = ctx.slot() else {
+        return at_capacity();
+    };
     // Renewals must name the same host the listener first connected with.
     let hosts = accepted_hosts(ctx, req);
     let on_upgrade = hyper::upgrade::on(req);
-    let permit = ctx.permit.clone();
     let (entity, shared, rendezvous, shutdown) = (
         target.entity.clone(),
         ctx.shared.clone(),
@@ -272,6 +283,9 @@ async fn connect(
     if let Err((code, msg)) = check_entity(req, target, entity, ctx, Right::Send) {
         return text(code, msg);
     }
+    let Some(sender_permit) = ctx.slot() else {
+        return at_capacity();
+    };
     let id = rendezvous_id(target);
     let accept = accept_message(req, target, (entity, suffix), &id, peer);
     let reply = ctx.rendezvous.add_pending(&id, entity);
@@ -290,13 +304,8 @@ async fn connect(
     let sender_upgrade = hyper::upgrade::on(req);
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
-            spawn_splice(
-                ctx,
-                entity,
-                sender_upgrade,
-                listener_upgrade,
-                listener_permit,
-            );
+            let permits = (sender_permit, listener_permit);
+            spawn_splice(ctx, entity, sender_upgrade, listener_upgrade, permits);
             // The sender learns the subprotocol the listener chose, as Azure Relay tells it.
             if let Some(protocol) = protocol {
                 switching
@@ -337,6 +346,11 @@ fn route<'a>(rendezvous: &super::rendezvous::Rendezvous, path: &'a str) -> (&'a 
             _ => return (path, ""),
         }
     }
+}
+
+/// Every `max_connections` slot is held by an authenticated connection.
+fn at_capacity() -> Response<Body> {
+    text(503, "the relay is at capacity; retry later")
 }
 
 /// Azure Relay's answer to one listener too many.
@@ -437,14 +451,13 @@ fn spawn_splice(
     entity: &str,
     sender_upgrade: OnUpgrade,
     listener_upgrade: OnUpgrade,
-    listener_permit: Option<Arc<OwnedSemaphorePermit>>,
+    permits: (Arc<OwnedSemaphorePermit>, Arc<OwnedSemaphorePermit>),
 ) {
-    let sender_permit = ctx.permit.clone();
     let entity = entity.to_string();
     let stats = ctx.shared.stats.clone();
     let closing = ctx.closing.clone();
     ctx.tasks.spawn(async move {
-        let _permits = (sender_permit, listener_permit);
+        let _permits = permits;
         match tokio::try_join!(
             server_stream(sender_upgrade),
             server_stream(listener_upgrade)
@@ -506,6 +519,13 @@ fn accept(
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .and_then(|p| http::HeaderValue::from_str(p).ok());
+    let Some(permit) = ctx.slot() else {
+        let _ = reply.send(AcceptOutcome::Rejected {
+            status: 503,
+            description: "the relay is at capacity".into(),
+        });
+        return at_capacity();
+    };
     if let Some(p) = &protocol {
         switching
             .headers_mut()
@@ -514,7 +534,7 @@ fn accept(
     if reply
         .send(AcceptOutcome::Accepted(
             hyper::upgrade::on(req),
-            ctx.permit.clone(),
+            permit,
             protocol,
         ))
         .is_err()

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -97,7 +97,14 @@ pub(crate) struct Ctx {
     pub shutdown: CancellationToken,
     /// Cancelled when the drain period is over: open rendezvous are then closed.
     pub closing: CancellationToken,
-    /// This connection's slot under `max_connections`; tasks that outlive the HTTP exchange
-    /// (control channels, splices) hold a clone so the limit counts upgraded connections too.
-    pub permit: Option<Arc<OwnedSemaphorePermit>>,
+    /// `max_connections` slots, taken only after authentication by each listener and each
+    /// side of a rendezvous, and held for as long as that connection lives.
+    pub slots: Arc<Semaphore>,
+}
+
+impl Ctx {
+    /// A slot for an authenticated long-lived connection, or `None` when the relay is full.
+    pub fn slot(&self) -> Option<Arc<OwnedSemaphorePermit>> {
+        self.slots.clone().try_acquire_owned().ok().map(Arc::new)
+    }
 }

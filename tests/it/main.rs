@@ -15,6 +15,7 @@ mod files;
 mod hyco_interop;
 mod onboarding;
 mod registry;
+mod relay_abuse;
 mod relay_protocol;
 mod secrets;
 mod standin_apiserver;

@@ -79,7 +79,26 @@ impl Relay {
         Relay::start_with(Some(Arc::new(registry))).await
     }
 
+    /// A relay with a registry at `file` and the given limits, for tests of hostile callers.
+    pub async fn start_limited(
+        file: &std::path::Path,
+        limits: clusterconnect::relay::Limits,
+        max_connections: usize,
+    ) -> Relay {
+        let registry =
+            clusterconnect::relay::clusters::Registry::open(file, None).expect("registry");
+        Relay::start_configured(Some(Arc::new(registry)), limits, max_connections).await
+    }
+
     async fn start_with(clusters: Option<Arc<clusterconnect::relay::clusters::Registry>>) -> Relay {
+        Relay::start_configured(clusters, Default::default(), 1000).await
+    }
+
+    async fn start_configured(
+        clusters: Option<Arc<clusterconnect::relay::clusters::Registry>>,
+        limits: clusterconnect::relay::Limits,
+        max_connections: usize,
+    ) -> Relay {
         let stats = Arc::new(RelayStats::default());
         let ca = CertificateAuthority::generate("test relay CA").expect("CA");
         let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).expect("leaf");
@@ -118,11 +137,11 @@ impl Relay {
                 &[tls::ALPN_HTTP11],
             )
             .expect("tls"),
-            max_connections: 1000,
+            max_connections,
             stats: stats.clone(),
             // The port this relay is bound to (see `spawn`): rendezvous addresses name it.
             public_port: None,
-            limits: Default::default(),
+            limits,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");

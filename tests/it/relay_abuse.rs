@@ -1,0 +1,201 @@
+//! The relay under an unauthenticated attacker: connections that finish TLS and then withhold
+//! a body, trickle headers, sit idle on keep-alive, or never start TLS. None of them may take
+//! the slots real agents and proxies need, each is closed within its deadline, and one
+//! source address cannot hold more than its share. Attackers use 127.0.0.2 and up, so the
+//! real agent and proxy (127.0.0.1) are never the ones capped.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+use crate::support::tunnel::{listen_key, send_key, wait_for_listener, Agent, LocalProxy, Relay};
+use crate::support::{kubectl_available, kubectl_ok, ApiServer};
+
+/// Short deadlines so the test runs in seconds; production defaults are in `Limits`.
+const DEADLINE: Duration = Duration::from_millis(1500);
+/// Generous bound on "closed within the deadline": scheduling on a busy machine, not slack in
+/// the relay.
+const CLOSED_WITHIN: Duration = Duration::from_secs(6);
+const MAX_CONNECTIONS: usize = 8;
+const PER_IP: usize = 4;
+
+fn limits() -> clusterconnect::relay::Limits {
+    clusterconnect::relay::Limits {
+        handshake_timeout: DEADLINE,
+        request_timeout: DEADLINE,
+        max_unauthenticated_per_ip: PER_IP,
+        ..Default::default()
+    }
+}
+
+async fn tcp_from(source: &str, relay: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    socket.connect(relay).await.expect("TCP connect")
+}
+
+async fn tls_from(source: &str, relay: &Relay) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = tcp_from(source, relay.addr).await;
+    TlsConnector::from(relay.client_tls.clone())
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("TLS")
+}
+
+/// Whether the relay closes `io` within `within` (reading and discarding what it sends).
+async fn closed_within<S: AsyncRead + Unpin>(io: &mut S, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+enum Stalled {
+    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+    Tcp(TcpStream),
+}
+
+async fn stall(kind: usize, source: &str, relay: &Relay) -> Stalled {
+    match kind % 4 {
+        // Headers of an agent status report (whose signature covers the body, so the body is
+        // read before anything is authenticated) announcing a body that never comes.
+        0 => {
+            let mut s = tls_from(source, relay).await;
+            s.write_all(b"POST /subscriptions/0/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/x/agentStatus?api-version=2024-01-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").await.unwrap();
+            Stalled::Tls(s)
+        }
+        // Headers trickled: the first bytes, then nothing more.
+        1 => {
+            let mut s = tls_from(source, relay).await;
+            s.write_all(b"GET /$hc/x?sb-hc-action=connect HTTP/1.1\r\nHo")
+                .await
+                .unwrap();
+            Stalled::Tls(s)
+        }
+        // One complete request, then idle on keep-alive.
+        2 => {
+            let mut s = tls_from(source, relay).await;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            Stalled::Tls(s)
+        }
+        // TCP only: no TLS ClientHello at all.
+        _ => Stalled::Tcp(tcp_from(source, relay.addr).await),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_strangers_neither_hold_slots_nor_outlive_their_deadlines() {
+    if !kubectl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let relay =
+        Relay::start_limited(&dir.path().join("registry.redb"), limits(), MAX_CONNECTIONS).await;
+
+    // Twice max_connections stalled connections, spread over four attacker addresses.
+    let sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
+    let mut stalled = Vec::new();
+    for i in 0..2 * MAX_CONNECTIONS {
+        stalled.push(stall(i, sources[i % sources.len()], &relay).await);
+    }
+    let opened = Instant::now();
+
+    // One address past its share is turned away at once, before TLS.
+    let mut extra = tcp_from("127.0.0.2", relay.addr).await;
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await,
+        "a fifth unauthenticated connection from one address was held"
+    );
+
+    // Meanwhile a real agent and kubectl through the proxy work.
+    let api = ApiServer::start().await;
+    let agent = Agent::start(&relay, &api, listen_key()).await;
+    wait_for_listener(&relay).await;
+    let proxy = LocalProxy::start(&relay, send_key(), &api.token(), dir.path()).await;
+    let out = kubectl_ok(&proxy.kubeconfig, &["get", "ns", "-o", "name"]).await;
+    assert!(out.contains("namespace/"), "{out}");
+
+    // And every stalled connection is closed within its deadline.
+    for (i, s) in stalled.iter_mut().enumerate() {
+        let left = CLOSED_WITHIN
+            .saturating_sub(opened.elapsed())
+            .max(Duration::from_millis(500));
+        let closed = match s {
+            Stalled::Tls(s) => closed_within(s, left).await,
+            Stalled::Tcp(s) => closed_within(s, left).await,
+        };
+        assert!(
+            closed,
+            "stalled connection {i} (kind {}) still open after {:?}",
+            i % 4,
+            opened.elapsed()
+        );
+    }
+    proxy.stop().await;
+    agent.stop().await;
+}
+
+/// The relay's slots go to authenticated connections only: with every slot held by real
+/// listeners, a further listener is told the relay is at capacity (503), and strangers
+/// still get their answers (a 404 for a wrong path) because they need no slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_taken_only_after_authentication() {
+    use clusterconnect::tunnel::dial::{dial, DialError};
+    use clusterconnect::tunnel::protocol::Action;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 2).await;
+    let token = listen_key().mint(
+        &relay
+            .address()
+            .resource_uri(crate::support::tunnel::CONNECTION),
+        Duration::from_secs(600),
+    );
+    let url = |id: &str| {
+        relay
+            .address()
+            .url(crate::support::tunnel::CONNECTION, Action::Listen, id)
+    };
+    let _a = dial(&url("a"), Some(&token), &relay.client_tls)
+        .await
+        .expect("first listener");
+    let _b = dial(&url("b"), Some(&token), &relay.client_tls)
+        .await
+        .expect("second listener");
+    match dial(&url("c"), Some(&token), &relay.client_tls).await {
+        Err(DialError::Rejected { status: 503, .. }) => {}
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("a third listener got a slot beyond max_connections"),
+    }
+    let mut s = tls_from("127.0.0.6", &relay).await;
+    s.write_all(b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .ok();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
