@@ -64,7 +64,7 @@ async fn closed_within<S: AsyncRead + Unpin>(io: &mut S, within: Duration) -> bo
 }
 
 enum Stalled {
-    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Tcp(TcpStream),
 }
 
@@ -75,7 +75,7 @@ async fn stall(kind: usize, source: &str, relay: &Relay) -> Stalled {
         0 => {
             let mut s = tls_from(source, relay).await;
             s.write_all(b"POST /subscriptions/0/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/x/agentStatus?api-version=2024-01-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").await.unwrap();
-            Stalled::Tls(s)
+            Stalled::Tls(Box::new(s))
         }
         // Headers trickled: the first bytes, then nothing more.
         1 => {
@@ -83,7 +83,7 @@ async fn stall(kind: usize, source: &str, relay: &Relay) -> Stalled {
             s.write_all(b"GET /$hc/x?sb-hc-action=connect HTTP/1.1\r\nHo")
                 .await
                 .unwrap();
-            Stalled::Tls(s)
+            Stalled::Tls(Box::new(s))
         }
         // One complete request, then idle on keep-alive.
         2 => {
@@ -94,7 +94,7 @@ async fn stall(kind: usize, source: &str, relay: &Relay) -> Stalled {
             let mut buf = [0u8; 256];
             let n = s.read(&mut buf).await.unwrap();
             assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-            Stalled::Tls(s)
+            Stalled::Tls(Box::new(s))
         }
         // TCP only: no TLS ClientHello at all.
         _ => Stalled::Tcp(tcp_from(source, relay.addr).await),
