@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::clusters::Registry;
-use super::config::Limits;
+use super::limits::Limits;
 use super::rendezvous::Rendezvous;
 use super::rule::Rule;
 
