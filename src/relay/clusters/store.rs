@@ -24,6 +24,22 @@ pub enum StoreError {
         #[source]
         source: redb::DatabaseError,
     },
+    #[error("cluster registry {}: cannot create it", .path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster registry {}: cannot open the file", .path.display())]
+    OpenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster registry {} is a symbolic link; the registry holds every cluster's keys, so it is opened only as a regular file: point registry_file at the link's target instead", .path.display())]
+    Symlink { path: PathBuf },
+    #[error("cluster registry {} is not a regular file", .path.display())]
+    NotAFile { path: PathBuf },
     #[error("cluster registry {}: cannot make it private", .path.display())]
     MakePrivate {
         path: PathBuf,
@@ -120,11 +136,15 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        let file = open_file(path)?;
+        let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
-        })?;
-        make_private(path)?;
+        };
+        let backend = redb::backends::FileBackend::new(file).map_err(open_error)?;
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(open_error)?;
         let txn = db.begin_write().map_err(StoreError::Begin)?;
         txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         txn.commit().map_err(StoreError::Commit)?;
@@ -208,20 +228,80 @@ impl Store {
     }
 }
 
-/// Every cluster's keys are in the file: readable by the relay's user only.
-fn make_private(path: &Path) -> Result<(), StoreError> {
+/// The registry file, opened read-write and never through a symlink. A missing file is
+/// created 0600 with `O_CREAT|O_EXCL|O_NOFOLLOW`, so it is never readable by others, not even
+/// for a moment, and nothing planted at the name is written through; an existing regular file
+/// is opened as it is and made private, as every cluster's keys are in it. redb then takes the
+/// file (and its lock) from here.
+fn open_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC);
+    }
+    match options.clone().create_new(true).open(path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(StoreError::Create {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let refuse = |meta: &std::fs::Metadata| {
+        if meta.file_type().is_symlink() {
+            Err(StoreError::Symlink {
+                path: path.to_path_buf(),
+            })
+        } else if !meta.is_file() {
+            Err(StoreError::NotAFile {
+                path: path.to_path_buf(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let open_error = |source: std::io::Error| StoreError::OpenFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        refuse(&meta)?;
+    }
+    // O_NOFOLLOW makes a symlink swapped in since the check fail here (ELOOP).
+    let file = options.open(path).map_err(|source| {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            StoreError::Symlink {
+                path: path.to_path_buf(),
+            }
+        } else {
+            open_error(source)
+        }
+    })?;
+    refuse(&file.metadata().map_err(open_error)?)?;
+    make_private(&file, path)?;
+    Ok(file)
+}
+
+/// An existing file keeps its contents but not a looser mode: the handle is chmod'ed, not the
+/// path, so no link is followed.
+fn make_private(file: &std::fs::File, path: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| StoreError::MakePrivate {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| StoreError::MakePrivate {
                 path: path.to_path_buf(),
                 source,
-            },
-        )?;
+            })?;
     }
     #[cfg(not(unix))]
-    let _ = path;
+    let _ = (file, path);
     Ok(())
 }
 
@@ -247,4 +327,78 @@ fn write(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_registry_file_is_created_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        // Reopened as it is: same file, still private.
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_file_is_opened_and_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        drop(Store::open(&path).unwrap());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_at_the_path_is_refused_and_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        // A dangling link: following it would create the target.
+        let target = dir.path().join("elsewhere.redb");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = Store::open(&path).err().expect("a symlink is refused");
+        assert!(matches!(err, StoreError::Symlink { .. }), "{err:?}");
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        assert!(!target.exists(), "the link was followed");
+        // A link to an existing registry is refused too, and the target left alone.
+        drop(Store::open(&target).unwrap());
+        assert!(matches!(
+            Store::open(&path).err(),
+            Some(StoreError::Symlink { .. })
+        ));
+    }
+
+    #[test]
+    fn a_directory_at_the_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("a directory is refused");
+        assert!(
+            matches!(
+                err,
+                StoreError::NotAFile { .. } | StoreError::OpenFile { .. }
+            ),
+            "{err:?}"
+        );
+    }
 }
