@@ -1,10 +1,14 @@
 //! The relay's registry of connected clusters, in one redb file: every change is a committed,
 //! fsynced transaction, so a crash never loses a registration. Each cluster also has its own
 //! Listen and Send keys; the relay's authorization consults them next to its static rules.
+//!
+//! Every method but [`Store::rule`] does file I/O and blocks: the management API calls them
+//! from a blocking worker (see `api`), never on a runtime thread. [`Store::rule`] is the relay's
+//! hot path and only takes a read lock on the in-memory rules, which no file I/O holds.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -128,10 +132,21 @@ pub enum Change {
     Delete,
 }
 
+/// Cheap to clone: the handle a blocking worker takes with it.
+#[derive(Clone)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Database,
-    /// The clusters' rules by name, kept in step with the file for the hot path.
+    /// The clusters' rules by name, kept in step with the file for the hot path. Written only
+    /// after a commit, for as long as it takes to swap a few entries.
     rules: RwLock<HashMap<String, Rule>>,
+    /// One writer at a time from transaction to rules update, so two changes cannot apply their
+    /// rules out of commit order. redb serializes write transactions anyway, so it only makes
+    /// the wait for the previous writer explicit; readers never take it.
+    writer: Mutex<()>,
 }
 
 impl Store {
@@ -149,23 +164,26 @@ impl Store {
         txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         txn.commit().map_err(StoreError::Commit)?;
         let store = Store {
-            db,
-            rules: RwLock::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                db,
+                rules: RwLock::new(HashMap::new()),
+                writer: Mutex::new(()),
+            }),
         };
         let all = store.all()?;
-        let mut rules = store.rules.write().unwrap_or_else(|p| p.into_inner());
-        for record in &all {
-            for rule in record.rules() {
-                rules.insert(rule.name.clone(), rule);
-            }
-        }
-        drop(rules);
+        let rules = all
+            .iter()
+            .flat_map(Record::rules)
+            .map(|rule| (rule.name.clone(), rule))
+            .collect();
+        *store.inner.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
         tracing::info!(path = %path.display(), clusters = all.len(), "cluster registry open");
         Ok(store)
     }
 
     pub fn rule(&self, name: &str) -> Option<Rule> {
-        self.rules
+        self.inner
+            .rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
@@ -173,7 +191,7 @@ impl Store {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::Begin)?;
+        let txn = self.inner.db.begin_read().map_err(StoreError::Begin)?;
         let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         let Some(value) = table.get(key).map_err(StoreError::Read)? else {
             return Ok(None);
@@ -182,7 +200,7 @@ impl Store {
     }
 
     pub fn all(&self) -> Result<Vec<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::Begin)?;
+        let txn = self.inner.db.begin_read().map_err(StoreError::Begin)?;
         let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(StoreError::Scan)? {
@@ -194,15 +212,15 @@ impl Store {
 
     /// Reads, changes and writes one registration in a single write transaction, so
     /// concurrent changes (a role grant, a heartbeat, a delete) cannot undo each other. `f`
-    /// sees the current record and decides; an `Err` from it changes nothing.
+    /// sees the current record and decides; an `Err` from it changes nothing. Blocks on the
+    /// commit's fsync: call it from a blocking worker.
     pub fn update<R, E: From<StoreError>>(
         &self,
         key: &str,
         f: impl FnOnce(Option<Record>) -> Result<(Change, R), E>,
     ) -> Result<R, E> {
-        // Writers are serialized with the rules cache, so the cache never lags the file.
-        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::Begin)?;
+        let _writer = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.inner.db.begin_write().map_err(StoreError::Begin)?;
         let (before, change, result) = {
             let mut table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
             let before = match table.get(key).map_err(StoreError::Read)? {
@@ -214,14 +232,17 @@ impl Store {
             (before, change, result)
         };
         txn.commit().map_err(StoreError::Commit)?;
+        // Committed: now the rules follow, under the write lock only for the swap. Between
+        // the two, a lookup sees the rules as they were before this change.
         if !matches!(change, Change::Keep) {
+            let mut rules = self.inner.rules.write().unwrap_or_else(|p| p.into_inner());
             for rule in before.iter().flat_map(Record::rules) {
                 rules.remove(&rule.name);
             }
-        }
-        if let Change::Put(record) = &change {
-            for rule in record.rules() {
-                rules.insert(rule.name.clone(), rule);
+            if let Change::Put(record) = &change {
+                for rule in record.rules() {
+                    rules.insert(rule.name.clone(), rule);
+                }
             }
         }
         Ok(result)
