@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::caller::EntraCallers;
 use super::error::ApiError;
 use super::store::{self, StoreError};
 use crate::entra::validate::Validator;
@@ -25,11 +26,16 @@ pub struct Registry {
     pub(super) store: store::Store,
     workers: Arc<Semaphore>,
     /// Validates Entra callers; `None` when only admin keys may call.
-    pub(super) entra: Option<Validator>,
+    pub(super) entra: Option<EntraCallers>,
 }
 
 impl Registry {
+    /// A registry whose Entra callers need tokens for `entra`'s audience (never ARM's).
     pub fn open(path: &Path, entra: Option<Validator>) -> Result<Registry, StoreError> {
+        Registry::open_with(path, entra.map(EntraCallers::from))
+    }
+
+    pub fn open_with(path: &Path, entra: Option<EntraCallers>) -> Result<Registry, StoreError> {
         Ok(Registry {
             store: store::Store::open(path)?,
             workers: Arc::new(Semaphore::new(STORE_WORKERS)),
