@@ -1,5 +1,6 @@
 //! Reaching the relay's cluster registry from the CLI: which subscription, and how the caller
-//! authenticates (a Manage key, or Entra ID for the management audience).
+//! authenticates (a Manage key, or Entra ID with a token for the relay's own audience, never
+//! Azure Resource Manager's unless asked for by name).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::entra::EntraCredentials;
-use super::relay::MANAGEMENT_AUDIENCE;
 use crate::arm::client::{ManagementAuth, ManagementClient};
 use crate::arm::{ClusterId, DEFAULT_SUBSCRIPTION};
 use crate::auth::refresh::{ExpiringToken, FetchFuture, TokenFetcher};
 use crate::auth::CredentialError;
 use crate::entra::http::HttpClient;
+use crate::relay::clusters::is_arm_audience;
 use crate::secret::Secret;
 use crate::tls;
 use crate::tunnel::protocol::RelayAddress;
@@ -28,17 +29,28 @@ pub struct RegistryAccess {
     /// Without it the caller signs in to Entra ID (see --auth).
     #[arg(long, env = "CLUSTERCONNECT_ADMIN_KEY_FILE")]
     pub admin_key_file: Option<PathBuf>,
-    /// The Entra audience of the relay's management API.
-    #[arg(long, default_value = MANAGEMENT_AUDIENCE)]
-    pub management_audience: String,
+    /// The Entra audience of the relay's management API: the application ID URI or client id
+    /// the relay's `[entra] audience` names. Tokens are requested for it, not for Azure.
+    #[arg(
+        long,
+        visible_alias = "management-audience",
+        env = "CLUSTERCONNECT_RELAY_AUDIENCE",
+        default_value = DEFAULT_RELAY_AUDIENCE,
+        value_name = "APP_ID_URI"
+    )]
+    pub relay_audience: String,
 }
+
+/// The management API's audience when the relay's operator kept the documented example
+/// (`config/relay.toml`); a relay with its own application is reached with --relay-audience.
+pub const DEFAULT_RELAY_AUDIENCE: &str = "api://clusterconnect-relay";
 
 impl Default for RegistryAccess {
     fn default() -> Self {
         RegistryAccess {
             subscription: DEFAULT_SUBSCRIPTION.into(),
             admin_key_file: None,
-            management_audience: MANAGEMENT_AUDIENCE.into(),
+            relay_audience: DEFAULT_RELAY_AUDIENCE.into(),
         }
     }
 }
@@ -63,8 +75,14 @@ impl RegistryAccess {
         let auth = match &self.admin_key_file {
             Some(path) => ManagementAuth::Key(SasKey::from_file(path)?),
             None => {
-                ManagementAuth::Entra(entra.get(Some(&self.management_audience)).await.context(
-                    "signing in for the relay's management API (or pass --admin-key-file)",
+                if is_arm_audience(&self.relay_audience) {
+                    eprintln!(
+                        "warning: --relay-audience {} is Azure Resource Manager's: this sends the relay a token valid against Azure (relays refuse it unless their operator set allow_arm_audience)",
+                        self.relay_audience
+                    );
+                }
+                ManagementAuth::Entra(entra.get(Some(&self.relay_audience)).await.with_context(
+                    || format!("signing in for the relay's management API (audience {}; see --relay-audience) or pass --admin-key-file", self.relay_audience),
                 )?)
             }
         };

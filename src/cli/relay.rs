@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud};
-use crate::relay::clusters::Registry;
+use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
 use crate::relay::{EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
 
@@ -159,14 +159,13 @@ fn open_registry(
     if args.check {
         return Ok(None);
     }
-    Ok(Some(Arc::new(Registry::open(&registry_file, entra)?)))
+    Ok(Some(Arc::new(Registry::open_with(&registry_file, entra)?)))
 }
 
-/// Azure Resource Manager's audience: what `az account get-access-token` issues by default.
-pub const MANAGEMENT_AUDIENCE: &str = "https://management.core.windows.net/";
-
-/// The validator for Entra callers of the management API.
-fn management_validator(e: &EntraFile) -> anyhow::Result<Validator> {
+/// Who may call the management API with an Entra token: tokens for `[entra] audience`, and
+/// ARM's only with `allow_arm_audience`.
+fn management_validator(e: &EntraFile) -> anyhow::Result<EntraCallers> {
+    let audience = management_audience(e)?;
     let cloud: Cloud = match &e.cloud {
         Some(c) => c.parse().map_err(|m: String| anyhow::anyhow!(m))?,
         None => Cloud::default(),
@@ -184,16 +183,86 @@ fn management_validator(e: &EntraFile) -> anyhow::Result<Validator> {
     }
     let authority = Authority::from_env(cloud)
         .map_err(|m| anyhow::anyhow!("{m}; fix AZURE_AUTHORITY_HOST or unset it"))?;
-    Ok(Validator::new(
-        ValidatorConfig {
-            authority,
-            server_app_id: e
-                .audience
-                .clone()
-                .unwrap_or_else(|| MANAGEMENT_AUDIENCE.to_string()),
-            tenants,
-            refetch_interval: std::time::Duration::from_secs(60),
-        },
-        HttpClient::with_system_roots(None)?,
-    ))
+    let http = HttpClient::with_system_roots(None)?;
+    let validator = |server_app_id: String| {
+        Validator::new(
+            ValidatorConfig {
+                authority: authority.clone(),
+                server_app_id,
+                tenants: tenants.clone(),
+                refetch_interval: std::time::Duration::from_secs(60),
+            },
+            http.clone(),
+        )
+    };
+    let arm = if e.allow_arm_audience {
+        arm_audiences_of(cloud)
+            .into_iter()
+            .map(|a| (a.clone(), validator(a)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(EntraCallers {
+        own: validator(audience.clone()),
+        audience: Some(audience),
+        arm,
+    })
+}
+
+/// `[entra] audience`: required, and not Azure Resource Manager's unless the operator accepts
+/// ARM tokens anyway.
+fn management_audience(e: &EntraFile) -> anyhow::Result<String> {
+    let audience = e.audience.as_deref().map(str::trim).unwrap_or_default();
+    if audience.is_empty() {
+        anyhow::bail!(
+            "audience is not set: set it to the management API's own Entra application, its application ID URI or application (client) id, e.g. audience = \"api://clusterconnect-relay\"; clients sign in for it with --relay-audience (CLUSTERCONNECT_RELAY_AUDIENCE)"
+        );
+    }
+    if is_arm_audience(audience) && !e.allow_arm_audience {
+        anyhow::bail!(
+            "audience {audience:?} is Azure Resource Manager's: clients would send this relay tokens that are valid against Azure; set the management API's own application ID URI or client id (e.g. \"api://clusterconnect-relay\"), or allow_arm_audience = true to accept ARM tokens (weaker)"
+        );
+    }
+    Ok(audience.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entra(toml: &str) -> anyhow::Result<EntraCallers> {
+        let file: RelayFile = toml::from_str(toml).expect("toml");
+        management_validator(file.entra.as_ref().expect("[entra]"))
+    }
+
+    const TENANT: &str = "tenants = [\"72f988bf-86f1-41af-91ab-2d7cd011db47\"]\n";
+
+    #[test]
+    fn entra_needs_the_management_apis_own_audience() {
+        let err = entra(&format!("[entra]\n{TENANT}")).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("audience is not set: set it to"),
+            "{err:#}"
+        );
+        let own = entra(&format!(
+            "[entra]\n{TENANT}audience = \"api://clusterconnect-relay\"\n"
+        ))
+        .unwrap();
+        assert_eq!(own.audience.as_deref(), Some("api://clusterconnect-relay"));
+        assert!(own.arm.is_empty());
+        let arm = format!("[entra]\n{TENANT}audience = \"https://management.azure.com\"\n");
+        let err = entra(&arm).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("allow_arm_audience = true"),
+            "{err:#}"
+        );
+        let allowed = entra(&format!(
+            "[entra]\n{TENANT}audience = \"api://clusterconnect-relay\"\nallow_arm_audience = true\n"
+        ))
+        .unwrap();
+        let accepted: Vec<&str> = allowed.arm.iter().map(|(a, _)| a.as_str()).collect();
+        assert!(accepted.contains(&"https://management.core.windows.net/"));
+        assert!(accepted.contains(&"https://management.azure.com"));
+    }
 }

@@ -94,12 +94,18 @@ pub struct RelayFile {
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
-/// audience (default: Azure Resource Manager's, what `az account get-access-token` returns).
+/// audience: the management API's own Entra application (required; checked in `cli::relay`).
+/// Tokens for Azure Resource Manager are refused unless `allow_arm_audience`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntraFile {
     pub tenants: Vec<String>,
+    /// The management API's application ID URI or application (client) id.
     pub audience: Option<String>,
+    /// Also accept tokens for Azure Resource Manager (weaker: clients then send this relay
+    /// credentials that are valid against Azure).
+    #[serde(default)]
+    pub allow_arm_audience: bool,
     pub cloud: Option<String>,
 }
 

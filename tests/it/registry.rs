@@ -11,6 +11,7 @@ use clusterconnect::arm::{ClusterId, ClusterRequest, ConnectivityStatus, Request
 use clusterconnect::entra::http::HttpClient;
 use clusterconnect::entra::validate::{Validator, ValidatorConfig};
 use clusterconnect::entra::{Authority, Cloud};
+use clusterconnect::relay::clusters::{arm_audiences_of, EntraCallers, Registry};
 use clusterconnect::tunnel::sas::SasKey;
 
 use support::check::describe;
@@ -18,8 +19,31 @@ use support::entra::{Entra, TENANT};
 use support::tunnel::{admin_key, static_token, Agent, LocalProxy, Relay, ADMIN_KEY};
 use support::{kubectl_available, kubectl_ok, ApiServer};
 
-const MANAGEMENT: &str = "https://management.core.windows.net/";
+/// The management API's own audience, as `[entra] audience` names it.
+const RELAY_AUDIENCE: &str = "api://clusterconnect-relay";
+/// Azure Resource Manager's, what `az account get-access-token` issues.
+const ARM: &str = "https://management.core.windows.net/";
 const HOUR: Duration = Duration::from_secs(3600);
+
+/// A validator for management callers with tokens for `audience`, trusting the stand-in.
+fn validator(entra: &Entra, audience: &str) -> Validator {
+    let mut authority =
+        Authority::new(Cloud::AzurePublicCloud, Some(&entra.authority_host())).unwrap();
+    authority.graph = entra.authority_host();
+    Validator::new(
+        ValidatorConfig {
+            authority,
+            server_app_id: audience.into(),
+            tenants: vec![TENANT.into()],
+            refetch_interval: Duration::ZERO,
+        },
+        HttpClient::new(
+            entra.client_tls(),
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        ),
+    )
+}
 
 fn client(relay: &Relay, auth: ManagementAuth) -> ManagementClient {
     let http = HttpClient::new(
@@ -59,28 +83,15 @@ fn id(name: &str) -> ClusterId {
 async fn only_owners_and_granted_users_get_a_send_token_and_it_opens_only_their_cluster() {
     let entra = Entra::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut authority =
-        Authority::new(Cloud::AzurePublicCloud, Some(&entra.authority_host())).unwrap();
-    authority.graph = entra.authority_host();
-    let validator = Validator::new(
-        ValidatorConfig {
-            authority,
-            server_app_id: MANAGEMENT.into(),
-            tenants: vec![TENANT.into()],
-            refetch_interval: Duration::ZERO,
-        },
-        HttpClient::new(
-            entra.client_tls(),
-            Duration::from_secs(5),
-            Duration::from_secs(10),
-        ),
-    );
-    let relay =
-        Relay::start_with_registry(&dir.path().join("registry.redb"), Some(validator)).await;
+    let relay = Relay::start_with_registry(
+        &dir.path().join("registry.redb"),
+        Some(validator(&entra, RELAY_AUDIENCE)),
+    )
+    .await;
     let owner_oid = "aaaaaaaa-0000-4000-8000-000000000001";
     let other_oid = "bbbbbbbb-0000-4000-8000-000000000002";
     let token_for =
-        |upn: &str, oid: &str| entra.sign(&entra.user_claims(upn, oid, &[], MANAGEMENT, HOUR));
+        |upn: &str, oid: &str| entra.sign(&entra.user_claims(upn, oid, &[], RELAY_AUDIENCE, HOUR));
     let owner = client(
         &relay,
         ManagementAuth::Entra(static_token(&token_for("owner@contoso.com", owner_oid))),
@@ -329,6 +340,180 @@ async fn proxy_by_name_and_resource_group_reaches_the_cluster_and_status_reports
     };
     let err = clusterconnect::tunnel::http::error_chain(&forged.report().await.unwrap_err());
     assert!(err.contains("InvalidSignature"), "{err}");
+}
+
+/// A token for Azure Resource Manager is an Azure credential: the relay refuses it with a 401
+/// that says which audience to sign in for, and a token for its own audience works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arm_audience_token_is_refused_and_the_relays_own_audience_works() {
+    let entra = Entra::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let callers = EntraCallers {
+        own: validator(&entra, RELAY_AUDIENCE),
+        audience: Some(RELAY_AUDIENCE.into()),
+        arm: Vec::new(),
+    };
+    let registry = Registry::open_with(&dir.path().join("registry.redb"), Some(callers)).unwrap();
+    let relay = InProcessRelay::start(registry).await;
+    let oid = "aaaaaaaa-0000-4000-8000-000000000001";
+    let as_user = |audience: &str| {
+        let token = entra.sign(&entra.user_claims("owner@contoso.com", oid, &[], audience, HOUR));
+        relay.client(ManagementAuth::Entra(static_token(&token)))
+    };
+    let (_, public) = agent_keys();
+    as_user(RELAY_AUDIENCE)
+        .put(&id("prod"), &request(&public))
+        .await
+        .expect("a token for the relay's audience registers");
+
+    for arm in [
+        ARM,
+        "https://management.azure.com",
+        "https://management.usgovcloudapi.net/",
+    ] {
+        let err = as_user(arm).get(&id("prod")).await.unwrap_err();
+        assert_eq!(err.status(), Some(401), "{arm}: {err}");
+        let message = err.to_string();
+        for part in [
+            "InvalidAuthenticationToken",
+            "the token is for Azure Resource Manager",
+            "--relay-audience api://clusterconnect-relay",
+            "allow_arm_audience",
+        ] {
+            assert!(message.contains(part), "{arm}: {part:?} not in {message}");
+        }
+    }
+    // Another application's token: the audience named, no signature work needed to refuse it.
+    let err = as_user("api://some-other-app")
+        .get(&id("prod"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    assert!(
+        err.to_string()
+            .contains("audience api://some-other-app is not this relay's management API"),
+        "{err}"
+    );
+    relay.stop().await;
+}
+
+/// `allow_arm_audience = true`: the operator accepts ARM tokens (weaker), next to its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_audience_tokens_are_accepted_only_when_the_operator_allows_them() {
+    let entra = Entra::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let arm = arm_audiences_of(Cloud::AzurePublicCloud)
+        .into_iter()
+        .map(|a| (a.clone(), validator(&entra, &a)))
+        .collect();
+    let callers = EntraCallers {
+        own: validator(&entra, RELAY_AUDIENCE),
+        audience: Some(RELAY_AUDIENCE.into()),
+        arm,
+    };
+    let registry = Registry::open_with(&dir.path().join("registry.redb"), Some(callers)).unwrap();
+    let relay = InProcessRelay::start(registry).await;
+    let oid = "aaaaaaaa-0000-4000-8000-000000000001";
+    let as_user = |audience: &str| {
+        let token = entra.sign(&entra.user_claims("owner@contoso.com", oid, &[], audience, HOUR));
+        relay.client(ManagementAuth::Entra(static_token(&token)))
+    };
+    let (_, public) = agent_keys();
+    as_user(ARM)
+        .put(&id("prod"), &request(&public))
+        .await
+        .expect("an ARM token registers when allowed");
+    for audience in ["https://management.azure.com", RELAY_AUDIENCE] {
+        let shown = as_user(audience).get(&id("prod")).await.expect(audience);
+        assert_eq!(shown.expect("registered").name, "prod");
+    }
+    // Another cloud's ARM is still not this relay's.
+    let err = as_user("https://management.chinacloudapi.cn/")
+        .get(&id("prod"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    relay.stop().await;
+}
+
+/// A relay serving `registry` in this process, for Entra callers set up beyond what
+/// `Relay::start_with_registry` takes (its own audience and ARM's).
+struct InProcessRelay {
+    address: clusterconnect::tunnel::protocol::RelayAddress,
+    client_tls: std::sync::Arc<rustls::ClientConfig>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessRelay {
+    async fn start(registry: Registry) -> InProcessRelay {
+        use clusterconnect::relay::{RelayConfig, Rule};
+        use clusterconnect::tls::{self, CertificateAuthority};
+        use std::sync::Arc;
+        let ca = CertificateAuthority::generate("test relay CA").expect("CA");
+        let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).expect("leaf");
+        let config = RelayConfig {
+            hostnames: vec![],
+            rules: Arc::new(vec![Rule {
+                name: "admin".into(),
+                key: clusterconnect::secret::Secret::new(ADMIN_KEY),
+                listen: true,
+                send: true,
+                manage: true,
+                entity: None,
+            }]),
+            clusters: Some(Arc::new(registry)),
+            tls: tls::server_config(
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+                &[tls::ALPN_HTTP11],
+            )
+            .expect("tls"),
+            max_connections: 100,
+            stats: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                clusterconnect::relay::run(listener, config, stop)
+                    .await
+                    .expect("relay runs");
+            }
+        });
+        InProcessRelay {
+            address: clusterconnect::tunnel::protocol::RelayAddress::parse(&format!(
+                "wss://127.0.0.1:{}",
+                addr.port()
+            ))
+            .expect("address"),
+            client_tls: tls::client_config_with_roots(
+                tls::roots_from_pem(ca.cert_pem().as_bytes()).expect("roots"),
+                &[],
+            )
+            .expect("client tls"),
+            stop,
+            task,
+        }
+    }
+
+    fn client(&self, auth: ManagementAuth) -> ManagementClient {
+        let http = HttpClient::new(
+            self.client_tls.clone(),
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        );
+        ManagementClient::new(self.address.clone(), http, Some(auth))
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 /// The real relay binary keeps registrations across a restart; `list` and `show` print them

@@ -24,6 +24,7 @@ use super::path::{self, Scope, Target};
 use super::registry::Registry;
 use super::reply::Body;
 use super::report::{self, SignedReport};
+use super::store::Store;
 use crate::arm::ClusterId;
 use crate::relay::rule::FindRule;
 
@@ -40,12 +41,14 @@ enum Path {
     RoleAssignment,
 }
 
+/// Handlers block (they read and write the store): they run on one of the registry's
+/// blocking workers, after authentication and with the whole body.
 enum Handler {
-    List(fn(&Call<'_>, &Scope) -> Reply),
-    Cluster(fn(&Call<'_>, &ClusterId) -> Reply),
-    RoleAssignment(fn(&Call<'_>, &ClusterId, &str) -> Reply),
+    List(fn(&Call, &Scope) -> Reply),
+    Cluster(fn(&Call, &ClusterId) -> Reply),
+    RoleAssignment(fn(&Call, &ClusterId, &str) -> Reply),
     /// Authenticated by its signature, not by a caller's credential.
-    AgentReport(fn(&Registry, &ClusterId, &SignedReport<'_>) -> Reply),
+    AgentReport(fn(&Store, &ClusterId, &SignedReport<'_>) -> Reply),
 }
 
 struct Route {
@@ -144,29 +147,39 @@ async fn serve(
     if let (Some(Handler::AgentReport(report)), Target::Action(id, _)) =
         (route.map(|r| &r.handler), &target)
     {
+        let (report, id) = (*report, id.clone());
         let body = read_body(body, MAX_REPORT).await?;
-        let signed = SignedReport {
-            path: parts.uri.path(),
-            headers: &parts.headers,
-            body: &body,
-        };
-        return report(registry, id, &signed);
+        return registry
+            .blocking(move |store| {
+                let signed = SignedReport {
+                    path: parts.uri.path(),
+                    headers: &parts.headers,
+                    body: &body,
+                };
+                report(&store, &id, &signed)
+            })
+            .await?;
     }
     let caller = authenticate(registry, rule, hosts, &parts.headers).await?;
     let body = read_body(body, MAX_BODY).await?;
-    let call = Call {
-        registry,
-        caller: &caller,
-        relay_host,
-        body: &body,
+    let Some(route) = route else {
+        return Err(ApiError::MethodNotAllowed(parts.method));
     };
-    match route {
-        Some(route) => dispatch(&route.handler, &call, &target, parts.method),
-        None => Err(ApiError::MethodNotAllowed(parts.method)),
-    }
+    let relay_host = relay_host.map(str::to_string);
+    registry
+        .blocking(move |store| {
+            let call = Call {
+                store,
+                caller,
+                relay_host,
+                body,
+            };
+            dispatch(&route.handler, &call, &target, parts.method)
+        })
+        .await?
 }
 
-fn dispatch(handler: &Handler, call: &Call<'_>, target: &Target, method: Method) -> Reply {
+fn dispatch(handler: &Handler, call: &Call, target: &Target, method: Method) -> Reply {
     match (handler, target) {
         (Handler::List(f), Target::List(scope)) => f(call, scope),
         (Handler::Cluster(f), Target::Cluster(id) | Target::Action(id, _)) => f(call, id),

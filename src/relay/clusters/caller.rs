@@ -1,10 +1,17 @@
 //! Who is calling the management API: an administrator holding a SAS key with the Manage
 //! right, or an Entra principal (validated exactly as the agent validates users).
+//!
+//! Entra tokens must be for the management API's own audience (`[entra] audience`). A token
+//! for Azure Resource Manager is refused unless the operator opted in (`allow_arm_audience`):
+//! a client sending one to a self-hosted relay hands it a credential it could replay against
+//! Azure.
 
+use base64::Engine;
 use http::HeaderMap;
 
 use super::registry::Registry;
-use crate::entra::validate::Rejected;
+use crate::entra::validate::{Rejected, Validator};
+use crate::entra::Cloud;
 use crate::relay::auth::{authorize, Right};
 use crate::relay::rule::FindRule;
 use crate::tunnel::sas::{unix_now, SasError, SasToken};
@@ -40,6 +47,134 @@ impl Caller {
     }
 }
 
+/// Azure Resource Manager's token audiences in every cloud (with or without the trailing
+/// slash), and the Azure Service Management application's id. Tokens for these are Azure
+/// credentials, not this relay's.
+pub const ARM_AUDIENCES: &[&str] = &[
+    "https://management.core.windows.net/",
+    "https://management.azure.com/",
+    "https://management.core.usgovcloudapi.net/",
+    "https://management.usgovcloudapi.net/",
+    "https://management.core.chinacloudapi.cn/",
+    "https://management.chinacloudapi.cn/",
+    "https://management.core.cloudapi.de/",
+    "https://management.microsoftazure.de/",
+    "797f4846-ba00-4fd7-ba43-dac1f8f63013",
+];
+
+/// Whether `audience` is Azure Resource Manager's (in any cloud).
+pub fn is_arm_audience(audience: &str) -> bool {
+    let audience = audience.trim().trim_end_matches('/');
+    ARM_AUDIENCES
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(audience))
+}
+
+/// The audiences a token for ARM in `cloud` carries: what `allow_arm_audience` accepts.
+pub fn arm_audiences_of(cloud: Cloud) -> Vec<String> {
+    let hosts: [&str; 2] = match cloud {
+        Cloud::AzurePublicCloud => ["management.core.windows.net", "management.azure.com"],
+        Cloud::AzureUSGovernmentCloud => [
+            "management.core.usgovcloudapi.net",
+            "management.usgovcloudapi.net",
+        ],
+        Cloud::AzureChinaCloud => [
+            "management.core.chinacloudapi.cn",
+            "management.chinacloudapi.cn",
+        ],
+    };
+    hosts
+        .iter()
+        .flat_map(|h| [format!("https://{h}/"), format!("https://{h}")])
+        .collect()
+}
+
+/// Who may call the management API with an Entra token.
+pub struct EntraCallers {
+    /// Validates tokens for the management API's own audience.
+    pub own: Validator,
+    /// That audience, as configured; names it in refusals, and refuses tokens for another
+    /// audience before any signature check.
+    pub audience: Option<String>,
+    /// Only with `allow_arm_audience`: a validator for each of ARM's audiences in the relay's
+    /// cloud, by the audience it accepts.
+    pub arm: Vec<(String, Validator)>,
+}
+
+impl From<Validator> for EntraCallers {
+    /// Tokens for `own`'s audience only.
+    fn from(own: Validator) -> EntraCallers {
+        EntraCallers {
+            own,
+            audience: None,
+            arm: Vec::new(),
+        }
+    }
+}
+
+impl EntraCallers {
+    /// The validator for a token whose (unverified) audiences are `audiences`; a refusal when
+    /// it is not for this management API.
+    fn validator_for(&self, audiences: &[String]) -> Result<&Validator, AuthError> {
+        let want = || {
+            self.audience
+                .clone()
+                .unwrap_or_else(|| "the relay's [entra] audience".into())
+        };
+        if let Some(arm) = audiences.iter().find(|a| is_arm_audience(a)) {
+            return self
+                .arm
+                .iter()
+                .find(|(a, _)| a == arm)
+                .map(|(_, v)| v)
+                .ok_or_else(|| AuthError::ArmAudience {
+                    got: arm.clone(),
+                    want: want(),
+                });
+        }
+        if let (Some(own), [got, ..]) = (&self.audience, audiences) {
+            let id = own.trim_start_matches("api://");
+            let ours = |a: &String| a == id || a.strip_prefix("api://") == Some(id);
+            if !audiences.iter().any(ours) {
+                return Err(AuthError::Audience {
+                    got: got.chars().take(200).collect(),
+                    want: want(),
+                });
+            }
+        }
+        Ok(&self.own)
+    }
+}
+
+/// The `aud` claim(s) of a JWT, unverified: only to pick a validator or refuse early; the
+/// validator checks the signature and the audience again. Empty when there is none to read.
+fn unverified_audiences(token: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        aud: Option<Aud>,
+    }
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice::<Claims>(&b).ok());
+    match claims.and_then(|c| c.aud) {
+        Some(Aud::One(a)) => vec![a],
+        Some(Aud::Many(a)) => a,
+        None => Vec::new(),
+    }
+}
+
 /// Why a caller is not let in; every one is a 401.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -47,6 +182,10 @@ pub enum AuthError {
     NoAuthorization,
     #[error("this relay accepts no Entra ID tokens (no [entra] in its config); use a Manage key")]
     NoEntra,
+    #[error("the token is for Azure Resource Manager ({got}), not for this relay, which does not take Azure credentials: sign in for the relay's management API with --relay-audience {want} (or CLUSTERCONNECT_RELAY_AUDIENCE); the relay's operator may accept ARM tokens with allow_arm_audience = true in [entra], which is weaker")]
+    ArmAudience { got: String, want: String },
+    #[error("the token's audience {got} is not this relay's management API; sign in with --relay-audience {want} (CLUSTERCONNECT_RELAY_AUDIENCE)")]
+    Audience { got: String, want: String },
     #[error("Entra token rejected")]
     EntraToken(#[source] Rejected),
     #[error("SAS token refused")]
@@ -57,7 +196,9 @@ impl AuthError {
     /// ARM's error code for it.
     pub fn code(&self) -> &'static str {
         match self {
-            AuthError::EntraToken(_) => "InvalidAuthenticationToken",
+            AuthError::EntraToken(_)
+            | AuthError::ArmAudience { .. }
+            | AuthError::Audience { .. } => "InvalidAuthenticationToken",
             _ => "AuthenticationFailed",
         }
     }
@@ -87,7 +228,8 @@ pub async fn authenticate(
 }
 
 async fn entra_caller(registry: &Registry, token: &str) -> Result<Caller, AuthError> {
-    let validator = registry.entra.as_ref().ok_or(AuthError::NoEntra)?;
+    let entra = registry.entra.as_ref().ok_or(AuthError::NoEntra)?;
+    let validator = entra.validator_for(&unverified_audiences(token))?;
     let identity = validator
         .validate(token)
         .await
@@ -96,4 +238,46 @@ async fn entra_caller(registry: &Registry, token: &str) -> Result<Caller, AuthEr
         name: identity.username().to_string(),
         object_id: identity.object_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arm_audiences_are_known_in_every_cloud_and_spelling() {
+        for aud in [
+            "https://management.core.windows.net/",
+            "https://management.core.windows.net",
+            "https://MANAGEMENT.azure.com/",
+            "https://management.usgovcloudapi.net",
+            "https://management.chinacloudapi.cn/",
+            "797f4846-ba00-4fd7-ba43-dac1f8f63013",
+        ] {
+            assert!(is_arm_audience(aud), "{aud}");
+        }
+        for aud in [
+            "api://clusterconnect-relay",
+            "https://management.example.com/",
+            "6256c85f-0aad-4d50-b960-e6e9b21efe35",
+        ] {
+            assert!(!is_arm_audience(aud), "{aud}");
+        }
+        assert!(arm_audiences_of(Cloud::AzurePublicCloud)
+            .iter()
+            .all(|a| is_arm_audience(a)));
+    }
+
+    #[test]
+    fn a_tokens_audience_is_read_without_verifying_it() {
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let token = |claims: &str| format!("{}.{}.sig", b64("{}"), b64(claims));
+        assert_eq!(unverified_audiences(&token(r#"{"aud":"a"}"#)), ["a"]);
+        assert_eq!(
+            unverified_audiences(&token(r#"{"aud":["a","b"]}"#)),
+            ["a", "b"]
+        );
+        assert!(unverified_audiences(&token("{}")).is_empty());
+        assert!(unverified_audiences("not a jwt").is_empty());
+    }
 }

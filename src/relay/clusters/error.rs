@@ -56,6 +56,10 @@ pub enum ApiError {
     RelayAddress(AddressError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the cluster registry is busy (no worker free within {}s); retry", .0.as_secs())]
+    Busy(std::time::Duration),
+    #[error("the cluster registry's worker failed")]
+    Worker(#[source] tokio::task::JoinError),
 }
 
 /// Why an agent's status report is refused. All are the same 401, so the endpoint does not
@@ -107,7 +111,8 @@ impl ApiError {
             NotFound { .. } => (StatusCode::NOT_FOUND, "ResourceNotFound"),
             Expired(_) => (StatusCode::CONFLICT, "ClusterExpired"),
             NoHost | RelayAddress(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
-            Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
+            Store(_) | Worker(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
+            Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
         }
     }
 

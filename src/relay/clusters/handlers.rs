@@ -1,5 +1,6 @@
 //! The management API's handlers for authenticated callers: one function per method and
-//! path, each given the caller and the whole (bounded) body.
+//! path, each given the caller and the whole (bounded) body. They read and write the store,
+//! so they block: `api` runs them on a blocking worker.
 
 use std::time::Duration;
 
@@ -11,9 +12,8 @@ use serde_json::json;
 use super::caller::Caller;
 use super::error::ApiError;
 use super::path::Scope;
-use super::registry::Registry;
 use super::reply::{self, Body};
-use super::store::{Change, Record};
+use super::store::{Change, Record, Store};
 use super::view::{present, rfc3339, status_of};
 use crate::arm::{
     agent_key, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, ConnectivityStatus,
@@ -27,49 +27,48 @@ use crate::tunnel::sas::{unix_now, SasKey};
 /// Lifetime of the Send tokens `listClusterUserCredential` mints.
 pub const USER_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
-/// One authenticated request.
-pub struct Call<'a> {
-    pub registry: &'a Registry,
-    pub caller: &'a Caller,
+/// One authenticated request, owned, so it can move to a blocking worker.
+pub struct Call {
+    pub store: Store,
+    pub caller: Caller,
     /// The `host[:port]` clients should use for this relay.
-    pub relay_host: Option<&'a str>,
-    pub body: &'a Bytes,
+    pub relay_host: Option<String>,
+    pub body: Bytes,
 }
 
 pub type Reply = Result<Response<Body>, ApiError>;
 
 /// `GET .../connectedClusters`: the clusters in scope the caller has a role on.
-pub fn list(call: &Call<'_>, scope: &Scope) -> Reply {
+pub fn list(call: &Call, scope: &Scope) -> Reply {
     let prefix = scope.prefix();
     let value: Vec<ConnectedCluster> = call
-        .registry
         .store
         .all()?
         .into_iter()
         .filter(|r| r.resource.id.to_ascii_lowercase().starts_with(&prefix))
-        .filter(|r| may_read(call.caller, r))
+        .filter(|r| may_read(&call.caller, r))
         .map(|r| present(&r))
         .collect();
     Ok(reply::json(StatusCode::OK, &json!({ "value": value })))
 }
 
 /// `GET .../{name}`.
-pub fn show(call: &Call<'_>, id: &ClusterId) -> Reply {
+pub fn show(call: &Call, id: &ClusterId) -> Reply {
     let record = readable(call, id)?;
     Ok(reply::json(StatusCode::OK, &present(&record)))
 }
 
 /// `PUT .../{name}`: registers a cluster (201) or updates the caller's own registration (200).
-pub fn put(call: &Call<'_>, id: &ClusterId) -> Reply {
+pub fn put(call: &Call, id: &ClusterId) -> Reply {
     let request: ClusterRequest =
-        serde_json::from_slice(call.body).map_err(ApiError::ClusterBody)?;
+        serde_json::from_slice(&call.body).map_err(ApiError::ClusterBody)?;
     if request.location.trim().is_empty() {
         return Err(ApiError::LocationRequired);
     }
     agent_key(&request.properties.agent_public_key_certificate).map_err(ApiError::AgentKey)?;
-    let caller = call.caller;
+    let caller = &call.caller;
     let now = rfc3339(unix_now());
-    let (record, created) = call.registry.store.update(&id.key(), |current| {
+    let (record, created) = call.store.update(&id.key(), |current| {
         let (record, created) = match current {
             Some(mut record) => {
                 owner(caller, &record, id)?;
@@ -90,17 +89,14 @@ pub fn put(call: &Call<'_>, id: &ClusterId) -> Reply {
 }
 
 /// `DELETE .../{name}`: 200 when there was a registration, 204 when there was none.
-pub fn delete(call: &Call<'_>, id: &ClusterId) -> Reply {
-    let deleted = call
-        .registry
-        .store
-        .update(&id.key(), |current| match current {
-            None => Ok((Change::Keep, false)),
-            Some(record) => {
-                owner(call.caller, &record, id)?;
-                Ok::<_, ApiError>((Change::Delete, true))
-            }
-        })?;
+pub fn delete(call: &Call, id: &ClusterId) -> Reply {
+    let deleted = call.store.update(&id.key(), |current| match current {
+        None => Ok((Change::Keep, false)),
+        Some(record) => {
+            owner(&call.caller, &record, id)?;
+            Ok::<_, ApiError>((Change::Delete, true))
+        }
+    })?;
     if deleted {
         tracing::info!(cluster = %id.path(), by = call.caller.display_name(), "cluster registration deleted");
     }
@@ -108,12 +104,12 @@ pub fn delete(call: &Call<'_>, id: &ClusterId) -> Reply {
 }
 
 /// `POST .../{name}/listClusterUserCredential`: a Send token for that cluster only.
-pub fn list_user_credential(call: &Call<'_>, id: &ClusterId) -> Reply {
+pub fn list_user_credential(call: &Call, id: &ClusterId) -> Reply {
     let record = readable(call, id)?;
     if status_of(&record) == ConnectivityStatus::Expired {
         return Err(ApiError::Expired(id.name.clone()));
     }
-    let relay = relay_address(call.relay_host)?;
+    let relay = relay_address(call.relay_host.as_deref())?;
     let key = SasKey {
         name: format!("{}-send", record.hybrid_connection),
         key: Secret::new(record.send_key.clone()),
@@ -136,10 +132,10 @@ pub fn list_user_credential(call: &Call<'_>, id: &ClusterId) -> Reply {
 }
 
 /// `POST .../{name}/listAgentCredential` (owners): the agent's Listen key, for the installer.
-pub fn list_agent_credential(call: &Call<'_>, id: &ClusterId) -> Reply {
-    let record = existing(call.registry, id)?;
-    owner(call.caller, &record, id)?;
-    let relay = relay_address(call.relay_host)?;
+pub fn list_agent_credential(call: &Call, id: &ClusterId) -> Reply {
+    let record = existing(&call.store, id)?;
+    owner(&call.caller, &record, id)?;
+    let relay = relay_address(call.relay_host.as_deref())?;
     let credential = AgentCredential {
         relay: format!("wss://{}", relay.authority()),
         hybrid_connection_name: record.hybrid_connection.clone(),
@@ -166,9 +162,9 @@ struct AssignmentProperties {
 
 /// `PUT .../{name}/providers/Microsoft.Authorization/roleAssignments/{id}` (owners): grants
 /// the cluster user role.
-pub fn grant_role(call: &Call<'_>, id: &ClusterId, assignment: &str) -> Reply {
+pub fn grant_role(call: &Call, id: &ClusterId, assignment: &str) -> Reply {
     let request: Assignment =
-        serde_json::from_slice(call.body).map_err(ApiError::AssignmentBody)?;
+        serde_json::from_slice(&call.body).map_err(ApiError::AssignmentBody)?;
     let role = request
         .properties
         .role_definition_id
@@ -179,9 +175,9 @@ pub fn grant_role(call: &Call<'_>, id: &ClusterId, assignment: &str) -> Reply {
         return Err(ApiError::RoleNotAssignable);
     }
     let principal = request.properties.principal_id.to_ascii_lowercase();
-    call.registry.store.update(&id.key(), |current| {
+    call.store.update(&id.key(), |current| {
         let mut record = current.ok_or_else(|| ApiError::not_found(id))?;
-        owner(call.caller, &record, id)?;
+        owner(&call.caller, &record, id)?;
         record
             .assignments
             .insert(assignment.to_string(), principal.clone());
@@ -199,10 +195,10 @@ pub fn grant_role(call: &Call<'_>, id: &ClusterId, assignment: &str) -> Reply {
 }
 
 /// `DELETE .../roleAssignments/{id}` (owners): 200 when it existed, 204 when it did not.
-pub fn revoke_role(call: &Call<'_>, id: &ClusterId, assignment: &str) -> Reply {
-    let removed = call.registry.store.update(&id.key(), |current| {
+pub fn revoke_role(call: &Call, id: &ClusterId, assignment: &str) -> Reply {
+    let removed = call.store.update(&id.key(), |current| {
         let mut record = current.ok_or_else(|| ApiError::not_found(id))?;
-        owner(call.caller, &record, id)?;
+        owner(&call.caller, &record, id)?;
         let removed = record.assignments.remove(assignment);
         Ok::<_, ApiError>((Change::Put(Box::new(record)), removed))
     })?;
@@ -315,16 +311,13 @@ fn owner(caller: &Caller, record: &Record, id: &ClusterId) -> Result<(), ApiErro
     }
 }
 
-fn existing(registry: &Registry, id: &ClusterId) -> Result<Record, ApiError> {
-    registry
-        .store
-        .get(&id.key())?
-        .ok_or_else(|| ApiError::not_found(id))
+fn existing(store: &Store, id: &ClusterId) -> Result<Record, ApiError> {
+    store.get(&id.key())?.ok_or_else(|| ApiError::not_found(id))
 }
 
-fn readable(call: &Call<'_>, id: &ClusterId) -> Result<Record, ApiError> {
-    let record = existing(call.registry, id)?;
-    if !may_read(call.caller, &record) {
+fn readable(call: &Call, id: &ClusterId) -> Result<Record, ApiError> {
+    let record = existing(&call.store, id)?;
+    if !may_read(&call.caller, &record) {
         return Err(ApiError::NoRole {
             caller: call.caller.display_name().to_string(),
             cluster: id.path(),

@@ -18,7 +18,7 @@ mod store;
 mod view;
 
 pub(crate) use api::handle;
-pub use caller::Caller;
+pub use caller::{arm_audiences_of, is_arm_audience, Caller, EntraCallers, ARM_AUDIENCES};
 pub use handlers::USER_TOKEN_TTL;
 pub use registry::Registry;
 pub use store::{Record, StoreError};

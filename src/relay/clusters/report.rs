@@ -1,5 +1,7 @@
 //! `POST .../{name}/agentStatus`: the agent's heartbeat, authenticated by its signature over
-//! timestamp, path and body with the key registered for the cluster.
+//! timestamp, path and body with the key registered for the cluster. The signature is checked
+//! before the write transaction begins, so an unauthenticated report never writes and never
+//! holds up the registry's writers while a signature is verified.
 
 use std::time::Duration;
 
@@ -7,9 +9,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 
 use super::error::{ApiError, ReportRefusal};
-use super::registry::Registry;
 use super::reply::{self, Body};
-use super::store::{Change, Record};
+use super::store::{Change, Record, Store};
 use crate::arm::{
     agent_key, signed_message, AgentStatus, ClusterId, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
@@ -26,9 +27,10 @@ pub struct SignedReport<'a> {
 }
 
 /// Verifies and records an agent's status report. Every refusal is the same 401, so the
-/// endpoint does not tell an unauthenticated caller which clusters exist.
+/// endpoint does not tell an unauthenticated caller which clusters exist. Blocks (a read, then
+/// a write transaction): called on a blocking worker.
 pub fn agent_status(
-    registry: &Registry,
+    store: &Store,
     id: &ClusterId,
     report: &SignedReport<'_>,
 ) -> Result<Response<Body>, ApiError> {
@@ -39,17 +41,22 @@ pub fn agent_status(
     }
     let status: AgentStatus = serde_json::from_slice(report.body).map_err(ApiError::StatusBody)?;
     let message = signed_message(timestamp, report.path, report.body);
-    registry
-        .store
-        .update::<(), ApiError>(&id.key(), |current| {
-            let mut record = current.ok_or(ReportRefusal::NotVerified)?;
-            verify(&record, &message, &signature)?;
-            if timestamp <= record.last_report_timestamp {
-                return Err(ReportRefusal::Replay.into());
-            }
-            record_report(&mut record, status, now, timestamp);
-            Ok((Change::Put(Box::new(record)), ()))
-        })?;
+    let key = id.key();
+    let registered = store.get(&key)?.ok_or(ReportRefusal::NotVerified)?;
+    verify(&registered, &message, &signature)?;
+    let verified_with = registered.resource.properties.agent_public_key_certificate;
+    store.update::<(), ApiError>(&key, |current| {
+        let mut record = current.ok_or(ReportRefusal::NotVerified)?;
+        // Re-registered with another key since the check: this report proves nothing now.
+        if record.resource.properties.agent_public_key_certificate != verified_with {
+            return Err(ReportRefusal::NotVerified.into());
+        }
+        if timestamp <= record.last_report_timestamp {
+            return Err(ReportRefusal::Replay.into());
+        }
+        record_report(&mut record, status, now, timestamp);
+        Ok((Change::Put(Box::new(record)), ()))
+    })?;
     Ok(reply::empty(StatusCode::NO_CONTENT))
 }
 

@@ -1,10 +1,14 @@
 //! The relay's registry of connected clusters, in one redb file: every change is a committed,
 //! fsynced transaction, so a crash never loses a registration. Each cluster also has its own
 //! Listen and Send keys; the relay's authorization consults them next to its static rules.
+//!
+//! Every method but [`Store::rule`] does file I/O and blocks: the management API calls them
+//! from a blocking worker (see `api`), never on a runtime thread. [`Store::rule`] is the relay's
+//! hot path and only takes a read lock on the in-memory rules, which no file I/O holds.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,22 @@ pub enum StoreError {
         #[source]
         source: redb::DatabaseError,
     },
+    #[error("cluster registry {}: cannot create it", .path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster registry {}: cannot open the file", .path.display())]
+    OpenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster registry {} is a symbolic link; the registry holds every cluster's keys, so it is opened only as a regular file: point registry_file at the link's target instead", .path.display())]
+    Symlink { path: PathBuf },
+    #[error("cluster registry {} is not a regular file", .path.display())]
+    NotAFile { path: PathBuf },
     #[error("cluster registry {}: cannot make it private", .path.display())]
     MakePrivate {
         path: PathBuf,
@@ -112,40 +132,58 @@ pub enum Change {
     Delete,
 }
 
+/// Cheap to clone: the handle a blocking worker takes with it.
+#[derive(Clone)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Database,
-    /// The clusters' rules by name, kept in step with the file for the hot path.
+    /// The clusters' rules by name, kept in step with the file for the hot path. Written only
+    /// after a commit, for as long as it takes to swap a few entries.
     rules: RwLock<HashMap<String, Rule>>,
+    /// One writer at a time from transaction to rules update, so two changes cannot apply their
+    /// rules out of commit order. redb serializes write transactions anyway, so it only makes
+    /// the wait for the previous writer explicit; readers never take it.
+    writer: Mutex<()>,
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        let file = open_file(path)?;
+        let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
-        })?;
-        make_private(path)?;
+        };
+        let backend = redb::backends::FileBackend::new(file).map_err(open_error)?;
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(open_error)?;
         let txn = db.begin_write().map_err(StoreError::Begin)?;
         txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         txn.commit().map_err(StoreError::Commit)?;
         let store = Store {
-            db,
-            rules: RwLock::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                db,
+                rules: RwLock::new(HashMap::new()),
+                writer: Mutex::new(()),
+            }),
         };
         let all = store.all()?;
-        let mut rules = store.rules.write().unwrap_or_else(|p| p.into_inner());
-        for record in &all {
-            for rule in record.rules() {
-                rules.insert(rule.name.clone(), rule);
-            }
-        }
-        drop(rules);
+        let rules = all
+            .iter()
+            .flat_map(Record::rules)
+            .map(|rule| (rule.name.clone(), rule))
+            .collect();
+        *store.inner.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
         tracing::info!(path = %path.display(), clusters = all.len(), "cluster registry open");
         Ok(store)
     }
 
     pub fn rule(&self, name: &str) -> Option<Rule> {
-        self.rules
+        self.inner
+            .rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
@@ -153,7 +191,7 @@ impl Store {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::Begin)?;
+        let txn = self.inner.db.begin_read().map_err(StoreError::Begin)?;
         let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         let Some(value) = table.get(key).map_err(StoreError::Read)? else {
             return Ok(None);
@@ -162,7 +200,7 @@ impl Store {
     }
 
     pub fn all(&self) -> Result<Vec<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::Begin)?;
+        let txn = self.inner.db.begin_read().map_err(StoreError::Begin)?;
         let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(StoreError::Scan)? {
@@ -174,15 +212,15 @@ impl Store {
 
     /// Reads, changes and writes one registration in a single write transaction, so
     /// concurrent changes (a role grant, a heartbeat, a delete) cannot undo each other. `f`
-    /// sees the current record and decides; an `Err` from it changes nothing.
+    /// sees the current record and decides; an `Err` from it changes nothing. Blocks on the
+    /// commit's fsync: call it from a blocking worker.
     pub fn update<R, E: From<StoreError>>(
         &self,
         key: &str,
         f: impl FnOnce(Option<Record>) -> Result<(Change, R), E>,
     ) -> Result<R, E> {
-        // Writers are serialized with the rules cache, so the cache never lags the file.
-        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::Begin)?;
+        let _writer = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.inner.db.begin_write().map_err(StoreError::Begin)?;
         let (before, change, result) = {
             let mut table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
             let before = match table.get(key).map_err(StoreError::Read)? {
@@ -194,34 +232,97 @@ impl Store {
             (before, change, result)
         };
         txn.commit().map_err(StoreError::Commit)?;
+        // Committed: now the rules follow, under the write lock only for the swap. Between
+        // the two, a lookup sees the rules as they were before this change.
         if !matches!(change, Change::Keep) {
+            let mut rules = self.inner.rules.write().unwrap_or_else(|p| p.into_inner());
             for rule in before.iter().flat_map(Record::rules) {
                 rules.remove(&rule.name);
             }
-        }
-        if let Change::Put(record) = &change {
-            for rule in record.rules() {
-                rules.insert(rule.name.clone(), rule);
+            if let Change::Put(record) = &change {
+                for rule in record.rules() {
+                    rules.insert(rule.name.clone(), rule);
+                }
             }
         }
         Ok(result)
     }
 }
 
-/// Every cluster's keys are in the file: readable by the relay's user only.
-fn make_private(path: &Path) -> Result<(), StoreError> {
+/// The registry file, opened read-write and never through a symlink. A missing file is
+/// created 0600 with `O_CREAT|O_EXCL|O_NOFOLLOW`, so it is never readable by others, not even
+/// for a moment, and nothing planted at the name is written through; an existing regular file
+/// is opened as it is and made private, as every cluster's keys are in it. redb then takes the
+/// file (and its lock) from here.
+fn open_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC);
+    }
+    match options.clone().create_new(true).open(path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(StoreError::Create {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let refuse = |meta: &std::fs::Metadata| {
+        if meta.file_type().is_symlink() {
+            Err(StoreError::Symlink {
+                path: path.to_path_buf(),
+            })
+        } else if !meta.is_file() {
+            Err(StoreError::NotAFile {
+                path: path.to_path_buf(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let open_error = |source: std::io::Error| StoreError::OpenFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        refuse(&meta)?;
+    }
+    // O_NOFOLLOW makes a symlink swapped in since the check fail here (ELOOP).
+    let file = options.open(path).map_err(|source| {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            StoreError::Symlink {
+                path: path.to_path_buf(),
+            }
+        } else {
+            open_error(source)
+        }
+    })?;
+    refuse(&file.metadata().map_err(open_error)?)?;
+    make_private(&file, path)?;
+    Ok(file)
+}
+
+/// An existing file keeps its contents but not a looser mode: the handle is chmod'ed, not the
+/// path, so no link is followed.
+fn make_private(file: &std::fs::File, path: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| StoreError::MakePrivate {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| StoreError::MakePrivate {
                 path: path.to_path_buf(),
                 source,
-            },
-        )?;
+            })?;
     }
     #[cfg(not(unix))]
-    let _ = path;
+    let _ = (file, path);
     Ok(())
 }
 
@@ -247,4 +348,78 @@ fn write(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_registry_file_is_created_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        // Reopened as it is: same file, still private.
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_file_is_opened_and_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        drop(Store::open(&path).unwrap());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_at_the_path_is_refused_and_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        // A dangling link: following it would create the target.
+        let target = dir.path().join("elsewhere.redb");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = Store::open(&path).err().expect("a symlink is refused");
+        assert!(matches!(err, StoreError::Symlink { .. }), "{err:?}");
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        assert!(!target.exists(), "the link was followed");
+        // A link to an existing registry is refused too, and the target left alone.
+        drop(Store::open(&target).unwrap());
+        assert!(matches!(
+            Store::open(&path).err(),
+            Some(StoreError::Symlink { .. })
+        ));
+    }
+
+    #[test]
+    fn a_directory_at_the_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("a directory is refused");
+        assert!(
+            matches!(
+                err,
+                StoreError::NotAFile { .. } | StoreError::OpenFile { .. }
+            ),
+            "{err:?}"
+        );
+    }
 }
