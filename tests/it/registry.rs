@@ -453,7 +453,9 @@ impl InProcessRelay {
         let ca = CertificateAuthority::generate("test relay CA").expect("CA");
         let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).expect("leaf");
         let config = RelayConfig {
-            hostnames: vec![],
+            hostnames: vec!["127.0.0.1".into(), "localhost".into()],
+            public_port: None,
+            limits: Default::default(),
             rules: Arc::new(vec![Rule {
                 name: "admin".into(),
                 key: clusterconnect::secret::Secret::new(ADMIN_KEY),

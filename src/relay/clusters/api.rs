@@ -160,7 +160,7 @@ async fn serve(
             })
             .await?;
     }
-    let caller = authenticate(registry, rule, hosts, &parts.headers).await?;
+    let caller = authenticate(registry.entra.as_ref(), rule, hosts, &parts.headers).await?;
     let body = read_body(body, MAX_BODY).await?;
     let Some(route) = route else {
         return Err(ApiError::MethodNotAllowed(parts.method));

@@ -9,7 +9,6 @@
 use base64::Engine;
 use http::HeaderMap;
 
-use super::registry::Registry;
 use crate::entra::validate::{Rejected, Validator};
 use crate::entra::Cloud;
 use crate::relay::auth::{authorize, Right};
@@ -206,7 +205,7 @@ impl AuthError {
 
 /// The caller, from the request's headers alone (no body is read before this).
 pub async fn authenticate(
-    registry: &Registry,
+    entra: Option<&EntraCallers>,
     rule: &FindRule<'_>,
     hosts: &[String],
     headers: &HeaderMap,
@@ -217,7 +216,7 @@ pub async fn authenticate(
         .ok_or(AuthError::NoAuthorization)?;
     let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
     if scheme.eq_ignore_ascii_case("bearer") {
-        return entra_caller(registry, credential.trim()).await;
+        return entra_caller(entra, credential.trim()).await;
     }
     // A SAS token for the relay's root with a Manage rule.
     authorize(rule, hosts, value, "", Right::Manage, unix_now()).map_err(AuthError::SasToken)?;
@@ -227,8 +226,8 @@ pub async fn authenticate(
     Ok(Caller::Admin { rule })
 }
 
-async fn entra_caller(registry: &Registry, token: &str) -> Result<Caller, AuthError> {
-    let entra = registry.entra.as_ref().ok_or(AuthError::NoEntra)?;
+async fn entra_caller(entra: Option<&EntraCallers>, token: &str) -> Result<Caller, AuthError> {
+    let entra = entra.ok_or(AuthError::NoEntra)?;
     let validator = entra.validator_for(&unverified_audiences(token))?;
     let identity = validator
         .validate(token)
