@@ -58,22 +58,8 @@ pub async fn run(
         };
         let ended = match dialed {
             Ok(ws) => {
-                shared.listening.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(listener = index, relay = %config.relay.authority(), connection = %config.entity, "listening");
-                let connected_at = Instant::now();
-                let ended = listen(ws, &config, &shared, &tasks, &shutdown).await;
-                shared.listening.fetch_sub(1, Ordering::Relaxed);
-                let up_for = connected_at.elapsed();
-                backoff.connection_ended(up_for);
-                match ended {
-                    // A token that lapsed on a channel that never proved stable (a clock far
-                    // off, a relay capping lifetimes below ours) is backed off from like any
-                    // other failure rather than retried in a tight loop.
-                    Ended::TokenLapsed if up_for < STABLE_AFTER => {
-                        Ended::Lost("the relay closed the channel for an expired token".into())
-                    }
-                    other => other,
-                }
+                listen_counted(ws, &config, &shared, &tasks, &shutdown, &mut backoff).await
             }
             Err(e) if e.is_auth() => {
                 return Err(AgentError::Rejected {
@@ -101,6 +87,33 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// One connected control channel, counted in `/readyz`, until it ends; how long it stayed
+/// up decides the next back-off.
+async fn listen_counted(
+    ws: RelayStream,
+    config: &Arc<AgentConfig>,
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Ended {
+    shared.listening.fetch_add(1, Ordering::Relaxed);
+    let connected_at = Instant::now();
+    let ended = listen(ws, config, shared, tasks, shutdown).await;
+    shared.listening.fetch_sub(1, Ordering::Relaxed);
+    let up_for = connected_at.elapsed();
+    backoff.connection_ended(up_for);
+    match ended {
+        // A token that lapsed on a channel that never proved stable (a clock far off, a relay
+        // capping lifetimes below ours) is backed off from like any other failure rather than
+        // retried in a tight loop.
+        Ended::TokenLapsed if up_for < STABLE_AFTER => {
+            Ended::Lost("the relay closed the channel for an expired token".into())
+        }
+        other => other,
     }
 }
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 
 use super::pool::{Pool, SendBody, TunnelError};
 use super::watch_end::EndCleanly;
@@ -208,6 +209,35 @@ fn headline(name: &str, e: &RouteError) -> String {
     }
 }
 
+/// The tunnel's answer, for kubectl: an upgrade spliced, a refusal reported, a watch that
+/// ends cleanly when the tunnel breaks under it.
+async fn answer(
+    route: &Route,
+    mut resp: Response<Incoming>,
+    downstream: Option<OnUpgrade>,
+    streaming: bool,
+) -> Response<Body> {
+    if let Some(downstream) = downstream {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
+        }
+    }
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        let mut refused = route.report_refusal(resp).await;
+        *refused.version_mut() = Version::HTTP_11;
+        return refused;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Our client may speak HTTP/1.1 even though the tunnel spoke HTTP/2.
+    parts.version = Version::HTTP_11;
+    let body = if streaming {
+        EndCleanly::new(body).boxed_unsync()
+    } else {
+        body.boxed_unsync()
+    };
+    Response::from_parts(parts, body)
+}
+
 pub struct Handler {
     pub routes: Vec<Route>,
     /// What the kubeconfig holds instead of the real credentials.
@@ -282,27 +312,9 @@ impl Handler {
         // Boxed: the dial path makes this future ~11 KB, and hyper keeps each stream's request
         // future alive as long as its response streams; a watch would hold that for hours.
         Ok(match Box::pin(route.send(req)).await {
-            Ok(mut resp) => {
+            Ok(resp) => {
                 tracing::debug!(cluster = %route.name, %method, path = %rest, status = resp.status().as_u16(), "request");
-                if let Some(downstream) = downstream {
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
-                    }
-                }
-                if resp.status() == StatusCode::UNAUTHORIZED {
-                    let mut refused = route.report_refusal(resp).await;
-                    *refused.version_mut() = Version::HTTP_11;
-                    return Ok(refused);
-                }
-                let (mut parts, body) = resp.into_parts();
-                // Our client may speak HTTP/1.1 even though the tunnel spoke HTTP/2.
-                parts.version = Version::HTTP_11;
-                let body = if streaming {
-                    EndCleanly::new(body).boxed_unsync()
-                } else {
-                    body.boxed_unsync()
-                };
-                Response::from_parts(parts, body)
+                answer(route, resp, downstream, streaming).await
             }
             Err(e) => {
                 let message = describe_failure(&route.name, &e);

@@ -53,7 +53,7 @@ pub async fn handle(
     }
     if let Some(clusters) = &ctx.shared.clusters {
         if req.uri().path().starts_with("/subscriptions/") {
-            let hosts = accepted_hosts(&ctx, &req);
+            let hosts = accepted_hosts(&ctx);
             let host = public_host(&ctx, &req);
             // The whole call, body included, within the deadline: a caller that withholds
             // its body is answered 408 and the connection closed.
@@ -140,20 +140,9 @@ fn public_host(ctx: &Ctx, req: &Request<Incoming>) -> Option<String> {
     })
 }
 
-fn accepted_hosts(ctx: &Ctx, req: &Request<Incoming>) -> Vec<String> {
-    if !ctx.shared.hostnames.is_empty() {
-        return ctx.shared.hostnames.to_vec();
-    }
-    // No names configured: the name the client used is the one its token must carry.
-    request_host(req)
-        .map(|h| {
-            let (name, _) = split_host(&h);
-            vec![name
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string()]
-        })
-        .unwrap_or_default()
+/// The names a token's resource may carry: the configured ones (a relay always has some).
+fn accepted_hosts(ctx: &Ctx) -> Vec<String> {
+    ctx.shared.hostnames.to_vec()
 }
 
 /// `host[:port]` as the Host header has it; an IPv6 literal keeps its brackets. Something
@@ -194,7 +183,7 @@ fn check_entity(
     };
     authorize(
         |name| ctx.shared.rule(name),
-        &accepted_hosts(ctx, req),
+        &accepted_hosts(ctx),
         token,
         entity,
         right,
@@ -238,7 +227,7 @@ fn listen(
         return at_capacity();
     };
     // Renewals must name the same host the listener first connected with.
-    let hosts = accepted_hosts(ctx, req);
+    let hosts = accepted_hosts(ctx);
     let on_upgrade = hyper::upgrade::on(req);
     let (entity, shared, rendezvous, shutdown) = (
         target.entity.clone(),
@@ -273,7 +262,7 @@ async fn connect(
     target: &HcTarget,
     ctx: &Ctx,
     peer: SocketAddr,
-    mut switching: Response<Body>,
+    switching: Response<Body>,
 ) -> Response<Body> {
     if let Some(refused) = id_too_long(target, ctx) {
         return refused;
@@ -302,6 +291,36 @@ async fn connect(
         );
     }
     let sender_upgrade = hyper::upgrade::on(req);
+    let joined = Joined {
+        entity,
+        id: &id,
+        sender_upgrade,
+        sender_permit,
+    };
+    finish_connect(ctx, joined, reply, switching).await
+}
+
+/// A sender waiting for its listener's answer.
+struct Joined<'a> {
+    entity: &'a str,
+    id: &'a str,
+    sender_upgrade: OnUpgrade,
+    sender_permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// The sender's answer once its listener accepted, rejected, or let the offer lapse.
+async fn finish_connect(
+    ctx: &Ctx,
+    joined: Joined<'_>,
+    reply: tokio::sync::oneshot::Receiver<AcceptOutcome>,
+    mut switching: Response<Body>,
+) -> Response<Body> {
+    let Joined {
+        entity,
+        id,
+        sender_upgrade,
+        sender_permit,
+    } = joined;
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
             let permits = (sender_permit, listener_permit);
@@ -320,7 +339,7 @@ async fn connect(
         })) => text(status, description),
         Ok(Err(_)) => text(502, "listener dropped the connection before accepting it"),
         Err(_) => {
-            ctx.rendezvous.remove_pending(&id);
+            ctx.rendezvous.remove_pending(id);
             text(
                 504,
                 format!(
@@ -478,6 +497,38 @@ fn spawn_splice(
     });
 }
 
+/// A listener that answers an accept address with `sb-hc-statusCode` rejects the sender.
+fn listener_rejection(target: &HcTarget) -> Option<AcceptOutcome> {
+    let code = target.get(QUERY_STATUS_CODE)?;
+    let status = code
+        .parse::<u16>()
+        .ok()
+        .filter(|s| (400..600).contains(s))
+        .unwrap_or(502);
+    let description = target
+        .get(QUERY_STATUS_DESCRIPTION)
+        .unwrap_or("rejected by listener")
+        .chars()
+        .take(500)
+        .collect();
+    Some(AcceptOutcome::Rejected {
+        status,
+        description,
+    })
+}
+
+/// The subprotocol the listener chose (the one it asks for when accepting): it goes back to
+/// the listener and on to the sender.
+fn chosen_protocol(req: &Request<Incoming>) -> Option<http::HeaderValue> {
+    req.headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .and_then(|p| http::HeaderValue::from_str(p).ok())
+}
+
 fn accept(
     req: &mut Request<Incoming>,
     target: &HcTarget,
@@ -491,34 +542,11 @@ fn accept(
     let Some(reply) = ctx.rendezvous.take_pending(id, &target.entity) else {
         return text(404, "unknown or expired rendezvous address");
     };
-    if let Some(code) = target.get(QUERY_STATUS_CODE) {
-        let status = code
-            .parse::<u16>()
-            .ok()
-            .filter(|s| (400..600).contains(s))
-            .unwrap_or(502);
-        let description = target
-            .get(QUERY_STATUS_DESCRIPTION)
-            .unwrap_or("rejected by listener")
-            .chars()
-            .take(500)
-            .collect();
-        let _ = reply.send(AcceptOutcome::Rejected {
-            status,
-            description,
-        });
+    if let Some(rejection) = listener_rejection(target) {
+        let _ = reply.send(rejection);
         return text(410, "rejection delivered");
     }
-    // The subprotocol the listener chose (the one it asks for here) goes back to it and on
-    // to the sender.
-    let protocol = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .and_then(|p| http::HeaderValue::from_str(p).ok());
+    let protocol = chosen_protocol(req);
     let Some(permit) = ctx.slot() else {
         let _ = reply.send(AcceptOutcome::Rejected {
             status: 503,

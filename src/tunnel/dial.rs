@@ -130,26 +130,28 @@ pub async fn dial(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => Err(DialError::HandshakeTimeout(addr, HANDSHAKE_TIMEOUT)),
         Ok(Ok((stream, _response))) => Ok(stream),
-        Ok(Err(WsError::Http(response))) => {
-            let status = response.status().as_u16();
-            let description = response
-                .body()
-                .as_deref()
-                .map(|b| {
-                    String::from_utf8_lossy(b)
-                        .trim()
-                        .chars()
-                        .take(500)
-                        .collect::<String>()
-                })
-                .filter(|d| !d.is_empty())
-                .or_else(|| response.status().canonical_reason().map(String::from))
-                .unwrap_or_default();
-            Err(DialError::Rejected {
-                status,
-                description,
-            })
-        }
+        Ok(Err(WsError::Http(response))) => Err(refusal(&response)),
         Ok(Err(source)) => Err(DialError::Handshake { addr, source }),
+    }
+}
+
+/// The relay's HTTP answer instead of a WebSocket: its status and (the start of) its body.
+fn refusal(response: &http::Response<Option<Vec<u8>>>) -> DialError {
+    let description = response
+        .body()
+        .as_deref()
+        .map(|b| {
+            String::from_utf8_lossy(b)
+                .trim()
+                .chars()
+                .take(500)
+                .collect::<String>()
+        })
+        .filter(|d| !d.is_empty())
+        .or_else(|| response.status().canonical_reason().map(String::from))
+        .unwrap_or_default();
+    DialError::Rejected {
+        status: response.status().as_u16(),
+        description,
     }
 }
