@@ -168,6 +168,35 @@ fn print(value: &serde_json::Value, format: Format) -> anyhow::Result<()> {
     writeln!(out, "{}", text.trim_end()).context("cannot write to stdout")
 }
 
+/// `connect --dry-run`: the manifests for a GitOps repository, nothing installed or registered.
+fn dry_run(args: &ConnectArgs, request: &ConnectRequest) -> anyhow::Result<()> {
+    let relay = RelayAddress::parse(&args.at.relay)?;
+    let m = install::dry_run(request, &format!("wss://{}", relay.authority()));
+    let text = match args.output {
+        Format::Yaml => manifests::to_yaml(&m, true)?,
+        Format::Json => {
+            let namespace = m.namespace.as_ref().map(serde_json::to_value).transpose()?;
+            let items: Vec<_> = namespace
+                .into_iter()
+                .chain([
+                    serde_json::to_value(&m.service_account)?,
+                    serde_json::to_value(&m.cluster_role)?,
+                    serde_json::to_value(&m.cluster_role_binding)?,
+                    serde_json::to_value(&m.secret)?,
+                    serde_json::to_value(&m.deployment)?,
+                ])
+                .collect();
+            serde_json::to_string_pretty(
+                &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}),
+            )?
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", text.trim_end()).context("cannot write to stdout")?;
+    eprintln!("Dry run: nothing was installed or registered. The Secret's keys are placeholders; `clusterconnect connect` fills them in.");
+    Ok(())
+}
+
 pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     let id = args
         .at
@@ -199,31 +228,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
     };
     if args.dry_run {
-        let relay = RelayAddress::parse(&args.at.relay)?;
-        let m = install::dry_run(&request, &format!("wss://{}", relay.authority()));
-        let text = match args.output {
-            Format::Yaml => manifests::to_yaml(&m, true)?,
-            Format::Json => {
-                let namespace = m.namespace.as_ref().map(serde_json::to_value).transpose()?;
-                let items: Vec<_> = namespace
-                    .into_iter()
-                    .chain([
-                        serde_json::to_value(&m.service_account)?,
-                        serde_json::to_value(&m.cluster_role)?,
-                        serde_json::to_value(&m.cluster_role_binding)?,
-                        serde_json::to_value(&m.secret)?,
-                        serde_json::to_value(&m.deployment)?,
-                    ])
-                    .collect();
-                serde_json::to_string_pretty(
-                    &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}),
-                )?
-            }
-        };
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", text.trim_end()).context("cannot write to stdout")?;
-        eprintln!("Dry run: nothing was installed or registered. The Secret's keys are placeholders; `clusterconnect connect` fills them in.");
-        return Ok(());
+        return dry_run(&args, &request);
     }
     let (kube, _) = kubeclient::client(
         args.kube.kubeconfig.as_deref(),
