@@ -13,6 +13,7 @@ mod entra_auth;
 mod entra_standin;
 mod files;
 mod onboarding;
+mod parsers;
 mod registry;
 mod relay_protocol;
 mod secrets;
