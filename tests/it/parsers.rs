@@ -13,13 +13,21 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD};
 use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use proptest::prelude::*;
 use serde_norway::{Mapping, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use clusterconnect::arm::{agent_key, signed_message, AgentStatus, ClusterId, ClusterRequest};
+use clusterconnect::entra::http::HttpClient;
+use clusterconnect::entra::validate::{Validator, ValidatorConfig};
+use clusterconnect::entra::{Authority, Cloud};
 use clusterconnect::proxy::kubeconfig::{self, Entry, Options};
 use clusterconnect::secret::Secret;
 use clusterconnect::tunnel::http::is_long_lived;
@@ -29,6 +37,7 @@ use clusterconnect::tunnel::protocol::{
 };
 use clusterconnect::tunnel::sas::{SasError, SasKey, SasToken};
 use clusterconnect::tunnel::upgrade::{header_has_token, is_websocket, switching_protocols};
+use clusterconnect::tunnel::{ws_config, WsStream};
 
 /// Shrinking stops after this long, so a failure reports within seconds instead of hanging.
 const SHRINK_MS: u32 = 3_000;
@@ -265,7 +274,7 @@ fn entity() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(config(800))]
 
     /// Parsing, then verifying and checking the resource of whatever parsed, never panics.
     #[test]
@@ -485,7 +494,7 @@ proptest! {
 // Hybrid Connections targets, control messages, relay and rendezvous addresses
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(config(800))]
 
     #[test]
     fn hc_targets_never_panic(path in prop_oneof![hostile(), hostile().prop_map(|p| format!("/$hc/{p}"))],
@@ -569,7 +578,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(config(800))]
 
     /// Whatever parses as a relay address prints as an authority that parses back to it, and
     /// the relay's own URLs are rendezvous addresses it trusts.
@@ -772,7 +781,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(config(800))]
 
     #[test]
     fn cluster_ids_never_panic(text in prop_oneof![
@@ -888,7 +897,7 @@ fn query_pair() -> impl Strategy<Value = (String, String)> {
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(config(800))]
 
     /// Long-lived exactly when some decoded `watch` or `follow` is one of Go's true spellings.
     #[test]
@@ -1155,7 +1164,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(160))]
 
     /// A kubeconfig full of other people's entries: the merge succeeds and keeps every one.
     #[test]
@@ -1186,5 +1195,282 @@ proptest! {
         let user = find("users", &format!("clusterconnect-{name}")).unwrap();
         prop_assert_eq!(user["user"]["token"].as_str(), Some(token.as_str()));
         prop_assert_eq!(doc["current-context"].as_str(), Some(name.as_str()));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The WebSocket byte stream: what a peer sends, frame by frame
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Reads `server` to its end, or gives up after a while: a stream that never ends is a
+/// failure, not a hang of the test run.
+async fn read_all<S>(server: &mut WsStream<S>) -> Result<std::io::Result<Vec<u8>>, &'static str>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut got = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut got)).await {
+        Ok(Ok(_)) => Ok(Ok(got)),
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(_) => Err("the stream did not end"),
+    }
+}
+
+/// One frame as a hostile peer may write it: any opcode and flags, a length field that may
+/// claim far more than follows (up to u64::MAX), masked or not.
+fn raw_frame() -> impl Strategy<Value = Vec<u8>> {
+    (
+        any::<u8>(),
+        any::<bool>(),
+        prop_oneof![
+            (0u64..126).boxed(),
+            prop::sample::select(vec![
+                126u64,
+                127,
+                65_535,
+                65_536,
+                16 * 1024 * 1024 + 1,
+                1 << 62,
+                u64::MAX
+            ])
+            .boxed(),
+        ],
+        any::<[u8; 4]>(),
+        prop::collection::vec(any::<u8>(), 0..300),
+    )
+        .prop_map(|(first, masked, len, mask, payload)| {
+            let mut frame = vec![first];
+            let mask_bit = if masked { 0x80 } else { 0 };
+            match len {
+                0..=125 => frame.push(mask_bit | len as u8),
+                126..=65_535 => {
+                    frame.push(mask_bit | 126);
+                    frame.extend_from_slice(&(len as u16).to_be_bytes());
+                }
+                _ => {
+                    frame.push(mask_bit | 127);
+                    frame.extend_from_slice(&len.to_be_bytes());
+                }
+            }
+            if masked {
+                frame.extend_from_slice(&mask);
+            }
+            frame.extend_from_slice(&payload);
+            frame
+        })
+}
+
+proptest! {
+    #![proptest_config(config(160))]
+
+    /// Binary and text messages read as their bytes in order; pings and pongs carry none;
+    /// the peer's close is the end of the stream.
+    #[test]
+    fn ws_stream_reads_what_the_peer_sent(messages in prop::collection::vec(
+        (0..4u8, prop::collection::vec(any::<u8>(), 0..3000)), 0..12)) {
+        let (expected, got) = runtime().block_on(async {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+            let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(ws_config())).await;
+            let mut server = WsStream::new(server);
+            let mut expected = Vec::new();
+            let mut frames = Vec::new();
+            for (kind, bytes) in &messages {
+                frames.push(match kind {
+                    0 => {
+                        expected.extend_from_slice(bytes);
+                        Message::binary(bytes.clone())
+                    }
+                    1 => {
+                        let text = String::from_utf8_lossy(bytes).into_owned();
+                        expected.extend_from_slice(text.as_bytes());
+                        Message::text(text)
+                    }
+                    2 => Message::Ping(bytes[..bytes.len().min(125)].to_vec().into()),
+                    _ => Message::Pong(bytes[..bytes.len().min(125)].to_vec().into()),
+                });
+            }
+            let send = async move {
+                for frame in frames {
+                    if client.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = client.close(None).await;
+                // Keep reading so the server's pongs and close reply never fill the pipe.
+                while let Some(Ok(_)) = client.next().await {}
+            };
+            let read = async move {
+                let got = read_all(&mut server).await;
+                // Letting go of the server ends the client's wait for its close reply.
+                drop(server);
+                got
+            };
+            let (_, got) = tokio::join!(send, read);
+            (expected, got)
+        });
+        let got = got.map_err(TestCaseError::fail)?;
+        prop_assert_eq!(got.map_err(|e| e.to_string()), Ok(expected));
+    }
+
+    /// Arbitrary bytes and hostile frames from the peer end the stream (cleanly or with an
+    /// error) without a panic, without hanging, and without yielding more bytes than came in.
+    #[test]
+    fn ws_stream_survives_garbage(frames in prop::collection::vec(
+        prop_oneof![raw_frame(), prop::collection::vec(any::<u8>(), 0..200)], 0..6)) {
+        let sent: Vec<u8> = frames.concat();
+        let got = runtime().block_on(async {
+            let (mut a, b) = tokio::io::duplex(64 * 1024);
+            let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(ws_config())).await;
+            let mut server = WsStream::new(server);
+            let bytes = sent.clone();
+            let send = async move {
+                let _ = a.write_all(&bytes).await;
+                let _ = a.shutdown().await;
+                // Drain what the server writes back (pongs, close) until it lets go.
+                let mut sink = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), a.read_to_end(&mut sink)).await;
+            };
+            let (_, got) = tokio::join!(send, async {
+                let got = read_all(&mut server).await;
+                drop(server);
+                got
+            });
+            got
+        });
+        let got = got.map_err(TestCaseError::fail)?;
+        if let Ok(bytes) = got {
+            prop_assert!(bytes.len() <= sent.len());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Entra ID bearer tokens, which the management API reads from any caller
+
+/// The tenant the validator allows. No generated token names it, so no case reaches the
+/// key fetch (which would dial the authority).
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+fn validator() -> Validator {
+    let tls = rustls::ClientConfig::builder_with_provider(clusterconnect::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Validator::new(
+        ValidatorConfig {
+            authority: Authority::new(Cloud::AzurePublicCloud, Some("https://127.0.0.1:1"))
+                .unwrap(),
+            server_app_id: "api://6256c85f-0aad-4d50-b960-e6e9b21efe35".into(),
+            tenants: vec![TENANT.into()],
+            refetch_interval: Duration::from_secs(3600),
+        },
+        HttpClient::new(
+            std::sync::Arc::new(tls),
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+        ),
+    )
+}
+
+fn json_number() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        prop::sample::select(vec![
+            "18446744073709551615",
+            "18446744073709551616",
+            "4611686018427387904",
+            "-1",
+            "1e400",
+            "0.5",
+            "null",
+            "\"1\"",
+        ])
+        .prop_map(String::from),
+    ]
+}
+
+fn jwt() -> impl Strategy<Value = String> {
+    let part = |json: String| URL_SAFE_NO_PAD.encode(json);
+    let string = || {
+        prop_oneof![
+            hostile(),
+            any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).to_string()),
+        ]
+        .prop_map(|s| serde_json::Value::String(s).to_string())
+    };
+    let alg = prop_oneof![
+        prop::sample::select(vec![
+            "\"RS256\"",
+            "\"none\"",
+            "\"HS256\"",
+            "\"rs256\"",
+            "null",
+            "1"
+        ])
+        .prop_map(String::from),
+        string(),
+    ];
+    prop_oneof![
+        hostile(),
+        (hostile(), hostile(), hostile()).prop_map(|(h, p, s)| format!("{h}.{p}.{s}")),
+        (hostile(), hostile()).prop_map(move |(h, p)| format!("{}.{}.c2ln", part(h), part(p))),
+        (
+            alg,
+            string(),
+            string(),
+            string(),
+            string(),
+            json_number(),
+            json_number()
+        )
+            .prop_map(move |(alg, kid, iss, tid, aud, exp, nbf)| {
+                let header = format!(r#"{{"alg":{alg},"kid":{kid},"typ":"JWT"}}"#);
+                let claims = format!(
+                    r#"{{"iss":{iss},"tid":{tid},"aud":{aud},"exp":{exp},"nbf":{nbf},"oid":"o"}}"#
+                );
+                format!("{}.{}.c2ln", part(header), part(claims))
+            }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(600))]
+
+    /// Any bearer token, well-formed or not, is refused (none is signed) without a panic.
+    #[test]
+    fn entra_tokens_never_panic(token in jwt()) {
+        prop_assume!(!token.contains(TENANT));
+        let validator = validator();
+        let _ = validator.is_entra_token(&token);
+        let result = runtime().block_on(validator.validate(&token));
+        prop_assert!(result.is_err());
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// A refused bearer token's reason goes back to the caller (the management API's error
+    /// chain): it must stay small however large the token's fields.
+    #[test]
+    #[ignore = "bug: Rejected::Algorithm echoes the whole `alg` header field (see issue 12)"]
+    fn entra_rejections_are_bounded(huge in long(), which in 0..3usize) {
+        let mut fields = ["RS256".to_string(), "kid".to_string(), "tenant".to_string()];
+        fields[which] = huge;
+        let [alg, kid, tid] = fields;
+        let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{alg}","kid":"{kid}"}}"#));
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"tid":"{tid}","iss":"x","exp":1}}"#));
+        let e = runtime()
+            .block_on(validator().validate(&format!("{header}.{claims}.c2ln")))
+            .unwrap_err();
+        assert_bounded("Validator::validate", &e.to_string())?;
     }
 }
