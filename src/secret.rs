@@ -60,3 +60,12 @@ mod tests {
         assert!(!s.ct_eq(b"ab"));
     }
 }
+
+/// Caller-supplied text quoted in an error, cut to `max` characters: an error must not grow
+/// with hostile input (a 16 MiB field must not become a 16 MiB log line or response).
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}

@@ -51,7 +51,7 @@ impl ClusterId {
             {
                 ClusterId::new(sub, rg, name)
             }
-            _ => Err(IdError::NotAClusterId(id.to_string())),
+            _ => Err(IdError::NotAClusterId(crate::secret::clip(id, 300))),
         }
     }
 
@@ -107,7 +107,7 @@ fn check_part(
     } else {
         Err(IdError::Part {
             part,
-            value: value.to_string(),
+            value: crate::secret::clip(value, 100),
             max,
             allowed,
         })

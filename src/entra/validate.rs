@@ -220,7 +220,7 @@ impl Validator {
         let (header, unverified) = peek(token)?;
         let alg = header.alg.unwrap_or_default();
         if alg != "RS256" {
-            return Err(Rejected::Algorithm(alg));
+            return Err(Rejected::Algorithm(crate::secret::clip(&alg, 32)));
         }
         let claimed = unverified
             .tid

@@ -34,8 +34,8 @@ pub fn authorize(
     let token = SasToken::parse(token)?;
     // An unknown rule reads exactly like a wrong key: a stranger must not learn which rule
     // names (and so which registered clusters) exist.
-    let rule =
-        rule(&token.key_name).ok_or_else(|| SasError::BadSignature(token.key_name.clone()))?;
+    let rule = rule(&token.key_name)
+        .ok_or_else(|| SasError::BadSignature(crate::secret::clip(&token.key_name, 64)))?;
     token.verify(&rule.key, now)?;
     // A rule for the whole relay does not reach registered clusters' connections: those take
     // their own keys (or an administrator's), so a relay-wide Listen key cannot receive a
@@ -46,8 +46,8 @@ pub fn authorize(
     };
     if !in_scope || !token.covers(hosts, entity) {
         return Err(SasError::WrongResource {
-            token: token.resource(),
-            requested: entity.to_string(),
+            token: crate::secret::clip(&token.resource(), 200),
+            requested: crate::secret::clip(entity, 200),
         });
     }
     let granted = match right {

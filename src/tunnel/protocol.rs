@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
+use crate::secret::clip;
+
 pub const QUERY_ACTION: &str = "sb-hc-action";
 pub const QUERY_ID: &str = "sb-hc-id";
 pub const QUERY_TOKEN: &str = "sb-hc-token";
@@ -66,15 +68,19 @@ impl RelayAddress {
         } else {
             format!("wss://{text}")
         };
-        let url = Url::parse(&with_scheme).map_err(|_| AddressError::NotUrl(text.into()))?;
-        match url.scheme() {
+        let (scheme, rest) = with_scheme.split_once("://").unwrap_or(("", &with_scheme));
+        match scheme.to_ascii_lowercase().as_str() {
             "wss" | "sb" | "https" => {}
-            other => return Err(AddressError::Scheme(text.into(), other.into())),
+            other => return Err(AddressError::Scheme(clip(text, 200), clip(other, 32))),
         }
+        // `sb://` and `https://` mean the same relay: parsed as `wss://`, a special scheme, so
+        // the host is normalised (case, IDNA, percent-decoding) exactly as it is for `wss://`.
+        let url = Url::parse(&format!("wss://{rest}"))
+            .map_err(|_| AddressError::NotUrl(clip(text, 200)))?;
         let host = url
             .host_str()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| AddressError::NoHost(text.into()))?;
+            .ok_or_else(|| AddressError::NoHost(clip(text, 200)))?;
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -160,7 +166,7 @@ impl RelayAddress {
             Ok(())
         } else {
             Err(RendezvousRefused::UntrustedHost {
-                host,
+                host: clip(&host, 200),
                 relay: self.authority(),
             })
         }
@@ -180,7 +186,7 @@ pub fn validate_entity(entity: &str) -> Result<(), AddressError> {
     if ok {
         Ok(())
     } else {
-        Err(AddressError::BadEntity(entity.into()))
+        Err(AddressError::BadEntity(clip(entity, 200)))
     }
 }
 

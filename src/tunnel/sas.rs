@@ -12,7 +12,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::Sha256;
 
-use crate::secret::Secret;
+use crate::secret::{clip, Secret};
 
 const PREFIX: &str = "SharedAccessSignature ";
 
@@ -27,6 +27,9 @@ const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'\'')
     .remove(b'(')
     .remove(b')');
+
+/// How much of a caller's field an error quotes.
+const QUOTED: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SasError {
@@ -175,7 +178,7 @@ impl SasToken {
         let skn = skn.ok_or(SasError::MissingField("skn"))?;
         let expiry = se_raw
             .parse::<u64>()
-            .map_err(|_| SasError::BadExpiry(se_raw.clone()))?;
+            .map_err(|_| SasError::BadExpiry(clip(&se_raw, QUOTED)))?;
         Ok(SasToken {
             sig: percent_decode_str(&sig).decode_utf8_lossy().into_owned(),
             key_name: percent_decode_str(&skn).decode_utf8_lossy().into_owned(),
@@ -196,14 +199,14 @@ impl SasToken {
     pub fn verify(&self, key: &Secret, now: u64) -> Result<(), SasError> {
         let sig = B64
             .decode(self.sig.as_bytes())
-            .map_err(|_| SasError::BadSignature(self.key_name.clone()))?;
+            .map_err(|_| SasError::BadSignature(clip(&self.key_name, QUOTED)))?;
         let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
-            .map_err(|_| SasError::BadSignature(self.key_name.clone()))?;
+            .map_err(|_| SasError::BadSignature(clip(&self.key_name, QUOTED)))?;
         mac.update(self.sr_raw.as_bytes());
         mac.update(b"\n");
         mac.update(self.se_raw.as_bytes());
         mac.verify_slice(&sig)
-            .map_err(|_| SasError::BadSignature(self.key_name.clone()))?;
+            .map_err(|_| SasError::BadSignature(clip(&self.key_name, QUOTED)))?;
         if self.expiry <= now {
             return Err(SasError::Expired(now - self.expiry));
         }

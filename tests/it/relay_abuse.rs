@@ -199,3 +199,36 @@ async fn slots_are_taken_only_after_authentication() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+/// A management API refusal never grows with the caller's input: serde_json quotes string
+/// values in its errors, and a 1 MiB body must not come back as a 1 MiB error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_errors_stay_small_whatever_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 8).await;
+    let token = crate::support::tunnel::admin_key()
+        .mint(&relay.address().resource_uri(""), Duration::from_secs(600));
+    let huge = "A".repeat(200 * 1024);
+    let body = format!(r#"{{"location":"x","properties":"{huge}"}}"#);
+    let mut s = tls_from("127.0.0.7", &relay).await;
+    let head = format!(
+        "PUT /subscriptions/0/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/big?api-version=2024-01-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        token.expose(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .ok();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 400"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert!(answer.len() < 2048, "a {}-byte refusal", answer.len());
+    assert!(!text.contains(&huge[..2000]));
+}

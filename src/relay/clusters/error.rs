@@ -119,7 +119,8 @@ impl ApiError {
     /// ARM's error body; the message is the whole chain of causes.
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
-        let message = error_chain(&self);
+        // Causes may quote the caller's body (serde_json does): bounded, like every answer.
+        let message = crate::secret::clip(&error_chain(&self), 1000);
         reply::json(
             status,
             &json!({"error": {"code": code, "message": message}}),
