@@ -41,6 +41,15 @@ impl From<String> for Secret {
     }
 }
 
+/// Caller-supplied text quoted in an error, cut to `max` characters: an error must not grow
+/// with hostile input (a 16 MiB field must not become a 16 MiB log line or response).
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,13 +68,11 @@ mod tests {
         assert!(!s.ct_eq(b"abd"));
         assert!(!s.ct_eq(b"ab"));
     }
-}
 
-/// Caller-supplied text quoted in an error, cut to `max` characters: an error must not grow
-/// with hostile input (a 16 MiB field must not become a 16 MiB log line or response).
-pub fn clip(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_string(),
+    #[test]
+    fn clip_cuts_long_text_on_a_character_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc...");
+        assert_eq!(clip("ééééé", 2), "éé...");
     }
 }
