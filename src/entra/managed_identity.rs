@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::tunnel::http::error_chain;
+
 use super::http::{plain_http_client, HttpClient, HttpError, HttpResponse};
 use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::{decode, EndpointError};
@@ -112,7 +114,7 @@ impl Imds {
         let resp = match self.http.get(&url, &[("Metadata", "true")]).await {
             Ok(resp) => resp,
             Err(e) if !known => return Err(SourceError::Unavailable(self.unreachable(&e))),
-            Err(e) => return Err(SourceError::Failed(format!("IMDS: {e}"))),
+            Err(e) => return Err(SourceError::Failed(format!("IMDS: {}", error_chain(&e)))),
         };
         let looks_like_imds = resp.status.is_success() || is_json(&resp);
         if !known && !looks_like_imds {
@@ -128,8 +130,9 @@ impl Imds {
             // IMDS says 400 when the VM has no identity, or not the one AZURE_CLIENT_ID names.
             Err(e) if resp.status == StatusCode::BAD_REQUEST => {
                 Err(SourceError::Unavailable(format!(
-                    "IMDS at {} has no matching managed identity: {e}",
-                    self.base
+                    "IMDS at {} has no matching managed identity: {}",
+                    self.base,
+                    error_chain(&e)
                 )))
             }
             Err(e) => Err(e.into_source_error("IMDS")),
@@ -152,8 +155,8 @@ impl Imds {
             )
         } else {
             let reason = match e {
-                HttpError::Transport { reason, .. } => reason.clone(),
-                other => other.to_string(),
+                HttpError::Transport { source, .. } => error_chain(source.as_ref()),
+                other => error_chain(other),
             };
             format!("IMDS at {} is not reachable: {reason}", self.base)
         }
@@ -180,7 +183,8 @@ impl Himds {
             .append_pair("resource", &self.resource)
             .finish();
         let url = format!("{}?{query}", self.endpoint);
-        let fail = |e: HttpError| SourceError::Failed(format!("Azure Arc HIMDS: {e}"));
+        let fail =
+            |e: HttpError| SourceError::Failed(format!("Azure Arc HIMDS: {}", error_chain(&e)));
         let challenge = self
             .http
             .get(&url, &[("Metadata", "true")])
@@ -189,7 +193,7 @@ impl Himds {
         if challenge.status != StatusCode::UNAUTHORIZED {
             let err = decode::<TokenResponse>(&url, &challenge)
                 .err()
-                .map(|e| e.to_string())
+                .map(|e| error_chain(&e))
                 .unwrap_or_else(|| "a token without the challenge".into());
             return Err(SourceError::Failed(format!(
                 "Azure Arc HIMDS answered HTTP {} instead of the expected 401 challenge: {err}",

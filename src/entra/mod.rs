@@ -109,10 +109,7 @@ impl SourceError {
     }
 
     pub fn into_credential_error(self, source_name: &str) -> crate::auth::CredentialError {
-        crate::auth::CredentialError::Unavailable {
-            source_name: source_name.to_string(),
-            reason: self.reason().to_string(),
-        }
+        crate::auth::CredentialError::unavailable(source_name, self.reason().to_string())
     }
 }
 
