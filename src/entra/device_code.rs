@@ -200,7 +200,7 @@ impl DeviceCode {
             return Err(SourceError::Unavailable(match rejected {
                 Some(why) => format!("the cached sign-in was rejected ({why}) and stderr is not a terminal to sign in again; pass --auth device-code"),
                 None => "skipped (stderr is not a terminal; pass --auth device-code)".into(),
-            }));
+            }.into()));
         }
         self.sign_in().await
     }
@@ -391,7 +391,7 @@ mod tests {
         let flow = DeviceCode::new(&opts, "t", false);
         let err = flow.get().await.unwrap_err();
         assert!(
-            matches!(err, SourceError::Unavailable(ref r) if r.contains("rejected") && r.contains("--auth device-code")),
+            matches!(err, SourceError::Unavailable(ref r) if r.text().contains("rejected") && r.text().contains("--auth device-code")),
             "{err:?}"
         );
         assert!(!err.reason().contains("old-rt"));

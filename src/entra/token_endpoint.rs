@@ -2,7 +2,6 @@
 //! mean. Errors name the endpoint's host and Entra's own error summary; a successful answer's
 //! body never reaches a message (it holds tokens).
 
-use crate::tunnel::http::error_chain;
 use http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -70,7 +69,7 @@ impl EndpointError {
     /// (`Failed`); a network problem may clear by itself but is still a failure of a configured
     /// source, so the chain does not fall through to another identity either.
     pub fn into_source_error(self, source: &str) -> SourceError {
-        SourceError::Failed(format!("{source}: {}", error_chain(&self)))
+        SourceError::Failed(super::Reason::new(source, self))
     }
 }
 
