@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use crate::auth::CredentialSource;
 use crate::entra::graph::GroupResolver;
 use crate::entra::validate::{EntraIdentity, Validator};
-use crate::tunnel::http::{status, Body};
+use crate::tunnel::http::{error_chain, status, Body};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMode {
@@ -96,13 +96,14 @@ impl Authenticator {
         let identity = match entra.validator.validate(token).await {
             Ok(identity) => identity,
             Err(why) => {
-                tracing::info!(reason = ?why.to_string(), "Entra token rejected");
+                let why = error_chain(&why);
+                tracing::info!(reason = ?why, "Entra token rejected");
                 return Err(unauthorized(&format!("Entra token rejected: {why}")));
             }
         };
         let groups = self.groups(entra, &identity).await?;
         let own = entra.own_token.token().await.map_err(|e| {
-            tracing::warn!(error = %e, "the agent's own apiserver credential is unavailable");
+            tracing::warn!(error = %error_chain(&e), "the agent's own apiserver credential is unavailable");
             status(
                 503,
                 "ServiceUnavailable",

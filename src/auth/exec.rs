@@ -3,6 +3,7 @@
 //! a token. Wrapped in [`Refreshing`](super::refresh::Refreshing), it is re-run ahead of
 //! expiry, and a failing run never ends the session while the current token is valid.
 
+use crate::tunnel::http::error_chain;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -43,11 +44,8 @@ impl TokenCommand {
         }
     }
 
-    fn fail(&self, reason: impl Into<String>) -> CredentialError {
-        CredentialError::Unavailable {
-            source_name: self.describe(),
-            reason: reason.into(),
-        }
+    fn fail(&self, reason: impl Into<super::BoxError>) -> CredentialError {
+        CredentialError::unavailable(self.describe(), reason)
     }
 
     async fn run(&self) -> Result<ExpiringToken, CredentialError> {
@@ -60,7 +58,7 @@ impl TokenCommand {
         let output = tokio::time::timeout(RUN_TIMEOUT, output)
             .await
             .map_err(|_| self.fail(format!("did not finish within {}s", RUN_TIMEOUT.as_secs())))?
-            .map_err(|e| self.fail(format!("cannot run it: {e}")))?;
+            .map_err(|e| self.fail(format!("cannot run it: {}", error_chain(&e))))?;
         if !output.status.success() {
             // The tail of stderr says why; stdout is never shown, it may hold a token.
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -177,7 +175,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_command_is_reported_without_its_stdout() {
         let cmd = TokenCommand::new("echo secret-token-value; echo 'login required' >&2; exit 3");
-        let err = cmd.run().await.unwrap_err().to_string();
+        let err = error_chain(&cmd.run().await.unwrap_err());
         assert!(
             err.contains("login required") && err.contains("--token-command"),
             "{err}"

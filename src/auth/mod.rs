@@ -13,10 +13,28 @@ use std::time::{Duration, Instant};
 
 use crate::secret::Secret;
 
+/// A cause whose type varies by source (an I/O error, a child process, a plain message).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("{source_name}: {reason}")]
-    Unavailable { source_name: String, reason: String },
+    /// `source` says why; print with `error_chain` or `{:#}` to show it.
+    #[error("{source_name}")]
+    Unavailable {
+        source_name: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl CredentialError {
+    /// `reason` is an error, or a plain message (`String` and `&str` convert).
+    pub fn unavailable(source_name: impl Into<String>, reason: impl Into<BoxError>) -> Self {
+        CredentialError::Unavailable {
+            source_name: source_name.into(),
+            source: reason.into(),
+        }
+    }
 }
 
 pub type TokenFuture<'a> =
@@ -68,11 +86,8 @@ impl TokenFile {
     }
 
     fn read(&self) -> Result<Secret, CredentialError> {
-        let fail = |reason: String| CredentialError::Unavailable {
-            source_name: self.describe(),
-            reason,
-        };
-        let text = std::fs::read_to_string(&self.path).map_err(|e| fail(e.to_string()))?;
+        let fail = |reason: BoxError| CredentialError::unavailable(self.describe(), reason);
+        let text = std::fs::read_to_string(&self.path).map_err(|e| fail(e.into()))?;
         let token = text.trim();
         if token.is_empty() {
             return Err(fail("file is empty".into()));

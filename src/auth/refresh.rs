@@ -4,6 +4,7 @@
 //! retries with backoff; only a token that has truly expired makes requests fail, with the
 //! renewal error in the message.
 
+use crate::tunnel::http::error_chain;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -135,29 +136,29 @@ impl<F: TokenFetcher> Refreshing<F> {
                     let mut state = self.lock();
                     let delay = state.backoff.next_delay();
                     state.next_attempt = Instant::now() + delay;
-                    state.last_error = Some(e.to_string());
+                    state.last_error = Some(error_chain(&e));
                     // No token yet (start-up): the caller gets the fetcher's own error, and
                     // there is no current token to keep using.
                     if state.current.is_none() {
                         return Err(e);
                     }
-                    tracing::warn!(source = %self.fetcher.describe(), error = %e, retry_in_s = delay.as_secs(), "credential renewal failed; still using the current token");
+                    tracing::warn!(source = %self.fetcher.describe(), error = %error_chain(&e), retry_in_s = delay.as_secs(), "credential renewal failed; still using the current token");
                 }
             }
         }
         let state = self.lock();
         match &state.current {
             Some(current) if Instant::now() < current.expires_at => Ok(current.token.clone()),
-            current => Err(CredentialError::Unavailable {
-                source_name: self.fetcher.describe(),
-                reason: match (&state.last_error, current) {
+            current => Err(CredentialError::unavailable(
+                self.fetcher.describe(),
+                match (&state.last_error, current) {
                     (Some(e), Some(_)) => {
                         format!("the token expired and renewal keeps failing: {e}")
                     }
                     (Some(e), None) => format!("could not get a token yet: {e}"),
                     (None, _) => "no token yet; renewal will be retried shortly".into(),
                 },
-            }),
+            )),
         }
     }
 }
@@ -190,10 +191,7 @@ mod tests {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst);
                 if self.down.load(Ordering::SeqCst) {
-                    return Err(CredentialError::Unavailable {
-                        source_name: "fake".into(),
-                        reason: "endpoint down".into(),
-                    });
+                    return Err(CredentialError::unavailable("fake", "endpoint down"));
                 }
                 Ok(ExpiringToken::new(
                     Secret::new(format!("token-{n}")),
@@ -243,7 +241,7 @@ mod tests {
         // Backoff: twenty requests made one attempt, not twenty.
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         tokio::time::advance(Duration::from_secs(201)).await;
-        let err = source.token().await.unwrap_err().to_string();
+        let err = error_chain(&source.token().await.unwrap_err());
         assert!(
             err.contains("expired") && err.contains("endpoint down"),
             "{err}"

@@ -21,6 +21,7 @@ use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
+use crate::tunnel::http::error_chain;
 use crate::tunnel::protocol::RelayAddress;
 
 #[derive(clap::Args, Debug)]
@@ -181,7 +182,7 @@ fn graph_credential(
                 tracing::info!(identity = %probe.describe(), "group overage lookups in Microsoft Graph use this identity")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "no Entra identity for Microsoft Graph: users in more than 200 groups cannot be authorized until one is configured")
+                tracing::warn!(error = %error_chain(&e), "no Entra identity for Microsoft Graph: users in more than 200 groups cannot be authorized until one is configured")
             }
         }
     });

@@ -104,10 +104,7 @@ impl TokenFetcher for RegistryTokens {
                 .client
                 .list_user_credential(&self.id)
                 .await
-                .map_err(|e| CredentialError::Unavailable {
-                    source_name: self.describe(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| CredentialError::unavailable(self.describe(), e))?;
             let left = config.expiration_time.saturating_sub(unix_now());
             Ok(ExpiringToken::new(
                 Secret::new(config.token),

@@ -65,12 +65,20 @@ impl AzureCli {
         let output = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
             .await
             .map_err(|_| {
-                SourceError::Failed(format!(
-                    "`az account get-access-token` did not finish within {}s",
-                    RUN_TIMEOUT.as_secs()
-                ))
+                SourceError::Failed(
+                    format!(
+                        "`az account get-access-token` did not finish within {}s",
+                        RUN_TIMEOUT.as_secs()
+                    )
+                    .into(),
+                )
             })?
-            .map_err(|e| SourceError::Failed(format!("cannot run {}: {e}", self.az.display())))?;
+            .map_err(|e| {
+                SourceError::Failed(super::Reason::new(
+                    format!("cannot run {}", self.az.display()),
+                    e,
+                ))
+            })?;
         if !output.status.success() {
             // stdout is never shown; stderr says why (az writes no token there).
             let why = shorten_stderr(&String::from_utf8_lossy(&output.stderr));
@@ -78,13 +86,13 @@ impl AzureCli {
             // Not signed in is "this source is not set up here", as azure-identity treats it.
             return Err(
                 if why.contains("az login") || why.contains("az account set") {
-                    SourceError::Unavailable(reason)
+                    SourceError::Unavailable(reason.into())
                 } else {
-                    SourceError::Failed(reason)
+                    SourceError::Failed(reason.into())
                 },
             );
         }
-        parse_output(&output.stdout, unix_now()).map_err(SourceError::Failed)
+        parse_output(&output.stdout, unix_now()).map_err(|r| SourceError::Failed(r.into()))
     }
 }
 
@@ -242,12 +250,10 @@ mod tests {
         };
         let source = AzureCli::from_env(&env, &options("http://unused")).unwrap();
         let err = source.get().await.unwrap_err();
+        assert!(matches!(err, SourceError::Unavailable(_)), "{err:?}");
         assert_eq!(
-            err,
-            SourceError::Unavailable(
-                "`az account get-access-token` failed: Please run 'az login' to setup account."
-                    .into()
-            )
+            err.reason(),
+            "`az account get-access-token` failed: Please run 'az login' to setup account."
         );
         let empty = tempfile::tempdir().unwrap();
         env.path = Some(empty.path().as_os_str().to_owned());

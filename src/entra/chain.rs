@@ -120,14 +120,14 @@ impl EntraChain {
                 }
             }
         }
-        Err(CredentialError::Unavailable {
-            source_name: "Entra ID".into(),
-            reason: if self.only {
+        Err(CredentialError::unavailable(
+            "Entra ID",
+            if self.only {
                 tried.join("; ")
             } else {
                 format!("no Entra credential worked: {}", tried.join("; "))
             },
-        })
+        ))
     }
 }
 
@@ -160,6 +160,7 @@ mod tests {
     use super::*;
     use crate::entra::test_server::{json, options, TestServer};
     use crate::secret::Secret;
+    use crate::tunnel::http::error_chain;
 
     /// Nothing configured, IMDS refused, no `az`, no terminal.
     fn bare_environment(imds: std::net::SocketAddr, path: &std::path::Path) -> Environment {
@@ -183,7 +184,7 @@ mod tests {
         let mut opts = options("http://127.0.0.1:9");
         opts.config_dir = config.path().to_path_buf();
         let chain = EntraChain::new(&opts, &bare_environment(imds, empty.path()));
-        let err = chain.fetch().await.unwrap_err().to_string();
+        let err = error_chain(&chain.fetch().await.unwrap_err());
         assert!(err.starts_with("Entra ID: no Entra credential worked: environment: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH not set; workload identity: AZURE_FEDERATED_TOKEN_FILE not set; managed identity: IMDS at http://127.0.0.1:"), "{err}");
         assert!(err.contains("; Azure CLI: `az` is not on PATH; device code: skipped (stderr is not a terminal; pass --auth device-code)"), "{err}");
         assert_eq!(chain.describe(), "Entra ID");
@@ -191,7 +192,7 @@ mod tests {
         // With --auth, only that source, and its own message.
         opts.only = Some(SourceKind::AzureCli);
         let chain = EntraChain::new(&opts, &bare_environment(imds, empty.path()));
-        let err = chain.fetch().await.unwrap_err().to_string();
+        let err = error_chain(&chain.fetch().await.unwrap_err());
         assert_eq!(err, "Entra ID: Azure CLI: `az` is not on PATH");
     }
 
@@ -220,7 +221,7 @@ mod tests {
         env.client_secret = Some(Secret::new("wrong"));
         let before = server.requests().len();
         let chain = EntraChain::new(&opts, &env);
-        let err = chain.fetch().await.unwrap_err().to_string();
+        let err = error_chain(&chain.fetch().await.unwrap_err());
         assert!(
             err.contains("environment: service principal: http://127.0.0.1:")
                 && err.contains("AADSTS7000215"),

@@ -60,7 +60,7 @@ impl ClientCredential {
             if missing == ["AZURE_TENANT_ID"] {
                 reason.push_str(" (a service principal needs its tenant: set it or pass --tenant)");
             }
-            return Err(SourceError::NotConfigured(reason));
+            return Err(SourceError::NotConfigured(reason.into()));
         }
         let proof = match (&env.client_secret, &env.client_certificate_path) {
             (Some(secret), _) => Proof::Secret(secret.clone()),
@@ -102,20 +102,22 @@ impl ClientCredential {
             Proof::Secret(secret) => form.push(("client_secret", secret.expose())),
             Proof::Certificate(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    SourceError::Failed(format!(
-                        "cannot read AZURE_CLIENT_CERTIFICATE_PATH {}: {e}",
-                        path.display()
+                    SourceError::Failed(super::Reason::new(
+                        format!(
+                            "cannot read AZURE_CLIENT_CERTIFICATE_PATH {}",
+                            path.display()
+                        ),
+                        e,
                     ))
                 })?;
                 let cert = CertificateKey::from_pem(&pem).map_err(|e| {
-                    SourceError::Failed(format!(
-                        "AZURE_CLIENT_CERTIFICATE_PATH {}: {e}",
-                        path.display()
-                    ))
+                    SourceError::Failed(
+                        format!("AZURE_CLIENT_CERTIFICATE_PATH {}: {e}", path.display()).into(),
+                    )
                 })?;
                 assertion = cert
                     .assertion(&self.client_id, &self.token_url, unix_now())
-                    .map_err(SourceError::Failed)?;
+                    .map_err(|r| SourceError::Failed(r.into()))?;
                 form.push(("client_assertion_type", JWT_BEARER));
                 form.push(("client_assertion", assertion.expose()));
             }
@@ -329,7 +331,7 @@ mod tests {
         env.client_certificate_password_set = true;
         let err = ClientCredential::from_env(&env, &opts).err().unwrap();
         assert!(
-            matches!(err, SourceError::Failed(ref r) if r.contains("not supported")),
+            matches!(err, SourceError::Failed(ref r) if r.text().contains("not supported")),
             "{err:?}"
         );
     }
@@ -348,9 +350,8 @@ mod tests {
         };
         let source = ClientCredential::from_env(&env, &options(&server.base)).unwrap();
         let err = source.get().await.unwrap_err();
-        let SourceError::Failed(reason) = err else {
-            panic!("{err:?}")
-        };
+        assert!(matches!(err, SourceError::Failed(_)), "{err:?}");
+        let reason = err.reason();
         assert!(
             reason.contains("AADSTS7000215") && reason.contains("127.0.0.1"),
             "{reason}"
@@ -359,11 +360,10 @@ mod tests {
         let err = ClientCredential::from_env(&Environment::default(), &options(&server.base))
             .err()
             .unwrap();
+        assert!(matches!(err, SourceError::NotConfigured(_)), "{err:?}");
         assert_eq!(
-            err,
-            SourceError::NotConfigured(
-                "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH not set".into()
-            )
+            err.reason(),
+            "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH not set"
         );
     }
 }

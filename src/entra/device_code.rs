@@ -7,6 +7,7 @@
 //! rewrites the file with the new refresh token Entra returns. A cached token Entra rejects is
 //! deleted and the user is asked to sign in again, when a prompt is allowed.
 
+use crate::tunnel::http::error_chain;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -187,10 +188,10 @@ impl DeviceCode {
                 Ok(resp) => return Ok(self.remember(resp)),
                 // Revoked, expired, or new conditions (MFA) apply: only a new sign-in helps.
                 Err(e) if matches!(e.code(), Some("invalid_grant" | "interaction_required")) => {
-                    tracing::info!(error = %e, "the cached Entra sign-in was rejected; it is deleted");
+                    tracing::info!(error = %error_chain(&e), "the cached Entra sign-in was rejected; it is deleted");
                     self.cache.delete();
                     *self.refresh_token.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    rejected = Some(e.to_string());
+                    rejected = Some(error_chain(&e));
                 }
                 Err(e) => return Err(e.into_source_error("device code (cached sign-in)")),
             }
@@ -199,7 +200,7 @@ impl DeviceCode {
             return Err(SourceError::Unavailable(match rejected {
                 Some(why) => format!("the cached sign-in was rejected ({why}) and stderr is not a terminal to sign in again; pass --auth device-code"),
                 None => "skipped (stderr is not a terminal; pass --auth device-code)".into(),
-            }));
+            }.into()));
         }
         self.sign_in().await
     }
@@ -390,7 +391,7 @@ mod tests {
         let flow = DeviceCode::new(&opts, "t", false);
         let err = flow.get().await.unwrap_err();
         assert!(
-            matches!(err, SourceError::Unavailable(ref r) if r.contains("rejected") && r.contains("--auth device-code")),
+            matches!(err, SourceError::Unavailable(ref r) if r.text().contains("rejected") && r.text().contains("--auth device-code")),
             "{err:?}"
         );
         assert!(!err.reason().contains("old-rt"));

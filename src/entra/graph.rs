@@ -2,6 +2,7 @@
 //! `groups` claim out when an identity is in more than 200 groups. Arc refuses such users;
 //! the agent looks their groups up with its own identity and caches the answer briefly.
 
+use crate::tunnel::http::error_chain;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,7 +64,7 @@ impl GroupResolver {
             .credential
             .token()
             .await
-            .map_err(|e| format!("no token for Microsoft Graph: {e}"))?;
+            .map_err(|e| format!("no token for Microsoft Graph: {}", error_chain(&e)))?;
         let url = format!(
             "{}/v1.0/directoryObjects/{}/getMemberObjects",
             self.graph,
@@ -79,7 +80,7 @@ impl GroupResolver {
                 &serde_json::json!({ "securityEnabledOnly": true }),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| error_chain(&e))?;
         if !resp.status.is_success() {
             let hint = match resp.status.as_u16() {
                 401 | 403 => " (the agent's identity needs the Microsoft Graph application permission GroupMember.Read.All or Directory.Read.All)",
@@ -95,7 +96,7 @@ impl GroupResolver {
         struct Members {
             value: Vec<String>,
         }
-        let members: Members = resp.json(&url).map_err(|e| e.to_string())?;
+        let members: Members = resp.json(&url).map_err(|e| error_chain(&e))?;
         let groups = Arc::new(members.value);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {

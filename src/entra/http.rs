@@ -15,24 +15,32 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 use serde::de::DeserializeOwned;
 
-use crate::tunnel::http::error_chain;
-
 /// Identity responses are a few KiB; a Key Vault page or Graph member list a few hundred.
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
+/// A cause whose type varies (hyper, http, or a plain message).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("{url}: {reason}")]
+    /// `step` names what failed ("sending the request", "reading the response", ...).
+    #[error("{url}: {step}")]
     Transport {
         url: String,
-        reason: String,
+        step: String,
+        #[source]
+        source: BoxError,
         /// The connection attempt itself timed out (an endpoint that is not there).
         connect_timed_out: bool,
     },
     #[error("{url}: no answer within {}s", .after.as_secs())]
     Timeout { url: String, after: Duration },
-    #[error("{url}: response is not the expected JSON: {reason}")]
-    Decode { url: String, reason: String },
+    #[error("{url}: response is not the expected JSON")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 #[derive(Debug)]
@@ -46,7 +54,7 @@ impl HttpResponse {
     pub fn json<T: DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
         serde_json::from_slice(&self.body).map_err(|e| HttpError::Decode {
             url: redact(url),
-            reason: e.to_string(),
+            source: e,
         })
     }
 
@@ -154,21 +162,26 @@ impl HttpClient {
         body: Bytes,
     ) -> Result<HttpResponse, HttpError> {
         let shown = redact(url);
-        let transport = |reason: String| HttpError::Transport {
+        let transport = |step: String, source: BoxError| HttpError::Transport {
             url: shown.clone(),
-            reason,
+            step,
+            source,
             connect_timed_out: false,
         };
         let mut req = Request::builder()
             .method(method)
             .uri(url)
             .body(Full::new(body))
-            .map_err(|e| transport(format!("not a valid request: {e}")))?;
+            .map_err(|e| transport("not a valid request".into(), e.into()))?;
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| transport(format!("header {name}: {e}")))?;
-            let value = HeaderValue::from_str(value).map_err(|_| {
-                transport(format!("header {name} has characters HTTP does not allow"))
+                .map_err(|e| transport(format!("header {name}"), e.into()))?;
+            // The value's own error would say nothing more; the value may be a secret.
+            let value = HeaderValue::from_str(value).map_err(|e| {
+                transport(
+                    format!("header {name} has characters HTTP does not allow"),
+                    e.into(),
+                )
             })?;
             req.headers_mut().append(name, value);
         }
@@ -179,14 +192,15 @@ impl HttpClient {
                 .await
                 .map_err(|e| HttpError::Transport {
                     url: shown.clone(),
-                    reason: error_chain(&e),
+                    step: "sending the request".into(),
                     connect_timed_out: e.is_connect() && has_timed_out_io(&e),
+                    source: e.into(),
                 })?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| transport(format!("reading the response: {e}")))?
+                .map_err(|e| transport("reading the response".into(), e))?
                 .to_bytes();
             Ok(HttpResponse {
                 status: parts.status,

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::tunnel::http::error_chain;
+
 use super::http::{plain_http_client, HttpClient, HttpError, HttpResponse};
 use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::{decode, EndpointError};
@@ -56,7 +58,7 @@ impl ManagedIdentity {
             }),
             _ => ManagedIdentity::Imds(Imds {
                 http: plain_http_client(PROBE_CONNECT_TIMEOUT, REQUEST_TIMEOUT).map_err(|e| {
-                    SourceError::Unavailable(format!("no HTTP client for IMDS: {e}"))
+                    SourceError::Unavailable(super::Reason::new("no HTTP client for IMDS", e))
                 })?,
                 base: env
                     .imds_base
@@ -111,25 +113,28 @@ impl Imds {
         let known = self.answered.load(Ordering::Relaxed);
         let resp = match self.http.get(&url, &[("Metadata", "true")]).await {
             Ok(resp) => resp,
-            Err(e) if !known => return Err(SourceError::Unavailable(self.unreachable(&e))),
-            Err(e) => return Err(SourceError::Failed(format!("IMDS: {e}"))),
+            Err(e) if !known => return Err(SourceError::Unavailable(self.unreachable(&e).into())),
+            Err(e) => return Err(SourceError::Failed(super::Reason::new("IMDS", e))),
         };
         let looks_like_imds = resp.status.is_success() || is_json(&resp);
         if !known && !looks_like_imds {
             // Another cloud's metadata service, or a captive proxy, at the same address.
-            return Err(SourceError::Unavailable(format!(
-                "{} answered HTTP {} but is not Azure IMDS",
-                self.base, resp.status
-            )));
+            return Err(SourceError::Unavailable(
+                format!(
+                    "{} answered HTTP {} but is not Azure IMDS",
+                    self.base, resp.status
+                )
+                .into(),
+            ));
         }
         self.answered.store(true, Ordering::Relaxed);
         match decode::<TokenResponse>(&url, &resp) {
             Ok(token) => Ok(token.into_expiring().0),
             // IMDS says 400 when the VM has no identity, or not the one AZURE_CLIENT_ID names.
             Err(e) if resp.status == StatusCode::BAD_REQUEST => {
-                Err(SourceError::Unavailable(format!(
-                    "IMDS at {} has no matching managed identity: {e}",
-                    self.base
+                Err(SourceError::Unavailable(super::Reason::new(
+                    format!("IMDS at {} has no matching managed identity", self.base),
+                    e,
                 )))
             }
             Err(e) => Err(e.into_source_error("IMDS")),
@@ -152,8 +157,8 @@ impl Imds {
             )
         } else {
             let reason = match e {
-                HttpError::Transport { reason, .. } => reason.clone(),
-                other => other.to_string(),
+                HttpError::Transport { source, .. } => error_chain(source.as_ref()),
+                other => error_chain(other),
             };
             format!("IMDS at {} is not reachable: {reason}", self.base)
         }
@@ -180,7 +185,7 @@ impl Himds {
             .append_pair("resource", &self.resource)
             .finish();
         let url = format!("{}?{query}", self.endpoint);
-        let fail = |e: HttpError| SourceError::Failed(format!("Azure Arc HIMDS: {e}"));
+        let fail = |e: HttpError| SourceError::Failed(super::Reason::new("Azure Arc HIMDS", e));
         let challenge = self
             .http
             .get(&url, &[("Metadata", "true")])
@@ -189,12 +194,15 @@ impl Himds {
         if challenge.status != StatusCode::UNAUTHORIZED {
             let err = decode::<TokenResponse>(&url, &challenge)
                 .err()
-                .map(|e| e.to_string())
+                .map(|e| error_chain(&e))
                 .unwrap_or_else(|| "a token without the challenge".into());
-            return Err(SourceError::Failed(format!(
-                "Azure Arc HIMDS answered HTTP {} instead of the expected 401 challenge: {err}",
-                challenge.status
-            )));
+            return Err(SourceError::Failed(
+                format!(
+                    "Azure Arc HIMDS answered HTTP {} instead of the expected 401 challenge: {err}",
+                    challenge.status
+                )
+                .into(),
+            ));
         }
         let realm = challenge
             .header("www-authenticate")
@@ -228,7 +236,7 @@ impl Himds {
 /// The secret in a HIMDS challenge file, once the file passed the checks that keep a hostile
 /// endpoint from making us send an arbitrary local file.
 pub fn read_challenge(path: &Path, allowed_dir: &Path) -> Result<Secret, SourceError> {
-    let fail = |reason: String| SourceError::Failed(format!("Azure Arc HIMDS: {reason}"));
+    let fail = |reason: String| SourceError::Failed(format!("Azure Arc HIMDS: {reason}").into());
     let shown = path.display();
     let dir = std::fs::canonicalize(allowed_dir).map_err(|e| {
         fail(format!(
@@ -333,7 +341,7 @@ mod tests {
         let source = ManagedIdentity::from_env(&env, &options("http://unused")).unwrap();
         let err = source.attempt().await.unwrap_err();
         assert!(
-            matches!(err, SourceError::Unavailable(ref r) if r.contains("not reachable")),
+            matches!(err, SourceError::Unavailable(ref r) if r.text().contains("not reachable")),
             "{err:?}"
         );
         // Something else at the address: HTML 404.
@@ -347,7 +355,7 @@ mod tests {
         let source = ManagedIdentity::from_env(&env, &options("http://unused")).unwrap();
         let err = source.attempt().await.unwrap_err();
         assert!(
-            matches!(err, SourceError::Unavailable(ref r) if r.contains("not Azure IMDS")),
+            matches!(err, SourceError::Unavailable(ref r) if r.text().contains("not Azure IMDS")),
             "{err:?}"
         );
     }

@@ -89,18 +89,18 @@ impl OAuthError {
 /// Why a credential source gave no token. The chain moves on after `NotConfigured` and
 /// `Unavailable` and stops at `Failed`: a configured identity that Entra rejects must be fixed,
 /// not silently replaced by whichever identity comes next (azure-identity's rule too).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SourceError {
     /// The source's settings are absent (environment variables, `az` on PATH).
-    NotConfigured(String),
+    NotConfigured(Reason),
     /// Configured, but not usable here (no IMDS answering, `az` not logged in, no terminal).
-    Unavailable(String),
+    Unavailable(Reason),
     /// Configured and tried, and the identity provider or the source itself refused.
-    Failed(String),
+    Failed(Reason),
 }
 
 impl SourceError {
-    pub fn reason(&self) -> &str {
+    pub fn cause(&self) -> &Reason {
         match self {
             SourceError::NotConfigured(r)
             | SourceError::Unavailable(r)
@@ -108,11 +108,58 @@ impl SourceError {
         }
     }
 
+    /// The reason and everything under it, on one line.
+    pub fn reason(&self) -> String {
+        crate::tunnel::http::error_chain(self.cause())
+    }
+
     pub fn into_credential_error(self, source_name: &str) -> crate::auth::CredentialError {
-        crate::auth::CredentialError::Unavailable {
-            source_name: source_name.to_string(),
-            reason: self.reason().to_string(),
+        let reason = match self {
+            SourceError::NotConfigured(r)
+            | SourceError::Unavailable(r)
+            | SourceError::Failed(r) => r,
+        };
+        crate::auth::CredentialError::unavailable(source_name, reason)
+    }
+}
+
+/// Why a source gave no token: a message, and the lower error it comes from when there is one
+/// (shared, because the chain keeps a source's set-up error and answers it again).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{text}")]
+pub struct Reason {
+    text: String,
+    #[source]
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Reason {
+    /// `text`, caused by `source` (which is not repeated in `text`).
+    pub fn new(
+        text: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Reason {
+            text: text.into(),
+            source: Some(std::sync::Arc::new(source)),
         }
+    }
+
+    /// The message alone, without the lower error.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl From<String> for Reason {
+    fn from(text: String) -> Self {
+        Reason { text, source: None }
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(text: &str) -> Self {
+        Reason::from(text.to_string())
     }
 }
 

@@ -26,10 +26,34 @@ pub enum EndpointError {
         status: StatusCode,
         excerpt: String,
     },
-    #[error("{host} answered HTTP 200 but not with the expected JSON ({reason})")]
-    Malformed { host: String, reason: String },
+    #[error("{host} answered HTTP 200 but not with the expected JSON")]
+    Malformed {
+        host: String,
+        #[source]
+        source: JsonPosition,
+    },
     #[error(transparent)]
     Http(#[from] HttpError),
+}
+
+/// Where and how a successful answer's JSON did not fit: serde's own message can quote a
+/// value it did not expect (a token), so only the category and position are kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{category:?} at line {line} column {column}")]
+pub struct JsonPosition {
+    pub category: serde_json::error::Category,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl JsonPosition {
+    fn of(e: &serde_json::Error) -> Self {
+        JsonPosition {
+            category: e.classify(),
+            line: e.line(),
+            column: e.column(),
+        }
+    }
 }
 
 impl EndpointError {
@@ -45,7 +69,7 @@ impl EndpointError {
     /// (`Failed`); a network problem may clear by itself but is still a failure of a configured
     /// source, so the chain does not fall through to another identity either.
     pub fn into_source_error(self, source: &str) -> SourceError {
-        SourceError::Failed(format!("{source}: {self}"))
+        SourceError::Failed(super::Reason::new(source, self))
     }
 }
 
@@ -103,12 +127,7 @@ pub fn decode<T: DeserializeOwned>(url: &str, resp: &HttpResponse) -> Result<T, 
         // serde's message can quote a value it did not expect; only its position is safe to show.
         return serde_json::from_slice(&resp.body).map_err(|e| EndpointError::Malformed {
             host,
-            reason: format!(
-                "{:?} at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            ),
+            source: JsonPosition::of(&e),
         });
     }
     match serde_json::from_slice::<OAuthError>(&resp.body) {

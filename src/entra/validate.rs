@@ -5,7 +5,7 @@
 //! tenant on an allow list. Every rejection names the check that failed.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,8 +16,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::http::HttpClient;
+use super::http::{HttpClient, HttpError};
 use super::Authority;
+use crate::tunnel::http::error_chain;
 
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY: Duration = Duration::from_secs(5 * 60);
@@ -59,7 +60,7 @@ impl EntraIdentity {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum Rejected {
     #[error("the token is not a well-formed JWT: {0}")]
     Malformed(String),
@@ -81,8 +82,21 @@ pub enum Rejected {
     NotYetValid(u64),
     #[error("the token has no {0} claim")]
     MissingClaim(&'static str),
-    #[error("the tenant's signing keys cannot be fetched: {0}")]
-    KeysUnavailable(String),
+    /// Shared: the same failure is kept and answered until the next fetch is due.
+    #[error("the tenant's signing keys cannot be fetched")]
+    KeysUnavailable(#[source] Arc<KeysError>),
+}
+
+/// Why fetching a tenant's signing keys failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("{url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
 }
 
 /// The claims read before the signature is checked: only to pick the tenant, issuer and key.
@@ -124,7 +138,7 @@ struct TenantKeys {
     fetched_at: Option<Instant>,
     /// The last attempt, successful or not.
     attempted_at: Instant,
-    last_error: Option<String>,
+    last_error: Option<Arc<KeysError>>,
 }
 
 pub struct Validator {
@@ -364,7 +378,8 @@ impl Validator {
                     .ok_or_else(|| Rejected::UnknownKey(kid.chars().take(64).collect()))
             }
             Err(e) => {
-                tracing::warn!(tenant, error = %e, "fetching Entra signing keys failed; keeping the keys already known");
+                tracing::warn!(tenant, error = %error_chain(&e), "fetching Entra signing keys failed; keeping the keys already known");
+                let e = Arc::new(e);
                 entry.last_error = Some(e.clone());
                 known.ok_or(Rejected::KeysUnavailable(e))
             }
@@ -389,30 +404,28 @@ impl Validator {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn fetch_keys(&self, tenant: &str) -> Result<HashMap<String, DecodingKey>, String> {
+    async fn fetch_keys(&self, tenant: &str) -> Result<HashMap<String, DecodingKey>, KeysError> {
         #[derive(Deserialize)]
         struct Discovery {
             jwks_uri: String,
         }
         let discovery_url = self.config.authority.openid_configuration(tenant);
-        let resp = self
-            .http
-            .get(&discovery_url, &[])
-            .await
-            .map_err(|e| e.to_string())?;
+        let resp = self.http.get(&discovery_url, &[]).await?;
         if !resp.status.is_success() {
-            return Err(format!("{discovery_url}: HTTP {}", resp.status));
+            return Err(KeysError::Status {
+                url: discovery_url,
+                status: resp.status,
+            });
         }
-        let discovery: Discovery = resp.json(&discovery_url).map_err(|e| e.to_string())?;
-        let resp = self
-            .http
-            .get(&discovery.jwks_uri, &[])
-            .await
-            .map_err(|e| e.to_string())?;
+        let discovery: Discovery = resp.json(&discovery_url)?;
+        let resp = self.http.get(&discovery.jwks_uri, &[]).await?;
         if !resp.status.is_success() {
-            return Err(format!("{}: HTTP {}", discovery.jwks_uri, resp.status));
+            return Err(KeysError::Status {
+                url: discovery.jwks_uri,
+                status: resp.status,
+            });
         }
-        let set: JwkSet = resp.json(&discovery.jwks_uri).map_err(|e| e.to_string())?;
+        let set: JwkSet = resp.json(&discovery.jwks_uri)?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             // Only RSA keys verify RS256; anything else in the set is not ours to use.
@@ -476,27 +489,27 @@ mod tests {
             serde_json::json!({"iss": iss, "tid": TENANT}),
         );
         assert!(v.is_entra_token(&none));
-        assert_eq!(
+        assert!(matches!(
             v.validate(&none).await,
-            Err(Rejected::Algorithm("none".into()))
-        );
+            Err(Rejected::Algorithm(ref a)) if a == "none"
+        ));
         let hmac = jwt(
             serde_json::json!({"alg": "HS256", "kid": "k"}),
             serde_json::json!({"iss": iss, "tid": TENANT}),
         );
-        assert_eq!(
+        assert!(matches!(
             v.validate(&hmac).await,
-            Err(Rejected::Algorithm("HS256".into()))
-        );
+            Err(Rejected::Algorithm(ref a)) if a == "HS256"
+        ));
         let other = "f8cdef31-a31e-4b4a-93e4-5f571e91255a";
         let foreign = jwt(
             serde_json::json!({"alg": "RS256", "kid": "k"}),
             serde_json::json!({"iss": format!("https://sts.windows.net/{other}/"), "tid": other}),
         );
-        assert_eq!(
+        assert!(matches!(
             v.validate(&foreign).await,
-            Err(Rejected::Tenant(other.into()))
-        );
+            Err(Rejected::Tenant(ref t)) if t == other
+        ));
         let wrong_iss = jwt(
             serde_json::json!({"alg": "RS256", "kid": "k"}),
             serde_json::json!({"iss": "https://sts.windows.net/someone-else/", "tid": TENANT}),

@@ -36,10 +36,13 @@ impl WorkloadIdentity {
             missing.push("AZURE_TENANT_ID (or --tenant)");
         }
         if !missing.is_empty() {
-            return Err(SourceError::NotConfigured(format!(
-                "AZURE_FEDERATED_TOKEN_FILE is set but {} is not",
-                missing.join(" and ")
-            )));
+            return Err(SourceError::NotConfigured(
+                format!(
+                    "AZURE_FEDERATED_TOKEN_FILE is set but {} is not",
+                    missing.join(" and ")
+                )
+                .into(),
+            ));
         }
         Ok(WorkloadIdentity {
             http: opts.http.clone(),
@@ -52,17 +55,23 @@ impl WorkloadIdentity {
 
     async fn get(&self) -> Result<ExpiringToken, SourceError> {
         let assertion = std::fs::read_to_string(&self.token_file).map_err(|e| {
-            SourceError::Failed(format!(
-                "cannot read AZURE_FEDERATED_TOKEN_FILE {}: {e}",
-                self.token_file.display()
+            SourceError::Failed(super::Reason::new(
+                format!(
+                    "cannot read AZURE_FEDERATED_TOKEN_FILE {}",
+                    self.token_file.display()
+                ),
+                e,
             ))
         })?;
         let assertion = crate::secret::Secret::new(assertion.trim());
         if assertion.expose().is_empty() {
-            return Err(SourceError::Failed(format!(
-                "AZURE_FEDERATED_TOKEN_FILE {} is empty",
-                self.token_file.display()
-            )));
+            return Err(SourceError::Failed(
+                format!(
+                    "AZURE_FEDERATED_TOKEN_FILE {} is empty",
+                    self.token_file.display()
+                )
+                .into(),
+            ));
         }
         let form = [
             ("grant_type", "client_credentials"),

@@ -956,10 +956,7 @@ mod tests {
     struct NoCredentials;
     impl VaultCredentials for NoCredentials {
         fn credential(&self, _: &Challenge) -> Result<Arc<dyn CredentialSource>, CredentialError> {
-            Err(CredentialError::Unavailable {
-                source_name: "test".into(),
-                reason: "none".into(),
-            })
+            Err(CredentialError::unavailable("test", "none"))
         }
     }
 
