@@ -142,7 +142,7 @@ impl Authenticator {
         {
             Ok(groups) => Ok(groups.as_ref().clone()),
             Err(e) => {
-                tracing::warn!(error = %e, object_id = %identity.object_id, "group lookup in Microsoft Graph failed");
+                tracing::warn!(error = %crate::tunnel::http::error_chain(&e), object_id = %identity.object_id, "group lookup in Microsoft Graph failed");
                 Err(unauthorized(&format!(
                     "your token has more than 200 groups (a groups overage) and the agent could not look them up in Microsoft Graph (the agent's log says why). {workaround}"
                 )))

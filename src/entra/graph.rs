@@ -2,7 +2,6 @@
 //! `groups` claim out when an identity is in more than 200 groups. Arc refuses such users;
 //! the agent looks their groups up with its own identity and caches the answer briefly.
 
-use crate::tunnel::http::error_chain;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +29,22 @@ const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANU
 /// Groups of one identity and when they were looked up.
 type Cached = (Arc<Vec<String>>, Instant);
 
+/// Why a group lookup in Microsoft Graph failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("no token for Microsoft Graph")]
+    Token(#[source] crate::auth::CredentialError),
+    #[error("Microsoft Graph request failed")]
+    Http(#[source] super::http::HttpError),
+    #[error("{url}: HTTP {status}{hint}: {body}")]
+    Refused {
+        url: String,
+        status: u16,
+        hint: &'static str,
+        body: String,
+    },
+}
+
 pub struct GroupResolver {
     http: HttpClient,
     /// Graph base URL, e.g. `https://graph.microsoft.com`.
@@ -55,16 +70,12 @@ impl GroupResolver {
         &self,
         tenant: &str,
         object_id: &str,
-    ) -> Result<Arc<Vec<String>>, String> {
+    ) -> Result<Arc<Vec<String>>, GraphError> {
         let key = format!("{tenant}/{object_id}");
         if let Some(groups) = self.cached(&key) {
             return Ok(groups);
         }
-        let token = self
-            .credential
-            .token()
-            .await
-            .map_err(|e| format!("no token for Microsoft Graph: {}", error_chain(&e)))?;
+        let token = self.credential.token().await.map_err(GraphError::Token)?;
         let url = format!(
             "{}/v1.0/directoryObjects/{}/getMemberObjects",
             self.graph,
@@ -80,23 +91,24 @@ impl GroupResolver {
                 &serde_json::json!({ "securityEnabledOnly": true }),
             )
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(GraphError::Http)?;
         if !resp.status.is_success() {
             let hint = match resp.status.as_u16() {
                 401 | 403 => " (the agent's identity needs the Microsoft Graph application permission GroupMember.Read.All or Directory.Read.All)",
                 _ => "",
             };
-            return Err(format!(
-                "{url}: HTTP {}{hint}: {}",
-                resp.status,
-                resp.text_excerpt()
-            ));
+            return Err(GraphError::Refused {
+                url,
+                status: resp.status.as_u16(),
+                hint,
+                body: resp.text_excerpt(),
+            });
         }
         #[derive(Deserialize)]
         struct Members {
             value: Vec<String>,
         }
-        let members: Members = resp.json(&url).map_err(|e| error_chain(&e))?;
+        let members: Members = resp.json(&url).map_err(GraphError::Http)?;
         let groups = Arc::new(members.value);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
