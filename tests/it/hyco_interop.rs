@@ -39,20 +39,27 @@ fn hyco_available() -> bool {
     false
 }
 
+/// The relay's CA for node (`NODE_EXTRA_CA_CERTS`), in a directory removed with the test.
+fn ca_file(relay: &Relay) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = dir.path().join("relay-ca.pem");
+    std::fs::write(&ca, &relay.ca_pem).expect("write CA for node");
+    (dir, ca)
+}
+
 fn node(
     relay: &Relay,
+    ca: &Path,
     script: &str,
     path: &str,
     key: (&str, &str),
     extra: &[(&str, String)],
 ) -> Command {
     let dir = interop_dir();
-    let ca = dir.join(format!("target-ca-{}.pem", relay.addr.port()));
-    std::fs::write(&ca, &relay.ca_pem).expect("write CA for node");
     let mut cmd = Command::new("node");
     cmd.arg(dir.join(script))
         .current_dir(&dir)
-        .env("NODE_EXTRA_CA_CERTS", &ca)
+        .env("NODE_EXTRA_CA_CERTS", ca)
         .env("RELAY", format!("127.0.0.1:{}", relay.addr.port()))
         .env("PATH_NAME", path)
         .env("KEY_NAME", key.0)
@@ -68,8 +75,8 @@ fn node(
 }
 
 /// Starts a hyco-ws listener and waits until its control channel is open.
-async fn start_listener(relay: &Relay, path: &str) -> Child {
-    let mut child = node(relay, "listener.js", path, ("listen", LISTEN_KEY), &[])
+async fn start_listener(relay: &Relay, ca: &Path, path: &str) -> Child {
+    let mut child = node(relay, ca, "listener.js", path, ("listen", LISTEN_KEY), &[])
         .spawn()
         .expect("start node");
     let stdout = child.stdout.take().expect("stdout");
@@ -95,8 +102,8 @@ async fn start_listener(relay: &Relay, path: &str) -> Child {
 }
 
 /// Runs the hyco-ws sender to its end and returns its JSON report.
-async fn send(relay: &Relay, path: &str, extra: &[(&str, String)]) -> serde_json::Value {
-    let child = node(relay, "sender.js", path, ("send", SEND_KEY), extra)
+async fn send(relay: &Relay, ca: &Path, path: &str, extra: &[(&str, String)]) -> serde_json::Value {
+    let child = node(relay, ca, "sender.js", path, ("send", SEND_KEY), extra)
         .spawn()
         .expect("start node");
     let out = tokio::time::timeout(WITHIN + Duration::from_secs(5), child.wait_with_output())
@@ -119,14 +126,16 @@ async fn hyco_ws_listener_and_sender_talk_through_our_relay() {
         return;
     }
     let relay = Relay::start().await;
-    let mut listener = start_listener(&relay, "hyco-echo").await;
+    let (_ca_dir, ca) = ca_file(&relay);
+    let mut listener = start_listener(&relay, &ca, "hyco-echo").await;
 
-    let plain = send(&relay, "hyco-echo", &[]).await;
+    let plain = send(&relay, &ca, "hyco-echo", &[]).await;
     assert_eq!(plain["replyOk"], true, "{plain}");
 
     // The subprotocol the listener picked reaches the sender in the 101, as Azure Relay does.
     let negotiated = send(
         &relay,
+        &ca,
         "hyco-echo",
         &[("PROTOCOLS", "chat.v1,chat.v2".into())],
     )
@@ -137,6 +146,7 @@ async fn hyco_ws_listener_and_sender_talk_through_our_relay() {
     // A message larger than any one frame of ours crosses intact both ways.
     let big = send(
         &relay,
+        &ca,
         "hyco-echo",
         &[("BYTES", (3 * 1024 * 1024).to_string())],
     )
