@@ -28,6 +28,10 @@ use crate::tunnel::protocol::{
 use crate::tunnel::sas::unix_now;
 use crate::tunnel::upgrade::{is_websocket, server_stream, switching_protocols};
 
+/// Longest `/$hc/` path (a connection name of up to 260 characters plus a suffix) a sender
+/// may use.
+const MAX_HC_PATH: usize = 1024;
+
 /// How long an accept address stays usable, as in Azure Relay.
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -266,6 +270,14 @@ async fn connect(
 ) -> Response<Body> {
     if let Some(refused) = id_too_long(target, ctx) {
         return refused;
+    }
+    // Routing below looks up each `/`-bounded prefix before the caller is authenticated:
+    // bounded by this, not by how long a request line the caller sends.
+    if target.entity.len() > MAX_HC_PATH {
+        return text(
+            414,
+            format!("hybrid connection path longer than {MAX_HC_PATH} characters"),
+        );
     }
     // `/$hc/<name>/more/path`: the longest name with listeners takes it, as Azure Relay routes.
     let (entity, suffix) = route(&ctx.rendezvous, &target.entity);

@@ -861,6 +861,15 @@ async fn quotas_are_enforced_with_documented_statuses() {
     }
     assert!(again.is_some(), "a freed listener slot is usable again");
 
+    // A path of thousands of segments is refused before any routing work.
+    let deep = format!(
+        "wss://127.0.0.1:{}/$hc/{}?sb-hc-action=connect",
+        relay.addr.port(),
+        "a/".repeat(4000) + "a"
+    );
+    let (status, _) = expect_rejected(dial(&deep, Some(&send_token(&relay)), tls).await);
+    assert_eq!(status, 414);
+
     let long_id = "x".repeat(10 * 1024);
     let (status, description) = expect_rejected(
         dial(

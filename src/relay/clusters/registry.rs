@@ -56,7 +56,8 @@ impl Registry {
         let permit = tokio::time::timeout(STORE_WAIT, self.workers.clone().acquire_owned())
             .await
             .map_err(|_| ApiError::Busy(STORE_WAIT))?
-            .expect("the workers' semaphore is never closed");
+            // The semaphore is never closed; were it ever, callers would be told "busy".
+            .map_err(|_| ApiError::Busy(STORE_WAIT))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
