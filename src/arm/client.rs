@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::report::{signed_message, AgentStatus, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use super::resource::{
-    AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, CredentialResults, ErrorResponse,
-    HybridConnectionConfig, API_VERSION, CLUSTER_USER_ROLE, RESOURCE_TYPE,
+    AccessKeys, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, CredentialResults,
+    ErrorResponse, HybridConnectionConfig, API_VERSION, CLUSTER_USER_ROLE, RESOURCE_TYPE,
 };
 use crate::auth::{CredentialError, CredentialSource};
 use crate::entra::http::{HttpClient, HttpError, HttpResponse};
@@ -182,6 +182,28 @@ impl ManagementClient {
                 .call(Method::POST, &path, Some(&serde_json::json!({})))
                 .await?,
         )
+    }
+
+    /// The agent's Listen rule with both its keys (owners only).
+    pub async fn list_keys(&self, id: &ClusterId) -> Result<AccessKeys, ArmError> {
+        let path = format!("{}/listKeys", id.path());
+        decode(
+            &self
+                .call(Method::POST, &path, Some(&serde_json::json!({})))
+                .await?,
+        )
+    }
+
+    /// A new value for one key, `keyType` being `PrimaryKey`, `SecondaryKey` or `SendKey`;
+    /// what the old value authorized is closed by the relay.
+    pub async fn regenerate_keys(
+        &self,
+        id: &ClusterId,
+        key_type: &str,
+    ) -> Result<AccessKeys, ArmError> {
+        let path = format!("{}/regenerateKeys", id.path());
+        let body = serde_json::json!({ "keyType": key_type });
+        decode(&self.call(Method::POST, &path, Some(&body)).await?)
     }
 
     /// Grants `principal_id` the cluster user role; returns the assignment's name (its id's

@@ -10,7 +10,7 @@ pub use report::{
     agent_key, signed_message, AgentKeyError, AgentStatus, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 pub use resource::{
-    AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, ConnectivityStatus,
+    AccessKeys, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, ConnectivityStatus,
     CredentialResults, ErrorDetail, ErrorResponse, HybridConnectionConfig, IdError, Identity,
     Properties, RequestProperties, SystemData, API_VERSION, CLUSTER_USER_ROLE,
     DEFAULT_SUBSCRIPTION, RESOURCE_TYPE,

@@ -228,6 +228,27 @@ pub struct AgentCredential {
     pub listen_key: String,
 }
 
+/// `listKeys` and `regenerateKeys`' answer, in Azure Relay's shape for an authorization
+/// rule: the agent's Listen rule with both its keys, each also as a key-file line.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessKeys {
+    pub key_name: String,
+    pub primary_key: String,
+    pub secondary_key: String,
+    /// `SharedAccessKeyName=...;SharedAccessKey=...`, what the agent's `--key-file` holds.
+    pub primary_connection_string: String,
+    pub secondary_connection_string: String,
+}
+
+impl std::fmt::Debug for AccessKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKeys")
+            .field("key_name", &self.key_name)
+            .finish_non_exhaustive()
+    }
+}
+
 // Debug without the credentials they carry.
 impl std::fmt::Debug for HybridConnectionConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -2,7 +2,7 @@
 
 use crate::tunnel::sas::{SasError, SasToken};
 
-use super::rule::Rule;
+use super::rule::{Grant, KeyDigest, Rule};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Right {
@@ -21,8 +21,15 @@ impl Right {
     }
 }
 
-/// Returns the token's expiry when it grants `right` on `entity`. `rule` finds a rule by
-/// name: the configured rules, then the registered clusters' own.
+/// A token that grants what was asked: until when, and by which rule and key.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub expiry: u64,
+    pub grant: Grant,
+}
+
+/// Checks that `token` grants `right` on `entity`. `rule` finds a rule by name: the
+/// configured rules, then the registered clusters' own.
 pub fn authorize(
     rule: impl Fn(&str) -> Option<Rule>,
     hosts: &[String],
@@ -30,13 +37,21 @@ pub fn authorize(
     entity: &str,
     right: Right,
     now: u64,
-) -> Result<u64, SasError> {
+) -> Result<Authorized, SasError> {
     let token = SasToken::parse(token)?;
     // An unknown rule reads exactly like a wrong key: a stranger must not learn which rule
     // names (and so which registered clusters) exist.
-    let rule = rule(&token.key_name)
-        .ok_or_else(|| SasError::BadSignature(crate::secret::clip(&token.key_name, 64)))?;
-    token.verify(&rule.key, now)?;
+    let bad_signature = || SasError::BadSignature(crate::secret::clip(&token.key_name, 64));
+    let rule = rule(&token.key_name).ok_or_else(bad_signature)?;
+    let mut verified = Err(bad_signature());
+    for key in rule.keys() {
+        verified = token.verify(key, now).map(|()| KeyDigest::of(key));
+        // Only a wrong signature sends us to the next key; an expired token is expired.
+        if !matches!(verified, Err(SasError::BadSignature(_))) {
+            break;
+        }
+    }
+    let key = verified?;
     // A rule for the whole relay does not reach registered clusters' connections: those take
     // their own keys (or an administrator's), so a relay-wide Listen key cannot receive a
     // registered cluster's traffic.
@@ -61,7 +76,13 @@ pub fn authorize(
             right: right.name(),
         });
     }
-    Ok(token.expiry)
+    Ok(Authorized {
+        expiry: token.expiry,
+        grant: Grant {
+            rule: rule.name.clone(),
+            key,
+        },
+    })
 }
 
 /// Hybrid connections of registered clusters are named `cc-<hash>` (see `ClusterId`); that
@@ -110,6 +131,7 @@ mod tests {
             Rule {
                 name: "listen".into(),
                 key: Secret::new("listen-key-0123456789"),
+                secondary_key: None,
                 listen: true,
                 send: false,
                 manage: false,
@@ -118,6 +140,7 @@ mod tests {
             Rule {
                 name: "send".into(),
                 key: Secret::new("send-key-0123456789"),
+                secondary_key: None,
                 listen: false,
                 send: true,
                 manage: false,
@@ -146,7 +169,7 @@ mod tests {
             100,
         );
         assert_eq!(
-            authorize(find, &hosts, &listen, "c1", Right::Listen, 10),
+            authorize(find, &hosts, &listen, "c1", Right::Listen, 10).map(|a| a.expiry),
             Ok(100)
         );
         assert!(matches!(
@@ -170,7 +193,7 @@ mod tests {
             100,
         );
         assert_eq!(
-            authorize(find, &hosts, &send, "any", Right::Send, 10),
+            authorize(find, &hosts, &send, "any", Right::Send, 10).map(|a| a.expiry),
             Ok(100)
         );
         assert!(matches!(
@@ -186,6 +209,37 @@ mod tests {
         assert!(matches!(
             authorize(find, &hosts, &unknown, "x", Right::Send, 10),
             Err(SasError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn either_key_of_a_rule_grants_and_the_grant_names_which() {
+        let hosts = vec!["relay.test".to_string()];
+        let rule = |name: &str| {
+            (name == "r").then(|| Rule {
+                name: "r".into(),
+                key: Secret::new("primary-key-0123456789"),
+                secondary_key: Some(Secret::new("secondary-key-0123456789")),
+                listen: true,
+                send: false,
+                manage: false,
+                entity: None,
+            })
+        };
+        let uri = "http://relay.test/c1";
+        let by_primary = token("r", "primary-key-0123456789", uri, 100);
+        let by_secondary = token("r", "secondary-key-0123456789", uri, 100);
+        let a = authorize(rule, &hosts, &by_primary, "c1", Right::Listen, 10).unwrap();
+        let b = authorize(rule, &hosts, &by_secondary, "c1", Right::Listen, 10).unwrap();
+        assert_ne!(a.grant, b.grant);
+        let mut renewed = rule("r").unwrap();
+        assert!(renewed.still_grants(&a.grant) && renewed.still_grants(&b.grant));
+        renewed.secondary_key = Some(Secret::new("renewed-key-0123456789"));
+        assert!(renewed.still_grants(&a.grant) && !renewed.still_grants(&b.grant));
+        let expired = token("r", "secondary-key-0123456789", uri, 5);
+        assert!(matches!(
+            authorize(rule, &hosts, &expired, "c1", Right::Listen, 10),
+            Err(SasError::Expired(5))
         ));
     }
 }

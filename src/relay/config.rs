@@ -244,6 +244,7 @@ impl RuleFile {
         Ok(Rule {
             name: self.name.clone(),
             key: Secret::new(key),
+            secondary_key: None,
             listen,
             send,
             manage,

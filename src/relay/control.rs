@@ -1,5 +1,6 @@
 //! A listener's control channel: delivers `accept` messages, takes `renewToken`, keeps the
-//! connection alive with pings, and closes with 1008 when the listener's token lapses.
+//! connection alive with pings, and closes with 1008 when the listener's token lapses or what
+//! authorized it is revoked.
 
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{authorize, check_listener_lifetime, Right};
 use super::rendezvous::{ListenerGuard, ListenersFull, Rendezvous};
-use super::state::Shared;
+use super::rule::{Grant, ListenerGrant};
+use super::state::{rule_changed, Shared};
 use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
 use crate::tunnel::protocol::ControlMessage;
 use crate::tunnel::sas::unix_now;
@@ -31,6 +33,8 @@ struct Channel {
     entity: String,
     /// Unix seconds when the listener's token lapses; a `renewToken` moves it.
     expiry: u64,
+    /// What authorized the listener's current token; the rendezvous it accepts watch it too.
+    grant: ListenerGrant,
     hosts: Vec<String>,
     shared: Shared,
     last_seen: Instant,
@@ -47,18 +51,22 @@ enum Next {
 pub struct Registration {
     pub guard: ListenerGuard,
     pub rx: mpsc::Receiver<ControlMessage>,
+    grant: ListenerGrant,
 }
 
-/// Registers a listener of `entity` reached at `authority`, within the per-connection cap.
+/// Registers a listener of `entity` reached at `authority` and authorized by `grant`, within
+/// the per-connection cap.
 pub fn register(
     rendezvous: &Rendezvous,
     entity: &str,
     authority: String,
+    grant: Grant,
     max: usize,
 ) -> Result<Registration, ListenersFull> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    let guard = rendezvous.add_listener(entity, tx, authority, max)?;
-    Ok(Registration { guard, rx })
+    let grant = ListenerGrant::new(grant);
+    let guard = rendezvous.add_listener(entity, tx, authority, grant.clone(), max)?;
+    Ok(Registration { guard, rx, grant })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -72,12 +80,22 @@ pub async fn run(
     rendezvous: Rendezvous,
     shutdown: CancellationToken,
 ) {
-    let Registration { guard, mut rx } = registration;
+    let Registration {
+        guard,
+        mut rx,
+        grant,
+    } = registration;
+    let mut changes = shared.rule_changes();
+    let stats = shared.stats.clone();
+    stats
+        .listeners_open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener connected");
     let mut channel = Channel {
         ws,
         entity,
         expiry,
+        grant,
         hosts,
         shared,
         last_seen: Instant::now(),
@@ -96,6 +114,7 @@ pub async fn run(
                 tracing::info!(entity = %channel.entity, "listener token expired without renewal");
                 channel.close(CloseCode::Policy, "token expired").await
             }
+            _ = rule_changed(&mut changes) => channel.recheck().await,
             _ = shutdown.cancelled() => channel.close(CloseCode::Restart, "relay shutting down").await,
         };
         if let Next::Stop = next {
@@ -103,6 +122,9 @@ pub async fn run(
         }
     }
     drop(guard);
+    stats
+        .listeners_open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(entity = %channel.entity, listeners = rendezvous.listener_count(&channel.entity), "listener disconnected");
 }
 
@@ -143,10 +165,14 @@ impl Channel {
             Right::Listen,
             now,
         )
-        .and_then(|e| check_listener_lifetime(e, now, shared.limits.max_listener_token_lifetime));
+        .and_then(|a| {
+            check_listener_lifetime(a.expiry, now, shared.limits.max_listener_token_lifetime)?;
+            Ok(a)
+        });
         match authorized {
-            Ok(new_expiry) => {
-                self.expiry = new_expiry;
+            Ok(authorized) => {
+                self.expiry = authorized.expiry;
+                self.grant.set(authorized.grant);
                 tracing::debug!(entity = %self.entity, "listener token renewed");
                 Next::Continue
             }
@@ -155,6 +181,17 @@ impl Channel {
                 self.close(CloseCode::Policy, "renewToken rejected").await
             }
         }
+    }
+
+    /// After a registry change: closes the channel when its grant is gone (the rendezvous it
+    /// accepted see the same and close themselves).
+    async fn recheck(&mut self) -> Next {
+        let grant = self.grant.get();
+        if self.shared.still_authorized(&grant) {
+            return Next::Continue;
+        }
+        tracing::info!(entity = %self.entity, rule = %grant.rule, "listener's authorization revoked; closing it");
+        self.close(CloseCode::Policy, "authorization revoked").await
     }
 
     async fn ping(&mut self) -> Next {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
+use super::rule::ListenerGrant;
 use crate::tunnel::protocol::ControlMessage;
 
 /// How a listener answered one sender.
@@ -31,6 +32,8 @@ struct ListenerEntry {
     /// Where this listener reaches the relay (`host[:port]`, from configuration): the host
     /// its rendezvous addresses name, which is the one host it already trusts.
     authority: String,
+    /// What authorizes this listener now: the rendezvous it accepts end when that is revoked.
+    grant: ListenerGrant,
 }
 
 /// A hybrid connection already has as many listeners as allowed.
@@ -93,6 +96,7 @@ impl Rendezvous {
         entity: &str,
         tx: mpsc::Sender<ControlMessage>,
         authority: String,
+        grant: ListenerGrant,
         max: usize,
     ) -> Result<ListenerGuard, ListenersFull> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -101,7 +105,12 @@ impl Rendezvous {
         if list.len() >= max {
             return Err(ListenersFull { max });
         }
-        list.push(ListenerEntry { id, tx, authority });
+        list.push(ListenerEntry {
+            id,
+            tx,
+            authority,
+            grant,
+        });
         Ok(ListenerGuard {
             rendezvous: self.clone(),
             entity: key(entity),
@@ -115,13 +124,15 @@ impl Rendezvous {
 
     /// Hands the message `msg` makes for a listener (given that listener's relay authority) to
     /// the next listener of `entity` in turn, skipping any whose control channel is full or
-    /// gone. Returns false when no listener took it.
-    pub fn offer(&self, entity: &str, msg: impl Fn(&str) -> ControlMessage) -> bool {
+    /// gone. Returns the grant of the listener that took it, or `None` when none did.
+    pub fn offer(
+        &self,
+        entity: &str,
+        msg: impl Fn(&str) -> ControlMessage,
+    ) -> Option<ListenerGrant> {
         let mut inner = self.lock();
         let k = key(entity);
-        let Some(list) = inner.listeners.get(&k) else {
-            return false;
-        };
+        let list = inner.listeners.get(&k)?;
         let n = list.len();
         let start = inner.cursor.get(&k).copied().unwrap_or(0);
         let mut taken = None;
@@ -133,13 +144,10 @@ impl Rendezvous {
                 break;
             }
         }
-        match taken {
-            Some(idx) => {
-                inner.cursor.insert(k, idx + 1);
-                true
-            }
-            None => false,
-        }
+        let idx = taken?;
+        let grant = inner.listeners[&k][idx].grant.clone();
+        inner.cursor.insert(k, idx + 1);
+        Some(grant)
     }
 
     pub fn add_pending(&self, id: &str, entity: &str) -> oneshot::Receiver<AcceptOutcome> {
@@ -187,6 +195,13 @@ mod tests {
     use super::*;
     use crate::tunnel::protocol::RenewToken;
 
+    fn grant() -> ListenerGrant {
+        ListenerGrant::new(super::super::rule::Grant {
+            rule: "r".into(),
+            key: super::super::rule::KeyDigest::of(&crate::secret::Secret::new("k")),
+        })
+    }
+
     fn msg(_authority: &str) -> ControlMessage {
         ControlMessage::RenewToken(RenewToken { token: "t".into() })
     }
@@ -196,17 +211,17 @@ mod tests {
         let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
-        let g1 = reg.add_listener("C", tx1, "a".into(), 25).unwrap();
-        let _g2 = reg.add_listener("c", tx2, "b".into(), 25).unwrap();
+        let g1 = reg.add_listener("C", tx1, "a".into(), grant(), 25).unwrap();
+        let _g2 = reg.add_listener("c", tx2, "b".into(), grant(), 25).unwrap();
         assert_eq!(reg.listener_count("c"), 2);
-        assert!(reg.offer("c", msg));
-        assert!(reg.offer("c", msg));
+        assert!(reg.offer("c", msg).is_some());
+        assert!(reg.offer("c", msg).is_some());
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
         drop(g1);
         assert_eq!(reg.listener_count("c"), 1);
-        assert!(reg.offer("c", msg));
+        assert!(reg.offer("c", msg).is_some());
         assert!(rx2.try_recv().is_ok());
-        assert!(!reg.offer("other", msg));
+        assert!(reg.offer("other", msg).is_none());
     }
 
     #[tokio::test]
@@ -216,17 +231,18 @@ mod tests {
         let (tx2, _rx2) = mpsc::channel(4);
         let (tx3, _rx3) = mpsc::channel(4);
         let _g1 = reg
-            .add_listener("c", tx1, "relay-a:8443".into(), 2)
+            .add_listener("c", tx1, "relay-a:8443".into(), grant(), 2)
             .unwrap();
         let _g2 = reg
-            .add_listener("c", tx2, "relay-b:8443".into(), 2)
+            .add_listener("c", tx2, "relay-b:8443".into(), grant(), 2)
             .unwrap();
-        assert!(reg.add_listener("c", tx3, "x".into(), 2).is_err());
-        assert!(
-            reg.offer("c", |authority| ControlMessage::RenewToken(RenewToken {
-                token: authority.to_string()
-            }))
-        );
+        assert!(reg.add_listener("c", tx3, "x".into(), grant(), 2).is_err());
+        let offered = reg.offer("c", |authority| {
+            ControlMessage::RenewToken(RenewToken {
+                token: authority.to_string(),
+            })
+        });
+        assert!(offered.is_some());
         match rx1.try_recv() {
             Ok(ControlMessage::RenewToken(t)) => assert_eq!(t.token, "relay-a:8443"),
             other => panic!("{other:?}"),

@@ -17,8 +17,10 @@ use hyper::upgrade::OnUpgrade;
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use super::auth::{authorize, check_listener_lifetime, status_for, Right};
+use super::auth::{authorize, check_listener_lifetime, status_for, Authorized, Right};
 use super::rendezvous::AcceptOutcome;
+use super::rule::{Grant, ListenerGrant};
+use super::state::rule_changed;
 use super::state::Ctx;
 use super::{clusters, control, splice};
 use crate::tunnel::protocol::{
@@ -161,13 +163,13 @@ fn split_host(used: &str) -> (String, Option<String>) {
     }
 }
 
-/// The token's expiry, or the status and message to refuse the request with.
+/// What the token grants, or the status and message to refuse the request with.
 fn check(
     req: &Request<Incoming>,
     target: &HcTarget,
     ctx: &Ctx,
     right: Right,
-) -> Result<u64, (u16, String)> {
+) -> Result<Authorized, (u16, String)> {
     check_entity(req, target, &target.entity, ctx, right)
 }
 
@@ -178,7 +180,7 @@ fn check_entity(
     entity: &str,
     ctx: &Ctx,
     right: Right,
-) -> Result<u64, (u16, String)> {
+) -> Result<Authorized, (u16, String)> {
     let Some(token) = token(req, target) else {
         return Err((
             401,
@@ -205,15 +207,16 @@ fn listen(
     ctx: &Ctx,
     switching: Response<Body>,
 ) -> Response<Body> {
-    let expiry = match check(req, target, ctx, Right::Listen).and_then(|expiry| {
+    let authorized = match check(req, target, ctx, Right::Listen).and_then(|authorized| {
         check_listener_lifetime(
-            expiry,
+            authorized.expiry,
             unix_now(),
             ctx.shared.limits.max_listener_token_lifetime,
         )
-        .map_err(|e| (status_for(&e), e.to_string()))
+        .map_err(|e| (status_for(&e), e.to_string()))?;
+        Ok(authorized)
     }) {
-        Ok(e) => e,
+        Ok(a) => a,
         Err((code, msg)) => return text(code, msg),
     };
     if let Some(refused) = id_too_long(target, ctx) {
@@ -223,7 +226,13 @@ fn listen(
         .shared
         .rendezvous_authority(request_host(req).as_deref());
     let max = ctx.shared.limits.max_listeners_per_connection;
-    let registration = match control::register(&ctx.rendezvous, &target.entity, authority, max) {
+    let registration = match control::register(
+        &ctx.rendezvous,
+        &target.entity,
+        authority,
+        authorized.grant,
+        max,
+    ) {
         Ok(r) => r,
         Err(full) => return quota_exceeded(&target.entity, full.max),
     };
@@ -247,7 +256,7 @@ fn listen(
                     ws,
                     registration,
                     entity,
-                    expiry,
+                    authorized.expiry,
                     hosts,
                     shared,
                     rendezvous,
@@ -281,9 +290,10 @@ async fn connect(
     }
     // `/$hc/<name>/more/path`: the longest name with listeners takes it, as Azure Relay routes.
     let (entity, suffix) = route(&ctx.rendezvous, &target.entity);
-    if let Err((code, msg)) = check_entity(req, target, entity, ctx, Right::Send) {
-        return text(code, msg);
-    }
+    let grant = match check_entity(req, target, entity, ctx, Right::Send) {
+        Ok(authorized) => authorized.grant,
+        Err((code, msg)) => return text(code, msg),
+    };
     let Some(sender_permit) = ctx.slot() else {
         return at_capacity();
     };
@@ -295,19 +305,23 @@ async fn connect(
         accept.address = format!("wss://{authority}{}", accept.address);
         ControlMessage::Accept(accept)
     });
-    if !offered {
+    let Some(listener_grant) = offered else {
         ctx.rendezvous.remove_pending(&id);
         return text(
             404,
             format!("no listener is connected for hybrid connection '{entity}' (is the cluster agent running?)"),
         );
-    }
+    };
     let sender_upgrade = hyper::upgrade::on(req);
     let joined = Joined {
         entity,
         id: &id,
         sender_upgrade,
         sender_permit,
+        revocation: Revocation {
+            sender: grant,
+            listener: listener_grant,
+        },
     };
     finish_connect(ctx, joined, reply, switching).await
 }
@@ -318,6 +332,29 @@ struct Joined<'a> {
     id: &'a str,
     sender_upgrade: OnUpgrade,
     sender_permit: Arc<OwnedSemaphorePermit>,
+    revocation: Revocation,
+}
+
+/// What authorized a rendezvous: when either is revoked, it ends.
+struct Revocation {
+    sender: Grant,
+    listener: ListenerGrant,
+}
+
+impl Revocation {
+    /// Completes when the sender's grant, or the listener's current one, is revoked.
+    async fn revoked(&self, shared: &super::state::Shared) -> &'static str {
+        let mut changes = shared.rule_changes();
+        loop {
+            rule_changed(&mut changes).await;
+            if !shared.still_authorized(&self.sender) {
+                return "sender";
+            }
+            if !shared.still_authorized(&self.listener.get()) {
+                return "listener";
+            }
+        }
+    }
 }
 
 /// The sender's answer once its listener accepted, rejected, or let the offer lapse.
@@ -332,11 +369,13 @@ async fn finish_connect(
         id,
         sender_upgrade,
         sender_permit,
+        revocation,
     } = joined;
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
             let permits = (sender_permit, listener_permit);
-            spawn_splice(ctx, entity, sender_upgrade, listener_upgrade, permits);
+            let upgrades = (sender_upgrade, listener_upgrade);
+            spawn_splice(ctx, entity, upgrades, permits, revocation);
             // The sender learns the subprotocol the listener chose, as Azure Relay tells it.
             if let Some(protocol) = protocol {
                 switching
@@ -480,13 +519,14 @@ fn connect_headers(req: &Request<Incoming>) -> BTreeMap<String, String> {
 fn spawn_splice(
     ctx: &Ctx,
     entity: &str,
-    sender_upgrade: OnUpgrade,
-    listener_upgrade: OnUpgrade,
+    (sender_upgrade, listener_upgrade): (OnUpgrade, OnUpgrade),
     permits: (Arc<OwnedSemaphorePermit>, Arc<OwnedSemaphorePermit>),
+    revocation: Revocation,
 ) {
     let entity = entity.to_string();
     let stats = ctx.shared.stats.clone();
     let closing = ctx.closing.clone();
+    let shared = ctx.shared.clone();
     ctx.tasks.spawn(async move {
         let _permits = permits;
         match tokio::try_join!(
@@ -499,6 +539,7 @@ fn spawn_splice(
                 tokio::select! {
                     _ = splice::splice(s, l) => {}
                     _ = closing.cancelled() => tracing::debug!(entity = %entity, "rendezvous closed by relay shutdown"),
+                    side = revocation.revoked(&shared) => tracing::info!(entity = %entity, side, "authorization revoked; rendezvous closed"),
                 }
                 stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
             }

@@ -11,13 +11,16 @@ use tokio_util::task::TaskTracker;
 use super::clusters::Registry;
 use super::limits::Limits;
 use super::rendezvous::Rendezvous;
-use super::rule::Rule;
+use super::rule::{Grant, Rule};
 
-/// Counters an operator (and a test) can read: how many rendezvous were made and are open.
+/// Counters an operator (and a test) can read: how many rendezvous were made and are open,
+/// and how many listeners are connected.
 #[derive(Debug, Default)]
 pub struct RelayStats {
     pub rendezvous_total: AtomicU64,
     pub rendezvous_open: AtomicU64,
+    /// Listener control channels open now.
+    pub listeners_open: AtomicU64,
 }
 
 impl RelayStats {
@@ -27,6 +30,10 @@ impl RelayStats {
 
     pub fn open(&self) -> u64 {
         self.rendezvous_open.load(Ordering::Relaxed)
+    }
+
+    pub fn listeners(&self) -> u64 {
+        self.listeners_open.load(Ordering::Relaxed)
     }
 }
 
@@ -86,6 +93,29 @@ impl Shared {
             return Some(rule.clone());
         }
         self.clusters.as_ref()?.rule(name)
+    }
+
+    /// Whether what `grant` allowed is still allowed: its rule exists and still has its key.
+    pub fn still_authorized(&self, grant: &Grant) -> bool {
+        self.rule(&grant.rule)
+            .is_some_and(|r| r.still_grants(grant))
+    }
+
+    /// Registry changes that may revoke grants, when there is a registry.
+    pub fn rule_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.clusters.as_ref().map(|c| c.changes())
+    }
+}
+
+/// Waits for the next rule change; forever when there is no registry.
+pub async fn rule_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match changes {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

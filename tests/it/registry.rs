@@ -20,13 +20,13 @@ use support::tunnel::{admin_key, static_token, Agent, LocalProxy, Relay, ADMIN_K
 use support::{kubectl_available, kubectl_ok, ApiServer};
 
 /// The management API's own audience, as `[entra] audience` names it.
-const RELAY_AUDIENCE: &str = "api://clusterconnect-relay";
+pub(crate) const RELAY_AUDIENCE: &str = "api://clusterconnect-relay";
 /// Azure Resource Manager's, what `az account get-access-token` issues.
 const ARM: &str = "https://management.core.windows.net/";
-const HOUR: Duration = Duration::from_secs(3600);
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 
 /// A validator for management callers with tokens for `audience`, trusting the stand-in.
-fn validator(entra: &Entra, audience: &str) -> Validator {
+pub(crate) fn validator(entra: &Entra, audience: &str) -> Validator {
     let mut authority =
         Authority::new(Cloud::AzurePublicCloud, Some(&entra.authority_host())).unwrap();
     authority.graph = entra.authority_host();
@@ -45,7 +45,7 @@ fn validator(entra: &Entra, audience: &str) -> Validator {
     )
 }
 
-fn client(relay: &Relay, auth: ManagementAuth) -> ManagementClient {
+pub(crate) fn client(relay: &Relay, auth: ManagementAuth) -> ManagementClient {
     let http = HttpClient::new(
         relay.client_tls.clone(),
         Duration::from_secs(5),
@@ -55,7 +55,7 @@ fn client(relay: &Relay, auth: ManagementAuth) -> ManagementClient {
 }
 
 /// A fresh agent key pair: (PKCS#8 PEM, agentPublicKeyCertificate).
-fn agent_keys() -> (String, String) {
+pub(crate) fn agent_keys() -> (String, String) {
     use base64::Engine;
     use rcgen::PublicKeyData;
     let pair = rcgen::KeyPair::generate().expect("key pair");
@@ -63,7 +63,7 @@ fn agent_keys() -> (String, String) {
     (pair.serialize_pem(), public)
 }
 
-fn request(public_key: &str) -> ClusterRequest {
+pub(crate) fn request(public_key: &str) -> ClusterRequest {
     ClusterRequest {
         location: "eastus".into(),
         tags: [("env".to_string(), "test".to_string())].into(),
@@ -75,7 +75,7 @@ fn request(public_key: &str) -> ClusterRequest {
     }
 }
 
-fn id(name: &str) -> ClusterId {
+pub(crate) fn id(name: &str) -> ClusterId {
     ClusterId::new(clusterconnect::arm::DEFAULT_SUBSCRIPTION, "rg-test", name).expect("id")
 }
 
@@ -459,6 +459,7 @@ impl InProcessRelay {
             rules: Arc::new(vec![Rule {
                 name: "admin".into(),
                 key: clusterconnect::secret::Secret::new(ADMIN_KEY),
+                secondary_key: None,
                 listen: true,
                 send: true,
                 manage: true,

@@ -5,6 +5,9 @@
 //! - `PUT|GET|DELETE .../connectedClusters/{name}`;
 //! - `POST .../{name}/listClusterUserCredential`: a Send token for that cluster only;
 //! - `POST .../{name}/listAgentCredential` (owners): the agent's Listen key, for the installer;
+//! - `POST .../{name}/listKeys` and `.../regenerateKeys` (owners): the agent's Listen rule's
+//!   primary and secondary keys, and a new value for one of them (or for the Send key behind
+//!   user tokens); what an old value authorized is closed;
 //! - `POST .../{name}/agentStatus`: the agent's heartbeat, signed with its registered key;
 //! - `PUT|DELETE .../{name}/providers/Microsoft.Authorization/roleAssignments/{id}` (owners):
 //!   grant or revoke the cluster user role.
@@ -83,6 +86,16 @@ const ROUTES: &[Route] = &[
         Method::POST,
         Path::Action("listAgentCredential"),
         Handler::Cluster(handlers::list_agent_credential),
+    ),
+    route(
+        Method::POST,
+        Path::Action("listKeys"),
+        Handler::Cluster(handlers::list_keys),
+    ),
+    route(
+        Method::POST,
+        Path::Action("regenerateKeys"),
+        Handler::Cluster(handlers::regenerate_keys),
     ),
     route(
         Method::POST,

@@ -25,6 +25,10 @@ pub enum ApiError {
     MethodNotAllowed(Method),
     #[error("the body must be a connected cluster with location and properties.agentPublicKeyCertificate")]
     ClusterBody(#[source] serde_json::Error),
+    #[error(
+        "regenerateKeys takes {{\"keyType\": \"PrimaryKey\" | \"SecondaryKey\" | \"SendKey\"}}"
+    )]
+    KeyTypeBody(#[source] serde_json::Error),
     #[error("location is required")]
     LocationRequired,
     #[error(transparent)]
@@ -100,7 +104,7 @@ impl ApiError {
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLarge"),
             Unauthenticated(e) => (StatusCode::UNAUTHORIZED, e.code()),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
-            ClusterBody(_) | AssignmentBody(_) | StatusBody(_) => {
+            ClusterBody(_) | AssignmentBody(_) | StatusBody(_) | KeyTypeBody(_) => {
                 (StatusCode::BAD_REQUEST, "InvalidRequestContent")
             }
             LocationRequired => (StatusCode::BAD_REQUEST, "LocationRequired"),

@@ -16,9 +16,9 @@ use super::reply::{self, Body};
 use super::store::{Change, Record, Store};
 use super::view::{present, rfc3339, status_of};
 use crate::arm::{
-    agent_key, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, ConnectivityStatus,
-    CredentialResults, HybridConnectionConfig, Identity, Properties, SystemData, CLUSTER_USER_ROLE,
-    RESOURCE_TYPE,
+    agent_key, AccessKeys, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster,
+    ConnectivityStatus, CredentialResults, HybridConnectionConfig, Identity, Properties,
+    SystemData, CLUSTER_USER_ROLE, RESOURCE_TYPE,
 };
 use crate::secret::Secret;
 use crate::tunnel::protocol::RelayAddress;
@@ -110,9 +110,17 @@ pub fn list_user_credential(call: &Call, id: &ClusterId) -> Reply {
         return Err(ApiError::Expired(id.name.clone()));
     }
     let relay = relay_address(call.relay_host.as_deref())?;
-    let key = SasKey {
-        name: format!("{}-send", record.hybrid_connection),
-        key: Secret::new(record.send_key.clone()),
+    // A principal's token is signed with a key that exists only while they hold a role, so
+    // withdrawing the role revokes it (and the relay closes what it opened).
+    let key = match &call.caller {
+        Caller::Principal { object_id, .. } => SasKey {
+            name: record.user_send_rule(object_id),
+            key: record.user_send_key(object_id),
+        },
+        Caller::Admin { .. } => SasKey {
+            name: record.send_rule(),
+            key: Secret::new(record.send_key.clone()),
+        },
     };
     let expiration_time = unix_now() + USER_TOKEN_TTL.as_secs();
     let token = key.mint_until(
@@ -145,6 +153,67 @@ pub fn list_agent_credential(call: &Call, id: &ClusterId) -> Reply {
         ),
     };
     Ok(reply::json(StatusCode::OK, &credential))
+}
+
+/// `POST .../{name}/listKeys` (owners): the agent's Listen rule with both keys.
+pub fn list_keys(call: &Call, id: &ClusterId) -> Reply {
+    let record = existing(&call.store, id)?;
+    owner(&call.caller, &record, id)?;
+    Ok(reply::json(StatusCode::OK, &access_keys(&record)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Regenerate {
+    key_type: KeyType,
+}
+
+/// Azure Relay's names for the keys, and ours for the Send key.
+#[derive(Deserialize, Clone, Copy, Debug)]
+enum KeyType {
+    #[serde(rename = "PrimaryKey")]
+    Primary,
+    #[serde(rename = "SecondaryKey")]
+    Secondary,
+    /// The relay's own key behind every user token: renewing it ends every user's session.
+    #[serde(rename = "SendKey")]
+    Send,
+}
+
+/// `POST .../{name}/regenerateKeys` (owners) with `{"keyType": ...}`: a new value for one
+/// key. What the old value authorized (listeners, tunnels, user tokens) is closed at once.
+pub fn regenerate_keys(call: &Call, id: &ClusterId) -> Reply {
+    let request: Regenerate = serde_json::from_slice(&call.body).map_err(ApiError::KeyTypeBody)?;
+    let record = call.store.update(&id.key(), |current| {
+        let mut record = current.ok_or_else(|| ApiError::not_found(id))?;
+        owner(&call.caller, &record, id)?;
+        match request.key_type {
+            KeyType::Primary => record.listen_key = random_key(),
+            KeyType::Secondary => record.listen_key_secondary = Some(random_key()),
+            KeyType::Send => record.send_key = random_key(),
+        }
+        Ok::<_, ApiError>((Change::Put(Box::new(record.clone())), record))
+    })?;
+    tracing::info!(cluster = %id.path(), by = call.caller.display_name(), key = ?request.key_type, "key regenerated");
+    Ok(reply::json(StatusCode::OK, &access_keys(&record)))
+}
+
+fn access_keys(record: &Record) -> AccessKeys {
+    let name = record.listen_rule();
+    let line = |key: &str| format!("SharedAccessKeyName={name};SharedAccessKey={key}");
+    // Registrations from before the secondary key existed get one on their first renewal.
+    let secondary = record.listen_key_secondary.clone().unwrap_or_default();
+    AccessKeys {
+        primary_connection_string: line(&record.listen_key),
+        secondary_connection_string: if secondary.is_empty() {
+            String::new()
+        } else {
+            line(&secondary)
+        },
+        key_name: name.clone(),
+        primary_key: record.listen_key.clone(),
+        secondary_key: secondary,
+    }
 }
 
 #[derive(Deserialize)]
@@ -233,6 +302,7 @@ fn new_record(caller: &Caller, id: &ClusterId, request: ClusterRequest, now: Str
         assignments: Default::default(),
         hybrid_connection: id.hybrid_connection(),
         listen_key: random_key(),
+        listen_key_secondary: Some(random_key()),
         send_key: random_key(),
         last_heartbeat: None,
         last_report_timestamp: 0,

@@ -47,6 +47,11 @@ impl Registry {
         self.store.rule(name)
     }
 
+    /// Changes whenever a registration's rules or keys change (see [`store::Store::changes`]).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.store.changes()
+    }
+
     /// Runs `f`, which reads or writes the store, on a blocking worker; the caller's task only
     /// awaits it, so no runtime thread waits for the file and no lock is held across the await.
     pub(super) async fn blocking<T: Send + 'static>(

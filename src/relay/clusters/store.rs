@@ -82,6 +82,10 @@ pub struct Record {
     pub assignments: std::collections::BTreeMap<String, String>,
     pub hybrid_connection: String,
     pub listen_key: String,
+    /// The agent's second Listen key: renewed separately, so an agent can move to it while
+    /// the other is renewed. Absent in registrations made before it existed.
+    #[serde(default)]
+    pub listen_key_secondary: Option<String>,
     pub send_key: String,
     /// Unix seconds of the last verified agent heartbeat, and its timestamp (replay guard).
     #[serde(default)]
@@ -101,28 +105,80 @@ impl std::fmt::Debug for Record {
 }
 
 impl Record {
-    /// The two rules this cluster adds to the relay: Listen for its agent, Send for minting
-    /// user tokens; both scoped to its hybrid connection.
-    fn rules(&self) -> [Rule; 2] {
-        [
-            Rule {
-                name: format!("{}-listen", self.hybrid_connection),
-                key: Secret::new(self.listen_key.clone()),
-                listen: true,
-                send: false,
-                manage: false,
-                entity: Some(self.hybrid_connection.clone()),
-            },
-            Rule {
-                name: format!("{}-send", self.hybrid_connection),
-                key: Secret::new(self.send_key.clone()),
-                listen: false,
-                send: true,
-                manage: false,
-                entity: Some(self.hybrid_connection.clone()),
-            },
-        ]
+    /// The rules this cluster adds to the relay, all scoped to its hybrid connection: Listen
+    /// for its agent (primary and secondary key), Send for administrators' tokens, and one Send
+    /// rule per principal that holds a role, keyed by a key derived for that principal alone, so
+    /// that withdrawing the role removes the rule and with it every token minted for them.
+    fn rules(&self) -> Vec<Rule> {
+        let rule = |name: String, key: &str, listen: bool| Rule {
+            name,
+            key: Secret::new(key.to_string()),
+            secondary_key: None,
+            listen,
+            send: !listen,
+            manage: false,
+            entity: Some(self.hybrid_connection.clone()),
+        };
+        let mut listen = rule(self.listen_rule(), &self.listen_key, true);
+        listen.secondary_key = self
+            .listen_key_secondary
+            .as_deref()
+            .map(|k| Secret::new(k.to_string()));
+        let mut rules = vec![listen, rule(self.send_rule(), &self.send_key, false)];
+        let principals: std::collections::BTreeSet<&String> = self
+            .owners
+            .iter()
+            .chain(self.assignments.values())
+            .collect();
+        for principal in principals {
+            let key = self.user_send_key(principal);
+            rules.push(rule(self.user_send_rule(principal), key.expose(), false));
+        }
+        rules
     }
+
+    pub fn listen_rule(&self) -> String {
+        format!("{}-listen", self.hybrid_connection)
+    }
+
+    pub fn send_rule(&self) -> String {
+        format!("{}-send", self.hybrid_connection)
+    }
+
+    /// The Send rule of one principal (an object id).
+    pub fn user_send_rule(&self, principal: &str) -> String {
+        format!(
+            "{}-send.{}",
+            self.hybrid_connection,
+            principal.to_ascii_lowercase()
+        )
+    }
+
+    /// HMAC-SHA256 of the principal under the cluster's Send key: only the relay can make it,
+    /// and it exists only while the principal holds a role.
+    pub fn user_send_key(&self, principal: &str) -> Secret {
+        use base64::Engine;
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(self.send_key.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(principal.to_ascii_lowercase().as_bytes());
+        Secret::new(base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+    }
+}
+
+/// The rules' names and keys, to tell whether a change touched any authorization.
+fn fingerprint(record: Option<&Record>) -> Vec<(String, String, Option<String>)> {
+    let mut rules: Vec<_> = record
+        .map(Record::rules)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            let secondary = r.secondary_key.map(|k| k.expose().to_string());
+            (r.name, r.key.expose().to_string(), secondary)
+        })
+        .collect();
+    rules.sort();
+    rules
 }
 
 /// What an [`Store::update`] does with the record it was shown.
@@ -147,6 +203,9 @@ struct Inner {
     /// rules out of commit order. redb serializes write transactions anyway, so it only makes
     /// the wait for the previous writer explicit; readers never take it.
     writer: Mutex<()>,
+    /// Bumped after each change that adds, removes or re-keys a rule: open connections
+    /// recheck what authorized them.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -168,6 +227,7 @@ impl Store {
                 db,
                 rules: RwLock::new(HashMap::new()),
                 writer: Mutex::new(()),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         };
         let all = store.all()?;
@@ -179,6 +239,11 @@ impl Store {
         *store.inner.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
         tracing::info!(path = %path.display(), clusters = all.len(), "cluster registry open");
         Ok(store)
+    }
+
+    /// Changes with every registry change that touches a rule or key.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     pub fn rule(&self, name: &str) -> Option<Rule> {
@@ -234,17 +299,24 @@ impl Store {
         txn.commit().map_err(StoreError::Commit)?;
         // Committed: now the rules follow, under the write lock only for the swap. Between
         // the two, a lookup sees the rules as they were before this change.
-        if !matches!(change, Change::Keep) {
+        let after = match &change {
+            Change::Keep => return Ok(result),
+            Change::Put(record) => Some(record.as_ref()),
+            Change::Delete => None,
+        };
+        if fingerprint(before.as_ref()) == fingerprint(after) {
+            return Ok(result);
+        }
+        {
             let mut rules = self.inner.rules.write().unwrap_or_else(|p| p.into_inner());
             for rule in before.iter().flat_map(Record::rules) {
                 rules.remove(&rule.name);
             }
-            if let Change::Put(record) = &change {
-                for rule in record.rules() {
-                    rules.insert(rule.name.clone(), rule);
-                }
+            for rule in after.into_iter().flat_map(Record::rules) {
+                rules.insert(rule.name.clone(), rule);
             }
         }
+        self.inner.changes.send_modify(|n| *n += 1);
         Ok(result)
     }
 }

@@ -109,6 +109,7 @@ impl Relay {
                 Rule {
                     name: "admin".into(),
                     key: Secret::new(ADMIN_KEY),
+                    secondary_key: None,
                     listen: true,
                     send: true,
                     manage: true,
@@ -117,6 +118,7 @@ impl Relay {
                 Rule {
                     name: "listen".into(),
                     key: Secret::new(LISTEN_KEY),
+                    secondary_key: None,
                     listen: true,
                     send: false,
                     manage: false,
@@ -125,6 +127,7 @@ impl Relay {
                 Rule {
                     name: "send".into(),
                     key: Secret::new(SEND_KEY),
+                    secondary_key: None,
                     listen: false,
                     send: true,
                     manage: false,
