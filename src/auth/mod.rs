@@ -45,6 +45,9 @@ pub trait CredentialSource: Send + Sync {
     fn token(&self) -> TokenFuture<'_>;
     /// A short name for messages, e.g. "--token" or "token file /var/run/...".
     fn describe(&self) -> String;
+    /// `token` was refused (its key was renewed, say): a source that caches drops it, so the
+    /// next call fetches a fresh one instead of waiting for the renewal point.
+    fn refused(&self, _token: &Secret) {}
 }
 
 /// A fixed bearer token (`--token`), typically a Kubernetes service-account token.

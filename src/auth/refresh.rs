@@ -171,6 +171,18 @@ impl<F: TokenFetcher> CredentialSource for Refreshing<F> {
     fn describe(&self) -> String {
         self.fetcher.describe()
     }
+
+    fn refused(&self, token: &Secret) {
+        let mut state = self.lock();
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|c| c.token.expose() == token.expose())
+        {
+            state.current = None;
+            state.next_attempt = Instant::now();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -261,5 +273,25 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(source.token().await.unwrap().expose(), "token-1");
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_replaced_at_once_and_only_that_token() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let source = Refreshing::new(
+            Fake {
+                ttl: Duration::from_secs(3600),
+                calls: calls.clone(),
+                down: Arc::new(AtomicBool::new(false)),
+            },
+            Duration::from_secs(60),
+        );
+        let first = source.token().await.unwrap();
+        source.refused(&Secret::new("an older token"));
+        assert_eq!(source.token().await.unwrap().expose(), first.expose());
+        source.refused(&first);
+        let second = source.token().await.unwrap();
+        assert_ne!(second.expose(), first.expose());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

@@ -6,6 +6,7 @@ pub mod clusters;
 mod connect;
 mod entra;
 mod inventory;
+mod keys;
 mod kubeclient;
 mod output;
 mod proxy;
@@ -71,6 +72,10 @@ pub enum Command {
     Connect(Box<connect::ConnectArgs>),
     /// Remove the agent from the cluster and its registration (like `az connectedk8s delete`).
     Disconnect(Box<connect::DisconnectArgs>),
+    /// A registered cluster's agent keys: list them, or renew one (like `az relay hyco
+    /// authorization-rule keys`); what an old key authorized is closed at once.
+    #[command(subcommand)]
+    Keys(keys::Command),
     /// Service-account tokens for kubectl through the proxy.
     #[command(subcommand)]
     Token(token::Command),
@@ -92,6 +97,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Show(args) => inventory::show(args).await.map(|()| 0),
         Command::Connect(args) => connect::connect(*args).await.map(|()| 0),
         Command::Disconnect(args) => connect::disconnect(*args).await.map(|()| 0),
+        Command::Keys(cmd) => keys::run(cmd).await.map(|()| 0),
         Command::Token(cmd) => token::run(cmd).await.map(|()| 0),
         Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
     }

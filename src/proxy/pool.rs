@@ -61,16 +61,28 @@ pub enum TunnelError {
 
 impl RelayTarget {
     async fn open(&self) -> Result<WsStream<RelayIo>, TunnelError> {
-        let token = match &self.send {
-            SendCredential::Key(key) => {
-                key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL)
-            }
-            SendCredential::Issued(source) => source.token().await?,
-        };
         let url = self
             .relay
             .url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());
-        Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?))
+        let source = match &self.send {
+            SendCredential::Key(key) => {
+                let token = key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
+                return Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?));
+            }
+            SendCredential::Issued(source) => source,
+        };
+        let token = source.token().await?;
+        match dial(&url, Some(&token), &self.tls).await {
+            // An issued token stops working before its expiry when its key is renewed: one
+            // fresh token, and the refusal stands if that is refused too (the role is gone).
+            Err(e) if e.is_auth() => {
+                tracing::info!(source = %source.describe(), "relay refused the send token; fetching a fresh one");
+                source.refused(&token);
+                let token = source.token().await?;
+                Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?))
+            }
+            dialed => Ok(WsStream::new(dialed?)),
+        }
     }
 
     /// Opens a dedicated HTTP/1.1 tunnel for one upgrade request and sends it.

@@ -983,3 +983,74 @@ async fn token_create_prints_a_token_that_lists_pods_and_reruns_without_duplicat
         .to_string();
     assert!(err.contains("at least 10m"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_renew_moves_the_agent_to_a_renewed_key_and_refuses_the_key_in_use() {
+    let s = Setup::start().await;
+    let request = s.request("rotated");
+    s.connect(&request).await.expect("connect");
+    let installed = || decoded(&s.api.object(SECRET).unwrap(), "listen.key");
+    let before = s.registry.list_keys(&request.id).await.unwrap();
+    assert_eq!(installed(), before.primary_connection_string);
+    let (kubeconfig, admin, ca) = s.files();
+    let relay = s.relay_url();
+    let common = [
+        "-n",
+        "rotated",
+        "-g",
+        GROUP,
+        "--relay",
+        &relay,
+        "--relay-ca",
+        path(&ca),
+        "--admin-key-file",
+        path(&admin),
+        "--kubeconfig",
+        path(&kubeconfig),
+    ];
+    let renew = |key: &'static str| {
+        let mut args = vec!["keys", "renew", "--update-agent", "--key", key];
+        args.extend(common);
+        args
+    };
+
+    // The key the agent uses: refused before anything is renewed.
+    let out = run_to_end(&renew("primary"), &binary_env(), Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("the agent uses the Primary key now"),
+        "{}",
+        describe(&out)
+    );
+    let unchanged = s.registry.list_keys(&request.id).await.unwrap();
+    assert_eq!(unchanged.primary_key, before.primary_key);
+    assert_eq!(unchanged.secondary_key, before.secondary_key);
+
+    // The other key: renewed, and the agent's Secret now holds it.
+    let out = run_to_end(&renew("secondary"), &binary_env(), Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let renewed = s.registry.list_keys(&request.id).await.unwrap();
+    assert_ne!(renewed.secondary_key, before.secondary_key);
+    assert_eq!(renewed.primary_key, before.primary_key);
+    assert_eq!(printed["secondaryKey"], renewed.secondary_key.as_str());
+    assert_eq!(installed(), renewed.secondary_connection_string);
+
+    // Now the primary is free to renew; `keys list` shows what the registry holds.
+    let out = run_to_end(&renew("primary"), &binary_env(), Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let rotated = s.registry.list_keys(&request.id).await.unwrap();
+    assert_ne!(rotated.primary_key, before.primary_key);
+    assert_eq!(installed(), rotated.primary_connection_string);
+    let mut list = vec!["keys", "list"];
+    list.extend(&common[..common.len() - 2]);
+    let out = run_to_end(&list, &binary_env(), Duration::from_secs(30)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["primaryKey"], rotated.primary_key.as_str());
+    assert_eq!(listed["secondaryKey"], rotated.secondary_key.as_str());
+    // The Send key never leaves the relay, so it cannot go to the agent.
+    let out = run_to_end(&renew("send"), &binary_env(), Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("never leaves the relay"));
+}
