@@ -22,7 +22,7 @@ pub enum Command {
     List(ListArgs),
     /// Give one key a new value; the listeners and tunnels that the old value authorized are
     /// closed at once.
-    Renew(Box<RenewArgs>),
+    Renew(RenewArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,7 +91,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let keys = args.at.client().await?.list_keys(&id).await?;
             print(&keys)
         }
-        Command::Renew(args) => renew(*args).await,
+        Command::Renew(args) => renew(args).await,
     }
 }
 

@@ -75,7 +75,7 @@ pub enum Command {
     /// A registered cluster's agent keys: list them, or renew one (like `az relay hyco
     /// authorization-rule keys`); what an old key authorized is closed at once.
     #[command(subcommand)]
-    Keys(keys::Command),
+    Keys(Box<keys::Command>),
     /// Service-account tokens for kubectl through the proxy.
     #[command(subcommand)]
     Token(token::Command),
@@ -97,7 +97,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Show(args) => inventory::show(args).await.map(|()| 0),
         Command::Connect(args) => connect::connect(*args).await.map(|()| 0),
         Command::Disconnect(args) => connect::disconnect(*args).await.map(|()| 0),
-        Command::Keys(cmd) => keys::run(cmd).await.map(|()| 0),
+        Command::Keys(cmd) => keys::run(*cmd).await.map(|()| 0),
         Command::Token(cmd) => token::run(cmd).await.map(|()| 0),
         Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
     }
