@@ -58,7 +58,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let clusters = open_registry(&args, &file, &base)?;
     let config = RelayConfig {
         hostnames,
-        rules: Arc::new(rules),
+        rules: rules.into(),
         clusters,
         tls,
         max_connections: file
@@ -76,8 +76,45 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    tokio::spawn(reload_on_hangup(
+        args.config.clone(),
+        base,
+        config.rules.clone(),
+        shutdown.clone(),
+    ));
     crate::relay::run(listener, config, shutdown).await?;
     Ok(())
+}
+
+/// On SIGHUP, re-reads the rules (and their key files) from the config file: a rule removed or
+/// re-keyed there revokes what it authorized at once. Other settings need a restart. A file
+/// that does not load leaves the current rules in place.
+async fn reload_on_hangup(
+    path: PathBuf,
+    base: PathBuf,
+    rules: crate::relay::RuleSet,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot watch for SIGHUP; rules reload only on restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match RelayFile::load(&path).and_then(|file| file.rules(&base)) {
+            Ok(new) => {
+                tracing::info!(config = %path.display(), rules = new.len(), "rules reloaded (other settings take effect on restart)");
+                rules.replace(new);
+            }
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %crate::tunnel::http::error_chain(&e), "rules not reloaded; the current ones stay")
+            }
+        }
+    }
 }
 
 /// Development mode: a fresh key for every rule whose key file is missing, announced.

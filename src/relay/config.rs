@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::auth::is_registered_entity;
 use super::clusters::Registry;
 pub use super::limits::Limits;
-use super::rule::Rule;
+use super::rule::{Rule, RuleSet};
 use super::state::RelayStats;
 use crate::secret::Secret;
 use crate::tunnel::protocol::{validate_entity, AddressError};
@@ -131,7 +131,8 @@ pub struct RuleFile {
 #[derive(Clone)]
 pub struct RelayConfig {
     pub hostnames: Vec<String>,
-    pub rules: Arc<Vec<Rule>>,
+    /// The configuration's rules; replace them to revoke (see [`RuleSet::replace`]).
+    pub rules: RuleSet,
     /// The connected-cluster registry and management API; `None` serves only the relay.
     pub clusters: Option<Arc<Registry>>,
     pub tls: Arc<ServerConfig>,

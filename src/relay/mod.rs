@@ -16,7 +16,7 @@ mod state;
 
 pub use config::{ConfigError, EntraFile, Limits, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 pub use rendezvous::Rendezvous;
-pub use rule::Rule;
+pub use rule::{Rule, RuleSet};
 pub use state::RelayStats;
 
 use std::net::SocketAddr;

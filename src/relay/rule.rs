@@ -75,5 +75,51 @@ impl ListenerGrant {
     }
 }
 
+/// The configuration's rules, replaceable while the relay runs (`relay` re-reads its file on
+/// SIGHUP): a rule removed or re-keyed revokes what it authorized, as in the registry.
+#[derive(Clone)]
+pub struct RuleSet {
+    rules: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Vec<Rule>>>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl RuleSet {
+    pub fn new(rules: Vec<Rule>) -> RuleSet {
+        RuleSet {
+            rules: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(rules))),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Option<Rule> {
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner()).clone();
+        rules.iter().find(|r| r.name == name).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Swaps in `rules`; open connections then recheck what authorized them.
+    pub fn replace(&self, rules: Vec<Rule>) {
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(rules);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+impl From<Vec<Rule>> for RuleSet {
+    fn from(rules: Vec<Rule>) -> RuleSet {
+        RuleSet::new(rules)
+    }
+}
+
 /// Finds a rule by name: the configured rules, then the registered clusters' own.
 pub type FindRule<'a> = dyn Fn(&str) -> Option<Rule> + Sync + 'a;

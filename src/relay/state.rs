@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use super::clusters::Registry;
 use super::limits::Limits;
 use super::rendezvous::Rendezvous;
-use super::rule::{Grant, Rule};
+use super::rule::{Grant, Rule, RuleSet};
 
 /// Counters an operator (and a test) can read: how many rendezvous were made and are open,
 /// and how many listeners are connected.
@@ -40,7 +40,7 @@ impl RelayStats {
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub hostnames: Arc<Vec<String>>,
-    pub rules: Arc<Vec<Rule>>,
+    pub rules: RuleSet,
     pub clusters: Option<Arc<Registry>>,
     pub stats: Arc<RelayStats>,
     /// The port in rendezvous addresses: where clients reach this relay.
@@ -89,8 +89,8 @@ impl Shared {
 
     /// A SAS rule by name: configured rules first, then the registered clusters' own.
     pub fn rule(&self, name: &str) -> Option<Rule> {
-        if let Some(rule) = self.rules.iter().find(|r| r.name == name) {
-            return Some(rule.clone());
+        if let Some(rule) = self.rules.find(name) {
+            return Some(rule);
         }
         self.clusters.as_ref()?.rule(name)
     }
@@ -101,21 +101,41 @@ impl Shared {
             .is_some_and(|r| r.still_grants(grant))
     }
 
-    /// Registry changes that may revoke grants, when there is a registry.
-    pub fn rule_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.clusters.as_ref().map(|c| c.changes())
+    /// Changes of the configuration's rules and the registry's, which may revoke grants.
+    pub fn rule_changes(&self) -> RuleChanges {
+        RuleChanges {
+            config: self.rules.changes(),
+            registry: self.clusters.as_ref().map(|c| c.changes()),
+        }
     }
 }
 
-/// Waits for the next rule change; forever when there is no registry.
-pub async fn rule_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
-    match changes {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await
-            }
+/// Where rules change: the configuration (reloaded) and the registry.
+pub struct RuleChanges {
+    config: tokio::sync::watch::Receiver<u64>,
+    registry: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+/// Waits for the next rule change.
+pub async fn rule_changed(changes: &mut RuleChanges) {
+    // A closed channel never changes again: its branch waits forever.
+    let config = async {
+        if changes.config.changed().await.is_err() {
+            std::future::pending::<()>().await
         }
-        None => std::future::pending::<()>().await,
+    };
+    let registry = async {
+        let open = match &mut changes.registry {
+            Some(rx) => rx.changed().await.is_ok(),
+            None => false,
+        };
+        if !open {
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        () = config => {}
+        () = registry => {}
     }
 }
 

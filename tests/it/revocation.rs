@@ -204,3 +204,51 @@ async fn renewing_a_key_closes_only_what_that_key_authorized() {
         .unwrap_err();
     assert_eq!(bad.status(), Some(400), "{bad}");
 }
+
+/// A listener's control channel on the relay process at `relay`, with a token from `key`.
+async fn listen_with(
+    relay: &support::processes::RelayProcess,
+    key: &SasKey,
+) -> Result<RelayStream, DialError> {
+    let address = clusterconnect::tunnel::protocol::RelayAddress::parse(&relay.url).unwrap();
+    let token = key.mint(&address.resource_uri("c1"), Duration::from_secs(600));
+    let url = address.url("c1", Action::Listen, "l");
+    let tls = clusterconnect::tls::client_config(Some(&relay.ca_path), &[]).unwrap();
+    dial(&url, Some(&token), &tls).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_rekeyed_in_the_config_file_revokes_on_sighup_and_a_broken_file_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = support::processes::start_relay(dir.path()).await;
+    let old = SasKey::from_file(&relay.listen_key).unwrap();
+    let mut listener = listen_with(&relay, &old).await.expect("listen");
+
+    // A file that does not load: the rules in force stay, and so does the listener.
+    std::fs::write(dir.path().join("relay.toml"), "[[rules]\nname =").unwrap();
+    relay.process.hang_up();
+    relay
+        .process
+        .wait_for_log(WITHIN, "rules not reloaded; the current ones stay")
+        .await
+        .expect("the broken file is reported");
+    assert!(!ends_within(&mut listener, Duration::from_millis(300)).await);
+
+    // The listen rule gets a new key file: the listener the old key authorized is closed, the
+    // old key is refused and the new one listens.
+    let new_key =
+        "SharedAccessKeyName=listen;SharedAccessKey=bmV3LWtleS1mb3ItdGhlLWxpc3Rlbi1ydWxlLTAx";
+    std::fs::write(dir.path().join("listen-new.key"), new_key).unwrap();
+    let toml = support::processes::RELAY_TOML.replace("listen.key", "listen-new.key");
+    std::fs::write(dir.path().join("relay.toml"), toml).unwrap();
+    relay.process.hang_up();
+    assert!(
+        ends_within(&mut listener, WITHIN).await,
+        "a listener authorized by a key removed from the config stayed open"
+    );
+    let refused = listen_with(&relay, &old).await.unwrap_err();
+    assert!(refused.is_auth(), "{refused}");
+    let _listening = listen_with(&relay, &SasKey::parse(new_key).unwrap())
+        .await
+        .expect("the new key listens");
+}

@@ -261,6 +261,12 @@ impl Process {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     }
 
+    /// Sends SIGHUP: a relay re-reads its rules.
+    pub fn hang_up(&self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid).expect("pid fits in i32"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+    }
+
     /// Waits up to `within` for the process to exit; `None` if it is still running. After an
     /// exit, the remaining output is collected before returning.
     pub async fn wait(&mut self, within: Duration) -> Option<ExitStatus> {

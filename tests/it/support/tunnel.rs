@@ -105,7 +105,7 @@ impl Relay {
         let config = RelayConfig {
             hostnames: vec!["127.0.0.1".into(), "localhost".into()],
             clusters,
-            rules: Arc::new(vec![
+            rules: clusterconnect::relay::RuleSet::new(vec![
                 Rule {
                     name: "admin".into(),
                     key: Secret::new(ADMIN_KEY),
