@@ -88,6 +88,9 @@ impl Reserved {
     /// Charges `ip` with this connection, keeping its global place; refused (and the place
     /// freed) when `ip` already holds its share.
     pub fn identify(self, ip: IpAddr) -> Result<Admitted, Refused> {
+        // One client, one share, whether a dual-stack socket or a header wrote it as IPv4
+        // or as IPv4-mapped IPv6.
+        let ip = ip.to_canonical();
         let mut counts = self
             .admission
             .inner
@@ -174,6 +177,12 @@ mod tests {
         assert_eq!(a.reserve().err(), Some(Refused::Total));
         let second = r3.identify(other).unwrap();
         drop(r4);
+        // One client however its address is written.
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(
+            a.reserve().unwrap().identify(mapped).err(),
+            Some(Refused::PerIp)
+        );
         drop(first);
         drop(second);
         assert_eq!(a.tracked_addresses(), 0);
