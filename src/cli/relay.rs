@@ -68,6 +68,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         stats: Default::default(),
         public_port: file.public_port,
         limits: file.limits(),
+        proxy_protocol: file.proxy_protocol()?,
     };
     if args.check {
         println!("relay config {} is valid", args.config.display());

@@ -4,6 +4,13 @@
 //! takes one of `max_connections` slots instead. A stranger can therefore hold at most
 //! `max_unauthenticated_per_ip` connections, each only until the handshake or request
 //! deadline, and never a slot that agents and proxies need.
+//!
+//! Behind a load balancer speaking the PROXY protocol the client's address is known only
+//! once its header is read, so admission has two steps: [`Admission::reserve`] at accept
+//! takes a place under the global cap alone (never under the balancer's own address, which
+//! every client shares and one stalled client would otherwise exhaust), and
+//! [`Reserved::identify`] then charges the declared client's address. A connection whose
+//! header never comes holds only its global place, and only until the handshake deadline.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,9 +40,15 @@ pub enum Refused {
     Total,
 }
 
+/// A place under the global cap, not yet charged to an address; dropping it frees it.
+pub struct Reserved {
+    admission: Admission,
+}
+
 /// One admitted connection; dropping it frees its place.
 pub struct Admitted {
-    admission: Admission,
+    // Dropped after `Admitted::drop` has released the address's share.
+    reserved: Reserved,
     ip: IpAddr,
 }
 
@@ -48,20 +61,20 @@ impl Admission {
         }
     }
 
+    /// Both caps at once, for a connection whose peer is its client.
     pub fn admit(&self, ip: IpAddr) -> Result<Admitted, Refused> {
+        self.reserve()?.identify(ip)
+    }
+
+    /// A place under the global cap only, for a connection whose client is not known yet.
+    pub fn reserve(&self) -> Result<Reserved, Refused> {
         let mut counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if counts.total >= self.max_total {
             return Err(Refused::Total);
         }
-        let n = counts.per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            return Err(Refused::PerIp);
-        }
-        *n += 1;
         counts.total += 1;
-        Ok(Admitted {
+        Ok(Reserved {
             admission: self.clone(),
-            ip,
         })
     }
 
@@ -71,7 +84,30 @@ impl Admission {
     }
 }
 
-impl Drop for Admitted {
+impl Reserved {
+    /// Charges `ip` with this connection, keeping its global place; refused (and the place
+    /// freed) when `ip` already holds its share.
+    pub fn identify(self, ip: IpAddr) -> Result<Admitted, Refused> {
+        // One client, one share, whether a dual-stack socket or a header wrote it as IPv4
+        // or as IPv4-mapped IPv6.
+        let ip = ip.to_canonical();
+        let mut counts = self
+            .admission
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = counts.per_ip.entry(ip).or_insert(0);
+        // `max_per_ip` is at least 1, so a refused address already has an entry to keep.
+        if *n >= self.admission.max_per_ip {
+            return Err(Refused::PerIp);
+        }
+        *n += 1;
+        drop(counts);
+        Ok(Admitted { reserved: self, ip })
+    }
+}
+
+impl Drop for Reserved {
     fn drop(&mut self) {
         let mut counts = self
             .admission
@@ -79,6 +115,17 @@ impl Drop for Admitted {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         counts.total = counts.total.saturating_sub(1);
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut counts = self
+            .reserved
+            .admission
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = counts.per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -111,5 +158,35 @@ mod tests {
             0,
             "closed connections leave no entry behind"
         );
+    }
+
+    #[test]
+    fn reserved_places_count_globally_until_identified() {
+        let a = Admission::new(3, 1);
+        let client: IpAddr = "203.0.113.7".parse().unwrap();
+        let other: IpAddr = "203.0.113.8".parse().unwrap();
+        // Three headers pending from one balancer: only the global cap applies.
+        let r1 = a.reserve().unwrap();
+        let r2 = a.reserve().unwrap();
+        let r3 = a.reserve().unwrap();
+        assert_eq!(a.reserve().err(), Some(Refused::Total));
+        let first = r1.identify(client).unwrap();
+        assert_eq!(r2.identify(client).err(), Some(Refused::PerIp));
+        // The refused one's place is free again; the identified one keeps its own.
+        let r4 = a.reserve().unwrap();
+        assert_eq!(a.reserve().err(), Some(Refused::Total));
+        let second = r3.identify(other).unwrap();
+        drop(r4);
+        // One client however its address is written.
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(
+            a.reserve().unwrap().identify(mapped).err(),
+            Some(Refused::PerIp)
+        );
+        drop(first);
+        drop(second);
+        assert_eq!(a.tracked_addresses(), 0);
+        let all: Vec<_> = (0..3).map(|_| a.reserve().unwrap()).collect();
+        assert_eq!(all.len(), 3, "every place was given back");
     }
 }

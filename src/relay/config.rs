@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::auth::is_registered_entity;
 use super::clusters::Registry;
 pub use super::limits::Limits;
+use super::proxy_protocol::{Cidr, CidrError, ProxyProtocol};
 use super::rule::{Rule, RuleSet};
 use super::state::RelayStats;
 use crate::secret::Secret;
@@ -60,6 +61,10 @@ pub enum ConfigError {
     Reserved(String),
     #[error("relay config: no [[rules]]: nobody could listen or send; see config/relay.toml")]
     NoRules,
+    #[error("relay config: proxy_protocol_from")]
+    ProxyProtocolFrom(#[source] CidrError),
+    #[error("relay config: proxy_protocol_from is set but proxy_protocol is not true")]
+    ProxyProtocolOff,
 }
 
 /// The file as written by the operator.
@@ -91,6 +96,14 @@ pub struct RelayFile {
     /// Unauthenticated connections (TLS, headers, management API calls) one source address
     /// may hold at once (default 64).
     pub max_unauthenticated_per_ip: Option<usize>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from an L4 load
+    /// balancer, whose client address then counts for admission and logs (default false).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The balancers' addresses or networks (CIDR); headers from other peers are refused.
+    /// Empty: any peer, so the relay must be reachable only through the balancers.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -141,6 +154,8 @@ pub struct RelayConfig {
     /// See [`RelayFile::public_port`]; `None` is the listen port.
     pub public_port: Option<u16>,
     pub limits: Limits,
+    /// `Some`: every connection starts with a PROXY header (see [`RelayFile::proxy_protocol`]).
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl RelayFile {
@@ -161,6 +176,25 @@ impl RelayFile {
                 .unwrap_or(default.max_unauthenticated_per_ip),
             ..default
         }
+    }
+}
+
+impl RelayFile {
+    /// The PROXY protocol setting, its trusted peers parsed.
+    pub fn proxy_protocol(&self) -> Result<Option<ProxyProtocol>, ConfigError> {
+        if !self.proxy_protocol {
+            if !self.proxy_protocol_from.is_empty() {
+                return Err(ConfigError::ProxyProtocolOff);
+            }
+            return Ok(None);
+        }
+        let trusted = self
+            .proxy_protocol_from
+            .iter()
+            .map(|c| c.parse::<Cidr>())
+            .collect::<Result<_, _>>()
+            .map_err(ConfigError::ProxyProtocolFrom)?;
+        Ok(Some(ProxyProtocol { trusted }))
     }
 }
 
@@ -347,6 +381,29 @@ mod tests {
         assert!(matches!(
             err("[[rules]]\nname = \"CC-x\"\nkey = \"0123456789abcdef\"\nrights = [\"send\"]\n"),
             ConfigError::Reserved(_)
+        ));
+    }
+
+    #[test]
+    fn proxy_protocol_is_off_by_default_and_its_peers_are_checked() {
+        let pp = |toml: &str| toml::from_str::<RelayFile>(toml).unwrap().proxy_protocol();
+        assert_eq!(pp("").unwrap(), None);
+        assert_eq!(
+            pp("proxy_protocol = true").unwrap().unwrap().trusted,
+            vec![]
+        );
+        let on = pp("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.5\"]")
+            .unwrap()
+            .unwrap();
+        assert!(on.trusts("10.9.9.9".parse().unwrap()));
+        assert!(!on.trusts("192.0.2.6".parse().unwrap()));
+        assert!(matches!(
+            pp("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/40\"]"),
+            Err(ConfigError::ProxyProtocolFrom(_))
+        ));
+        assert!(matches!(
+            pp("proxy_protocol_from = [\"10.0.0.0/8\"]"),
+            Err(ConfigError::ProxyProtocolOff)
         ));
     }
 }

@@ -14,8 +14,8 @@ pub struct Limits {
     pub max_listener_token_lifetime: Duration,
     /// `sb-hc-id` values longer than this are refused (Azure's ids are GUIDs plus a suffix).
     pub max_id_len: usize,
-    /// The TLS handshake, and then each request's headers (an idle keep-alive connection
-    /// included), must complete within this.
+    /// The PROXY header (when configured) and the TLS handshake together, and then each
+    /// request's headers (an idle keep-alive connection included), must complete within this.
     pub handshake_timeout: Duration,
     /// A management API request, body included, must be answered within this.
     pub request_timeout: Duration,

@@ -8,6 +8,7 @@ pub mod clusters;
 mod config;
 mod control;
 mod limits;
+pub mod proxy_protocol;
 mod rendezvous;
 mod rule;
 mod server;
@@ -15,6 +16,7 @@ mod splice;
 mod state;
 
 pub use config::{ConfigError, EntraFile, Limits, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+pub use proxy_protocol::ProxyProtocol;
 pub use rendezvous::Rendezvous;
 pub use rule::{Rule, RuleSet};
 pub use state::RelayStats;
@@ -27,6 +29,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,10 +63,24 @@ pub async fn run(
         config.limits.max_unauthenticated,
         config.limits.max_unauthenticated_per_ip,
     );
-    tracing::info!(addr = %listener.local_addr()?, "relay listening");
+    let proxy_protocol = config.proxy_protocol.clone();
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        proxy_protocol = proxy_protocol.is_some(),
+        "relay listening"
+    );
     while let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown).await {
         // Strangers get no slot: only a place among the unauthenticated, capped per address.
-        let admitted = match admission.admit(peer.ip()) {
+        let admitted = match &proxy_protocol {
+            None => admission.admit(peer.ip()).map(Incoming::Direct),
+            Some(pp) if !pp.trusts(peer.ip()) => {
+                tracing::debug!(peer = %peer, "PROXY header from an untrusted peer refused");
+                continue;
+            }
+            // The client's address comes with the header; until then, the global cap only.
+            Some(_) => admission.reserve().map(Incoming::Proxied),
+        };
+        let admitted = match admitted {
             Ok(a) => a,
             Err(refused) => {
                 tracing::debug!(peer = %peer, ?refused, "unauthenticated connection refused");
@@ -111,18 +128,36 @@ fn context(
     }
 }
 
-/// TLS, then HTTP/1.1 with upgrades, each phase under the handshake deadline. `admitted` is
+/// A connection's place among the unauthenticated, as taken at accept.
+enum Incoming {
+    /// Its peer is its client, already charged.
+    Direct(admission::Admitted),
+    /// Behind a balancer: charged to its client once the PROXY header names it.
+    Proxied(admission::Reserved),
+}
+
+/// The PROXY header (when configured) and TLS under one handshake deadline, then HTTP/1.1
+/// with upgrades, each request's headers under that deadline too. The admission place is
 /// held until the HTTP exchange ends; an upgraded listener or rendezvous holds a slot instead.
 async fn serve_connection(
     acceptor: TlsAcceptor,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     ctx: Ctx,
-    admitted: admission::Admitted,
+    incoming: Incoming,
 ) {
-    let _admitted = admitted;
     let deadline = ctx.shared.limits.handshake_timeout;
-    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+    let handshake_ends = Instant::now() + deadline;
+    let (peer, _admitted) = match incoming {
+        Incoming::Direct(admitted) => (peer, admitted),
+        Incoming::Proxied(reserved) => {
+            match proxied(&mut tcp, peer, reserved, handshake_ends).await {
+                Some(client) => client,
+                None => return,
+            }
+        }
+    };
+    let tls = match tokio::time::timeout_at(handshake_ends, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -138,6 +173,36 @@ async fn serve_connection(
         .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+    }
+}
+
+/// Reads the PROXY header and charges the client it names (the balancer itself for LOCAL
+/// and UNKNOWN); `None` when the connection is to be closed, the reason logged.
+async fn proxied(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    reserved: admission::Reserved,
+    until: Instant,
+) -> Option<(SocketAddr, admission::Admitted)> {
+    let header = match tokio::time::timeout_at(until, proxy_protocol::read_header(tcp)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(e)) => {
+            let error = crate::tunnel::http::error_chain(&e);
+            tracing::debug!(peer = %peer, %error, "no valid PROXY header; connection closed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "no PROXY header within the handshake deadline");
+            return None;
+        }
+    };
+    let client = header.client(peer);
+    match reserved.identify(client.ip()) {
+        Ok(admitted) => Some((client, admitted)),
+        Err(refused) => {
+            tracing::debug!(peer = %client, balancer = %peer, ?refused, "unauthenticated connection refused");
+            None
+        }
     }
 }
 

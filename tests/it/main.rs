@@ -18,6 +18,7 @@ mod parsers;
 mod registry;
 mod relay_abuse;
 mod relay_protocol;
+mod relay_proxy_protocol;
 mod revocation;
 mod secrets;
 mod standin_apiserver;

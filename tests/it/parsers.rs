@@ -1,7 +1,7 @@
 //! Property tests of every parser that reads attacker input (relay-hardening issue, point 12):
 //! SAS tokens and key files, `$hc` paths and queries, control messages, relay and rendezvous
 //! addresses, the management API's resource ids and bodies, query classification, WebSocket
-//! upgrade headers, and the kubeconfig merge.
+//! upgrade headers, the kubeconfig merge, and PROXY protocol headers.
 //!
 //! Three kinds of property: nothing panics on arbitrary or hostile input; what can be
 //! written can be read back (round trips); and errors stay small and never hold a key.
@@ -29,6 +29,7 @@ use clusterconnect::entra::http::HttpClient;
 use clusterconnect::entra::validate::{Validator, ValidatorConfig};
 use clusterconnect::entra::{Authority, Cloud};
 use clusterconnect::proxy::kubeconfig::{self, Entry, Options};
+use clusterconnect::relay::proxy_protocol::{self as pp, Header};
 use clusterconnect::secret::Secret;
 use clusterconnect::tunnel::http::is_long_lived;
 use clusterconnect::tunnel::protocol::{
@@ -1456,5 +1457,118 @@ proptest! {
             .block_on(validator().validate(&format!("{header}.{claims}.c2ln")))
             .unwrap_err();
         assert_bounded("Validator::validate", &e.to_string())?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PROXY protocol headers (the first bytes of every connection behind a balancer)
+
+const PP_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// A header and its encoding: v1 or v2, IPv4 or IPv6, PROXY or LOCAL, with TLVs.
+fn pp_header() -> impl Strategy<Value = (Header, Vec<u8>)> {
+    let ip = prop_oneof![
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        any::<[u8; 16]>().prop_map(IpAddr::from),
+    ];
+    let tlvs = prop::collection::vec(
+        (any::<u8>(), prop::collection::vec(any::<u8>(), 0..40)),
+        0..4,
+    );
+    (
+        ip,
+        any::<[u8; 16]>(),
+        any::<u16>(),
+        any::<u16>(),
+        tlvs,
+        0..4usize,
+    )
+        .prop_map(|(src, dst6, sport, dport, tlvs, shape)| {
+            let dst = match src {
+                IpAddr::V4(_) => IpAddr::from([dst6[0], dst6[1], dst6[2], dst6[3]]),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(dst6)),
+            };
+            let source = std::net::SocketAddr::new(src, sport);
+            let destination = std::net::SocketAddr::new(dst, dport);
+            let proxied = Header::Proxied {
+                source,
+                destination,
+            };
+            match shape {
+                0 => {
+                    let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+                    (
+                        proxied,
+                        format!("PROXY {family} {src} {dst} {sport} {dport}\r\n").into_bytes(),
+                    )
+                }
+                1 => (Header::Local, b"PROXY UNKNOWN\r\n".to_vec()),
+                _ => {
+                    let mut block = Vec::new();
+                    let family = match (src, dst) {
+                        (IpAddr::V4(s), IpAddr::V4(d)) => {
+                            block.extend_from_slice(&s.octets());
+                            block.extend_from_slice(&d.octets());
+                            0x11
+                        }
+                        (IpAddr::V6(s), IpAddr::V6(d)) => {
+                            block.extend_from_slice(&s.octets());
+                            block.extend_from_slice(&d.octets());
+                            0x21
+                        }
+                        _ => unreachable!("one family"),
+                    };
+                    block.extend_from_slice(&sport.to_be_bytes());
+                    block.extend_from_slice(&dport.to_be_bytes());
+                    for (kind, value) in tlvs {
+                        block.push(kind);
+                        block.extend_from_slice(&(value.len() as u16).to_be_bytes());
+                        block.extend_from_slice(&value);
+                    }
+                    let local = shape == 3;
+                    let mut b = PP_V2_SIGNATURE.to_vec();
+                    b.push(if local { 0x20 } else { 0x21 });
+                    b.push(family);
+                    b.extend_from_slice(&(block.len() as u16).to_be_bytes());
+                    b.extend_from_slice(&block);
+                    (if local { Header::Local } else { proxied }, b)
+                }
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(config(2000))]
+
+    /// Arbitrary bytes, and arbitrary bytes after either signature: no panic, a consumed
+    /// length within the input and the specification's bounds, small errors.
+    #[test]
+    fn proxy_headers_never_panic(bytes in prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..700),
+        prop::collection::vec(any::<u8>(), 0..120).prop_map(|b| [b"PROXY ".as_slice(), &b].concat()),
+        prop::collection::vec(any::<u8>(), 0..700).prop_map(|b| [PP_V2_SIGNATURE, &b].concat()),
+        hostile().prop_map(|t| format!("PROXY {t}\r\n").into_bytes()),
+    ]) {
+        match pp::parse(&bytes) {
+            Ok(Some((_, n))) => {
+                prop_assert!(n <= bytes.len());
+                prop_assert!(n <= pp::MAX_V2);
+            }
+            Ok(None) => prop_assert!(bytes.len() < pp::MAX_V2),
+            Err(e) => assert_bounded("proxy_protocol::parse", &e.to_string())?,
+        }
+    }
+
+    /// Every well-formed header reads back as written, whatever follows it, and each of its
+    /// proper beginnings is incomplete rather than wrong.
+    #[test]
+    fn proxy_headers_round_trip((header, bytes) in pp_header(),
+                                after in prop::collection::vec(any::<u8>(), 0..64),
+                                cut in any::<prop::sample::Index>()) {
+        prop_assume!(bytes.len() <= pp::MAX_V2);
+        let whole = [bytes.as_slice(), &after].concat();
+        prop_assert_eq!(pp::parse(&whole), Ok(Some((header, bytes.len()))));
+        let cut = cut.index(bytes.len());
+        prop_assert_eq!(pp::parse(&bytes[..cut]), Ok(None));
     }
 }

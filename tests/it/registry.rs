@@ -456,6 +456,7 @@ impl InProcessRelay {
             hostnames: vec!["127.0.0.1".into(), "localhost".into()],
             public_port: None,
             limits: Default::default(),
+            proxy_protocol: None,
             rules: clusterconnect::relay::RuleSet::new(vec![Rule {
                 name: "admin".into(),
                 key: clusterconnect::secret::Secret::new(ADMIN_KEY),

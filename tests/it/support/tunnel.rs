@@ -87,17 +87,26 @@ impl Relay {
     ) -> Relay {
         let registry =
             clusterconnect::relay::clusters::Registry::open(file, None).expect("registry");
-        Relay::start_configured(Some(Arc::new(registry)), limits, max_connections).await
+        Relay::start_configured(Some(Arc::new(registry)), limits, max_connections, None).await
+    }
+
+    /// A relay behind a (test) load balancer: every connection must start with a PROXY header.
+    pub async fn start_proxy_protocol(
+        limits: clusterconnect::relay::Limits,
+        proxy_protocol: clusterconnect::relay::ProxyProtocol,
+    ) -> Relay {
+        Relay::start_configured(None, limits, 100, Some(proxy_protocol)).await
     }
 
     async fn start_with(clusters: Option<Arc<clusterconnect::relay::clusters::Registry>>) -> Relay {
-        Relay::start_configured(clusters, Default::default(), 1000).await
+        Relay::start_configured(clusters, Default::default(), 1000, None).await
     }
 
     async fn start_configured(
         clusters: Option<Arc<clusterconnect::relay::clusters::Registry>>,
         limits: clusterconnect::relay::Limits,
         max_connections: usize,
+        proxy_protocol: Option<clusterconnect::relay::ProxyProtocol>,
     ) -> Relay {
         let stats = Arc::new(RelayStats::default());
         let ca = CertificateAuthority::generate("test relay CA").expect("CA");
@@ -145,6 +154,7 @@ impl Relay {
             // The port this relay is bound to (see `spawn`): rendezvous addresses name it.
             public_port: None,
             limits,
+            proxy_protocol,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
