@@ -21,4 +21,5 @@ mod relay_protocol;
 mod secrets;
 mod standin_apiserver;
 mod standin_store;
+mod tunnel_key_rotation;
 mod tunnel_kubectl;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clusterconnect::agent::{AgentConfig, Authenticator, Upstream};
+use clusterconnect::agent::{AgentConfig, Authenticator, KeySource, Upstream};
 use clusterconnect::auth::{CredentialSource, StaticToken};
 use clusterconnect::proxy::kubeconfig::{self, Entry};
 use clusterconnect::proxy::{
@@ -196,6 +196,25 @@ impl Relay {
         self.task = task;
     }
 
+    /// Restarts the relay with the "listen" rule's key replaced by `key`, as a rotation on
+    /// the relay looks to agents: every channel ends, and only the new key is accepted.
+    pub async fn restart_with_listen_key(&mut self, key: &str) {
+        let rules = self
+            .config
+            .rules
+            .iter()
+            .cloned()
+            .map(|mut rule| {
+                if rule.name == "listen" {
+                    rule.key = Secret::new(key);
+                }
+                rule
+            })
+            .collect();
+        self.config.rules = Arc::new(rules);
+        self.restart().await;
+    }
+
     pub fn address(&self) -> RelayAddress {
         RelayAddress::parse(&format!("wss://127.0.0.1:{}", self.addr.port()))
             .expect("relay address")
@@ -204,7 +223,7 @@ impl Relay {
 
 pub struct Agent {
     stop: CancellationToken,
-    pub task: JoinHandle<Result<(), clusterconnect::agent::AgentError>>,
+    pub task: JoinHandle<()>,
 }
 
 impl Agent {
@@ -221,6 +240,24 @@ impl Agent {
         relay: &Relay,
         api: &ApiServer,
         key: SasKey,
+        connection: &str,
+        auth: Authenticator,
+    ) -> Agent {
+        Agent::start_keyed(
+            relay,
+            api,
+            Arc::new(KeySource::fixed(key)),
+            connection,
+            auth,
+        )
+        .await
+    }
+
+    /// An agent whose key comes from `key` (e.g. a key file it follows).
+    pub async fn start_keyed(
+        relay: &Relay,
+        api: &ApiServer,
+        key: Arc<KeySource>,
         connection: &str,
         auth: Authenticator,
     ) -> Agent {
