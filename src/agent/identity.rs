@@ -146,7 +146,7 @@ impl Authenticator {
                 )
             })?;
             headers.insert(AUTHORIZATION, bearer);
-            tracing::info!(user = identity.username(), as_user = %requested.user, groups = requested.groups.len(), "Entra identity impersonates another, as allowed by SubjectAccessReview");
+            tracing::debug!(user = identity.username(), as_user = %requested.user, groups = requested.groups.len(), "Entra identity impersonates another, as allowed by SubjectAccessReview");
             return Ok(());
         }
         strip_impersonation(headers);

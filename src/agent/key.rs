@@ -40,12 +40,6 @@ struct State {
     problem: Option<String>,
 }
 
-impl From<SasKey> for KeySource {
-    fn from(key: SasKey) -> KeySource {
-        KeySource::new(None, key)
-    }
-}
-
 impl KeySource {
     /// A key that never changes (tests, embedding).
     pub fn fixed(key: SasKey) -> KeySource {
