@@ -7,8 +7,8 @@
 //!   rotating the key (or fixing the relay's rule) heals a running agent. Anything else ->
 //!   backing off.
 //! - listening: each `accept` spawns a rendezvous; pings every 30 s; renews the token at
-//!   three quarters of its lifetime, with the key the file holds then. Close 1008 (token lapsed) after a stable connection ->
-//!   connecting at once; any other end -> backing off.
+//!   three quarters of its lifetime, with the key the file holds then. Close 1008 (token
+//!   lapsed) after a stable connection -> connecting at once; any other end -> backing off.
 //! - backing off: jittered exponential wait (1 s doubling to 60 s) -> connecting. The wait
 //!   starts from 1 s again only after a connection that stayed up for a minute, so a relay
 //!   that accepts and drops at once is not hammered.
