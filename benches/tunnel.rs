@@ -938,7 +938,7 @@ mod bulk {
     pub struct Tunnel {
         proxy: LocalProxy,
         stop: CancellationToken,
-        agent: JoinHandle<Result<(), clusterconnect::agent::AgentError>>,
+        agent: JoinHandle<()>,
         _dir: tempfile::TempDir,
     }
 
@@ -954,7 +954,7 @@ mod bulk {
                 AgentConfig {
                     relay: relay.address(),
                     entity: CONNECTION.into(),
-                    key: listen_key(),
+                    key: std::sync::Arc::new(clusterconnect::agent::KeySource::fixed(listen_key())),
                     relay_tls: relay.client_tls.clone(),
                     listeners: 2,
                     token_ttl: Duration::from_secs(3600),

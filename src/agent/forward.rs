@@ -60,7 +60,7 @@ async fn forward(
     upstream: Arc<Upstream>,
     auth: Arc<Authenticator>,
 ) -> Result<Response<Body>, Infallible> {
-    if let Err(refused) = auth.authorize(req.headers_mut()).await {
+    if let Err(refused) = auth.authorize(req.headers_mut(), &upstream).await {
         return Ok(refused);
     }
     let upgrade = is_upgrade(&req);

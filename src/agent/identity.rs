@@ -3,15 +3,19 @@
 //! Entra tokens are validated here and the request goes on with the agent's own credential
 //! plus `Impersonate-User`/`-Group`/`-Extra-*`, so plain Kubernetes RBAC authorizes Entra users,
 //! groups and applications (what kube-aad-proxy does for Arc). Any other bearer token, such as
-//! a service-account token, goes through unchanged for the apiserver to judge, unless
-//! `--auth-mode entra` forbids that. `Impersonate-*` headers from outside are always removed:
-//! only the agent decides who a caller is.
+//! a service-account token, goes through unchanged for the apiserver to judge, its
+//! `Impersonate-*` headers (kubectl `--as`) included: the apiserver checks that caller's right
+//! to impersonate itself. An Entra caller's own `--as` cannot be judged by the apiserver, which
+//! sees only the agent; the agent asks it with SubjectAccessReviews first (`review`) and
+//! impersonates the requested identity only when every check allows it.
 
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
+use super::review::{strip_impersonation, Decision, Requested, Reviewer, Subject};
+use super::upstream::Upstream;
 use crate::auth::CredentialSource;
 use crate::entra::graph::GroupResolver;
 use crate::entra::validate::{EntraIdentity, Validator};
@@ -28,6 +32,9 @@ pub enum AuthMode {
 }
 
 /// What the agent needs to impersonate Entra identities.
+/// The group the apiserver adds to every impersonated user but `system:anonymous`.
+const ALL_AUTHENTICATED: &str = "system:authenticated";
+
 pub struct EntraAuth {
     pub validator: Validator,
     /// Looks up groups for tokens with a groups overage; `None` when the agent has no Entra
@@ -41,6 +48,8 @@ pub struct EntraAuth {
 pub struct Authenticator {
     mode: AuthMode,
     entra: Option<EntraAuth>,
+    /// Answers to "may this Entra user impersonate that", briefly remembered.
+    reviews: Reviewer,
 }
 
 impl Authenticator {
@@ -49,6 +58,7 @@ impl Authenticator {
         Authenticator {
             mode: AuthMode::Token,
             entra: None,
+            reviews: Reviewer::default(),
         }
     }
 
@@ -56,6 +66,7 @@ impl Authenticator {
         Authenticator {
             mode,
             entra: Some(entra),
+            reviews: Reviewer::default(),
         }
     }
 
@@ -63,9 +74,14 @@ impl Authenticator {
         self.mode
     }
 
-    /// Rewrites `headers` for the apiserver, or answers the request with a 401 saying why.
-    pub async fn authorize(&self, headers: &mut HeaderMap) -> Result<(), Response<Body>> {
-        strip_impersonation(headers);
+    /// Rewrites `headers` for the apiserver, or answers the request itself saying why not
+    /// (401 for a bad token, 400/403 for an impersonation it may not ask for). `upstream` is
+    /// where impersonation requests of Entra callers are reviewed.
+    pub async fn authorize(
+        &self,
+        headers: &mut HeaderMap,
+        upstream: &Upstream,
+    ) -> Result<(), Response<Body>> {
         if headers.get_all(AUTHORIZATION).iter().count() > 1 {
             return Err(status(
                 400,
@@ -101,6 +117,8 @@ impl Authenticator {
                 return Err(unauthorized(&format!("Entra token rejected: {why}")));
             }
         };
+        let requested = Requested::from_headers(headers)
+            .map_err(|e| status(400, "BadRequest", &e.to_string()))?;
         let groups = self.groups(entra, &identity).await?;
         let own = entra.own_token.token().await.map_err(|e| {
             tracing::warn!(error = %error_chain(&e), "the agent's own apiserver credential is unavailable");
@@ -117,8 +135,78 @@ impl Authenticator {
                 "the agent's own token is not a valid header value",
             )
         })?;
+        if let Some(requested) = requested {
+            self.review(upstream, &bearer, &identity, &groups, &requested)
+                .await?;
+            requested.apply(headers).map_err(|_| {
+                status(
+                    400,
+                    "BadRequest",
+                    "an Impersonate-* header holds characters the agent cannot forward",
+                )
+            })?;
+            headers.insert(AUTHORIZATION, bearer);
+            tracing::debug!(user = identity.username(), as_user = %requested.user, groups = requested.groups.len(), "Entra identity impersonates another, as allowed by SubjectAccessReview");
+            return Ok(());
+        }
+        strip_impersonation(headers);
         impersonate(headers, bearer, &identity, &groups).map_err(|r| *r)?;
         tracing::debug!(user = identity.username(), tenant = %identity.tenant, groups = groups.len(), "impersonating Entra identity");
+        Ok(())
+    }
+
+    /// Every check the apiserver would make for `requested`, asked of the apiserver for the
+    /// signed-in identity; the first refusal answers the request (403), as does a review that
+    /// cannot be made (503/500): never a silent fallback to the signed-in identity.
+    async fn review(
+        &self,
+        upstream: &Upstream,
+        own_bearer: &HeaderValue,
+        identity: &EntraIdentity,
+        groups: &[String],
+        requested: &Requested,
+    ) -> Result<(), Response<Body>> {
+        let mut subject_groups = groups.to_vec();
+        if !subject_groups.iter().any(|g| g == ALL_AUTHENTICATED) {
+            subject_groups.push(ALL_AUTHENTICATED.to_string());
+        }
+        let subject = Subject {
+            user: identity.username().to_string(),
+            groups: subject_groups,
+            extra: [
+                ("oid".to_string(), vec![identity.object_id.clone()]),
+                ("tid".to_string(), vec![identity.tenant.clone()]),
+            ]
+            .into(),
+        };
+        for check in requested.checks() {
+            match self
+                .reviews
+                .review(upstream, own_bearer, &subject, &check)
+                .await
+            {
+                Ok(Decision::Allowed) => {}
+                Ok(Decision::Denied(reason)) => {
+                    let message = check.forbidden_message(&subject.user, &reason);
+                    tracing::info!(user = %subject.user, refused = %message, "impersonation refused by SubjectAccessReview");
+                    return Err(status(403, "Forbidden", &message));
+                }
+                Err(e) => {
+                    let why = error_chain(&e);
+                    tracing::warn!(error = %why, "cannot review an impersonation request");
+                    let (code, reason) = if e.is_unavailable() {
+                        (503, "ServiceUnavailable")
+                    } else {
+                        (500, "InternalError")
+                    };
+                    return Err(status(
+                        code,
+                        reason,
+                        &format!("the clusterconnect agent cannot check whether {:?} may impersonate {:?}: {why}", subject.user, requested.user),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -148,18 +236,6 @@ impl Authenticator {
                 )))
             }
         }
-    }
-}
-
-/// Removes every `Impersonate-*` header.
-pub fn strip_impersonation(headers: &mut HeaderMap) {
-    let names: Vec<_> = headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("impersonate-"))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
     }
 }
 

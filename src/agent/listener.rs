@@ -1,12 +1,14 @@
 //! One listener: a control channel to the relay that stays open for the agent's lifetime.
 //!
 //! States and transitions:
-//! - connecting: dial `listen` with a fresh SAS token. Success -> listening. A 401/403 is a
-//!   configuration error and ends the agent (retrying the same key cannot help). Anything
-//!   else -> backing off.
+//! - connecting: re-read the key file if it changed, dial `listen` with a fresh SAS token.
+//!   Success -> listening. A 401/403 (a wrong or rotated key, a rule without Listen) is logged
+//!   as a warning, the key file is re-read, -> backing off, woken early when the key changes:
+//!   rotating the key (or fixing the relay's rule) heals a running agent. Anything else ->
+//!   backing off.
 //! - listening: each `accept` spawns a rendezvous; pings every 30 s; renews the token at
-//!   three quarters of its lifetime. Close 1008 (token lapsed) after a stable connection ->
-//!   connecting at once; any other end -> backing off.
+//!   three quarters of its lifetime, with the key the file holds then. Close 1008 (token
+//!   lapsed) after a stable connection -> connecting at once; any other end -> backing off.
 //! - backing off: jittered exponential wait (1 s doubling to 60 s) -> connecting. The wait
 //!   starts from 1 s again only after a connection that stayed up for a minute, so a relay
 //!   that accepts and drops at once is not hammered.
@@ -23,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::{forward, AgentConfig, AgentError, Shared};
+use super::{forward, AgentConfig, Shared};
 use crate::tunnel::backoff::{Backoff, STABLE_AFTER};
 use crate::tunnel::dial::{dial, RelayStream};
 use crate::tunnel::http::error_chain;
@@ -32,6 +34,8 @@ use crate::tunnel::protocol::{Accept, Action, ControlMessage, RenewToken};
 use crate::tunnel::WsStream;
 
 enum Ended {
+    /// The relay refused our token (401/403): the key is wrong, rotated or lacks Listen.
+    Refused,
     /// The relay closed with 1008: our token lapsed; reconnect with a fresh one now.
     TokenLapsed,
     Lost(String),
@@ -44,17 +48,21 @@ pub async fn run(
     shared: Arc<Shared>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-) -> Result<(), AgentError> {
+) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let resource = config.relay.resource_uri(&config.entity);
+    let mut key_changes = config.key.changes();
     loop {
-        let token = config.key.mint(&resource, config.token_ttl);
+        config.key.reload();
+        key_changes.mark_unchanged();
+        let key = config.key.current();
+        let token = key.mint(&resource, config.token_ttl);
         let url = config
             .relay
             .url(&config.entity, Action::Listen, &Uuid::new_v4().to_string());
         let dialed = tokio::select! {
             r = dial(&url, Some(&token), &config.relay_tls) => r,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
         };
         let ended = match dialed {
             Ok(ws) => {
@@ -62,15 +70,35 @@ pub async fn run(
                 listen_counted(ws, &config, &shared, &tasks, &shutdown, &mut backoff).await
             }
             Err(e) if e.is_auth() => {
-                return Err(AgentError::Rejected {
-                    connection: config.entity.clone(),
-                    source: e,
-                })
+                let changed = config.key.refused();
+                let file = config
+                    .key
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                tracing::warn!(listener = index, connection = %config.entity, key_name = %key.name, key_file = %file, refusals = config.key.refusals(), error = %error_chain(&e), "the relay refused the listen token. Check --key-file and that its rule has the Listen right for this connection; the agent re-reads the key file and retries");
+                if changed {
+                    continue;
+                }
+                Ended::Refused
             }
             Err(e) => Ended::Lost(error_chain(&e)),
         };
         match ended {
-            Ended::Shutdown => return Ok(()),
+            Ended::Shutdown => return,
+            Ended::Refused => {
+                let delay = backoff.next_delay();
+                tracing::debug!(
+                    listener = index,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "waiting for a new key or the back-off"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = key_changes.changed() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
             Ended::TokenLapsed => {
                 tracing::info!(
                     listener = index,
@@ -83,7 +111,7 @@ pub async fn run(
                 tracing::warn!(listener = index, reason = %reason, retry_in_ms = delay.as_millis() as u64, "relay connection lost");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => return,
                 }
             }
         }
@@ -160,7 +188,8 @@ async fn listen(
                 }
             }
             _ = tokio::time::sleep_until(renew_at) => {
-                let token = config.key.mint(&config.relay.resource_uri(&config.entity), config.token_ttl);
+                config.key.reload();
+                let token = config.key.current().mint(&config.relay.resource_uri(&config.entity), config.token_ttl);
                 let msg = ControlMessage::RenewToken(RenewToken { token: token.expose().to_string() });
                 let Ok(json) = serde_json::to_string(&msg) else { return Ended::Lost("cannot encode renewToken".into()) };
                 if let Err(e) = ws.send(Message::text(json)).await {

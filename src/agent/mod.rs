@@ -5,10 +5,14 @@ mod forward;
 mod health;
 pub mod heartbeat;
 mod identity;
+mod key;
 mod listener;
+mod review;
 mod upstream;
 
-pub use identity::{strip_impersonation, AuthMode, Authenticator, EntraAuth};
+pub use identity::{AuthMode, Authenticator, EntraAuth};
+pub use key::{KeySource, POLL_INTERVAL as KEY_POLL_INTERVAL};
+pub use review::strip_impersonation;
 pub use upstream::{Loaded, Upstream, UpstreamError};
 
 use std::sync::atomic::AtomicUsize;
@@ -22,13 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::tunnel::protocol::RelayAddress;
-use crate::tunnel::sas::SasKey;
 
 pub struct AgentConfig {
     pub relay: RelayAddress,
     /// The hybrid connection (one per cluster).
     pub entity: String,
-    pub key: SasKey,
+    /// The Listen rule's key, re-read from its file when that changes (key rotation).
+    pub key: Arc<KeySource>,
     pub relay_tls: Arc<ClientConfig>,
     /// Control channels to keep open; the relay spreads senders across them.
     pub listeners: usize,
@@ -45,16 +49,6 @@ pub const MAX_STREAMS: usize = 4096;
 /// On shutdown, open streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("the relay refused the listen token for connection '{connection}'. Check --key-file and that its rule has the Listen right for this connection")]
-    Rejected {
-        connection: String,
-        #[source]
-        source: crate::tunnel::dial::DialError,
-    },
-}
-
 pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
     pub listening: AtomicUsize,
@@ -62,13 +56,14 @@ pub(crate) struct Shared {
     pub rendezvous: Arc<Semaphore>,
 }
 
-/// Runs until `shutdown` is cancelled or the relay rejects our credentials.
+/// Runs until `shutdown` is cancelled. A relay that refuses the agent's key is retried with
+/// back-off (the key file is re-read each time): rotating the key fixes a running agent.
 pub async fn run(
     config: AgentConfig,
     upstream: Upstream,
     health: Option<TcpListener>,
     shutdown: CancellationToken,
-) -> Result<(), AgentError> {
+) {
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         upstream: Arc::new(upstream),
@@ -81,6 +76,11 @@ pub async fn run(
         tokio::spawn(health::serve(h, shared.clone(), shutdown.clone()));
     }
     tracing::info!(apiserver = shared.upstream.base(), connection = %config.entity, listeners = config.listeners, "agent starting");
+    tokio::spawn({
+        let key = config.key.clone();
+        let shutdown = shutdown.clone();
+        async move { key.watch(key::POLL_INTERVAL, shutdown).await }
+    });
     let mut set = tokio::task::JoinSet::new();
     for i in 0..config.listeners.max(1) {
         set.spawn(listener::run(
@@ -91,15 +91,7 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    let mut result = Ok(());
-    while let Some(joined) = set.join_next().await {
-        if let Ok(Err(e)) = joined {
-            // One listener's credential failure is every listener's: stop them all.
-            shutdown.cancel();
-            result = Err(e);
-        }
-    }
+    while set.join_next().await.is_some() {}
     tasks.close();
     let _ = tokio::time::timeout(DRAIN, tasks.wait()).await;
-    result
 }

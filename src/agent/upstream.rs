@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -55,6 +57,8 @@ pub struct Loaded {
 }
 
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+/// For the agent's own small requests (SubjectAccessReviews), whose bodies it builds.
+pub type ReviewClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub struct Upstream {
     /// scheme and authority of the apiserver, plus any path prefix (e.g. behind Rancher).
@@ -63,6 +67,8 @@ pub struct Upstream {
     /// HTTP/1.1, one connection per watch or followed log (see `forward`).
     pub streams: HttpsClient,
     pub upgrades: HttpsClient,
+    /// The agent's own requests, made with its own credential.
+    pub reviews: ReviewClient,
 }
 
 /// The apiserver may stream a watch for hours; these only bound connection setup.
@@ -165,12 +171,18 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_max_idle_per_host(0)
             .build(connector(false));
+        let reviews = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector(true));
         let base = url.to_string().trim_end_matches('/').to_string();
         Ok(Upstream {
             base,
             client,
             streams,
             upgrades,
+            reviews,
         })
     }
 

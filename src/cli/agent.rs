@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::RelayFlags;
 use crate::agent::heartbeat::{load_key, Heartbeat, INTERVAL as HEARTBEAT_INTERVAL};
-use crate::agent::{AgentConfig, AuthMode, Authenticator, EntraAuth, Upstream, DEFAULT_TOKEN_TTL};
+use crate::agent::{
+    AgentConfig, AuthMode, Authenticator, EntraAuth, KeySource, Upstream, DEFAULT_TOKEN_TTL,
+};
 use crate::arm::client::ManagementClient;
 use crate::arm::ClusterId;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
@@ -216,13 +218,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let config = AgentConfig {
         relay,
         entity: args.relay.connection.clone(),
-        key,
+        key: Arc::new(KeySource::watching(&args.relay.key_file, key)),
         relay_tls: tls,
         listeners: args.listeners as usize,
         token_ttl: ttl,
         auth: Arc::new(auth),
     };
-    crate::agent::run(config, upstream, health, shutdown).await?;
+    crate::agent::run(config, upstream, health, shutdown).await;
     Ok(())
 }
 

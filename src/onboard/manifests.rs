@@ -181,8 +181,10 @@ pub fn build(spec: &AgentSpec, content: &SecretContent) -> Manifests {
     }
 }
 
-/// A digest of the Secret's content for the pod template, so pods restart when a key
-/// changes (a mounted Secret updates in place, but the agent reads its keys at start).
+/// A digest of the Secret's content for the pod template, so pods restart when the Secret
+/// changes. The agent follows its relay listen key in place (it re-reads the mounted file when
+/// its content changes), but reads its status-report key and the relay CA only at start;
+/// a restart also drops channels authorized by the old key at once.
 fn secret_digest(content: &SecretContent) -> Option<String> {
     use sha2::{Digest, Sha256};
     let SecretContent::Keys {
@@ -205,22 +207,33 @@ fn secret_digest(content: &SecretContent) -> Option<String> {
     Some(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Impersonation of users, groups and the two extras the agent sets (an Entra caller's oid and
-/// tid), and reading nodes for the status report's counts; nothing else.
+/// Impersonation (users, groups, service accounts, and in `authentication.k8s.io` uids and
+/// user extras), SubjectAccessReviews, and reading nodes for the status report's counts;
+/// nothing else. The agent impersonates an Entra caller (user, groups, extras `oid` and
+/// `tid`) and, when a SubjectAccessReview says that caller may, whomever the caller asks to
+/// be (`kubectl --as`, `--as-group`, `--as-uid`, `--as-user-extra`); extras can have any key,
+/// and RBAC matches `userextras/<key>` only by name or by `*`, hence the wildcard, which
+/// covers only the impersonate verb.
 fn cluster_role(spec: &AgentSpec) -> ClusterRole {
     ClusterRole {
         metadata: meta(spec, AGENT_NAME, None),
         rules: Some(vec![
             PolicyRule {
                 api_groups: strings(&[""]),
-                resources: strings(&["users", "groups"]),
+                resources: strings(&["users", "groups", "serviceaccounts"]),
                 verbs: vec!["impersonate".into()],
                 ..PolicyRule::default()
             },
             PolicyRule {
                 api_groups: strings(&["authentication.k8s.io"]),
-                resources: strings(&["userextras/oid", "userextras/tid"]),
+                resources: strings(&["*"]),
                 verbs: vec!["impersonate".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: strings(&["authorization.k8s.io"]),
+                resources: strings(&["subjectaccessreviews"]),
+                verbs: vec!["create".into()],
                 ..PolicyRule::default()
             },
             PolicyRule {

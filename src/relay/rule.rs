@@ -96,6 +96,14 @@ impl RuleSet {
         rules.iter().find(|r| r.name == name).cloned()
     }
 
+    /// The rules in force now.
+    pub fn rules(&self) -> Vec<Rule> {
+        self.rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_vec()
+    }
+
     pub fn len(&self) -> usize {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).len()
     }

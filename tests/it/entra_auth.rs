@@ -768,3 +768,236 @@ async fn the_binaries_sign_in_with_entra_from_the_environment() {
         "a secret reached a log line"
     );
 }
+
+/// Through `context` with kubectl's impersonation flags: the raw pods list's output.
+async fn get_pods_as(
+    kubeconfig: &std::path::Path,
+    context: &str,
+    flags: &[&str],
+) -> std::process::Output {
+    let mut args = vec!["--context", context, "get", "--raw", PODS];
+    args.extend_from_slice(flags);
+    kubectl(kubeconfig, &args, &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entra_users_own_impersonation_is_honoured_only_as_far_as_reviews_allow() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Entra).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ada = "5a1d0c3e-0000-4000-8000-00000000ada0";
+    let token = c.user_token("ada@contoso.com", ada, &["group-sre"]);
+    let proxy = c
+        .proxy(dir.path(), vec![("ada", static_token(&token))])
+        .await;
+
+    // Nothing lets ada impersonate yet: the agent refuses without asking for the request.
+    let out = get_pods_as(&proxy.kubeconfig, "ada", &["--as", "root"]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("users \"root\" is forbidden: User \"ada@contoso.com\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope"),
+        "{}",
+        describe(&out)
+    );
+    let requests = c.api.requests();
+    assert!(
+        !requests.iter().any(|r| r.path_and_query.starts_with(PODS)),
+        "a refused impersonation reached the apiserver"
+    );
+    // The apiserver was asked, by the agent, about ada.
+    let reviews: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path_and_query.contains("subjectaccessreviews"))
+        .collect();
+    assert!(!reviews.is_empty());
+    for r in &reviews {
+        assert_eq!(
+            r.user.as_deref(),
+            Some(support::apiserver::AGENT_SERVICE_ACCOUNT)
+        );
+    }
+
+    // Her group may impersonate bob and the group g1: granted, and bob is seen without ada's
+    // groups or ids.
+    c.api.grant_rules(
+        "impersonate-bob",
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"], "resourceNames": ["bob"]},
+            {"apiGroups": [""], "resources": ["groups"], "verbs": ["impersonate"], "resourceNames": ["g1"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["userextras/scopes"], "verbs": ["impersonate"], "resourceNames": ["view"]},
+        ]),
+        "Group",
+        "group-sre",
+    );
+    let stdout = kubectl_ok(
+        &proxy.kubeconfig,
+        &[
+            "--context",
+            "ada",
+            "auth",
+            "whoami",
+            "--as",
+            "bob",
+            "--as-group",
+            "g1",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let review: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let info = &review["status"]["userInfo"];
+    assert_eq!(info["username"], "bob", "{stdout}");
+    let groups: Vec<_> = info["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g.as_str())
+        .collect();
+    assert_eq!(groups, ["g1", "system:authenticated"], "{stdout}");
+    assert!(
+        info.get("extra")
+            .and_then(|e| e.as_object())
+            .is_none_or(|e| e.is_empty()),
+        "{stdout}"
+    );
+    let seen = c
+        .api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path_and_query.contains("selfsubjectreviews"))
+        .expect("the review reached the apiserver");
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {}", c.api.agent_token()).as_str()
+    );
+    assert_eq!(seen.headers["impersonate-user"], "bob");
+
+    // Each thing asked for is checked: a group outside the grant is refused.
+    let out = get_pods_as(
+        &proxy.kubeconfig,
+        "ada",
+        &["--as", "bob", "--as-group", "system:masters"],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("groups \"system:masters\" is forbidden: User \"ada@contoso.com\" cannot impersonate resource \"groups\""),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !c.api
+            .requests()
+            .iter()
+            .any(|r| r.path_and_query.starts_with(PODS)),
+        "a refused impersonation reached the apiserver"
+    );
+    // Without --as, ada is herself, as before.
+    assert_eq!(whoami(&proxy.kubeconfig, "ada").await.0, "ada@contoso.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entra_impersonation_that_cannot_be_reviewed_is_refused_not_ignored() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start(AuthMode::Entra).await;
+    let dir = tempfile::tempdir().unwrap();
+    let oid = "5a1d0c3e-0000-4000-8000-0000000000c4";
+    let token = c.user_token("cy@contoso.com", oid, &["group-sre"]);
+    c.api.grant_cluster_admin("Group", "group-sre");
+    let proxy = c
+        .proxy(dir.path(), vec![("cy", static_token(&token))])
+        .await;
+    c.api.set_reviews_failing(true);
+    let out = get_pods_as(&proxy.kubeconfig, "cy", &["--as", "bob"]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("the clusterconnect agent cannot check whether \"cy@contoso.com\" may impersonate \"bob\"")
+            && stderr.contains("the authorizer is unavailable"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !c.api
+            .requests()
+            .iter()
+            .any(|r| r.path_and_query.starts_with(PODS)),
+        "an unreviewed impersonation reached the apiserver"
+    );
+    // Once reviews work again, cy (cluster-admin through her group) may impersonate bob.
+    c.api.set_reviews_failing(false);
+    let out = get_pods_as(&proxy.kubeconfig, "cy", &["--as", "bob"]).await;
+    // bob himself may not list pods: the apiserver's refusal, about bob, proves the
+    // impersonation went through.
+    assert!(
+        text(&out.stderr).contains("User \"bob\" cannot list resource \"pods\""),
+        "{}",
+        describe(&out)
+    );
+
+    // Extras (kubectl's --as-user-extra, newer than the kubectl here) are reviewed and
+    // forwarded as asked, in place of the caller's own.
+    let upstream = clusterconnect::agent::Upstream::new(
+        &c.api.url().parse().unwrap(),
+        Some(c.api.ca_pem().as_bytes()),
+    )
+    .unwrap();
+    let auth = Authenticator::new(AuthMode::Entra, entra_auth(&c.entra, &c.api, None));
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    headers.insert("impersonate-user", "bob".parse().unwrap());
+    headers.insert("impersonate-extra-scopes", "view".parse().unwrap());
+    let reviews_before = c
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("subjectaccessreviews"))
+        .count();
+    assert!(auth.authorize(&mut headers, &upstream).await.is_ok());
+    assert_eq!(
+        headers["authorization"],
+        format!("Bearer {}", c.api.agent_token()).as_str()
+    );
+    assert_eq!(headers["impersonate-user"], "bob");
+    assert_eq!(headers["impersonate-extra-scopes"], "view");
+    assert!(headers.get("impersonate-extra-oid").is_none());
+    assert!(headers.get("impersonate-group").is_none());
+    let reviews_after = c
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("subjectaccessreviews"))
+        .count();
+    // One review for the user, one for the extra (a fresh authenticator: nothing cached).
+    assert_eq!(reviews_after - reviews_before, 2);
+
+    // kubectl never sends groups without a user, but another client may: refused like the
+    // apiserver refuses it, before anything is forwarded.
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    headers.insert("impersonate-group", "system:masters".parse().unwrap());
+    let refused = auth
+        .authorize(&mut headers, &upstream)
+        .await
+        .expect_err("groups without a user are refused");
+    assert_eq!(refused.status(), 400);
+    let body = http_body_util::BodyExt::collect(refused.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "BadRequest");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("need Impersonate-User"),
+        "{status}"
+    );
+}

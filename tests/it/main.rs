@@ -23,4 +23,5 @@ mod revocation;
 mod secrets;
 mod standin_apiserver;
 mod standin_store;
+mod tunnel_key_rotation;
 mod tunnel_kubectl;

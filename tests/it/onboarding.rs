@@ -208,7 +208,7 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
         );
     }
 
-    // Only impersonation and reading nodes.
+    // Only impersonation, SubjectAccessReviews and reading nodes.
     let role = s.api.object(CLUSTER_ROLE).unwrap();
     let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = role["rules"]
         .as_array()
@@ -223,11 +223,20 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
     assert_eq!(
         rules,
         vec![
-            (s_(&[""]), s_(&["users", "groups"]), s_(&["impersonate"])),
+            (
+                s_(&[""]),
+                s_(&["users", "groups", "serviceaccounts"]),
+                s_(&["impersonate"])
+            ),
             (
                 s_(&["authentication.k8s.io"]),
-                s_(&["userextras/oid", "userextras/tid"]),
+                s_(&["*"]),
                 s_(&["impersonate"])
+            ),
+            (
+                s_(&["authorization.k8s.io"]),
+                s_(&["subjectaccessreviews"]),
+                s_(&["create"])
             ),
             (s_(&[""]), s_(&["nodes"]), s_(&["get", "list"])),
         ]

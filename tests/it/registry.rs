@@ -178,22 +178,32 @@ async fn only_owners_and_granted_users_get_a_send_token_and_it_opens_only_their_
     )
     .unwrap();
     let api = ApiServer::start().await;
-    // The relay-wide Listen rule does not reach a registered cluster's connection.
-    let intruder = Agent::start_for(
+    // The relay-wide Listen rule does not reach a registered cluster's connection: the relay
+    // refuses it, and the agent keeps retrying (a rotated key could fix it) without listening.
+    let intruder_key = std::sync::Arc::new(clusterconnect::agent::KeySource::fixed(
+        support::tunnel::listen_key(),
+    ));
+    let intruder = Agent::start_keyed(
         &relay,
         &api,
-        support::tunnel::listen_key(),
+        intruder_key.clone(),
         &config.hybrid_connection_name,
+        clusterconnect::agent::Authenticator::token_only(),
     )
     .await;
-    let ended = tokio::time::timeout(Duration::from_secs(20), intruder.task).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while intruder_key.refusals() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never refused a relay-wide listen key on a registered cluster's connection"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert!(
-        matches!(
-            ended,
-            Ok(Ok(Err(clusterconnect::agent::AgentError::Rejected { .. })))
-        ),
-        "a relay-wide listen key listened on a registered cluster's connection"
+        !intruder.task.is_finished(),
+        "a refused agent keeps retrying"
     );
+    intruder.stop().await;
     let _agent = Agent::start_for(&relay, &api, listen, &config.hybrid_connection_name).await;
     let dial = |entity: &str| {
         let url = relay.address().url(

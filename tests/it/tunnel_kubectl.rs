@@ -363,3 +363,73 @@ async fn a_stalled_local_client_does_not_hold_up_kubectl() {
     .await;
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_callers_impersonation_reaches_the_apiserver_unchanged() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = Stack::start().await;
+    let k = &s.proxy.kubeconfig;
+    const PODS: &str = "/api/v1/namespaces/default/pods";
+    // The apiserver, not the agent, judges a passed-through caller's impersonation: without a
+    // binding the refusal is the apiserver's own, about the caller's service account.
+    let out = kubectl(k, &["get", "--raw", PODS, "--as", "bob"], &[]).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "users \"bob\" is forbidden: User \"{SERVICE_ACCOUNT}\" cannot impersonate resource \"users\""
+        )),
+        "{}",
+        describe(&out)
+    );
+
+    s.api.grant_rules(
+        "impersonator",
+        serde_json::json!([{"apiGroups": [""], "resources": ["users", "groups"], "verbs": ["impersonate"]}]),
+        "ServiceAccount",
+        "default/tester",
+    );
+    let stdout = kubectl_ok(
+        k,
+        &[
+            "auth",
+            "whoami",
+            "--as",
+            "bob",
+            "--as-group",
+            "g1",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let review: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let info = &review["status"]["userInfo"];
+    assert_eq!(info["username"], "bob", "{stdout}");
+    let groups = info["groups"].as_array().expect("groups");
+    assert!(groups.iter().any(|g| g == "g1"), "{groups:?}");
+    assert!(
+        groups.iter().any(|g| g == "system:authenticated"),
+        "{groups:?}"
+    );
+    let seen = s
+        .api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path_and_query.contains("selfsubjectreviews"))
+        .expect("the review reached the apiserver");
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {}", s.api.token()).as_str()
+    );
+    assert_eq!(seen.headers["impersonate-user"], "bob");
+    assert_eq!(seen.headers["impersonate-group"], "g1");
+    assert_eq!(seen.user.as_deref(), Some("bob"));
+    // Nothing was asked of the apiserver on the caller's behalf.
+    assert!(!s
+        .api
+        .requests()
+        .iter()
+        .any(|r| r.path_and_query.contains("subjectaccessreviews")));
+}

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -43,7 +44,8 @@ use super::portforward;
 use super::rbac::{self, Attributes};
 use super::remotecommand::{self, Session};
 use super::resources::{
-    self, Resource, CLUSTER_ROLE_BINDINGS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICE_ACCOUNTS,
+    self, Resource, CLUSTER_ROLES, CLUSTER_ROLE_BINDINGS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS,
+    SERVICE_ACCOUNTS,
 };
 
 /// The identity a valid token stands for.
@@ -112,6 +114,8 @@ struct Shared {
     requests: Mutex<Vec<SeenRequest>>,
     store: Arc<Store>,
     tasks: Tasks,
+    /// SubjectAccessReviews fail with 500 (an authorizer webhook down).
+    reviews_failing: AtomicBool,
 }
 
 pub struct ApiServer {
@@ -143,6 +147,7 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
             store: Arc::new(Store::seeded()),
             tasks: Tasks::default(),
+            reviews_failing: AtomicBool::new(false),
         });
         shared.tasks.spawn(accept_loop(
             listener,
@@ -271,6 +276,28 @@ impl ApiServer {
     /// Binds `cluster-admin` to a subject: `("User", "ada@contoso.com")`, `("Group", "sre")`
     /// or `("ServiceAccount", "namespace/name")`.
     pub fn grant_cluster_admin(&self, subject_kind: &str, name: &str) {
+        self.bind("cluster-admin", subject_kind, name);
+    }
+
+    /// Creates ClusterRole `role` with `rules` and binds it to a subject (as
+    /// [`grant_cluster_admin`](Self::grant_cluster_admin) names them).
+    pub fn grant_rules(&self, role: &str, rules: Value, subject_kind: &str, name: &str) {
+        let cluster_role = json!({"metadata": {"name": role}, "rules": rules});
+        self.shared
+            .store
+            .create(&CLUSTER_ROLES, "", cluster_role)
+            .expect("create ClusterRole");
+        self.bind(role, subject_kind, name);
+    }
+
+    /// From now on SubjectAccessReviews fail (500) while `failing`.
+    pub fn set_reviews_failing(&self, failing: bool) {
+        self.shared
+            .reviews_failing
+            .store(failing, Ordering::Relaxed);
+    }
+
+    fn bind(&self, role: &str, subject_kind: &str, name: &str) {
         let subject = match (subject_kind, name.split_once('/')) {
             ("ServiceAccount", Some((namespace, name))) => {
                 json!({"kind": "ServiceAccount", "name": name, "namespace": namespace})
@@ -278,9 +305,14 @@ impl ApiServer {
             ("User" | "Group", _) => {
                 json!({"kind": subject_kind, "name": name, "apiGroup": "rbac.authorization.k8s.io"})
             }
-            _ => panic!("grant_cluster_admin: unknown subject {subject_kind} {name}"),
+            _ => panic!("grant: unknown subject {subject_kind} {name}"),
         };
-        let binding_name: String = format!("standin-cluster-admin-{subject_kind}-{name}")
+        let prefix = if role == "cluster-admin" {
+            "standin-cluster-admin".to_string()
+        } else {
+            format!("standin-{role}")
+        };
+        let binding_name: String = format!("{prefix}-{subject_kind}-{name}")
             .to_ascii_lowercase()
             .chars()
             .map(|c| {
@@ -293,13 +325,13 @@ impl ApiServer {
             .collect();
         let binding = json!({
             "metadata": {"name": binding_name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
             "subjects": [subject],
         });
         self.shared
             .store
             .create(&CLUSTER_ROLE_BINDINGS, "", binding)
-            .expect("grant cluster-admin");
+            .expect("create ClusterRoleBinding");
     }
 }
 
@@ -342,6 +374,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<S
 /// impersonates when that account may impersonate.
 struct Identity {
     user: String,
+    uid: Option<String>,
     groups: Vec<String>,
     extra: BTreeMap<String, Vec<String>>,
     /// The tester's and the agent's own accounts may do anything, as before RBAC existed
@@ -366,12 +399,14 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
     let caller = match presented {
         Some(t) if t == shared.token => Identity {
             user: SERVICE_ACCOUNT.to_string(),
+            uid: None,
             groups: SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
             extra: BTreeMap::new(),
             unrestricted: true,
         },
         Some(t) if t == shared.agent_token => Identity {
             user: AGENT_SERVICE_ACCOUNT.to_string(),
+            uid: None,
             groups: AGENT_SERVICE_ACCOUNT_GROUPS.map(String::from).to_vec(),
             extra: BTreeMap::new(),
             unrestricted: true,
@@ -382,6 +417,7 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
                     "system:serviceaccount:{}:{}",
                     owner.namespace, owner.service_account
                 ),
+                uid: None,
                 groups: vec![
                     "system:serviceaccounts".to_string(),
                     format!("system:serviceaccounts:{}", owner.namespace),
@@ -402,7 +438,16 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
             .map(String::from)
             .collect()
     };
-    let user = values("impersonate-user").into_iter().next();
+    // As the apiserver: the first Impersonate-User and Impersonate-Uid count, an empty one
+    // is none; every group and every extra value counts.
+    let user = values("impersonate-user")
+        .into_iter()
+        .next()
+        .filter(|u| !u.is_empty());
+    let uid = values("impersonate-uid")
+        .into_iter()
+        .next()
+        .filter(|u| !u.is_empty());
     let groups = values("impersonate-group");
     let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in headers {
@@ -415,33 +460,8 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
             extra.entry(key).or_default().push(value);
         }
     }
-    if user.is_none() && groups.is_empty() && extra.is_empty() {
+    if user.is_none() && uid.is_none() && groups.is_empty() && extra.is_empty() {
         return Authentication::Authenticated(caller);
-    }
-    // Like the apiserver's impersonation filter: the user is checked first, then each group,
-    // then each extra; only the agent's account holds the impersonate verbs.
-    if caller.user != AGENT_SERVICE_ACCOUNT {
-        let (resource, group, name) = match (&user, groups.first(), extra.iter().next()) {
-            (Some(user), _, _) => ("users".to_string(), "", user.clone()),
-            (None, Some(group), _) => ("groups".to_string(), "", group.clone()),
-            (None, None, Some((key, values))) => (
-                format!("userextras/{key}"),
-                "authentication.k8s.io",
-                values.first().cloned().unwrap_or_default(),
-            ),
-            (None, None, None) => unreachable!("some impersonation was asked for"),
-        };
-        let message = format!(
-            "{resource} \"{name}\" is forbidden: User \"{}\" cannot impersonate resource \"{resource}\" in API group \"{group}\" at the cluster scope",
-            caller.user
-        );
-        let refusal = status_with_details(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            &message,
-            Some(json!({"name": name, "kind": resource})),
-        );
-        return Authentication::Refused(caller, Box::new(refusal));
     }
     let Some(user) = user else {
         let refusal = status(
@@ -451,16 +471,87 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Authentication {
         );
         return Authentication::Refused(caller, Box::new(refusal));
     };
+    // Like the apiserver's impersonation filter: the user is checked first, then each group,
+    // then each extra value, then the uid. The agent's account may impersonate anyone; every
+    // other caller only what RBAC bindings grant it.
+    if caller.user != AGENT_SERVICE_ACCOUNT {
+        for check in impersonation_checks(&user, &groups, &extra, uid.as_deref()) {
+            if rbac::allows(&shared.store, &caller.user, &caller.groups, &check) {
+                continue;
+            }
+            let (plural, _) = check
+                .resource
+                .split_once('/')
+                .unwrap_or((&check.resource, ""));
+            let message = rbac::forbidden_message(&caller.user, &check);
+            let refusal = status_with_details(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &message,
+                Some(json!({"name": check.name, "kind": plural})),
+            );
+            return Authentication::Refused(caller, Box::new(refusal));
+        }
+    }
     let mut groups = groups;
-    if !groups.iter().any(|g| g == "system:authenticated") {
+    let service_account = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'));
+    if let (Some((namespace, _)), true) = (service_account, groups.is_empty()) {
+        groups = vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{namespace}"),
+        ];
+    }
+    if user != "system:anonymous" && !groups.iter().any(|g| g == "system:authenticated") {
         groups.push("system:authenticated".to_string());
     }
     Authentication::Authenticated(Identity {
         user,
+        uid,
         groups,
         extra,
         unrestricted: false,
     })
+}
+
+/// The apiserver's `impersonate` checks for a request, in its order.
+fn impersonation_checks(
+    user: &str,
+    groups: &[String],
+    extra: &BTreeMap<String, Vec<String>>,
+    uid: Option<&str>,
+) -> Vec<Attributes> {
+    let check = |group: &str, resource: String, namespace: &str, name: &str| Attributes {
+        verb: "impersonate".to_string(),
+        group: group.to_string(),
+        resource,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    };
+    let mut checks = Vec::new();
+    let service_account = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'));
+    checks.push(match service_account {
+        Some((namespace, name)) => check("", "serviceaccounts".into(), namespace, name),
+        None => check("", "users".into(), "", user),
+    });
+    checks.extend(groups.iter().map(|g| check("", "groups".into(), "", g)));
+    for (key, values) in extra {
+        for value in values {
+            checks.push(check(
+                "authentication.k8s.io",
+                format!("userextras/{key}"),
+                "",
+                value,
+            ));
+        }
+    }
+    if let Some(uid) = uid {
+        checks.push(check("authentication.k8s.io", "uids".into(), "", uid));
+    }
+    checks
 }
 
 impl Shared {
@@ -520,6 +611,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             if req.method() == Method::POST =>
         {
             self_subject_review(&identity)
+        }
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]
+            if req.method() == Method::POST =>
+        {
+            subject_access_review(&shared, req, &identity).await
         }
         ["apis", group, version] if get && served_group(group) => {
             json_response(StatusCode::OK, &discovery::resource_list(group, version))
@@ -1324,6 +1420,67 @@ fn accept_spdy(
     Ok((response, hyper::upgrade::on(req)))
 }
 
+/// A SubjectAccessReview answered by the store's RBAC, as the apiserver's RBAC authorizer
+/// would: `allowed` with the granting binding named, or not allowed with no reason.
+async fn subject_access_review(
+    shared: &Shared,
+    req: Request<Incoming>,
+    caller: &Identity,
+) -> Response<Body> {
+    let create = Attributes {
+        verb: "create".into(),
+        group: "authorization.k8s.io".into(),
+        resource: "subjectaccessreviews".into(),
+        namespace: String::new(),
+        name: String::new(),
+    };
+    if !caller.unrestricted && !rbac::allows(&shared.store, &caller.user, &caller.groups, &create) {
+        let message = rbac::forbidden_message(&caller.user, &create);
+        return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+    }
+    if shared.reviews_failing.load(Ordering::Relaxed) {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "Internal error occurred: the authorizer is unavailable",
+        );
+    }
+    let mut review = match read_object(req, false).await {
+        Ok(review) => review,
+        Err(refusal) => return *refusal,
+    };
+    let spec = &review["spec"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let attributes = &spec["resourceAttributes"];
+    let subresource = text(&attributes["subresource"]);
+    let resource = if subresource.is_empty() {
+        text(&attributes["resource"])
+    } else {
+        format!("{}/{subresource}", text(&attributes["resource"]))
+    };
+    let wanted = Attributes {
+        verb: text(&attributes["verb"]),
+        group: text(&attributes["group"]),
+        resource,
+        namespace: text(&attributes["namespace"]),
+        name: text(&attributes["name"]),
+    };
+    let groups: Vec<String> = spec["groups"]
+        .as_array()
+        .map(|gs| gs.iter().map(text).collect())
+        .unwrap_or_default();
+    let user = text(&spec["user"]);
+    let allowed = groups.iter().any(|g| g == "system:masters")
+        || rbac::allows(&shared.store, &user, &groups, &wanted);
+    review["status"] = if allowed {
+        json!({"allowed": true, "reason": "RBAC: allowed by a ClusterRoleBinding"})
+    } else {
+        json!({"allowed": false})
+    };
+    review["metadata"] = json!({"creationTimestamp": null});
+    json_response(StatusCode::CREATED, &review)
+}
+
 /// `kubectl auth whoami`: reports who the server thinks the caller is, impersonation included.
 fn self_subject_review(identity: &Identity) -> Response<Body> {
     let review = json!({
@@ -1332,6 +1489,7 @@ fn self_subject_review(identity: &Identity) -> Response<Body> {
         "metadata": {"creationTimestamp": null},
         "status": {"userInfo": {
             "username": identity.user,
+            "uid": identity.uid,
             "groups": identity.groups,
             "extra": identity.extra,
         }},

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clusterconnect::agent::{AgentConfig, Authenticator, Upstream};
+use clusterconnect::agent::{AgentConfig, Authenticator, KeySource, Upstream};
 use clusterconnect::auth::{CredentialSource, StaticToken};
 use clusterconnect::proxy::kubeconfig::{self, Entry};
 use clusterconnect::proxy::{
@@ -209,6 +209,24 @@ impl Relay {
         self.task = task;
     }
 
+    /// Replaces the "listen" rule's key by `key` in the running relay, as a rotation looks
+    /// to agents: the channels the old key authorized are closed, only the new key is accepted.
+    pub fn rekey_listen(&self, key: &str) {
+        let rules = self
+            .config
+            .rules
+            .rules()
+            .into_iter()
+            .map(|mut rule| {
+                if rule.name == "listen" {
+                    rule.key = Secret::new(key);
+                }
+                rule
+            })
+            .collect();
+        self.config.rules.replace(rules);
+    }
+
     pub fn address(&self) -> RelayAddress {
         RelayAddress::parse(&format!("wss://127.0.0.1:{}", self.addr.port()))
             .expect("relay address")
@@ -217,7 +235,7 @@ impl Relay {
 
 pub struct Agent {
     stop: CancellationToken,
-    pub task: JoinHandle<Result<(), clusterconnect::agent::AgentError>>,
+    pub task: JoinHandle<()>,
 }
 
 impl Agent {
@@ -234,6 +252,24 @@ impl Agent {
         relay: &Relay,
         api: &ApiServer,
         key: SasKey,
+        connection: &str,
+        auth: Authenticator,
+    ) -> Agent {
+        Agent::start_keyed(
+            relay,
+            api,
+            Arc::new(KeySource::fixed(key)),
+            connection,
+            auth,
+        )
+        .await
+    }
+
+    /// An agent whose key comes from `key` (e.g. a key file it follows).
+    pub async fn start_keyed(
+        relay: &Relay,
+        api: &ApiServer,
+        key: Arc<KeySource>,
         connection: &str,
         auth: Authenticator,
     ) -> Agent {
