@@ -86,6 +86,11 @@ impl<F: TokenFetcher> Refreshing<F> {
         }
     }
 
+    /// What fetches the tokens.
+    pub fn fetcher(&self) -> &F {
+        &self.fetcher
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -16,6 +16,7 @@ mod run;
 mod sas;
 mod secrets;
 mod token;
+mod up;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,9 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Try it in one command: relay, agent and proxy in this process against your current
+    /// kubeconfig context, and a `clusterconnect-<context>` context through the whole tunnel.
+    Up(up::Args),
     /// Run the relay (rendezvous service both sides dial out to).
     Relay(relay::Args),
     /// Run the cluster agent (listens on the relay, forwards to the apiserver).
@@ -88,6 +92,7 @@ pub enum Command {
 /// Runs the chosen subcommand; the result is the process exit status.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Up(args) => up::run(args, shutdown).await,
         Command::Relay(args) => relay::run(args, shutdown).await.map(|()| 0),
         Command::Agent(args) => agent::run(args, shutdown).await.map(|()| 0),
         Command::Proxy(args) => proxy::run(args, shutdown).await,

@@ -25,3 +25,4 @@ mod standin_apiserver;
 mod standin_store;
 mod tunnel_key_rotation;
 mod tunnel_kubectl;
+mod up;

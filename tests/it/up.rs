@@ -1,0 +1,153 @@
+//! `clusterconnect up`: the real binary against the stand-in apiserver's kubeconfig, and the
+//! real kubectl through the context it writes, with the context's own token and as a session
+//! service account that is removed when `up` stops.
+
+use crate::support;
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use support::check::PROMPT;
+use support::processes::{run_to_end, spawn};
+use support::{kubectl_available, kubectl_ok, ApiServer};
+
+const ACCOUNT: &str = "/api/v1/namespaces/default/serviceaccounts/clusterconnect-up";
+const BINDING: &str =
+    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/clusterconnect-up-view-binding";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_tunnels_kubectl_with_the_contexts_own_token() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), &api.token());
+    let mut up = spawn(
+        &[
+            OsStr::new("up"),
+            OsStr::new("--kubeconfig"),
+            kubeconfig.as_os_str(),
+            OsStr::new("--port"),
+            OsStr::new("0"),
+        ],
+        &[],
+    );
+    let out = up
+        .wait_for_output(PROMPT, "ready: kubectl")
+        .await
+        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    assert!(
+        out.contains("--context clusterconnect-standin get pods -A"),
+        "{out}"
+    );
+    let before = api.requests().len();
+    let pods = kubectl_ok(
+        &kubeconfig,
+        &["--context", "clusterconnect-standin", "get", "pods", "-A"],
+    )
+    .await;
+    assert!(pods.contains("web-0"), "{pods}");
+    // Through the tunnel, as the context's own user; the user's current context is unchanged.
+    let seen = api.requests();
+    let through: Vec<_> = seen[before..]
+        .iter()
+        .filter(|r| r.path_and_query.contains("/pods"))
+        .collect();
+    assert!(!through.is_empty());
+    let bearer = format!("Bearer {}", api.token());
+    assert!(
+        through.iter().all(|r| r
+            .headers
+            .get("authorization")
+            .is_some_and(|v| v == bearer.as_str())),
+        "not the context's own token: {through:?}"
+    );
+    let current = kubectl_ok(&kubeconfig, &["config", "current-context"]).await;
+    assert_eq!(current.trim(), "standin");
+    up.terminate();
+    assert!(
+        up.wait(PROMPT).await.is_some(),
+        "up did not stop on SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_as_a_session_service_account_removes_it_on_exit() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), &api.token());
+    let mut up = spawn(
+        &[
+            OsStr::new("up"),
+            OsStr::new("--kubeconfig"),
+            kubeconfig.as_os_str(),
+            OsStr::new("--service-account"),
+            OsStr::new("--port"),
+            OsStr::new("0"),
+        ],
+        &[],
+    );
+    let out = up
+        .wait_for_output(PROMPT, "ready: kubectl")
+        .await
+        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    assert!(out.contains("--context clusterconnect-standin"), "{out}");
+    up.wait_for_output(
+        PROMPT,
+        "as service account default/clusterconnect-up with cluster role view",
+    )
+    .await
+    .unwrap_or_else(|out| panic!("up did not say who kubectl is:\n{out}"));
+    assert!(api.object(ACCOUNT).is_some() && api.object(BINDING).is_some());
+    let before = api.requests().len();
+    let pods = kubectl_ok(
+        &kubeconfig,
+        &["--context", "clusterconnect-standin", "get", "pods", "-A"],
+    )
+    .await;
+    assert!(pods.contains("web-0"), "{pods}");
+    let users: Vec<_> = api.requests()[before..]
+        .iter()
+        .filter(|r| r.path_and_query.contains("/pods"))
+        .map(|r| r.user.clone())
+        .collect();
+    assert!(
+        users
+            .iter()
+            .all(|u| u.as_deref() == Some("system:serviceaccount:default:clusterconnect-up")),
+        "{users:?}"
+    );
+    up.terminate();
+    assert!(
+        up.wait(PROMPT).await.is_some(),
+        "up did not stop on SIGTERM"
+    );
+    assert!(api.object(ACCOUNT).is_none(), "the session account stayed");
+    assert!(api.object(BINDING).is_none(), "the session binding stayed");
+}
+
+#[tokio::test]
+async fn up_without_a_kubeconfig_says_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-kubeconfig");
+    let out = run_to_end(
+        &[
+            OsStr::new("up"),
+            OsStr::new("--kubeconfig"),
+            missing.as_os_str(),
+        ],
+        &[],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("needs a kubeconfig context that reaches a cluster"),
+        "{stderr}"
+    );
+}
