@@ -21,6 +21,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::auth::exec::TokenCommand;
+use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
 use crate::secret::Secret;
 use crate::tls;
@@ -200,6 +202,9 @@ impl Upstream {
 /// the kubelet rotates) or a token in the kubeconfig.
 fn own_token(auth: &kube::config::AuthInfo) -> Option<Arc<dyn CredentialSource>> {
     use secrecy::ExposeSecret;
+    if let Some(plugin) = auth.exec.as_ref().and_then(TokenCommand::plugin) {
+        return Some(Arc::new(Refreshing::new(plugin, RENEW_MARGIN)));
+    }
     if let Some(file) = &auth.token_file {
         return Some(Arc::new(TokenFile::new(PathBuf::from(file))));
     }

@@ -20,7 +20,19 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 pub const BARE_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 60);
 
 pub struct TokenCommand {
-    command: String,
+    program: Program,
+}
+
+/// What runs: a shell line (`--token-command`), or a kubeconfig exec plugin as kubectl runs it.
+enum Program {
+    Shell(String),
+    Plugin {
+        command: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        /// `KUBERNETES_EXEC_INFO`: the ExecCredential request kubectl hands its plugins.
+        exec_info: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -40,8 +52,38 @@ struct ExecStatus {
 impl TokenCommand {
     pub fn new(command: impl Into<String>) -> Self {
         TokenCommand {
-            command: command.into(),
+            program: Program::Shell(command.into()),
         }
+    }
+
+    /// A kubeconfig `users[].user.exec` plugin, run the way kubectl runs it (non-interactive:
+    /// nobody is there to answer a prompt).
+    pub fn plugin(exec: &kube::config::ExecConfig) -> Option<Self> {
+        let command = exec.command.clone().filter(|c| !c.is_empty())?;
+        let api_version = exec
+            .api_version
+            .clone()
+            .unwrap_or_else(|| "client.authentication.k8s.io/v1".into());
+        let env = exec
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.get("name")?.clone(), e.get("value")?.clone())))
+            .collect();
+        let exec_info = serde_json::json!({
+            "apiVersion": api_version,
+            "kind": "ExecCredential",
+            "spec": {"interactive": false},
+        })
+        .to_string();
+        Some(TokenCommand {
+            program: Program::Plugin {
+                command,
+                args: exec.args.clone().unwrap_or_default(),
+                env,
+                exec_info,
+            },
+        })
     }
 
     fn fail(&self, reason: impl Into<super::BoxError>) -> CredentialError {
@@ -49,9 +91,26 @@ impl TokenCommand {
     }
 
     async fn run(&self) -> Result<ExpiringToken, CredentialError> {
-        let output = Command::new("sh")
-            .arg("-c")
-            .arg(&self.command)
+        let mut command = match &self.program {
+            Program::Shell(line) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(line);
+                c
+            }
+            Program::Plugin {
+                command,
+                args,
+                env,
+                exec_info,
+            } => {
+                let mut c = Command::new(command);
+                c.args(args)
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .env("KUBERNETES_EXEC_INFO", exec_info);
+                c
+            }
+        };
+        let output = command
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -141,7 +200,10 @@ impl TokenFetcher for TokenCommand {
     }
 
     fn describe(&self) -> String {
-        "--token-command".into()
+        match &self.program {
+            Program::Shell(_) => "--token-command".into(),
+            Program::Plugin { command, .. } => format!("the kubeconfig's exec plugin {command}"),
+        }
     }
 }
 
@@ -183,5 +245,22 @@ mod tests {
         assert!(!err.contains("secret-token-value"), "{err}");
         let ok = TokenCommand::new("echo tok123").run().await.unwrap();
         assert_eq!(ok.token.expose(), "tok123");
+    }
+
+    #[tokio::test]
+    async fn a_kubeconfig_exec_plugin_runs_with_its_args_env_and_exec_info() {
+        let exec: kube::config::ExecConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": "sh",
+            "args": ["-c", "echo \"$KUBERNETES_EXEC_INFO\" | grep -q '\"interactive\":false' && echo \"$TOKEN_FOR_TEST\""],
+            "env": [{"name": "TOKEN_FOR_TEST", "value": "plugin-token"}],
+        }))
+        .unwrap();
+        let plugin = TokenCommand::plugin(&exec).expect("a plugin with a command");
+        assert_eq!(plugin.run().await.unwrap().token.expose(), "plugin-token");
+        assert_eq!(plugin.describe(), "the kubeconfig's exec plugin sh");
+        let none: kube::config::ExecConfig =
+            serde_json::from_value(serde_json::json!({"apiVersion": "v1"})).unwrap();
+        assert!(TokenCommand::plugin(&none).is_none());
     }
 }

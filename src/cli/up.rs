@@ -3,8 +3,9 @@
 //! apiserver) with one command and nothing to install in the cluster.
 //!
 //! The relay runs on loopback with a throwaway CA and keys held only in memory. kubectl through
-//! the tunnel presents the context's own bearer token (or token file); a context that
-//! authenticates otherwise (client certificate, exec plugin), or `--service-account`, gets a
+//! the tunnel presents the context's own credential: its bearer token, token file or exec
+//! plugin (run as kubectl runs it, renewed ahead of expiry); a context that authenticates
+//! otherwise (a client certificate), or `--service-account`, gets a
 //! short-lived token of a service account bound to `--role`, renewed while `up` runs and
 //! removed, with its binding, when `up` stops, if `up` created them.
 
@@ -245,7 +246,7 @@ fn random_key() -> String {
 
 /// Who kubectl is through the tunnel.
 enum Session {
-    /// The context's own bearer token or token file.
+    /// The context's own bearer token, token file or exec plugin.
     OwnToken(Arc<dyn CredentialSource>),
     /// A service account of this session, and what `up` created for it.
     Account {

@@ -130,6 +130,81 @@ async fn up_as_a_session_service_account_removes_it_on_exit() {
     assert!(api.object(BINDING).is_none(), "the session binding stayed");
 }
 
+/// A kubeconfig whose user signs in with an exec plugin (a script printing an ExecCredential
+/// with `token`, and refusing to run without kubectl's `KUBERNETES_EXEC_INFO`).
+fn exec_plugin_kubeconfig(
+    api: &ApiServer,
+    dir: &std::path::Path,
+    token: &str,
+) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let plugin = dir.join("credential-plugin");
+    std::fs::write(
+        &plugin,
+        format!(
+            "#!/bin/sh\n[ -n \"$KUBERNETES_EXEC_INFO\" ] || {{ echo 'no KUBERNETES_EXEC_INFO' >&2; exit 1; }}\n[ \"$PLUGIN_MODE\" = test ] || exit 2\nprintf '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{token}\"}}}}'\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exec = format!(
+        "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      env:\n      - name: PLUGIN_MODE\n        value: test\n      interactiveMode: Never\n",
+        plugin.display()
+    );
+    let yaml = api
+        .kubeconfig_yaml(token)
+        .replace(&format!("    token: {token}\n"), &exec);
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_presents_the_token_of_the_contexts_exec_plugin() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = exec_plugin_kubeconfig(&api, dir.path(), &api.token());
+    let mut up = spawn(
+        &[
+            OsStr::new("up"),
+            OsStr::new("--kubeconfig"),
+            kubeconfig.as_os_str(),
+            OsStr::new("--port"),
+            OsStr::new("0"),
+        ],
+        &[],
+    );
+    up.wait_for_output(PROMPT, "ready: kubectl")
+        .await
+        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    let before = api.requests().len();
+    let pods = kubectl_ok(
+        &kubeconfig,
+        &["--context", "clusterconnect-standin", "get", "pods", "-A"],
+    )
+    .await;
+    assert!(pods.contains("web-0"), "{pods}");
+    let bearer = format!("Bearer {}", api.token());
+    let through: Vec<_> = api.requests()[before..]
+        .iter()
+        .filter(|r| r.path_and_query.contains("/pods"))
+        .map(|r| r.headers.get("authorization") == Some(&bearer.parse().unwrap()))
+        .collect();
+    assert!(!through.is_empty() && through.iter().all(|ok| *ok));
+    assert!(
+        api.object(ACCOUNT).is_none(),
+        "an exec plugin's token is presented as it is, no service account needed"
+    );
+    up.terminate();
+    assert!(
+        up.wait(PROMPT).await.is_some(),
+        "up did not stop on SIGTERM"
+    );
+}
+
 #[tokio::test]
 async fn up_without_a_kubeconfig_says_what_it_needs() {
     let dir = tempfile::tempdir().unwrap();
