@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
@@ -75,7 +74,7 @@ impl HttpResponse {
 
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<crate::tunnel::outbound::Connector>, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -83,10 +82,11 @@ impl HttpClient {
     /// A client trusting `tls`'s roots for https:// and speaking plain http:// too (IMDS and
     /// HIMDS are plain HTTP on link-local and loopback addresses).
     pub fn new(tls: Arc<ClientConfig>, connect_timeout: Duration, timeout: Duration) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
+        // Through HTTPS_PROXY where the environment says so (the relay's management API,
+        // Entra ID, Key Vault); plain-HTTP endpoints such as IMDS always direct.
+        let http = crate::tunnel::outbound::Connector {
+            timeout: connect_timeout,
+        };
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())
             .https_or_http()

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::WebSocketStream;
 use url::Url;
 
+use super::outbound::ConnectError;
 use super::protocol::HEADER_AUTHORIZATION;
 use super::ws_config;
 use crate::secret::Secret;
@@ -37,6 +38,12 @@ pub enum DialError {
         addr: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot reach relay {addr} through the outbound proxy")]
+    Proxy {
+        addr: String,
+        #[source]
+        source: super::outbound::ProxyError,
     },
     #[error("relay {0} did not answer within {1:?}")]
     ConnectTimeout(String, Duration),
@@ -94,13 +101,14 @@ pub async fn dial(
     let port = parsed.port().unwrap_or(443);
     let addr = format!("{}:{port}", parsed.host_str().unwrap_or(&host));
 
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
-        .await
-        .map_err(|_| DialError::ConnectTimeout(addr.clone(), CONNECT_TIMEOUT))?
-        .map_err(|source| DialError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
+    let tcp = match super::outbound::connect(&host, port, CONNECT_TIMEOUT).await {
+        Ok(tcp) => tcp,
+        Err(ConnectError::Timeout(_)) => {
+            return Err(DialError::ConnectTimeout(addr, CONNECT_TIMEOUT))
+        }
+        Err(ConnectError::Direct(source)) => return Err(DialError::Connect { addr, source }),
+        Err(ConnectError::Proxy(source)) => return Err(DialError::Proxy { addr, source }),
+    };
     let _ = tcp.set_nodelay(true);
 
     let server_name = ServerName::try_from(host.clone()).map_err(|_| DialError::Url(url.into()))?;

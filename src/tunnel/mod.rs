@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod dial;
 pub mod http;
 pub mod keepalive;
+pub mod outbound;
 pub mod protocol;
 pub mod sas;
 pub mod upgrade;

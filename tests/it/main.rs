@@ -14,6 +14,7 @@ mod entra_standin;
 mod files;
 mod hyco_interop;
 mod onboarding;
+mod outbound_proxy;
 mod parsers;
 mod registry;
 mod relay_abuse;

@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod body;
 pub mod check;
+pub mod connect_proxy;
 pub mod discovery;
 pub mod entra;
 pub mod imds;
