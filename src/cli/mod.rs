@@ -3,6 +3,7 @@
 
 mod agent;
 pub mod clusters;
+mod completion;
 mod connect;
 mod entra;
 mod inventory;
@@ -80,6 +81,10 @@ pub enum Command {
     /// authorization-rule keys`); what an old key authorized is closed at once.
     #[command(subcommand)]
     Keys(Box<keys::Command>),
+    /// Shell completions for bash, zsh, fish, elvish or PowerShell, on standard output.
+    Completion(completion::CompletionArgs),
+    /// The manual page (roff), or a subcommand's, on standard output.
+    Man(completion::ManArgs),
     /// Service-account tokens for kubectl through the proxy.
     #[command(subcommand)]
     Token(token::Command),
@@ -102,6 +107,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Show(args) => inventory::show(args).await.map(|()| 0),
         Command::Connect(args) => connect::connect(*args).await.map(|()| 0),
         Command::Disconnect(args) => connect::disconnect(*args).await.map(|()| 0),
+        Command::Completion(args) => completion::completion(args).map(|()| 0),
+        Command::Man(args) => completion::man(args).map(|()| 0),
         Command::Keys(cmd) => keys::run(*cmd).await.map(|()| 0),
         Command::Token(cmd) => token::run(cmd).await.map(|()| 0),
         Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,

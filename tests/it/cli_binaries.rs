@@ -73,6 +73,40 @@ async fn help_and_version() {
 }
 
 #[tokio::test]
+async fn completions_for_every_shell_and_manual_pages_come_from_the_flags() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run_to_end(&["completion", shell], &[], ONE_SHOT).await;
+        assert!(out.status.success(), "{shell}: {}", describe(&out));
+        let script = text(&out.stdout);
+        for word in ["connect", "kubeconfig", "update-agent"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = run_to_end(&["completion", "tcsh"], &[], ONE_SHOT).await;
+    assert!(!out.status.success());
+    let out = run_to_end(&["man"], &[], ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let page = text(&out.stdout);
+    assert!(
+        page.contains(".TH clusterconnect 1") && page.contains("keys"),
+        "{page}"
+    );
+    let out = run_to_end(&["man", "keys"], &[], ONE_SHOT).await;
+    assert!(
+        text(&out.stdout).contains(".TH clusterconnect-keys 1"),
+        "{}",
+        describe(&out)
+    );
+    let out = run_to_end(&["man", "nope"], &[], ONE_SHOT).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("pages exist for: up, relay"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test]
 async fn relay_check_accepts_a_valid_config_and_names_a_broken_one() {
     let dir = tempfile::tempdir().expect("temp dir");
     let valid = r#"listen = "127.0.0.1:0"
