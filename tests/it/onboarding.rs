@@ -1063,3 +1063,42 @@ async fn keys_renew_moves_the_agent_to_a_renewed_key_and_refuses_the_key_in_use(
     assert!(!out.status.success(), "{}", describe(&out));
     assert!(text(&out.stderr).contains("never leaves the relay"));
 }
+
+/// Arc's onboarding refuses kubeconfigs whose user signs in with an exec plugin (kubelogin,
+/// aws, gke-gcloud-auth-plugin); ours runs the plugin as kubectl does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_disconnect_work_with_an_exec_plugin_kubeconfig() {
+    let s = Setup::start().await;
+    let (_, admin, ca) = s.files();
+    let plugin_dir = s.dir.path().join("exec");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    let kubeconfig = crate::up::exec_plugin_kubeconfig(&s.api, &plugin_dir, &s.api.token());
+    assert!(!std::fs::read_to_string(&kubeconfig)
+        .unwrap()
+        .contains(&s.api.token()));
+    let relay = s.relay_url();
+    let base = [
+        "-n",
+        "by-plugin",
+        "-g",
+        GROUP,
+        "--relay",
+        &relay,
+        "--relay-ca",
+        path(&ca),
+        "--kubeconfig",
+        path(&kubeconfig),
+        "--admin-key-file",
+        path(&admin),
+    ];
+    let mut connect = vec!["connect"];
+    connect.extend(base);
+    let out = run_to_end(&connect, &binary_env(), Duration::from_secs(60)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(s.api.object(DEPLOYMENT).is_some());
+    let mut disconnect = vec!["disconnect", "--yes"];
+    disconnect.extend(base);
+    let out = run_to_end(&disconnect, &binary_env(), Duration::from_secs(60)).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(s.api.object(DEPLOYMENT).is_none());
+}

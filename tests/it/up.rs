@@ -132,7 +132,7 @@ async fn up_as_a_session_service_account_removes_it_on_exit() {
 
 /// A kubeconfig whose user signs in with an exec plugin (a script printing an ExecCredential
 /// with `token`, and refusing to run without kubectl's `KUBERNETES_EXEC_INFO`).
-fn exec_plugin_kubeconfig(
+pub(crate) fn exec_plugin_kubeconfig(
     api: &ApiServer,
     dir: &std::path::Path,
     token: &str,
