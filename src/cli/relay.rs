@@ -13,6 +13,7 @@ use crate::entra::{Authority, Cloud};
 use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
 use crate::relay::{EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
+use crate::tls::reload::ReloadingCert;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -39,7 +40,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     let rules = file.rules(&base)?;
     let mut hostnames = file.hostnames.clone();
-    let tls = tls_config(&args, &file, &base, &hostnames)?;
+    let (tls, reloading) = tls_config(&args, &file, &base, &hostnames)?;
     hostnames.retain(|h| !h.is_empty());
     if hostnames.is_empty() {
         if !args.dev_self_signed {
@@ -77,10 +78,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(cert) = &reloading {
+        tokio::spawn(cert.clone().watch(shutdown.clone()));
+    }
     tokio::spawn(reload_on_hangup(
         args.config.clone(),
         base,
-        config.rules.clone(),
+        (config.rules.clone(), reloading),
         shutdown.clone(),
     ));
     crate::relay::run(listener, config, shutdown).await?;
@@ -88,12 +92,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
 }
 
 /// On SIGHUP, re-reads the rules (and their key files) from the config file: a rule removed or
-/// re-keyed there revokes what it authorized at once. Other settings need a restart. A file
-/// that does not load leaves the current rules in place.
+/// re-keyed there revokes what it authorized at once; and the TLS certificate files, which are
+/// also polled. Other settings need a restart. A file that does not load changes nothing.
 async fn reload_on_hangup(
     path: PathBuf,
     base: PathBuf,
-    rules: crate::relay::RuleSet,
+    (rules, cert): (crate::relay::RuleSet, Option<Arc<ReloadingCert>>),
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -105,6 +109,9 @@ async fn reload_on_hangup(
         tokio::select! {
             Some(()) = hangups.recv() => {}
             _ = shutdown.cancelled() => return,
+        }
+        if let Some(cert) = &cert {
+            cert.reload_and_log();
         }
         match RelayFile::load(&path).and_then(|file| file.rules(&base)) {
             Ok(new) => {
@@ -135,13 +142,14 @@ fn tls_config(
     file: &RelayFile,
     base: &Path,
     hostnames: &[String],
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Option<Arc<ReloadingCert>>)> {
     match (&file.tls, args.dev_self_signed) {
-        (_, true) => dev_tls_config(args, base, hostnames),
+        (_, true) => Ok((dev_tls_config(args, base, hostnames)?, None)),
         (Some(files), false) => {
-            let cert = tls::read_pem_file(&base.join(&files.cert_file), "TLS certificate")?;
-            let key = tls::read_pem_file(&base.join(&files.key_file), "TLS key")?;
-            Ok(tls::server_config(&cert, &key, &[tls::ALPN_HTTP11])?)
+            // Followed while the relay runs: renewed in place, presented at the next handshake.
+            let cert =
+                ReloadingCert::load(&base.join(&files.cert_file), &base.join(&files.key_file))?;
+            Ok((cert.server_config(&[tls::ALPN_HTTP11])?, Some(cert)))
         }
         (None, false) => anyhow::bail!(
             "relay config {} has no [tls] section; add cert_file/key_file, or pass --dev-self-signed for local use",

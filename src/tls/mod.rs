@@ -2,6 +2,7 @@
 //! authority the proxy (for kubectl on 127.0.0.1) and `relay --dev-self-signed` generate.
 
 mod certs;
+pub mod reload;
 
 pub use certs::{fingerprint_sha256, CertificateAuthority, IssuedCert};
 

@@ -18,6 +18,7 @@ mod outbound_proxy;
 mod parsers;
 mod registry;
 mod relay_abuse;
+mod relay_certs;
 mod relay_protocol;
 mod relay_proxy_protocol;
 mod revocation;
