@@ -20,6 +20,7 @@ use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
     strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
 };
+use crate::tunnel::request_id;
 
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it or the agent shuts
 /// down. On shutdown the stream takes no new requests (HTTP/2 GOAWAY, or `Connection: close`
@@ -65,6 +66,8 @@ async fn forward(
     }
     let upgrade = is_upgrade(&req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    // The proxy's id (callers other than our proxy get one here), which the apiserver keeps.
+    let request_id = request_id::ensure(req.headers_mut());
     let pq = req
         .uri()
         .path_and_query()
@@ -88,7 +91,7 @@ async fn forward(
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
                 }
-                tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), "upgrade forwarded");
+                tracing::debug!(%request_id, %method, path = %pq, status = resp.status().as_u16(), "upgrade forwarded");
                 resp.map(|b| b.boxed_unsync())
             }
             Err(e) => unreachable_apiserver(&upstream, &e),
@@ -106,7 +109,7 @@ async fn forward(
     };
     Ok(match client.request(req).await {
         Ok(resp) => {
-            tracing::debug!(%method, path = %pq, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "forwarded");
+            tracing::debug!(%request_id, %method, path = %pq, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "forwarded");
             resp.map(|b| b.boxed_unsync())
         }
         Err(e) => unreachable_apiserver(&upstream, &e),

@@ -21,6 +21,7 @@ use crate::tunnel::http::{
     error_chain, full, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
     strip_hop_by_hop, Body,
 };
+use crate::tunnel::request_id;
 
 /// Where kubeconfig server URLs put the cluster name, the way Rancher addresses downstream
 /// clusters: `https://127.0.0.1:47011/clusters/<name>`.
@@ -305,6 +306,7 @@ impl Handler {
             Ok(u) => u,
             Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
         };
+        let request_id = request_id::ensure(&mut parts.headers);
         let mut req = Request::from_parts(parts, body.boxed());
         let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
@@ -313,13 +315,18 @@ impl Handler {
         // future alive as long as its response streams; a watch would hold that for hours.
         Ok(match Box::pin(route.send(req)).await {
             Ok(resp) => {
-                tracing::debug!(cluster = %route.name, %method, path = %rest, status = resp.status().as_u16(), "request");
+                tracing::debug!(cluster = %route.name, %request_id, %method, path = %rest, status = resp.status().as_u16(), "request");
                 answer(route, resp, downstream, streaming).await
             }
             Err(e) => {
                 let message = describe_failure(&route.name, &e);
-                tracing::warn!(cluster = %route.name, error = %message, "tunnel request failed");
-                gateway_error(&message)
+                tracing::warn!(cluster = %route.name, %request_id, error = %message, "tunnel request failed");
+                let mut resp = gateway_error(&message);
+                // The id to quote, as the apiserver would have returned it.
+                if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+                    resp.headers_mut().insert(request_id::HEADER, v);
+                }
+                resp
             }
         })
     }

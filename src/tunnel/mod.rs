@@ -8,6 +8,7 @@ pub mod http;
 pub mod keepalive;
 pub mod outbound;
 pub mod protocol;
+pub mod request_id;
 pub mod sas;
 pub mod upgrade;
 pub mod ws_stream;

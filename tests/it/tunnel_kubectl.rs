@@ -433,3 +433,32 @@ async fn a_service_account_callers_impersonation_reaches_the_apiserver_unchanged
         .iter()
         .any(|r| r.path_and_query.contains("subjectaccessreviews")));
 }
+
+/// One id per request, made at the proxy, reaches the apiserver as `Audit-ID` (which it keeps
+/// as the request's audit id): distinct for every request kubectl makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_reaches_the_apiserver_with_its_own_audit_id() {
+    if !kubectl_available() {
+        return;
+    }
+    let stack = Stack::start().await;
+    let before = stack.api.requests().len();
+    kubectl_ok(&stack.proxy.kubeconfig, &["get", "pods", "-A"]).await;
+    kubectl_ok(&stack.proxy.kubeconfig, &["get", "ns"]).await;
+    let ids: Vec<String> = stack.api.requests()[before..]
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("audit-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_else(|| panic!("{} arrived without an Audit-ID", r.path_and_query))
+                .to_string()
+        })
+        .collect();
+    assert!(ids.len() >= 2, "{ids:?}");
+    for id in &ids {
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    }
+    let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "ids repeat: {ids:?}");
+}
