@@ -959,6 +959,7 @@ mod bulk {
                     listeners: 2,
                     token_ttl: Duration::from_secs(3600),
                     auth: std::sync::Arc::new(Authenticator::token_only()),
+                    max_streams: clusterconnect::agent::MAX_STREAMS,
                 },
                 upstream,
                 None,

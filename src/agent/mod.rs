@@ -39,12 +39,14 @@ pub struct AgentConfig {
     pub token_ttl: Duration,
     /// Who may connect and as whom the apiserver sees them.
     pub auth: Arc<Authenticator>,
+    /// Tunnel streams (rendezvous) open at once; see [`MAX_STREAMS`].
+    pub max_streams: usize,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-/// Open tunnel streams (rendezvous) at once. Each pooled stream multiplexes many requests;
-/// each exec or port-forward takes one.
+/// Open tunnel streams (rendezvous) at once, by default (`agent --max-streams`). Each pooled
+/// stream multiplexes many requests; each watch, exec or port-forward takes one.
 pub const MAX_STREAMS: usize = 4096;
 /// On shutdown, open streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -69,7 +71,7 @@ pub async fn run(
         upstream: Arc::new(upstream),
         listening: AtomicUsize::new(0),
         streams: AtomicUsize::new(0),
-        rendezvous: Arc::new(Semaphore::new(MAX_STREAMS)),
+        rendezvous: Arc::new(Semaphore::new(config.max_streams.max(1))),
     });
     let tasks = TaskTracker::new();
     if let Some(h) = health {

@@ -39,6 +39,11 @@ pub struct Args {
     /// Listener control channels to keep open (the relay spreads connections across them).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=25))]
     pub listeners: u16,
+    /// Tunnel streams open at once: each pooled proxy connection takes one, and so does each
+    /// watch, exec, attach or port-forward session the proxy opens apart. Past it, new ones
+    /// wait for a free stream.
+    #[arg(long, default_value_t = crate::agent::MAX_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams: u32,
     /// Address for /healthz and /readyz, or "off".
     #[arg(long, default_value = "0.0.0.0:8081")]
     pub health_addr: String,
@@ -223,6 +228,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         listeners: args.listeners as usize,
         token_ttl: ttl,
         auth: Arc::new(auth),
+        max_streams: args.max_streams as usize,
     };
     crate::agent::run(config, upstream, health, shutdown).await;
     Ok(())

@@ -116,6 +116,7 @@ async fn serve(
         listeners: 2,
         token_ttl: DEFAULT_TOKEN_TTL,
         auth: Arc::new(Authenticator::token_only()),
+        max_streams: crate::agent::MAX_STREAMS,
     };
     tokio::spawn(crate::agent::run(agent, upstream, None, stop.clone()));
     let cluster = ClusterConfig {

@@ -286,6 +286,7 @@ impl Agent {
             listeners: 2,
             token_ttl: Duration::from_secs(3600),
             auth: Arc::new(auth),
+            max_streams: clusterconnect::agent::MAX_STREAMS,
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(clusterconnect::agent::run(
