@@ -67,7 +67,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .max(1),
         stats: Default::default(),
         public_port: file.public_port,
-        limits: file.limits(),
+        limits: file.limits()?,
     };
     if args.check {
         println!("relay config {} is valid", args.config.display());

@@ -17,6 +17,7 @@ mod onboarding;
 mod parsers;
 mod registry;
 mod relay_abuse;
+mod relay_frames;
 mod relay_protocol;
 mod secrets;
 mod standin_apiserver;
