@@ -103,22 +103,6 @@ async fn eight_14_mib_messages_at_a_slow_listener_cost_the_relay_buffers_not_mes
             Some(Ok(Message::Binary(b))) => assert_eq!(b.len(), 100_000),
             other => panic!("warm-up message: {other:?}"),
         }
-        // Keep-alive pings cross the relay and are answered by the far end, so they prove the
-        // whole path alive.
-        sender
-            .send(Message::Ping(bytes::Bytes::from_static(b"hb")))
-            .await
-            .expect("ping");
-        match listener.next().await {
-            Some(Ok(Message::Ping(p))) => assert_eq!(&p[..], b"hb"),
-            other => panic!("the listener should see the sender's ping: {other:?}"),
-        }
-        // The listener's automatic pong goes out with its next read.
-        let _ = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
-        match tokio::time::timeout(Duration::from_secs(10), sender.next()).await {
-            Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(&p[..], b"hb"),
-            other => panic!("the sender should get the listener's pong: {other:?}"),
-        }
         drop((sender, listener));
         tokio::time::sleep(Duration::from_millis(500)).await;
         let baseline = relay.process.rss_kib();
@@ -192,4 +176,68 @@ async fn eight_14_mib_messages_at_a_slow_listener_cost_the_relay_buffers_not_mes
     })
     .await
     .expect("the whole exchange within its bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_pings_cross_the_relay_and_are_answered_by_the_far_end() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    let tls = clusterconnect::tls::client_config(Some(&relay.ca_path), &[]).expect("TLS");
+    let address = RelayAddress::parse(&relay.url).expect("relay address");
+    let token = |key: &std::path::Path| -> Secret {
+        SasKey::from_file(key)
+            .expect("key file")
+            .mint(&address.resource_uri(CONNECTION), Duration::from_secs(3600))
+    };
+    let (listen, send) = (token(&relay.listen_key), token(&relay.send_key));
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut control = dial(
+            &address.url(CONNECTION, Action::Listen, "ping-listener"),
+            Some(&listen),
+            &tls,
+        )
+        .await
+        .expect("listen");
+        let sender = tokio::spawn({
+            let (url, tls) = (
+                address.url(CONNECTION, Action::Connect, "pinger"),
+                tls.clone(),
+            );
+            async move { dial(&url, Some(&send), &tls).await.expect("connect") }
+        });
+        let accept = next_accept(&mut control).await;
+        let mut listener = dial(&accept.address, None, &tls).await.expect("accept");
+        let mut sender = sender.await.expect("join");
+        // Not answered by the relay: the far end's pong proves the whole path alive.
+        sender
+            .send(Message::Ping(bytes::Bytes::from_static(b"hb")))
+            .await
+            .expect("ping");
+        match listener.next().await {
+            Some(Ok(Message::Ping(p))) => assert_eq!(&p[..], b"hb"),
+            other => panic!("the listener should see the sender's ping: {other:?}"),
+        }
+        // The listener's automatic pong goes out with its next read.
+        let _ = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
+        match tokio::time::timeout(Duration::from_secs(10), sender.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(&p[..], b"hb"),
+            other => panic!("the sender should get the listener's pong: {other:?}"),
+        }
+        // Both ways.
+        listener
+            .send(Message::Ping(bytes::Bytes::from_static(b"back")))
+            .await
+            .expect("ping");
+        match sender.next().await {
+            Some(Ok(Message::Ping(p))) => assert_eq!(&p[..], b"back"),
+            other => panic!("the sender should see the listener's ping: {other:?}"),
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), sender.next()).await;
+        match tokio::time::timeout(Duration::from_secs(10), listener.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(&p[..], b"back"),
+            other => panic!("the listener should get the sender's pong: {other:?}"),
+        }
+    })
+    .await
+    .expect("pings within their bound");
 }
