@@ -241,3 +241,43 @@ async fn keepalive_pings_cross_the_relay_and_are_answered_by_the_far_end() {
     .await
     .expect("pings within their bound");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_channel_message_over_64_kib_closes_the_channel() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    let tls = clusterconnect::tls::client_config(Some(&relay.ca_path), &[]).expect("TLS");
+    let address = RelayAddress::parse(&relay.url).expect("relay address");
+    let listen = SasKey::from_file(&relay.listen_key)
+        .expect("key file")
+        .mint(&address.resource_uri(CONNECTION), Duration::from_secs(3600));
+    let mut control = dial(
+        &address.url(CONNECTION, Action::Listen, "big-talker"),
+        Some(&listen),
+        &tls,
+    )
+    .await
+    .expect("listen");
+    // Messages are small JSON; 64 KiB passes, anything larger ends the channel.
+    control
+        .send(Message::text("x".repeat(64 * 1024)))
+        .await
+        .expect("send");
+    control
+        .send(Message::text("x".repeat(64 * 1024 + 1)))
+        .await
+        .expect("send");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match control.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the relay must end a control channel that sends 64 KiB + 1"
+    );
+}
