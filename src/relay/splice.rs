@@ -15,6 +15,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
@@ -270,10 +271,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             let mut remaining = header.len;
             let mut offset = 0u64;
             loop {
-                let available = (self.end - self.start) as u64;
+                let mut available = (self.end - self.start) as u64;
                 if available == 0 && remaining > 0 {
                     self.fill().await?;
                     continue;
+                }
+                if available < remaining {
+                    self.top_up();
+                    available = (self.end - self.start) as u64;
                 }
                 let chunk = available.min(remaining) as usize;
                 let end = self.start + chunk;
@@ -339,6 +344,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             Ok(n) => {
                 self.end += n;
                 Ok(())
+            }
+        }
+    }
+
+    /// Adds to the buffer whatever more of this side's bytes are already there, without
+    /// waiting: a large frame then goes out in fewer, larger writes (one TLS record holds
+    /// 16 KiB; without this every record read would be a write of its own).
+    fn top_up(&mut self) {
+        while self.end < self.buf.len() {
+            match self.rx.read(&mut self.buf[self.end..]).now_or_never() {
+                Some(Ok(n)) if n > 0 => self.end += n,
+                // Nothing yet, or an end or error the next `fill` meets again.
+                _ => return,
             }
         }
     }
