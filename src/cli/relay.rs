@@ -68,7 +68,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .max(1),
         stats: Default::default(),
         public_port: file.public_port,
-        limits: file.limits(),
+        limits: file.limits()?,
         proxy_protocol: file.proxy_protocol()?,
     };
     if args.check {

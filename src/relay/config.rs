@@ -10,8 +10,10 @@ use serde::Deserialize;
 use super::auth::is_registered_entity;
 use super::clusters::Registry;
 pub use super::limits::Limits;
+use super::limits::MAX_SPLICE_BUFFER;
 use super::proxy_protocol::{Cidr, CidrError, ProxyProtocol};
 use super::rule::{Rule, RuleSet};
+use super::splice::MIN_BUFFER as MIN_SPLICE_BUFFER;
 use super::state::RelayStats;
 use crate::secret::Secret;
 use crate::tunnel::protocol::{validate_entity, AddressError};
@@ -31,6 +33,12 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    #[error(
+        "relay config: splice_buffer_kib = {0} is outside {min}..={max}",
+        min = MIN_SPLICE_BUFFER / 1024,
+        max = MAX_SPLICE_BUFFER / 1024
+    )]
+    SpliceBuffer(usize),
     #[error("relay config: a rule has an empty name")]
     EmptyRuleName,
     #[error("relay config: rule '{0}' is defined twice")]
@@ -104,6 +112,8 @@ pub struct RelayFile {
     /// Empty: any peer, so the relay must be reachable only through the balancers.
     #[serde(default)]
     pub proxy_protocol_from: Vec<String>,
+    /// KiB of buffer per direction of a rendezvous (default 64, from 4 to 1024).
+    pub splice_buffer_kib: Option<usize>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -160,9 +170,19 @@ pub struct RelayConfig {
 
 impl RelayFile {
     /// The file's limits over the defaults.
-    pub fn limits(&self) -> Limits {
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
         let default = Limits::default();
-        Limits {
+        let splice_buffer = match self.splice_buffer_kib {
+            None => default.splice_buffer,
+            Some(kib) => {
+                let bytes = kib.saturating_mul(1024);
+                if !(MIN_SPLICE_BUFFER..=MAX_SPLICE_BUFFER).contains(&bytes) {
+                    return Err(ConfigError::SpliceBuffer(kib));
+                }
+                bytes
+            }
+        };
+        Ok(Limits {
             max_listeners_per_connection: self
                 .max_listeners_per_connection
                 .unwrap_or(default.max_listeners_per_connection)
@@ -174,8 +194,9 @@ impl RelayFile {
             max_unauthenticated_per_ip: self
                 .max_unauthenticated_per_ip
                 .unwrap_or(default.max_unauthenticated_per_ip),
+            splice_buffer,
             ..default
-        }
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +26,22 @@ const MAX_WAIT_SECS: u64 = 366 * 24 * 3600;
 
 /// Accept messages queued for one listener; a listener this far behind gets no more senders.
 const QUEUE: usize = 64;
+
+/// The largest message (and frame) a listener may send on its control channel. Its messages
+/// are small JSON (`renewToken` carries a SAS token of a few hundred bytes); the tunnel's
+/// 16 MiB cap (`tunnel::ws_config`) is for data, which never crosses a control channel.
+pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+/// WebSocket limits of a control channel: small messages, small buffers, as many channels as
+/// there are listeners.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(4 * MAX_CONTROL_MESSAGE)
+        .max_message_size(Some(MAX_CONTROL_MESSAGE))
+        .max_frame_size(Some(MAX_CONTROL_MESSAGE))
+}
 
 /// One listener's control channel, from its upgrade to its close.
 struct Channel {

@@ -3,6 +3,13 @@
 
 use std::time::Duration;
 
+/// 64 KiB: the tunnel's own messages (`tunnel::ws_stream`) are at most 64 KiB, so one read
+/// and one write move a whole one; two per rendezvous keeps 10,000 of them under 1.3 GiB.
+pub const DEFAULT_SPLICE_BUFFER: usize = 64 * 1024;
+
+/// The largest `splice_buffer` accepted from configuration.
+pub const MAX_SPLICE_BUFFER: usize = 1024 * 1024;
+
 /// Azure Relay's documented quotas, as settings with Azure's values (or ours, where Azure
 /// documents none) as defaults. Each refusal names the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +30,10 @@ pub struct Limits {
     pub max_unauthenticated: usize,
     /// Of those, from one source address.
     pub max_unauthenticated_per_ip: usize,
+    /// Bytes of buffer per direction of a rendezvous: frames stream through it, so this (twice
+    /// per rendezvous) is all the payload memory a rendezvous holds, whatever its messages'
+    /// sizes. Larger moves bulk data in fewer writes; at least `splice::MIN_BUFFER`.
+    pub splice_buffer: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +46,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(10),
             max_unauthenticated: 4096,
             max_unauthenticated_per_ip: 64,
+            splice_buffer: DEFAULT_SPLICE_BUFFER,
         }
     }
 }

@@ -7,6 +7,7 @@ mod auth;
 pub mod clusters;
 mod config;
 mod control;
+mod frame;
 mod limits;
 pub mod proxy_protocol;
 mod rendezvous;

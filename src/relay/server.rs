@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::auth::{authorize, check_listener_lifetime, status_for, Authorized, Right};
@@ -28,7 +29,7 @@ use crate::tunnel::protocol::{
     QUERY_ID, QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION, QUERY_TOKEN,
 };
 use crate::tunnel::sas::unix_now;
-use crate::tunnel::upgrade::{is_websocket, server_stream, switching_protocols};
+use crate::tunnel::upgrade::{is_websocket, server_stream_with, switching_protocols, upgraded};
 
 /// Longest `/$hc/` path (a connection name of up to 260 characters plus a suffix) a sender
 /// may use.
@@ -250,7 +251,7 @@ fn listen(
     );
     ctx.tasks.spawn(async move {
         let _permit = permit;
-        match server_stream(on_upgrade).await {
+        match server_stream_with(on_upgrade, control::ws_config()).await {
             Ok(ws) => {
                 control::run(
                     ws,
@@ -515,7 +516,8 @@ fn connect_headers(req: &Request<Incoming>) -> BTreeMap<String, String> {
 }
 
 /// Joins the sender's and the listener's WebSockets once both upgrades complete; both
-/// connection slots are held until the splice ends.
+/// connection slots are held until the splice ends. The splice reads frames itself from the
+/// raw upgraded connections (see `splice`), so no message is ever assembled here.
 fn spawn_splice(
     ctx: &Ctx,
     entity: &str,
@@ -527,20 +529,31 @@ fn spawn_splice(
     let stats = ctx.shared.stats.clone();
     let closing = ctx.closing.clone();
     let shared = ctx.shared.clone();
+    let buffer = ctx.shared.limits.splice_buffer;
+    // Cancelled when what authorized either side is revoked: 1008 "revoked" to both.
+    let revoked = CancellationToken::new();
     ctx.tasks.spawn(async move {
         let _permits = permits;
-        match tokio::try_join!(
-            server_stream(sender_upgrade),
-            server_stream(listener_upgrade)
-        ) {
+        match tokio::try_join!(upgraded(sender_upgrade), upgraded(listener_upgrade)) {
             Ok((s, l)) => {
                 stats.rendezvous_total.fetch_add(1, Ordering::Relaxed);
                 stats.rendezvous_open.fetch_add(1, Ordering::Relaxed);
-                tokio::select! {
-                    _ = splice::splice(s, l) => {}
-                    _ = closing.cancelled() => tracing::debug!(entity = %entity, "rendezvous closed by relay shutdown"),
-                    side = revocation.revoked(&shared) => tracing::info!(entity = %entity, side, "authorization revoked; rendezvous closed"),
-                }
+                let splice = splice::splice(s, l, buffer, closing, revoked.clone());
+                tokio::pin!(splice);
+                let counts = tokio::select! {
+                    counts = &mut splice => counts,
+                    side = revocation.revoked(&shared) => {
+                        tracing::info!(entity = %entity, side, "authorization revoked; closing the rendezvous");
+                        revoked.cancel();
+                        splice.await
+                    }
+                };
+                tracing::debug!(
+                    entity = %entity,
+                    bytes.up = counts.sender_to_listener,
+                    bytes.down = counts.listener_to_sender,
+                    "rendezvous ended"
+                );
                 stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
             }
             Err(e) => {

@@ -1,16 +1,21 @@
 //! Server side of a WebSocket handshake inside a hyper service: check the request, answer 101,
-//! and turn the upgraded connection into a `WebSocketStream` once hyper hands it over.
+//! and take the upgraded connection once hyper hands it over, either raw (the relay's splice
+//! reads frames itself) or as a `WebSocketStream`.
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use super::ws_config;
 
-pub type ServerStream = WebSocketStream<TokioIo<Upgraded>>;
+/// An upgraded connection as bytes. Bytes hyper read past the request are not lost: `Upgraded`
+/// hands them out first.
+pub type RawStream = TokioIo<Upgraded>;
+
+pub type ServerStream = WebSocketStream<RawStream>;
 
 /// Whether a request asks for a WebSocket upgrade.
 pub fn is_websocket<B>(req: &Request<B>) -> bool {
@@ -49,11 +54,22 @@ pub fn switching_protocols<B, T: Default>(req: &Request<B>) -> Option<Response<T
     Some(response)
 }
 
-/// Waits for hyper to hand over the upgraded connection and wraps it as a server WebSocket.
+/// Waits for hyper to hand over the upgraded connection.
+pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<RawStream, hyper::Error> {
+    Ok(TokioIo::new(on_upgrade.await?))
+}
+
+/// Waits for hyper to hand over the upgraded connection and wraps it as a server WebSocket
+/// with the tunnel's limits ([`ws_config`]).
 pub async fn server_stream(on_upgrade: OnUpgrade) -> Result<ServerStream, hyper::Error> {
-    let upgraded = on_upgrade.await?;
-    Ok(
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config()))
-            .await,
-    )
+    server_stream_with(on_upgrade, ws_config()).await
+}
+
+/// [`server_stream`] with other limits.
+pub async fn server_stream_with(
+    on_upgrade: OnUpgrade,
+    config: WebSocketConfig,
+) -> Result<ServerStream, hyper::Error> {
+    let raw = upgraded(on_upgrade).await?;
+    Ok(WebSocketStream::from_raw_socket(raw, Role::Server, Some(config)).await)
 }

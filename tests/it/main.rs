@@ -19,6 +19,7 @@ mod parsers;
 mod registry;
 mod relay_abuse;
 mod relay_certs;
+mod relay_frames;
 mod relay_protocol;
 mod relay_proxy_protocol;
 mod revocation;

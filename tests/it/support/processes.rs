@@ -189,14 +189,22 @@ impl Process {
     }
 
     /// Resident set size in KiB (`VmRSS` of /proc/<pid>/status); 0 once the process is gone.
-    #[allow(dead_code, reason = "only benches/tunnel.rs measures memory")]
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The highest resident set size so far in KiB (`VmHWM`); 0 once the process is gone.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
             .and_then(|status| {
                 status
                     .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .find_map(|l| l.strip_prefix(field))
                     .and_then(|v| v.split_whitespace().next()?.parse().ok())
             })
             .unwrap_or(0)
