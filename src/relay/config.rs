@@ -104,6 +104,10 @@ pub struct RelayFile {
     /// Unauthenticated connections (TLS, headers, management API calls) one source address
     /// may hold at once (default 64).
     pub max_unauthenticated_per_ip: Option<usize>,
+    /// Rendezvous open at once with one sender token (default 1024).
+    pub max_rendezvous_per_token: Option<usize>,
+    /// Rendezvous open at once through one listener (default 4096).
+    pub max_rendezvous_per_listener: Option<usize>,
     /// Every connection starts with a PROXY protocol header (v1 or v2) from an L4 load
     /// balancer, whose client address then counts for admission and logs (default false).
     #[serde(default)]
@@ -195,6 +199,14 @@ impl RelayFile {
                 .max_unauthenticated_per_ip
                 .unwrap_or(default.max_unauthenticated_per_ip),
             splice_buffer,
+            max_rendezvous_per_token: self
+                .max_rendezvous_per_token
+                .unwrap_or(default.max_rendezvous_per_token)
+                .max(1),
+            max_rendezvous_per_listener: self
+                .max_rendezvous_per_listener
+                .unwrap_or(default.max_rendezvous_per_listener)
+                .max(1),
             ..default
         })
     }

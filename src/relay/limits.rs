@@ -34,6 +34,12 @@ pub struct Limits {
     /// per rendezvous) is all the payload memory a rendezvous holds, whatever its messages'
     /// sizes. Larger moves bulk data in fewer writes; at least `splice::MIN_BUFFER`.
     pub splice_buffer: usize,
+    /// Rendezvous open at once (waiting for an accept or spliced) with one sender token: a
+    /// leaked or shared token cannot take every slot of the relay.
+    pub max_rendezvous_per_token: usize,
+    /// Rendezvous open at once through one listener; a busy listener is skipped for the next
+    /// of its hybrid connection, as the agent itself caps its streams (`agent --max-streams`).
+    pub max_rendezvous_per_listener: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +53,8 @@ impl Default for Limits {
             max_unauthenticated: 4096,
             max_unauthenticated_per_ip: 64,
             splice_buffer: DEFAULT_SPLICE_BUFFER,
+            max_rendezvous_per_token: 1024,
+            max_rendezvous_per_listener: 4096,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod clusters;
 mod config;
 mod control;
 mod frame;
+mod gauge;
 mod limits;
 pub mod proxy_protocol;
 mod rendezvous;
@@ -126,6 +127,7 @@ fn context(
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
         slots: Arc::new(Semaphore::new(config.max_connections)),
+        per_token: Default::default(),
     }
 }
 

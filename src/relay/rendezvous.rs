@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
+use super::gauge::{Gauges, Place};
 use super::rule::ListenerGrant;
 use crate::tunnel::protocol::ControlMessage;
 
@@ -58,6 +59,24 @@ struct Inner {
 pub struct Rendezvous {
     inner: Arc<Mutex<Inner>>,
     next_id: Arc<AtomicU64>,
+    /// Rendezvous open through each listener (by id), each under the per-listener cap.
+    load: Gauges<u64>,
+}
+
+/// A listener took an offer: what authorizes it, and its place under its cap, which the
+/// rendezvous holds until it ends.
+pub struct Offered {
+    pub grant: ListenerGrant,
+    pub place: Place<u64>,
+}
+
+/// Why no listener took an offer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotOffered {
+    /// None is connected (the documented 404).
+    NoListener,
+    /// Each is at its cap of open rendezvous or has a full accept queue.
+    Busy,
 }
 
 /// Removes its listener from the rendezvous table when the control channel ends.
@@ -123,31 +142,35 @@ impl Rendezvous {
     }
 
     /// Hands the message `msg` makes for a listener (given that listener's relay authority) to
-    /// the next listener of `entity` in turn, skipping any whose control channel is full or
-    /// gone. Returns the grant of the listener that took it, or `None` when none did.
+    /// the next listener of `entity` in turn, skipping any with `max` rendezvous open or whose
+    /// control channel is full or gone.
     pub fn offer(
         &self,
         entity: &str,
+        max: usize,
         msg: impl Fn(&str) -> ControlMessage,
-    ) -> Option<ListenerGrant> {
+    ) -> Result<Offered, NotOffered> {
         let mut inner = self.lock();
         let k = key(entity);
-        let list = inner.listeners.get(&k)?;
+        let list = inner.listeners.get(&k).ok_or(NotOffered::NoListener)?;
         let n = list.len();
         let start = inner.cursor.get(&k).copied().unwrap_or(0);
         let mut taken = None;
         for i in 0..n {
             let idx = (start + i) % n;
             let listener = &inner.listeners[&k][idx];
+            let Some(place) = self.load.take(listener.id, max) else {
+                continue;
+            };
             if listener.tx.try_send(msg(&listener.authority)).is_ok() {
-                taken = Some(idx);
+                taken = Some((idx, place));
                 break;
             }
         }
-        let idx = taken?;
+        let (idx, place) = taken.ok_or(NotOffered::Busy)?;
         let grant = inner.listeners[&k][idx].grant.clone();
         inner.cursor.insert(k, idx + 1);
-        Some(grant)
+        Ok(Offered { grant, place })
     }
 
     pub fn add_pending(&self, id: &str, entity: &str) -> oneshot::Receiver<AcceptOutcome> {
@@ -214,14 +237,14 @@ mod tests {
         let g1 = reg.add_listener("C", tx1, "a".into(), grant(), 25).unwrap();
         let _g2 = reg.add_listener("c", tx2, "b".into(), grant(), 25).unwrap();
         assert_eq!(reg.listener_count("c"), 2);
-        assert!(reg.offer("c", msg).is_some());
-        assert!(reg.offer("c", msg).is_some());
+        assert!(reg.offer("c", 25, msg).is_ok());
+        assert!(reg.offer("c", 25, msg).is_ok());
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
         drop(g1);
         assert_eq!(reg.listener_count("c"), 1);
-        assert!(reg.offer("c", msg).is_some());
+        assert!(reg.offer("c", 25, msg).is_ok());
         assert!(rx2.try_recv().is_ok());
-        assert!(reg.offer("other", msg).is_none());
+        assert!(reg.offer("other", 25, msg).err() == Some(NotOffered::NoListener));
     }
 
     #[tokio::test]
@@ -237,16 +260,32 @@ mod tests {
             .add_listener("c", tx2, "relay-b:8443".into(), grant(), 2)
             .unwrap();
         assert!(reg.add_listener("c", tx3, "x".into(), grant(), 2).is_err());
-        let offered = reg.offer("c", |authority| {
+        let offered = reg.offer("c", 25, |authority| {
             ControlMessage::RenewToken(RenewToken {
                 token: authority.to_string(),
             })
         });
-        assert!(offered.is_some());
+        assert!(offered.is_ok());
         match rx1.try_recv() {
             Ok(ControlMessage::RenewToken(t)) => assert_eq!(t.token, "relay-a:8443"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_listener_at_its_cap_is_skipped_and_all_at_cap_is_busy() {
+        let reg = Rendezvous::default();
+        let (tx1, mut rx1) = mpsc::channel(8);
+        let (tx2, mut rx2) = mpsc::channel(8);
+        let _g1 = reg.add_listener("c", tx1, "a".into(), grant(), 25).unwrap();
+        let _g2 = reg.add_listener("c", tx2, "b".into(), grant(), 25).unwrap();
+        let first = reg.offer("c", 1, msg).unwrap();
+        let second = reg.offer("c", 1, msg).unwrap();
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        assert_eq!(reg.offer("c", 1, msg).err(), Some(NotOffered::Busy));
+        drop(first);
+        assert!(reg.offer("c", 1, msg).is_ok());
+        drop(second);
     }
 
     #[test]

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::auth::{authorize, check_listener_lifetime, status_for, Authorized, Right};
-use super::rendezvous::AcceptOutcome;
+use super::gauge::Place;
+use super::rendezvous::{AcceptOutcome, NotOffered};
 use super::rule::{Grant, ListenerGrant};
 use super::state::rule_changed;
 use super::state::Ctx;
@@ -116,6 +117,12 @@ fn token<'a>(req: &'a Request<Incoming>, target: &'a HcTarget) -> Option<&'a str
 }
 
 /// The host the client used to reach us, which is where the listener must come back to.
+/// What identifies a token for its cap, without keeping the token.
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
 fn request_host(req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get(header::HOST)
@@ -295,23 +302,42 @@ async fn connect(
         Ok(authorized) => authorized.grant,
         Err((code, msg)) => return text(code, msg),
     };
+    // Authenticated, so the token is not a stranger's: its own cap, then a slot.
+    let max_per_token = ctx.shared.limits.max_rendezvous_per_token;
+    let token_digest = token(req, target).map(token_digest).unwrap_or_default();
+    let Some(token_place) = ctx.per_token.take(token_digest, max_per_token) else {
+        return text(
+            429,
+            format!("this token already has {max_per_token} rendezvous open (the relay's max_rendezvous_per_token); close some, or give each client its own token"),
+        );
+    };
     let Some(sender_permit) = ctx.slot() else {
         return at_capacity();
     };
     let id = rendezvous_id(target);
     let accept = accept_message(req, target, (entity, suffix), &id, peer);
     let reply = ctx.rendezvous.add_pending(&id, entity);
-    let offered = ctx.rendezvous.offer(entity, |authority| {
+    let max_per_listener = ctx.shared.limits.max_rendezvous_per_listener;
+    let offered = ctx.rendezvous.offer(entity, max_per_listener, |authority| {
         let mut accept = accept.clone();
         accept.address = format!("wss://{authority}{}", accept.address);
         ControlMessage::Accept(accept)
     });
-    let Some(listener_grant) = offered else {
-        ctx.rendezvous.remove_pending(&id);
-        return text(
-            404,
-            format!("no listener is connected for hybrid connection '{entity}' (is the cluster agent running?)"),
-        );
+    let offered = match offered {
+        Ok(offered) => offered,
+        Err(not) => {
+            ctx.rendezvous.remove_pending(&id);
+            return match not {
+                NotOffered::NoListener => text(
+                    404,
+                    format!("no listener is connected for hybrid connection '{entity}' (is the cluster agent running?)"),
+                ),
+                NotOffered::Busy => text(
+                    503,
+                    format!("every listener of hybrid connection '{entity}' is busy ({max_per_listener} rendezvous open, the relay's max_rendezvous_per_listener, or its accept queue full); retry shortly"),
+                ),
+            };
+        }
     };
     let sender_upgrade = hyper::upgrade::on(req);
     let joined = Joined {
@@ -321,8 +347,9 @@ async fn connect(
         sender_permit,
         revocation: Revocation {
             sender: grant,
-            listener: listener_grant,
+            listener: offered.grant,
         },
+        places: (token_place, offered.place),
     };
     finish_connect(ctx, joined, reply, switching).await
 }
@@ -334,7 +361,11 @@ struct Joined<'a> {
     sender_upgrade: OnUpgrade,
     sender_permit: Arc<OwnedSemaphorePermit>,
     revocation: Revocation,
+    /// Its places under the per-token and per-listener caps, held until the splice ends.
+    places: Places,
 }
+
+type Places = (Place<[u8; 32]>, Place<u64>);
 
 /// What authorized a rendezvous: when either is revoked, it ends.
 struct Revocation {
@@ -371,12 +402,13 @@ async fn finish_connect(
         sender_upgrade,
         sender_permit,
         revocation,
+        places,
     } = joined;
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
             let permits = (sender_permit, listener_permit);
             let upgrades = (sender_upgrade, listener_upgrade);
-            spawn_splice(ctx, entity, upgrades, permits, revocation);
+            spawn_splice(ctx, entity, upgrades, (permits, places), revocation);
             // The sender learns the subprotocol the listener chose, as Azure Relay tells it.
             if let Some(protocol) = protocol {
                 switching
@@ -522,7 +554,10 @@ fn spawn_splice(
     ctx: &Ctx,
     entity: &str,
     (sender_upgrade, listener_upgrade): (OnUpgrade, OnUpgrade),
-    permits: (Arc<OwnedSemaphorePermit>, Arc<OwnedSemaphorePermit>),
+    permits: (
+        (Arc<OwnedSemaphorePermit>, Arc<OwnedSemaphorePermit>),
+        Places,
+    ),
     revocation: Revocation,
 ) {
     let entity = entity.to_string();

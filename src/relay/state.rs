@@ -150,6 +150,8 @@ pub(crate) struct Ctx {
     /// `max_connections` slots, taken only after authentication by each listener and each
     /// side of a rendezvous, and held for as long as that connection lives.
     pub slots: Arc<Semaphore>,
+    /// Rendezvous open per sender token (a digest of it), under `max_rendezvous_per_token`.
+    pub per_token: super::gauge::Gauges<[u8; 32]>,
 }
 
 impl Ctx {

@@ -232,3 +232,80 @@ async fn management_errors_stay_small_whatever_the_body() {
     assert!(answer.len() < 2048, "a {}-byte refusal", answer.len());
     assert!(!text.contains(&huge[..2000]));
 }
+
+/// One sender token cannot hold more than `max_rendezvous_per_token` rendezvous (429), and no
+/// listener more than `max_rendezvous_per_listener` (the next listener takes over; with all at
+/// their cap, 503). Places come back when tunnels close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_are_capped_per_token_and_per_listener() {
+    use clusterconnect::tunnel::dial::{dial, DialError, RelayStream};
+    use clusterconnect::tunnel::protocol::Action;
+
+    let dir = tempfile::tempdir().unwrap();
+    let limits = clusterconnect::relay::Limits {
+        max_rendezvous_per_token: 2,
+        max_rendezvous_per_listener: 2,
+        ..limits()
+    };
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits, 64).await;
+    let api = ApiServer::start().await;
+    let agent = Agent::start(&relay, &api, listen_key()).await;
+    wait_for_listener(&relay).await;
+    let address = relay.address();
+    let uri = address.resource_uri(crate::support::tunnel::CONNECTION);
+    // Distinct expiries make distinct tokens of the same key.
+    let token = |minutes: u64| send_key().mint(&uri, Duration::from_secs(60 * minutes));
+    let open = |t: clusterconnect::secret::Secret| {
+        let url = address.url(crate::support::tunnel::CONNECTION, Action::Connect, "cap");
+        let tls = relay.client_tls.clone();
+        async move { dial(&url, Some(&t), &tls).await }
+    };
+    let status = |r: &Result<RelayStream, DialError>| match r {
+        Err(DialError::Rejected { status, .. }) => *status,
+        Err(_) => 0,
+        Ok(_) => 101,
+    };
+    let (a, b) = (token(10), token(11));
+    let a1 = open(a.clone()).await.expect("first with token a");
+    let a2 = open(a.clone()).await.expect("second with token a");
+    let a3 = open(a.clone()).await;
+    assert_eq!(status(&a3), 429, "a third rendezvous with one token");
+    let b1 = open(b.clone())
+        .await
+        .expect("token b has places of its own");
+    // The agent keeps two listeners, two rendezvous each: with three open, one more fits and
+    // the next finds both at their cap.
+    let b2 = open(b.clone())
+        .await
+        .expect("the fourth rendezvous, on the second listener");
+    let c = open(token(12)).await;
+    assert_eq!(status(&c), 503, "both listeners were at their cap");
+    drop(a1);
+    drop(b2);
+    // Closed tunnels give their places back: to the listener, and to token a.
+    eventually_open(&open, token(12)).await;
+    eventually_open(&open, a.clone()).await;
+    drop((a2, b1));
+    agent.stop().await;
+}
+
+/// Places come back once the relay has seen a tunnel close: retries briefly, never a sleep
+/// standing in for a condition.
+async fn eventually_open<F, Fut>(open: &F, token: clusterconnect::secret::Secret)
+where
+    F: Fn(clusterconnect::secret::Secret) -> Fut,
+    Fut: std::future::Future<
+        Output = Result<
+            clusterconnect::tunnel::dial::RelayStream,
+            clusterconnect::tunnel::dial::DialError,
+        >,
+    >,
+{
+    for _ in 0..100 {
+        if open(token.clone()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no place came back after tunnels closed");
+}
