@@ -94,12 +94,11 @@ pub fn client_config_with_roots(
     Ok(Arc::new(config))
 }
 
-/// A server configuration from PEM certificate chain and key.
-pub fn server_config(
+/// A PEM certificate chain and private key, parsed.
+pub(crate) fn parse_pair(
     cert_pem: &[u8],
     key_pem: &[u8],
-    alpn: &[&[u8]],
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::BadPem {
@@ -110,6 +109,16 @@ pub fn server_config(
         what: "private key",
         source,
     })?;
+    Ok((certs, key))
+}
+
+/// A server configuration from PEM certificate chain and key.
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (certs, key) = parse_pair(cert_pem, key_pem)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

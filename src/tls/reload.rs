@@ -10,11 +10,9 @@ use std::time::Duration;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
-use super::{provider, read_pem_file, TlsError};
+use super::{parse_pair, provider, read_pem_file, TlsError};
 
 /// How often the files are looked at; renewals happen days ahead of expiry.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(10);
@@ -113,21 +111,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::BadPem {
-            what: "certificate",
-            source,
-        })?;
+    let (certs, key) = parse_pair(cert_pem, key_pem)?;
     if certs.is_empty() {
         return Err(TlsError::Config(rustls::Error::General(
             "the certificate file holds no certificate".into(),
         )));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::BadPem {
-        what: "private key",
-        source,
-    })?;
     Ok(CertifiedKey::from_der(certs, key, &provider())?)
 }
 

@@ -8,12 +8,30 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use support::check::PROMPT;
-use support::processes::{run_to_end, spawn};
+use support::processes::{run_to_end, spawn, Process};
 use support::{kubectl_available, kubectl_ok, ApiServer};
 
 const ACCOUNT: &str = "/api/v1/namespaces/default/serviceaccounts/clusterconnect-up";
 const BINDING: &str =
     "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/clusterconnect-up-view-binding";
+
+/// `clusterconnect up --kubeconfig K --port 0 EXTRA...`, once it printed its ready line.
+async fn start_up(kubeconfig: &std::path::Path, extra: &[&str]) -> (Process, String) {
+    let mut args = vec![
+        OsStr::new("up"),
+        OsStr::new("--kubeconfig"),
+        kubeconfig.as_os_str(),
+        OsStr::new("--port"),
+        OsStr::new("0"),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let up = spawn(&args, &[]);
+    let out = up
+        .wait_for_output(PROMPT, "ready: kubectl")
+        .await
+        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    (up, out)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_tunnels_kubectl_with_the_contexts_own_token() {
@@ -23,20 +41,7 @@ async fn up_tunnels_kubectl_with_the_contexts_own_token() {
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path(), &api.token());
-    let mut up = spawn(
-        &[
-            OsStr::new("up"),
-            OsStr::new("--kubeconfig"),
-            kubeconfig.as_os_str(),
-            OsStr::new("--port"),
-            OsStr::new("0"),
-        ],
-        &[],
-    );
-    let out = up
-        .wait_for_output(PROMPT, "ready: kubectl")
-        .await
-        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    let (mut up, out) = start_up(&kubeconfig, &[]).await;
     assert!(
         out.contains("--context clusterconnect-standin get pods -A"),
         "{out}"
@@ -80,21 +85,7 @@ async fn up_as_a_session_service_account_removes_it_on_exit() {
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path(), &api.token());
-    let mut up = spawn(
-        &[
-            OsStr::new("up"),
-            OsStr::new("--kubeconfig"),
-            kubeconfig.as_os_str(),
-            OsStr::new("--service-account"),
-            OsStr::new("--port"),
-            OsStr::new("0"),
-        ],
-        &[],
-    );
-    let out = up
-        .wait_for_output(PROMPT, "ready: kubectl")
-        .await
-        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    let (mut up, out) = start_up(&kubeconfig, &["--service-account"]).await;
     assert!(out.contains("--context clusterconnect-standin"), "{out}");
     up.wait_for_output(
         PROMPT,
@@ -167,19 +158,7 @@ async fn up_presents_the_token_of_the_contexts_exec_plugin() {
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = exec_plugin_kubeconfig(&api, dir.path(), &api.token());
-    let mut up = spawn(
-        &[
-            OsStr::new("up"),
-            OsStr::new("--kubeconfig"),
-            kubeconfig.as_os_str(),
-            OsStr::new("--port"),
-            OsStr::new("0"),
-        ],
-        &[],
-    );
-    up.wait_for_output(PROMPT, "ready: kubectl")
-        .await
-        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    let (mut up, _) = start_up(&kubeconfig, &[]).await;
     let before = api.requests().len();
     let pods = kubectl_ok(
         &kubeconfig,
