@@ -118,11 +118,13 @@ pub async fn run(
     };
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.reset();
-    loop {
+    // A revocation between the listener's authorization and the subscription above.
+    let mut next = channel.recheck().await;
+    while let Next::Continue = next {
         // Expiries are capped at authorization; `min` keeps the arithmetic safe regardless.
         let remaining = channel.expiry.saturating_sub(unix_now()).min(MAX_WAIT_SECS);
         let expires_at = Instant::now() + Duration::from_secs(remaining);
-        let next = tokio::select! {
+        next = tokio::select! {
             msg = rx.recv() => channel.deliver(msg).await,
             incoming = channel.ws.next() => channel.receive(incoming).await,
             _ = ping.tick() => channel.ping().await,
@@ -133,9 +135,6 @@ pub async fn run(
             _ = rule_changed(&mut changes) => channel.recheck().await,
             _ = shutdown.cancelled() => channel.close(CloseCode::Restart, "relay shutting down").await,
         };
-        if let Next::Stop = next {
-            break;
-        }
     }
     drop(guard);
     stats

@@ -376,15 +376,17 @@ struct Revocation {
 impl Revocation {
     /// Completes when the sender's grant, or the listener's current one, is revoked.
     async fn revoked(&self, shared: &super::state::Shared) -> &'static str {
+        // Subscribed before the first check: a change between authorization and now is
+        // seen by that check, and any later one wakes the wait.
         let mut changes = shared.rule_changes();
         loop {
-            rule_changed(&mut changes).await;
             if !shared.still_authorized(&self.sender) {
                 return "sender";
             }
             if !shared.still_authorized(&self.listener.get()) {
                 return "listener";
             }
+            rule_changed(&mut changes).await;
         }
     }
 }
