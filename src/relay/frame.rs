@@ -119,10 +119,10 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, FrameError> {
             (u64::from(u16::from_be_bytes([ext[0], ext[1]])), 4)
         }
         127 => {
-            let Some(ext) = buf.get(2..10) else {
+            let Some(ext) = buf.get(2..10).and_then(|e| <[u8; 8]>::try_from(e).ok()) else {
                 return Ok(None);
             };
-            let len = u64::from_be_bytes(ext.try_into().expect("8 bytes"));
+            let len = u64::from_be_bytes(ext);
             if len >> 63 != 0 {
                 return Err(FrameError::LengthTopBit);
             }
@@ -142,11 +142,14 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, FrameError> {
         }
     }
     let mask = if masked {
-        let Some(key) = buf.get(at..at + 4) else {
+        let Some(key) = buf
+            .get(at..at + 4)
+            .and_then(|k| <[u8; 4]>::try_from(k).ok())
+        else {
             return Ok(None);
         };
         at += 4;
-        Some(key.try_into().expect("4 bytes"))
+        Some(key)
     } else {
         None
     };
@@ -249,7 +252,9 @@ pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: u64) {
     ]);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        let word = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        let word = u64::from_ne_bytes(bytes) ^ wide;
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
     // Whole chunks are a multiple of four bytes: the rest starts at the key's first byte.

@@ -158,11 +158,9 @@ impl Record {
     /// and it exists only while the principal holds a role.
     pub fn user_send_key(&self, principal: &str) -> Secret {
         use base64::Engine;
-        use hmac::{Hmac, KeyInit, Mac};
-        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(self.send_key.as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(principal.to_ascii_lowercase().as_bytes());
-        Secret::new(base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.send_key.as_bytes());
+        let tag = ring::hmac::sign(&key, principal.to_ascii_lowercase().as_bytes());
+        Secret::new(base64::engine::general_purpose::STANDARD.encode(tag.as_ref()))
     }
 }
 
