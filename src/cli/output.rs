@@ -34,59 +34,19 @@ pub fn flatten(cluster: &ConnectedCluster) -> Value {
     Value::Object(out)
 }
 
-/// A JMESPath-style pick: `a.b`, `[0]`, `[].name` (a projection over a list), and
-/// `[].{Name:name, Status:connectivityStatus}`-free simple paths are what scripts use.
-pub fn query(value: &Value, path: &str) -> Result<Value, String> {
-    let mut current = vec![value.clone()];
-    let mut projected = false;
-    let mut rest = path.trim();
-    while !rest.is_empty() {
-        rest = rest.strip_prefix('.').unwrap_or(rest);
-        if let Some(after) = rest.strip_prefix("[]").or_else(|| rest.strip_prefix("[*]")) {
-            current = current
-                .into_iter()
-                .flat_map(|v| match v {
-                    Value::Array(items) => items,
-                    _ => Vec::new(),
-                })
-                .collect();
-            projected = true;
-            rest = after;
-            continue;
-        }
-        if let Some(after) = rest.strip_prefix('[') {
-            let (index, after) = after
-                .split_once(']')
-                .ok_or_else(|| format!("--query {path:?}: unclosed '['"))?;
-            let i: usize = index
-                .trim()
-                .parse()
-                .map_err(|_| format!("--query {path:?}: [{index}] is not an index"))?;
-            current = current
-                .into_iter()
-                .map(|v| v.get(i).cloned().unwrap_or(Value::Null))
-                .collect();
-            rest = after;
-            continue;
-        }
-        let end = rest.find(['.', '[']).unwrap_or(rest.len());
-        let (field, after) = rest.split_at(end);
-        if field.is_empty() || !field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!(
-                "--query {path:?}: use field names, '.', [N] and [] (e.g. \"[].name\" or \"properties.connectivityStatus\")"
-            ));
-        }
-        current = current
-            .into_iter()
-            .map(|v| v.get(field).cloned().unwrap_or(Value::Null))
-            .collect();
-        rest = after;
-    }
-    Ok(if projected {
-        Value::Array(current)
-    } else {
-        current.into_iter().next().unwrap_or(Value::Null)
-    })
+/// `--query`, a JMESPath expression as `az` evaluates it (the same language and library
+/// family): `[].name`, `[?connectivityStatus=='Connected'].{Name:name, Rg:resourceGroup}`,
+/// `length(@)`. Fields are the flattened ones `show -o json` prints.
+pub fn query(value: &Value, expression: &str) -> Result<Value, String> {
+    let compiled = jmespath::compile(expression).map_err(|e| {
+        format!(
+            "--query {expression:?} is not a JMESPath expression: {e}; for example \"[].name\" or \"connectivityStatus\""
+        )
+    })?;
+    let found = compiled
+        .search(value.clone())
+        .map_err(|e| format!("--query {expression:?} failed: {e}"))?;
+    serde_json::to_value(&*found).map_err(|e| format!("--query {expression:?}: {e}"))
 }
 
 /// Renders `value` (one resource or a list) in `format`.
@@ -177,7 +137,17 @@ mod tests {
         assert_eq!(query(&v, "[].name").unwrap(), json!(["a", "b"]));
         assert_eq!(query(&v, "[1].p.s").unwrap(), json!("Offline"));
         assert_eq!(query(&v, "[0].missing").unwrap(), Value::Null);
-        assert!(query(&v, "[x]").is_err());
+        assert_eq!(
+            query(&v, "[?p.s=='Offline'].name | [0]").unwrap(),
+            json!("b")
+        );
+        assert_eq!(
+            query(&v, "[].{N:name, S:p.s}").unwrap(),
+            json!([{"N": "a", "S": "Connected"}, {"N": "b", "S": "Offline"}])
+        );
+        assert_eq!(query(&v, "length(@)").unwrap(), json!(2));
+        let err = query(&v, "[x").unwrap_err();
+        assert!(err.contains("not a JMESPath expression"), "{err}");
         assert_eq!(render(&json!(["a", "b"]), Output::Tsv), "a\nb");
     }
 

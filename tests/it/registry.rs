@@ -642,6 +642,39 @@ async fn list_and_show_from_the_binaries_survive_a_relay_restart() {
         id("prod").path()
     );
 
+    // A real JMESPath filter and multiselect, as `az ... --query` takes them.
+    let filtered = run_to_end(
+        &common(&[
+            "list",
+            "-g",
+            "rg-test",
+            "--query",
+            "[?connectivityStatus=='Connecting'].{Name:name, Group:resourceGroup}",
+        ]),
+        &[],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(filtered.status.success(), "{}", describe(&filtered));
+    let filtered: serde_json::Value =
+        serde_json::from_slice(&filtered.stdout).expect("--query output is JSON");
+    assert_eq!(
+        filtered,
+        serde_json::json!([{"Name": "prod", "Group": "rg-test"}])
+    );
+    let bad = run_to_end(
+        &common(&["list", "-g", "rg-test", "--query", "[?name=="]),
+        &[],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not a JMESPath expression"),
+        "{}",
+        describe(&bad)
+    );
+
     let missing = run_to_end(
         &common(&["show", "-n", "nope", "-g", "rg-test"]),
         &[],
