@@ -10,6 +10,10 @@ use tokio_util::sync::CancellationToken;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud};
+use crate::onboard::manifests::default_image;
+use crate::onboard::relay_manifests::{
+    self, RelaySpec, DEFAULT_RELAY_NAMESPACE, KEYS_SECRET, TLS_SECRET,
+};
 use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
 use crate::relay::{EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
@@ -30,9 +34,28 @@ pub struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Print the Kubernetes objects that run this relay (Deployment, Service,
+    /// PodDisruptionBudget, its configuration with paths moved to the pod's mounts) and exit.
+    #[arg(long, conflicts_with_all = ["check", "dev_self_signed", "listen"])]
+    pub dry_run: bool,
+    /// Format of --dry-run's objects.
+    #[arg(short = 'o', long, value_enum, default_value_t = super::connect::Format::Yaml, requires = "dry_run")]
+    pub output: super::connect::Format,
+    /// Namespace of the relay's objects (--dry-run).
+    #[arg(long, default_value = DEFAULT_RELAY_NAMESPACE, requires = "dry_run")]
+    pub namespace: String,
+    /// Relay image (--dry-run) [default: this release's image].
+    #[arg(long, requires = "dry_run")]
+    pub image: Option<String>,
+    /// Size of the registry's volume claim (--dry-run).
+    #[arg(long, default_value = "1Gi", requires = "dry_run")]
+    pub storage: String,
 }
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.dry_run {
+        return dry_run(&args);
+    }
     let file = RelayFile::load(&args.config)?;
     let base = args.config.parent().map(PathBuf::from).unwrap_or_default();
     if args.dev_self_signed && !args.check {
@@ -88,6 +111,35 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         shutdown.clone(),
     ));
     crate::relay::run(listener, config, shutdown).await?;
+    Ok(())
+}
+
+/// `relay --dry-run`: the relay's Kubernetes objects on stdout; nothing else happens.
+fn dry_run(args: &Args) -> anyhow::Result<()> {
+    use std::io::Write;
+    let text = std::fs::read_to_string(&args.config).map_err(|source| {
+        crate::onboard::relay_manifests::RelayManifestError::Read {
+            path: args.config.display().to_string(),
+            source,
+        }
+    })?;
+    let spec = RelaySpec {
+        namespace: args.namespace.clone(),
+        image: args.image.clone().unwrap_or_else(default_image),
+        storage: args.storage.clone(),
+    };
+    let m = relay_manifests::build(&spec, &args.config, &text)?;
+    let out = match args.output {
+        super::connect::Format::Yaml => m.to_yaml()?,
+        super::connect::Format::Json => serde_json::to_string_pretty(
+            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": m.items()?}),
+        )?,
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", out.trim_end()).context("cannot write to stdout")?;
+    eprintln!(
+        "Dry run: nothing was started. Create the Secrets {KEYS_SECRET} (rule keys) and {TLS_SECRET} (certificate) before applying."
+    );
     Ok(())
 }
 

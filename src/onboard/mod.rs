@@ -10,6 +10,7 @@ pub mod apply;
 pub mod install;
 pub mod keys;
 pub mod manifests;
+pub mod relay_manifests;
 pub mod remove;
 pub mod rollout;
 pub mod token;

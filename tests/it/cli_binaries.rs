@@ -167,6 +167,141 @@ rights = ["send"]
     assert!(!text(&out.stdout).contains("valid"), "{}", describe(&out));
 }
 
+/// `relay --dry-run -o yaml`: the objects that run the relay, no key material, and a
+/// configuration that the relay itself accepts once the Secrets it names are mounted.
+#[tokio::test]
+async fn relay_dry_run_prints_manifests_whose_config_the_relay_accepts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        &dir.path().join("relay.toml"),
+        r#"listen = "127.0.0.1:0"
+hostnames = ["relay.example.com"]
+max_rendezvous_per_token = 2048
+
+[[rules]]
+name = "listen"
+key = "inline-listen-key-for-the-dry-run-0123"
+rights = ["listen"]
+
+[[rules]]
+name = "send"
+key_file = "send.key"
+rights = ["send"]
+"#,
+    );
+    let out = run_to_end(
+        &[
+            OsStr::new("relay"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--dry-run"),
+            OsStr::new("-o"),
+            OsStr::new("yaml"),
+            OsStr::new("--namespace"),
+            OsStr::new("edge-relay"),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let yaml = text(&out.stdout);
+    assert!(!yaml.contains("inline-listen-key"), "{yaml}");
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("a YAML document"))
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
+            "Secret",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget"
+        ]
+    );
+    for doc in &docs[1..] {
+        assert_eq!(doc["metadata"]["namespace"], "edge-relay", "{doc}");
+    }
+    let pod = &docs[5]["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["containers"][0]["securityContext"]["capabilities"]["drop"][0],
+        "ALL"
+    );
+    assert!(pod["containers"][0]["readinessProbe"].is_object());
+    assert!(docs[7]["spec"]["maxUnavailable"].is_number());
+
+    // The pod's configuration, with its mounts moved into a temporary directory and the
+    // Secrets' files put there, passes the relay's own --check.
+    let pod_config = docs[2]["data"]["relay.toml"].as_str().unwrap();
+    let root = dir.path().join("pod");
+    let moved = pod_config
+        .replace(
+            "/etc/clusterconnect",
+            &root.join("etc").display().to_string(),
+        )
+        .replace(
+            "/var/lib/clusterconnect",
+            &root.join("var").display().to_string(),
+        );
+    for sub in ["etc/keys", "etc/tls", "var"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    let ca = clusterconnect::tls::CertificateAuthority::generate("dry-run test CA").unwrap();
+    let cert = ca.issue_server(&["relay.example.com"]).unwrap();
+    write(&root.join("etc/tls/tls.crt"), &cert.cert_pem);
+    write(&root.join("etc/tls/tls.key"), &cert.key_pem);
+    let secret = &docs[3]["stringData"];
+    for rule in ["listen", "send"] {
+        assert!(secret.get(format!("{rule}.key")).is_some(), "{secret}");
+        write(
+            &root.join(format!("etc/keys/{rule}.key")),
+            &format!("{rule}-key-for-the-dry-run-check-0123"),
+        );
+    }
+    let moved = write(&root.join("relay.toml"), &moved);
+    let out = run_to_end(
+        &[
+            OsStr::new("relay"),
+            OsStr::new("--config"),
+            moved.as_os_str(),
+            OsStr::new("--check"),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // A config without hostnames says what to set.
+    let nameless = write(
+        &dir.path().join("nameless.toml"),
+        "listen = \"0.0.0.0:1\"\n",
+    );
+    let out = run_to_end(
+        &[
+            OsStr::new("relay"),
+            OsStr::new("--config"),
+            nameless.as_os_str(),
+            OsStr::new("--dry-run"),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("hostnames"),
+        "{}",
+        describe(&out)
+    );
+}
+
 async fn sas_new_key(name: &str) -> String {
     let out = run_to_end(&["sas", "new-key", "--name", name], &[], ONE_SHOT).await;
     assert!(out.status.success(), "{}", describe(&out));
