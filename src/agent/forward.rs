@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::identity::Authenticator;
 use super::upstream::Upstream;
@@ -22,18 +23,22 @@ use crate::tunnel::http::{
 };
 use crate::tunnel::request_id;
 
-/// Serves HTTP over one tunnelled byte stream until the proxy closes it or the agent shuts
-/// down. On shutdown the stream takes no new requests (HTTP/2 GOAWAY, or `Connection: close`
-/// on HTTP/1.1) and those in flight finish, within the agent's drain deadline.
+/// Serves HTTP over one tunnelled byte stream until the proxy closes it or the agent drains.
+/// Draining, the stream takes no new requests (HTTP/2 GOAWAY, so the proxy moves them to a
+/// new rendezvous, or `Connection: close` on HTTP/1.1) and those in flight finish, within the
+/// agent's drain deadline. Upgraded sessions (exec, attach, port-forward) run in `sessions`,
+/// which the agent waits for too.
 pub async fn serve<S>(
     io: S,
     upstream: Arc<Upstream>,
     auth: Arc<Authenticator>,
     shutdown: CancellationToken,
+    sessions: TaskTracker,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| forward(req, upstream.clone(), auth.clone()));
+    let service =
+        service_fn(move |req| forward(req, upstream.clone(), auth.clone(), sessions.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -60,6 +65,7 @@ async fn forward(
     mut req: Request<Incoming>,
     upstream: Arc<Upstream>,
     auth: Arc<Authenticator>,
+    sessions: TaskTracker,
 ) -> Result<Response<Body>, Infallible> {
     if let Err(refused) = auth.authorize(req.headers_mut(), &upstream).await {
         return Ok(refused);
@@ -89,7 +95,7 @@ async fn forward(
         return Ok(match upstream.upgrades.request(req).await {
             Ok(mut resp) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
+                    sessions.spawn(splice_upgraded(downstream, hyper::upgrade::on(&mut resp)));
                 }
                 tracing::debug!(%request_id, %method, path = %pq, status = resp.status().as_u16(), "upgrade forwarded");
                 resp.map(|b| b.boxed_unsync())

@@ -42,12 +42,17 @@ enum Ended {
     Shutdown,
 }
 
+/// How long a leaving listener waits for the relay to answer its close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// `shutdown` ends the listener; `streams` (cancelled once every listener has gone) tells the
+/// tunnel streams to drain.
 pub async fn run(
     index: usize,
     config: Arc<AgentConfig>,
     shared: Arc<Shared>,
     tasks: TaskTracker,
-    shutdown: CancellationToken,
+    (shutdown, streams): (CancellationToken, CancellationToken),
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let resource = config.relay.resource_uri(&config.entity);
@@ -67,7 +72,15 @@ pub async fn run(
         let ended = match dialed {
             Ok(ws) => {
                 tracing::info!(listener = index, relay = %config.relay.authority(), connection = %config.entity, "listening");
-                listen_counted(ws, &config, &shared, &tasks, &shutdown, &mut backoff).await
+                listen_counted(
+                    ws,
+                    &config,
+                    &shared,
+                    &tasks,
+                    (&shutdown, &streams),
+                    &mut backoff,
+                )
+                .await
             }
             Err(e) if e.is_auth() => {
                 let changed = config.key.refused();
@@ -125,12 +138,12 @@ async fn listen_counted(
     config: &Arc<AgentConfig>,
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
-    shutdown: &CancellationToken,
+    (shutdown, streams): (&CancellationToken, &CancellationToken),
     backoff: &mut Backoff,
 ) -> Ended {
     shared.listening.fetch_add(1, Ordering::Relaxed);
     let connected_at = Instant::now();
-    let ended = listen(ws, config, shared, tasks, shutdown).await;
+    let ended = listen(ws, config, shared, tasks, (shutdown, streams)).await;
     shared.listening.fetch_sub(1, Ordering::Relaxed);
     let up_for = connected_at.elapsed();
     backoff.connection_ended(up_for);
@@ -150,7 +163,7 @@ async fn listen(
     config: &Arc<AgentConfig>,
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
-    shutdown: &CancellationToken,
+    (shutdown, streams): (&CancellationToken, &CancellationToken),
 ) -> Ended {
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.reset();
@@ -163,7 +176,7 @@ async fn listen(
                 last_seen = Instant::now();
                 match msg {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
-                        Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks, shutdown),
+                        Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks, streams),
                         Ok(other) => tracing::debug!(?other, "ignoring control message"),
                         Err(e) => tracing::debug!(error = %e, "ignoring unknown control message"),
                     },
@@ -199,10 +212,37 @@ async fn listen(
                 tracing::debug!("listener token renewed");
             }
             _ = shutdown.cancelled() => {
-                let _ = ws.close(None).await;
+                close_draining(ws, config, shared, tasks, streams).await;
                 return Ended::Shutdown;
             }
         }
+    }
+}
+
+/// Leaving: the relay is told first (our close frame takes this listener out of its
+/// rotation), and accepts it sent before it read that frame are still served, until its
+/// close answer or [`CLOSE_WAIT`]. Only then do the open streams start draining.
+async fn close_draining(
+    mut ws: RelayStream,
+    config: &Arc<AgentConfig>,
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+    streams: &CancellationToken,
+) {
+    if ws.send(Message::Close(None)).await.is_err() {
+        return;
+    }
+    let answered = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Text(text) = msg {
+                if let Ok(ControlMessage::Accept(accept)) = serde_json::from_str(&text) {
+                    spawn_rendezvous(accept, config.clone(), shared.clone(), tasks, streams);
+                }
+            }
+        }
+    });
+    if answered.await.is_err() {
+        tracing::debug!("the relay did not answer our close in time");
     }
 }
 
@@ -211,7 +251,7 @@ fn spawn_rendezvous(
     config: Arc<AgentConfig>,
     shared: Arc<Shared>,
     tasks: &TaskTracker,
-    shutdown: &CancellationToken,
+    streams: &CancellationToken,
 ) {
     // Checked before anything is dialed, the busy answer included.
     if let Err(refused) = config.relay.check_rendezvous(&accept.address) {
@@ -231,7 +271,7 @@ fn spawn_rendezvous(
         });
         return;
     };
-    let shutdown = shutdown.clone();
+    let (streams, sessions) = (streams.clone(), tasks.clone());
     tasks.spawn(async move {
         let _permit = permit;
         match dial(&accept.address, None, &config.relay_tls).await {
@@ -241,7 +281,8 @@ fn spawn_rendezvous(
                     WsStream::new(ws),
                     shared.upstream.clone(),
                     config.auth.clone(),
-                    shutdown,
+                    streams,
+                    sessions,
                 )
                 .await;
                 shared.streams.fetch_sub(1, Ordering::Relaxed);

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub auth: Arc<Authenticator>,
     /// Tunnel streams (rendezvous) open at once; see [`MAX_STREAMS`].
     pub max_streams: usize,
+    /// On shutdown, how long requests and sessions in flight may take to finish.
+    pub drain: Duration,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.
@@ -48,8 +50,9 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Open tunnel streams (rendezvous) at once, by default (`agent --max-streams`). Each pooled
 /// stream multiplexes many requests; each watch, exec or port-forward takes one.
 pub const MAX_STREAMS: usize = 4096;
-/// On shutdown, open streams get this long to finish.
-pub const DRAIN: Duration = Duration::from_secs(10);
+/// On shutdown, requests and sessions in flight get this long to finish, by default
+/// (`agent --drain-timeout`): under the 30 s Kubernetes gives a pod by default.
+pub const DRAIN: Duration = Duration::from_secs(25);
 
 pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
@@ -58,7 +61,10 @@ pub(crate) struct Shared {
     pub rendezvous: Arc<Semaphore>,
 }
 
-/// Runs until `shutdown` is cancelled. A relay that refuses the agent's key is retried with
+/// Runs until `shutdown` is cancelled, then drains: the listeners leave the relay first, so
+/// no new sender is handed to this agent; then the tunnel streams take no new requests
+/// (GOAWAY: the proxy sends them to another agent); then those in flight and open sessions
+/// get [`AgentConfig::drain`] to finish. A relay that refuses the agent's key is retried with
 /// back-off (the key file is re-read each time): rotating the key fixes a running agent.
 pub async fn run(
     config: AgentConfig,
@@ -83,6 +89,7 @@ pub async fn run(
         let shutdown = shutdown.clone();
         async move { key.watch(key::POLL_INTERVAL, shutdown).await }
     });
+    let streams = CancellationToken::new();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..config.listeners.max(1) {
         set.spawn(listener::run(
@@ -90,10 +97,25 @@ pub async fn run(
             config.clone(),
             shared.clone(),
             tasks.clone(),
-            shutdown.clone(),
+            (shutdown.clone(), streams.clone()),
         ));
     }
     while set.join_next().await.is_some() {}
+    streams.cancel();
     tasks.close();
-    let _ = tokio::time::timeout(DRAIN, tasks.wait()).await;
+    let open = shared.streams.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        open_streams = open,
+        drain_secs = config.drain.as_secs(),
+        "left the relay; draining requests and sessions in flight"
+    );
+    if tokio::time::timeout(config.drain, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_secs = config.drain.as_secs(),
+            "drain period over; closing what is still open"
+        );
+    }
 }

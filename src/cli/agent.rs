@@ -44,6 +44,10 @@ pub struct Args {
     /// wait for a free stream.
     #[arg(long, default_value_t = crate::agent::MAX_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams: u32,
+    /// On SIGTERM, after leaving the relay, how long requests and sessions in flight may take
+    /// to finish (keep it under the pod's terminationGracePeriodSeconds).
+    #[arg(long, value_parser = super::parse_duration, default_value = "25s")]
+    pub drain_timeout: Duration,
     /// Address for /healthz and /readyz, or "off".
     #[arg(long, default_value = "0.0.0.0:8081")]
     pub health_addr: String,
@@ -229,6 +233,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         token_ttl: ttl,
         auth: Arc::new(auth),
         max_streams: args.max_streams as usize,
+        drain: args.drain_timeout,
     };
     crate::agent::run(config, upstream, health, shutdown).await;
     Ok(())

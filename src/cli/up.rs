@@ -117,6 +117,8 @@ async fn serve(
         token_ttl: DEFAULT_TOKEN_TTL,
         auth: Arc::new(Authenticator::token_only()),
         max_streams: crate::agent::MAX_STREAMS,
+        // Ctrl-C on one machine: open watches need not hold the exit up.
+        drain: Duration::from_secs(2),
     };
     tokio::spawn(crate::agent::run(agent, upstream, None, stop.clone()));
     let cluster = ClusterConfig {
@@ -227,7 +229,11 @@ impl Loopback {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             stats: Default::default(),
             public_port: None,
-            limits: Default::default(),
+            // Ctrl-C on one machine: nothing to hand over to, so no long drain.
+            limits: crate::relay::Limits {
+                drain: Duration::from_secs(2),
+                ..Default::default()
+            },
             proxy_protocol: None,
         };
         tokio::spawn(crate::relay::run(listener, config, stop.clone()));

@@ -57,6 +57,8 @@ pub const HEALTH_PORT: i32 = 8081;
 /// `--health-addr` binds to: the kubelet probes the pod IP, and nothing needs the health port
 /// on any other address of the pod's network namespace.
 pub const POD_IP_ENV: &str = "POD_IP";
+/// The pod's termination grace period, above the agent's default drain.
+pub const GRACE_SECONDS: i64 = 30;
 /// Two agents keep the cluster reachable through a node drain or a rolling update.
 pub const REPLICAS: i32 = 2;
 /// What `--dry-run` writes instead of key material.
@@ -402,6 +404,9 @@ fn spread(selector: &BTreeMap<String, String>) -> PodAntiAffinity {
 fn pod_spec(spec: &AgentSpec, selector: &BTreeMap<String, String>) -> PodSpec {
     PodSpec {
         service_account_name: Some(AGENT_NAME.into()),
+        // The agent's drain (25 s by default) fits inside it: requests and sessions in flight
+        // finish on SIGTERM while new ones go to the other replica.
+        termination_grace_period_seconds: Some(GRACE_SECONDS),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             seccomp_profile: Some(SeccompProfile {
@@ -531,6 +536,10 @@ mod tests {
         let d = serde_json::to_value(&m.deployment).unwrap();
         let pod = &d["spec"]["template"]["spec"];
         assert_eq!(d["spec"]["replicas"], 2);
+        assert!(
+            pod["terminationGracePeriodSeconds"].as_i64().unwrap()
+                > crate::agent::DRAIN.as_secs() as i64
+        );
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         assert_eq!(
             pod["securityContext"]["seccompProfile"]["type"],

@@ -114,10 +114,7 @@ impl Proxy {
     pub async fn warm_up(&self) -> Vec<(String, Result<(), TunnelError>)> {
         let mut results = Vec::new();
         for route in &self.handler.routes {
-            results.push((
-                route.name.clone(),
-                route.pool.connection().await.map(|_| ()),
-            ));
+            results.push((route.name.clone(), route.pool.warm_up().await));
         }
         results
     }

@@ -2,13 +2,15 @@
 //! long-lived HTTP/2 connections, each over one rendezvous WebSocket, so a burst of kubectl
 //! calls costs no new relay handshakes. Upgrades get a dedicated HTTP/1.1 rendezvous each.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -57,6 +59,8 @@ pub enum TunnelError {
     Http(#[from] hyper::Error),
     #[error("no relay send token")]
     SendToken(#[from] CredentialError),
+    #[error("every agent this request reached was shutting down; retry")]
+    Draining,
 }
 
 impl RelayTarget {
@@ -104,13 +108,33 @@ impl RelayTarget {
 /// A few HTTP/2 connections over rendezvous streams, re-opened when they fail.
 pub struct Pool {
     target: RelayTarget,
-    slots: Vec<Mutex<Option<http2::SendRequest<SendBody>>>>,
+    slots: Vec<Mutex<Option<Pooled>>>,
     next: AtomicUsize,
+    opened: AtomicU64,
+}
+
+/// One slot's connection, numbered so that a caller discarding a connection that failed it
+/// does not throw away a newer one another caller put there meanwhile.
+struct Pooled {
+    id: u64,
+    sender: http2::SendRequest<SendBody>,
 }
 
 /// Two connections: one rendezvous failing (a relay node restarting) leaves the other warm,
 /// and HTTP/2 multiplexing makes more unnecessary.
 pub const POOL_SIZE: usize = 2;
+
+/// Times one request is sent at most: the first connection may be draining (its agent is
+/// stopping), and so may the next one if it was opened to the same agent at that moment.
+const SEND_ATTEMPTS: usize = 3;
+
+/// Why a request did not get a response on one connection.
+enum Failed {
+    /// The request never left: the connection had gone (or was going away) before it was
+    /// sent. It is handed back to be sent elsewhere.
+    Unsent(Box<Request<SendBody>>),
+    Sent(hyper::Error),
+}
 
 impl Pool {
     pub fn new(target: RelayTarget, size: usize) -> Self {
@@ -118,6 +142,7 @@ impl Pool {
             target,
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -125,20 +150,55 @@ impl Pool {
         &self.target
     }
 
-    pub async fn send(&self, req: Request<SendBody>) -> Result<Response<Incoming>, TunnelError> {
-        let mut sender = self.connection().await?;
-        sender.ready().await?;
-        Ok(sender.send_request(req).await?)
+    /// Sends `req` on a pooled connection. A connection whose agent is draining (HTTP/2
+    /// GOAWAY) is dropped from the pool and the request goes on a fresh rendezvous, which the
+    /// relay gives to an agent still listening: when the request never left, or when the
+    /// agent's GOAWAY says it did not process it (then only a request without a body, which
+    /// can be sent again as it was).
+    pub async fn send(
+        &self,
+        mut req: Request<SendBody>,
+    ) -> Result<Response<Incoming>, TunnelError> {
+        let mut attempt = 1;
+        loop {
+            let replay = bodiless_copy(&req);
+            let (slot, id, sender) = self.connection().await?;
+            let failed = match send_on(sender, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(failed) => failed,
+            };
+            self.discard(slot, id).await;
+            req = match failed {
+                Failed::Unsent(req) => *req,
+                Failed::Sent(e) => match replay {
+                    Some(again) if not_processed(&e) => again,
+                    _ => return Err(e.into()),
+                },
+            };
+            if attempt == SEND_ATTEMPTS {
+                return Err(TunnelError::Draining);
+            }
+            attempt += 1;
+            tracing::debug!(
+                attempt,
+                "the agent is draining this connection; sending on a fresh one"
+            );
+        }
+    }
+
+    /// Opens a pooled connection now (the proxy's start-up check).
+    pub async fn warm_up(&self) -> Result<(), TunnelError> {
+        self.connection().await.map(|_| ())
     }
 
     /// A live connection, opening one if this slot has none. The slot's lock makes concurrent
     /// callers wait for a single dial instead of each opening its own.
-    pub async fn connection(&self) -> Result<http2::SendRequest<SendBody>, TunnelError> {
+    async fn connection(&self) -> Result<(usize, u64, http2::SendRequest<SendBody>), TunnelError> {
         let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[idx].lock().await;
-        if let Some(sender) = slot.as_ref() {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
+        if let Some(pooled) = slot.as_ref() {
+            if !pooled.sender.is_closed() {
+                return Ok((idx, pooled.id, pooled.sender.clone()));
             }
         }
         let io = self.target.open().await?;
@@ -159,8 +219,68 @@ impl Pool {
                 tracing::debug!(error = %e, "pooled tunnel connection ended");
             }
         });
+        let id = self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(slot = idx, "opened pooled tunnel connection");
-        *slot = Some(sender.clone());
-        Ok(sender)
+        *slot = Some(Pooled {
+            id,
+            sender: sender.clone(),
+        });
+        Ok((idx, id, sender))
     }
+
+    /// Forgets the connection `id` in `slot` (if it is still the one there), so the next
+    /// request there opens a new rendezvous.
+    async fn discard(&self, slot: usize, id: u64) {
+        let mut slot = self.slots[slot].lock().await;
+        if slot.as_ref().is_some_and(|p| p.id == id) {
+            *slot = None;
+        }
+    }
+}
+
+async fn send_on(
+    mut sender: http2::SendRequest<SendBody>,
+    req: Request<SendBody>,
+) -> Result<Response<Incoming>, Failed> {
+    if sender.ready().await.is_err() {
+        return Err(Failed::Unsent(Box::new(req)));
+    }
+    sender
+        .try_send_request(req)
+        .await
+        .map_err(|mut e| match e.take_message() {
+            Some(req) => Failed::Unsent(Box::new(req)),
+            None => Failed::Sent(e.into_error()),
+        })
+}
+
+/// The same request again, when it has no body (GET, DELETE, watch): headers are all of it.
+fn bodiless_copy(req: &Request<SendBody>) -> Option<Request<SendBody>> {
+    if !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether the agent said it never processed the stream: a GOAWAY naming a last stream below
+/// it, or REFUSED_STREAM (RFC 9113, section 8.7: safe to retry whatever the method).
+fn not_processed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
 }

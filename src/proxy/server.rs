@@ -144,6 +144,10 @@ impl ProbeError {
                 d.is_no_listener()
                     || matches!(d, DialError::Connect { .. } | DialError::ConnectTimeout(..))
             }
+            ProbeError::Tunnel {
+                source: RouteError::Tunnel(TunnelError::Draining),
+                ..
+            } => true,
             _ => false,
         }
     }
@@ -220,7 +224,7 @@ async fn answer(
 ) -> Response<Body> {
     if let Some(downstream) = downstream {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
+            tokio::spawn(splice_upgraded(downstream, hyper::upgrade::on(&mut resp)));
         }
     }
     if resp.status() == StatusCode::UNAUTHORIZED {

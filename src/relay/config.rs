@@ -118,6 +118,8 @@ pub struct RelayFile {
     pub proxy_protocol_from: Vec<String>,
     /// KiB of buffer per direction of a rendezvous (default 64, from 4 to 1024).
     pub splice_buffer_kib: Option<usize>,
+    /// On shutdown, seconds open rendezvous get to finish (default 45).
+    pub drain_secs: Option<u64>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -207,6 +209,10 @@ impl RelayFile {
                 .max_rendezvous_per_listener
                 .unwrap_or(default.max_rendezvous_per_listener)
                 .max(1),
+            drain: self
+                .drain_secs
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(default.drain),
             ..default
         })
     }

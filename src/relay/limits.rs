@@ -40,6 +40,9 @@ pub struct Limits {
     /// Rendezvous open at once through one listener; a busy listener is skipped for the next
     /// of its hybrid connection, as the agent itself caps its streams (`agent --max-streams`).
     pub max_rendezvous_per_listener: usize,
+    /// On SIGTERM, after the listening socket closes and listeners are told to go (1012),
+    /// how long open rendezvous may take to finish before they are closed.
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -54,6 +57,8 @@ impl Default for Limits {
             max_unauthenticated_per_ip: 64,
             splice_buffer: DEFAULT_SPLICE_BUFFER,
             max_rendezvous_per_token: 1024,
+            // Under the 60 s grace period of the relay's manifests.
+            drain: Duration::from_secs(45),
             max_rendezvous_per_listener: 4096,
         }
     }

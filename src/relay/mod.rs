@@ -38,9 +38,6 @@ use tokio_util::task::TaskTracker;
 
 use state::{Ctx, Shared};
 
-/// On shutdown, open rendezvous streams get this long to finish.
-pub const DRAIN: Duration = Duration::from_secs(10);
-
 /// Serves the relay on an already-bound listener until `shutdown` is cancelled, then drains.
 pub async fn run(
     listener: TcpListener,
@@ -97,7 +94,7 @@ pub async fn run(
             admitted,
         ));
     }
-    drain(&tasks, &closing).await;
+    drain(&tasks, &closing, config.limits.drain).await;
     Ok(())
 }
 
@@ -209,11 +206,14 @@ async fn proxied(
     }
 }
 
-/// Lets open streams finish for [`DRAIN`], then closes what is left.
-async fn drain(tasks: &TaskTracker, closing: &CancellationToken) {
-    tracing::info!("relay stopping: no new connections, draining open streams");
+/// Lets open streams finish for `period` (`drain_secs`), then closes what is left.
+async fn drain(tasks: &TaskTracker, closing: &CancellationToken, period: Duration) {
+    tracing::info!(
+        drain_secs = period.as_secs(),
+        "relay stopping: no new connections, draining open streams"
+    );
     tasks.close();
-    if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(period, tasks.wait()).await.is_err() {
         tracing::info!("drain period over; closing remaining streams");
         closing.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;

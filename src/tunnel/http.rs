@@ -103,33 +103,32 @@ pub fn full(bytes: Bytes) -> Body {
         .boxed_unsync()
 }
 
-/// Once both sides have switched protocols, copies bytes both ways until each side is done.
+/// Once both sides have switched protocols, copies bytes both ways until each side is done;
+/// the caller spawns it where it is tracked.
 ///
 /// The directions are independent: one failing ends only itself. Through a WebSocket a
 /// close is not a TCP half-close (after the peer's Close no more data can be written), so a
 /// write towards a closing tunnel may fail while the other direction still carries the
 /// command's last output and exit status; aborting both, as `copy_bidirectional` does, could
 /// drop those bytes.
-pub fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
-    tokio::spawn(async move {
-        let (down, up) = match tokio::try_join!(downstream, upstream) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(error = %e, "protocol switch did not complete");
-                return;
-            }
-        };
-        let (mut down_rd, mut down_wr) = tokio::io::split(TokioIo::new(down));
-        let (mut up_rd, mut up_wr) = tokio::io::split(TokioIo::new(up));
-        let to_upstream = copy_then_shutdown(&mut down_rd, &mut up_wr);
-        let to_downstream = copy_then_shutdown(&mut up_rd, &mut down_wr);
-        let (up_bytes, down_bytes) = tokio::join!(to_upstream, to_downstream);
-        tracing::debug!(
-            bytes.up = up_bytes,
-            bytes.down = down_bytes,
-            "upgraded stream closed"
-        );
-    });
+pub async fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
+    let (down, up) = match tokio::try_join!(downstream, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol switch did not complete");
+            return;
+        }
+    };
+    let (mut down_rd, mut down_wr) = tokio::io::split(TokioIo::new(down));
+    let (mut up_rd, mut up_wr) = tokio::io::split(TokioIo::new(up));
+    let to_upstream = copy_then_shutdown(&mut down_rd, &mut up_wr);
+    let to_downstream = copy_then_shutdown(&mut up_rd, &mut down_wr);
+    let (up_bytes, down_bytes) = tokio::join!(to_upstream, to_downstream);
+    tracing::debug!(
+        bytes.up = up_bytes,
+        bytes.down = down_bytes,
+        "upgraded stream closed"
+    );
 }
 
 async fn copy_then_shutdown<R, W>(from: &mut R, to: &mut W) -> u64

@@ -9,6 +9,7 @@ mod support;
 
 mod ci_and_clusters;
 mod cli_binaries;
+mod drain;
 mod entra_auth;
 mod entra_standin;
 mod files;

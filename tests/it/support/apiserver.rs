@@ -223,6 +223,11 @@ impl ApiServer {
         self.shared.store.append_log(namespace, pod, line);
     }
 
+    /// Ends the pod's `logs -f` streams (its container exited).
+    pub fn end_log_follows(&self, namespace: &str, pod: &str) {
+        self.shared.store.end_log_follows(namespace, pod);
+    }
+
     pub fn open_watches(&self) -> usize {
         self.shared.store.open_watches()
     }

@@ -539,6 +539,13 @@ impl Store {
         });
     }
 
+    /// The container exits: its `logs -f` streams end, as the kubelet ends them.
+    pub fn end_log_follows(&self, namespace: &str, pod: &str) {
+        self.lock()
+            .followers
+            .retain(|f| f.namespace != namespace || f.pod != pod);
+    }
+
     pub fn open_watches(&self) -> usize {
         self.open_watches.load(Ordering::SeqCst)
     }
