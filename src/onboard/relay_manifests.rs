@@ -42,8 +42,8 @@ const CONFIG_FILE: &str = "relay.toml";
 pub const RELAY_PORT: i32 = 8443;
 /// The image's user and group (distroless `nonroot`).
 const IMAGE_GROUP: i64 = 65532;
-/// Long enough for the relay to tell listeners it is going and for tunnels to move.
-pub const GRACE_SECONDS: i64 = 60;
+/// Above the relay's drain (`drain_secs`, 10 by default), so tunnels get all of it.
+pub const GRACE_SECONDS: i64 = 30;
 
 #[derive(Clone, Debug)]
 pub struct RelaySpec {

@@ -118,7 +118,7 @@ pub struct RelayFile {
     pub proxy_protocol_from: Vec<String>,
     /// KiB of buffer per direction of a rendezvous (default 64, from 4 to 1024).
     pub splice_buffer_kib: Option<usize>,
-    /// On shutdown, seconds open rendezvous get to finish (default 45).
+    /// On shutdown, seconds open rendezvous get to finish (default 10).
     pub drain_secs: Option<u64>,
 }
 

@@ -57,8 +57,9 @@ impl Default for Limits {
             max_unauthenticated_per_ip: 64,
             splice_buffer: DEFAULT_SPLICE_BUFFER,
             max_rendezvous_per_token: 1024,
-            // Under the 60 s grace period of the relay's manifests.
-            drain: Duration::from_secs(45),
+            // Short: a single relay accepts nothing new while it drains, and its replacement
+            // (Recreate) starts only after it exits. Replicas behind one name can afford more.
+            drain: Duration::from_secs(10),
             max_rendezvous_per_listener: 4096,
         }
     }
