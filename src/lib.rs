@@ -22,6 +22,7 @@ pub mod auth;
 pub mod cli;
 pub mod entra;
 pub mod files;
+pub mod metrics;
 pub mod net;
 pub mod onboard;
 pub mod proxy;
