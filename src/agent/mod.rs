@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub auth: Arc<Authenticator>,
     /// Tunnel streams (rendezvous) open at once; see [`MAX_STREAMS`].
     pub max_streams: usize,
+    /// Counted into as the agent works; served when the CLI registered them.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.

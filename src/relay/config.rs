@@ -118,6 +118,9 @@ pub struct RelayFile {
     pub proxy_protocol_from: Vec<String>,
     /// KiB of buffer per direction of a rendezvous (default 64, from 4 to 1024).
     pub splice_buffer_kib: Option<usize>,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), e.g. "0.0.0.0:9090";
+    /// absent: not served.
+    pub metrics_addr: Option<String>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which

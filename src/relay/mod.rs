@@ -85,6 +85,7 @@ pub async fn run(
         let admitted = match admitted {
             Ok(a) => a,
             Err(refused) => {
+                ctx.shared.stats.metrics.limit_hit(refused.limit());
                 tracing::debug!(peer = %peer, ?refused, "unauthenticated connection refused");
                 continue;
             }

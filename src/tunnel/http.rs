@@ -109,9 +109,10 @@ pub fn full(bytes: Bytes) -> Body {
 /// close is not a TCP half-close (after the peer's Close no more data can be written), so a
 /// write towards a closing tunnel may fail while the other direction still carries the
 /// command's last output and exit status; aborting both, as `copy_bidirectional` does, could
-/// drop those bytes.
-pub fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
+/// drop those bytes. `held` is kept until the splice ends (a session's place on a gauge).
+pub fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade, held: impl Send + 'static) {
     tokio::spawn(async move {
+        let _held = held;
         let (down, up) = match tokio::try_join!(downstream, upstream) {
             Ok(pair) => pair,
             Err(e) => {
