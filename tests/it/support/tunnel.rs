@@ -287,6 +287,7 @@ impl Agent {
             token_ttl: Duration::from_secs(3600),
             auth: Arc::new(auth),
             max_streams: clusterconnect::agent::MAX_STREAMS,
+            metrics: Default::default(),
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(clusterconnect::agent::run(
@@ -373,6 +374,7 @@ impl LocalProxy {
         let local_secret = new_local_secret();
         let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
         let proxy = Proxy::new(ProxyConfig {
+            metrics: Default::default(),
             clusters,
             local_tls: tls::server_config(
                 leaf.cert_pem.as_bytes(),
