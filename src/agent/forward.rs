@@ -15,8 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::identity::Authenticator;
-use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use super::upstream::Upstream;
+use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
     strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,

@@ -245,7 +245,11 @@ fn spawn_rendezvous(
                 shared.streams.fetch_add(1, Ordering::Relaxed);
                 let metrics = &config.metrics;
                 let open = crate::metrics::Open::new(&metrics.tunnels);
-                let io = Counted::new(WsStream::new(ws), metrics.received.clone(), metrics.sent.clone());
+                let io = Counted::new(
+                    WsStream::new(ws),
+                    metrics.received.clone(),
+                    metrics.sent.clone(),
+                );
                 forward::serve(
                     io,
                     shared.upstream.clone(),

@@ -14,7 +14,6 @@ use crate::agent::{
     AgentConfig, AuthMode, Authenticator, EntraAuth, KeySource, Upstream, DEFAULT_TOKEN_TTL,
 };
 use crate::arm::client::ManagementClient;
-use crate::metrics::AgentMetrics;
 use crate::arm::ClusterId;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::CredentialSource;
@@ -24,6 +23,7 @@ use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
+use crate::metrics::AgentMetrics;
 use crate::tunnel::http::error_chain;
 use crate::tunnel::protocol::RelayAddress;
 

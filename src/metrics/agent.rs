@@ -4,7 +4,7 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
 use super::Label;
 
@@ -64,10 +64,10 @@ impl AgentMetrics {
             sent: bytes.get_or_create_owned(&[("direction", "sent")]),
             ..m
         };
-        r.register_with_unit(
+        // Named with its unit already: "bytes" with `Unit::Bytes` would read bytes_bytes.
+        r.register(
             "bytes",
             "Bytes through tunnel streams: received from the relay, sent to it",
-            Unit::Bytes,
             bytes,
         );
         r.register(
@@ -103,6 +103,8 @@ impl AgentMetrics {
     }
 
     pub fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&[("reason", reason)]).inc();
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 }

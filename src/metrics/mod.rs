@@ -84,12 +84,10 @@ pub async fn start(
             addr: parsed,
             source,
         })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| MetricsError::Bind {
-            addr: parsed,
-            source,
-        })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: parsed,
+        source,
+    })?;
     tracing::info!(addr = %bound, "metrics listening");
     tokio::spawn(serve(listener, Arc::new(registry), shutdown));
     Ok(bound)
@@ -152,7 +150,11 @@ async fn respond(
     };
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.uri().path() != "/metrics" {
-        return Ok(answer(StatusCode::NOT_FOUND, "try /metrics\n".into(), PLAIN));
+        return Ok(answer(
+            StatusCode::NOT_FOUND,
+            "try /metrics\n".into(),
+            PLAIN,
+        ));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(answer(
@@ -350,12 +352,20 @@ mod tests {
             ("GET", "/api/v1/namespaces", "list"),
             ("GET", "/api/v1/namespaces/default", "get"),
             ("GET", "/api/v1/namespaces/default/pods?watch=true", "watch"),
-            ("GET", "/api/v1/namespaces/default/pods?watch=1&x=y", "watch"),
+            (
+                "GET",
+                "/api/v1/namespaces/default/pods?watch=1&x=y",
+                "watch",
+            ),
             ("GET", "/api/v1/watch/namespaces/default/pods", "watch"),
             ("GET", "/apis/apps/v1/namespaces/a/deployments", "list"),
             ("GET", "/apis/apps/v1/namespaces/a/deployments/d", "get"),
             ("POST", "/api/v1/namespaces/a/pods", "create"),
-            ("POST", "/api/v1/namespaces/a/pods/p/exec?command=ls", "create"),
+            (
+                "POST",
+                "/api/v1/namespaces/a/pods/p/exec?command=ls",
+                "create",
+            ),
             ("PUT", "/api/v1/namespaces/a/pods/p", "update"),
             ("PATCH", "/api/v1/namespaces/a/pods/p", "patch"),
             ("DELETE", "/api/v1/namespaces/a/pods/p", "delete"),
@@ -381,7 +391,10 @@ mod tests {
             session_kind("/api/v1/namespaces/a/pods/p/exec?command=ls"),
             Some("exec")
         );
-        assert_eq!(session_kind("/api/v1/namespaces/a/pods/p/attach"), Some("attach"));
+        assert_eq!(
+            session_kind("/api/v1/namespaces/a/pods/p/attach"),
+            Some("attach")
+        );
         assert_eq!(
             session_kind("/api/v1/namespaces/a/pods/p/portforward"),
             Some("portforward")

@@ -70,12 +70,8 @@ impl RelayMetrics {
             listener_to_sender: bytes.get_or_create_owned(&[("direction", "listener_to_sender")]),
             ..m
         };
-        r.register_with_unit(
-            "bytes",
-            "Payload bytes spliced, by direction",
-            Unit::Bytes,
-            bytes,
-        );
+        // Named with its unit already: "bytes" with `Unit::Bytes` would read bytes_bytes.
+        r.register("bytes", "Payload bytes spliced, by direction", bytes);
         r.register(
             "auth_failures",
             "Requests refused for their token, by reason",
@@ -95,7 +91,9 @@ impl RelayMetrics {
     }
 
     pub fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&[("reason", reason)]).inc();
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// The limit by its configuration name (`max_connections`, ...).

@@ -193,7 +193,10 @@ impl Channel {
                 Next::Continue
             }
             Err(e) => {
-                shared.stats.metrics.auth_failure(super::auth::failure_reason(&e));
+                shared
+                    .stats
+                    .metrics
+                    .auth_failure(super::auth::failure_reason(&e));
                 tracing::warn!(entity = %self.entity, error = %e, "listener sent an invalid renewToken");
                 self.close(CloseCode::Policy, "renewToken rejected").await
             }

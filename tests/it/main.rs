@@ -13,6 +13,7 @@ mod entra_auth;
 mod entra_standin;
 mod files;
 mod hyco_interop;
+mod metrics;
 mod onboarding;
 mod outbound_proxy;
 mod parsers;
