@@ -421,6 +421,18 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_unless_the_file_names_an_address() {
+        let file = |toml: &str| toml::from_str::<RelayFile>(toml).unwrap();
+        assert_eq!(file("").metrics_addr, None);
+        assert_eq!(
+            file("metrics_addr = \"0.0.0.0:9090\"")
+                .metrics_addr
+                .as_deref(),
+            Some("0.0.0.0:9090")
+        );
+    }
+
+    #[test]
     fn proxy_protocol_is_off_by_default_and_its_peers_are_checked() {
         let pp = |toml: &str| toml::from_str::<RelayFile>(toml).unwrap().proxy_protocol();
         assert_eq!(pp("").unwrap(), None);

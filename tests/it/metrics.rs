@@ -313,7 +313,7 @@ async fn counters_move_with_real_kubectl_traffic_on_every_role() {
     for _ in 0..GETS as usize {
         kubectl_ok(&kubeconfig, &["get", "pod", "web-0", "-n", "default"]).await;
     }
-    let mut watch = spawn_kubectl(&kubeconfig, &["get", "pods", "-w"], &[], false);
+    let watch = spawn_kubectl(&kubeconfig, &["get", "pods", "-w"], &[], false);
     eventually("the watch reaches the apiserver", || api.open_watches() > 0).await;
     let echoed = kubectl_ok(&kubeconfig, &["exec", "web-0", "--", "echo", "hi"]).await;
     assert!(echoed.contains("hi"), "{echoed}");
