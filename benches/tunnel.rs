@@ -961,6 +961,7 @@ mod bulk {
                     auth: std::sync::Arc::new(Authenticator::token_only()),
                     max_streams: clusterconnect::agent::MAX_STREAMS,
                     drain: clusterconnect::agent::DRAIN,
+                    metrics: Default::default(),
                 },
                 upstream,
                 None,

@@ -12,7 +12,8 @@
 //! cluster and registers it (`connect`, `disconnect`, `token create`).
 //! Dependency direction (docs/architecture.md explains it):
 //! `cli -> {relay, agent, proxy, onboard, secrets} -> {arm, entra, auth} -> tunnel ->
-//! {tls, net, files, secret}`. No role imports another, nothing imports upward, and no two
+//! {tls, net, files, secret}`; [`metrics`] (Prometheus) is used by the roles and uses only
+//! `net`. No role imports another, nothing imports upward, and no two
 //! files import each other.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod cli;
 pub mod entra;
 pub mod files;
+pub mod metrics;
 pub mod net;
 pub mod onboard;
 pub mod proxy;

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::identity::Authenticator;
 use super::upstream::Upstream;
+use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
     strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
@@ -32,13 +33,27 @@ pub async fn serve<S>(
     io: S,
     upstream: Arc<Upstream>,
     auth: Arc<Authenticator>,
+    metrics: AgentMetrics,
     shutdown: CancellationToken,
     sessions: TaskTracker,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service =
-        service_fn(move |req| forward(req, upstream.clone(), auth.clone(), sessions.clone()));
+    let service = service_fn(move |req| {
+        let (upstream, auth, metrics) = (upstream.clone(), auth.clone(), metrics.clone());
+        let sessions = sessions.clone();
+        async move {
+            let verb = kube_verb(
+                req.method(),
+                req.uri().path_and_query().map_or("/", |p| p.as_str()),
+            );
+            let resp = forward(req, upstream, auth, &metrics, sessions).await;
+            if let Ok(resp) = &resp {
+                metrics.request(verb, resp.status().as_u16());
+            }
+            resp
+        }
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -65,9 +80,11 @@ async fn forward(
     mut req: Request<Incoming>,
     upstream: Arc<Upstream>,
     auth: Arc<Authenticator>,
+    metrics: &AgentMetrics,
     sessions: TaskTracker,
 ) -> Result<Response<Body>, Infallible> {
     if let Err(refused) = auth.authorize(req.headers_mut(), &upstream).await {
+        metrics.auth_failure(refusal_reason(refused.status()));
         return Ok(refused);
     }
     let upgrade = is_upgrade(&req);
@@ -95,7 +112,12 @@ async fn forward(
         return Ok(match upstream.upgrades.request(req).await {
             Ok(mut resp) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    sessions.spawn(splice_upgraded(downstream, hyper::upgrade::on(&mut resp)));
+                    let session = session_kind(&pq).map(|kind| metrics.session(kind));
+                    sessions.spawn(splice_upgraded(
+                        downstream,
+                        hyper::upgrade::on(&mut resp),
+                        session,
+                    ));
                 }
                 tracing::debug!(%request_id, %method, path = %pq, status = resp.status().as_u16(), "upgrade forwarded");
                 resp.map(|b| b.boxed_unsync())
@@ -120,6 +142,16 @@ async fn forward(
         }
         Err(e) => unreachable_apiserver(&upstream, &e),
     })
+}
+
+/// Why the agent turned a caller away, from the status it answered with.
+fn refusal_reason(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "unauthenticated",
+        403 => "forbidden",
+        400 => "bad_request",
+        _ => "unavailable",
+    }
 }
 
 fn unreachable_apiserver(

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::{forward, AgentConfig, Shared};
+use crate::metrics::Counted;
 use crate::tunnel::backoff::{Backoff, STABLE_AFTER};
 use crate::tunnel::dial::{dial, RelayStream};
 use crate::tunnel::http::error_chain;
@@ -83,6 +84,7 @@ pub async fn run(
                 .await
             }
             Err(e) if e.is_auth() => {
+                config.metrics.auth_failure("relay_refused");
                 let changed = config.key.refused();
                 let file = config
                     .key
@@ -142,9 +144,11 @@ async fn listen_counted(
     backoff: &mut Backoff,
 ) -> Ended {
     shared.listening.fetch_add(1, Ordering::Relaxed);
+    let open = crate::metrics::Open::new(&config.metrics.listeners);
     let connected_at = Instant::now();
     let ended = listen(ws, config, shared, tasks, (shutdown, streams)).await;
     shared.listening.fetch_sub(1, Ordering::Relaxed);
+    drop(open);
     let up_for = connected_at.elapsed();
     backoff.connection_ended(up_for);
     match ended {
@@ -206,8 +210,10 @@ async fn listen(
                 let msg = ControlMessage::RenewToken(RenewToken { token: token.expose().to_string() });
                 let Ok(json) = serde_json::to_string(&msg) else { return Ended::Lost("cannot encode renewToken".into()) };
                 if let Err(e) = ws.send(Message::text(json)).await {
+                    config.metrics.token_renewal("failed");
                     return Ended::Lost(e.to_string());
                 }
+                config.metrics.token_renewal("ok");
                 renew_at = Instant::now() + renew_every;
                 tracing::debug!("listener token renewed");
             }
@@ -277,15 +283,24 @@ fn spawn_rendezvous(
         match dial(&accept.address, None, &config.relay_tls).await {
             Ok(ws) => {
                 shared.streams.fetch_add(1, Ordering::Relaxed);
-                forward::serve(
+                let metrics = &config.metrics;
+                let open = crate::metrics::Open::new(&metrics.tunnels);
+                let io = Counted::new(
                     WsStream::new(ws),
+                    metrics.received.clone(),
+                    metrics.sent.clone(),
+                );
+                forward::serve(
+                    io,
                     shared.upstream.clone(),
                     config.auth.clone(),
+                    metrics.clone(),
                     streams,
                     sessions,
                 )
                 .await;
                 shared.streams.fetch_sub(1, Ordering::Relaxed);
+                drop(open);
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), "could not complete a rendezvous"),
         }

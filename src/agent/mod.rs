@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub max_streams: usize,
     /// On shutdown, how long requests and sessions in flight may take to finish.
     pub drain: Duration,
+    /// Counted into as the agent works; served when the CLI registered them.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.

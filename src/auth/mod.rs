@@ -48,7 +48,13 @@ pub trait CredentialSource: Send + Sync {
     /// `token` was refused (its key was renewed, say): a source that caches drops it, so the
     /// next call fetches a fresh one instead of waiting for the renewal point.
     fn refused(&self, _token: &Secret) {}
+    /// `observer` is told how each renewal of an expiring token went (`"ok"` or
+    /// `"failed"`), for metrics; sources that never renew ignore it.
+    fn observe_renewals(&self, _observer: RenewalObserver) {}
 }
+
+/// Told the outcome of each renewal: `"ok"` or `"failed"`.
+pub type RenewalObserver = std::sync::Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// A fixed bearer token (`--token`), typically a Kubernetes service-account token.
 pub struct StaticToken(Secret);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{CredentialError, CredentialSource, TokenFuture};
+use super::{CredentialError, CredentialSource, RenewalObserver, TokenFuture};
 use crate::secret::Secret;
 use crate::tunnel::backoff::Backoff;
 
@@ -69,6 +69,8 @@ pub struct Refreshing<F> {
     state: Mutex<State>,
     /// One renewal at a time: a burst of requests near expiry triggers a single fetch.
     renewing: tokio::sync::Mutex<()>,
+    /// Told how each fetch went (see [`CredentialSource::observe_renewals`]).
+    observer: std::sync::OnceLock<RenewalObserver>,
 }
 
 impl<F: TokenFetcher> Refreshing<F> {
@@ -83,6 +85,7 @@ impl<F: TokenFetcher> Refreshing<F> {
                 backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(60)),
             }),
             renewing: tokio::sync::Mutex::new(()),
+            observer: std::sync::OnceLock::new(),
         }
     }
 
@@ -129,7 +132,11 @@ impl<F: TokenFetcher> Refreshing<F> {
         }
         let due = self.lock().next_attempt <= now;
         if due {
-            match self.fetcher.fetch().await {
+            let fetched = self.fetcher.fetch().await;
+            if let Some(observe) = self.observer.get() {
+                observe(if fetched.is_ok() { "ok" } else { "failed" });
+            }
+            match fetched {
                 Ok(fresh) => {
                     let mut state = self.lock();
                     state.backoff.reset();
@@ -175,6 +182,11 @@ impl<F: TokenFetcher> CredentialSource for Refreshing<F> {
 
     fn describe(&self) -> String {
         self.fetcher.describe()
+    }
+
+    fn observe_renewals(&self, observer: RenewalObserver) {
+        // The first observer stays: a source serves one proxy.
+        let _ = self.observer.set(observer);
     }
 
     fn refused(&self, token: &Secret) {

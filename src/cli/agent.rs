@@ -23,6 +23,7 @@ use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
+use crate::metrics::AgentMetrics;
 use crate::tunnel::http::error_chain;
 use crate::tunnel::protocol::RelayAddress;
 
@@ -51,6 +52,10 @@ pub struct Args {
     /// Address for /healthz and /readyz, or "off".
     #[arg(long, default_value = "0.0.0.0:8081")]
     pub health_addr: String,
+    /// Serve Prometheus metrics on HOST:PORT at /metrics (plain HTTP); off by default (the
+    /// generated manifests turn it on).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     /// Lifetime of the listen tokens the agent mints (renewed at three quarters).
     #[arg(long, value_parser = super::parse_duration)]
     pub token_ttl: Option<Duration>,
@@ -220,6 +225,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             )
         }
     };
+    let mut registry = crate::metrics::registry();
+    let metrics = AgentMetrics::register(&mut registry);
+    if let Some(addr) = &args.metrics_addr {
+        crate::metrics::start(addr, registry, shutdown.clone()).await?;
+    }
     let ttl = args.token_ttl.unwrap_or(DEFAULT_TOKEN_TTL);
     if ttl < Duration::from_secs(60) {
         anyhow::bail!("--token-ttl must be at least 60s");
@@ -234,6 +244,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         auth: Arc::new(auth),
         max_streams: args.max_streams as usize,
         drain: args.drain_timeout,
+        metrics,
     };
     crate::agent::run(config, upstream, health, shutdown).await;
     Ok(())

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::clusters::ClusterFlags;
+use crate::metrics::ProxyMetrics;
 use crate::proxy::kubeconfig::{self, Entry};
 use crate::proxy::{
     local_ca, local_token, new_local_secret, server_url, ClusterConfig, ProbeError, Prober, Proxy,
@@ -43,6 +44,9 @@ pub struct Args {
     /// Format of the readiness line printed on stdout once traffic flows.
     #[arg(long, short = 'o', value_enum, default_value_t = ReadyFormat::Text)]
     pub output: ReadyFormat,
+    /// Serve Prometheus metrics on HOST:PORT at /metrics (plain HTTP); off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -155,7 +159,11 @@ async fn bind(port: Option<u16>) -> anyhow::Result<TcpListener> {
     }
 }
 
-pub async fn start(clusters: Vec<ClusterConfig>, port: Option<u16>) -> anyhow::Result<Started> {
+pub async fn start(
+    clusters: Vec<ClusterConfig>,
+    port: Option<u16>,
+    metrics: ProxyMetrics,
+) -> anyhow::Result<Started> {
     let listener = bind(port).await?;
     let port = listener.local_addr()?.port();
     let (ca, leaf) = local_ca::load_or_create(&local_ca::config_dir())?;
@@ -169,6 +177,7 @@ pub async fn start(clusters: Vec<ClusterConfig>, port: Option<u16>) -> anyhow::R
         clusters,
         local_tls,
         local_secret: local_secret.clone(),
+        metrics,
     });
     for (name, result) in proxy.warm_up().await {
         match result {
@@ -259,7 +268,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
         let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
         kubeconfig::check_foreign(path, &names).context("cannot write the kubeconfig context")?;
     }
-    let started = start(clusters, args.port).await?;
+    let mut registry = crate::metrics::registry();
+    let metrics = ProxyMetrics::register(&mut registry);
+    if let Some(addr) = &args.metrics_addr {
+        crate::metrics::start(addr, registry, shutdown.clone()).await?;
+    }
+    let started = start(clusters, args.port, metrics).await?;
     let names = started.proxy.cluster_names();
     let target = match kubeconfig_path {
         None => {

@@ -10,12 +10,13 @@ use tokio_util::sync::CancellationToken;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud};
+use crate::metrics::RelayMetrics;
 use crate::onboard::manifests::default_image;
 use crate::onboard::relay_manifests::{
     self, RelaySpec, DEFAULT_RELAY_NAMESPACE, KEYS_SECRET, TLS_SECRET,
 };
 use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
-use crate::relay::{EntraFile, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+use crate::relay::{EntraFile, RelayConfig, RelayFile, RelayStats, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
 use crate::tls::reload::ReloadingCert;
 
@@ -50,6 +51,10 @@ pub struct Args {
     /// Size of the registry's volume claim (--dry-run).
     #[arg(long, default_value = "1Gi", requires = "dry_run")]
     pub storage: String,
+    /// Serve Prometheus metrics on HOST:PORT at /metrics (plain HTTP), overriding the file's
+    /// `metrics_addr`. Off unless one of them is set.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -80,6 +85,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .or(file.listen)
         .context("no listen address: set `listen` in the config or pass --listen")?;
     let clusters = open_registry(&args, &file, &base)?;
+    let metrics_addr = args.metrics_addr.clone().or(file.metrics_addr.clone());
+    if let Some(addr) = &metrics_addr {
+        crate::metrics::parse_addr(addr)
+            .with_context(|| format!("metrics address {addr:?} is not host:port"))?;
+    }
+    let mut registry = crate::metrics::registry();
+    let metrics = RelayMetrics::register(&mut registry);
     let config = RelayConfig {
         hostnames,
         rules: rules.into(),
@@ -89,7 +101,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             .max_connections
             .unwrap_or(DEFAULT_MAX_CONNECTIONS)
             .max(1),
-        stats: Default::default(),
+        stats: Arc::new(RelayStats::with_metrics(metrics)),
         public_port: file.public_port,
         limits: file.limits()?,
         proxy_protocol: file.proxy_protocol()?,
@@ -101,6 +113,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(addr) = &metrics_addr {
+        crate::metrics::start(addr, registry, shutdown.clone()).await?;
+    }
     if let Some(cert) = &reloading {
         tokio::spawn(cert.clone().watch(shutdown.clone()));
     }

@@ -44,7 +44,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
         anyhow::bail!("nothing to run: give a command after `--` (e.g. `clusterconnect run ... -- kubectl get pods`), or --shell");
     };
     let clusters = args.clusters.resolve().await?;
-    let started = start(clusters, Some(0)).await?;
+    let started = start(clusters, Some(0), Default::default()).await?;
     let names = started.proxy.cluster_names();
 
     // A private directory (0700) holds the kubeconfig; it is removed on every way out.

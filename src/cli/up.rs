@@ -109,6 +109,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let relay = Loopback::start(name, stop).await?;
     let agent = AgentConfig {
+        metrics: Default::default(),
         relay: relay.address.clone(),
         entity: name.to_string(),
         key: Arc::new(KeySource::fixed(relay.listen.clone())),
@@ -131,7 +132,7 @@ async fn serve(
         },
         credential: session.credential(),
     };
-    let started = start(vec![cluster], args.port).await?;
+    let started = start(vec![cluster], args.port, Default::default()).await?;
     started.write_kubeconfig(kubeconfig_path, true, false)?;
     let names = started.proxy.cluster_names();
     let prober = started.proxy.prober();

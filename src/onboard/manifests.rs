@@ -53,6 +53,9 @@ pub const AGENT_KEY_FILE: &str = "agent.key";
 pub const RELAY_CA_FILE: &str = "relay-ca.crt";
 /// The agent's `--health-addr` default port: /healthz and /readyz.
 pub const HEALTH_PORT: i32 = 8081;
+/// The agent's `--metrics-addr` port: Prometheus metrics at /metrics, on the pod IP like the
+/// health port, and announced to scrapers by the pod's `prometheus.io/*` annotations.
+pub const METRICS_PORT: i32 = 9090;
 /// The container's environment variable holding the pod IP (downward API), which the agent's
 /// `--health-addr` binds to: the kubelet probes the pod IP, and nothing needs the health port
 /// on any other address of the pod's network namespace.
@@ -309,6 +312,7 @@ pub fn agent_args(spec: &AgentSpec) -> Vec<String> {
     }
     // Kubernetes expands `$(POD_IP)` from the container's env (see `agent_container`).
     args.push(format!("--health-addr=$({POD_IP_ENV}):{HEALTH_PORT}"));
+    args.push(format!("--metrics-addr=$({POD_IP_ENV}):{METRICS_PORT}"));
     args.extend(["--log-format".into(), "json".into()]);
     args
 }
@@ -350,12 +354,20 @@ fn agent_container(spec: &AgentSpec) -> Container {
             }),
             ..EnvVar::default()
         }]),
-        ports: Some(vec![ContainerPort {
-            name: Some("health".into()),
-            container_port: HEALTH_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("health".into()),
+                container_port: HEALTH_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         resources: Some(ResourceRequirements {
@@ -432,6 +444,20 @@ fn pod_spec(spec: &AgentSpec, selector: &BTreeMap<String, String>) -> PodSpec {
     }
 }
 
+/// The Secret's digest (a changed key rolls the pods) and where Prometheus finds the metrics,
+/// for scrape configurations that follow the common `prometheus.io/*` annotations.
+pub(crate) fn pod_annotations(secret_digest: Option<String>) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+    if let Some(d) = secret_digest {
+        annotations.insert(SECRET_DIGEST_ANNOTATION.to_string(), d);
+    }
+    annotations
+}
+
 fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
     let selector = BTreeMap::from([(NAME_LABEL.to_string(), AGENT_NAME.to_string())]);
     Deployment {
@@ -445,8 +471,7 @@ fn deployment(spec: &AgentSpec, secret_digest: Option<String>) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels()),
-                    annotations: secret_digest
-                        .map(|d| BTreeMap::from([(SECRET_DIGEST_ANNOTATION.to_string(), d)])),
+                    annotations: Some(pod_annotations(secret_digest)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(spec, &selector)),
@@ -559,9 +584,16 @@ mod tests {
         assert!(joined.starts_with("agent --relay wss://relay.example --connection cc-0123 --key-file /etc/clusterconnect/listen.key --cluster-id /subscriptions/"), "{joined}");
         assert!(joined.contains("--agent-key-file /etc/clusterconnect/agent.key --relay-ca /etc/clusterconnect/relay-ca.crt --tenant 72f988bf"), "{joined}");
         assert!(
-            joined.ends_with("--health-addr=$(POD_IP):8081 --log-format json"),
+            joined.ends_with(
+                "--health-addr=$(POD_IP):8081 --metrics-addr=$(POD_IP):9090 --log-format json"
+            ),
             "{joined}"
         );
+        assert_eq!(c["ports"][1]["name"], "metrics");
+        assert_eq!(c["ports"][1]["containerPort"], 9090);
+        let annotations = &d["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], "9090");
         assert_eq!(
             c["env"],
             serde_json::json!([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}])

@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::manifests::{MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL};
+use super::manifests::{pod_annotations, MANAGED_BY, MANAGED_BY_LABEL, METRICS_PORT, NAME_LABEL};
 
 pub const RELAY_NAME: &str = "clusterconnect-relay";
 pub const DEFAULT_RELAY_NAMESPACE: &str = "clusterconnect";
@@ -126,6 +126,13 @@ pub fn pod_config(path: &Path, text: &str) -> Result<(String, Vec<String>), Rela
     }
     doc.insert("listen".into(), format!("0.0.0.0:{RELAY_PORT}").into());
     doc.insert("public_port".into(), 443.into());
+    // Metrics on by default, on a port the LoadBalancer Service does not expose.
+    if !doc.contains_key("metrics_addr") {
+        doc.insert(
+            "metrics_addr".into(),
+            format!("0.0.0.0:{METRICS_PORT}").into(),
+        );
+    }
     doc.insert(
         "registry_file".into(),
         format!("{DATA_DIR}/registry.redb").into(),
@@ -300,12 +307,20 @@ fn container(spec: &RelaySpec) -> Container {
         name: "relay".into(),
         image: Some(spec.image.clone()),
         args: Some(relay_args()),
-        ports: Some(vec![ContainerPort {
-            name: Some("https".into()),
-            container_port: RELAY_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("https".into()),
+                container_port: RELAY_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         liveness_probe: Some(probe(10, 3)),
         readiness_probe: Some(probe(5, 2)),
         resources: Some(ResourceRequirements {
@@ -358,6 +373,7 @@ fn deployment(spec: &RelaySpec) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels()),
+                    annotations: Some(pod_annotations(None)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -500,6 +516,7 @@ rights = ["send"]
         let file: crate::relay::RelayFile = toml::from_str(&text).unwrap();
         assert_eq!(file.listen.unwrap().port(), 8443);
         assert_eq!(file.public_port, Some(443));
+        assert_eq!(file.metrics_addr.as_deref(), Some("0.0.0.0:9090"));
         assert_eq!(file.max_rendezvous_per_token, Some(2048));
         assert_eq!(
             file.tls.unwrap().cert_file,
@@ -549,8 +566,15 @@ rights = ["send"]
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
         assert_eq!(c["readinessProbe"]["tcpSocket"]["port"], "https");
+        assert_eq!(c["ports"][1]["containerPort"], 9090);
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+            "9090"
+        );
         let s = serde_json::to_value(&m.service).unwrap();
         assert_eq!(s["spec"]["ports"][0]["port"], 443);
+        // The metrics port is not on the internet-facing Service.
+        assert_eq!(s["spec"]["ports"].as_array().unwrap().len(), 1);
         let yaml = m.to_yaml().unwrap();
         assert_eq!(yaml.matches("---\n").count(), 8);
         assert!(!yaml.contains("inline-secret-key-material"));

@@ -23,7 +23,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::CredentialSource;
+use crate::auth::{CredentialSource, RenewalObserver};
+use crate::metrics::ProxyMetrics;
 use crate::secret::Secret;
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW};
 use server::{Handler, Route};
@@ -45,6 +46,8 @@ pub struct ProxyConfig {
     pub clusters: Vec<ClusterConfig>,
     pub local_tls: Arc<ServerConfig>,
     pub local_secret: Secret,
+    /// Counted into as the proxy works; served when the CLI registered them.
+    pub metrics: ProxyMetrics,
 }
 
 /// The server URL a kubeconfig uses for cluster `name` behind a proxy on `port`.
@@ -87,19 +90,31 @@ pub fn new_local_secret() -> Secret {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Proxy {
+        let metrics = config.metrics;
+        let renewals: RenewalObserver = {
+            let metrics = metrics.clone();
+            Arc::new(move |result| metrics.token_renewal(result))
+        };
         Proxy {
             handler: Arc::new(Handler {
                 routes: config
                     .clusters
                     .into_iter()
-                    .map(|c| Route {
-                        name: c.name,
-                        pool: Pool::new(c.target, POOL_SIZE),
-                        credential: c.credential,
-                        last_refusal: std::sync::Mutex::new(None),
+                    .map(|c| {
+                        c.credential.observe_renewals(renewals.clone());
+                        if let SendCredential::Issued(source) = &c.target.send {
+                            source.observe_renewals(renewals.clone());
+                        }
+                        Route {
+                            pool: Pool::new(c.target, POOL_SIZE, (&c.name, &metrics)),
+                            name: c.name,
+                            credential: c.credential,
+                            last_refusal: std::sync::Mutex::new(None),
+                        }
                     })
                     .collect(),
                 local_secret: config.local_secret,
+                metrics,
             }),
             tls: TlsAcceptor::from(config.local_tls),
         }

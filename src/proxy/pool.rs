@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::auth::{CredentialError, CredentialSource};
+use crate::metrics::ProxyMetrics;
 use crate::tunnel::dial::{dial, DialError, RelayIo};
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 use crate::tunnel::keepalive::{PING_INTERVAL, PING_TIMEOUT};
@@ -111,6 +112,9 @@ pub struct Pool {
     slots: Vec<Mutex<Option<Pooled>>>,
     next: AtomicUsize,
     opened: AtomicU64,
+    /// The cluster's name, which labels its metrics.
+    name: String,
+    metrics: ProxyMetrics,
 }
 
 /// One slot's connection, numbered so that a caller discarding a connection that failed it
@@ -137,17 +141,49 @@ enum Failed {
 }
 
 impl Pool {
-    pub fn new(target: RelayTarget, size: usize) -> Self {
+    pub fn new(target: RelayTarget, size: usize, (name, metrics): (&str, &ProxyMetrics)) -> Self {
         Pool {
             target,
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             opened: AtomicU64::new(0),
+            name: name.to_string(),
+            metrics: metrics.clone(),
         }
     }
 
-    pub fn target(&self) -> &RelayTarget {
-        &self.target
+    /// Sends an upgrade request over a dedicated tunnel of its own.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<SendBody>,
+    ) -> Result<Response<Incoming>, TunnelError> {
+        let sent = self.target.send_upgrade(req).await;
+        self.count(sent.as_ref().map(|_| ()));
+        sent
+    }
+
+    /// A tunnel opened, or why not.
+    fn count(&self, opened: Result<(), &TunnelError>) {
+        let reason = match opened {
+            // The rendezvous was made; only HTTP over it failed.
+            Ok(()) | Err(TunnelError::Http(_)) => {
+                self.metrics.tunnel_opened(&self.name);
+                return;
+            }
+            Err(TunnelError::Dial(d)) if d.is_no_listener() => "no_listener",
+            Err(TunnelError::Dial(d)) if d.is_auth() => {
+                self.metrics.auth_failure("relay");
+                "refused"
+            }
+            Err(TunnelError::Dial(DialError::Rejected { .. })) => "rejected",
+            Err(TunnelError::Dial(DialError::Connect { .. } | DialError::ConnectTimeout(..))) => {
+                "connect"
+            }
+            Err(TunnelError::SendToken(_)) => "credential",
+            Err(TunnelError::Draining) => "draining",
+            Err(TunnelError::Dial(_)) => "other",
+        };
+        self.metrics.tunnel_failed(&self.name, reason);
     }
 
     /// Sends `req` on a pooled connection. A connection whose agent is draining (HTTP/2
@@ -201,7 +237,9 @@ impl Pool {
                 return Ok((idx, pooled.id, pooled.sender.clone()));
             }
         }
-        let io = self.target.open().await?;
+        let opened = self.target.open().await;
+        self.count(opened.as_ref().map(|_| ()));
+        let io = opened?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(H2_STREAM_WINDOW)

@@ -15,6 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use super::pool::{Pool, SendBody, TunnelError};
 use super::watch_end::EndCleanly;
 use crate::auth::{CredentialError, CredentialSource};
+use crate::metrics::{kube_verb, session_kind, Open, ProxyMetrics};
 use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
@@ -63,7 +64,7 @@ impl Route {
             *req.version_mut() = Version::HTTP_11;
             req.headers_mut()
                 .insert(header::HOST, HeaderValue::from_static("clusterconnect"));
-            return Ok(self.pool.target().send_upgrade(req).await?);
+            return Ok(self.pool.send_upgrade(req).await?);
         }
         // HTTP/2 needs an absolute URI for :scheme and :authority; the agent replaces both.
         let pq = req
@@ -219,12 +220,16 @@ fn headline(name: &str, e: &RouteError) -> String {
 async fn answer(
     route: &Route,
     mut resp: Response<Incoming>,
-    downstream: Option<OnUpgrade>,
+    (downstream, session): (Option<OnUpgrade>, Option<Open>),
     streaming: bool,
 ) -> Response<Body> {
     if let Some(downstream) = downstream {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            tokio::spawn(splice_upgraded(downstream, hyper::upgrade::on(&mut resp)));
+            tokio::spawn(splice_upgraded(
+                downstream,
+                hyper::upgrade::on(&mut resp),
+                session,
+            ));
         }
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -247,6 +252,7 @@ pub struct Handler {
     pub routes: Vec<Route>,
     /// What the kubeconfig holds instead of the real credentials.
     pub local_secret: Secret,
+    pub metrics: ProxyMetrics,
 }
 
 impl Handler {
@@ -275,6 +281,7 @@ impl Handler {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let Some(named) = self.local_credential(&req) else {
+            self.metrics.auth_failure("local_credential");
             tracing::info!(path = %req.uri().path(), "request without the session's local credential refused");
             return Ok(status(
                 401,
@@ -314,13 +321,23 @@ impl Handler {
         let mut req = Request::from_parts(parts, body.boxed());
         let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
+        let verb = kube_verb(&method, &rest);
+        let started = Instant::now();
 
         // Boxed: the dial path makes this future ~11 KB, and hyper keeps each stream's request
         // future alive as long as its response streams; a watch would hold that for hours.
-        Ok(match Box::pin(route.send(req)).await {
+        let resp = match Box::pin(route.send(req)).await {
             Ok(resp) => {
                 tracing::debug!(cluster = %route.name, %request_id, %method, path = %rest, status = resp.status().as_u16(), "request");
-                answer(route, resp, downstream, streaming).await
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    self.metrics.auth_failure("apiserver");
+                }
+                let session = (downstream.is_some()
+                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| session_kind(&rest))
+                    .flatten()
+                    .map(|kind| self.metrics.session(&route.name, kind));
+                answer(route, resp, (downstream, session), streaming).await
             }
             Err(e) => {
                 let message = describe_failure(&route.name, &e);
@@ -332,7 +349,11 @@ impl Handler {
                 }
                 resp
             }
-        })
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics
+            .request(&route.name, verb, resp.status().as_u16(), elapsed);
+        Ok(resp)
     }
 
     /// `None` when the request lacks the session's credential; else the cluster the

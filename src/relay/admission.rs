@@ -40,6 +40,16 @@ pub enum Refused {
     Total,
 }
 
+impl Refused {
+    /// The setting that refused it, as the metrics name it.
+    pub fn limit(&self) -> &'static str {
+        match self {
+            Refused::PerIp => "max_unauthenticated_per_ip",
+            Refused::Total => "max_unauthenticated",
+        }
+    }
+}
+
 /// A place under the global cap, not yet charged to an address; dropping it frees it.
 pub struct Reserved {
     admission: Admission,

@@ -108,6 +108,18 @@ pub fn check_listener_lifetime(
     Ok(expiry)
 }
 
+/// A refusal's reason as a metric label: one of a few fixed names, never the token's content.
+pub fn failure_reason(err: &SasError) -> &'static str {
+    match err {
+        SasError::Expired(_) => "expired",
+        SasError::BadSignature(_) => "bad_signature",
+        SasError::WrongResource { .. } => "wrong_resource",
+        SasError::MissingRight { .. } => "missing_right",
+        SasError::LifetimeTooLong { .. } => "lifetime_too_long",
+        _ => "malformed",
+    }
+}
+
 /// 401 when the caller is not who it says, 403 when it is but may not do this.
 pub fn status_for(err: &SasError) -> u16 {
     match err {

@@ -120,6 +120,9 @@ pub struct RelayFile {
     pub splice_buffer_kib: Option<usize>,
     /// On shutdown, seconds open rendezvous get to finish (default 10).
     pub drain_secs: Option<u64>,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), e.g. "0.0.0.0:9090";
+    /// absent: not served.
+    pub metrics_addr: Option<String>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -421,6 +424,18 @@ mod tests {
             err("[[rules]]\nname = \"CC-x\"\nkey = \"0123456789abcdef\"\nrights = [\"send\"]\n"),
             ConfigError::Reserved(_)
         ));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_the_file_names_an_address() {
+        let file = |toml: &str| toml::from_str::<RelayFile>(toml).unwrap();
+        assert_eq!(file("").metrics_addr, None);
+        assert_eq!(
+            file("metrics_addr = \"0.0.0.0:9090\"")
+                .metrics_addr
+                .as_deref(),
+            Some("0.0.0.0:9090")
+        );
     }
 
     #[test]

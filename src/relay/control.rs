@@ -106,6 +106,7 @@ pub async fn run(
     stats
         .listeners_open
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let open = crate::metrics::Open::new(&stats.metrics.listeners);
     tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener connected");
     let mut channel = Channel {
         ws,
@@ -136,7 +137,7 @@ pub async fn run(
             _ = shutdown.cancelled() => channel.close(CloseCode::Restart, "relay shutting down").await,
         };
     }
-    drop(guard);
+    drop((guard, open));
     stats
         .listeners_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -192,6 +193,10 @@ impl Channel {
                 Next::Continue
             }
             Err(e) => {
+                shared
+                    .stats
+                    .metrics
+                    .auth_failure(super::auth::failure_reason(&e));
                 tracing::warn!(entity = %self.entity, error = %e, "listener sent an invalid renewToken");
                 self.close(CloseCode::Policy, "renewToken rejected").await
             }

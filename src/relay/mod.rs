@@ -82,6 +82,7 @@ pub async fn run(
         let admitted = match admitted {
             Ok(a) => a,
             Err(refused) => {
+                ctx.shared.stats.metrics.limit_hit(refused.limit());
                 tracing::debug!(peer = %peer, ?refused, "unauthenticated connection refused");
                 continue;
             }
@@ -151,7 +152,8 @@ async fn serve_connection(
     let (peer, _admitted) = match incoming {
         Incoming::Direct(admitted) => (peer, admitted),
         Incoming::Proxied(reserved) => {
-            match proxied(&mut tcp, peer, reserved, handshake_ends).await {
+            let metrics = &ctx.shared.stats.metrics;
+            match proxied(&mut tcp, peer, reserved, handshake_ends, metrics).await {
                 Some(client) => client,
                 None => return,
             }
@@ -183,6 +185,7 @@ async fn proxied(
     peer: SocketAddr,
     reserved: admission::Reserved,
     until: Instant,
+    metrics: &crate::metrics::RelayMetrics,
 ) -> Option<(SocketAddr, admission::Admitted)> {
     let header = match tokio::time::timeout_at(until, proxy_protocol::read_header(tcp)).await {
         Ok(Ok(header)) => header,
@@ -200,6 +203,7 @@ async fn proxied(
     match reserved.identify(client.ip()) {
         Ok(admitted) => Some((client, admitted)),
         Err(refused) => {
+            metrics.limit_hit(refused.limit());
             tracing::debug!(peer = %client, balancer = %peer, ?refused, "unauthenticated connection refused");
             None
         }

@@ -18,7 +18,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::auth::{authorize, check_listener_lifetime, status_for, Authorized, Right};
+use super::auth::{
+    authorize, check_listener_lifetime, failure_reason, status_for, Authorized, Right,
+};
 use super::gauge::Place;
 use super::rendezvous::{AcceptOutcome, NotOffered};
 use super::rule::{Grant, ListenerGrant};
@@ -190,6 +192,7 @@ fn check_entity(
     right: Right,
 ) -> Result<Authorized, (u16, String)> {
     let Some(token) = token(req, target) else {
+        ctx.shared.stats.metrics.auth_failure("missing_token");
         return Err((
             401,
             format!("no SAS token: send it in the {HEADER_AUTHORIZATION} header or the {QUERY_TOKEN} query parameter"),
@@ -204,6 +207,7 @@ fn check_entity(
         unix_now(),
     )
     .map_err(|e| {
+        ctx.shared.stats.metrics.auth_failure(failure_reason(&e));
         tracing::info!(%entity, error = %e, "token refused");
         (status_for(&e), e.to_string())
     })
@@ -221,7 +225,10 @@ fn listen(
             unix_now(),
             ctx.shared.limits.max_listener_token_lifetime,
         )
-        .map_err(|e| (status_for(&e), e.to_string()))?;
+        .map_err(|e| {
+            ctx.shared.stats.metrics.auth_failure(failure_reason(&e));
+            (status_for(&e), e.to_string())
+        })?;
         Ok(authorized)
     }) {
         Ok(a) => a,
@@ -242,10 +249,16 @@ fn listen(
         max,
     ) {
         Ok(r) => r,
-        Err(full) => return quota_exceeded(&target.entity, full.max),
+        Err(full) => {
+            ctx.shared
+                .stats
+                .metrics
+                .limit_hit("max_listeners_per_connection");
+            return quota_exceeded(&target.entity, full.max);
+        }
     };
     let Some(permit) = ctx.slot() else {
-        return at_capacity();
+        return at_capacity(ctx);
     };
     // Renewals must name the same host the listener first connected with.
     let hosts = accepted_hosts(ctx);
@@ -285,6 +298,7 @@ async fn connect(
     peer: SocketAddr,
     switching: Response<Body>,
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
     if let Some(refused) = id_too_long(target, ctx) {
         return refused;
     }
@@ -306,13 +320,17 @@ async fn connect(
     let max_per_token = ctx.shared.limits.max_rendezvous_per_token;
     let token_digest = token(req, target).map(token_digest).unwrap_or_default();
     let Some(token_place) = ctx.per_token.take(token_digest, max_per_token) else {
+        ctx.shared
+            .stats
+            .metrics
+            .limit_hit("max_rendezvous_per_token");
         return text(
             429,
             format!("this token already has {max_per_token} rendezvous open (the relay's max_rendezvous_per_token); close some, or give each client its own token"),
         );
     };
     let Some(sender_permit) = ctx.slot() else {
-        return at_capacity();
+        return at_capacity(ctx);
     };
     let id = rendezvous_id(target);
     let accept = accept_message(req, target, (entity, suffix), &id, peer);
@@ -327,6 +345,14 @@ async fn connect(
         Ok(offered) => offered,
         Err(not) => {
             ctx.rendezvous.remove_pending(&id);
+            let metrics = &ctx.shared.stats.metrics;
+            match not {
+                NotOffered::NoListener => metrics.accept("no_listener"),
+                NotOffered::Busy => {
+                    metrics.accept("busy");
+                    metrics.limit_hit("max_rendezvous_per_listener");
+                }
+            }
             return match not {
                 NotOffered::NoListener => text(
                     404,
@@ -341,6 +367,7 @@ async fn connect(
     };
     let sender_upgrade = hyper::upgrade::on(req);
     let joined = Joined {
+        started,
         entity,
         id: &id,
         sender_upgrade,
@@ -356,6 +383,8 @@ async fn connect(
 
 /// A sender waiting for its listener's answer.
 struct Joined<'a> {
+    /// When the sender's request came.
+    started: std::time::Instant,
     entity: &'a str,
     id: &'a str,
     sender_upgrade: OnUpgrade,
@@ -399,6 +428,7 @@ async fn finish_connect(
     mut switching: Response<Body>,
 ) -> Response<Body> {
     let Joined {
+        started,
         entity,
         id,
         sender_upgrade,
@@ -406,8 +436,13 @@ async fn finish_connect(
         revocation,
         places,
     } = joined;
+    let metrics = &ctx.shared.stats.metrics;
     match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
+            metrics.accept("accepted");
+            metrics
+                .accept_duration
+                .observe(started.elapsed().as_secs_f64());
             let permits = (sender_permit, listener_permit);
             let upgrades = (sender_upgrade, listener_upgrade);
             spawn_splice(ctx, entity, upgrades, (permits, places), revocation);
@@ -422,9 +457,16 @@ async fn finish_connect(
         Ok(Ok(AcceptOutcome::Rejected {
             status,
             description,
-        })) => text(status, description),
-        Ok(Err(_)) => text(502, "listener dropped the connection before accepting it"),
+        })) => {
+            metrics.accept("rejected");
+            text(status, description)
+        }
+        Ok(Err(_)) => {
+            metrics.accept("dropped");
+            text(502, "listener dropped the connection before accepting it")
+        }
         Err(_) => {
+            metrics.accept("timeout");
             ctx.rendezvous.remove_pending(id);
             text(
                 504,
@@ -454,7 +496,8 @@ fn route<'a>(rendezvous: &super::rendezvous::Rendezvous, path: &'a str) -> (&'a 
 }
 
 /// Every `max_connections` slot is held by an authenticated connection.
-fn at_capacity() -> Response<Body> {
+fn at_capacity(ctx: &Ctx) -> Response<Body> {
+    ctx.shared.stats.metrics.limit_hit("max_connections");
     text(503, "the relay is at capacity; retry later")
 }
 
@@ -469,10 +512,10 @@ fn quota_exceeded(entity: &str, max: usize) -> Response<Body> {
 /// A `sb-hc-id` longer than the relay allows is refused, as Azure Relay refuses it.
 fn id_too_long(target: &HcTarget, ctx: &Ctx) -> Option<Response<Body>> {
     let max = ctx.shared.limits.max_id_len;
-    target
-        .get(QUERY_ID)
-        .filter(|id| id.len() > max)
-        .map(|_| text(400, format!("{QUERY_ID} is longer than {max} characters")))
+    target.get(QUERY_ID).filter(|id| id.len() > max).map(|_| {
+        ctx.shared.stats.metrics.limit_hit("max_id_len");
+        text(400, format!("{QUERY_ID} is longer than {max} characters"))
+    })
 }
 
 /// What the listener is offered: where to accept (the path and query; the relay's host for
@@ -575,7 +618,13 @@ fn spawn_splice(
             Ok((s, l)) => {
                 stats.rendezvous_total.fetch_add(1, Ordering::Relaxed);
                 stats.rendezvous_open.fetch_add(1, Ordering::Relaxed);
-                let splice = splice::splice(s, l, buffer, closing, revoked.clone());
+                let open = crate::metrics::Open::new(&stats.metrics.tunnels);
+                let counters = (
+                    stats.metrics.sender_to_listener.clone(),
+                    stats.metrics.listener_to_sender.clone(),
+                );
+                let splice =
+                    splice::splice(s, l, buffer, (closing, revoked.clone()), counters);
                 tokio::pin!(splice);
                 let counts = tokio::select! {
                     counts = &mut splice => counts,
@@ -592,6 +641,7 @@ fn spawn_splice(
                     "rendezvous ended"
                 );
                 stats.rendezvous_open.fetch_sub(1, Ordering::Relaxed);
+                drop(open);
             }
             Err(e) => {
                 tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed")
@@ -655,7 +705,7 @@ fn accept(
             status: 503,
             description: "the relay is at capacity".into(),
         });
-        return at_capacity();
+        return at_capacity(ctx);
     };
     if let Some(p) = &protocol {
         switching

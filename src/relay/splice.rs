@@ -16,6 +16,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
@@ -64,13 +65,15 @@ enum Stopped {
 /// Splices `sender` and `listener` (raw upgraded connections whose handshakes the relay
 /// answered as the server) until both have closed, either fails, `closing` (relay shutdown:
 /// 1001 to both) or `revoked` (1008 "revoked" to both) is cancelled. `buffer` is the size of
-/// each direction's buffer, at least [`MIN_BUFFER`].
+/// each direction's buffer, at least [`MIN_BUFFER`]. Payload bytes are also added to
+/// `counters` (sender to listener, listener to sender) as they pass, so a long-lived
+/// rendezvous shows its traffic while it lasts.
 pub async fn splice<S, L>(
     sender: S,
     listener: L,
     buffer: usize,
-    closing: CancellationToken,
-    revoked: CancellationToken,
+    (closing, revoked): (CancellationToken, CancellationToken),
+    counters: (Counter, Counter),
 ) -> Counts
 where
     S: AsyncRead + AsyncWrite + Send,
@@ -79,8 +82,8 @@ where
     let started = Instant::now();
     let (s_rx, s_tx) = tokio::io::split(sender);
     let (l_rx, l_tx) = tokio::io::split(listener);
-    let mut up = Direction::new(s_rx, l_tx, buffer);
-    let mut down = Direction::new(l_rx, s_tx, buffer);
+    let mut up = Direction::new(s_rx, l_tx, buffer, counters.0);
+    let mut down = Direction::new(l_rx, s_tx, buffer, counters.1);
 
     let stop = async {
         tokio::select! {
@@ -198,10 +201,11 @@ struct Direction<R, W> {
     /// A close frame went to the other side.
     close_sent: bool,
     bytes: u64,
+    counter: Counter,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
-    fn new(rx: R, tx: W, buffer: usize) -> Self {
+    fn new(rx: R, tx: W, buffer: usize, counter: Counter) -> Self {
         let len = MAX_HEADER + buffer.max(MIN_BUFFER);
         Direction {
             rx,
@@ -214,6 +218,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             dirty: false,
             close_sent: false,
             bytes: 0,
+            counter,
         }
     }
 
@@ -289,6 +294,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 offset += chunk as u64;
                 remaining -= chunk as u64;
                 self.bytes += chunk as u64;
+                self.counter.inc_by(chunk as u64);
                 if remaining == 0 {
                     self.mid_frame = false;
                     break;
@@ -474,8 +480,8 @@ mod tests {
             s_relay,
             l_relay,
             buffer,
-            closing.clone(),
-            revoked.clone(),
+            (closing.clone(), revoked.clone()),
+            Default::default(),
         ));
         Pair {
             sender,

@@ -14,16 +14,26 @@ use super::rendezvous::Rendezvous;
 use super::rule::{Grant, Rule, RuleSet};
 
 /// Counters an operator (and a test) can read: how many rendezvous were made and are open,
-/// and how many listeners are connected.
+/// and how many listeners are connected; and the Prometheus metrics (`metrics`), registered
+/// when the relay serves them.
 #[derive(Debug, Default)]
 pub struct RelayStats {
     pub rendezvous_total: AtomicU64,
     pub rendezvous_open: AtomicU64,
     /// Listener control channels open now.
     pub listeners_open: AtomicU64,
+    pub metrics: crate::metrics::RelayMetrics,
 }
 
 impl RelayStats {
+    /// Stats that also count into `metrics`.
+    pub fn with_metrics(metrics: crate::metrics::RelayMetrics) -> RelayStats {
+        RelayStats {
+            metrics,
+            ..RelayStats::default()
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.rendezvous_total.load(Ordering::Relaxed)
     }

@@ -103,15 +103,16 @@ pub fn full(bytes: Bytes) -> Body {
         .boxed_unsync()
 }
 
-/// Once both sides have switched protocols, copies bytes both ways until each side is done;
-/// the caller spawns it where it is tracked.
+/// Once both sides have switched protocols, copies bytes both ways until each side is done.
 ///
 /// The directions are independent: one failing ends only itself. Through a WebSocket a
 /// close is not a TCP half-close (after the peer's Close no more data can be written), so a
 /// write towards a closing tunnel may fail while the other direction still carries the
 /// command's last output and exit status; aborting both, as `copy_bidirectional` does, could
-/// drop those bytes.
-pub async fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
+/// drop those bytes. `held` is kept until the splice ends (a session's place on a gauge); the
+/// caller spawns the splice where it is tracked.
+pub async fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade, held: impl Send) {
+    let _held = held;
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
         Err(e) => {

@@ -14,6 +14,7 @@ mod entra_auth;
 mod entra_standin;
 mod files;
 mod hyco_interop;
+mod metrics;
 mod onboarding;
 mod outbound_proxy;
 mod parsers;

@@ -304,6 +304,7 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
         "--tenant",
         TENANT,
         "--health-addr=$(POD_IP):8081",
+        "--metrics-addr=$(POD_IP):9090",
         "--log-format",
         "json",
     ]

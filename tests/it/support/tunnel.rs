@@ -288,6 +288,7 @@ impl Agent {
             auth: Arc::new(auth),
             max_streams: clusterconnect::agent::MAX_STREAMS,
             drain: clusterconnect::agent::DRAIN,
+            metrics: Default::default(),
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(clusterconnect::agent::run(
@@ -374,6 +375,7 @@ impl LocalProxy {
         let local_secret = new_local_secret();
         let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
         let proxy = Proxy::new(ProxyConfig {
+            metrics: Default::default(),
             clusters,
             local_tls: tls::server_config(
                 leaf.cert_pem.as_bytes(),
