@@ -960,6 +960,7 @@ mod bulk {
                     token_ttl: Duration::from_secs(3600),
                     auth: std::sync::Arc::new(Authenticator::token_only()),
                     max_streams: clusterconnect::agent::MAX_STREAMS,
+                    audit: None,
                 },
                 upstream,
                 None,

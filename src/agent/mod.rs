@@ -1,6 +1,7 @@
 //! The agent: runs next to the cluster, keeps listener control channels open to the relay
 //! (outbound only), and serves each tunnelled connection by forwarding to the apiserver.
 
+pub mod audit;
 mod forward;
 mod health;
 pub mod heartbeat;
@@ -8,9 +9,11 @@ mod identity;
 mod key;
 mod listener;
 mod review;
+mod token_review;
 mod upstream;
 
-pub use identity::{AuthMode, Authenticator, EntraAuth};
+pub use audit::{AuditLog, Target as AuditTarget};
+pub use identity::{AuthMode, Authenticator, Caller, EntraAuth};
 pub use key::{KeySource, POLL_INTERVAL as KEY_POLL_INTERVAL};
 pub use review::strip_impersonation;
 pub use upstream::{Loaded, Upstream, UpstreamError};
@@ -41,6 +44,8 @@ pub struct AgentConfig {
     pub auth: Arc<Authenticator>,
     /// Tunnel streams (rendezvous) open at once; see [`MAX_STREAMS`].
     pub max_streams: usize,
+    /// Where each request and session is recorded (`--audit-log`), if anywhere.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.

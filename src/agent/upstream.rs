@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use super::audit::Counted;
 use crate::auth::exec::TokenCommand;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
@@ -58,7 +59,8 @@ pub struct Loaded {
     pub config: kube::Config,
 }
 
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+/// Forwarded requests: their bodies counted for the audit log (see `audit::Counted`).
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Counted<Incoming>>;
 /// For the agent's own small requests (SubjectAccessReviews), whose bodies it builds.
 pub type ReviewClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 

@@ -117,6 +117,7 @@ async fn serve(
         token_ttl: DEFAULT_TOKEN_TTL,
         auth: Arc::new(Authenticator::token_only()),
         max_streams: crate::agent::MAX_STREAMS,
+        audit: None,
     };
     tokio::spawn(crate::agent::run(agent, upstream, None, stop.clone()));
     let cluster = ClusterConfig {

@@ -14,6 +14,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::{CredentialError, CredentialSource};
@@ -60,10 +61,17 @@ pub enum TunnelError {
 }
 
 impl RelayTarget {
-    async fn open(&self) -> Result<WsStream<RelayIo>, TunnelError> {
-        let url = self
-            .relay
-            .url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());
+    /// A fresh rendezvous and its `sb-hc-id`, which the relay and the agent log too (with the
+    /// relay's `_<suffix>` added), so one tunnel can be followed across the three logs.
+    async fn open(&self) -> Result<(Arc<str>, WsStream<RelayIo>), TunnelError> {
+        let id: Arc<str> = Uuid::new_v4().to_string().into();
+        let io = self.dial(&id).await?;
+        tracing::debug!(sb_hc_id = %id, "rendezvous opened");
+        Ok((id, io))
+    }
+
+    async fn dial(&self, id: &str) -> Result<WsStream<RelayIo>, TunnelError> {
+        let url = self.relay.url(&self.entity, Action::Connect, id);
         let source = match &self.send {
             SendCredential::Key(key) => {
                 let token = key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
@@ -90,21 +98,28 @@ impl RelayTarget {
         &self,
         req: Request<SendBody>,
     ) -> Result<Response<Incoming>, TunnelError> {
-        let io = self.open().await?;
+        let (id, io) = self.open().await?;
+        tracing::Span::current().record("sb_hc_id", &*id);
         let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upgrade tunnel ended with error");
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upgrade tunnel ended with error");
+                }
             }
-        });
+            .instrument(tracing::info_span!("rendezvous", sb_hc_id = %id)),
+        );
         Ok(sender.send_request(req).await?)
     }
 }
 
+/// A pooled connection and the `sb-hc-id` of the rendezvous it runs over.
+type Pooled = (http2::SendRequest<SendBody>, Arc<str>);
+
 /// A few HTTP/2 connections over rendezvous streams, re-opened when they fail.
 pub struct Pool {
     target: RelayTarget,
-    slots: Vec<Mutex<Option<http2::SendRequest<SendBody>>>>,
+    slots: Vec<Mutex<Option<Pooled>>>,
     next: AtomicUsize,
 }
 
@@ -125,23 +140,26 @@ impl Pool {
         &self.target
     }
 
+    /// Sends `req` on a pooled connection; the caller's span (a `sb_hc_id` field, when it
+    /// has one) learns which rendezvous carried it.
     pub async fn send(&self, req: Request<SendBody>) -> Result<Response<Incoming>, TunnelError> {
-        let mut sender = self.connection().await?;
+        let (mut sender, id) = self.connection().await?;
+        tracing::Span::current().record("sb_hc_id", &*id);
         sender.ready().await?;
         Ok(sender.send_request(req).await?)
     }
 
     /// A live connection, opening one if this slot has none. The slot's lock makes concurrent
     /// callers wait for a single dial instead of each opening its own.
-    pub async fn connection(&self) -> Result<http2::SendRequest<SendBody>, TunnelError> {
+    pub async fn connection(&self) -> Result<Pooled, TunnelError> {
         let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[idx].lock().await;
-        if let Some(sender) = slot.as_ref() {
+        if let Some((sender, id)) = slot.as_ref() {
             if !sender.is_closed() {
-                return Ok(sender.clone());
+                return Ok((sender.clone(), id.clone()));
             }
         }
-        let io = self.target.open().await?;
+        let (id, io) = self.target.open().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -154,13 +172,16 @@ impl Pool {
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "pooled tunnel connection ended");
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "pooled tunnel connection ended");
+                }
             }
-        });
-        tracing::debug!(slot = idx, "opened pooled tunnel connection");
-        *slot = Some(sender.clone());
-        Ok(sender)
+            .instrument(tracing::info_span!("rendezvous", sb_hc_id = %id)),
+        );
+        tracing::debug!(slot = idx, sb_hc_id = %id, "opened pooled tunnel connection");
+        *slot = Some((sender.clone(), id.clone()));
+        Ok((sender, id))
     }
 }

@@ -65,7 +65,7 @@ pub fn is_long_lived(path_and_query: &str) -> bool {
 }
 
 /// The values Go's `strconv.ParseBool` takes as true.
-fn go_parse_bool(v: &str) -> bool {
+pub fn go_parse_bool(v: &str) -> bool {
     matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
@@ -111,11 +111,28 @@ pub fn full(bytes: Bytes) -> Body {
 /// command's last output and exit status; aborting both, as `copy_bidirectional` does, could
 /// drop those bytes.
 pub fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
+    splice_upgraded_then(downstream, upstream, |_| {});
+}
+
+/// Bytes copied each way by a splice: from the client towards the upstream, and back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spliced {
+    pub up: u64,
+    pub down: u64,
+}
+
+/// [`splice_upgraded`], then `done` with the bytes each way (zero when the switch failed).
+pub fn splice_upgraded_then(
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    done: impl FnOnce(Spliced) + Send + 'static,
+) {
     tokio::spawn(async move {
         let (down, up) = match tokio::try_join!(downstream, upstream) {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!(error = %e, "protocol switch did not complete");
+                done(Spliced::default());
                 return;
             }
         };
@@ -129,23 +146,47 @@ pub fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade) {
             bytes.down = down_bytes,
             "upgraded stream closed"
         );
+        done(Spliced {
+            up: up_bytes,
+            down: down_bytes,
+        });
     });
 }
 
+/// Copies until `from` ends, then shuts `to` down; the bytes read, also when it failed midway.
 async fn copy_then_shutdown<R, W>(from: &mut R, to: &mut W) -> u64
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt;
-    let copied = tokio::io::copy(from, to).await;
+    let mut counting = CountingReader {
+        inner: from,
+        read: 0,
+    };
+    let copied = tokio::io::copy(&mut counting, to).await;
     let _ = to.shutdown().await;
-    match copied {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::debug!(error = %e, "one direction of an upgraded stream ended with error");
-            0
-        }
+    if let Err(e) = copied {
+        tracing::debug!(error = %e, "one direction of an upgraded stream ended with error");
+    }
+    counting.read
+}
+
+struct CountingReader<'a, R> {
+    inner: &'a mut R,
+    read: u64,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReader<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
     }
 }
 

@@ -287,6 +287,7 @@ impl Agent {
             token_ttl: Duration::from_secs(3600),
             auth: Arc::new(auth),
             max_streams: clusterconnect::agent::MAX_STREAMS,
+            audit: None,
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(clusterconnect::agent::run(
