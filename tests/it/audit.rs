@@ -22,7 +22,7 @@ fn lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn find<'a>(lines: &'a [Value], what: impl Fn(&Value) -> bool) -> Option<&'a Value> {
+fn find(lines: &[Value], what: impl Fn(&Value) -> bool) -> Option<&Value> {
     lines.iter().find(|l| what(l))
 }
 
