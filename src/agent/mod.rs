@@ -55,6 +55,9 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_STREAMS: usize = 4096;
 /// On shutdown, open streams get this long to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
+/// Then the audit log gets this long to write out its queued lines (a line waiting on a
+/// TokenReview waits at most its timeout, 10 s).
+pub const AUDIT_FLUSH: Duration = Duration::from_secs(5);
 
 pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
@@ -101,4 +104,7 @@ pub async fn run(
     while set.join_next().await.is_some() {}
     tasks.close();
     let _ = tokio::time::timeout(DRAIN, tasks.wait()).await;
+    if let Some(audit) = &config.audit {
+        audit.close(AUDIT_FLUSH).await;
+    }
 }
