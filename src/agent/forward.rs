@@ -43,7 +43,11 @@ pub async fn serve<S>(io: S, served: Arc<Served>, rendezvous: Arc<str>, shutdown
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| forward(req, served.clone(), rendezvous.clone()));
+    // hyper runs HTTP/2 streams in tasks of their own, outside this (the rendezvous) span:
+    // each request's span names it as its parent.
+    let parent = tracing::Span::current();
+    let service =
+        service_fn(move |req| forward(req, served.clone(), rendezvous.clone(), parent.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -70,11 +74,13 @@ async fn forward(
     mut req: Request<Incoming>,
     served: Arc<Served>,
     rendezvous: Arc<str>,
+    parent: tracing::Span,
 ) -> Result<Response<Body>, Infallible> {
     // The proxy's id (callers other than our proxy get one here), which the apiserver keeps.
     let request_id = request_id::ensure(req.headers_mut());
     // No query in the span: it is not needed to follow a call, and may hold anything.
     let span = tracing::info_span!(
+        parent: &parent,
         "request",
         %request_id,
         cluster = %served.cluster,

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use support::check::{describe, eventually, PROMPT};
-use support::processes::{start_agent_with, start_proxy, start_relay};
+use support::processes::{logs, start_agent_with, start_proxy, start_relay};
 use support::{kubectl, kubectl_available, kubectl_ok, spawn_kubectl, ApiServer, SERVICE_ACCOUNT};
 
 const CONNECTION: &str = "audited-cluster";
@@ -41,11 +41,13 @@ async fn lines_for_get_watch_exec_and_a_refused_request() {
     // The agent's own token: what it makes TokenReviews with.
     let agent_kubeconfig = api.write_kubeconfig(&agent_dir, &api.agent_token());
     let audit_log = agent_dir.join("audit.log");
-    let _agent = start_agent_with(
+    // At debug, the agent logs each request it forwards, within its spans.
+    let agent = start_agent_with(
         &relay,
         &agent_kubeconfig,
         CONNECTION,
         &[OsStr::new("--audit-log"), audit_log.as_os_str()],
+        &[("RUST_LOG", OsStr::new("info,clusterconnect=debug"))],
     )
     .await;
     let kubeconfig = dir.path().join("kubeconfig");
@@ -175,6 +177,26 @@ async fn lines_for_get_watch_exec_and_a_refused_request() {
         .unwrap_or_else(|| panic!("no line for the refused request:\n{text}"));
     assert_eq!(refused["user"], Value::Null, "{refused}");
     assert_eq!(refused["credential"], "bearer", "{refused}");
+
+    // The agent's log joins the line: the request's span has its id, method and path (no
+    // query), inside the span of the rendezvous that carried it, keyed by the relay's id.
+    let forwarded = logs(&agent.output(), "forwarded");
+    let record = forwarded
+        .iter()
+        .find(|r| r["span"]["request_id"] == list["request_id"])
+        .unwrap_or_else(|| panic!("no agent log record for {list}:\n{}", agent.output()));
+    assert_eq!(record["span"]["name"], "request");
+    assert_eq!(record["span"]["cluster"], CONNECTION);
+    assert_eq!(record["span"]["method"], "GET");
+    assert_eq!(record["span"]["path"], "/api/v1/pods");
+    let rendezvous = record["span"]["sb_hc_id"].as_str().expect("sb_hc_id");
+    assert!(rendezvous.contains('_'), "the relay's suffix: {rendezvous}");
+    assert!(
+        record["spans"].as_array().is_some_and(|spans| spans
+            .iter()
+            .any(|s| s["name"] == "rendezvous" && s["sb_hc_id"] == rendezvous)),
+        "{record}"
+    );
 
     // Many requests with the tester's token (discovery, list, watch, exec): one review.
     assert_eq!(api.token_reviews(&api.token()), 1);
