@@ -239,6 +239,8 @@ pub struct Entry {
     identity: Identity,
     /// Request body bytes, counted by [`Counted`].
     bytes_in: Arc<AtomicU64>,
+    /// A session started, so the line owed is its end.
+    in_session: bool,
     written: bool,
 }
 
@@ -264,6 +266,7 @@ impl Entry {
             started: Instant::now(),
             identity: Identity::Known(Arc::new(Who::unknown(credential_of(headers)))),
             bytes_in: Arc::new(AtomicU64::new(0)),
+            in_session: false,
             written: false,
         }
     }
@@ -297,8 +300,9 @@ impl Entry {
         })
     }
 
-    pub fn session_start(&self) {
+    pub fn session_start(&mut self) {
         self.send(Event::SessionStart, 101, 0, 0);
+        self.in_session = true;
     }
 
     /// The end of an upgraded session and the bytes each way.
@@ -327,7 +331,14 @@ impl Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if !self.written {
+        if self.written {
+            return;
+        }
+        // A session whose splice never reported (the agent stopping under it) still ends
+        // on record, its bytes unknown.
+        if self.in_session {
+            self.send(Event::SessionEnd, 101, 0, 0);
+        } else {
             let bytes_in = self.bytes_in.load(Ordering::Relaxed);
             self.send(Event::Request, 0, bytes_in, 0);
         }

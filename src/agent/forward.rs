@@ -167,7 +167,7 @@ async fn forward_audited(
                 tracing::debug!(status = resp.status().as_u16(), "upgrade forwarded");
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     let upstream_side = hyper::upgrade::on(&mut resp);
-                    if let Some(entry) = &entry {
+                    if let Some(entry) = entry.as_mut() {
                         entry.session_start();
                     }
                     splice_upgraded_then(downstream, upstream_side, move |bytes| {

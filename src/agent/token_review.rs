@@ -259,6 +259,7 @@ fn jwt_expiry(token: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn jwt(claims: serde_json::Value) -> String {
         let part = |v: serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
@@ -296,6 +297,102 @@ mod tests {
         let cache = reviews.cache.lock().unwrap();
         assert!(cache.len() <= CACHE_ENTRIES);
         assert!(!cache.contains_key(&[0u8; 32]));
+    }
+
+    /// An HTTPS stand-in apiserver that answers every TokenReview with `answer` and counts
+    /// them; returns it as an upstream, and the count.
+    async fn apiserver(answer: (u16, serde_json::Value)) -> (Upstream, Arc<AtomicUsize>) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let ca = crate::tls::CertificateAuthority::generate("test").unwrap();
+        let leaf = ca.issue_server(&["127.0.0.1"]).unwrap();
+        let tls = crate::tls::server_config(
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+            &[crate::tls::ALPN_H2, crate::tls::ALPN_HTTP11],
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let (count, answer) = (counted.clone(), answer.clone());
+                let service = hyper::service::service_fn(move |req: Request<_>| {
+                    let (count, (code, body)) = (count.clone(), answer.clone());
+                    async move {
+                        assert_eq!(req.uri().path(), REVIEWS_PATH);
+                        assert_eq!(req.headers()[AUTHORIZATION], "Bearer own-token");
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let mut resp =
+                            http::Response::new(Full::new(Bytes::from(body.to_string())));
+                        *resp.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                tokio::spawn(
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .into_owned(),
+                );
+            }
+        });
+        let url = format!("https://{addr}").parse().unwrap();
+        (
+            Upstream::new(&url, Some(ca.cert_pem().as_bytes())).unwrap(),
+            count,
+        )
+    }
+
+    fn own() -> Option<Arc<dyn CredentialSource>> {
+        Some(Arc::new(crate::auth::StaticToken::new(
+            crate::secret::Secret::new("own-token"),
+        )))
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_share_one_review_and_later_ones_use_its_answer() {
+        let answer = json!({"status": {"authenticated": true, "user": {
+            "username": "system:serviceaccount:ci:deployer",
+            "groups": ["system:serviceaccounts", "system:authenticated"],
+        }}});
+        let (upstream, count) = apiserver((201, answer)).await;
+        let reviews = TokenReviews::new(own());
+        // Polled together: every one of them asks before the first answer can arrive.
+        let asked = (0..20).map(|_| reviews.review("sa-token", &upstream));
+        let answers = futures_util::future::join_all(asked).await;
+        let want = Reviewed::Authenticated {
+            user: "system:serviceaccount:ci:deployer".into(),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                "system:authenticated".into(),
+            ],
+        };
+        assert!(answers.iter().all(|a| **a == want), "{answers:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert_eq!(reviews.cached("sa-token").as_deref(), Some(&want));
+        reviews.review("sa-token", &upstream).await;
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        reviews.review("another-token", &upstream).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_unauthenticated_tokens_name_no_one() {
+        let (upstream, _) = apiserver((403, json!({"kind": "Status"}))).await;
+        let reviews = TokenReviews::new(own());
+        assert_eq!(*reviews.review("t", &upstream).await, Reviewed::Failed);
+        let answer = json!({"status": {"authenticated": false, "error": "invalid bearer token"}});
+        let (upstream, _) = apiserver((201, answer)).await;
+        let reviews = TokenReviews::new(own());
+        assert_eq!(
+            *reviews.review("t", &upstream).await,
+            Reviewed::Unauthenticated
+        );
     }
 
     #[tokio::test]
