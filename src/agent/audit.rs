@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::token_review::{Reviewed, TokenReviews};
 use super::upstream::Upstream;
 use crate::auth::CredentialSource;
-use crate::tunnel::http::{go_parse_bool, Body};
+use crate::tunnel::http::{go_parse_bool, Body, Counted};
 
 /// Lines waiting for the writer. At a few hundred bytes each, 8192 is a few MiB at most, and
 /// seconds of a busy cluster's requests: enough to ride out a slow disk.
@@ -281,10 +281,7 @@ impl Entry {
 
     /// The request body, counted into this entry.
     pub fn count_request<B>(&self, body: B) -> Counted<B> {
-        Counted {
-            inner: body,
-            count: Some(self.bytes_in.clone()),
-        }
+        Counted::new(body, Some(self.bytes_in.clone()))
     }
 
     /// The answer's body, counted; the line is written when it ends or is dropped.
@@ -420,49 +417,6 @@ fn non_resource_verb(method: &Method) -> &'static str {
         Method::DELETE => "delete",
         Method::OPTIONS => "options",
         _ => "unknown",
-    }
-}
-
-/// A body whose data bytes are counted, when there is a counter (an audited request).
-pub struct Counted<B> {
-    inner: B,
-    count: Option<Arc<AtomicU64>>,
-}
-
-impl<B> Counted<B> {
-    /// Not counted.
-    pub fn plain(inner: B) -> Counted<B> {
-        Counted { inner, count: None }
-    }
-}
-
-impl<B> HttpBody for Counted<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let (Some(count), Poll::Ready(Some(Ok(frame)))) = (&this.count, &polled) {
-            if let Some(data) = frame.data_ref() {
-                count.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -743,18 +697,6 @@ mod tests {
         assert_eq!(credential_of(&h), Credential::Bearer);
         h.insert(AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(bearer(&h), None);
-    }
-
-    #[tokio::test]
-    async fn counted_bodies_count_data_bytes() {
-        let count = Arc::new(AtomicU64::new(0));
-        let body = Counted {
-            inner: http_body_util::Full::new(Bytes::from_static(b"hello")),
-            count: Some(count.clone()),
-        };
-        let got = body.collect().await.unwrap().to_bytes();
-        assert_eq!(&got[..], b"hello");
-        assert_eq!(count.load(Ordering::Relaxed), 5);
     }
 
     #[tokio::test]

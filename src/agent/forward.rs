@@ -17,12 +17,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::audit::{self, AuditLog, Counted, Entry, Identity, Who};
+use super::audit::{self, AuditLog, Entry, Identity, Who};
 use super::identity::{Authenticator, Caller};
 use super::upstream::Upstream;
 use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded_then, status,
-    strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
+    strip_hop_by_hop, Body, Counted, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
 };
 use crate::tunnel::request_id;
 

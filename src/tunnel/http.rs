@@ -1,10 +1,17 @@
 //! HTTP pieces both tunnel ends use: Kubernetes `Status` error bodies, hop-by-hop header
-//! hygiene, and splicing an upgraded connection (exec, attach, port-forward) byte for byte.
+//! hygiene, splicing an upgraded connection (exec, attach, port-forward) byte for byte, and
+//! counting the bytes of bodies and splices.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -179,14 +186,62 @@ struct CountingReader<'a, R> {
 
 impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReader<'_, R> {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
         self.read += (buf.filled().len() - before) as u64;
         polled
+    }
+}
+
+/// A body whose data bytes are counted into `count`, when there is one (the agent's audit
+/// log counts request bodies).
+pub struct Counted<B> {
+    inner: B,
+    count: Option<Arc<AtomicU64>>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Option<Arc<AtomicU64>>) -> Counted<B> {
+        Counted { inner, count }
+    }
+
+    /// Not counted.
+    pub fn plain(inner: B) -> Counted<B> {
+        Counted { inner, count: None }
+    }
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(count), Poll::Ready(Some(Ok(frame)))) = (&this.count, &polled) {
+            if let Some(data) = frame.data_ref() {
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -208,6 +263,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn counted_bodies_count_data_bytes() {
+        let count = Arc::new(AtomicU64::new(0));
+        let body = Counted::new(
+            http_body_util::Full::new(Bytes::from_static(b"hello")),
+            Some(count.clone()),
+        );
+        let got = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&got[..], b"hello");
+        assert_eq!(count.load(Ordering::Relaxed), 5);
+    }
 
     #[test]
     fn long_lived_requests_are_recognised() {
