@@ -962,6 +962,7 @@ mod bulk {
                     max_streams: clusterconnect::agent::MAX_STREAMS,
                     drain: clusterconnect::agent::DRAIN,
                     metrics: Default::default(),
+                    audit: None,
                 },
                 upstream,
                 None,

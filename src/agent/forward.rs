@@ -1,6 +1,8 @@
 //! Serving one rendezvous stream: HTTP (1.1 or 2, detected from the preface) from the proxy,
 //! forwarded to the apiserver. Upgrades (exec, attach, port-forward) are answered by the
-//! apiserver and then spliced byte for byte.
+//! apiserver and then spliced byte for byte. Each request runs in a span naming its request
+//! id, cluster, rendezvous (`sb_hc_id`), method and path, and, with `--audit-log`, gets its
+//! audit line (see `audit`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,46 +16,45 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use super::identity::Authenticator;
+use super::audit::{self, AuditLog, Entry, Identity, Who};
+use super::identity::{Authenticator, Caller};
 use super::upstream::Upstream;
 use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
-    strip_hop_by_hop, Body, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
+    strip_hop_by_hop, Body, Counted, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
 };
 use crate::tunnel::request_id;
 
+/// What every tunnelled request is served with.
+pub struct Served {
+    pub upstream: Arc<Upstream>,
+    pub auth: Arc<Authenticator>,
+    pub audit: Option<Arc<AuditLog>>,
+    /// The hybrid connection, which names the cluster in logs and audit lines.
+    pub cluster: Arc<str>,
+    pub metrics: AgentMetrics,
+    /// Where upgraded sessions (exec, attach, port-forward) run: the agent waits for them
+    /// when it drains.
+    pub sessions: TaskTracker,
+}
+
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it or the agent drains.
-/// Draining, the stream takes no new requests (HTTP/2 GOAWAY, so the proxy moves them to a
-/// new rendezvous, or `Connection: close` on HTTP/1.1) and those in flight finish, within the
-/// agent's drain deadline. Upgraded sessions (exec, attach, port-forward) run in `sessions`,
-/// which the agent waits for too.
-pub async fn serve<S>(
-    io: S,
-    upstream: Arc<Upstream>,
-    auth: Arc<Authenticator>,
-    metrics: AgentMetrics,
-    shutdown: CancellationToken,
-    sessions: TaskTracker,
-) where
+/// Draining (`shutdown`), the stream takes no new requests (HTTP/2 GOAWAY, so the proxy moves
+/// them to a new rendezvous, or `Connection: close` on HTTP/1.1) and those in flight finish,
+/// within the agent's drain deadline. `rendezvous` is the stream's `sb-hc-id`, logged with
+/// each request.
+pub async fn serve<S>(io: S, served: Arc<Served>, rendezvous: Arc<str>, shutdown: CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
-        let (upstream, auth, metrics) = (upstream.clone(), auth.clone(), metrics.clone());
-        let sessions = sessions.clone();
-        async move {
-            let verb = kube_verb(
-                req.method(),
-                req.uri().path_and_query().map_or("/", |p| p.as_str()),
-            );
-            let resp = forward(req, upstream, auth, &metrics, sessions).await;
-            if let Ok(resp) = &resp {
-                metrics.request(verb, resp.status().as_u16());
-            }
-            resp
-        }
-    });
+    // hyper runs HTTP/2 streams in tasks of their own, outside this (the rendezvous) span:
+    // each request's span names it as its parent.
+    let parent = tracing::Span::current();
+    let service =
+        service_fn(move |req| forward(req, served.clone(), rendezvous.clone(), parent.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -78,19 +79,81 @@ pub async fn serve<S>(
 
 async fn forward(
     mut req: Request<Incoming>,
-    upstream: Arc<Upstream>,
-    auth: Arc<Authenticator>,
-    metrics: &AgentMetrics,
-    sessions: TaskTracker,
+    served: Arc<Served>,
+    rendezvous: Arc<str>,
+    parent: tracing::Span,
 ) -> Result<Response<Body>, Infallible> {
-    if let Err(refused) = auth.authorize(req.headers_mut(), &upstream).await {
-        metrics.auth_failure(refusal_reason(refused.status()));
-        return Ok(refused);
+    // The proxy's id (callers other than our proxy get one here), which the apiserver keeps.
+    let request_id = request_id::ensure(req.headers_mut());
+    // No query in the span: it is not needed to follow a call, and may hold anything.
+    let span = tracing::info_span!(
+        parent: &parent,
+        "request",
+        %request_id,
+        cluster = %served.cluster,
+        sb_hc_id = %rendezvous,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let entry = served.audit.as_ref().map(|log| {
+        Entry::new(
+            log.clone(),
+            &request_id,
+            req.method(),
+            req.uri(),
+            req.headers(),
+        )
+    });
+    let verb = kube_verb(
+        req.method(),
+        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+    );
+    let resp = forward_audited(req, &served, entry).instrument(span).await;
+    served.metrics.request(verb, resp.status().as_u16());
+    Ok(resp)
+}
+
+async fn forward_audited(
+    mut req: Request<Incoming>,
+    served: &Served,
+    mut entry: Option<Entry>,
+) -> Response<Body> {
+    let upstream = &served.upstream;
+    let presented = entry
+        .as_ref()
+        .map(|_| served.auth.credential(req.headers()));
+    let caller = match served.auth.authorize(req.headers_mut(), upstream).await {
+        Ok(caller) => caller,
+        Err(refused) => {
+            tracing::debug!(status = refused.status().as_u16(), "refused by the agent");
+            served
+                .metrics
+                .auth_failure(refusal_reason(refused.status()));
+            return match (entry, presented) {
+                (Some(mut entry), Some(presented)) => {
+                    entry.set_identity(Identity::Known(Arc::new(Who::unknown(presented))));
+                    entry.respond(refused)
+                }
+                _ => refused,
+            };
+        }
+    };
+    if let Some(entry) = entry.as_mut() {
+        entry.set_identity(match caller {
+            Caller::Entra { user, groups } => Identity::Known(Arc::new(Who {
+                user: Some(user),
+                groups,
+                credential: audit::Credential::Entra,
+            })),
+            // Passed through: the apiserver judges the token, a TokenReview names it.
+            Caller::PassThrough => match audit::bearer(req.headers()) {
+                Some(token) => entry.log().identify(token, upstream),
+                None => Identity::Known(Arc::new(Who::unknown(audit::Credential::None))),
+            },
+        });
     }
     let upgrade = is_upgrade(&req);
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    // The proxy's id (callers other than our proxy get one here), which the apiserver keeps.
-    let request_id = request_id::ensure(req.headers_mut());
     let pq = req
         .uri()
         .path_and_query()
@@ -99,31 +162,43 @@ async fn forward(
         .to_string();
     let uri = match upstream.uri_for(&pq) {
         Ok(u) => u,
-        Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
+        Err(_) => {
+            let refused = status(400, "BadRequest", "request path is not a valid URI");
+            return respond(entry, refused);
+        }
     };
     *req.uri_mut() = uri;
     // The upstream connection's own protocol decides; hyper refuses an h2-tagged request on h1.
     *req.version_mut() = Version::HTTP_11;
     let started = std::time::Instant::now();
-    let method = req.method().clone();
+    let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let req = req.map(|body| match &entry {
+        Some(entry) => entry.count_request(body),
+        None => Counted::plain(body),
+    });
 
-    if upgrade {
-        let downstream = hyper::upgrade::on(&mut req);
-        return Ok(match upstream.upgrades.request(req).await {
+    if let Some(downstream) = downstream {
+        return match upstream.upgrades.request(req).await {
             Ok(mut resp) => {
+                tracing::debug!(status = resp.status().as_u16(), "upgrade forwarded");
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    let session = session_kind(&pq).map(|kind| metrics.session(kind));
-                    sessions.spawn(splice_upgraded(
-                        downstream,
-                        hyper::upgrade::on(&mut resp),
-                        session,
-                    ));
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    if let Some(entry) = entry.as_mut() {
+                        entry.session_start();
+                    }
+                    let session = session_kind(&pq).map(|kind| served.metrics.session(kind));
+                    served.sessions.spawn(async move {
+                        let bytes = splice_upgraded(downstream, upstream_side, session).await;
+                        if let Some(entry) = entry {
+                            entry.session_end(bytes.up, bytes.down);
+                        }
+                    });
+                    return resp.map(|b| b.boxed_unsync());
                 }
-                tracing::debug!(%request_id, %method, path = %pq, status = resp.status().as_u16(), "upgrade forwarded");
-                resp.map(|b| b.boxed_unsync())
+                respond(entry, resp.map(|b| b.boxed_unsync()))
             }
-            Err(e) => unreachable_apiserver(&upstream, &e),
-        });
+            Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
+        };
     }
 
     // Long-lived streams get HTTP/1.1 connections of their own. On the shared HTTP/2
@@ -135,13 +210,25 @@ async fn forward(
     } else {
         &upstream.client
     };
-    Ok(match client.request(req).await {
+    match client.request(req).await {
         Ok(resp) => {
-            tracing::debug!(%request_id, %method, path = %pq, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "forwarded");
-            resp.map(|b| b.boxed_unsync())
+            tracing::debug!(
+                status = resp.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "forwarded"
+            );
+            respond(entry, resp.map(|b| b.boxed_unsync()))
         }
-        Err(e) => unreachable_apiserver(&upstream, &e),
-    })
+        Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
+    }
+}
+
+/// The answer, with its audit line to come when there is one.
+fn respond(entry: Option<Entry>, resp: Response<Body>) -> Response<Body> {
+    match entry {
+        Some(entry) => entry.respond(resp),
+        None => resp,
+    }
 }
 
 /// Why the agent turned a caller away, from the status it answered with.

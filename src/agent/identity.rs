@@ -14,6 +14,7 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
+use super::audit::{bearer, credential_of, Credential};
 use super::review::{strip_impersonation, Decision, Requested, Reviewer, Subject};
 use super::upstream::Upstream;
 use crate::auth::CredentialSource;
@@ -45,6 +46,15 @@ pub struct EntraAuth {
     pub own_token: Arc<dyn CredentialSource>,
 }
 
+/// Who an authorized request is from, as the agent knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A validated Entra identity, with the groups it is impersonated with.
+    Entra { user: String, groups: Vec<String> },
+    /// Whatever the request holds goes on for the apiserver to judge.
+    PassThrough,
+}
+
 pub struct Authenticator {
     mode: AuthMode,
     entra: Option<EntraAuth>,
@@ -74,6 +84,22 @@ impl Authenticator {
         self.mode
     }
 
+    /// The credential `headers` present, for the audit log: an Entra token when this agent
+    /// takes Entra tokens and the token is one (by its issuer, unverified), else a bearer
+    /// token or none.
+    pub fn credential(&self, headers: &HeaderMap) -> Credential {
+        let entra = match (&self.entra, self.mode) {
+            (Some(entra), AuthMode::Entra | AuthMode::Both) => Some(entra),
+            _ => None,
+        };
+        match (bearer(headers), entra) {
+            (Some(token), Some(entra)) if entra.validator.is_entra_token(token) => {
+                Credential::Entra
+            }
+            _ => credential_of(headers),
+        }
+    }
+
     /// Rewrites `headers` for the apiserver, or answers the request itself saying why not
     /// (401 for a bad token, 400/403 for an impersonation it may not ask for). `upstream` is
     /// where impersonation requests of Entra callers are reviewed.
@@ -81,7 +107,7 @@ impl Authenticator {
         &self,
         headers: &mut HeaderMap,
         upstream: &Upstream,
-    ) -> Result<(), Response<Body>> {
+    ) -> Result<Caller, Response<Body>> {
         if headers.get_all(AUTHORIZATION).iter().count() > 1 {
             return Err(status(
                 400,
@@ -99,14 +125,14 @@ impl Authenticator {
             .map(|(_, token)| token.trim());
         let entra = match (&self.entra, self.mode) {
             (Some(entra), AuthMode::Entra | AuthMode::Both) => entra,
-            _ => return Ok(()),
+            _ => return Ok(Caller::PassThrough),
         };
         let Some(token) = bearer.filter(|t| entra.validator.is_entra_token(t)) else {
             return match self.mode {
                 AuthMode::Entra => Err(unauthorized(
                     "this cluster's clusterconnect agent accepts only Microsoft Entra ID tokens (--auth-mode entra); sign in with Entra instead of passing a token",
                 )),
-                _ => Ok(()),
+                _ => Ok(Caller::PassThrough),
             };
         };
         let identity = match entra.validator.validate(token).await {
@@ -147,12 +173,18 @@ impl Authenticator {
             })?;
             headers.insert(AUTHORIZATION, bearer);
             tracing::debug!(user = identity.username(), as_user = %requested.user, groups = requested.groups.len(), "Entra identity impersonates another, as allowed by SubjectAccessReview");
-            return Ok(());
+            return Ok(Caller::Entra {
+                user: identity.username().to_string(),
+                groups,
+            });
         }
         strip_impersonation(headers);
         impersonate(headers, bearer, &identity, &groups).map_err(|r| *r)?;
         tracing::debug!(user = identity.username(), tenant = %identity.tenant, groups = groups.len(), "impersonating Entra identity");
-        Ok(())
+        Ok(Caller::Entra {
+            user: identity.username().to_string(),
+            groups,
+        })
     }
 
     /// Every check the apiserver would make for `requested`, asked of the apiserver for the

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{forward, AgentConfig, Shared};
@@ -278,31 +279,41 @@ fn spawn_rendezvous(
         return;
     };
     let (streams, sessions) = (streams.clone(), tasks.clone());
-    tasks.spawn(async move {
-        let _permit = permit;
-        match dial(&accept.address, None, &config.relay_tls).await {
-            Ok(ws) => {
-                shared.streams.fetch_add(1, Ordering::Relaxed);
-                let metrics = &config.metrics;
-                let open = crate::metrics::Open::new(&metrics.tunnels);
-                let io = Counted::new(
-                    WsStream::new(ws),
-                    metrics.received.clone(),
-                    metrics.sent.clone(),
-                );
-                forward::serve(
-                    io,
-                    shared.upstream.clone(),
-                    config.auth.clone(),
-                    metrics.clone(),
-                    streams,
-                    sessions,
-                )
-                .await;
-                shared.streams.fetch_sub(1, Ordering::Relaxed);
-                drop(open);
+    // The relay's and the proxy's logs name this rendezvous by the same id (the proxy's part
+    // before the relay's `_` suffix).
+    let id: Arc<str> = accept.id.as_str().into();
+    let span = tracing::info_span!("rendezvous", sb_hc_id = %id, connection = %config.entity);
+    tasks.spawn(
+        async move {
+            let _permit = permit;
+            match dial(&accept.address, None, &config.relay_tls).await {
+                Ok(ws) => {
+                    tracing::debug!("rendezvous accepted");
+                    shared.streams.fetch_add(1, Ordering::Relaxed);
+                    let metrics = &config.metrics;
+                    let open = crate::metrics::Open::new(&metrics.tunnels);
+                    let io = Counted::new(
+                        WsStream::new(ws),
+                        metrics.received.clone(),
+                        metrics.sent.clone(),
+                    );
+                    let served = Arc::new(forward::Served {
+                        upstream: shared.upstream.clone(),
+                        auth: config.auth.clone(),
+                        audit: config.audit.clone(),
+                        cluster: config.entity.as_str().into(),
+                        metrics: metrics.clone(),
+                        sessions,
+                    });
+                    forward::serve(io, served, id, streams).await;
+                    shared.streams.fetch_sub(1, Ordering::Relaxed);
+                    drop(open);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "could not complete a rendezvous")
+                }
             }
-            Err(e) => tracing::warn!(error = %error_chain(&e), "could not complete a rendezvous"),
         }
-    });
+        .instrument(span),
+    );
 }

@@ -1,6 +1,7 @@
 //! The agent: runs next to the cluster, keeps listener control channels open to the relay
 //! (outbound only), and serves each tunnelled connection by forwarding to the apiserver.
 
+pub mod audit;
 mod forward;
 mod health;
 pub mod heartbeat;
@@ -8,9 +9,11 @@ mod identity;
 mod key;
 mod listener;
 mod review;
+mod token_review;
 mod upstream;
 
-pub use identity::{AuthMode, Authenticator, EntraAuth};
+pub use audit::{AuditLog, Target as AuditTarget};
+pub use identity::{AuthMode, Authenticator, Caller, EntraAuth};
 pub use key::{KeySource, POLL_INTERVAL as KEY_POLL_INTERVAL};
 pub use review::strip_impersonation;
 pub use upstream::{Loaded, Upstream, UpstreamError};
@@ -45,6 +48,8 @@ pub struct AgentConfig {
     pub drain: Duration,
     /// Counted into as the agent works; served when the CLI registered them.
     pub metrics: crate::metrics::AgentMetrics,
+    /// Where each request and session is recorded (`--audit-log`), if anywhere.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 /// One hour, as Azure's own clients mint; renewal happens at three quarters of it.
@@ -55,6 +60,9 @@ pub const MAX_STREAMS: usize = 4096;
 /// On shutdown, requests and sessions in flight get this long to finish, by default
 /// (`agent --drain-timeout`): under the 30 s Kubernetes gives a pod by default.
 pub const DRAIN: Duration = Duration::from_secs(25);
+/// Then the audit log gets this long to write out its queued lines (a line waiting on a
+/// TokenReview waits at most its timeout, 10 s).
+pub const AUDIT_FLUSH: Duration = Duration::from_secs(5);
 
 pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
@@ -119,5 +127,8 @@ pub async fn run(
             drain_secs = config.drain.as_secs(),
             "drain period over; closing what is still open"
         );
+    }
+    if let Some(audit) = &config.audit {
+        audit.close(AUDIT_FLUSH).await;
     }
 }

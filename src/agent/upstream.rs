@@ -26,7 +26,7 @@ use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
 use crate::secret::Secret;
 use crate::tls;
-use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
+use crate::tunnel::http::{Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 use crate::tunnel::keepalive::{PING_INTERVAL, PING_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,8 @@ pub struct Loaded {
     pub config: kube::Config,
 }
 
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+/// Forwarded requests: their bodies counted for the audit log.
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Counted<Incoming>>;
 /// For the agent's own small requests (SubjectAccessReviews), whose bodies it builds.
 pub type ReviewClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::RelayFlags;
 use crate::agent::heartbeat::{load_key, Heartbeat, INTERVAL as HEARTBEAT_INTERVAL};
 use crate::agent::{
-    AgentConfig, AuthMode, Authenticator, EntraAuth, KeySource, Upstream, DEFAULT_TOKEN_TTL,
+    AgentConfig, AuditLog, AuditTarget, AuthMode, Authenticator, EntraAuth, KeySource, Upstream,
+    DEFAULT_TOKEN_TTL,
 };
 use crate::arm::client::ManagementClient;
 use crate::arm::ClusterId;
@@ -81,6 +82,12 @@ pub struct Args {
     /// The agent's private key (PKCS#8 PEM) that signs its status reports.
     #[arg(long, requires = "cluster_id")]
     pub agent_key_file: Option<PathBuf>,
+    /// Write one JSON line per request and per exec/attach/port-forward session to this file
+    /// (appended, created 0600), or to stdout with "-". Callers whose tokens are passed
+    /// through are named by TokenReviews, one per token (needs `create` on
+    /// tokenreviews.authentication.k8s.io).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<String>,
 }
 
 /// The status reporter, when the agent was installed with a registration.
@@ -208,6 +215,7 @@ fn graph_credential(
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (relay, key, tls) = args.relay.resolve()?;
     let loaded = Upstream::load(args.kubeconfig.clone(), args.context.clone()).await?;
+    let own_token = loaded.own_token.clone();
     let auth = authenticator(&args, loaded.own_token)?;
     let upstream = loaded.upstream;
     if let Some(heartbeat) = heartbeat(&args, &relay, &tls, loaded.config)? {
@@ -234,6 +242,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     if ttl < Duration::from_secs(60) {
         anyhow::bail!("--token-ttl must be at least 60s");
     }
+    let audit = match args.audit_log.as_deref() {
+        Some(target) => Some(Arc::new(AuditLog::open(
+            &AuditTarget::parse(target),
+            &args.relay.connection,
+            own_token,
+        )?)),
+        None => None,
+    };
     let config = AgentConfig {
         relay,
         entity: args.relay.connection.clone(),
@@ -245,6 +261,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         max_streams: args.max_streams as usize,
         drain: args.drain_timeout,
         metrics,
+        audit,
     };
     crate::agent::run(config, upstream, health, shutdown).await;
     Ok(())

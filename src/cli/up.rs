@@ -120,6 +120,7 @@ async fn serve(
         max_streams: crate::agent::MAX_STREAMS,
         // Ctrl-C on one machine: open watches need not hold the exit up.
         drain: Duration::from_secs(2),
+        audit: None,
     };
     tokio::spawn(crate::agent::run(agent, upstream, None, stop.clone()));
     let cluster = ClusterConfig {

@@ -213,8 +213,8 @@ fn secret_digest(content: &SecretContent) -> Option<String> {
 }
 
 /// Impersonation (users, groups, service accounts, and in `authentication.k8s.io` uids and
-/// user extras), SubjectAccessReviews, and reading nodes for the status report's counts;
-/// nothing else. The agent impersonates an Entra caller (user, groups, extras `oid` and
+/// user extras), SubjectAccessReviews, TokenReviews (the audit log names callers whose tokens
+/// the agent passes through), and reading nodes for the status report's counts; nothing else. The agent impersonates an Entra caller (user, groups, extras `oid` and
 /// `tid`) and, when a SubjectAccessReview says that caller may, whomever the caller asks to
 /// be (`kubectl --as`, `--as-group`, `--as-uid`, `--as-user-extra`); extras can have any key,
 /// and RBAC matches `userextras/<key>` only by name or by `*`, hence the wildcard, which
@@ -238,6 +238,12 @@ fn cluster_role(spec: &AgentSpec) -> ClusterRole {
             PolicyRule {
                 api_groups: strings(&["authorization.k8s.io"]),
                 resources: strings(&["subjectaccessreviews"]),
+                verbs: vec!["create".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: strings(&["authentication.k8s.io"]),
+                resources: strings(&["tokenreviews"]),
                 verbs: vec!["create".into()],
                 ..PolicyRule::default()
             },

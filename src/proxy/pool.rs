@@ -16,6 +16,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::{CredentialError, CredentialSource};
@@ -65,10 +66,17 @@ pub enum TunnelError {
 }
 
 impl RelayTarget {
-    async fn open(&self) -> Result<WsStream<RelayIo>, TunnelError> {
-        let url = self
-            .relay
-            .url(&self.entity, Action::Connect, &Uuid::new_v4().to_string());
+    /// A fresh rendezvous and its `sb-hc-id`, which the relay and the agent log too (with the
+    /// relay's `_<suffix>` added), so one tunnel can be followed across the three logs.
+    async fn open(&self) -> Result<(Arc<str>, WsStream<RelayIo>), TunnelError> {
+        let id: Arc<str> = Uuid::new_v4().to_string().into();
+        let io = self.dial(&id).await?;
+        tracing::debug!(sb_hc_id = %id, "rendezvous opened");
+        Ok((id, io))
+    }
+
+    async fn dial(&self, id: &str) -> Result<WsStream<RelayIo>, TunnelError> {
+        let url = self.relay.url(&self.entity, Action::Connect, id);
         let source = match &self.send {
             SendCredential::Key(key) => {
                 let token = key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
@@ -95,17 +103,22 @@ impl RelayTarget {
         &self,
         req: Request<SendBody>,
     ) -> Result<Response<Incoming>, TunnelError> {
-        let io = self.open().await?;
+        let (id, io) = self.open().await?;
+        tracing::Span::current().record("sb_hc_id", &*id);
         let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upgrade tunnel ended with error");
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upgrade tunnel ended with error");
+                }
             }
-        });
+            .instrument(tracing::info_span!("rendezvous", sb_hc_id = %id)),
+        );
         Ok(sender.send_request(req).await?)
     }
 }
 
+/// A pooled connection and the `sb-hc-id` of the rendezvous it runs over.
 /// A few HTTP/2 connections over rendezvous streams, re-opened when they fail.
 pub struct Pool {
     target: RelayTarget,
@@ -119,9 +132,12 @@ pub struct Pool {
 
 /// One slot's connection, numbered so that a caller discarding a connection that failed it
 /// does not throw away a newer one another caller put there meanwhile.
+#[derive(Clone)]
 struct Pooled {
     id: u64,
     sender: http2::SendRequest<SendBody>,
+    /// The rendezvous' `sb-hc-id`, which relay and agent log too.
+    rendezvous: Arc<str>,
 }
 
 /// Two connections: one rendezvous failing (a relay node restarting) leaves the other warm,
@@ -186,7 +202,7 @@ impl Pool {
         self.metrics.tunnel_failed(&self.name, reason);
     }
 
-    /// Sends `req` on a pooled connection. A connection whose agent is draining (HTTP/2
+    /// Sends `req` on a pooled connection (the caller's span learns its `sb_hc_id`). A connection whose agent is draining (HTTP/2
     /// GOAWAY) is dropped from the pool and the request goes on a fresh rendezvous, which the
     /// relay gives to an agent still listening: when the request never left, or when the
     /// agent's GOAWAY says it did not process it (then only a request without a body, which
@@ -198,12 +214,13 @@ impl Pool {
         let mut attempt = 1;
         loop {
             let replay = bodiless_copy(&req);
-            let (slot, id, sender) = self.connection().await?;
-            let failed = match send_on(sender, req).await {
+            let (slot, pooled) = self.connection().await?;
+            tracing::Span::current().record("sb_hc_id", &*pooled.rendezvous);
+            let failed = match send_on(pooled.sender, req).await {
                 Ok(resp) => return Ok(resp),
                 Err(failed) => failed,
             };
-            self.discard(slot, id).await;
+            self.discard(slot, pooled.id).await;
             req = match failed {
                 Failed::Unsent(req) => *req,
                 Failed::Sent(e) => match replay {
@@ -229,17 +246,17 @@ impl Pool {
 
     /// A live connection, opening one if this slot has none. The slot's lock makes concurrent
     /// callers wait for a single dial instead of each opening its own.
-    async fn connection(&self) -> Result<(usize, u64, http2::SendRequest<SendBody>), TunnelError> {
+    async fn connection(&self) -> Result<(usize, Pooled), TunnelError> {
         let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[idx].lock().await;
         if let Some(pooled) = slot.as_ref() {
             if !pooled.sender.is_closed() {
-                return Ok((idx, pooled.id, pooled.sender.clone()));
+                return Ok((idx, pooled.clone()));
             }
         }
         let opened = self.target.open().await;
         self.count(opened.as_ref().map(|_| ()));
-        let io = opened?;
+        let (rendezvous, io) = opened?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -252,18 +269,23 @@ impl Pool {
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "pooled tunnel connection ended");
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "pooled tunnel connection ended");
+                }
             }
-        });
+            .instrument(tracing::info_span!("rendezvous", sb_hc_id = %rendezvous)),
+        );
         let id = self.opened.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(slot = idx, "opened pooled tunnel connection");
-        *slot = Some(Pooled {
+        tracing::debug!(slot = idx, sb_hc_id = %rendezvous, "opened pooled tunnel connection");
+        let pooled = Pooled {
             id,
-            sender: sender.clone(),
-        });
-        Ok((idx, id, sender))
+            sender,
+            rendezvous,
+        };
+        *slot = Some(pooled.clone());
+        Ok((idx, pooled))
     }
 
     /// Forgets the connection `id` in `slot` (if it is still the one there), so the next

@@ -23,6 +23,7 @@ use crate::tunnel::http::{
     strip_hop_by_hop, Body,
 };
 use crate::tunnel::request_id;
+use tracing::Instrument;
 
 /// Where kubeconfig server URLs put the cluster name, the way Rancher addresses downstream
 /// clusters: `https://127.0.0.1:47011/clusters/<name>`.
@@ -318,6 +319,17 @@ impl Handler {
             Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
         };
         let request_id = request_id::ensure(&mut parts.headers);
+        // One span per request, joined to the agent's by the request id and to the relay's by
+        // the rendezvous (`sb_hc_id`, recorded once the pool picked one). No query: it is not
+        // needed to follow a call and would put whatever it holds into the log.
+        let span = tracing::info_span!(
+            "request",
+            %request_id,
+            cluster = %route.name,
+            method = %parts.method,
+            path = %parts.uri.path(),
+            sb_hc_id = tracing::field::Empty,
+        );
         let mut req = Request::from_parts(parts, body.boxed());
         let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
@@ -326,9 +338,10 @@ impl Handler {
 
         // Boxed: the dial path makes this future ~11 KB, and hyper keeps each stream's request
         // future alive as long as its response streams; a watch would hold that for hours.
-        let resp = match Box::pin(route.send(req)).await {
+        let sent = Box::pin(route.send(req).instrument(span.clone())).await;
+        let resp = match sent {
             Ok(resp) => {
-                tracing::debug!(cluster = %route.name, %request_id, %method, path = %rest, status = resp.status().as_u16(), "request");
+                span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), "request"));
                 if resp.status() == StatusCode::UNAUTHORIZED {
                     self.metrics.auth_failure("apiserver");
                 }
@@ -337,11 +350,13 @@ impl Handler {
                     .then(|| session_kind(&rest))
                     .flatten()
                     .map(|kind| self.metrics.session(&route.name, kind));
-                answer(route, resp, (downstream, session), streaming).await
+                answer(route, resp, (downstream, session), streaming)
+                    .instrument(span)
+                    .await
             }
             Err(e) => {
                 let message = describe_failure(&route.name, &e);
-                tracing::warn!(cluster = %route.name, %request_id, error = %message, "tunnel request failed");
+                span.in_scope(|| tracing::warn!(error = %message, "tunnel request failed"));
                 let mut resp = gateway_error(&message);
                 // The id to quote, as the apiserver would have returned it.
                 if let Ok(v) = http::HeaderValue::from_str(&request_id) {

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::auth::{
@@ -333,6 +334,10 @@ async fn connect(
         return at_capacity(ctx);
     };
     let id = rendezvous_id(target);
+    // The relay sees a rendezvous, not the requests inside it (one carries many HTTP/2
+    // streams): its span is keyed by the id the listener accepts with, the sender's own
+    // `sb-hc-id` plus a suffix, which the proxy and the agent log as well.
+    let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity);
     let accept = accept_message(req, target, (entity, suffix), &id, peer);
     let reply = ctx.rendezvous.add_pending(&id, entity);
     let max_per_listener = ctx.shared.limits.max_rendezvous_per_listener;
@@ -378,7 +383,9 @@ async fn connect(
         },
         places: (token_place, offered.place),
     };
-    finish_connect(ctx, joined, reply, switching).await
+    finish_connect(ctx, joined, reply, switching)
+        .instrument(span)
+        .await
 }
 
 /// A sender waiting for its listener's answer.
@@ -445,6 +452,7 @@ async fn finish_connect(
                 .observe(started.elapsed().as_secs_f64());
             let permits = (sender_permit, listener_permit);
             let upgrades = (sender_upgrade, listener_upgrade);
+            tracing::debug!("rendezvous accepted");
             spawn_splice(ctx, entity, upgrades, (permits, places), revocation);
             // The sender learns the subprotocol the listener chose, as Azure Relay tells it.
             if let Some(protocol) = protocol {
@@ -647,7 +655,9 @@ fn spawn_splice(
                 tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed")
             }
         }
-    });
+    }
+    // The rendezvous span of `connect`, which this splice outlives.
+    .in_current_span());
 }
 
 /// A listener that answers an accept address with `sb-hc-statusCode` rejects the sender.

@@ -1,10 +1,17 @@
 //! HTTP pieces both tunnel ends use: Kubernetes `Status` error bodies, hop-by-hop header
-//! hygiene, and splicing an upgraded connection (exec, attach, port-forward) byte for byte.
+//! hygiene, splicing an upgraded connection (exec, attach, port-forward) byte for byte, and
+//! counting the bytes of bodies and splices.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -65,7 +72,7 @@ pub fn is_long_lived(path_and_query: &str) -> bool {
 }
 
 /// The values Go's `strconv.ParseBool` takes as true.
-fn go_parse_bool(v: &str) -> bool {
+pub fn go_parse_bool(v: &str) -> bool {
     matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
@@ -110,14 +117,18 @@ pub fn full(bytes: Bytes) -> Body {
 /// write towards a closing tunnel may fail while the other direction still carries the
 /// command's last output and exit status; aborting both, as `copy_bidirectional` does, could
 /// drop those bytes. `held` is kept until the splice ends (a session's place on a gauge); the
-/// caller spawns the splice where it is tracked.
-pub async fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade, held: impl Send) {
+/// caller spawns the splice where it is tracked. Returns the bytes copied each way.
+pub async fn splice_upgraded(
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    held: impl Send,
+) -> Spliced {
     let _held = held;
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "protocol switch did not complete");
-            return;
+            return Spliced::default();
         }
     };
     let (mut down_rd, mut down_wr) = tokio::io::split(TokioIo::new(down));
@@ -130,22 +141,101 @@ pub async fn splice_upgraded(downstream: OnUpgrade, upstream: OnUpgrade, held: i
         bytes.down = down_bytes,
         "upgraded stream closed"
     );
+    Spliced {
+        up: up_bytes,
+        down: down_bytes,
+    }
 }
 
+/// Bytes copied each way by a splice: from the client towards the upstream, and back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spliced {
+    pub up: u64,
+    pub down: u64,
+}
+
+/// Copies until `from` ends, then shuts `to` down; the bytes read, also when it failed midway.
 async fn copy_then_shutdown<R, W>(from: &mut R, to: &mut W) -> u64
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt;
-    let copied = tokio::io::copy(from, to).await;
+    let mut counting = CountingReader {
+        inner: from,
+        read: 0,
+    };
+    let copied = tokio::io::copy(&mut counting, to).await;
     let _ = to.shutdown().await;
-    match copied {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::debug!(error = %e, "one direction of an upgraded stream ended with error");
-            0
+    if let Err(e) = copied {
+        tracing::debug!(error = %e, "one direction of an upgraded stream ended with error");
+    }
+    counting.read
+}
+
+struct CountingReader<'a, R> {
+    inner: &'a mut R,
+    read: u64,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReader<'_, R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+/// A body whose data bytes are counted into `count`, when there is one (the agent's audit
+/// log counts request bodies).
+pub struct Counted<B> {
+    inner: B,
+    count: Option<Arc<AtomicU64>>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Option<Arc<AtomicU64>>) -> Counted<B> {
+        Counted { inner, count }
+    }
+
+    /// Not counted.
+    pub fn plain(inner: B) -> Counted<B> {
+        Counted { inner, count: None }
+    }
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(count), Poll::Ready(Some(Ok(frame)))) = (&this.count, &polled) {
+            if let Some(data) = frame.data_ref() {
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
         }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -167,6 +257,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn counted_bodies_count_data_bytes() {
+        let count = Arc::new(AtomicU64::new(0));
+        let body = Counted::new(
+            http_body_util::Full::new(Bytes::from_static(b"hello")),
+            Some(count.clone()),
+        );
+        let got = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&got[..], b"hello");
+        assert_eq!(count.load(Ordering::Relaxed), 5);
+    }
 
     #[test]
     fn long_lived_requests_are_recognised() {

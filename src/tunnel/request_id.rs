@@ -17,10 +17,11 @@ pub fn ensure(headers: &mut HeaderMap) -> String {
         return id.to_string();
     }
     let id = uuid::Uuid::new_v4().to_string();
-    headers.insert(
-        HEADER,
-        HeaderValue::from_str(&id).expect("a UUID is a header value"),
-    );
+    // A UUID is always a valid header value; were it not, no other id would go on either.
+    headers.remove(HEADER);
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert(HEADER, value);
+    }
     id
 }
 

@@ -7,7 +7,7 @@ use crate::support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clusterconnect::agent::{AuthMode, Authenticator, EntraAuth};
+use clusterconnect::agent::{AuditLog, AuditTarget, AuthMode, Authenticator, EntraAuth, KeySource};
 use clusterconnect::auth::CredentialSource;
 use clusterconnect::entra::graph::GroupResolver;
 use clusterconnect::entra::http::HttpClient;
@@ -73,19 +73,28 @@ struct Cluster {
 
 impl Cluster {
     async fn start(mode: AuthMode) -> Cluster {
-        Cluster::start_with(mode, |_, _| None).await
+        Cluster::start_with(mode, |_, _| None, None).await
     }
 
+    /// With `audit`, the agent writes its audit log there (and makes TokenReviews with its
+    /// own token).
     async fn start_with(
         mode: AuthMode,
         groups: impl FnOnce(&Entra, &ApiServer) -> Option<GroupResolver>,
+        audit: Option<&std::path::Path>,
     ) -> Cluster {
         let entra = Entra::start().await;
         let api = ApiServer::start().await;
         let relay = Relay::start().await;
         let resolver = groups(&entra, &api);
         let auth = Authenticator::new(mode, entra_auth(&entra, &api, resolver));
-        let agent = Agent::start_with(&relay, &api, listen_key(), CONNECTION, auth).await;
+        let audit = audit.map(|path| {
+            let target = AuditTarget::File(path.to_path_buf());
+            let own = static_token(&api.agent_token());
+            Arc::new(AuditLog::open(&target, CONNECTION, Some(own)).expect("audit log"))
+        });
+        let key = Arc::new(KeySource::fixed(listen_key()));
+        let agent = Agent::start_audited(&relay, &api, key, CONNECTION, auth, audit).await;
         wait_for_listener(&relay).await;
         Cluster {
             entra,
@@ -365,21 +374,94 @@ async fn service_account_tokens_pass_through_unless_the_agent_accepts_only_entra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_name_entra_users_and_record_the_agents_own_refusals() {
+    if !kubectl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let audit_log = dir.path().join("audit.log");
+    let c = Cluster::start_with(AuthMode::Entra, |_, _| None, Some(&audit_log)).await;
+    let ada = "0b7c9a6e-0d55-4f0e-9a3b-6b1f2c3d4e5f";
+    let token = c.user_token("ada@contoso.com", ada, &["group-sre"]);
+    let proxy = c
+        .proxy(
+            dir.path(),
+            vec![
+                ("ada", static_token(&token)),
+                ("sa", static_token(&c.api.token())),
+            ],
+        )
+        .await;
+    c.api.grant_cluster_admin("Group", "group-sre");
+    kubectl_ok(&proxy.kubeconfig, &["--context", "ada", "get", "pods"]).await;
+    // A service-account token, which this agent (Entra only) refuses itself.
+    let out = kubectl(
+        &proxy.kubeconfig,
+        &["--context", "sa", "get", "--raw", PODS],
+        &[],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let listed = |l: &serde_json::Value| l["verb"] == "list" && l["path"] == PODS;
+    eventually("both requests are audited", || {
+        let lines = read();
+        lines.iter().any(|l| listed(l) && l["status"] == 200)
+            && lines.iter().any(|l| listed(l) && l["status"] == 401)
+    })
+    .await;
+    let lines = read();
+    let ok = lines
+        .iter()
+        .find(|l| listed(l) && l["status"] == 200)
+        .expect("just seen");
+    assert_eq!(ok["user"], "ada@contoso.com", "{ok}");
+    assert_eq!(ok["credential"], "entra", "{ok}");
+    assert_eq!(ok["groups"], serde_json::json!(["group-sre"]), "{ok}");
+    let refused = lines
+        .iter()
+        .find(|l| listed(l) && l["status"] == 401)
+        .expect("just seen");
+    assert_eq!(refused["user"], serde_json::Value::Null, "{refused}");
+    assert_eq!(refused["credential"], "bearer", "{refused}");
+    // The refused request never reached the apiserver, yet has its line and its id.
+    let id = refused["request_id"].as_str().expect("request_id");
+    assert!(!id.is_empty());
+    let text = std::fs::read_to_string(&audit_log).unwrap();
+    for secret in [token, c.api.token(), c.api.agent_token()] {
+        assert!(!text.contains(&secret), "a token is in the audit log");
+    }
+    // Entra callers are named by their validated token; refused tokens are not reviewed.
+    assert_eq!(c.api.token_reviews(&c.api.token()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_in_250_groups_is_authorized_through_graph() {
     if !kubectl_available() {
         return;
     }
     let agent_app = "agent-app-id";
     let agent_oid = "9a8b7c6d-1111-2222-3333-444455556666";
-    let c = Cluster::start_with(AuthMode::Both, |entra, _| {
-        // The agent's own identity, for Graph: a token with Graph's audience.
-        let graph_token = entra.sign(&entra.app_claims(agent_oid, agent_app, GRAPH, HOUR));
-        Some(GroupResolver::new(
-            http_for(entra),
-            entra.authority_host(),
-            static_token(&graph_token),
-        ))
-    })
+    let c = Cluster::start_with(
+        AuthMode::Both,
+        |entra, _| {
+            // The agent's own identity, for Graph: a token with Graph's audience.
+            let graph_token = entra.sign(&entra.app_claims(agent_oid, agent_app, GRAPH, HOUR));
+            Some(GroupResolver::new(
+                http_for(entra),
+                entra.authority_host(),
+                static_token(&graph_token),
+            ))
+        },
+        None,
+    )
     .await;
     let oid = "77777777-aaaa-bbbb-cccc-000000000250";
     let groups: Vec<String> = (0..250).map(|i| format!("group-{i:03}")).collect();

@@ -7,6 +7,8 @@
 
 mod support;
 
+mod audit;
+
 mod ci_and_clusters;
 mod cli_binaries;
 mod drain;

@@ -238,6 +238,11 @@ async fn connect_installs_the_agent_registers_the_cluster_and_a_rerun_changes_no
                 s_(&["subjectaccessreviews"]),
                 s_(&["create"])
             ),
+            (
+                s_(&["authentication.k8s.io"]),
+                s_(&["tokenreviews"]),
+                s_(&["create"])
+            ),
             (s_(&[""]), s_(&["nodes"]), s_(&["get", "list"])),
         ]
     );

@@ -116,6 +116,8 @@ struct Shared {
     tasks: Tasks,
     /// SubjectAccessReviews fail with 500 (an authorizer webhook down).
     reviews_failing: AtomicBool,
+    /// The tokens TokenReviews asked about, one entry per review.
+    token_reviews: Mutex<Vec<String>>,
 }
 
 pub struct ApiServer {
@@ -148,6 +150,7 @@ impl ApiServer {
             store: Arc::new(Store::seeded()),
             tasks: Tasks::default(),
             reviews_failing: AtomicBool::new(false),
+            token_reviews: Mutex::new(Vec::new()),
         });
         shared.tasks.spawn(accept_loop(
             listener,
@@ -293,6 +296,17 @@ impl ApiServer {
             .create(&CLUSTER_ROLES, "", cluster_role)
             .expect("create ClusterRole");
         self.bind(role, subject_kind, name);
+    }
+
+    /// How many TokenReviews asked about `token`.
+    pub fn token_reviews(&self, token: &str) -> usize {
+        self.shared
+            .token_reviews
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|t| *t == token)
+            .count()
     }
 
     /// From now on SubjectAccessReviews fail (500) while `failing`.
@@ -621,6 +635,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             if req.method() == Method::POST =>
         {
             subject_access_review(&shared, req, &identity).await
+        }
+        ["apis", discovery::AUTHENTICATION_GROUP, "v1", "tokenreviews"]
+            if req.method() == Method::POST =>
+        {
+            token_review(&shared, req, &identity).await
         }
         ["apis", group, version] if get && served_group(group) => {
             json_response(StatusCode::OK, &discovery::resource_list(group, version))
@@ -1481,6 +1500,58 @@ async fn subject_access_review(
         json!({"allowed": true, "reason": "RBAC: allowed by a ClusterRoleBinding"})
     } else {
         json!({"allowed": false})
+    };
+    review["metadata"] = json!({"creationTimestamp": null});
+    json_response(StatusCode::CREATED, &review)
+}
+
+/// A TokenReview: who the token in `spec.token` stands for, as this server authenticates it.
+async fn token_review(
+    shared: &Shared,
+    req: Request<Incoming>,
+    caller: &Identity,
+) -> Response<Body> {
+    let create = Attributes {
+        verb: "create".into(),
+        group: discovery::AUTHENTICATION_GROUP.into(),
+        resource: "tokenreviews".into(),
+        namespace: String::new(),
+        name: String::new(),
+    };
+    if !caller.unrestricted && !rbac::allows(&shared.store, &caller.user, &caller.groups, &create) {
+        let message = rbac::forbidden_message(&caller.user, &create);
+        return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+    }
+    let mut review = match read_object(req, false).await {
+        Ok(review) => review,
+        Err(refusal) => return *refusal,
+    };
+    let token = review["spec"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    shared
+        .token_reviews
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(token.clone());
+    let mut headers = HeaderMap::new();
+    let identity = HeaderValue::from_str(&format!("Bearer {token}"))
+        .ok()
+        .and_then(|bearer| {
+            headers.insert(header::AUTHORIZATION, bearer);
+            match authenticate(shared, &headers) {
+                Authentication::Authenticated(identity) => Some(identity),
+                _ => None,
+            }
+        });
+    review["status"] = match identity {
+        Some(identity) => json!({
+            "authenticated": true,
+            "user": {"username": identity.user, "groups": identity.groups},
+            "audiences": ["https://kubernetes.default.svc"],
+        }),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
     };
     review["metadata"] = json!({"creationTimestamp": null});
     json_response(StatusCode::CREATED, &review)

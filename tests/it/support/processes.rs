@@ -415,11 +415,21 @@ pub async fn start_agent(
     apiserver_kubeconfig: &Path,
     connection: &str,
 ) -> Process {
+    start_agent_with(relay, apiserver_kubeconfig, connection, &[], &[]).await
+}
+
+/// [`start_agent`] with `extra` flags on its command line and `envs` in its environment.
+pub async fn start_agent_with(
+    relay: &RelayProcess,
+    apiserver_kubeconfig: &Path,
+    connection: &str,
+    extra: &[&OsStr],
+    envs: &[(&str, &OsStr)],
+) -> Process {
     let before = listeners_registered(&relay.process.output(), connection);
-    let process = spawn(
-        &agent_args(relay, apiserver_kubeconfig, connection, &relay.listen_key),
-        &[],
-    );
+    let mut args = agent_args(relay, apiserver_kubeconfig, connection, &relay.listen_key);
+    args.extend(extra.iter().map(|a| a.to_os_string()));
+    let process = spawn(&args, envs);
     if let Err(out) = process.wait_for_log(START_TIMEOUT, "listening").await {
         panic!("agent did not start listening:\n{out}");
     }

@@ -273,6 +273,18 @@ impl Agent {
         connection: &str,
         auth: Authenticator,
     ) -> Agent {
+        Agent::start_audited(relay, api, key, connection, auth, None).await
+    }
+
+    /// An agent that writes its audit lines to `audit`, when given.
+    pub async fn start_audited(
+        relay: &Relay,
+        api: &ApiServer,
+        key: Arc<KeySource>,
+        connection: &str,
+        auth: Authenticator,
+        audit: Option<Arc<clusterconnect::agent::AuditLog>>,
+    ) -> Agent {
         let upstream = Upstream::new(
             &api.url().parse().expect("url"),
             Some(api.ca_pem().as_bytes()),
@@ -289,6 +301,7 @@ impl Agent {
             max_streams: clusterconnect::agent::MAX_STREAMS,
             drain: clusterconnect::agent::DRAIN,
             metrics: Default::default(),
+            audit,
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(clusterconnect::agent::run(
