@@ -118,13 +118,49 @@ impl Who {
 #[derive(Clone)]
 pub enum Identity {
     Known(Arc<Who>),
+    /// A bearer token not reviewed yet: the review starts once the answer's status is known
+    /// (see [`Identity::settle`]).
+    Unreviewed(Arc<Unreviewed>),
     Pending(Shared<BoxFuture<'static, Arc<Who>>>),
 }
 
+/// What a TokenReview needs, kept until the request's status says whether one is worth it.
+pub struct Unreviewed {
+    log: Arc<AuditLog>,
+    upstream: Arc<Upstream>,
+    token: crate::secret::Secret,
+}
+
 impl Identity {
+    /// Starts the TokenReview of a passed-through token, unless the apiserver already
+    /// refused the token (401): a flood of garbage tokens then costs no reviews.
+    fn settle(self, status: u16) -> Identity {
+        let Identity::Unreviewed(unreviewed) = self else {
+            return self;
+        };
+        if status == 401 {
+            return Identity::Known(Arc::new(Who::unknown(Credential::Bearer)));
+        }
+        let review = tokio::spawn(async move {
+            let reviewed = unreviewed
+                .log
+                .reviews
+                .review(unreviewed.token.expose(), &unreviewed.upstream)
+                .await;
+            Arc::new(Who::reviewed(&reviewed))
+        });
+        let pending = async move {
+            review
+                .await
+                .unwrap_or_else(|_| Arc::new(Who::unknown(Credential::Bearer)))
+        };
+        Identity::Pending(pending.boxed().shared())
+    }
+
     async fn resolve(self) -> Arc<Who> {
         match self {
             Identity::Known(who) => who,
+            Identity::Unreviewed(_) => Arc::new(Who::unknown(Credential::Bearer)),
             Identity::Pending(pending) => pending.await,
         }
     }
@@ -185,23 +221,17 @@ impl AuditLog {
     }
 
     /// Who a passed-through bearer token stands for: known at once when its review is cached,
-    /// else pending on a review started now (in its own task, so the request never waits).
+    /// else reviewed once the answer's status is known (in its own task, so the request never
+    /// waits).
     pub fn identify(self: &Arc<Self>, token: &str, upstream: &Arc<Upstream>) -> Identity {
         if let Some(reviewed) = self.reviews.cached(token) {
             return Identity::Known(Arc::new(Who::reviewed(&reviewed)));
         }
-        let (log, upstream) = (self.clone(), upstream.clone());
-        let token = crate::secret::Secret::new(token);
-        let review = tokio::spawn(async move {
-            let reviewed = log.reviews.review(token.expose(), &upstream).await;
-            Arc::new(Who::reviewed(&reviewed))
-        });
-        let pending = async move {
-            review
-                .await
-                .unwrap_or_else(|_| Arc::new(Who::unknown(Credential::Bearer)))
-        };
-        Identity::Pending(pending.boxed().shared())
+        Identity::Unreviewed(Arc::new(Unreviewed {
+            log: self.clone(),
+            upstream: upstream.clone(),
+            token: crate::secret::Secret::new(token),
+        }))
     }
 
     fn send(&self, line: Pending) {
@@ -257,12 +287,12 @@ impl Entry {
             log,
             request_id: request_id.to_string(),
             verb: verb(method, uri.path(), uri.query()),
-            path: uri.path().to_string(),
+            path: bounded(uri.path()),
             impersonate_user: headers
                 .get("impersonate-user")
                 .and_then(|v| v.to_str().ok())
                 .filter(|v| !v.is_empty())
-                .map(String::from),
+                .map(bounded),
             started: Instant::now(),
             identity: Identity::Known(Arc::new(Who::unknown(credential_of(headers)))),
             bytes_in: Arc::new(AtomicU64::new(0)),
@@ -285,8 +315,9 @@ impl Entry {
     }
 
     /// The answer's body, counted; the line is written when it ends or is dropped.
-    pub fn respond(self, resp: http::Response<Body>) -> http::Response<Body> {
+    pub fn respond(mut self, resp: http::Response<Body>) -> http::Response<Body> {
         let status = resp.status().as_u16();
+        self.settle(status);
         resp.map(|inner| {
             http_body_util::BodyExt::boxed_unsync(Audited {
                 inner,
@@ -298,6 +329,7 @@ impl Entry {
     }
 
     pub fn session_start(&mut self) {
+        self.settle(101);
         self.send(Event::SessionStart, 101, 0, 0);
         self.in_session = true;
     }
@@ -306,6 +338,14 @@ impl Entry {
     pub fn session_end(mut self, bytes_in: u64, bytes_out: u64) {
         self.send(Event::SessionEnd, 101, bytes_in, bytes_out);
         self.written = true;
+    }
+
+    fn settle(&mut self, status: u16) {
+        let identity = std::mem::replace(
+            &mut self.identity,
+            Identity::Known(Arc::new(Who::unknown(Credential::Bearer))),
+        );
+        self.identity = identity.settle(status);
     }
 
     fn send(&self, event: Event, status: u16, bytes_in: u64, bytes_out: u64) {
@@ -336,10 +376,27 @@ impl Drop for Entry {
         if self.in_session {
             self.send(Event::SessionEnd, 101, 0, 0);
         } else {
+            self.settle(0);
             let bytes_in = self.bytes_in.load(Ordering::Relaxed);
             self.send(Event::Request, 0, bytes_in, 0);
         }
     }
+}
+
+/// The longest a caller-chosen field (path, `--as` user) is written: a line stays small
+/// whatever a caller sends, so the queue's bound ([`QUEUE`] lines) bounds its memory too.
+pub const MAX_FIELD: usize = 2048;
+
+/// `text` cut to [`MAX_FIELD`] bytes at a character boundary, marked when cut.
+fn bounded(text: &str) -> String {
+    if text.len() <= MAX_FIELD {
+        return text.to_string();
+    }
+    let mut end = MAX_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...(truncated)", &text[..end])
 }
 
 /// The credential `headers` present, before the agent looked at it (an Entra token is told

@@ -39,7 +39,31 @@ pub struct Served {
     /// Where upgraded sessions (exec, attach, port-forward) run: the agent waits for them
     /// when it drains.
     pub sessions: TaskTracker,
+    /// The drain period is over: close at once.
+    pub hard_stop: CancellationToken,
+    /// Told when this stream's first request arrives (see [`serve`]).
+    pub first_request: FirstRequest,
 }
+
+/// Whether a stream has carried a request yet, and a way to wait for its first.
+#[derive(Default)]
+pub struct FirstRequest {
+    seen: std::sync::atomic::AtomicBool,
+    arrived: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    fn arrive(&self) {
+        if !self.seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // A stored permit: a wait that starts later still sees it.
+            self.arrived.notify_one();
+        }
+    }
+}
+
+/// How long a draining agent waits for the first request of a stream opened just before it
+/// left the relay: that request is already on its way and would otherwise be cut unread.
+const FIRST_REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves HTTP over one tunnelled byte stream until the proxy closes it or the agent drains.
 /// Draining (`shutdown`), the stream takes no new requests (HTTP/2 GOAWAY, so the proxy moves
@@ -53,8 +77,10 @@ where
     // hyper runs HTTP/2 streams in tasks of their own, outside this (the rendezvous) span:
     // each request's span names it as its parent.
     let parent = tracing::Span::current();
-    let service =
-        service_fn(move |req| forward(req, served.clone(), rendezvous.clone(), parent.clone()));
+    let service = {
+        let served = served.clone();
+        service_fn(move |req| forward(req, served.clone(), rendezvous.clone(), parent.clone()))
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -68,10 +94,26 @@ where
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
         _ = shutdown.cancelled() => {
+            if !served.first_request.seen.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::select! {
+                    ended = conn.as_mut() => return log_end(ended),
+                    _ = served.first_request.arrived.notified() => {}
+                    _ = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
+                    _ = served.hard_stop.cancelled() => return,
+                }
+            }
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = served.hard_stop.cancelled() => return,
+            }
         }
+        _ = served.hard_stop.cancelled() => return,
     };
+    log_end(ended);
+}
+
+fn log_end(ended: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(e) = ended {
         tracing::debug!(error = %error_chain(&*e), "tunnel stream ended with error");
     }
@@ -83,6 +125,7 @@ async fn forward(
     rendezvous: Arc<str>,
     parent: tracing::Span,
 ) -> Result<Response<Body>, Infallible> {
+    served.first_request.arrive();
     // The proxy's id (callers other than our proxy get one here), which the apiserver keeps.
     let request_id = request_id::ensure(req.headers_mut());
     // No query in the span: it is not needed to follow a call, and may hold anything.
@@ -187,9 +230,14 @@ async fn forward_audited(
                         entry.session_start();
                     }
                     let session = session_kind(&pq).map(|kind| served.metrics.session(kind));
+                    let hard_stop = served.hard_stop.clone();
                     served.sessions.spawn(async move {
-                        let bytes = splice_upgraded(downstream, upstream_side, session).await;
-                        if let Some(entry) = entry {
+                        let spliced = tokio::select! {
+                            bytes = splice_upgraded(downstream, upstream_side, session) => Some(bytes),
+                            // Past the drain period: closed, its end line written on drop.
+                            _ = hard_stop.cancelled() => None,
+                        };
+                        if let (Some(entry), Some(bytes)) = (entry, spliced) {
                             entry.session_end(bytes.up, bytes.down);
                         }
                     });

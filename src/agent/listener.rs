@@ -236,10 +236,12 @@ async fn close_draining(
     tasks: &TaskTracker,
     streams: &CancellationToken,
 ) {
-    if ws.send(Message::Close(None)).await.is_err() {
-        return;
-    }
+    // All of it, the close frame's own send included, within CLOSE_WAIT: a stalled relay
+    // socket cannot hold the drain up.
     let answered = tokio::time::timeout(CLOSE_WAIT, async {
+        if ws.send(Message::Close(None)).await.is_err() {
+            return;
+        }
         while let Some(Ok(msg)) = ws.next().await {
             if let Message::Text(text) = msg {
                 if let Ok(ControlMessage::Accept(accept)) = serde_json::from_str(&text) {
@@ -304,6 +306,8 @@ fn spawn_rendezvous(
                         cluster: config.entity.as_str().into(),
                         metrics: metrics.clone(),
                         sessions,
+                        hard_stop: shared.hard_stop.clone(),
+                        first_request: Default::default(),
                     });
                     forward::serve(io, served, id, streams).await;
                     shared.streams.fetch_sub(1, Ordering::Relaxed);

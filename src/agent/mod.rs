@@ -60,15 +60,21 @@ pub const MAX_STREAMS: usize = 4096;
 /// On shutdown, requests and sessions in flight get this long to finish, by default
 /// (`agent --drain-timeout`): under the 30 s Kubernetes gives a pod by default.
 pub const DRAIN: Duration = Duration::from_secs(25);
-/// Then the audit log gets this long to write out its queued lines (a line waiting on a
-/// TokenReview waits at most its timeout, 10 s).
-pub const AUDIT_FLUSH: Duration = Duration::from_secs(5);
+/// After the drain period, what is still open gets this long to close (and queue its audit
+/// line).
+pub const HARD_STOP: Duration = Duration::from_secs(1);
+/// Then the audit log gets this long to write out its queued lines: drain, hard stop and this
+/// stay under the manifests' 30 s grace period.
+pub const AUDIT_FLUSH: Duration = Duration::from_secs(3);
 
 pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
     pub listening: AtomicUsize,
     pub streams: AtomicUsize,
     pub rendezvous: Arc<Semaphore>,
+    /// Cancelled when the drain period is over: what is still open is closed (and its audit
+    /// line written) before the agent exits.
+    pub hard_stop: CancellationToken,
 }
 
 /// Runs until `shutdown` is cancelled, then drains: the listeners leave the relay first, so
@@ -88,6 +94,7 @@ pub async fn run(
         listening: AtomicUsize::new(0),
         streams: AtomicUsize::new(0),
         rendezvous: Arc::new(Semaphore::new(config.max_streams.max(1))),
+        hard_stop: CancellationToken::new(),
     });
     let tasks = TaskTracker::new();
     if let Some(h) = health {
@@ -110,7 +117,16 @@ pub async fn run(
             (shutdown.clone(), streams.clone()),
         ));
     }
-    while set.join_next().await.is_some() {}
+    // The whole drain, leaving the relay included, fits in `config.drain` from the signal;
+    // then closing what is left and writing the audit log's last lines take a few seconds
+    // more, all inside the pod's grace period (manifests: 30 s against 25 s of drain).
+    shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + config.drain;
+    let left =
+        tokio::time::timeout_at(deadline, async { while set.join_next().await.is_some() {} });
+    if left.await.is_err() {
+        tracing::warn!("the listeners did not leave the relay within the drain period");
+    }
     streams.cancel();
     tasks.close();
     let open = shared.streams.load(std::sync::atomic::Ordering::Relaxed);
@@ -119,7 +135,7 @@ pub async fn run(
         drain_secs = config.drain.as_secs(),
         "left the relay; draining requests and sessions in flight"
     );
-    if tokio::time::timeout(config.drain, tasks.wait())
+    if tokio::time::timeout_at(deadline, tasks.wait())
         .await
         .is_err()
     {
@@ -127,6 +143,8 @@ pub async fn run(
             drain_secs = config.drain.as_secs(),
             "drain period over; closing what is still open"
         );
+        shared.hard_stop.cancel();
+        let _ = tokio::time::timeout(HARD_STOP, tasks.wait()).await;
     }
     if let Some(audit) = &config.audit {
         audit.close(AUDIT_FLUSH).await;

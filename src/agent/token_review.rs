@@ -42,6 +42,9 @@ pub const MAX_CACHED: Duration = Duration::from_secs(60 * 60);
 /// How long a failed review or an unauthenticated answer is kept: an apiserver outage costs
 /// one review per token per this, not one per request.
 pub const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Reviews in flight at once: a burst of new tokens waits its turn (within
+/// [`REVIEW_TIMEOUT`]) rather than becoming a burst of apiserver calls.
+pub const MAX_CONCURRENT_REVIEWS: usize = 8;
 /// A TokenReview answer is a small object; anything larger is not one.
 const MAX_REVIEW_BODY: usize = 64 * 1024;
 
@@ -90,6 +93,7 @@ type Slot = Arc<OnceCell<Answer>>;
 pub struct TokenReviews {
     own: Option<Arc<dyn CredentialSource>>,
     cache: Mutex<HashMap<[u8; 32], Slot>>,
+    permits: tokio::sync::Semaphore,
 }
 
 impl TokenReviews {
@@ -97,6 +101,7 @@ impl TokenReviews {
         TokenReviews {
             own,
             cache: Mutex::new(HashMap::new()),
+            permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_REVIEWS),
         }
     }
 
@@ -143,7 +148,13 @@ impl TokenReviews {
         if cache.len() >= CACHE_ENTRIES {
             cache.retain(|_, slot| current(slot));
             if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
+                // An eighth of the entries, in the map's (random) order: a flood of new
+                // tokens costs reviews, not memory, and most current answers stay.
+                let evicted: Vec<[u8; 32]> =
+                    cache.keys().take(CACHE_ENTRIES / 8).copied().collect();
+                for key in evicted {
+                    cache.remove(&key);
+                }
             }
         }
         let slot = Slot::default();
@@ -151,7 +162,26 @@ impl TokenReviews {
         slot
     }
 
+    /// One review, all of it (a turn among [`MAX_CONCURRENT_REVIEWS`], the agent's own
+    /// credential, the exchange) within [`REVIEW_TIMEOUT`].
     async fn ask(&self, token: &str, upstream: &Upstream) -> Result<Reviewed, TokenReviewError> {
+        tokio::time::timeout(REVIEW_TIMEOUT, async {
+            let _turn = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| TokenReviewError::Timeout(REVIEW_TIMEOUT))?;
+            self.exchange(token, upstream).await
+        })
+        .await
+        .map_err(|_| TokenReviewError::Timeout(REVIEW_TIMEOUT))?
+    }
+
+    async fn exchange(
+        &self,
+        token: &str,
+        upstream: &Upstream,
+    ) -> Result<Reviewed, TokenReviewError> {
         let own = self.own.as_ref().ok_or(TokenReviewError::NoCredential)?;
         let own = own.token().await.map_err(TokenReviewError::Credential)?;
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", own.expose()))
@@ -186,9 +216,7 @@ impl TokenReviews {
                 .to_bytes();
             Ok::<_, TokenReviewError>((code, body))
         };
-        let (code, body) = tokio::time::timeout(REVIEW_TIMEOUT, exchange)
-            .await
-            .map_err(|_| TokenReviewError::Timeout(REVIEW_TIMEOUT))??;
+        let (code, body) = exchange.await?;
         if !code.is_success() {
             let code = code.as_u16();
             return Err(if code < 500 {

@@ -12,9 +12,7 @@ use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud};
 use crate::metrics::RelayMetrics;
 use crate::onboard::manifests::default_image;
-use crate::onboard::relay_manifests::{
-    self, RelaySpec, DEFAULT_RELAY_NAMESPACE, KEYS_SECRET, TLS_SECRET,
-};
+use crate::onboard::relay_manifests::{self, RelaySpec, DEFAULT_RELAY_NAMESPACE, TLS_SECRET};
 use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
 use crate::relay::{EntraFile, RelayConfig, RelayFile, RelayStats, DEFAULT_MAX_CONNECTIONS};
 use crate::tls;
@@ -153,7 +151,8 @@ fn dry_run(args: &Args) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", out.trim_end()).context("cannot write to stdout")?;
     eprintln!(
-        "Dry run: nothing was started. Create the Secrets {KEYS_SECRET} (rule keys) and {TLS_SECRET} (certificate) before applying."
+        "Dry run: nothing was started. Before applying, create the Secret of rule keys:\n  {}\nand the certificate's Secret {TLS_SECRET} (kubernetes.io/tls).",
+        m.keys_command()
     );
     Ok(())
 }

@@ -2,8 +2,9 @@
 //! operator's relay configuration, for `kubectl apply` or a GitOps repository.
 //!
 //! The configuration goes in a ConfigMap with its paths moved to where the pod mounts things:
-//! rule keys from a Secret the operator fills in (never from this output: inline `key`s are
-//! moved out of the file too), the TLS certificate from a `kubernetes.io/tls` Secret (what
+//! rule keys from a Secret the operator creates (never part of this output, not even with
+//! placeholders: applied over the real one it would replace the keys; inline `key`s are moved
+//! out of the file too), the TLS certificate from a `kubernetes.io/tls` Secret (what
 //! cert-manager writes; the relay re-reads it when renewed), and the registry on a volume
 //! claim. The embedded registry is one file with one writer, so there is one replica, replaced
 //! with `Recreate`; the scale-out issue's NATS mode is what allows more. The pod runs under
@@ -17,8 +18,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, Namespace,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    Secret as KubeSecret, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -80,7 +81,8 @@ pub struct RelayManifests {
     pub namespace: Namespace,
     pub service_account: ServiceAccount,
     pub config: ConfigMap,
-    pub keys: KubeSecret,
+    /// The rules whose keys the operator's Secret must hold, as `<rule>.key`.
+    pub key_files: Vec<String>,
     pub registry: PersistentVolumeClaim,
     pub deployment: Deployment,
     pub service: Service,
@@ -194,17 +196,7 @@ pub fn build(
             data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), config)])),
             ..ConfigMap::default()
         },
-        keys: KubeSecret {
-            metadata: meta(KEYS_SECRET, ns),
-            type_: Some("Opaque".into()),
-            string_data: Some(
-                rules
-                    .iter()
-                    .map(|r| (format!("{r}.key"), placeholder(r)))
-                    .collect(),
-            ),
-            ..KubeSecret::default()
-        },
+        key_files: rules.iter().map(|r| format!("{r}.key")).collect(),
         registry: PersistentVolumeClaim {
             metadata: meta(RELAY_NAME, ns),
             spec: Some(PersistentVolumeClaimSpec {
@@ -254,11 +246,6 @@ pub fn build(
             ..PodDisruptionBudget::default()
         },
     })
-}
-
-/// What the Secret holds instead of a rule's key: how to make one.
-fn placeholder(rule: &str) -> String {
-    format!("<a key: clusterconnect sas new-key --name {rule}>")
 }
 
 /// The arguments the pod runs the relay with; a test parses them with the real CLI.
@@ -430,7 +417,6 @@ impl RelayManifests {
             serde_json::to_value(&self.namespace)?,
             serde_json::to_value(&self.service_account)?,
             serde_json::to_value(&self.config)?,
-            serde_json::to_value(&self.keys)?,
             serde_json::to_value(&self.registry)?,
             serde_json::to_value(&self.deployment)?,
             serde_json::to_value(&self.service)?,
@@ -438,8 +424,27 @@ impl RelayManifests {
         ])
     }
 
+    /// The command that creates the rule-key Secret from key files named after the rules.
+    pub fn keys_command(&self) -> String {
+        let ns = self
+            .config
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or_default();
+        let files: Vec<String> = self
+            .key_files
+            .iter()
+            .map(|f| format!("--from-file={f}=<path to {f}>"))
+            .collect();
+        format!(
+            "kubectl -n {ns} create secret generic {KEYS_SECRET} {}",
+            files.join(" ")
+        )
+    }
+
     /// One multi-document YAML stream; the Secrets the operator provides are explained where
-    /// they appear.
+    /// they are used.
     pub fn to_yaml(&self) -> Result<String, RelayManifestError> {
         fn doc<T: serde::Serialize>(
             kind: &'static str,
@@ -448,24 +453,20 @@ impl RelayManifests {
             serde_norway::to_string(object)
                 .map_err(|source| RelayManifestError::Serialize { kind, source })
         }
-        let ns = self.keys.metadata.namespace.as_deref().unwrap_or_default();
-        let keys = format!(
-            "# The rule keys below are placeholders: create the Secret from your key files instead\n\
-             # (kubectl -n {ns} create secret generic {KEYS_SECRET} --from-file=<rule>.key=<file> ...),\n\
-             # and keep them out of Git (a sealed or external secret).\n{}",
-            doc("Secret", &self.keys)?
-        );
         let deployment = format!(
-            "# The TLS certificate comes from the kubernetes.io/tls Secret {TLS_SECRET} (cert-manager's\n\
-             # Certificate secretName, or kubectl create secret tls); renewals are picked up live.\n\
+            "# Two Secrets are not part of these manifests; create them first:\n\
+             # - {KEYS_SECRET}, the rule keys (clusterconnect sas new-key --name <rule>):\n\
+             #   {}\n\
+             # - {TLS_SECRET}, kubernetes.io/tls (cert-manager's Certificate secretName, or\n\
+             #   kubectl create secret tls); renewals are picked up live.\n\
              # On OpenShift remove fsGroup: the restricted SCC assigns one.\n{}",
+            self.keys_command(),
             doc("Deployment", &self.deployment)?
         );
         let docs = [
             doc("Namespace", &self.namespace)?,
             doc("ServiceAccount", &self.service_account)?,
             doc("ConfigMap", &self.config)?,
-            keys,
             doc("PersistentVolumeClaim", &self.registry)?,
             deployment,
             doc("Service", &self.service)?,
@@ -576,8 +577,12 @@ rights = ["send"]
         // The metrics port is not on the internet-facing Service.
         assert_eq!(s["spec"]["ports"].as_array().unwrap().len(), 1);
         let yaml = m.to_yaml().unwrap();
-        assert_eq!(yaml.matches("---\n").count(), 8);
+        assert_eq!(yaml.matches("---\n").count(), 7);
         assert!(!yaml.contains("inline-secret-key-material"));
-        assert!(yaml.contains(&placeholder("send")));
+        assert!(!yaml.contains("kind: Secret"), "{yaml}");
+        assert!(
+            yaml.contains("--from-file=listen.key=<path to listen.key> --from-file=send.key="),
+            "{yaml}"
+        );
     }
 }

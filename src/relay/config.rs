@@ -59,6 +59,8 @@ pub enum ConfigError {
     },
     #[error("relay config: rule '{0}' has a key shorter than 16 characters; generate one with 'clusterconnect sas new-key'")]
     ShortKey(String),
+    #[error("relay config: rule '{0}' has a key with spaces or angle brackets, which no generated key has (a placeholder left in place?); make one with `clusterconnect sas new-key --name {0}`")]
+    PlaceholderKey(String),
     #[error("relay config: rule '{rule}' has unknown right '{right}'; use listen, send or manage")]
     UnknownRight { rule: String, right: String },
     #[error("relay config: rule '{0}' grants no rights; add rights = [\"listen\"] or [\"send\"]")]
@@ -308,6 +310,14 @@ impl RuleFile {
         let key = self.key(base)?;
         if key.len() < 16 {
             return Err(ConfigError::ShortKey(self.name.clone()));
+        }
+        // Placeholders in generated manifests read like "<a key: ...>": a relay started with
+        // one would accept tokens anyone can mint.
+        if key
+            .chars()
+            .any(|c| c.is_whitespace() || c == '<' || c == '>')
+        {
+            return Err(ConfigError::PlaceholderKey(self.name.clone()));
         }
         let (listen, send, manage) = self.rights()?;
         if let Some(entity) = &self.entity {

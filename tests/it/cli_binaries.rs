@@ -217,7 +217,6 @@ rights = ["send"]
             "Namespace",
             "ServiceAccount",
             "ConfigMap",
-            "Secret",
             "PersistentVolumeClaim",
             "Deployment",
             "Service",
@@ -227,17 +226,24 @@ rights = ["send"]
     for doc in &docs[1..] {
         assert_eq!(doc["metadata"]["namespace"], "edge-relay", "{doc}");
     }
-    let pod = &docs[5]["spec"]["template"]["spec"];
+    let pod = &docs[4]["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(
         pod["containers"][0]["securityContext"]["capabilities"]["drop"][0],
         "ALL"
     );
     assert!(pod["containers"][0]["readinessProbe"].is_object());
-    assert!(docs[7]["spec"]["maxUnavailable"].is_number());
+    assert!(docs[6]["spec"]["maxUnavailable"].is_number());
+    // The rule keys' Secret is the operator's: named with the command that creates it, never
+    // printed (a placeholder applied over the real one would replace the keys).
+    assert!(
+        yaml.contains("create secret generic clusterconnect-relay-keys --from-file=listen.key="),
+        "{yaml}"
+    );
 
     // The pod's configuration, with its mounts moved into a temporary directory and the
-    // Secrets' files put there, passes the relay's own --check.
+    // Secrets' files put there, passes the relay's own --check; a placeholder in place of a
+    // key does not.
     let pod_config = docs[2]["data"]["relay.toml"].as_str().unwrap();
     let root = dir.path().join("pod");
     let moved = pod_config
@@ -256,27 +262,32 @@ rights = ["send"]
     let cert = ca.issue_server(&["relay.example.com"]).unwrap();
     write(&root.join("etc/tls/tls.crt"), &cert.cert_pem);
     write(&root.join("etc/tls/tls.key"), &cert.key_pem);
-    let secret = &docs[3]["stringData"];
     for rule in ["listen", "send"] {
-        assert!(secret.get(format!("{rule}.key")).is_some(), "{secret}");
         write(
             &root.join(format!("etc/keys/{rule}.key")),
             &format!("{rule}-key-for-the-dry-run-check-0123"),
         );
     }
     let moved = write(&root.join("relay.toml"), &moved);
-    let out = run_to_end(
-        &[
-            OsStr::new("relay"),
-            OsStr::new("--config"),
-            moved.as_os_str(),
-            OsStr::new("--check"),
-        ],
-        &[],
-        ONE_SHOT,
-    )
-    .await;
+    let check = [
+        OsStr::new("relay"),
+        OsStr::new("--config"),
+        moved.as_os_str(),
+        OsStr::new("--check"),
+    ];
+    let out = run_to_end(&check, &[], ONE_SHOT).await;
     assert!(out.status.success(), "{}", describe(&out));
+    write(
+        &root.join("etc/keys/send.key"),
+        "<a key: clusterconnect sas new-key --name send>",
+    );
+    let out = run_to_end(&check, &[], ONE_SHOT).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("placeholder"),
+        "{}",
+        describe(&out)
+    );
 
     // A config without hostnames says what to set.
     let nameless = write(
