@@ -2,14 +2,18 @@
 //! newcomer sees kubectl go through the whole tunnel (kubectl -> proxy -> relay -> agent ->
 //! apiserver) with one command and nothing to install in the cluster.
 //!
-//! The relay runs on loopback with a throwaway CA and keys held only in memory. kubectl through
+//! The relay runs on loopback with its embedded registry in a state directory, where the
+//! cluster is registered as `connect` would register it (resource group `clusterconnect-up`):
+//! the agent takes its Listen key from the registry and reports status to it, the proxy gets
+//! its Send tokens from `listClusterUserCredential`, and `clusterconnect list`/`show` work
+//! against it while `up` runs (the command is printed). kubectl through
 //! the tunnel presents the context's own credential: its bearer token, token file or exec
 //! plugin (run as kubectl runs it, renewed ahead of expiry); a context that authenticates
 //! otherwise (a client certificate), or `--service-account`, gets a
 //! short-lived token of a service account bound to `--role`, renewed while `up` runs and
 //! removed, with its binding, when `up` stops, if `up` created them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,13 +25,20 @@ use kube::Api;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::{start, wait_ready};
+use super::registry::RegistryTokens;
+use crate::agent::heartbeat::{load_key, Heartbeat, INTERVAL as HEARTBEAT_INTERVAL};
 use crate::agent::{AgentConfig, Authenticator, KeySource, Upstream, DEFAULT_TOKEN_TTL};
+use crate::arm::client::{ManagementAuth, ManagementClient};
+use crate::arm::{ClusterId, ClusterRequest, RequestProperties, DEFAULT_SUBSCRIPTION};
 use crate::auth::refresh::{ExpiringToken, FetchFuture, Refreshing, TokenFetcher, RENEW_MARGIN};
 use crate::auth::{CredentialError, CredentialSource};
+use crate::entra::http::HttpClient;
 use crate::onboard::apply;
+use crate::onboard::keys::AgentKey;
 use crate::onboard::token::{self, TokenSpec};
 use crate::proxy::kubeconfig;
 use crate::proxy::{ClusterConfig, RelayTarget, SendCredential};
+use crate::relay::clusters::Registry;
 use crate::relay::{RelayConfig, Rule, RuleSet, DEFAULT_MAX_CONNECTIONS};
 use crate::secret::Secret;
 use crate::tls;
@@ -56,6 +67,11 @@ pub struct Args {
     /// Port of the local proxy on 127.0.0.1 [default: 47011 or the next free one].
     #[arg(long)]
     pub port: Option<u16>,
+    /// Where `up` keeps what outlives a run: the relay's registry (its embedded one-file
+    /// store), its CA, its admin key and the agent's signing key
+    /// [default: $CLUSTERCONNECT_CONFIG_DIR/up, else ~/.config/clusterconnect/up].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 const NO_KUBECONFIG: &str = "`clusterconnect up` needs a kubeconfig context that reaches a cluster: set KUBECONFIG or pass --kubeconfig (and --context), e.g. after `kind create cluster`, `az aks get-credentials` or `oc login`";
@@ -85,7 +101,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
     let result = serve(
         &args,
         &name,
-        loaded.upstream,
+        (loaded.upstream, loaded.config.clone()),
         &session,
         &kubeconfig_path,
         &stop,
@@ -101,18 +117,20 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
 async fn serve(
     args: &Args,
     name: &str,
-    upstream: Upstream,
+    (upstream, kube_config): (Upstream, kube::Config),
     session: &Session,
     kubeconfig_path: &std::path::Path,
     stop: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let relay = Loopback::start(name, stop).await?;
+    let state = StateDir::open(&state_dir(args))?;
+    let relay = Loopback::start(&state, stop).await?;
+    let registered = relay.register(&state, name).await?;
     let agent = AgentConfig {
         metrics: Default::default(),
         relay: relay.address.clone(),
-        entity: name.to_string(),
-        key: Arc::new(KeySource::fixed(relay.listen.clone())),
+        entity: registered.entity.clone(),
+        key: Arc::new(KeySource::fixed(registered.listen.clone())),
         relay_tls: relay.client_tls.clone(),
         listeners: 2,
         token_ttl: DEFAULT_TOKEN_TTL,
@@ -123,12 +141,28 @@ async fn serve(
         audit: None,
     };
     tokio::spawn(crate::agent::run(agent, upstream, None, stop.clone()));
+    let heartbeat = Heartbeat {
+        registry: ManagementClient::new(relay.address.clone(), relay.http(), None),
+        id: registered.id.clone(),
+        key: load_key(registered.agent_key.private_pem().expose())
+            .map_err(|e| anyhow::anyhow!("the agent key in {}: {e}", state.dir.display()))?,
+        kube: kube::Client::try_from(kube_config)
+            .context("cannot build the agent's own Kubernetes client")?,
+    };
+    tokio::spawn(heartbeat.run(HEARTBEAT_INTERVAL, stop.clone()));
+    let tokens = Refreshing::new(
+        RegistryTokens {
+            client: relay.admin_client(&state),
+            id: registered.id.clone(),
+        },
+        RENEW_MARGIN,
+    );
     let cluster = ClusterConfig {
         name: name.to_string(),
         target: RelayTarget {
             relay: relay.address.clone(),
-            entity: name.to_string(),
-            send: SendCredential::Key(relay.send.clone()),
+            entity: registered.entity.clone(),
+            send: SendCredential::Issued(Arc::new(tokens)),
             tls: relay.client_tls.clone(),
         },
         credential: session.credential(),
@@ -151,6 +185,12 @@ async fn serve(
     eprintln!("{}", session.describe(&args.role, &args.namespace));
     println!("ready: kubectl{kubeconfig_flag} --context {name} get pods -A");
     eprintln!("Every call goes kubectl -> proxy (127.0.0.1:{}) -> relay -> agent -> apiserver. Press Ctrl+C to stop.", started.port);
+    println!(
+        "registry: clusterconnect list --relay wss://{} --relay-ca {} --admin-key-file {} -o table",
+        relay.address.authority(),
+        state.ca_file().display(),
+        state.admin_file().display()
+    );
     serving.await.context("the proxy task failed")??;
     Ok(())
 }
@@ -186,38 +226,154 @@ fn sanitize(context: &str) -> String {
     }
 }
 
-/// The relay on 127.0.0.1, its CA and two keys, none of them ever written to disk.
+/// The resource group `up` registers its clusters in.
+pub const UP_RESOURCE_GROUP: &str = "clusterconnect-up";
+
+fn state_dir(args: &Args) -> PathBuf {
+    args.state_dir
+        .clone()
+        .unwrap_or_else(|| crate::proxy::local_ca::config_dir().join("up"))
+}
+
+/// What outlives a run, in a directory of the user's (0700, files 0600): the relay's CA and
+/// admin key, made on the first run, and its registry.
+struct StateDir {
+    dir: PathBuf,
+    ca: tls::CertificateAuthority,
+    admin: SasKey,
+}
+
+impl StateDir {
+    fn open(dir: &Path) -> anyhow::Result<StateDir> {
+        match std::fs::symlink_metadata(dir) {
+            Ok(meta) if !meta.is_dir() => anyhow::bail!(
+                "state directory {} is not a directory (a symlink or a file); pass --state-dir",
+                dir.display()
+            ),
+            Ok(_) => {}
+            Err(_) => {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+            }
+        }
+        let (cert, key) = (dir.join("relay-ca.crt"), dir.join("relay-ca.key"));
+        let ca = match (std::fs::read_to_string(&cert), std::fs::read_to_string(&key)) {
+            (Ok(c), Ok(k)) => tls::CertificateAuthority::from_pem(c, k)
+                .with_context(|| format!("the relay CA in {} does not load; delete relay-ca.crt and relay-ca.key there to make a new one", dir.display()))?,
+            _ => {
+                let ca = tls::CertificateAuthority::generate("clusterconnect up")?;
+                write_private(&cert, ca.cert_pem().as_bytes())?;
+                write_private(&key, ca.key_pem().as_bytes())?;
+                ca
+            }
+        };
+        let admin_file = dir.join("admin.key");
+        let admin = match std::fs::read_to_string(&admin_file) {
+            Ok(text) => SasKey::parse(&text)
+                .with_context(|| format!("{} is not a key file", admin_file.display()))?,
+            Err(_) => {
+                let admin = SasKey {
+                    name: "admin".into(),
+                    key: Secret::new(random_key()),
+                };
+                let line = format!(
+                    "SharedAccessKeyName={};SharedAccessKey={}",
+                    admin.name,
+                    admin.key.expose()
+                );
+                write_private(&admin_file, line.as_bytes())?;
+                admin
+            }
+        };
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+            ca,
+            admin,
+        })
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("relay-ca.crt")
+    }
+
+    fn admin_file(&self) -> PathBuf {
+        self.dir.join("admin.key")
+    }
+
+    /// The agent's signing key for `name`'s status reports, made on its first run.
+    fn agent_key(&self, name: &str) -> anyhow::Result<AgentKey> {
+        let path = self.dir.join(format!("agent-{name}.key"));
+        match std::fs::read_to_string(&path) {
+            Ok(pem) => Ok(AgentKey::from_pem(&pem, &path.display().to_string())?),
+            Err(_) => {
+                let key = AgentKey::generate()?;
+                write_private(&path, key.private_pem().expose().as_bytes())?;
+                Ok(key)
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to a new file (O_EXCL, 0600): `up` never overwrites what it did not make.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The relay on 127.0.0.1 with the state directory's registry and admin key.
 struct Loopback {
     address: RelayAddress,
     client_tls: Arc<rustls::ClientConfig>,
+}
+
+/// A cluster as the registry holds it, and what agent and proxy need of it.
+struct Registered {
+    id: ClusterId,
+    entity: String,
     listen: SasKey,
-    send: SasKey,
+    agent_key: AgentKey,
 }
 
 impl Loopback {
-    async fn start(entity: &str, stop: &CancellationToken) -> anyhow::Result<Loopback> {
-        let ca = tls::CertificateAuthority::generate("clusterconnect up (this session only)")?;
-        let leaf = ca.issue_server(&["127.0.0.1", "localhost"])?;
+    async fn start(state: &StateDir, stop: &CancellationToken) -> anyhow::Result<Loopback> {
+        let leaf = state.ca.issue_server(&["127.0.0.1", "localhost"])?;
         let server = tls::server_config(
             leaf.cert_pem.as_bytes(),
             leaf.key_pem.as_bytes(),
             &[tls::ALPN_HTTP11],
         )?;
-        let roots = tls::roots_from_pem(ca.cert_pem().as_bytes())?;
+        let roots = tls::roots_from_pem(state.ca.cert_pem().as_bytes())?;
         let client_tls = tls::client_config_with_roots(roots, &[tls::ALPN_HTTP11])?;
-        let key = |name: &str| SasKey {
-            name: name.into(),
-            key: Secret::new(random_key()),
-        };
-        let (listen, send) = (key("listen"), key("send"));
-        let rule = |k: &SasKey, listen: bool| Rule {
-            name: k.name.clone(),
-            key: k.key.clone(),
+        let registry_file = state.dir.join("registry.redb");
+        let registry = Registry::open(&registry_file, None).with_context(|| {
+            format!(
+                "cannot open the registry {} (is another `clusterconnect up` using {}? stop it or pass --state-dir)",
+                registry_file.display(),
+                state.dir.display()
+            )
+        })?;
+        let admin = Rule {
+            name: state.admin.name.clone(),
+            key: state.admin.key.clone(),
             secondary_key: None,
-            listen,
-            send: !listen,
-            manage: false,
-            entity: Some(entity.to_string()),
+            listen: false,
+            send: false,
+            manage: true,
+            entity: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -225,8 +381,8 @@ impl Loopback {
         let port = listener.local_addr()?.port();
         let config = RelayConfig {
             hostnames: vec!["127.0.0.1".into()],
-            rules: RuleSet::new(vec![rule(&listen, true), rule(&send, false)]),
-            clusters: None,
+            rules: RuleSet::new(vec![admin]),
+            clusters: Some(Arc::new(registry)),
             tls: server,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             stats: Default::default(),
@@ -242,8 +398,57 @@ impl Loopback {
         Ok(Loopback {
             address: RelayAddress::parse(&format!("wss://127.0.0.1:{port}"))?,
             client_tls,
+        })
+    }
+
+    fn http(&self) -> HttpClient {
+        HttpClient::new(
+            self.client_tls.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn admin_client(&self, state: &StateDir) -> ManagementClient {
+        ManagementClient::new(
+            self.address.clone(),
+            self.http(),
+            Some(ManagementAuth::Key(state.admin.clone())),
+        )
+    }
+
+    /// Registers `name` (or updates its registration) as `connect` would, with the state
+    /// directory's agent key, and fetches the agent's Listen key.
+    async fn register(&self, state: &StateDir, name: &str) -> anyhow::Result<Registered> {
+        let id = ClusterId::new(DEFAULT_SUBSCRIPTION, UP_RESOURCE_GROUP, name)?;
+        let agent_key = state.agent_key(name)?;
+        let client = self.admin_client(state);
+        let request = ClusterRequest {
+            location: "local".into(),
+            tags: Default::default(),
+            properties: RequestProperties {
+                agent_public_key_certificate: agent_key.public_certificate().to_string(),
+                distribution: Some("generic".into()),
+                infrastructure: Some("generic".into()),
+            },
+        };
+        client.put(&id, &request).await.with_context(|| {
+            format!(
+                "cannot register {name} in the registry of {}",
+                state.dir.display()
+            )
+        })?;
+        let credential = client
+            .list_agent_credential(&id)
+            .await
+            .context("cannot get the agent's Listen key from the registry")?;
+        let listen = SasKey::parse(&credential.listen_key)
+            .context("the registry's agent credential is not a key")?;
+        Ok(Registered {
+            id,
+            entity: credential.hybrid_connection_name,
             listen,
-            send,
+            agent_key,
         })
     }
 }

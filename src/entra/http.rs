@@ -87,8 +87,11 @@ impl HttpClient {
         let http = crate::tunnel::outbound::Connector {
             timeout: connect_timeout,
         };
+        // hyper-rustls sets ALPN itself and refuses (panics on) a config that names any.
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols.clear();
         let connector = HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);

@@ -205,3 +205,81 @@ async fn up_without_a_kubeconfig_says_what_it_needs() {
         "{stderr}"
     );
 }
+
+/// The registry `up` runs lives in its state directory: the cluster is registered there
+/// (reporting Connected while `up` runs, with `list` working against it as printed), and a
+/// second run reuses the directory's CA, admin key and registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_keeps_its_registry_in_the_state_directory() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), &api.token());
+    let state = dir.path().join("state");
+    let state_arg = state.display().to_string();
+    let list_command = |out: &str| -> Vec<String> {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("registry: clusterconnect list"))
+            .unwrap_or_else(|| panic!("up printed no registry command:\n{out}"));
+        line["registry: clusterconnect ".len()..]
+            .split_whitespace()
+            .map(|w| w.replace("table", "json"))
+            .collect()
+    };
+
+    let (mut up, _) = start_up(&kubeconfig, &["--state-dir", &state_arg]).await;
+    let pods = kubectl_ok(
+        &kubeconfig,
+        &["--context", "clusterconnect-standin", "get", "pods", "-A"],
+    )
+    .await;
+    assert!(pods.contains("web-0"), "{pods}");
+    let command = list_command(&up.output());
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..100 {
+        let out = run_to_end(&command, &[], PROMPT).await;
+        assert!(out.status.success(), "{}", support::check::describe(&out));
+        listed = serde_json::from_slice(&out.stdout).expect("list prints JSON");
+        if listed[0]["connectivityStatus"] == "Connected" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed[0]["name"], "clusterconnect-standin", "{listed}");
+    assert_eq!(listed[0]["resourceGroup"], "clusterconnect-up", "{listed}");
+    assert_eq!(listed[0]["connectivityStatus"], "Connected", "{listed}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        for file in ["admin.key", "relay-ca.key", "registry.redb"] {
+            assert_eq!(
+                mode(&state.join(file)) & 0o077,
+                0,
+                "{file} is readable by others"
+            );
+        }
+    }
+    let admin_key = std::fs::read(state.join("admin.key")).unwrap();
+    up.terminate();
+    assert!(up.wait(PROMPT).await.is_some(), "up did not stop");
+
+    // Again: the same state, the same registration, kubectl through it once more.
+    let (mut up, _) = start_up(&kubeconfig, &["--state-dir", &state_arg]).await;
+    let pods = kubectl_ok(
+        &kubeconfig,
+        &["--context", "clusterconnect-standin", "get", "pods", "-A"],
+    )
+    .await;
+    assert!(pods.contains("web-0"), "{pods}");
+    assert_eq!(std::fs::read(state.join("admin.key")).unwrap(), admin_key);
+    let out = run_to_end(&list_command(&up.output()), &[], PROMPT).await;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    up.terminate();
+    assert!(up.wait(PROMPT).await.is_some(), "up did not stop");
+}
