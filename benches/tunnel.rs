@@ -12,10 +12,15 @@
 //!   with watches multiplexed over one HTTP/2 connection to the proxy: 90 opened one after
 //!   another, 90 more at once (together below every stream limit on the way), then the rest
 //!   up to 1,000 at once; after each stage a list GET on a new connection shows whether the
-//!   tunnel still answers.
+//!   tunnel still answers;
+//! - the relay alone (the real binary): 5,000 authenticated idle listeners (200 hybrid
+//!   connections of 25, Azure Relay's per-connection quota), their memory each; then 5,000
+//!   tunnels opened through them (Azure Relay's per-namespace figure), the accept latency of
+//!   each (sender's connect until the listener's rendezvous joined it), the memory each, and
+//!   the relay's CPU time for them.
 //!
 //! Run: `cargo bench --bench tunnel` (all phases), or name phases to run only those:
-//! `cargo bench --bench tunnel -- latency entra throughput memory`. The figures also go to
+//! `cargo bench --bench tunnel -- latency entra throughput memory relay`. The figures also go to
 //! `<target dir>/bench-tunnel.json`. Targets are printed next to the figures, never asserted.
 
 #[path = "../tests/it/bench_support.rs"]
@@ -61,6 +66,7 @@ struct Phases {
     entra: bool,
     throughput: bool,
     memory: bool,
+    relay: bool,
 }
 
 impl Phases {
@@ -76,6 +82,7 @@ impl Phases {
             entra: on("entra"),
             throughput: on("throughput"),
             memory: on("memory"),
+            relay: on("relay"),
         }
     }
 }
@@ -188,6 +195,7 @@ struct Report {
     entra: Option<(Latency, Latency)>,
     throughput: Option<(Throughput, Throughput)>,
     memory: Option<MemoryFigures>,
+    relay: Option<relay_scale::Figures>,
 }
 
 async fn run(phases: &Phases) -> Report {
@@ -259,6 +267,16 @@ async fn run(phases: &Phases) -> Report {
             phase(
                 "memory: relay, agent, proxy processes with watches",
                 async { rss::measure(FIRST_WATCHES, WATCHES).await },
+            )
+            .await,
+        );
+    }
+
+    if phases.relay {
+        report.relay = Some(
+            phase(
+                "relay: 5,000 idle listeners, then 5,000 tunnels through them",
+                relay_scale::measure(relay_scale::LISTENERS, relay_scale::TUNNELS),
             )
             .await,
         );
@@ -544,6 +562,9 @@ impl Report {
         if let Some(m) = &self.memory {
             m.print(TARGET_KIB_PER_WATCH);
         }
+        if let Some(r) = &self.relay {
+            r.print();
+        }
     }
 
     fn json(&self) -> serde_json::Value {
@@ -598,6 +619,9 @@ impl Report {
         }
         if let Some(m) = &self.memory {
             out["memory"] = m.json(TARGET_KIB_PER_WATCH);
+        }
+        if let Some(r) = &self.relay {
+            out["relay"] = r.json();
         }
         out
     }
@@ -1373,5 +1397,217 @@ mod rss {
             .collect();
         // The child processes are killed as they drop; the apiserver's tasks end with it.
         MemoryFigures { stages, processes }
+    }
+}
+
+/// The relay at Azure Relay's scale: idle listeners and open tunnels, the real binary.
+mod relay_scale {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use clusterconnect::tunnel::dial::{dial, RelayStream};
+    use clusterconnect::tunnel::protocol::{Action, ControlMessage, RelayAddress};
+    use clusterconnect::tunnel::sas::SasKey;
+    use futures_util::{stream, StreamExt};
+    use serde_json::json;
+    use tokio::sync::Mutex;
+    use tokio::task::JoinSet;
+    use tokio::time::Instant;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use crate::support::processes::{start_relay_with, RELAY_TOML};
+
+    pub const LISTENERS: usize = 5_000;
+    pub const TUNNELS: usize = 5_000;
+    /// Azure Relay's listeners per hybrid connection.
+    const PER_CONNECTION: usize = 25;
+    /// Handshakes in flight at once (below the relay's 64 unauthenticated per address).
+    const CONCURRENCY: usize = 32;
+    const TARGET_KIB_PER_LISTENER: f64 = 16.0;
+    const SETTLE: Duration = Duration::from_secs(1);
+
+    pub struct Figures {
+        listeners: usize,
+        tunnels: usize,
+        idle_kib: u64,
+        listeners_kib: u64,
+        tunnels_kib: u64,
+        accept_p50: Duration,
+        accept_p99: Duration,
+        /// Relay CPU time while the tunnels were opened, per tunnel.
+        cpu_per_tunnel: Duration,
+        wall: Duration,
+    }
+
+    fn entity(i: usize) -> String {
+        format!("scale-{}", i / PER_CONNECTION)
+    }
+
+    /// CPU time (user + system) of process `pid` so far.
+    fn cpu_of(pid: u32) -> Duration {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return Duration::ZERO;
+        };
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+            .sum();
+        // USER_HZ is 100 on every Linux this runs on.
+        Duration::from_millis(ticks * 10)
+    }
+
+    pub async fn measure(listeners: usize, tunnels: usize) -> Figures {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let toml = format!(
+            "max_connections = {}\n{RELAY_TOML}",
+            4 * (listeners + tunnels)
+        );
+        let relay = start_relay_with(dir.path(), &toml).await;
+        let address = RelayAddress::parse(&relay.url).expect("relay url");
+        let tls = clusterconnect::tls::client_config(Some(&relay.ca_path), &[]).expect("tls");
+        let listen = SasKey::from_file(&relay.listen_key).expect("listen key");
+        let send = SasKey::from_file(&relay.send_key).expect("send key");
+        tokio::time::sleep(SETTLE).await;
+        let idle_kib = relay.process.rss_kib();
+
+        // Each listener is a task holding its control channel and the rendezvous it joins.
+        let mut held = JoinSet::new();
+        let connected = stream::iter(0..listeners)
+            .map(|i| {
+                let (address, tls, listen) = (address.clone(), tls.clone(), listen.clone());
+                async move {
+                    let entity = entity(i);
+                    let token =
+                        listen.mint(&address.resource_uri(&entity), Duration::from_secs(3600));
+                    let url = address.url(&entity, Action::Listen, &format!("l{i}"));
+                    dial(&url, Some(&token), &tls).await.ok()
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<Option<RelayStream>>>()
+            .await;
+        let open = connected.iter().filter(|c| c.is_some()).count();
+        for control in connected.into_iter().flatten() {
+            held.spawn(listen_and_join(control, tls.clone()));
+        }
+        tokio::time::sleep(SETTLE).await;
+        let listeners_kib = relay.process.rss_kib();
+
+        let cpu_before = cpu_of(relay.process.pid());
+        let started = Instant::now();
+        let senders: Arc<Mutex<Vec<RelayStream>>> = Arc::default();
+        let mut accepts: Vec<Duration> = stream::iter(0..tunnels)
+            .map(|i| {
+                let (address, tls, send, senders) =
+                    (address.clone(), tls.clone(), send.clone(), senders.clone());
+                async move {
+                    let entity = entity(i % open.max(1));
+                    let token =
+                        send.mint(&address.resource_uri(&entity), Duration::from_secs(3600));
+                    let url = address.url(&entity, Action::Connect, &format!("s{i}"));
+                    let t = Instant::now();
+                    let stream = dial(&url, Some(&token), &tls).await.ok()?;
+                    let took = t.elapsed();
+                    senders.lock().await.push(stream);
+                    Some(took)
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(|d| async move { d })
+            .collect()
+            .await;
+        let wall = started.elapsed();
+        let cpu = cpu_of(relay.process.pid()).saturating_sub(cpu_before);
+        tokio::time::sleep(SETTLE).await;
+        let tunnels_kib = relay.process.rss_kib();
+        accepts.sort();
+        let pick = |q: f64| {
+            accepts
+                .get(((accepts.len() as f64 * q) as usize).min(accepts.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        let figures = Figures {
+            listeners: open,
+            tunnels: accepts.len(),
+            idle_kib,
+            listeners_kib,
+            tunnels_kib,
+            accept_p50: pick(0.50),
+            accept_p99: pick(0.99),
+            cpu_per_tunnel: cpu / accepts.len().max(1) as u32,
+            wall,
+        };
+        held.abort_all();
+        figures
+    }
+
+    /// A listener: answers each accept by joining its rendezvous, and keeps what it joined.
+    async fn listen_and_join(mut control: RelayStream, tls: Arc<rustls::ClientConfig>) {
+        let mut joined = Vec::new();
+        while let Some(Ok(message)) = control.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            if let Ok(ControlMessage::Accept(accept)) = serde_json::from_str(&text) {
+                if let Ok(rendezvous) = dial(&accept.address, None, &tls).await {
+                    joined.push(rendezvous);
+                }
+            }
+        }
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    impl Figures {
+        fn per(&self, from: u64, to: u64, n: usize) -> f64 {
+            (to as f64 - from as f64) / n.max(1) as f64
+        }
+
+        pub fn print(&self) {
+            println!();
+            println!(
+                "relay: {} idle listeners ({} per hybrid connection), then {} tunnels through them",
+                self.listeners, PER_CONNECTION, self.tunnels
+            );
+            println!(
+                "  RSS idle {} KiB, with listeners {} KiB, with tunnels {} KiB",
+                self.idle_kib, self.listeners_kib, self.tunnels_kib
+            );
+            println!(
+                "  KiB per idle listener {:.1} (target <= {TARGET_KIB_PER_LISTENER:.0}), per open tunnel {:.1}",
+                self.per(self.idle_kib, self.listeners_kib, self.listeners),
+                self.per(self.listeners_kib, self.tunnels_kib, self.tunnels)
+            );
+            println!(
+                "  accept latency p50 {:.2} ms, p99 {:.2} ms ({} at a time); relay CPU {:.0} us per tunnel; {:.1} s for all",
+                ms(self.accept_p50),
+                ms(self.accept_p99),
+                CONCURRENCY,
+                self.cpu_per_tunnel.as_secs_f64() * 1e6,
+                self.wall.as_secs_f64()
+            );
+        }
+
+        pub fn json(&self) -> serde_json::Value {
+            json!({
+                "listeners": self.listeners,
+                "tunnels": self.tunnels,
+                "rss_idle_kib": self.idle_kib,
+                "rss_listeners_kib": self.listeners_kib,
+                "rss_tunnels_kib": self.tunnels_kib,
+                "kib_per_listener": self.per(self.idle_kib, self.listeners_kib, self.listeners),
+                "kib_per_listener_target_max": TARGET_KIB_PER_LISTENER,
+                "kib_per_tunnel": self.per(self.listeners_kib, self.tunnels_kib, self.tunnels),
+                "accept_p50_ms": ms(self.accept_p50),
+                "accept_p99_ms": ms(self.accept_p99),
+                "relay_cpu_us_per_tunnel": self.cpu_per_tunnel.as_secs_f64() * 1e6,
+            })
+        }
     }
 }

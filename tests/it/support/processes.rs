@@ -188,6 +188,10 @@ impl Process {
             .clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Resident set size in KiB (`VmRSS` of /proc/<pid>/status); 0 once the process is gone.
     pub fn rss_kib(&self) -> u64 {
         self.status_kib("VmRSS:")
