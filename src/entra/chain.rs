@@ -43,6 +43,14 @@ impl EntraChain {
             .into_iter()
             .map(|kind| {
                 let source: Result<Box<dyn Source>, SourceError> = match kind {
+                    // IMDS and `az account get-access-token` take no req_cnf: their tokens
+                    // would be bearer tokens, which --pop must not silently fall back to.
+                    SourceKind::ManagedIdentity | SourceKind::AzureCli if opts.pop.is_some() => {
+                        Err(SourceError::NotConfigured(
+                            "cannot get proof-of-possession tokens (--pop); use a service principal, workload identity or the device code"
+                                .into(),
+                        ))
+                    }
                     SourceKind::Env => {
                         ClientCredential::from_env(env, opts).map(|s| Box::new(s) as _)
                     }
@@ -151,6 +159,25 @@ pub async fn credential(
     env: &Environment,
 ) -> Result<Arc<dyn CredentialSource>, CredentialError> {
     let source = Refreshing::new(EntraChain::new(opts, env), RENEW_MARGIN);
+    source.token().await?;
+    Ok(Arc::new(source))
+}
+
+/// The proxy's Entra credential with `--pop`: access tokens bound to `opts.pop`'s key,
+/// renewed ahead of expiry, the first fetched now. Wrap it in a
+/// [`super::pop::PopCredential`] per cluster.
+pub async fn bound_credential(
+    opts: &ChainOptions,
+    env: &Environment,
+) -> Result<Arc<dyn CredentialSource>, CredentialError> {
+    let Some(ring) = opts.pop.clone() else {
+        return credential(opts, env).await;
+    };
+    let fetcher = super::pop::BoundFetcher {
+        inner: EntraChain::new(opts, env),
+        ring,
+    };
+    let source = Refreshing::new(fetcher, RENEW_MARGIN);
     source.token().await?;
     Ok(Arc::new(source))
 }

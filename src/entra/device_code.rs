@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::http::HttpClient;
-use super::source::{ChainOptions, Source, SourceFuture, SourceKind};
+use super::source::{pop_form, ChainOptions, Source, SourceFuture, SourceKind};
 /// Where callers have always found these.
 pub use super::source::{Prompt, StderrPrompt};
 use super::token_endpoint::{request_device_code, request_token, EndpointError};
@@ -42,6 +42,8 @@ pub struct DeviceCode {
     pub slow_down_step: Duration,
     /// The newest refresh token this process holds; the cache file is only its copy on disk.
     refresh_token: Mutex<Option<Secret>>,
+    /// `--pop`: every grant (refresh token, device code) asks for a token bound to its key.
+    pop: Option<Arc<super::pop::KeyRing>>,
 }
 
 /// The cache file's content.
@@ -148,6 +150,7 @@ impl DeviceCode {
             prompt: opts.prompt.clone(),
             may_prompt,
             slow_down_step: SLOW_DOWN_STEP,
+            pop: opts.pop.clone(),
         }
     }
 
@@ -178,12 +181,14 @@ impl DeviceCode {
     async fn get(&self) -> Result<ExpiringToken, SourceError> {
         let mut rejected = None;
         if let Some(refresh) = self.current_refresh_token() {
-            let form = [
+            let pop = pop_form(&self.pop);
+            let mut form = vec![
                 ("grant_type", "refresh_token"),
                 ("client_id", self.client_id.as_str()),
                 ("scope", self.scope.as_str()),
                 ("refresh_token", refresh.expose()),
             ];
+            form.extend(pop.iter().map(|(k, v)| (*k, v.as_str())));
             match request_token(&self.http, &self.token_url, &form).await {
                 Ok(resp) => return Ok(self.remember(resp)),
                 // Revoked, expired, or new conditions (MFA) apply: only a new sign-in helps.
@@ -234,11 +239,13 @@ impl DeviceCode {
                 return Err(expired());
             }
             tokio::time::sleep(interval.min(deadline - now)).await;
-            let form = [
+            let pop = pop_form(&self.pop);
+            let mut form = vec![
                 ("grant_type", DEVICE_CODE_GRANT),
                 ("client_id", self.client_id.as_str()),
                 ("device_code", device_code.expose()),
             ];
+            form.extend(pop.iter().map(|(k, v)| (*k, v.as_str())));
             match request_token(&self.http, &self.token_url, &form).await {
                 Ok(resp) => {
                     tracing::info!("Entra sign-in completed");
