@@ -325,6 +325,61 @@ fn parse_health_addr(s: &str) -> Option<SocketAddr> {
 mod tests {
     use super::parse_health_addr;
 
+    fn agent_args(extra: &[&str]) -> super::Args {
+        use clap::Parser;
+        let base = [
+            "clusterconnect",
+            "agent",
+            "--relay",
+            "wss://r",
+            "--connection",
+            "c",
+            "--key-file",
+            "k",
+        ];
+        let cli = super::super::Cli::try_parse_from(base.iter().chain(extra)).unwrap();
+        match cli.command {
+            super::super::Command::Agent(args) => args,
+            _ => panic!("not agent"),
+        }
+    }
+
+    #[test]
+    fn pop_needs_the_cluster_id_only_when_required() {
+        let id =
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/c";
+        let none = super::pop_settings(&agent_args(&[])).unwrap();
+        assert!(none.policy.is_none() && !none.required);
+        let err = super::pop_settings(&agent_args(&["--require-pop"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--require-pop needs --cluster-id"), "{err}");
+        let err = super::pop_settings(&agent_args(&["--cluster-id", "nope"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--cluster-id"), "{err}");
+        let set = super::pop_settings(&agent_args(&[
+            "--cluster-id",
+            id,
+            "--require-pop",
+            "--pop-window",
+            "10m",
+        ]))
+        .unwrap();
+        let policy = set.policy.unwrap();
+        assert_eq!(policy.cluster_id, id);
+        assert_eq!(policy.window.as_secs(), 600);
+        assert!(set.required);
+        assert_eq!(
+            super::pop_settings(&agent_args(&["--cluster-id", id]))
+                .unwrap()
+                .policy
+                .unwrap()
+                .window,
+            crate::entra::pop::DEFAULT_WINDOW
+        );
+    }
+
     #[test]
     fn health_addresses_take_pod_ips_of_both_families() {
         for (given, want) in [

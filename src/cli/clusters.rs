@@ -377,6 +377,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pop_needs_a_cluster_id_and_no_token() {
+        let err = parse(&["--cluster-id", "/subscriptions/x"]).err().unwrap();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = parse(&["--pop", "--token", "t"]).err().unwrap();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let Command::Proxy(args) = parse(&["--pop", "--key-file", "k"]).unwrap().command else {
+            panic!("not proxy")
+        };
+        assert!(args.clusters.pop);
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("send.key"),
+            "SharedAccessKeyName=send;SharedAccessKey=0123456789abcdef0123456789abcdef",
+        )
+        .unwrap();
+        let file = dir.path().join("clusters.toml");
+        std::fs::write(
+            &file,
+            "[[cluster]]\nrelay = \"wss://relay.example\"\nconnection = \"c\"\nkey_file = \"send.key\"\n",
+        )
+        .unwrap();
+        let mut flags = super::ClusterFlags {
+            clusters_file: Some(file.clone()),
+            pop: true,
+            ..Default::default()
+        };
+        let err = format!("{:#}", flags.resolve().await.err().unwrap());
+        assert!(
+            err.contains("--pop needs the cluster's Azure resource id"),
+            "{err}"
+        );
+        std::fs::write(
+            &file,
+            "[[cluster]]\nrelay = \"wss://relay.example\"\nconnection = \"c\"\nkey_file = \"send.key\"\ncluster_id = \"not-an-id\"\n",
+        )
+        .unwrap();
+        flags.clusters_file = Some(file);
+        let err = format!("{:#}", flags.resolve().await.err().unwrap());
+        assert!(err.contains("cluster 'c': cluster id"), "{err}");
+    }
+
+    #[tokio::test]
     async fn a_clusters_file_entry_with_a_token_and_a_server_app_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(

@@ -258,6 +258,27 @@ mod tests {
         assert_eq!(server.requests().len(), before + 1);
     }
 
+    #[tokio::test]
+    async fn with_pop_sources_that_cannot_bind_tokens_are_not_used() {
+        let empty = tempfile::tempdir().unwrap();
+        let mut opts = options("http://127.0.0.1:9");
+        let pem = pem::parse(include_str!("testdata/test-only-rsa-key.pem")).unwrap();
+        let key = super::super::pop::PopKey::from_pkcs8(pem.contents()).unwrap();
+        opts.pop = Some(Arc::new(super::super::pop::KeyRing::with_key(
+            key,
+            super::super::pop::KEY_ROTATION,
+        )));
+        for kind in [SourceKind::ManagedIdentity, SourceKind::AzureCli] {
+            opts.only = Some(kind);
+            let chain = EntraChain::new(&opts, &bare_environment(closed_port(), empty.path()));
+            let err = error_chain(&chain.fetch().await.unwrap_err());
+            assert!(
+                err.contains("cannot get proof-of-possession tokens (--pop)"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn auth_values_parse() {
         for kind in SourceKind::ALL {

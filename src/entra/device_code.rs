@@ -381,6 +381,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_pop_both_grants_ask_for_a_token_bound_to_the_key() {
+        let server = TestServer::start(|req, n| {
+            if req.target.ends_with("/devicecode") {
+                json(200, serde_json::json!({"device_code": "d", "user_code": "U", "verification_uri": "https://x", "interval": 0}))
+            } else {
+                json(200, serde_json::json!({"access_token": format!("at-{n}"), "refresh_token": "rt", "expires_in": 3600}))
+            }
+        })
+        .await;
+        let config = tempfile::tempdir().unwrap();
+        let mut opts = options(&server.base);
+        opts.config_dir = config.path().to_path_buf();
+        opts.prompt = Arc::new(Captured::default());
+        let pem = pem::parse(include_str!("testdata/test-only-rsa-key.pem")).unwrap();
+        let key = super::super::pop::PopKey::from_pkcs8(pem.contents()).unwrap();
+        let cnf = super::super::pop::req_cnf(key.thumbprint());
+        opts.pop = Some(Arc::new(super::super::pop::KeyRing::with_key(
+            key,
+            super::super::pop::KEY_ROTATION,
+        )));
+        let flow = DeviceCode::new(&opts, "organizations", true);
+        flow.get().await.unwrap();
+        // The cached refresh token is redeemed for a bound token too.
+        flow.get().await.unwrap();
+        let reqs = server.requests();
+        let grants: Vec<_> = reqs.iter().map(|r| r.field("grant_type")).collect();
+        assert_eq!(
+            grants,
+            [
+                None,
+                Some(DEVICE_CODE_GRANT.to_string()),
+                Some("refresh_token".to_string())
+            ]
+        );
+        for r in &reqs[1..] {
+            assert_eq!(r.field("token_type").as_deref(), Some("pop"));
+            assert_eq!(r.field("req_cnf").as_deref(), Some(cnf.as_str()));
+        }
+    }
+
+    #[tokio::test]
     async fn a_rejected_cache_is_deleted_and_without_a_terminal_nothing_prompts() {
         let server = TestServer::start(|_, _| oauth_error("invalid_grant")).await;
         let config = tempfile::tempdir().unwrap();

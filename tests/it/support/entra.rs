@@ -693,7 +693,7 @@ impl Shared {
             scope: scope.to_string(),
         });
         if let Err(response) = self.pop_binding(form) {
-            return response;
+            return *response;
         }
         match grant_type {
             "client_credentials" => self.client_credentials(tenant, client_id, scope, form),
@@ -714,12 +714,12 @@ impl Shared {
 
     /// The key a `token_type=pop` request binds its token to: `req_cnf` is base64url JSON
     /// with the key's thumbprint as `kid`. `None` for a bearer request.
-    fn pop_binding(&self, form: &Form) -> Result<Option<String>, Response<Body>> {
+    fn pop_binding(&self, form: &Form) -> Result<Option<String>, Refusal> {
         match form.get("token_type") {
             None => return Ok(None),
             Some(t) if t.eq_ignore_ascii_case("pop") => {}
             Some(other) => {
-                return Err(oauth_error(
+                return Err(refusal(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     &format!("AADSTS901002: The 'token_type' value '{other}' is not supported."),
@@ -734,7 +734,7 @@ impl Shared {
             .filter(|k| !k.is_empty());
         match kid {
             Some(kid) => Ok(Some(kid)),
-            None => Err(oauth_error(
+            None => Err(refusal(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 "AADSTS50000: The req_cnf parameter is missing or malformed: it must be base64url JSON with a kid.",
@@ -755,7 +755,7 @@ impl Shared {
     ) -> Response<Body> {
         let cnf_kid = match self.pop_binding(form) {
             Ok(kid) => kid,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         if let Some(kid) = &cnf_kid {
             self.state().pop_kids.push(kid.clone());
