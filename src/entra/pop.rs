@@ -325,12 +325,15 @@ impl PopCredential {
                 return Ok(s.pop.clone());
             }
         }
-        let key = self.ring.key_for(&access_token).ok_or_else(|| {
-            CredentialError::unavailable(
+        let Some(key) = self.ring.key_for(&access_token) else {
+            // Only reachable if far more renewals than BOUND_TOKENS happened while this token
+            // was still served; dropping it makes the next request fetch one bound anew.
+            self.access.refused(&access_token);
+            return Err(CredentialError::unavailable(
                 self.describe(),
-                "the access token's proof-of-possession key is no longer known; it is fetched again on the next request",
-            )
-        })?;
+                "the access token's proof-of-possession key is no longer known; a new token is fetched on the next request",
+            ));
+        };
         let pop = key
             .sign(
                 access_token.expose(),
@@ -506,9 +509,13 @@ pub fn verify(token: &str, policy: &PopPolicy, now: u64) -> Result<PopProof, Pop
     }
     let payload: PopPayload = serde_json::from_slice(&decode(p, "payload")?)
         .map_err(|_| PopRejected::Malformed("the payload is not a JSON object of claims".into()))?;
-    // kubelogin writes a number; the guard also takes a numeric string.
+    // kubelogin writes an integer; the guard also takes a float or a numeric string.
     let ts = match payload.ts {
-        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
         Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
         _ => None,
     }
@@ -652,6 +659,67 @@ mod tests {
             verify("a.b", &policy(), now),
             Err(PopRejected::Malformed(_))
         ));
+    }
+
+    /// Issues "at-N", reading the request parameters a source would send.
+    struct Issuing {
+        ring: Arc<KeyRing>,
+        sent: Mutex<Vec<String>>,
+        n: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TokenFetcher for Issuing {
+        fn fetch(&self) -> FetchFuture<'_> {
+            let [_, (_, cnf)] = self.ring.form();
+            self.sent.lock().unwrap().push(cnf);
+            let n = self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                Ok(ExpiringToken::new(
+                    Secret::new(format!("at-{n}")),
+                    Duration::from_secs(3600),
+                ))
+            })
+        }
+        fn describe(&self) -> String {
+            "issuing".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_due_key_is_rotated_at_the_next_fetch_and_older_tokens_keep_their_key() {
+        let first = test_key();
+        let first_thumbprint = first.thumbprint().to_string();
+        let ring = Arc::new(KeyRing::with_key(first, Duration::ZERO));
+        let fetcher = BoundFetcher {
+            inner: Issuing {
+                ring: ring.clone(),
+                sent: Mutex::new(Vec::new()),
+                n: Default::default(),
+            },
+            ring: ring.clone(),
+        };
+        fetcher.fetch().await.unwrap();
+        fetcher.fetch().await.unwrap();
+        let a = ring.key_for(&Secret::new("at-0")).unwrap();
+        let b = ring.key_for(&Secret::new("at-1")).unwrap();
+        assert_ne!(
+            a.thumbprint(),
+            first_thumbprint,
+            "rotated before the first fetch"
+        );
+        assert_ne!(
+            a.thumbprint(),
+            b.thumbprint(),
+            "and again before the second"
+        );
+        assert_eq!(b.thumbprint(), ring.current().thumbprint());
+        // Each request carried the key its token is recorded with.
+        let sent = fetcher.inner.sent.lock().unwrap().clone();
+        assert_eq!(sent, [req_cnf(a.thumbprint()), req_cnf(b.thumbprint())]);
+        // A generated key signs tokens that verify.
+        let pop = b.sign("at-1", CLUSTER, 1_700_000_000).unwrap();
+        let proof = verify(pop.expose(), &policy(), 1_700_000_000).unwrap();
+        assert_eq!(proof.thumbprint, b.thumbprint());
     }
 
     struct Counting {
