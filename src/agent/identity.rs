@@ -19,8 +19,10 @@ use super::review::{strip_impersonation, Decision, Requested, Reviewer, Subject}
 use super::upstream::Upstream;
 use crate::auth::CredentialSource;
 use crate::entra::graph::GroupResolver;
+use crate::entra::pop::{self, PopPolicy};
 use crate::entra::validate::{EntraIdentity, Validator};
 use crate::tunnel::http::{error_chain, status, Body};
+use crate::tunnel::sas::unix_now;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMode {
@@ -55,9 +57,20 @@ pub enum Caller {
     PassThrough,
 }
 
+/// Proof-of-possession tokens (kubelogin `--pop-enabled`, `clusterconnect proxy --pop`).
+#[derive(Clone, Debug, Default)]
+pub struct PopSettings {
+    /// What PoP tokens are checked against; `None` when the agent does not know its cluster id,
+    /// and then PoP tokens are refused.
+    pub policy: Option<PopPolicy>,
+    /// Entra tokens must come as PoP tokens; bare Entra bearer tokens are refused.
+    pub required: bool,
+}
+
 pub struct Authenticator {
     mode: AuthMode,
     entra: Option<EntraAuth>,
+    pop: PopSettings,
     /// Answers to "may this Entra user impersonate that", briefly remembered.
     reviews: Reviewer,
 }
@@ -68,6 +81,7 @@ impl Authenticator {
         Authenticator {
             mode: AuthMode::Token,
             entra: None,
+            pop: PopSettings::default(),
             reviews: Reviewer::default(),
         }
     }
@@ -76,8 +90,15 @@ impl Authenticator {
         Authenticator {
             mode,
             entra: Some(entra),
+            pop: PopSettings::default(),
             reviews: Reviewer::default(),
         }
+    }
+
+    /// How proof-of-possession tokens are treated.
+    pub fn with_pop(mut self, pop: PopSettings) -> Authenticator {
+        self.pop = pop;
+        self
     }
 
     pub fn mode(&self) -> AuthMode {
@@ -93,7 +114,9 @@ impl Authenticator {
             _ => None,
         };
         match (bearer(headers), entra) {
-            (Some(token), Some(entra)) if entra.validator.is_entra_token(token) => {
+            (Some(token), Some(entra))
+                if pop::is_pop(token) || entra.validator.is_entra_token(token) =>
+            {
                 Credential::Entra
             }
             _ => credential_of(headers),
@@ -127,20 +150,32 @@ impl Authenticator {
             (Some(entra), AuthMode::Entra | AuthMode::Both) => entra,
             _ => return Ok(Caller::PassThrough),
         };
-        let Some(token) = bearer.filter(|t| entra.validator.is_entra_token(t)) else {
-            return match self.mode {
-                AuthMode::Entra => Err(unauthorized(
-                    "this cluster's clusterconnect agent accepts only Microsoft Entra ID tokens (--auth-mode entra); sign in with Entra instead of passing a token",
-                )),
-                _ => Ok(Caller::PassThrough),
-            };
-        };
-        let identity = match entra.validator.validate(token).await {
-            Ok(identity) => identity,
-            Err(why) => {
-                let why = error_chain(&why);
-                tracing::info!(reason = ?why, "Entra token rejected");
-                return Err(unauthorized(&format!("Entra token rejected: {why}")));
+        // PoP tokens arrive as bearer tokens too (kubectl sends kubelogin's exec credential
+        // that way); their header's typ tells them apart, as in the Arc guard.
+        let identity = match bearer {
+            Some(token) if pop::is_pop(token) => self.pop_identity(entra, token).await?,
+            Some(token) if entra.validator.is_entra_token(token) => {
+                if self.pop.required {
+                    return Err(unauthorized(
+                        "this cluster's clusterconnect agent accepts Entra ID tokens only as proof-of-possession tokens (--require-pop): connect with `clusterconnect proxy --pop`, or kubelogin --pop-enabled --pop-claims u=<cluster resource id>",
+                    ));
+                }
+                match entra.validator.validate(token).await {
+                    Ok(identity) => identity,
+                    Err(why) => {
+                        let why = error_chain(&why);
+                        tracing::info!(reason = ?why, "Entra token rejected");
+                        return Err(unauthorized(&format!("Entra token rejected: {why}")));
+                    }
+                }
+            }
+            _ => {
+                return match self.mode {
+                    AuthMode::Entra => Err(unauthorized(
+                        "this cluster's clusterconnect agent accepts only Microsoft Entra ID tokens (--auth-mode entra); sign in with Entra instead of passing a token",
+                    )),
+                    _ => Ok(Caller::PassThrough),
+                };
             }
         };
         let requested = Requested::from_headers(headers)
@@ -185,6 +220,34 @@ impl Authenticator {
             user: identity.username().to_string(),
             groups,
         })
+    }
+
+    /// The identity of a PoP token: its own checks ([`pop::verify`]), then its access token
+    /// as any Entra token, then the access token's key binding against the key that signed.
+    async fn pop_identity(
+        &self,
+        entra: &EntraAuth,
+        token: &str,
+    ) -> Result<EntraIdentity, Response<Body>> {
+        let Some(policy) = &self.pop.policy else {
+            return Err(unauthorized(
+                "this cluster's clusterconnect agent cannot check proof-of-possession tokens: it runs without --cluster-id (its Azure resource id, the PoP token's u claim)",
+            ));
+        };
+        let refuse = |why: String| {
+            tracing::info!(reason = %why, "PoP token rejected");
+            unauthorized(&format!("PoP token rejected: {why}"))
+        };
+        let proof = pop::verify(token, policy, unix_now()).map_err(|e| refuse(e.to_string()))?;
+        let (identity, cnf_kid) = entra
+            .validator
+            .validate_bound(proof.access_token.expose())
+            .await
+            .map_err(|e| refuse(format!("its access token: {}", error_chain(&e))))?;
+        proof
+            .check_binding(cnf_kid.as_deref())
+            .map_err(|e| refuse(e.to_string()))?;
+        Ok(identity)
     }
 
     /// Every check the apiserver would make for `requested`, asked of the apiserver for the

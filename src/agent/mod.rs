@@ -13,7 +13,7 @@ mod token_review;
 mod upstream;
 
 pub use audit::{AuditLog, Target as AuditTarget};
-pub use identity::{AuthMode, Authenticator, Caller, EntraAuth};
+pub use identity::{AuthMode, Authenticator, Caller, EntraAuth, PopSettings};
 pub use key::{KeySource, POLL_INTERVAL as KEY_POLL_INTERVAL};
 pub use review::strip_impersonation;
 pub use upstream::{Loaded, Upstream, UpstreamError};

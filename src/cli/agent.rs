@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::RelayFlags;
 use crate::agent::heartbeat::{load_key, Heartbeat, INTERVAL as HEARTBEAT_INTERVAL};
 use crate::agent::{
-    AgentConfig, AuditLog, AuditTarget, AuthMode, Authenticator, EntraAuth, KeySource, Upstream,
-    DEFAULT_TOKEN_TTL,
+    AgentConfig, AuditLog, AuditTarget, AuthMode, Authenticator, EntraAuth, KeySource, PopSettings,
+    Upstream, DEFAULT_TOKEN_TTL,
 };
 use crate::arm::client::ManagementClient;
 use crate::arm::ClusterId;
@@ -22,6 +22,7 @@ use crate::entra::chain::{ChainOptions, EntraChain, Environment};
 use crate::entra::device_code::StderrPrompt;
 use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
+use crate::entra::pop::PopPolicy;
 use crate::entra::validate::{Validator, ValidatorConfig};
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 use crate::metrics::AgentMetrics;
@@ -75,9 +76,10 @@ pub struct Args {
     /// Azure cloud of the tenant (AZURE_AUTHORITY_HOST overrides its authority).
     #[arg(long, default_value = "AzurePublicCloud")]
     pub cloud: Cloud,
-    /// The cluster's registration (set by `clusterconnect connect`): report status to the
-    /// relay's registry under this resource id.
-    #[arg(long, requires = "agent_key_file")]
+    /// The cluster's resource id (set by `clusterconnect connect`): proof-of-possession tokens
+    /// must name it in their u claim; with --agent-key-file, the agent also reports status to
+    /// the relay's registry under it.
+    #[arg(long)]
     pub cluster_id: Option<String>,
     /// The agent's private key (PKCS#8 PEM) that signs its status reports.
     #[arg(long, requires = "cluster_id")]
@@ -88,6 +90,14 @@ pub struct Args {
     /// tokenreviews.authentication.k8s.io).
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<String>,
+    /// How long after it was signed (its ts) a proof-of-possession token is accepted (the Arc
+    /// guard's default is 15m). `clusterconnect proxy --pop` re-signs every 5m.
+    #[arg(long, value_parser = super::parse_duration, default_value = "15m")]
+    pub pop_window: Duration,
+    /// Accept Entra ID tokens only as proof-of-possession tokens (needs --cluster-id); bare
+    /// Entra bearer tokens are refused. Other tokens are still judged by --auth-mode.
+    #[arg(long)]
+    pub require_pop: bool,
 }
 
 /// The status reporter, when the agent was installed with a registration.
@@ -131,8 +141,12 @@ fn authenticator(
         AuthMode::Both
     });
     if mode == AuthMode::Token {
+        if args.require_pop {
+            anyhow::bail!("--require-pop is for Entra ID tokens, and --auth-mode token takes none: pass --tenant (and --auth-mode entra or both)");
+        }
         return Ok(Authenticator::token_only());
     }
+    let pop = pop_settings(args)?;
     if args.tenants.is_empty() {
         anyhow::bail!(
             "--auth-mode {mode:?} needs --tenant: the Entra tenant id(s) whose users may connect"
@@ -173,7 +187,36 @@ fn authenticator(
             groups: Some(groups),
             own_token,
         },
-    ))
+    )
+    .with_pop(pop))
+}
+
+/// PoP tokens are checked against the cluster id; without one they are refused, and
+/// requiring them is a start-up error.
+fn pop_settings(args: &Args) -> anyhow::Result<PopSettings> {
+    if args.pop_window < Duration::from_secs(60) {
+        anyhow::bail!("--pop-window must be at least 1m (the proxy re-signs its PoP tokens every 5m; kubelogin's live as long as kubectl caches them)");
+    }
+    let policy = match &args.cluster_id {
+        Some(id) => {
+            // The u claim is compared as text; checking the shape here catches a typo at
+            // start-up instead of as refused tokens.
+            ClusterId::parse(id).map_err(|e| anyhow::anyhow!("--cluster-id: {e}"))?;
+            Some(PopPolicy {
+                cluster_id: id.trim().to_string(),
+                window: args.pop_window,
+            })
+        }
+        None if args.require_pop => anyhow::bail!("--require-pop needs --cluster-id: proof-of-possession tokens name the cluster's Azure resource id (/subscriptions/.../connectedClusters/<name>) in their u claim, and the agent must know it to check them"),
+        None => {
+            tracing::info!("no --cluster-id: proof-of-possession tokens are refused");
+            None
+        }
+    };
+    Ok(PopSettings {
+        policy,
+        required: args.require_pop,
+    })
 }
 
 /// The agent's own Entra identity for Microsoft Graph (group overage lookups): workload
@@ -195,6 +238,7 @@ fn graph_credential(
         http: http.clone(),
         config_dir: crate::proxy::local_ca::config_dir(),
         prompt: Arc::new(StderrPrompt),
+        pop: None,
     };
     let credential: Arc<dyn CredentialSource> =
         Arc::new(Refreshing::new(EntraChain::new(&opts, &env), RENEW_MARGIN));
@@ -280,6 +324,61 @@ fn parse_health_addr(s: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::parse_health_addr;
+
+    fn agent_args(extra: &[&str]) -> super::Args {
+        use clap::Parser;
+        let base = [
+            "clusterconnect",
+            "agent",
+            "--relay",
+            "wss://r",
+            "--connection",
+            "c",
+            "--key-file",
+            "k",
+        ];
+        let cli = super::super::Cli::try_parse_from(base.iter().chain(extra)).unwrap();
+        match cli.command {
+            super::super::Command::Agent(args) => args,
+            _ => panic!("not agent"),
+        }
+    }
+
+    #[test]
+    fn pop_needs_the_cluster_id_only_when_required() {
+        let id =
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/c";
+        let none = super::pop_settings(&agent_args(&[])).unwrap();
+        assert!(none.policy.is_none() && !none.required);
+        let err = super::pop_settings(&agent_args(&["--require-pop"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--require-pop needs --cluster-id"), "{err}");
+        let err = super::pop_settings(&agent_args(&["--cluster-id", "nope"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--cluster-id"), "{err}");
+        let set = super::pop_settings(&agent_args(&[
+            "--cluster-id",
+            id,
+            "--require-pop",
+            "--pop-window",
+            "10m",
+        ]))
+        .unwrap();
+        let policy = set.policy.unwrap();
+        assert_eq!(policy.cluster_id, id);
+        assert_eq!(policy.window.as_secs(), 600);
+        assert!(set.required);
+        assert_eq!(
+            super::pop_settings(&agent_args(&["--cluster-id", id]))
+                .unwrap()
+                .policy
+                .unwrap()
+                .window,
+            crate::entra::pop::DEFAULT_WINDOW
+        );
+    }
 
     #[test]
     fn health_addresses_take_pod_ips_of_both_families() {

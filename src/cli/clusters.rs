@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::entra::{EntraCredentials, EntraFlags};
 use super::registry::{RegistryAccess, RegistryTokens};
+use crate::arm::ClusterId;
 use crate::auth::exec::TokenCommand;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
@@ -68,6 +69,17 @@ pub struct ClusterFlags {
     pub registry: RegistryAccess,
     #[command(flatten)]
     pub entra: EntraFlags,
+    /// Present Entra ID tokens as proof-of-possession (PoP) tokens, as kubelogin
+    /// --pop-enabled does for Azure Arc: bound to a key only this proxy holds and to the
+    /// cluster's resource id, so a token seen on the way is useless elsewhere. Needs the
+    /// cluster's id (--cluster-id, `cluster_id` in a clusters file, or -n/-g).
+    #[arg(long, conflicts_with_all = ["token", "token_file", "token_command"])]
+    pub pop: bool,
+    /// The cluster's Azure resource id
+    /// (/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Kubernetes/connectedClusters/<name>):
+    /// the u claim of its PoP tokens.
+    #[arg(long, requires = "pop", conflicts_with_all = ["clusters_file", "cluster_name"])]
+    pub cluster_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +101,8 @@ struct ClusterEntry {
     token_command: Option<String>,
     /// For a cluster without a token: the Entra server app its tokens are for.
     server_app_id: Option<String>,
+    /// The cluster's Azure resource id, for its PoP tokens (`--pop`).
+    cluster_id: Option<String>,
 }
 
 impl ClusterFlags {
@@ -119,8 +133,11 @@ impl ClusterFlags {
                 token_file: self.token_file.clone(),
                 token_command: self.token_command.clone(),
                 server_app_id: self.server_app_id.clone(),
+                cluster_id: self.cluster_id.clone(),
             };
-            return Ok(vec![entry.resolve(Path::new(""), &mut entra).await?]);
+            return Ok(vec![
+                entry.resolve(Path::new(""), &mut entra, self.pop).await?,
+            ]);
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read clusters file {}", path.display()))?;
@@ -130,7 +147,7 @@ impl ClusterFlags {
         let mut clusters: Vec<ClusterConfig> = Vec::new();
         for entry in file.cluster {
             let cluster = entry
-                .resolve(base, &mut entra)
+                .resolve(base, &mut entra, self.pop)
                 .await
                 .with_context(|| format!("in clusters file {}", path.display()))?;
             if clusters.iter().any(|c| c.name == cluster.name) {
@@ -162,6 +179,7 @@ impl ClusterFlags {
             "--relay is needed with -n/-g: the relay that holds the cluster registry (wss://host[:port])",
         )?;
         let id = self.registry.cluster_id(resource_group, name)?;
+        let path = id.path();
         let client = self
             .registry
             .client(relay_text, self.relay_ca.as_deref(), entra)
@@ -181,10 +199,13 @@ impl ClusterFlags {
             name,
             Path::new(""),
             entra,
-            self.token.clone(),
-            self.token_file.clone(),
-            self.token_command.clone(),
+            Tokens {
+                token: self.token.clone(),
+                token_file: self.token_file.clone(),
+                token_command: self.token_command.clone(),
+            },
             self.server_app_id.as_deref(),
+            self.pop.then_some(path.as_str()),
         )
         .await?;
         Ok(ClusterConfig {
@@ -205,6 +226,7 @@ impl ClusterEntry {
         self,
         base: &Path,
         entra: &mut EntraCredentials<'_>,
+        pop: bool,
     ) -> anyhow::Result<ClusterConfig> {
         let relay = RelayAddress::parse(&self.relay)?;
         validate_entity(&self.connection)?;
@@ -226,14 +248,26 @@ impl ClusterEntry {
         if has_token && self.server_app_id.is_some() {
             anyhow::bail!("cluster '{name}': server_app_id is for Entra ID and this cluster has a token; remove one of them");
         }
+        // --pop is about Entra tokens: a cluster with a token of its own keeps using it.
+        let pop_cluster = match (pop && !has_token, self.cluster_id.as_deref()) {
+            (false, _) => None,
+            (true, Some(id)) => {
+                ClusterId::parse(id).map_err(|e| anyhow::anyhow!("cluster '{name}': cluster id: {e}"))?;
+                Some(id.trim())
+            }
+            (true, None) => anyhow::bail!("cluster '{name}': --pop needs the cluster's Azure resource id for the PoP token's u claim: pass --cluster-id /subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Kubernetes/connectedClusters/<name> (cluster_id in a clusters file)"),
+        };
         let credential = apiserver_credential(
             &name,
             base,
             entra,
-            self.token,
-            self.token_file,
-            self.token_command,
+            Tokens {
+                token: self.token,
+                token_file: self.token_file,
+                token_command: self.token_command,
+            },
             self.server_app_id.as_deref(),
+            pop_cluster,
         )
         .await?;
         Ok(ClusterConfig {
@@ -249,17 +283,24 @@ impl ClusterEntry {
     }
 }
 
-/// The apiserver credential of one cluster: one of the token flags, or Entra ID.
+/// A cluster's token settings; all `None` means Entra ID.
+struct Tokens {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    token_command: Option<String>,
+}
+
+/// The apiserver credential of one cluster: one of the token flags, or Entra ID (as PoP
+/// tokens for the cluster `pop_cluster` names, with `--pop`).
 async fn apiserver_credential(
     name: &str,
     base: &Path,
     entra: &mut EntraCredentials<'_>,
-    token: Option<String>,
-    token_file: Option<PathBuf>,
-    token_command: Option<String>,
+    tokens: Tokens,
     server_app_id: Option<&str>,
+    pop_cluster: Option<&str>,
 ) -> anyhow::Result<Arc<dyn CredentialSource>> {
-    Ok(match (token, token_file, token_command) {
+    Ok(match (tokens.token, tokens.token_file, tokens.token_command) {
             (Some(t), None, None) if !t.trim().is_empty() => Arc::new(StaticToken::new(Secret::new(t.trim()))),
             (None, Some(file), None) => {
                 let source = TokenFile::new(base.join(file));
@@ -271,7 +312,11 @@ async fn apiserver_credential(
                 source.token().await?;
                 Arc::new(source)
             }
-            (None, None, None) => entra.get(server_app_id).await.with_context(|| {
+            (None, None, None) => match pop_cluster {
+                Some(cluster_id) => entra.get_pop(server_app_id, cluster_id).await,
+                None => entra.get(server_app_id).await,
+            }
+            .with_context(|| {
                 format!("cluster '{name}': no credential for the apiserver: pass --token-file, --token-command or --token, or make an Entra ID credential available")
             })?,
             _ => anyhow::bail!(
@@ -329,6 +374,49 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         let err = parse(&["--auth", "kerberos"]).err().unwrap().to_string();
         assert!(err.contains("device-code"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn pop_needs_a_cluster_id_and_no_token() {
+        let err = parse(&["--cluster-id", "/subscriptions/x"]).err().unwrap();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = parse(&["--pop", "--token", "t"]).err().unwrap();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let Command::Proxy(args) = parse(&["--pop", "--key-file", "k"]).unwrap().command else {
+            panic!("not proxy")
+        };
+        assert!(args.clusters.pop);
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("send.key"),
+            "SharedAccessKeyName=send;SharedAccessKey=0123456789abcdef0123456789abcdef",
+        )
+        .unwrap();
+        let file = dir.path().join("clusters.toml");
+        std::fs::write(
+            &file,
+            "[[cluster]]\nrelay = \"wss://relay.example\"\nconnection = \"c\"\nkey_file = \"send.key\"\n",
+        )
+        .unwrap();
+        let mut flags = super::ClusterFlags {
+            clusters_file: Some(file.clone()),
+            pop: true,
+            ..Default::default()
+        };
+        let err = format!("{:#}", flags.resolve().await.err().unwrap());
+        assert!(
+            err.contains("--pop needs the cluster's Azure resource id"),
+            "{err}"
+        );
+        std::fs::write(
+            &file,
+            "[[cluster]]\nrelay = \"wss://relay.example\"\nconnection = \"c\"\nkey_file = \"send.key\"\ncluster_id = \"not-an-id\"\n",
+        )
+        .unwrap();
+        flags.clusters_file = Some(file);
+        let err = format!("{:#}", flags.resolve().await.err().unwrap());
+        assert!(err.contains("cluster 'c': cluster id"), "{err}");
     }
 
     #[tokio::test]

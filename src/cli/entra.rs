@@ -11,6 +11,7 @@ use crate::auth::CredentialSource;
 use crate::entra::chain::{self, ChainOptions, Environment, SourceKind};
 use crate::entra::device_code::StderrPrompt;
 use crate::entra::http::HttpClient;
+use crate::entra::pop::{KeyRing, PopCredential};
 use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 
 /// How to sign in to Entra ID (the proxy's apiserver credential, the management API).
@@ -40,6 +41,9 @@ pub(crate) struct EntraCredentials<'a> {
     flags: &'a EntraFlags,
     env: Environment,
     by_server_app: HashMap<String, Arc<dyn CredentialSource>>,
+    /// With `--pop`: bound access tokens and their key ring, per server app; each cluster
+    /// wraps them in PoP tokens of its own.
+    pop_by_server_app: HashMap<String, (Arc<dyn CredentialSource>, Arc<KeyRing>)>,
 }
 
 impl<'a> EntraCredentials<'a> {
@@ -48,6 +52,7 @@ impl<'a> EntraCredentials<'a> {
             flags,
             env: Environment::from_process(),
             by_server_app: HashMap::new(),
+            pop_by_server_app: HashMap::new(),
         }
     }
 
@@ -57,27 +62,62 @@ impl<'a> EntraCredentials<'a> {
         &mut self,
         server_app_id: Option<&str>,
     ) -> anyhow::Result<Arc<dyn CredentialSource>> {
-        let server_app_id = server_app_id
-            .unwrap_or(ARC_SERVER_APP_ID)
-            .trim()
-            .to_string();
-        if uuid::Uuid::parse_str(&server_app_id).is_err()
-            && url::Url::parse(&server_app_id).is_err()
-        {
-            anyhow::bail!("server app id {server_app_id:?} is neither an application (client) id GUID nor an app id URI; pass the cluster's Entra server application id");
-        }
+        let server_app_id = checked_app_id(server_app_id)?;
         if let Some(source) = self.by_server_app.get(&server_app_id) {
             return Ok(source.clone());
         }
+        let opts = self.options(&server_app_id, None)?;
+        let source = chain::credential(&opts, &self.env)
+            .await
+            .with_context(|| format!("no Entra ID credential for {server_app_id}"))?;
+        self.by_server_app.insert(server_app_id, source.clone());
+        Ok(source)
+    }
+
+    /// The Entra credential of the cluster `cluster_id` with proof of possession (`--pop`):
+    /// PoP tokens naming the cluster, around access tokens bound to a key of this process.
+    pub(crate) async fn get_pop(
+        &mut self,
+        server_app_id: Option<&str>,
+        cluster_id: &str,
+    ) -> anyhow::Result<Arc<dyn CredentialSource>> {
+        let server_app_id = checked_app_id(server_app_id)?;
+        let (access, ring) = match self.pop_by_server_app.get(&server_app_id) {
+            Some(known) => known.clone(),
+            None => {
+                let ring = Arc::new(
+                    KeyRing::generate()
+                        .await
+                        .context("cannot create the proof-of-possession key")?,
+                );
+                let opts = self.options(&server_app_id, Some(ring.clone()))?;
+                let access = chain::bound_credential(&opts, &self.env)
+                    .await
+                    .with_context(|| {
+                        format!("no Entra ID proof-of-possession credential for {server_app_id}")
+                    })?;
+                self.pop_by_server_app
+                    .insert(server_app_id, (access.clone(), ring.clone()));
+                (access, ring)
+            }
+        };
+        Ok(Arc::new(PopCredential::new(access, ring, cluster_id)))
+    }
+
+    fn options(
+        &self,
+        server_app_id: &str,
+        pop: Option<Arc<KeyRing>>,
+    ) -> anyhow::Result<ChainOptions> {
         let flags = self.flags;
         let authority = Authority::from_env(flags.cloud)
             .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
         let http = HttpClient::with_system_roots(None)
             .context("cannot set up TLS for Entra ID (the system trust store)")?;
-        let opts = ChainOptions {
+        Ok(ChainOptions {
             authority,
             tenant: flags.tenant.clone().filter(|t| !t.trim().is_empty()),
-            server_app_id: server_app_id.clone(),
+            server_app_id: server_app_id.to_string(),
             client_app_id: flags
                 .client_app_id
                 .clone()
@@ -88,11 +128,19 @@ impl<'a> EntraCredentials<'a> {
             http,
             config_dir: crate::proxy::local_ca::config_dir(),
             prompt: Arc::new(StderrPrompt),
-        };
-        let source = chain::credential(&opts, &self.env)
-            .await
-            .with_context(|| format!("no Entra ID credential for {server_app_id}"))?;
-        self.by_server_app.insert(server_app_id, source.clone());
-        Ok(source)
+            pop,
+        })
     }
+}
+
+/// The server app id (the token's audience), or why it cannot be one.
+fn checked_app_id(server_app_id: Option<&str>) -> anyhow::Result<String> {
+    let server_app_id = server_app_id
+        .unwrap_or(ARC_SERVER_APP_ID)
+        .trim()
+        .to_string();
+    if uuid::Uuid::parse_str(&server_app_id).is_err() && url::Url::parse(&server_app_id).is_err() {
+        anyhow::bail!("server app id {server_app_id:?} is neither an application (client) id GUID nor an app id URI; pass the cluster's Entra server application id");
+    }
+    Ok(server_app_id)
 }

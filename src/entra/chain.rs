@@ -43,6 +43,14 @@ impl EntraChain {
             .into_iter()
             .map(|kind| {
                 let source: Result<Box<dyn Source>, SourceError> = match kind {
+                    // IMDS and `az account get-access-token` take no req_cnf: their tokens
+                    // would be bearer tokens, which --pop must not silently fall back to.
+                    SourceKind::ManagedIdentity | SourceKind::AzureCli if opts.pop.is_some() => {
+                        Err(SourceError::NotConfigured(
+                            "cannot get proof-of-possession tokens (--pop); use a service principal, workload identity or the device code"
+                                .into(),
+                        ))
+                    }
                     SourceKind::Env => {
                         ClientCredential::from_env(env, opts).map(|s| Box::new(s) as _)
                     }
@@ -155,6 +163,25 @@ pub async fn credential(
     Ok(Arc::new(source))
 }
 
+/// The proxy's Entra credential with `--pop`: access tokens bound to `opts.pop`'s key,
+/// renewed ahead of expiry, the first fetched now. Wrap it in a
+/// [`super::pop::PopCredential`] per cluster.
+pub async fn bound_credential(
+    opts: &ChainOptions,
+    env: &Environment,
+) -> Result<Arc<dyn CredentialSource>, CredentialError> {
+    let Some(ring) = opts.pop.clone() else {
+        return credential(opts, env).await;
+    };
+    let fetcher = super::pop::BoundFetcher {
+        inner: EntraChain::new(opts, env),
+        ring,
+    };
+    let source = Refreshing::new(fetcher, RENEW_MARGIN);
+    source.token().await?;
+    Ok(Arc::new(source))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +256,27 @@ mod tests {
         );
         assert!(err.contains("not tried after that failure: workload identity, managed identity, Azure CLI, device code"), "{err}");
         assert_eq!(server.requests().len(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn with_pop_sources_that_cannot_bind_tokens_are_not_used() {
+        let empty = tempfile::tempdir().unwrap();
+        let mut opts = options("http://127.0.0.1:9");
+        let pem = pem::parse(include_str!("testdata/test-only-rsa-key.pem")).unwrap();
+        let key = super::super::pop::PopKey::from_pkcs8(pem.contents()).unwrap();
+        opts.pop = Some(Arc::new(super::super::pop::KeyRing::with_key(
+            key,
+            super::super::pop::KEY_ROTATION,
+        )));
+        for kind in [SourceKind::ManagedIdentity, SourceKind::AzureCli] {
+            opts.only = Some(kind);
+            let chain = EntraChain::new(&opts, &bare_environment(closed_port(), empty.path()));
+            let err = error_chain(&chain.fetch().await.unwrap_err());
+            assert!(
+                err.contains("cannot get proof-of-possession tokens (--pop)"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

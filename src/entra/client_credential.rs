@@ -16,7 +16,7 @@ use serde::Serialize;
 use sha1::{Digest, Sha1};
 
 use super::http::HttpClient;
-use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
+use super::source::{pop_form, ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::request_token;
 use super::{default_scope, SourceError};
 use crate::auth::refresh::ExpiringToken;
@@ -39,6 +39,7 @@ pub struct ClientCredential {
     client_id: String,
     scope: String,
     proof: Proof,
+    pop: Option<std::sync::Arc<super::pop::KeyRing>>,
 }
 
 impl ClientCredential {
@@ -88,16 +89,19 @@ impl ClientCredential {
             client_id: env.client_id.clone().unwrap_or_default(),
             scope: default_scope(&opts.server_app_id),
             proof,
+            pop: opts.pop.clone(),
         })
     }
 
     async fn get(&self) -> Result<ExpiringToken, SourceError> {
         let assertion;
+        let pop = pop_form(&self.pop);
         let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", self.client_id.as_str()),
             ("scope", self.scope.as_str()),
         ];
+        form.extend(pop.iter().map(|(k, v)| (*k, v.as_str())));
         match &self.proof {
             Proof::Secret(secret) => form.push(("client_secret", secret.expose())),
             Proof::Certificate(path) => {

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::http::HttpClient;
-use super::source::{ChainOptions, Source, SourceFuture, SourceKind};
+use super::source::{pop_form, ChainOptions, Source, SourceFuture, SourceKind};
 /// Where callers have always found these.
 pub use super::source::{Prompt, StderrPrompt};
 use super::token_endpoint::{request_device_code, request_token, EndpointError};
@@ -42,6 +42,8 @@ pub struct DeviceCode {
     pub slow_down_step: Duration,
     /// The newest refresh token this process holds; the cache file is only its copy on disk.
     refresh_token: Mutex<Option<Secret>>,
+    /// `--pop`: every grant (refresh token, device code) asks for a token bound to its key.
+    pop: Option<Arc<super::pop::KeyRing>>,
 }
 
 /// The cache file's content.
@@ -148,6 +150,7 @@ impl DeviceCode {
             prompt: opts.prompt.clone(),
             may_prompt,
             slow_down_step: SLOW_DOWN_STEP,
+            pop: opts.pop.clone(),
         }
     }
 
@@ -178,12 +181,14 @@ impl DeviceCode {
     async fn get(&self) -> Result<ExpiringToken, SourceError> {
         let mut rejected = None;
         if let Some(refresh) = self.current_refresh_token() {
-            let form = [
+            let pop = pop_form(&self.pop);
+            let mut form = vec![
                 ("grant_type", "refresh_token"),
                 ("client_id", self.client_id.as_str()),
                 ("scope", self.scope.as_str()),
                 ("refresh_token", refresh.expose()),
             ];
+            form.extend(pop.iter().map(|(k, v)| (*k, v.as_str())));
             match request_token(&self.http, &self.token_url, &form).await {
                 Ok(resp) => return Ok(self.remember(resp)),
                 // Revoked, expired, or new conditions (MFA) apply: only a new sign-in helps.
@@ -234,11 +239,13 @@ impl DeviceCode {
                 return Err(expired());
             }
             tokio::time::sleep(interval.min(deadline - now)).await;
-            let form = [
+            let pop = pop_form(&self.pop);
+            let mut form = vec![
                 ("grant_type", DEVICE_CODE_GRANT),
                 ("client_id", self.client_id.as_str()),
                 ("device_code", device_code.expose()),
             ];
+            form.extend(pop.iter().map(|(k, v)| (*k, v.as_str())));
             match request_token(&self.http, &self.token_url, &form).await {
                 Ok(resp) => {
                     tracing::info!("Entra sign-in completed");
@@ -371,6 +378,47 @@ mod tests {
         let cached: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(cached["refresh_token"], "rt-2");
+    }
+
+    #[tokio::test]
+    async fn with_pop_both_grants_ask_for_a_token_bound_to_the_key() {
+        let server = TestServer::start(|req, n| {
+            if req.target.ends_with("/devicecode") {
+                json(200, serde_json::json!({"device_code": "d", "user_code": "U", "verification_uri": "https://x", "interval": 0}))
+            } else {
+                json(200, serde_json::json!({"access_token": format!("at-{n}"), "refresh_token": "rt", "expires_in": 3600}))
+            }
+        })
+        .await;
+        let config = tempfile::tempdir().unwrap();
+        let mut opts = options(&server.base);
+        opts.config_dir = config.path().to_path_buf();
+        opts.prompt = Arc::new(Captured::default());
+        let pem = pem::parse(include_str!("testdata/test-only-rsa-key.pem")).unwrap();
+        let key = super::super::pop::PopKey::from_pkcs8(pem.contents()).unwrap();
+        let cnf = super::super::pop::req_cnf(key.thumbprint());
+        opts.pop = Some(Arc::new(super::super::pop::KeyRing::with_key(
+            key,
+            super::super::pop::KEY_ROTATION,
+        )));
+        let flow = DeviceCode::new(&opts, "organizations", true);
+        flow.get().await.unwrap();
+        // The cached refresh token is redeemed for a bound token too.
+        flow.get().await.unwrap();
+        let reqs = server.requests();
+        let grants: Vec<_> = reqs.iter().map(|r| r.field("grant_type")).collect();
+        assert_eq!(
+            grants,
+            [
+                None,
+                Some(DEVICE_CODE_GRANT.to_string()),
+                Some("refresh_token".to_string())
+            ]
+        );
+        for r in &reqs[1..] {
+            assert_eq!(r.field("token_type").as_deref(), Some("pop"));
+            assert_eq!(r.field("req_cnf").as_deref(), Some(cnf.as_str()));
+        }
     }
 
     #[tokio::test]

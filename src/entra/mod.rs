@@ -16,6 +16,7 @@ pub mod device_code;
 pub mod graph;
 pub mod http;
 pub mod managed_identity;
+pub mod pop;
 pub mod source;
 pub mod token_endpoint;
 pub mod validate;

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use super::http::HttpClient;
+use super::pop::KeyRing;
 use super::{Authority, SourceError};
 use crate::auth::refresh::{ExpiringToken, FetchFuture, TokenFetcher};
 use crate::secret::Secret;
@@ -188,4 +189,12 @@ pub struct ChainOptions {
     /// The device code's refresh tokens go under `<config_dir>/entra/`.
     pub config_dir: PathBuf,
     pub prompt: Arc<dyn Prompt>,
+    /// `--pop`: tokens are requested bound to this key ring's key (proof of possession);
+    /// sources whose grants cannot carry `req_cnf` (managed identity, the Azure CLI) refuse.
+    pub pop: Option<Arc<KeyRing>>,
+}
+
+/// The extra token request parameters of `--pop`, none without it.
+pub fn pop_form(pop: &Option<Arc<KeyRing>>) -> Vec<(&'static str, String)> {
+    pop.as_ref().map(|r| r.form().to_vec()).unwrap_or_default()
 }

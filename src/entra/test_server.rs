@@ -153,5 +153,6 @@ pub fn options(base: &str) -> ChainOptions {
         http: client(),
         config_dir: std::env::temp_dir().join("clusterconnect-test-unused"),
         prompt: Arc::new(StderrPrompt),
+        pop: None,
     }
 }

@@ -82,6 +82,10 @@ pub enum Rejected {
     NotYetValid(u64),
     #[error("the token has no {0} claim")]
     MissingClaim(&'static str),
+    /// A proof-of-possession token's access token presented alone: whoever holds it without
+    /// the key must not get in (RFC 7800's point).
+    #[error("the token is bound to a proof-of-possession key (cnf); present it inside a PoP token signed with that key")]
+    BoundToKey,
     /// Shared: the same failure is kept and answered until the next fetch is due.
     #[error("the tenant's signing keys cannot be fetched")]
     KeysUnavailable(#[source] Arc<KeysError>),
@@ -130,6 +134,22 @@ struct Claims {
     hasgroups: bool,
     #[serde(rename = "_claim_names", default)]
     claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Set on tokens requested with `token_type=pop`: the key they are bound to.
+    cnf: Option<Confirmation>,
+}
+
+#[derive(Deserialize)]
+struct Confirmation {
+    kid: Option<String>,
+}
+
+/// A validated token: who it stands for, its `exp`, and the thumbprint of the key it is
+/// bound to, if any.
+#[derive(Clone)]
+struct Accepted {
+    identity: EntraIdentity,
+    exp: u64,
+    cnf_kid: Option<String>,
 }
 
 struct TenantKeys {
@@ -148,7 +168,7 @@ pub struct Validator {
     keys: Mutex<HashMap<String, TenantKeys>>,
     /// Tokens already validated, by SHA-256, with their expiry: kubectl sends the same token
     /// on every request, and a hash is far cheaper than an RSA verification.
-    accepted: Mutex<HashMap<[u8; 32], (EntraIdentity, u64)>>,
+    accepted: Mutex<HashMap<[u8; 32], Accepted>>,
     /// One key fetch at a time: a burst of requests after a rotation makes one fetch.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -206,31 +226,45 @@ impl Validator {
         iss.starts_with(&v1) || iss.starts_with(&v2)
     }
 
+    /// A bearer token: valid, and not bound to a proof-of-possession key.
     pub async fn validate(&self, token: &str) -> Result<EntraIdentity, Rejected> {
+        let (identity, cnf_kid) = self.validate_bound(token).await?;
+        if cnf_kid.is_some() {
+            return Err(Rejected::BoundToKey);
+        }
+        Ok(identity)
+    }
+
+    /// The access token inside a PoP token: valid, with the thumbprint of the key it is bound
+    /// to (`cnf.kid`), which the caller compares with the key that signed the PoP token.
+    pub async fn validate_bound(
+        &self,
+        token: &str,
+    ) -> Result<(EntraIdentity, Option<String>), Rejected> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = jsonwebtoken::get_current_timestamp();
         {
             let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((identity, exp)) = accepted.get(&digest) {
-                if now <= exp.saturating_add(LEEWAY.as_secs()) {
-                    return Ok(identity.clone());
+            if let Some(a) = accepted.get(&digest) {
+                if now <= a.exp.saturating_add(LEEWAY.as_secs()) {
+                    return Ok((a.identity.clone(), a.cnf_kid.clone()));
                 }
             }
         }
-        let (identity, exp) = self.verify(token).await?;
+        let a = self.verify(token).await?;
         let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
         if accepted.len() >= MAX_ACCEPTED {
-            accepted.retain(|_, (_, exp)| now <= exp.saturating_add(LEEWAY.as_secs()));
+            accepted.retain(|_, a| now <= a.exp.saturating_add(LEEWAY.as_secs()));
             if accepted.len() >= MAX_ACCEPTED {
                 accepted.clear();
             }
         }
-        accepted.insert(digest, (identity.clone(), exp));
-        Ok(identity)
+        accepted.insert(digest, a.clone());
+        Ok((a.identity, a.cnf_kid))
     }
 
-    /// The full check; returns the identity and the token's `exp`.
-    async fn verify(&self, token: &str) -> Result<(EntraIdentity, u64), Rejected> {
+    /// The full check.
+    async fn verify(&self, token: &str) -> Result<Accepted, Rejected> {
         let (header, unverified) = peek(token)?;
         let alg = header.alg.unwrap_or_default();
         if alg != "RS256" {
@@ -302,8 +336,8 @@ impl Validator {
     }
 }
 
-/// The identity a verified token stands for, and its `exp`.
-fn identity_of(c: Claims) -> Result<(EntraIdentity, u64), Rejected> {
+/// The identity a verified token stands for, its `exp` and key binding.
+fn identity_of(c: Claims) -> Result<Accepted, Rejected> {
     let object_id = c.oid.ok_or(Rejected::MissingClaim("oid"))?;
     // Only `upn` names a user: `preferred_username` and `unique_name` are changeable and,
     // for guests, hold their home address. Users without one are bound by object id, as
@@ -323,7 +357,11 @@ fn identity_of(c: Claims) -> Result<(EntraIdentity, u64), Rejected> {
         groups: c.groups,
         groups_overage,
     };
-    Ok((identity, c.exp))
+    Ok(Accepted {
+        identity,
+        exp: c.exp,
+        cnf_kid: c.cnf.and_then(|c| c.kid).filter(|k| !k.is_empty()),
+    })
 }
 
 impl Validator {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::client_credential::JWT_BEARER;
 use super::http::HttpClient;
-use super::source::{ChainOptions, Environment, Source, SourceFuture, SourceKind};
+use super::source::{pop_form, ChainOptions, Environment, Source, SourceFuture, SourceKind};
 use super::token_endpoint::request_token;
 use super::{default_scope, SourceError};
 use crate::auth::refresh::ExpiringToken;
@@ -18,6 +18,7 @@ pub struct WorkloadIdentity {
     client_id: String,
     scope: String,
     token_file: PathBuf,
+    pop: Option<std::sync::Arc<super::pop::KeyRing>>,
 }
 
 impl WorkloadIdentity {
@@ -50,6 +51,7 @@ impl WorkloadIdentity {
             client_id: env.client_id.clone().unwrap_or_default(),
             scope: default_scope(&opts.server_app_id),
             token_file: token_file.clone(),
+            pop: opts.pop.clone(),
         })
     }
 
@@ -73,13 +75,15 @@ impl WorkloadIdentity {
                 .into(),
             ));
         }
-        let form = [
+        let pop = pop_form(&self.pop);
+        let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", self.client_id.as_str()),
             ("scope", self.scope.as_str()),
             ("client_assertion_type", JWT_BEARER),
             ("client_assertion", assertion.expose()),
         ];
+        form.extend(pop.iter().map(|(k, v)| (*k, v.as_str())));
         let resp = request_token(&self.http, &self.token_url, &form)
             .await
             .map_err(|e| e.into_source_error("workload identity"))?;

@@ -84,6 +84,7 @@ impl VaultCredentials for ChainCredentials {
             http: self.http.clone(),
             config_dir: self.config_dir.clone(),
             prompt: self.prompt.clone(),
+            pop: None,
         };
         let chain = EntraChain::new(&opts, &self.env);
         Ok(Arc::new(Refreshing::new(chain, RENEW_MARGIN)))

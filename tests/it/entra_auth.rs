@@ -46,7 +46,11 @@ fn authority(entra: &Entra) -> Authority {
 }
 
 /// The agent's Entra configuration against the stand-in: tenant TENANT, the Arc server app.
-fn entra_auth(entra: &Entra, api: &ApiServer, groups: Option<GroupResolver>) -> EntraAuth {
+pub(crate) fn entra_auth(
+    entra: &Entra,
+    api: &ApiServer,
+    groups: Option<GroupResolver>,
+) -> EntraAuth {
     let validator = Validator::new(
         ValidatorConfig {
             authority: authority(entra),
@@ -133,7 +137,7 @@ impl Cluster {
 }
 
 /// `kubectl auth whoami -o json` through `context`: (username, groups, extra).
-async fn whoami(
+pub(crate) async fn whoami(
     kubeconfig: &std::path::Path,
     context: &str,
 ) -> (String, Vec<String>, serde_json::Value) {
@@ -525,7 +529,7 @@ impl Prompt for Captured {
 }
 
 /// Chain options against the stand-in Entra for the Arc server app.
-fn chain_options(
+pub(crate) fn chain_options(
     entra: &Entra,
     only: Option<SourceKind>,
     config_dir: &std::path::Path,
@@ -540,11 +544,12 @@ fn chain_options(
         http: http_for(entra),
         config_dir: config_dir.to_path_buf(),
         prompt: Arc::new(Captured::default()),
+        pop: None,
     }
 }
 
 /// An environment with nothing configured; each test sets what its source needs.
-fn empty_env(dir: &std::path::Path) -> Environment {
+pub(crate) fn empty_env(dir: &std::path::Path) -> Environment {
     Environment {
         himds_challenge_dir: dir.join("no-himds"),
         path: Some(dir.join("no-bin").into_os_string()),

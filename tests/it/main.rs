@@ -20,6 +20,7 @@ mod metrics;
 mod onboarding;
 mod outbound_proxy;
 mod parsers;
+mod pop;
 mod registry;
 mod relay_abuse;
 mod relay_certs;

@@ -180,6 +180,8 @@ struct State {
     device_code_lifetime: Duration,
     slow_down_once: bool,
     refresh_tokens: HashMap<String, Session>,
+    /// The `req_cnf` key id of each proof-of-possession token request, in order.
+    pop_kids: Vec<String>,
 }
 
 pub(super) struct Shared {
@@ -244,6 +246,7 @@ impl Entra {
                 device_code_lifetime: Duration::from_secs(900),
                 slow_down_once: false,
                 refresh_tokens: HashMap::new(),
+                pop_kids: Vec::new(),
             }),
             jwks_fetches: AtomicUsize::new(0),
             graph_calls: AtomicUsize::new(0),
@@ -412,6 +415,11 @@ impl Entra {
         self.shared.state().token_version = v;
     }
 
+    /// The key id (`req_cnf`'s `kid`) of each proof-of-possession token request, in order.
+    pub fn pop_requests(&self) -> Vec<String> {
+        self.shared.state().pop_kids.clone()
+    }
+
     pub fn token_requests(&self) -> Vec<TokenRequest> {
         self.shared.state().token_requests.clone()
     }
@@ -578,19 +586,25 @@ impl Shared {
         claims
     }
 
-    /// A token from the token endpoint (or IMDS): the configured version and lifetime.
+    /// A token from the token endpoint (or IMDS): the configured version and lifetime; bound
+    /// to the key `cnf_kid` (`cnf: {kid}`, as Entra binds tokens requested with
+    /// `token_type=pop`) when given.
     fn issue(
         &self,
         tenant: &str,
         audience: &str,
         principal: &Principal,
         client_id: &str,
+        cnf_kid: Option<&str>,
     ) -> (String, Duration) {
         let (version, lifetime) = {
             let state = self.state();
             (state.token_version, state.token_lifetime)
         };
-        let claims = self.claims(version, tenant, audience, lifetime, principal, client_id);
+        let mut claims = self.claims(version, tenant, audience, lifetime, principal, client_id);
+        if let Some(kid) = cnf_kid {
+            claims["cnf"] = json!({"kid": kid});
+        }
         (self.sign(&claims), lifetime)
     }
 
@@ -604,7 +618,7 @@ impl Shared {
         let principal = Principal::App {
             oid: identity_oid.to_string(),
         };
-        self.issue(TENANT, resource, &principal, client_id)
+        self.issue(TENANT, resource, &principal, client_id, None)
     }
 
     fn handle(&self, req: Request<Bytes>) -> Response<Body> {
@@ -678,6 +692,9 @@ impl Shared {
             client_id: client_id.to_string(),
             scope: scope.to_string(),
         });
+        if let Err(response) = self.pop_binding(form) {
+            return *response;
+        }
         match grant_type {
             "client_credentials" => self.client_credentials(tenant, client_id, scope, form),
             "refresh_token" => self.refresh(tenant, client_id, scope, form),
@@ -695,6 +712,37 @@ impl Shared {
         }
     }
 
+    /// The key a `token_type=pop` request binds its token to: `req_cnf` is base64url JSON
+    /// with the key's thumbprint as `kid`. `None` for a bearer request.
+    fn pop_binding(&self, form: &Form) -> Result<Option<String>, Refusal> {
+        match form.get("token_type") {
+            None => return Ok(None),
+            Some(t) if t.eq_ignore_ascii_case("pop") => {}
+            Some(other) => {
+                return Err(refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &format!("AADSTS901002: The 'token_type' value '{other}' is not supported."),
+                ))
+            }
+        }
+        let kid = form
+            .get("req_cnf")
+            .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
+            .and_then(|c| serde_json::from_slice::<Value>(&c).ok())
+            .and_then(|c| c["kid"].as_str().map(str::to_string))
+            .filter(|k| !k.is_empty());
+        match kid {
+            Some(kid) => Ok(Some(kid)),
+            None => Err(refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "AADSTS50000: The req_cnf parameter is missing or malformed: it must be base64url JSON with a kid.",
+            )),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn token_response(
         &self,
         tenant: &str,
@@ -703,10 +751,19 @@ impl Shared {
         client_id: &str,
         scope: &str,
         refresh_token: Option<String>,
+        form: &Form,
     ) -> Response<Body> {
-        let (access_token, lifetime) = self.issue(tenant, audience, principal, client_id);
+        let cnf_kid = match self.pop_binding(form) {
+            Ok(kid) => kid,
+            Err(response) => return *response,
+        };
+        if let Some(kid) = &cnf_kid {
+            self.state().pop_kids.push(kid.clone());
+        }
+        let (access_token, lifetime) =
+            self.issue(tenant, audience, principal, client_id, cnf_kid.as_deref());
         let mut body = json!({
-            "token_type": "Bearer",
+            "token_type": if cnf_kid.is_some() { "pop" } else { "Bearer" },
             "scope": scope,
             "expires_in": lifetime.as_secs(),
             "ext_expires_in": lifetime.as_secs(),
@@ -751,6 +808,7 @@ impl Shared {
                 client_id,
                 scope,
                 None,
+                form,
             ),
             Err(response) => *response,
         }
@@ -876,6 +934,7 @@ impl Shared {
             client_id,
             &scope,
             Some(refresh_token),
+            form,
         )
     }
 
@@ -994,6 +1053,7 @@ impl Shared {
             client_id,
             &scope,
             Some(refresh_token),
+            form,
         )
     }
 
