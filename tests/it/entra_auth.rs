@@ -133,7 +133,7 @@ impl Cluster {
 }
 
 /// `kubectl auth whoami -o json` through `context`: (username, groups, extra).
-async fn whoami(
+pub(crate) async fn whoami(
     kubeconfig: &std::path::Path,
     context: &str,
 ) -> (String, Vec<String>, serde_json::Value) {
