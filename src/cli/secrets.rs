@@ -59,11 +59,18 @@ pub struct EntraFlags {
 }
 
 impl EntraFlags {
-    /// The cloud from the flags, else the class's `cloudName`, and the environment.
-    fn cloud(&self, class_cloud: Option<&str>) -> anyhow::Result<CloudDefinition> {
-        let name = self.cloud.as_deref().or(class_cloud);
-        resolve_from_process(name, self.cloud_config.as_deref())
-            .context("cannot tell which Azure cloud to use")
+    /// The cloud from the flags, else the class's `cloudName` (and `cloudEnvFileName`), and
+    /// the environment.
+    fn cloud(&self, class: Option<&ProviderClass>) -> anyhow::Result<CloudDefinition> {
+        let name = self
+            .cloud
+            .as_deref()
+            .or(class.and_then(|c| c.cloud.as_deref()));
+        let file = self
+            .cloud_config
+            .as_deref()
+            .or(class.and_then(|c| c.cloud_env_file.as_deref()));
+        resolve_from_process(name, file).context("cannot tell which Azure cloud to use")
     }
 }
 
@@ -276,7 +283,7 @@ async fn secret_target(
 
 async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let class = read_class(&args)?;
-    let cloud = args.entra.cloud(class.cloud.map(|c| c.name()))?;
+    let cloud = args.entra.cloud(Some(&class))?;
     let url = match &args.vault_url {
         Some(url) => url.clone(),
         None => vault_url(&class.keyvault_name, &cloud)?,

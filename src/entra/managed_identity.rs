@@ -576,6 +576,83 @@ mod tests {
         assert!(reqs[0].target.contains("api-version=2020-06-01"));
     }
 
+    #[tokio::test]
+    async fn cloud_shell_posts_the_resource_and_machine_learning_sends_its_secret() {
+        let server = TestServer::start(|req, _| {
+            let expires_on = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 1200;
+            match (req.method.as_str(), req.header("secret")) {
+                ("POST", None) => {
+                    assert_eq!(req.header("metadata"), Some("true"));
+                    json(200, serde_json::json!({"access_token": "shell-token", "expires_on": expires_on.to_string()}))
+                }
+                ("GET", Some("ml-secret")) => json(
+                    200,
+                    serde_json::json!({"access_token": "ml-token", "expires_on": expires_on}),
+                ),
+                _ => json(400, serde_json::json!({"error": "invalid_request"})),
+            }
+        })
+        .await;
+        let mut env = Environment {
+            msi_endpoint: Some(format!("{}/oauth2/token", server.base)),
+            ..Environment::default()
+        };
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
+        assert!(
+            matches!(source, ManagedIdentity::Hosted(ref h) if h.kind() == HostedKind::CloudShell)
+        );
+        let token = source.attempt().await.unwrap();
+        assert_eq!(token.token.expose(), "shell-token");
+        assert!(token.expires_at - token.issued_at > Duration::from_secs(1100));
+        let req = &server.requests()[0];
+        assert_eq!(req.target, "/oauth2/token");
+        assert_eq!(
+            req.body,
+            format!("resource={}", crate::entra::ARC_SERVER_APP_ID)
+        );
+        // A user-assigned identity is not Cloud Shell's to give.
+        env.client_id = Some("uami".into());
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
+        assert!(matches!(
+            source.attempt().await,
+            Err(SourceError::Unavailable(_))
+        ));
+
+        env.msi_secret = Some(Secret::new("ml-secret"));
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
+        assert_eq!(source.attempt().await.unwrap().token.expose(), "ml-token");
+        let req = server.requests().pop().unwrap();
+        assert_eq!(
+            req.target,
+            format!(
+                "/oauth2/token?api-version=2017-09-01&resource={}&clientid=uami",
+                crate::entra::ARC_SERVER_APP_ID
+            )
+        );
+    }
+
+    #[test]
+    fn https_identity_endpoints_need_a_readable_ca_bundle_when_one_is_named() {
+        let env = Environment {
+            ca_bundle: Some("/nonexistent/bundle.pem".into()),
+            ..Environment::default()
+        };
+        let err = client_for(
+            "https://127.0.0.1:1/msi/token",
+            &env,
+            HOSTED_CONNECT_TIMEOUT,
+        )
+        .err()
+        .unwrap();
+        assert!(err.reason().contains("/nonexistent/bundle.pem"), "{err:?}");
+        // Plain HTTP never reads it.
+        assert!(client_for("http://127.0.0.1:1/msi/token", &env, HOSTED_CONNECT_TIMEOUT).is_ok());
+    }
+
     #[test]
     fn himds_refuses_challenge_files_outside_the_directory_or_of_the_wrong_shape() {
         let tokens = tempfile::tempdir().unwrap();
