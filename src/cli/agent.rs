@@ -150,7 +150,9 @@ fn authenticator(
     let Some(own_token) = own_token else {
         anyhow::bail!("--auth-mode {mode:?} impersonates Entra users with the agent's own service-account token, and the cluster configuration has none: run the agent in a pod, or use a kubeconfig whose user has a token or tokenFile");
     };
-    let authority = Authority::of(&args.cloud.resolve()?);
+    let cloud = args.cloud.resolve()?;
+    tracing::info!(cloud = %cloud.name, authority = %cloud.authority_host, graph = %cloud.graph_endpoint, "Entra ID callers are validated against this cloud");
+    let authority = Authority::of(&cloud);
     let http = HttpClient::with_system_roots(None)
         .context("cannot set up TLS for Entra ID (the system trust store)")?;
     let groups = GroupResolver::new(

@@ -76,6 +76,11 @@ impl<'a> EntraCredentials<'a> {
         }
     }
 
+    /// The cloud the flags and the environment name.
+    pub(crate) fn cloud(&self) -> anyhow::Result<CloudDefinition> {
+        self.flags.cloud.resolve()
+    }
+
     /// The Entra credential for `server_app_id` (the token's audience: an app id or a resource
     /// URL such as the management API's).
     pub(crate) async fn get(

@@ -215,6 +215,8 @@ pub enum CloudError {
     Shape { path: PathBuf, reason: String },
     #[error("{what} {value:?} is not an https:// URL")]
     NotHttps { what: String, value: String },
+    #[error("the {what} is empty")]
+    Empty { what: String },
 }
 
 /// `az cloud show` / `az cloud register --cloud-config`: only the keys clusterconnect uses are
@@ -489,9 +491,8 @@ impl CloudDefinition {
         ];
         for (what, value) in empty {
             if value.is_empty() {
-                return Err(CloudError::NotHttps {
+                return Err(CloudError::Empty {
                     what: what.to_string(),
-                    value: String::new(),
                 });
             }
         }
@@ -600,6 +601,9 @@ pub fn resolve(
             what: format!("{what} (after the environment's overrides)"),
             value,
         },
+        CloudError::Empty { what } => CloudError::Empty {
+            what: format!("{what} (after the environment's overrides)"),
+        },
         other => other,
     })?;
     Ok(def)
@@ -654,11 +658,6 @@ impl Authority {
             host: cloud.authority_host.clone(),
             graph: cloud.graph_endpoint.clone(),
         }
-    }
-
-    /// The authority from `--cloud` and `AZURE_AUTHORITY_HOST`.
-    pub fn from_env(cloud: Cloud) -> Result<Authority, String> {
-        Authority::new(cloud, std::env::var("AZURE_AUTHORITY_HOST").ok().as_deref())
     }
 
     pub fn token_endpoint(&self, tenant: &str) -> String {
