@@ -499,6 +499,38 @@ impl CloudDefinition {
         Ok(())
     }
 
+    /// This cloud as a file in the `az cloud register --cloud-config` shape (with
+    /// clusterconnect's own keys), which [`CloudDefinition::from_file`] reads back: how
+    /// `connect` hands the cloud to the agent it installs.
+    pub fn to_az_json(&self) -> serde_json::Value {
+        let service_management = self
+            .arm_resources
+            .iter()
+            .find(|r| **r != self.arm_endpoint)
+            .unwrap_or(&self.arm_endpoint);
+        serde_json::json!({
+            "name": self.name,
+            "endpoints": {
+                "activeDirectory": self.authority_host,
+                "activeDirectoryV1Issuer": self.v1_issuer_host,
+                "activeDirectoryResourceId": service_management,
+                "resourceManager": self.arm_endpoint,
+                "microsoftGraphResourceId": self.graph_resource,
+                "microsoftGraphEndpoint": self.graph_endpoint,
+            },
+            "suffixes": {"keyvaultDns": format!(".{}", self.key_vault_suffix)},
+        })
+    }
+
+    /// The built-in cloud this is, unchanged, if any: then its name says it all.
+    pub fn builtin(&self) -> Option<Cloud> {
+        Cloud::ALL.into_iter().find(|c| {
+            let mut named = CloudDefinition::from(*c);
+            named.name = self.name.clone();
+            c.name().eq_ignore_ascii_case(&self.name) && named == *self
+        })
+    }
+
     /// The host in v1 access tokens' `iss`.
     pub fn v1_issuer_host(&self) -> &str {
         &self.v1_issuer_host
@@ -798,6 +830,15 @@ mod tests {
         assert!(def.is_arm_audience("https://arm.contoso.test"));
         assert!(!def.is_arm_audience("https://management.azure.com/"));
         assert_eq!(def.arm_audiences().len(), 4);
+        // What connect hands the agent reads back as the same cloud.
+        let again = dir.path().join("again.json");
+        std::fs::write(&again, def.to_az_json().to_string()).unwrap();
+        assert_eq!(CloudDefinition::from_file(&again, "x").unwrap(), def);
+        assert_eq!(def.builtin(), None);
+        assert_eq!(
+            CloudDefinition::from(Cloud::AzureChinaCloud).builtin(),
+            Some(Cloud::AzureChinaCloud)
+        );
 
         // By name, through the environment's file; a built-in name still wins.
         let env = vars(&[(CLOUD_CONFIG_ENV, path.to_str().unwrap())]);
