@@ -259,6 +259,39 @@ mod tests {
     }
 
     #[test]
+    fn a_custom_clouds_arm_audience_goes_to_its_validator_when_allowed() {
+        use crate::entra::validate::ValidatorConfig;
+        let validator = |audience: &str| {
+            Validator::new(
+                ValidatorConfig {
+                    authority: crate::entra::Authority::new(crate::entra::Cloud::default(), None)
+                        .unwrap(),
+                    server_app_id: audience.into(),
+                    tenants: vec!["t".into()],
+                    refetch_interval: std::time::Duration::ZERO,
+                },
+                crate::entra::test_server::client(),
+            )
+        };
+        let custom_arm = "https://arm.contoso.test/".to_string();
+        let mut callers = EntraCallers {
+            own: validator("api://r"),
+            audience: Some("api://r".into()),
+            arm: vec![(custom_arm.clone(), validator(&custom_arm))],
+        };
+        let chosen = callers
+            .validator_for(std::slice::from_ref(&custom_arm))
+            .unwrap();
+        assert!(std::ptr::eq(chosen, &callers.arm[0].1));
+        // Not allowed: refused as another audience, never validated as the relay's own.
+        callers.arm.clear();
+        assert!(matches!(
+            callers.validator_for(&[custom_arm]),
+            Err(AuthError::Audience { .. })
+        ));
+    }
+
+    #[test]
     fn a_tokens_audience_is_read_without_verifying_it() {
         let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
         let token = |claims: &str| format!("{}.{}.sig", b64("{}"), b64(claims));
