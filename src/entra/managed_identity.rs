@@ -124,43 +124,28 @@ fn client_for(
     env: &Environment,
     connect_timeout: Duration,
 ) -> Result<HttpClient, SourceError> {
-    let unavailable = |text: String, e: Box<dyn std::error::Error + Send + Sync>| {
-        SourceError::Unavailable(super::Reason::new(text, BoxedError(e)))
-    };
     let is_https = endpoint
         .get(..8)
         .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
     if !is_https {
-        return plain_http_client(connect_timeout, REQUEST_TIMEOUT)
-            .map_err(|e| unavailable(format!("no HTTP client for {endpoint}"), e.into()));
+        return plain_http_client(connect_timeout, REQUEST_TIMEOUT).map_err(|e| {
+            SourceError::Unavailable(super::Reason::new(
+                format!("no HTTP client for {endpoint}"),
+                e,
+            ))
+        });
     }
     let tls = crate::tls::client_config(env.ca_bundle.as_deref(), &[]).map_err(|e| {
         let bundle = match &env.ca_bundle {
             Some(path) => format!(" and the CA bundle {}", path.display()),
             None => String::new(),
         };
-        unavailable(
+        SourceError::Unavailable(super::Reason::new(
             format!("cannot trust {endpoint}: the system roots{bundle}"),
-            e.into(),
-        )
+            e,
+        ))
     })?;
     Ok(HttpClient::new(tls, connect_timeout, REQUEST_TIMEOUT))
-}
-
-/// A boxed error as a concrete type, for [`super::Reason::new`].
-#[derive(Debug)]
-struct BoxedError(Box<dyn std::error::Error + Send + Sync>);
-
-impl std::fmt::Display for BoxedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for BoxedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
-    }
 }
 
 impl Source for ManagedIdentity {
