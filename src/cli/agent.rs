@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use super::entra::CloudFlags;
 use super::RelayFlags;
 use crate::agent::heartbeat::{load_key, Heartbeat, INTERVAL as HEARTBEAT_INTERVAL};
 use crate::agent::{
@@ -24,7 +25,7 @@ use crate::entra::graph::GroupResolver;
 use crate::entra::http::HttpClient;
 use crate::entra::pop::PopPolicy;
 use crate::entra::validate::{Validator, ValidatorConfig};
-use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
+use crate::entra::{Authority, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 use crate::metrics::AgentMetrics;
 use crate::tunnel::http::error_chain;
 use crate::tunnel::protocol::RelayAddress;
@@ -73,9 +74,10 @@ pub struct Args {
     /// The Entra application whose tokens this cluster accepts (their audience).
     #[arg(long, default_value = ARC_SERVER_APP_ID)]
     pub server_app_id: String,
-    /// Azure cloud of the tenant (AZURE_AUTHORITY_HOST overrides its authority).
-    #[arg(long, default_value = "AzurePublicCloud")]
-    pub cloud: Cloud,
+    /// The tenant's cloud: its Entra authority and the Microsoft Graph the agent asks about
+    /// users in more than 200 groups.
+    #[command(flatten)]
+    pub cloud: CloudFlags,
     /// The cluster's resource id (set by `clusterconnect connect`): proof-of-possession tokens
     /// must name it in their u claim; with --agent-key-file, the agent also reports status to
     /// the relay's registry under it.
@@ -162,8 +164,9 @@ fn authenticator(
     let Some(own_token) = own_token else {
         anyhow::bail!("--auth-mode {mode:?} impersonates Entra users with the agent's own service-account token, and the cluster configuration has none: run the agent in a pod, or use a kubeconfig whose user has a token or tokenFile");
     };
-    let authority = Authority::from_env(args.cloud)
-        .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+    let cloud = args.cloud.resolve()?;
+    tracing::info!(cloud = %cloud.name, authority = %cloud.authority_host, graph = %cloud.graph_endpoint, "Entra ID callers are validated against this cloud");
+    let authority = Authority::of(&cloud);
     let http = HttpClient::with_system_roots(None)
         .context("cannot set up TLS for Entra ID (the system trust store)")?;
     let groups = GroupResolver::new(
@@ -231,7 +234,7 @@ fn graph_credential(
     let opts = ChainOptions {
         authority: authority.clone(),
         tenant: env.tenant_id.clone().or_else(|| Some(tenant.to_string())),
-        server_app_id: authority.graph.clone(),
+        server_app_id: authority.cloud.graph_resource.clone(),
         client_app_id: ARC_CLIENT_APP_ID.to_string(),
         only: None,
         interactive: false,

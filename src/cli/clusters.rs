@@ -331,7 +331,6 @@ mod tests {
 
     use super::super::{Cli, Command};
     use crate::entra::chain::SourceKind;
-    use crate::entra::Cloud;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(
@@ -363,11 +362,14 @@ mod tests {
             panic!("not proxy")
         };
         assert_eq!(args.clusters.entra.auth, Some(SourceKind::AzureCli));
-        assert_eq!(args.clusters.entra.cloud, Cloud::AzureChinaCloud);
+        assert_eq!(
+            args.clusters.entra.cloud.cloud.as_deref(),
+            Some("AzureChinaCloud")
+        );
         let Command::Proxy(args) = parse(&[]).unwrap().command else {
             panic!("not proxy")
         };
-        assert_eq!(args.clusters.entra.cloud, Cloud::AzurePublicCloud);
+        assert_eq!(args.clusters.entra.cloud.cloud, None);
         let err = parse(&["--auth", "env", "--token-file", "t"])
             .err()
             .unwrap();

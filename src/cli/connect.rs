@@ -197,6 +197,16 @@ fn dry_run(args: &ConnectArgs, request: &ConnectRequest) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cloud the agent validates Entra callers in: this command's (`--cloud`,
+/// `--cloud-config`), when the agent accepts Entra callers at all and it is not the public one.
+fn agent_cloud(args: &ConnectArgs) -> anyhow::Result<Option<crate::entra::CloudDefinition>> {
+    if args.agent_tenants.is_empty() {
+        return Ok(None);
+    }
+    let cloud = args.at.entra.cloud.resolve()?;
+    Ok((cloud != crate::entra::CloudDefinition::default()).then_some(cloud))
+}
+
 pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     let id = args
         .at
@@ -225,6 +235,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             .unwrap_or_else(manifests::default_image),
         tenants: tenants(&args.agent_tenants)?,
         relay_ca,
+        cloud: agent_cloud(&args)?,
         timeout: args.timeout,
     };
     if args.dry_run {

@@ -3,16 +3,18 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 
 use crate::auth::CredentialSource;
 use crate::entra::chain::{self, ChainOptions, Environment, SourceKind};
+use crate::entra::cloud::resolve_from_process;
 use crate::entra::device_code::StderrPrompt;
 use crate::entra::http::HttpClient;
 use crate::entra::pop::{KeyRing, PopCredential};
-use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
+use crate::entra::{Authority, CloudDefinition, ARC_CLIENT_APP_ID, ARC_SERVER_APP_ID};
 
 /// How to sign in to Entra ID (the proxy's apiserver credential, the management API).
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -29,10 +31,33 @@ pub struct EntraFlags {
     /// device code].
     #[arg(long)]
     pub tenant: Option<String>,
-    /// Azure cloud whose Entra authority to use (AZURE_AUTHORITY_HOST overrides the host):
-    /// AzurePublicCloud, AzureUSGovernmentCloud or AzureChinaCloud.
-    #[arg(long, default_value = "AzurePublicCloud")]
-    pub cloud: Cloud,
+    #[command(flatten)]
+    pub cloud: CloudFlags,
+}
+
+/// Which Azure cloud: every command that talks to Entra ID, Graph, Key Vault or ARM takes these.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct CloudFlags {
+    /// Azure cloud: AzurePublicCloud [default], AzureUSGovernmentCloud, AzureChinaCloud, or the
+    /// name of the cloud --cloud-config describes (AzureStackCloud also reads
+    /// AZURE_ENVIRONMENT_FILEPATH, as kubelogin does).
+    #[arg(long, value_name = "NAME")]
+    pub cloud: Option<String>,
+    /// A custom cloud's endpoints, as JSON in the shape `az cloud register --cloud-config` takes
+    /// and `az cloud show` prints [default: CLUSTERCONNECT_CLOUD_CONFIG]. AZURE_AUTHORITY_HOST,
+    /// CLUSTERCONNECT_GRAPH_ENDPOINT, CLUSTERCONNECT_GRAPH_RESOURCE,
+    /// CLUSTERCONNECT_KEYVAULT_DNS_SUFFIX, CLUSTERCONNECT_KEYVAULT_RESOURCE,
+    /// CLUSTERCONNECT_ARM_ENDPOINT and CLUSTERCONNECT_ARM_RESOURCE override single endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub cloud_config: Option<PathBuf>,
+}
+
+impl CloudFlags {
+    /// The cloud these flags and the environment name.
+    pub fn resolve(&self) -> anyhow::Result<CloudDefinition> {
+        resolve_from_process(self.cloud.as_deref(), self.cloud_config.as_deref())
+            .context("cannot tell which Azure cloud to use")
+    }
 }
 
 /// The Entra credentials of one start-up: one chain per server app, shared by its clusters so
@@ -54,6 +79,11 @@ impl<'a> EntraCredentials<'a> {
             by_server_app: HashMap::new(),
             pop_by_server_app: HashMap::new(),
         }
+    }
+
+    /// The cloud the flags and the environment name.
+    pub(crate) fn cloud(&self) -> anyhow::Result<CloudDefinition> {
+        self.flags.cloud.resolve()
     }
 
     /// The Entra credential for `server_app_id` (the token's audience: an app id or a resource
@@ -110,8 +140,7 @@ impl<'a> EntraCredentials<'a> {
         pop: Option<Arc<KeyRing>>,
     ) -> anyhow::Result<ChainOptions> {
         let flags = self.flags;
-        let authority = Authority::from_env(flags.cloud)
-            .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+        let authority = Authority::of(&flags.cloud.resolve()?);
         let http = HttpClient::with_system_roots(None)
             .context("cannot set up TLS for Entra ID (the system trust store)")?;
         Ok(ChainOptions {

@@ -75,7 +75,10 @@ impl RegistryAccess {
         let auth = match &self.admin_key_file {
             Some(path) => ManagementAuth::Key(SasKey::from_file(path)?),
             None => {
-                if is_arm_audience(&self.relay_audience) {
+                let own_clouds_arm = entra
+                    .cloud()
+                    .is_ok_and(|c| c.is_arm_audience(&self.relay_audience));
+                if is_arm_audience(&self.relay_audience) || own_clouds_arm {
                     eprintln!(
                         "warning: --relay-audience {} is Azure Resource Manager's: this sends the relay a token valid against Azure (relays refuse it unless their operator set allow_arm_audience)",
                         self.relay_audience

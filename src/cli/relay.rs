@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::entra::cloud::resolve_from_process;
 use crate::entra::http::HttpClient;
 use crate::entra::validate::{Validator, ValidatorConfig};
-use crate::entra::{Authority, Cloud};
+use crate::entra::{Authority, CloudDefinition};
 use crate::metrics::RelayMetrics;
 use crate::onboard::manifests::default_image;
 use crate::onboard::relay_manifests::{self, RelaySpec, DEFAULT_RELAY_NAMESPACE, TLS_SECRET};
@@ -266,7 +267,7 @@ fn open_registry(
     );
     let entra = match &file.entra {
         None => None,
-        Some(e) => Some(management_validator(e).context("relay config [entra]")?),
+        Some(e) => Some(management_validator(e, base).context("relay config [entra]")?),
     };
     if args.check {
         return Ok(None);
@@ -276,12 +277,11 @@ fn open_registry(
 
 /// Who may call the management API with an Entra token: tokens for `[entra] audience`, and
 /// ARM's only with `allow_arm_audience`.
-fn management_validator(e: &EntraFile) -> anyhow::Result<EntraCallers> {
-    let audience = management_audience(e)?;
-    let cloud: Cloud = match &e.cloud {
-        Some(c) => c.parse().map_err(|m: String| anyhow::anyhow!(m))?,
-        None => Cloud::default(),
-    };
+fn management_validator(e: &EntraFile, base: &Path) -> anyhow::Result<EntraCallers> {
+    let config = e.cloud_config.as_ref().map(|p| base.join(p));
+    let cloud = resolve_from_process(e.cloud.as_deref(), config.as_deref())
+        .context("cannot tell which Azure cloud to use (cloud, cloud_config)")?;
+    let audience = management_audience(e, &cloud)?;
     let mut tenants = Vec::new();
     for t in &e.tenants {
         let id = uuid::Uuid::parse_str(t.trim())
@@ -293,8 +293,7 @@ fn management_validator(e: &EntraFile) -> anyhow::Result<EntraCallers> {
             "tenants is empty: name the Entra tenant ids whose principals may register clusters"
         );
     }
-    let authority = Authority::from_env(cloud)
-        .map_err(|m| anyhow::anyhow!("{m}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+    let authority = Authority::of(&cloud);
     let http = HttpClient::with_system_roots(None)?;
     let validator = |server_app_id: String| {
         Validator::new(
@@ -308,7 +307,7 @@ fn management_validator(e: &EntraFile) -> anyhow::Result<EntraCallers> {
         )
     };
     let arm = if e.allow_arm_audience {
-        arm_audiences_of(cloud)
+        arm_audiences_of(cloud.clone())
             .into_iter()
             .map(|a| (a.clone(), validator(a)))
             .collect()
@@ -324,14 +323,14 @@ fn management_validator(e: &EntraFile) -> anyhow::Result<EntraCallers> {
 
 /// `[entra] audience`: required, and not Azure Resource Manager's unless the operator accepts
 /// ARM tokens anyway.
-fn management_audience(e: &EntraFile) -> anyhow::Result<String> {
+fn management_audience(e: &EntraFile, cloud: &CloudDefinition) -> anyhow::Result<String> {
     let audience = e.audience.as_deref().map(str::trim).unwrap_or_default();
     if audience.is_empty() {
         anyhow::bail!(
             "audience is not set: set it to the management API's own Entra application, its application ID URI or application (client) id, e.g. audience = \"api://clusterconnect-relay\"; clients sign in for it with --relay-audience (CLUSTERCONNECT_RELAY_AUDIENCE)"
         );
     }
-    if is_arm_audience(audience) && !e.allow_arm_audience {
+    if (is_arm_audience(audience) || cloud.is_arm_audience(audience)) && !e.allow_arm_audience {
         anyhow::bail!(
             "audience {audience:?} is Azure Resource Manager's: clients would send this relay tokens that are valid against Azure; set the management API's own application ID URI or client id (e.g. \"api://clusterconnect-relay\"), or allow_arm_audience = true to accept ARM tokens (weaker)"
         );
@@ -345,7 +344,7 @@ mod tests {
 
     fn entra(toml: &str) -> anyhow::Result<EntraCallers> {
         let file: RelayFile = toml::from_str(toml).expect("toml");
-        management_validator(file.entra.as_ref().expect("[entra]"))
+        management_validator(file.entra.as_ref().expect("[entra]"), Path::new(""))
     }
 
     const TENANT: &str = "tenants = [\"72f988bf-86f1-41af-91ab-2d7cd011db47\"]\n";
@@ -376,5 +375,42 @@ mod tests {
         let accepted: Vec<&str> = allowed.arm.iter().map(|(a, _)| a.as_str()).collect();
         assert!(accepted.contains(&"https://management.core.windows.net/"));
         assert!(accepted.contains(&"https://management.azure.com"));
+    }
+
+    #[test]
+    fn a_custom_clouds_arm_is_the_arm_audience_a_relay_may_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cloud.json"),
+            r#"{"name": "Contoso", "endpoints": {"activeDirectory": "https://login.contoso.test",
+                "resourceManager": "https://arm.contoso.test/",
+                "activeDirectoryResourceId": "https://management.contoso.test/",
+                "microsoftGraphResourceId": "https://graph.contoso.test/"},
+                "suffixes": {"keyvaultDns": ".vault.contoso.test"}}"#,
+        )
+        .unwrap();
+        let entra = |extra: &str| {
+            let file: RelayFile = toml::from_str(&format!(
+                "[entra]\n{TENANT}cloud_config = \"cloud.json\"\n{extra}"
+            ))
+            .expect("toml");
+            management_validator(file.entra.as_ref().expect("[entra]"), dir.path())
+        };
+        let err = entra("audience = \"https://arm.contoso.test\"\n")
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("allow_arm_audience"), "{err:#}");
+        let allowed = entra("audience = \"api://r\"\nallow_arm_audience = true\n").unwrap();
+        let accepted: Vec<&str> = allowed.arm.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(
+            accepted,
+            [
+                "https://management.contoso.test/",
+                "https://management.contoso.test",
+                "https://arm.contoso.test/",
+                "https://arm.contoso.test"
+            ]
+        );
+        assert!(entra("cloud = \"Fabrikam\"\naudience = \"api://r\"\n").is_err());
     }
 }

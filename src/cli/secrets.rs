@@ -13,9 +13,10 @@ use kube::Api;
 use tokio_util::sync::CancellationToken;
 
 use crate::entra::chain::{Environment, SourceKind};
+use crate::entra::cloud::resolve_from_process;
 use crate::entra::device_code::StderrPrompt;
 use crate::entra::http::HttpClient;
-use crate::entra::{Authority, Cloud, ARC_CLIENT_APP_ID};
+use crate::entra::{Authority, CloudDefinition, ARC_CLIENT_APP_ID};
 use crate::secrets::credential::{read_credentials_secret, ChainCredentials};
 use crate::secrets::keyvault::{
     parse_id, vault_url, Format, KeyVaultClient, ObjectRef, ObjectType,
@@ -46,10 +47,31 @@ pub struct EntraFlags {
     /// vault's own tenant (from its challenge) is used when they differ.
     #[arg(long)]
     pub tenant: Option<String>,
-    /// Azure cloud: AzurePublicCloud, AzureUSGovernmentCloud or AzureChinaCloud [default: the
-    /// class's cloudName, else AzurePublicCloud]. AZURE_AUTHORITY_HOST overrides Entra's host.
-    #[arg(long)]
-    pub cloud: Option<Cloud>,
+    /// Azure cloud: AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud or the name of the
+    /// cloud --cloud-config describes [default: the class's cloudName, else AzurePublicCloud].
+    #[arg(long, value_name = "NAME")]
+    pub cloud: Option<String>,
+    /// A custom cloud's endpoints, as JSON in the shape `az cloud register --cloud-config` takes
+    /// [default: CLUSTERCONNECT_CLOUD_CONFIG]; its keyvaultDns suffix names vaults. See
+    /// `clusterconnect proxy --help` for the variables that override single endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub cloud_config: Option<PathBuf>,
+}
+
+impl EntraFlags {
+    /// The cloud from the flags, else the class's `cloudName` (and `cloudEnvFileName`), and
+    /// the environment.
+    fn cloud(&self, class: Option<&ProviderClass>) -> anyhow::Result<CloudDefinition> {
+        let name = self
+            .cloud
+            .as_deref()
+            .or(class.and_then(|c| c.cloud.as_deref()));
+        let file = self
+            .cloud_config
+            .as_deref()
+            .or(class.and_then(|c| c.cloud_env_file.as_deref()));
+        resolve_from_process(name, file).context("cannot tell which Azure cloud to use")
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -133,11 +155,10 @@ pub async fn run(cmd: Command, shutdown: CancellationToken) -> anyhow::Result<u8
 
 fn credentials(
     flags: &EntraFlags,
-    cloud: Cloud,
+    cloud: &CloudDefinition,
     tenant: Option<String>,
 ) -> anyhow::Result<(HttpClient, ChainCredentials)> {
-    let authority = Authority::from_env(cloud)
-        .map_err(|e| anyhow::anyhow!("{e}; fix AZURE_AUTHORITY_HOST or unset it"))?;
+    let authority = Authority::of(cloud);
     let http = HttpClient::with_system_roots(None)
         .context("cannot set up TLS for Entra ID and Key Vault (the system trust store)")?;
     let creds = ChainCredentials {
@@ -159,13 +180,13 @@ fn credentials(
 }
 
 async fn get(args: GetArgs) -> anyhow::Result<u8> {
-    let cloud = args.entra.cloud.unwrap_or_default();
+    let cloud = args.entra.cloud(None)?;
     let (url, object) = match &args.id {
         Some(id) => parse_id(id)?,
         None => {
             let vault = args.vault.as_deref().unwrap_or_default();
             (
-                vault_url(vault, cloud)?,
+                vault_url(vault, &cloud)?,
                 ObjectRef {
                     kind: args.object_type,
                     name: args.name.clone().unwrap_or_default(),
@@ -174,8 +195,8 @@ async fn get(args: GetArgs) -> anyhow::Result<u8> {
             )
         }
     };
-    let (http, creds) = credentials(&args.entra, cloud, None)?;
-    let client = KeyVaultClient::new(http, &url, Arc::new(creds))?;
+    let (http, creds) = credentials(&args.entra, &cloud, None)?;
+    let client = KeyVaultClient::new(http, &url, Arc::new(creds))?.with_cloud(&cloud);
     let fetched = client.fetch(&object, args.format).await?;
     tracing::debug!(vault = %client.vault(), object = %object, version = %fetched.version, "fetched");
     let value = fetched.value.expose();
@@ -262,19 +283,19 @@ async fn secret_target(
 
 async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let class = read_class(&args)?;
-    let cloud = args.entra.cloud.or(class.cloud).unwrap_or_default();
+    let cloud = args.entra.cloud(Some(&class))?;
     let url = match &args.vault_url {
         Some(url) => url.clone(),
-        None => vault_url(&class.keyvault_name, cloud)?,
+        None => vault_url(&class.keyvault_name, &cloud)?,
     };
-    let (http, mut creds) = credentials(&args.entra, cloud, class.tenant_id.clone())?;
+    let (http, mut creds) = credentials(&args.entra, &cloud, class.tenant_id.clone())?;
     creds.use_identity(&class.identity);
     let secrets = if uses_k8s(&args, &class) {
         Some(secret_target(&args, &class, &mut creds).await?)
     } else {
         None
     };
-    let client = KeyVaultClient::new(http, &url, Arc::new(creds))?;
+    let client = KeyVaultClient::new(http, &url, Arc::new(creds))?.with_cloud(&cloud);
     let vault = client.vault().to_string();
     let objects = class.objects.len();
     let mut syncer = Syncer::new(

@@ -102,11 +102,16 @@ impl HttpClient {
         HttpClient { client, timeout }
     }
 
-    /// The system roots plus `extra_ca` (a TLS-inspection or test CA).
+    /// The system roots plus `extra_ca` (a TLS-inspection or test CA), else plus the
+    /// environment's `REQUESTS_CA_BUNDLE`, which azure-identity for Python honors.
+    /// (`SSL_CERT_FILE` and `SSL_CERT_DIR` are read with the system roots already.)
     pub fn with_system_roots(
         extra_ca: Option<&std::path::Path>,
     ) -> Result<Self, crate::tls::TlsError> {
-        let tls = crate::tls::client_config(extra_ca, &[])?;
+        let bundle = std::env::var_os("REQUESTS_CA_BUNDLE")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from);
+        let tls = crate::tls::client_config(extra_ca.or(bundle.as_deref()), &[])?;
         Ok(HttpClient::new(
             tls,
             Duration::from_secs(10),

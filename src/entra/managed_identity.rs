@@ -1,5 +1,15 @@
-//! Managed identity: Azure's Instance Metadata Service (VMs, VM scale sets, AKS nodes) or, on an
-//! Arc-enabled server, the Hybrid IMDS (HIMDS) of the Connected Machine agent.
+//! Managed identity: Azure's Instance Metadata Service (VMs, VM scale sets, AKS nodes), on an
+//! Arc-enabled server the Hybrid IMDS (HIMDS) of the Connected Machine agent, and the hosted
+//! endpoints of App Service (Functions, Container Apps), Cloud Shell and Azure Machine Learning.
+//! Which one is read from the environment in azure-identity's order: Service Fabric
+//! (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`, `IDENTITY_SERVER_THUMBPRINT`: not supported), App
+//! Service (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`), Arc (`IDENTITY_ENDPOINT`, `IMDS_ENDPOINT`),
+//! Azure Machine Learning (`MSI_ENDPOINT`, `MSI_SECRET`), Cloud Shell (`MSI_ENDPOINT`), else
+//! IMDS (`AZURE_POD_IDENTITY_AUTHORITY_HOST` or 169.254.169.254).
+//!
+//! These endpoints are plain HTTP on link-local and loopback addresses in Azure. Where one
+//! speaks https instead, it is trusted through the system roots plus the environment's CA
+//! bundle (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`).
 //!
 //! IMDS is a plain-HTTP GET with `Metadata: true`. Off Azure nothing answers at its link-local
 //! address, so the first request connects with a one-second limit and the chain moves on.
@@ -37,41 +47,105 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// azure-identity's limit on the challenge file; the agent writes far less.
 const MAX_CHALLENGE_BYTES: u64 = 4096;
 
+/// App Service's token API; the header carries `IDENTITY_HEADER`.
+const APP_SERVICE_API: &str = "2019-08-01";
+/// Azure Machine Learning's; the `secret` header carries `MSI_SECRET`.
+const MACHINE_LEARNING_API: &str = "2017-09-01";
+/// Hosted endpoints are local to the host: a connection that takes longer is not coming.
+const HOSTED_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub enum ManagedIdentity {
     Imds(Imds),
     Arc(Himds),
+    Hosted(Hosted),
 }
 
 impl ManagedIdentity {
-    /// HIMDS when the Arc agent's variables are set, IMDS otherwise. Never "not configured":
-    /// whether IMDS exists is only known by asking it.
+    /// The endpoint the environment names, in azure-identity's order; IMDS when it names none.
+    /// Never "not configured": whether IMDS exists is only known by asking it.
     pub fn from_env(
         env: &Environment,
         opts: &ChainOptions,
     ) -> Result<ManagedIdentity, SourceError> {
-        Ok(match (&env.identity_endpoint, &env.imds_endpoint) {
-            (Some(endpoint), Some(_)) => ManagedIdentity::Arc(Himds {
-                http: opts.http.with_timeout(REQUEST_TIMEOUT),
+        let hosted = |kind: HostedKind, endpoint: &String, secret: Option<&Secret>| {
+            Ok::<_, SourceError>(ManagedIdentity::Hosted(Hosted {
+                kind,
+                http: client_for(endpoint, env, HOSTED_CONNECT_TIMEOUT)?,
                 endpoint: endpoint.clone(),
-                resource: opts.server_app_id.clone(),
-                challenge_dir: env.himds_challenge_dir.clone(),
-            }),
-            _ => ManagedIdentity::Imds(Imds {
-                http: plain_http_client(PROBE_CONNECT_TIMEOUT, REQUEST_TIMEOUT).map_err(|e| {
-                    SourceError::Unavailable(super::Reason::new("no HTTP client for IMDS", e))
-                })?,
-                base: env
-                    .imds_base
-                    .clone()
-                    .unwrap_or_else(|| IMDS_BASE.to_string())
-                    .trim_end_matches('/')
-                    .to_string(),
+                secret: secret.cloned(),
                 resource: opts.server_app_id.clone(),
                 client_id: env.client_id.clone(),
-                answered: AtomicBool::new(false),
-            }),
-        })
+            }))
+        };
+        if let Some(endpoint) = &env.identity_endpoint {
+            if let Some(header) = &env.identity_header {
+                if env.identity_server_thumbprint.is_some() {
+                    return Err(SourceError::Unavailable(
+                        "Service Fabric's managed identity (IDENTITY_SERVER_THUMBPRINT is set) is not supported; use a service principal or workload identity".into(),
+                    ));
+                }
+                return hosted(HostedKind::AppService, endpoint, Some(header));
+            }
+            if env.imds_endpoint.is_some() {
+                return Ok(ManagedIdentity::Arc(Himds {
+                    http: client_for(endpoint, env, HOSTED_CONNECT_TIMEOUT)?,
+                    endpoint: endpoint.clone(),
+                    resource: opts.server_app_id.clone(),
+                    challenge_dir: env.himds_challenge_dir.clone(),
+                }));
+            }
+        }
+        if let Some(endpoint) = &env.msi_endpoint {
+            return match &env.msi_secret {
+                Some(secret) => hosted(HostedKind::MachineLearning, endpoint, Some(secret)),
+                None => hosted(HostedKind::CloudShell, endpoint, None),
+            };
+        }
+        let base = env
+            .imds_base
+            .clone()
+            .unwrap_or_else(|| IMDS_BASE.to_string())
+            .trim_end_matches('/')
+            .to_string();
+        Ok(ManagedIdentity::Imds(Imds {
+            http: client_for(&base, env, PROBE_CONNECT_TIMEOUT)?,
+            base,
+            resource: opts.server_app_id.clone(),
+            client_id: env.client_id.clone(),
+            answered: AtomicBool::new(false),
+        }))
     }
+}
+
+/// A client for one identity endpoint: plain HTTP as in Azure, or https trusting the system
+/// roots and the environment's CA bundle.
+fn client_for(
+    endpoint: &str,
+    env: &Environment,
+    connect_timeout: Duration,
+) -> Result<HttpClient, SourceError> {
+    let is_https = endpoint
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    if !is_https {
+        return plain_http_client(connect_timeout, REQUEST_TIMEOUT).map_err(|e| {
+            SourceError::Unavailable(super::Reason::new(
+                format!("no HTTP client for {endpoint}"),
+                e,
+            ))
+        });
+    }
+    let tls = crate::tls::client_config(env.ca_bundle.as_deref(), &[]).map_err(|e| {
+        let bundle = match &env.ca_bundle {
+            Some(path) => format!(" and the CA bundle {}", path.display()),
+            None => String::new(),
+        };
+        SourceError::Unavailable(super::Reason::new(
+            format!("cannot trust {endpoint}: the system roots{bundle}"),
+            e,
+        ))
+    })?;
+    Ok(HttpClient::new(tls, connect_timeout, REQUEST_TIMEOUT))
 }
 
 impl Source for ManagedIdentity {
@@ -83,6 +157,7 @@ impl Source for ManagedIdentity {
         match self {
             ManagedIdentity::Imds(imds) => Box::pin(imds.get()),
             ManagedIdentity::Arc(himds) => Box::pin(himds.get()),
+            ManagedIdentity::Hosted(hosted) => Box::pin(hosted.get()),
         }
     }
 }
@@ -168,6 +243,95 @@ impl Imds {
 fn is_json(resp: &HttpResponse) -> bool {
     resp.header("content-type")
         .is_some_and(|c| c.contains("json"))
+}
+
+/// The hosted services' endpoints: one request, answered with a token or an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostedKind {
+    AppService,
+    CloudShell,
+    MachineLearning,
+}
+
+impl HostedKind {
+    fn name(self) -> &'static str {
+        match self {
+            HostedKind::AppService => "App Service managed identity",
+            HostedKind::CloudShell => "Cloud Shell managed identity",
+            HostedKind::MachineLearning => "Azure Machine Learning managed identity",
+        }
+    }
+}
+
+pub struct Hosted {
+    kind: HostedKind,
+    http: HttpClient,
+    endpoint: String,
+    /// `IDENTITY_HEADER` or `MSI_SECRET`: proves the caller runs on the host.
+    secret: Option<Secret>,
+    resource: String,
+    /// A user-assigned identity's client id (`AZURE_CLIENT_ID`).
+    client_id: Option<String>,
+}
+
+impl Hosted {
+    pub fn kind(&self) -> HostedKind {
+        self.kind
+    }
+
+    async fn get(&self) -> Result<ExpiringToken, SourceError> {
+        let name = self.kind.name();
+        let secret = self.secret.as_ref().map(|s| s.expose()).unwrap_or_default();
+        let (url, resp) = match self.kind {
+            HostedKind::CloudShell => {
+                if self.client_id.is_some() {
+                    // Cloud Shell has only the signed-in user's identity (azure-identity's rule).
+                    return Err(SourceError::Unavailable(
+                        format!("{name}: Cloud Shell has no user-assigned identities, and AZURE_CLIENT_ID names one").into(),
+                    ));
+                }
+                let url = self.endpoint.clone();
+                let resp = self
+                    .http
+                    .post_form(
+                        &url,
+                        &[("Metadata", "true")],
+                        &[("resource", &self.resource)],
+                    )
+                    .await;
+                (url, resp)
+            }
+            HostedKind::AppService | HostedKind::MachineLearning => {
+                let (api, header, client_param) = match self.kind {
+                    HostedKind::AppService => (APP_SERVICE_API, "X-IDENTITY-HEADER", "client_id"),
+                    _ => (MACHINE_LEARNING_API, "secret", "clientid"),
+                };
+                let query = {
+                    let mut query = url::form_urlencoded::Serializer::new(String::new());
+                    query.append_pair("api-version", api);
+                    query.append_pair("resource", &self.resource);
+                    if let Some(id) = &self.client_id {
+                        query.append_pair(client_param, id);
+                    }
+                    query.finish()
+                };
+                let separator = if self.endpoint.contains('?') {
+                    '&'
+                } else {
+                    '?'
+                };
+                let url = format!("{}{separator}{query}", self.endpoint);
+                let resp = self.http.get(&url, &[(header, secret)]).await;
+                (url, resp)
+            }
+        };
+        let resp = resp.map_err(|e| {
+            SourceError::Unavailable(super::Reason::new(format!("{name} is not reachable"), e))
+        })?;
+        decode::<TokenResponse>(&url, &resp)
+            .map(|t| t.into_expiring().0)
+            .map_err(|e: EndpointError| e.into_source_error(name))
+    }
 }
 
 pub struct Himds {
@@ -395,6 +559,83 @@ mod tests {
         let reqs = server.requests();
         assert_eq!(reqs.len(), 2, "one challenge, one answer");
         assert!(reqs[0].target.contains("api-version=2020-06-01"));
+    }
+
+    #[tokio::test]
+    async fn cloud_shell_posts_the_resource_and_machine_learning_sends_its_secret() {
+        let server = TestServer::start(|req, _| {
+            let expires_on = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 1200;
+            match (req.method.as_str(), req.header("secret")) {
+                ("POST", None) => {
+                    assert_eq!(req.header("metadata"), Some("true"));
+                    json(200, serde_json::json!({"access_token": "shell-token", "expires_on": expires_on.to_string()}))
+                }
+                ("GET", Some("ml-secret")) => json(
+                    200,
+                    serde_json::json!({"access_token": "ml-token", "expires_on": expires_on}),
+                ),
+                _ => json(400, serde_json::json!({"error": "invalid_request"})),
+            }
+        })
+        .await;
+        let mut env = Environment {
+            msi_endpoint: Some(format!("{}/oauth2/token", server.base)),
+            ..Environment::default()
+        };
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
+        assert!(
+            matches!(source, ManagedIdentity::Hosted(ref h) if h.kind() == HostedKind::CloudShell)
+        );
+        let token = source.attempt().await.unwrap();
+        assert_eq!(token.token.expose(), "shell-token");
+        assert!(token.expires_at - token.issued_at > Duration::from_secs(1100));
+        let req = &server.requests()[0];
+        assert_eq!(req.target, "/oauth2/token");
+        assert_eq!(
+            req.body,
+            format!("resource={}", crate::entra::ARC_SERVER_APP_ID)
+        );
+        // A user-assigned identity is not Cloud Shell's to give.
+        env.client_id = Some("uami".into());
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
+        assert!(matches!(
+            source.attempt().await,
+            Err(SourceError::Unavailable(_))
+        ));
+
+        env.msi_secret = Some(Secret::new("ml-secret"));
+        let source = ManagedIdentity::from_env(&env, &options(&server.base)).unwrap();
+        assert_eq!(source.attempt().await.unwrap().token.expose(), "ml-token");
+        let req = server.requests().pop().unwrap();
+        assert_eq!(
+            req.target,
+            format!(
+                "/oauth2/token?api-version=2017-09-01&resource={}&clientid=uami",
+                crate::entra::ARC_SERVER_APP_ID
+            )
+        );
+    }
+
+    #[test]
+    fn https_identity_endpoints_need_a_readable_ca_bundle_when_one_is_named() {
+        let env = Environment {
+            ca_bundle: Some("/nonexistent/bundle.pem".into()),
+            ..Environment::default()
+        };
+        let err = client_for(
+            "https://127.0.0.1:1/msi/token",
+            &env,
+            HOSTED_CONNECT_TIMEOUT,
+        )
+        .err()
+        .unwrap();
+        assert!(err.reason().contains("/nonexistent/bundle.pem"), "{err:?}");
+        // Plain HTTP never reads it.
+        assert!(client_for("http://127.0.0.1:1/msi/token", &env, HOSTED_CONNECT_TIMEOUT).is_ok());
     }
 
     #[test]

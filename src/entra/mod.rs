@@ -32,7 +32,7 @@ use serde::Deserialize;
 use crate::auth::refresh::ExpiringToken;
 use crate::secret::Secret;
 
-pub use cloud::{Authority, Cloud};
+pub use cloud::{Authority, Cloud, CloudDefinition};
 
 /// The Azure Arc server application: the audience of tokens for cluster connect.
 pub const ARC_SERVER_APP_ID: &str = "6256c85f-0aad-4d50-b960-e6e9b21efe35";
@@ -44,12 +44,15 @@ pub fn default_scope(resource: &str) -> String {
     format!("{}/.default", resource.trim_end_matches('/'))
 }
 
-/// A successful answer from a token endpoint (v2 fields; IMDS sends numbers as strings).
+/// A successful answer from a token endpoint (v2 fields; IMDS sends numbers as strings, and
+/// App Service and Cloud Shell only `expires_on`, in Unix seconds).
 #[derive(Deserialize)]
 pub struct TokenResponse {
     pub access_token: String,
     #[serde(default, deserialize_with = "number_or_string")]
     pub expires_in: Option<u64>,
+    #[serde(default, deserialize_with = "number_or_string")]
+    pub expires_on: Option<u64>,
     #[serde(default)]
     pub refresh_token: Option<String>,
 }
@@ -57,7 +60,15 @@ pub struct TokenResponse {
 impl TokenResponse {
     pub fn into_expiring(self) -> (ExpiringToken, Option<Secret>) {
         // Entra always says; an hour is its usual lifetime when a source does not.
-        let lifetime = Duration::from_secs(self.expires_in.unwrap_or(3600));
+        let from_expires_on = || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            self.expires_on.map(|on| on.saturating_sub(now))
+        };
+        let lifetime =
+            Duration::from_secs(self.expires_in.or_else(from_expires_on).unwrap_or(3600));
         (
             ExpiringToken::new(Secret::new(self.access_token), lifetime),
             self.refresh_token.map(Secret::new),
@@ -193,6 +204,18 @@ mod tests {
                 .unwrap();
         assert_eq!(entra.expires_in, Some(3599));
         assert!(entra.refresh_token.is_some());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let app_service: TokenResponse = serde_json::from_str(&format!(
+            r#"{{"access_token":"a","expires_on":"{}","resource":"r","token_type":"Bearer"}}"#,
+            now + 600
+        ))
+        .unwrap();
+        let (token, _) = app_service.into_expiring();
+        let lifetime = token.expires_at - token.issued_at;
+        assert!(lifetime <= Duration::from_secs(600) && lifetime >= Duration::from_secs(590));
         let e: OAuthError = serde_json::from_str(
             r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret.\r\nTrace ID: x"}"#,
         )

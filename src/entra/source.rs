@@ -126,9 +126,20 @@ pub struct Environment {
     pub federated_token_file: Option<PathBuf>,
     /// `AZURE_POD_IDENTITY_AUTHORITY_HOST`: IMDS somewhere other than 169.254.169.254.
     pub imds_base: Option<String>,
-    /// `IDENTITY_ENDPOINT` and `IMDS_ENDPOINT`: both set on an Arc-enabled server.
+    /// `IDENTITY_ENDPOINT` and `IMDS_ENDPOINT`: both set on an Arc-enabled server;
+    /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` in App Service, Functions and Container Apps.
     pub identity_endpoint: Option<String>,
     pub imds_endpoint: Option<String>,
+    /// `IDENTITY_HEADER`: the secret App Service expects back in `X-IDENTITY-HEADER`.
+    pub identity_header: Option<Secret>,
+    /// `IDENTITY_SERVER_THUMBPRINT`: set (with the two above) in Service Fabric.
+    pub identity_server_thumbprint: Option<String>,
+    /// `MSI_ENDPOINT`: Cloud Shell's; with `MSI_SECRET`, Azure Machine Learning's.
+    pub msi_endpoint: Option<String>,
+    pub msi_secret: Option<Secret>,
+    /// `SSL_CERT_FILE`, else `REQUESTS_CA_BUNDLE` (which azure-identity for Python honors):
+    /// CAs trusted besides the system's wherever a managed identity endpoint speaks https.
+    pub ca_bundle: Option<PathBuf>,
     /// Where HIMDS challenge files may be read from.
     pub himds_challenge_dir: PathBuf,
     /// `PATH`, to find `az`.
@@ -153,6 +164,13 @@ impl Environment {
             imds_base: var("AZURE_POD_IDENTITY_AUTHORITY_HOST"),
             identity_endpoint: var("IDENTITY_ENDPOINT"),
             imds_endpoint: var("IMDS_ENDPOINT"),
+            identity_header: var("IDENTITY_HEADER").map(Secret::new),
+            identity_server_thumbprint: var("IDENTITY_SERVER_THUMBPRINT"),
+            msi_endpoint: var("MSI_ENDPOINT"),
+            msi_secret: var("MSI_SECRET").map(Secret::new),
+            ca_bundle: var("SSL_CERT_FILE")
+                .or_else(|| var("REQUESTS_CA_BUNDLE"))
+                .map(PathBuf::from),
             himds_challenge_dir: default_challenge_dir(),
             path: std::env::var_os("PATH"),
         }

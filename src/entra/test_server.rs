@@ -135,7 +135,7 @@ pub fn client() -> HttpClient {
 /// An authority whose host is a test server (the real constructor insists on https).
 pub fn authority(base: &str) -> super::Authority {
     super::Authority {
-        cloud: super::Cloud::AzurePublicCloud,
+        cloud: super::Cloud::AzurePublicCloud.into(),
         host: base.to_string(),
         graph: String::new(),
     }

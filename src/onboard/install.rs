@@ -75,6 +75,8 @@ pub struct ConnectRequest {
     pub tenants: Vec<String>,
     /// PEM of the CA the agent should trust for the relay.
     pub relay_ca: Option<String>,
+    /// The tenants' cloud when not the public one (see [`manifests::AgentSpec::cloud`]).
+    pub cloud: Option<crate::entra::CloudDefinition>,
     pub timeout: Duration,
 }
 
@@ -147,6 +149,7 @@ fn spec(
         cluster_id: request.id.path(),
         tenants: request.tenants.clone(),
         relay_ca: request.relay_ca.is_some(),
+        cloud: request.cloud.clone(),
         existing_namespace,
     }
 }

@@ -27,6 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 
+use crate::entra::CloudDefinition;
 use crate::secret::Secret;
 
 /// The name of every namespaced object and of the ClusterRole and its binding.
@@ -51,6 +52,8 @@ pub const MOUNT_DIR: &str = "/etc/clusterconnect";
 pub const LISTEN_KEY_FILE: &str = "listen.key";
 pub const AGENT_KEY_FILE: &str = "agent.key";
 pub const RELAY_CA_FILE: &str = "relay-ca.crt";
+/// A custom cloud's definition (`--cloud-config`), in the Secret beside the keys.
+pub const CLOUD_FILE: &str = "cloud.json";
 /// The agent's `--health-addr` default port: /healthz and /readyz.
 pub const HEALTH_PORT: i32 = 8081;
 /// The agent's `--metrics-addr` port: Prometheus metrics at /metrics, on the pod IP like the
@@ -89,6 +92,9 @@ pub struct AgentSpec {
     pub tenants: Vec<String>,
     /// Whether the Secret carries a CA for the relay (then the agent is told to trust it).
     pub relay_ca: bool,
+    /// The tenants' cloud when not the public one: a built-in is named with `--cloud`, a
+    /// custom one goes in the Secret as [`CLOUD_FILE`].
+    pub cloud: Option<CloudDefinition>,
     /// The namespace exists and is the user's (`connect --use-existing-namespace`): it is not
     /// among the manifests, so nothing labels, annotates or deletes it.
     pub existing_namespace: bool,
@@ -182,7 +188,7 @@ pub fn build(spec: &AgentSpec, content: &SecretContent) -> Manifests {
             }]),
         },
         secret: secret(spec, content),
-        deployment: deployment(spec, secret_digest(content)),
+        deployment: deployment(spec, secret_digest(spec, content)),
     }
 }
 
@@ -190,7 +196,7 @@ pub fn build(spec: &AgentSpec, content: &SecretContent) -> Manifests {
 /// changes. The agent follows its relay listen key in place (it re-reads the mounted file when
 /// its content changes), but reads its status-report key and the relay CA only at start;
 /// a restart also drops channels authorized by the old key at once.
-fn secret_digest(content: &SecretContent) -> Option<String> {
+fn secret_digest(spec: &AgentSpec, content: &SecretContent) -> Option<String> {
     use sha2::{Digest, Sha256};
     let SecretContent::Keys {
         listen_key,
@@ -201,10 +207,12 @@ fn secret_digest(content: &SecretContent) -> Option<String> {
         return None;
     };
     let mut hash = Sha256::new();
+    let cloud = custom_cloud(spec).unwrap_or_default();
     for part in [
         listen_key.expose(),
         agent_key.expose(),
         relay_ca.as_deref().unwrap_or_default(),
+        cloud.as_str(),
     ] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
@@ -258,6 +266,15 @@ fn cluster_role(spec: &AgentSpec) -> ClusterRole {
     }
 }
 
+/// The custom cloud's file, when the spec names a cloud that is not built in.
+fn custom_cloud(spec: &AgentSpec) -> Option<String> {
+    let cloud = spec.cloud.as_ref()?;
+    match cloud.builtin() {
+        Some(_) => None,
+        None => serde_json::to_string_pretty(&cloud.to_az_json()).ok(),
+    }
+}
+
 fn secret(spec: &AgentSpec, content: &SecretContent) -> KubeSecret {
     let mut secret = KubeSecret {
         metadata: meta(spec, AGENT_NAME, Some(&spec.namespace)),
@@ -278,6 +295,9 @@ fn secret(spec: &AgentSpec, content: &SecretContent) -> KubeSecret {
             if let Some(ca) = relay_ca {
                 data.insert(RELAY_CA_FILE.to_string(), bytes(ca));
             }
+            if let Some(cloud) = custom_cloud(spec) {
+                data.insert(CLOUD_FILE.to_string(), bytes(&cloud));
+            }
             secret.data = Some(data);
         }
         SecretContent::Placeholders => {
@@ -287,6 +307,10 @@ fn secret(spec: &AgentSpec, content: &SecretContent) -> KubeSecret {
             ]);
             if spec.relay_ca {
                 data.insert(RELAY_CA_FILE.to_string(), PLACEHOLDER.to_string());
+            }
+            // Not a secret: the cloud's endpoints are printed as they will be installed.
+            if let Some(cloud) = custom_cloud(spec) {
+                data.insert(CLOUD_FILE.to_string(), cloud);
             }
             secret.string_data = Some(data);
         }
@@ -315,6 +339,12 @@ pub fn agent_args(spec: &AgentSpec) -> Vec<String> {
     }
     for tenant in &spec.tenants {
         args.extend(["--tenant".into(), tenant.clone()]);
+    }
+    if let Some(cloud) = &spec.cloud {
+        match cloud.builtin() {
+            Some(builtin) => args.extend(["--cloud".into(), builtin.name().into()]),
+            None => args.extend(["--cloud-config".into(), file(CLOUD_FILE)]),
+        }
     }
     // Kubernetes expands `$(POD_IP)` from the container's env (see `agent_container`).
     args.push(format!("--health-addr=$({POD_IP_ENV}):{HEALTH_PORT}"));
@@ -545,6 +575,7 @@ mod tests {
             cluster_id: "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/prod".into(),
             tenants: vec!["72f988bf-86f1-41af-91ab-2d7cd011db47".into()],
             relay_ca: true,
+            cloud: None,
             existing_namespace: false,
         }
     }
@@ -644,6 +675,47 @@ mod tests {
         let yaml = to_yaml(&m, true).unwrap();
         assert_eq!(yaml.matches("---\n").count(), 5);
         assert!(!yaml.contains("kind: Namespace"), "{yaml}");
+    }
+
+    #[test]
+    fn the_agent_gets_a_built_in_cloud_by_name_and_a_custom_one_as_a_file() {
+        let china = AgentSpec {
+            cloud: Some(crate::entra::Cloud::AzureChinaCloud.into()),
+            ..spec()
+        };
+        let joined = agent_args(&china).join(" ");
+        assert!(joined.contains("--cloud AzureChinaCloud"), "{joined}");
+        let m = build(&china, &SecretContent::Placeholders);
+        assert!(!m.secret.string_data.unwrap().contains_key(CLOUD_FILE));
+
+        let custom = CloudDefinition {
+            name: "ContosoStack".into(),
+            authority_host: "https://login.contoso.test".into(),
+            ..CloudDefinition::default()
+        };
+        let spec = AgentSpec {
+            cloud: Some(custom.clone()),
+            ..spec()
+        };
+        let joined = agent_args(&spec).join(" ");
+        assert!(
+            joined.contains("--cloud-config /etc/clusterconnect/cloud.json"),
+            "{joined}"
+        );
+        let keys = SecretContent::Keys {
+            listen_key: Secret::new("l"),
+            agent_key: Secret::new("a"),
+            relay_ca: None,
+        };
+        let m = build(&spec, &keys);
+        let file = &m.secret.data.unwrap()[CLOUD_FILE];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CLOUD_FILE);
+        std::fs::write(&path, &file.0).unwrap();
+        assert_eq!(CloudDefinition::from_file(&path, "x").unwrap(), custom);
+        // Another cloud restarts the pods, like a new key.
+        let digest = |spec: &AgentSpec| secret_digest(spec, &keys);
+        assert_ne!(digest(&spec), digest(&self::spec()));
     }
 
     #[test]

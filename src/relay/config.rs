@@ -140,7 +140,13 @@ pub struct EntraFile {
     /// credentials that are valid against Azure).
     #[serde(default)]
     pub allow_arm_audience: bool,
+    /// AzurePublicCloud [default], AzureUSGovernmentCloud, AzureChinaCloud, or the name of the
+    /// cloud `cloud_config` describes.
     pub cloud: Option<String>,
+    /// A custom cloud's endpoints (`az cloud register --cloud-config` JSON), relative to this
+    /// file [default: CLUSTERCONNECT_CLOUD_CONFIG]; its ARM resource ids are what
+    /// `allow_arm_audience` accepts.
+    pub cloud_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

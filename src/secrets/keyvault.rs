@@ -27,7 +27,7 @@ use url::Url;
 use super::pem::{jwk_to_pem, pkcs12_to_pem, Jwk, PemError};
 use crate::auth::{CredentialError, CredentialSource};
 use crate::entra::http::{HttpClient, HttpError, HttpResponse};
-use crate::entra::Cloud;
+use crate::entra::CloudDefinition;
 use crate::secret::Secret;
 use crate::tunnel::backoff::Backoff;
 
@@ -40,8 +40,9 @@ const MAX_ATTEMPTS: u32 = 4;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// A secret with more versions than this many pages (25 each) is not listed to the end.
 const MAX_VERSION_PAGES: usize = 200;
-/// The DNS suffixes of Key Vault in each cloud; challenges for other resources are refused on
-/// loopback vaults (emulators and tests), where the domain rule cannot apply.
+/// The DNS suffixes of Key Vault in each built-in cloud; challenges for other resources (than
+/// these and the configured cloud's) are refused on loopback vaults (emulators and tests),
+/// where the domain rule cannot apply.
 const KNOWN_RESOURCES: [&str; 4] = [
     "https://vault.azure.net",
     "https://vault.usgovcloudapi.net",
@@ -353,10 +354,12 @@ pub struct KeyVaultClient {
     credentials: Arc<dyn VaultCredentials>,
     auth: Mutex<Option<Authenticated>>,
     retry_base: Duration,
+    /// The configured cloud's Key Vault resource, also accepted from a loopback vault.
+    cloud_resource: Option<String>,
 }
 
-/// The vault URL for a vault name in a cloud.
-pub fn vault_url(name: &str, cloud: Cloud) -> Result<String, KeyVaultError> {
+/// The vault URL for a vault name in a cloud (its `keyvaultDns` suffix).
+pub fn vault_url(name: &str, cloud: &CloudDefinition) -> Result<String, KeyVaultError> {
     let valid = (3..=24).contains(&name.len())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if !valid {
@@ -365,11 +368,11 @@ pub fn vault_url(name: &str, cloud: Cloud) -> Result<String, KeyVaultError> {
             reason: "a vault name is 3 to 24 letters, digits and hyphens".into(),
         });
     }
-    let suffix = cloud
-        .key_vault_resource()
-        .trim_start_matches("https://")
-        .to_string();
-    Ok(format!("https://{}.{suffix}", name.to_ascii_lowercase()))
+    Ok(format!(
+        "https://{}.{}",
+        name.to_ascii_lowercase(),
+        cloud.key_vault_suffix
+    ))
 }
 
 /// Splits an object identifier (`https://<vault>/secrets/<name>[/<version>]`, as `az keyvault
@@ -469,7 +472,15 @@ impl KeyVaultClient {
             credentials,
             auth: Mutex::new(None),
             retry_base: Duration::from_secs(1),
+            cloud_resource: None,
         })
+    }
+
+    /// Accepts `cloud`'s Key Vault resource in challenges from a loopback vault too (a custom
+    /// cloud's stand-in or emulator); other vaults are held to the domain rule either way.
+    pub fn with_cloud(mut self, cloud: &CloudDefinition) -> Self {
+        self.cloud_resource = Some(cloud.key_vault_resource.trim_end_matches('/').to_string());
+        self
     }
 
     /// The first wait between retries when the vault gives no `Retry-After` (tests shorten it).
@@ -744,7 +755,13 @@ impl KeyVaultClient {
             return Ok(());
         }
         let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]");
-        if loopback && KNOWN_RESOURCES.contains(&resource.trim_end_matches('/')) {
+        let resource_id = resource.trim_end_matches('/');
+        let known = KNOWN_RESOURCES.contains(&resource_id)
+            || self
+                .cloud_resource
+                .as_deref()
+                .is_some_and(|r| r.eq_ignore_ascii_case(resource_id));
+        if loopback && known {
             return Ok(());
         }
         Err(ChallengeError::ForeignResource {
@@ -910,6 +927,7 @@ pub fn parse_challenge(header: &str) -> Result<Challenge, ChallengeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entra::Cloud;
 
     #[test]
     fn challenges_parse_in_both_forms() {
@@ -943,14 +961,22 @@ mod tests {
         assert!(parse_id("http://contoso.vault.azure.net/secrets/x").is_err());
         assert!(parse_id("https://contoso.vault.azure.net/storage/x").is_err());
         assert_eq!(
-            vault_url("Contoso-KV", Cloud::AzureChinaCloud).unwrap(),
+            vault_url("Contoso-KV", &Cloud::AzureChinaCloud.into()).unwrap(),
             "https://contoso-kv.vault.azure.cn"
         );
         assert_eq!(
-            vault_url("kv1", Cloud::AzureUSGovernmentCloud).unwrap(),
+            vault_url("kv1", &Cloud::AzureUSGovernmentCloud.into()).unwrap(),
             "https://kv1.vault.usgovcloudapi.net"
         );
-        assert!(vault_url("a/b", Cloud::AzurePublicCloud).is_err());
+        assert!(vault_url("a/b", &CloudDefinition::default()).is_err());
+        let custom = CloudDefinition {
+            key_vault_suffix: "vault.local.azurestack.external".into(),
+            ..CloudDefinition::default()
+        };
+        assert_eq!(
+            vault_url("kv1", &custom).unwrap(),
+            "https://kv1.vault.local.azurestack.external"
+        );
     }
 
     struct NoCredentials;
@@ -978,6 +1004,20 @@ mod tests {
         let local =
             KeyVaultClient::new(http, "https://127.0.0.1:9443", Arc::new(NoCredentials)).unwrap();
         assert!(local.check_resource("https://vault.azure.net").is_ok());
+        assert!(local.check_resource("https://graph.microsoft.com").is_err());
+        assert!(local.check_resource("https://vault.contoso.test").is_err());
+        let custom = CloudDefinition {
+            key_vault_resource: "https://vault.contoso.test/".into(),
+            ..CloudDefinition::default()
+        };
+        let local = KeyVaultClient::new(
+            crate::entra::test_server::client(),
+            "https://127.0.0.1:9443",
+            Arc::new(NoCredentials),
+        )
+        .unwrap()
+        .with_cloud(&custom);
+        assert!(local.check_resource("https://vault.contoso.test/").is_ok());
         assert!(local.check_resource("https://graph.microsoft.com").is_err());
     }
 }

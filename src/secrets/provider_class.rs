@@ -4,10 +4,12 @@
 //! which Kubernetes Secrets to build from the fetched objects.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use super::keyvault::{Format, ObjectRef, ObjectType};
+use crate::entra::cloud::AZURE_STACK_CLOUD;
 use crate::entra::Cloud;
 
 /// Why a SecretProviderClass cannot be used; each variant names the part that is wrong.
@@ -115,7 +117,10 @@ pub struct ProviderClass {
     pub namespace: Option<String>,
     pub keyvault_name: String,
     pub tenant_id: Option<String>,
-    pub cloud: Option<Cloud>,
+    /// `cloudName`: a built-in cloud's name, or `AzureStackCloud` with `cloudEnvFileName`.
+    pub cloud: Option<String>,
+    /// `cloudEnvFileName`: the Go SDK's environment file describing `AzureStackCloud`.
+    pub cloud_env_file: Option<PathBuf>,
     pub identity: Identity,
     pub objects: Vec<ObjectSpec>,
     pub secret_objects: Vec<SecretObject>,
@@ -241,8 +246,18 @@ impl ProviderClass {
         let keyvault_name = text(params, "keyvaultName")
             .ok_or_else(|| ProviderClassError::NoKeyVault(name.clone()))?;
         let cloud = text(params, "cloudName")
-            .map(|c| c.parse::<Cloud>().map_err(ProviderClassError::Cloud))
+            .map(|c| {
+                let stack = c.eq_ignore_ascii_case(AZURE_STACK_CLOUD);
+                match c.parse::<Cloud>() {
+                    Ok(builtin) => Ok(builtin.name().to_string()),
+                    Err(_) if stack => Ok(AZURE_STACK_CLOUD.to_string()),
+                    Err(e) => Err(ProviderClassError::Cloud(format!(
+                        "{e}; the CSI driver also knows {AZURE_STACK_CLOUD} (with cloudEnvFileName)"
+                    ))),
+                }
+            })
             .transpose()?;
+        let cloud_env_file = text(params, "cloudEnvFileName").map(PathBuf::from);
         let identity = identity(&name, params)?;
         let objects = parse_objects(&text(params, "objects").unwrap_or_default())?;
         if objects.is_empty() {
@@ -261,6 +276,7 @@ impl ProviderClass {
             keyvault_name,
             tenant_id: text(params, "tenantId").or_else(|| text(params, "tenantID")),
             cloud,
+            cloud_env_file,
             identity,
             objects,
             secret_objects,
@@ -512,7 +528,19 @@ spec:
 "#;
         let spc = ProviderClass::parse(yaml).unwrap();
         assert_eq!(spc.namespace.as_deref(), Some("apps"));
-        assert_eq!(spc.cloud, Some(Cloud::AzureUSGovernmentCloud));
+        assert_eq!(spc.cloud.as_deref(), Some("AzureUSGovernmentCloud"));
+        let stack = yaml.replace(
+            "cloudName: AzureUSGovernmentCloud",
+            "cloudName: AzureStackCloud\n    cloudEnvFileName: /etc/kubernetes/azurestackcloud.json",
+        );
+        let spc = ProviderClass::parse(&stack).unwrap();
+        assert_eq!(spc.cloud.as_deref(), Some("AzureStackCloud"));
+        assert_eq!(
+            spc.cloud_env_file.as_deref(),
+            Some(std::path::Path::new("/etc/kubernetes/azurestackcloud.json"))
+        );
+        let mars = yaml.replace("cloudName: AzureUSGovernmentCloud", "cloudName: Mars");
+        assert!(ProviderClass::parse(&mars).is_err());
         assert_eq!(
             spc.identity,
             Identity::ManagedIdentity {

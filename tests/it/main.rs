@@ -13,6 +13,7 @@ mod ci_and_clusters;
 mod cli_binaries;
 mod drain;
 mod entra_auth;
+mod entra_clouds;
 mod entra_standin;
 mod files;
 mod hyco_interop;

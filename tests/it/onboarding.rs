@@ -100,6 +100,7 @@ impl Setup {
             image: "registry.example/clusterconnect:test".into(),
             tenants: vec![TENANT.into()],
             relay_ca: Some(self.relay.ca_pem.clone()),
+            cloud: None,
             timeout: Duration::from_secs(20),
         }
     }

@@ -924,3 +924,67 @@ async fn sync_through_the_tunnel_with_the_proxys_kubeconfig_context() {
     assert_eq!(stored(cluster, "demo"), demo, "resourceVersion and all");
     assert_eq!(stored(cluster, "web-tls"), tls, "resourceVersion and all");
 }
+
+/// A vault in a custom cloud: the cloud file (through CLUSTERCONNECT_CLOUD_CONFIG) names the
+/// authority and Key Vault's DNS suffix, whose resource the vault's challenge asks for. Without
+/// it, the same challenge from a loopback vault is refused: that resource is no known cloud's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_clouds_key_vault_resource_comes_from_its_cloud_file() {
+    let entra = Entra::start().await;
+    entra.add_app_secret(APP, APP_SECRET, APP_OID);
+    let vault = KeyVault::start_in_cloud(&entra, "https://vault.contoso.test").await;
+    vault.set_secret("example-secret", "FromContoso");
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = vault.write_ca_bundle(&entra, dir.path());
+    let host = entra.authority_host();
+    let cloud = dir.path().join("contoso.json");
+    std::fs::write(
+        &cloud,
+        serde_json::json!({
+            "name": "Contoso",
+            "endpoints": {
+                "activeDirectory": host,
+                "resourceManager": "https://management.contoso.test/",
+                "microsoftGraphResourceId": "https://graph.contoso.test/",
+            },
+            "suffixes": {"keyvaultDns": ".vault.contoso.test"},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let sp = [
+        ("SSL_CERT_FILE", bundle.as_os_str()),
+        ("AZURE_TENANT_ID", OsStr::new(TENANT)),
+        ("AZURE_CLIENT_ID", OsStr::new(APP)),
+        ("AZURE_CLIENT_SECRET", OsStr::new(APP_SECRET)),
+    ];
+    let id = format!("{}/secrets/example-secret", vault.url());
+    let args = ["secrets", "get", "--id", &id, "--auth", "env"];
+    let mut in_cloud = sp.to_vec();
+    in_cloud.push(("CLUSTERCONNECT_CLOUD_CONFIG", cloud.as_os_str()));
+    let out = run_to_end(&args, &in_cloud, Duration::from_secs(60)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "FromContoso\n");
+    let scopes: Vec<String> = entra
+        .token_requests()
+        .into_iter()
+        .map(|r| r.scope)
+        .collect();
+    assert_eq!(scopes, ["https://vault.contoso.test/.default"]);
+
+    let mut public = sp.to_vec();
+    public.push(("AZURE_AUTHORITY_HOST", OsStr::new(&host)));
+    let out = run_to_end(&args, &public, Duration::from_secs(60)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refusing to send a token there"),
+        "{stderr}"
+    );
+    assert_eq!(
+        entra.token_requests().len(),
+        1,
+        "no token for a foreign resource"
+    );
+}

@@ -10,7 +10,7 @@ use base64::Engine;
 use http::HeaderMap;
 
 use crate::entra::validate::{Rejected, Validator};
-use crate::entra::Cloud;
+use crate::entra::CloudDefinition;
 use crate::relay::auth::{authorize, Right};
 use crate::relay::rule::FindRule;
 use crate::tunnel::sas::{unix_now, SasError, SasToken};
@@ -69,23 +69,10 @@ pub fn is_arm_audience(audience: &str) -> bool {
         .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(audience))
 }
 
-/// The audiences a token for ARM in `cloud` carries: what `allow_arm_audience` accepts.
-pub fn arm_audiences_of(cloud: Cloud) -> Vec<String> {
-    let hosts: [&str; 2] = match cloud {
-        Cloud::AzurePublicCloud => ["management.core.windows.net", "management.azure.com"],
-        Cloud::AzureUSGovernmentCloud => [
-            "management.core.usgovcloudapi.net",
-            "management.usgovcloudapi.net",
-        ],
-        Cloud::AzureChinaCloud => [
-            "management.core.chinacloudapi.cn",
-            "management.chinacloudapi.cn",
-        ],
-    };
-    hosts
-        .iter()
-        .flat_map(|h| [format!("https://{h}/"), format!("https://{h}")])
-        .collect()
+/// The audiences a token for ARM in `cloud` carries: what `allow_arm_audience` accepts. A
+/// custom cloud's come from its definition (`resourceManager`, `activeDirectoryResourceId`).
+pub fn arm_audiences_of(cloud: impl Into<CloudDefinition>) -> Vec<String> {
+    cloud.into().arm_audiences()
 }
 
 /// Who may call the management API with an Entra token.
@@ -120,7 +107,9 @@ impl EntraCallers {
                 .clone()
                 .unwrap_or_else(|| "the relay's [entra] audience".into())
         };
-        if let Some(arm) = audiences.iter().find(|a| is_arm_audience(a)) {
+        // The relay's own cloud's ARM audiences count too: a custom cloud's are in no list.
+        let arm_like = |a: &&String| is_arm_audience(a) || self.arm.iter().any(|(x, _)| x == *a);
+        if let Some(arm) = audiences.iter().find(arm_like) {
             return self
                 .arm
                 .iter()
@@ -262,9 +251,44 @@ mod tests {
         ] {
             assert!(!is_arm_audience(aud), "{aud}");
         }
-        assert!(arm_audiences_of(Cloud::AzurePublicCloud)
-            .iter()
-            .all(|a| is_arm_audience(a)));
+        for cloud in crate::entra::Cloud::ALL {
+            let all = arm_audiences_of(cloud);
+            assert_eq!(all.len(), 4);
+            assert!(all.iter().all(|a| is_arm_audience(a)), "{all:?}");
+        }
+    }
+
+    #[test]
+    fn a_custom_clouds_arm_audience_goes_to_its_validator_when_allowed() {
+        use crate::entra::validate::ValidatorConfig;
+        let validator = |audience: &str| {
+            Validator::new(
+                ValidatorConfig {
+                    authority: crate::entra::Authority::new(crate::entra::Cloud::default(), None)
+                        .unwrap(),
+                    server_app_id: audience.into(),
+                    tenants: vec!["t".into()],
+                    refetch_interval: std::time::Duration::ZERO,
+                },
+                crate::entra::test_server::client(),
+            )
+        };
+        let custom_arm = "https://arm.contoso.test/".to_string();
+        let mut callers = EntraCallers {
+            own: validator("api://r"),
+            audience: Some("api://r".into()),
+            arm: vec![(custom_arm.clone(), validator(&custom_arm))],
+        };
+        let chosen = callers
+            .validator_for(std::slice::from_ref(&custom_arm))
+            .unwrap();
+        assert!(std::ptr::eq(chosen, &callers.arm[0].1));
+        // Not allowed: refused as another audience, never validated as the relay's own.
+        callers.arm.clear();
+        assert!(matches!(
+            callers.validator_for(&[custom_arm]),
+            Err(AuthError::Audience { .. })
+        ));
     }
 
     #[test]

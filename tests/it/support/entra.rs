@@ -172,6 +172,8 @@ struct State {
     apps: HashMap<String, App>,
     users: HashMap<String, User>,
     graph_available: bool,
+    /// A custom cloud's Graph resource: the one audience Graph then accepts.
+    graph_resource: Option<String>,
     token_lifetime: Duration,
     token_version: u8,
     token_requests: Vec<TokenRequest>,
@@ -238,6 +240,7 @@ impl Entra {
                 apps: HashMap::new(),
                 users: HashMap::new(),
                 graph_available: true,
+                graph_resource: None,
                 token_lifetime: Duration::from_secs(3600),
                 token_version: 2,
                 token_requests: Vec::new(),
@@ -400,6 +403,11 @@ impl Entra {
 
     pub fn set_graph_available(&self, up: bool) {
         self.shared.state().graph_available = up;
+    }
+
+    /// Graph of a custom cloud: accepts tokens for `resource` only (not Microsoft Graph's).
+    pub fn set_graph_resource(&self, resource: &str) {
+        self.shared.state().graph_resource = Some(resource.to_string());
     }
 
     pub fn graph_calls(&self) -> usize {
@@ -1120,7 +1128,11 @@ impl Shared {
     }
 
     fn verify_graph_token(&self, token: &str) -> Result<(), String> {
-        self.verify(token, &[GRAPH, GRAPH_APP_ID]).map(|_| ())
+        let custom = self.state().graph_resource.clone();
+        match custom {
+            Some(resource) => self.verify(token, &[&resource]).map(|_| ()),
+            None => self.verify(token, &[GRAPH, GRAPH_APP_ID]).map(|_| ()),
+        }
     }
 
     fn verify(&self, token: &str, audiences: &[&str]) -> Result<Value, String> {

@@ -275,3 +275,139 @@ fn write_private(path: &Path, contents: &str) {
     file.write_all(contents.as_bytes())
         .expect("write challenge file");
 }
+
+const APP_SERVICE_PATH: &str = "/msi/token";
+
+struct AppServiceShared {
+    entra: Entra,
+    identity_oid: String,
+    client_id: String,
+    /// `IDENTITY_HEADER`: what `X-IDENTITY-HEADER` must carry.
+    header: String,
+    requests: AtomicUsize,
+}
+
+/// App Service's managed identity endpoint (also Functions and Container Apps): a GET with
+/// `api-version=2019-08-01` and `X-IDENTITY-HEADER`, answered with `expires_on` only. Plain HTTP
+/// like the real one, or https with its own CA.
+pub struct AppService {
+    base: String,
+    ca_pem: Option<String>,
+    shared: Arc<AppServiceShared>,
+    _tasks: Arc<TaskGuard>,
+}
+
+impl AppService {
+    pub async fn start(
+        entra: &Entra,
+        identity_oid: &str,
+        client_id: &str,
+        https: bool,
+    ) -> AppService {
+        let (listener, tls, ca_pem) = if https {
+            let (listener, tls, ca_pem) = serve::tls_listener("standin-appservice-ca").await;
+            (listener, Some(tls), Some(ca_pem))
+        } else {
+            (
+                TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                None,
+                None,
+            )
+        };
+        let addr = listener.local_addr().expect("local addr");
+        let scheme = if https { "https" } else { "http" };
+        let shared = Arc::new(AppServiceShared {
+            entra: entra.clone(),
+            identity_oid: identity_oid.to_string(),
+            client_id: client_id.to_string(),
+            header: Alphanumeric.sample_string(&mut rand::rng(), 32),
+            requests: AtomicUsize::new(0),
+        });
+        let handler_shared = shared.clone();
+        let tasks = serve::serve(listener, tls, move |req| {
+            let shared = handler_shared.clone();
+            async move { shared.handle(&req) }
+        });
+        AppService {
+            base: format!("{scheme}://{addr}"),
+            ca_pem,
+            shared,
+            _tasks: tasks,
+        }
+    }
+
+    /// `IDENTITY_ENDPOINT`.
+    pub fn identity_endpoint(&self) -> String {
+        format!("{}{APP_SERVICE_PATH}", self.base)
+    }
+
+    /// `IDENTITY_HEADER`.
+    pub fn identity_header(&self) -> String {
+        self.shared.header.clone()
+    }
+
+    /// The CA of an https endpoint.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl AppServiceShared {
+    fn handle(&self, req: &Request<Bytes>) -> Response<Body> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let refuse = |status: StatusCode, message: &str| {
+            serve::json(
+                status,
+                &json!({"statusCode": status.as_u16(), "message": message}),
+            )
+        };
+        if req.method() != Method::GET || req.uri().path() != APP_SERVICE_PATH {
+            return refuse(StatusCode::NOT_FOUND, "Not Found");
+        }
+        let header = req
+            .headers()
+            .get("x-identity-header")
+            .and_then(|v| v.to_str().ok());
+        if header != Some(self.header.as_str()) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "The X-IDENTITY-HEADER is missing or wrong",
+            );
+        }
+        let query = Form::parse(req.uri().query().unwrap_or_default().as_bytes());
+        if query.get("api-version") != Some("2019-08-01") {
+            return refuse(StatusCode::BAD_REQUEST, "Unsupported api-version");
+        }
+        let Some(resource) = query.get("resource").filter(|r| !r.is_empty()) else {
+            return refuse(StatusCode::BAD_REQUEST, "resource is missing");
+        };
+        if query.get("client_id").is_some_and(|c| c != self.client_id) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "No managed identity with this client id",
+            );
+        }
+        let (token, lifetime) =
+            self.entra
+                .shared
+                .issue_for_identity(&self.identity_oid, &self.client_id, resource);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        serve::json(
+            StatusCode::OK,
+            &json!({
+                "access_token": token,
+                "expires_on": (now + lifetime.as_secs()).to_string(),
+                "resource": resource,
+                "token_type": "Bearer",
+                "client_id": self.client_id,
+            }),
+        )
+    }
+}

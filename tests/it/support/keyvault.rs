@@ -1,7 +1,8 @@
 //! A stand-in for one Azure Key Vault (data plane, API 7.4): secrets with versions, RSA keys,
 //! and certificates backed by a PKCS#12 secret, as the real service shapes them. Requests without
 //! a token get the 401 bearer challenge naming the Entra stand-in's tenant and
-//! `https://vault.azure.net`; tokens must be signed by the Entra stand-in for that audience.
+//! `https://vault.azure.net` (or a custom cloud's resource); tokens must be signed by the Entra
+//! stand-in for that audience.
 //! Tests can throttle (429 with `Retry-After: 1`), deny an object (403) and count requests.
 //! HTTPS on 127.0.0.1 with its own CA; serves until the last handle is dropped.
 
@@ -56,6 +57,8 @@ struct State {
 struct Shared {
     host: String,
     entra: Entra,
+    /// The resource its challenge names and its tokens must be for.
+    resource: String,
     state: Mutex<State>,
 }
 
@@ -79,11 +82,17 @@ fn kv_error(code: StatusCode, kv_code: &str, message: &str) -> Response<Body> {
 
 impl KeyVault {
     pub async fn start(entra: &Entra) -> KeyVault {
+        KeyVault::start_in_cloud(entra, RESOURCE).await
+    }
+
+    /// A vault of a custom cloud, whose Key Vault resource is `resource`.
+    pub async fn start_in_cloud(entra: &Entra, resource: &str) -> KeyVault {
         let (listener, tls, ca_pem) = serve::tls_listener("standin-keyvault-ca").await;
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             host: format!("https://{addr}"),
             entra: entra.clone(),
+            resource: resource.to_string(),
             state: Mutex::new(State::default()),
         });
         let handler = shared.clone();
@@ -303,14 +312,15 @@ impl Shared {
 
     fn shared_verify(&self, token: &str) -> Result<(), String> {
         self.entra
-            .verify_access_token(token, &[RESOURCE])
+            .verify_access_token(token, &[&self.resource])
             .map(|_| ())
     }
 
     fn challenge(&self, message: &str) -> Response<Body> {
         let mut response = kv_error(StatusCode::UNAUTHORIZED, "Unauthorized", message);
         let value = format!(
-            "Bearer authorization=\"https://login.microsoftonline.com/{TENANT}\", resource=\"{RESOURCE}\""
+            "Bearer authorization=\"https://login.microsoftonline.com/{TENANT}\", resource=\"{}\"",
+            self.resource
         );
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
