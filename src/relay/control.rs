@@ -25,6 +25,8 @@ use crate::tunnel::upgrade::ServerStream;
 const MAX_WAIT_SECS: u64 = 366 * 24 * 3600;
 
 /// Accept messages queued for one listener; a listener this far behind gets no more senders.
+/// Queued boxed: a channel allocates its first block of 32 slots at once, and at a pointer
+/// each (not a whole message) that stays small for every idle listener.
 const QUEUE: usize = 64;
 
 /// The largest message (and frame) a listener may send on its control channel. Its messages
@@ -33,10 +35,11 @@ const QUEUE: usize = 64;
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 
 /// WebSocket limits of a control channel: small messages, small buffers, as many channels as
-/// there are listeners.
+/// there are listeners. The read buffer is held for the channel's life and grows for the
+/// rare larger message; listeners send only pings and `renewToken`.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(4 * MAX_CONTROL_MESSAGE)
         .max_message_size(Some(MAX_CONTROL_MESSAGE))
@@ -66,7 +69,7 @@ enum Next {
 /// the listener's handshake is answered (so a listener over the cap is refused with a status).
 pub struct Registration {
     pub guard: ListenerGuard,
-    pub rx: mpsc::Receiver<ControlMessage>,
+    pub rx: mpsc::Receiver<Box<ControlMessage>>,
     grant: ListenerGrant,
 }
 
@@ -146,7 +149,7 @@ pub async fn run(
 
 impl Channel {
     /// Sends an `accept` (or other control message) down to the listener.
-    async fn deliver(&mut self, msg: Option<ControlMessage>) -> Next {
+    async fn deliver(&mut self, msg: Option<Box<ControlMessage>>) -> Next {
         let Some(msg) = msg else { return Next::Stop };
         let Ok(json) = serde_json::to_string(&msg) else {
             return Next::Continue;

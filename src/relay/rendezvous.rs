@@ -29,7 +29,7 @@ pub enum AcceptOutcome {
 
 struct ListenerEntry {
     id: u64,
-    tx: mpsc::Sender<ControlMessage>,
+    tx: mpsc::Sender<Box<ControlMessage>>,
     /// Where this listener reaches the relay (`host[:port]`, from configuration): the host
     /// its rendezvous addresses name, which is the one host it already trusts.
     authority: String,
@@ -113,7 +113,7 @@ impl Rendezvous {
     pub fn add_listener(
         &self,
         entity: &str,
-        tx: mpsc::Sender<ControlMessage>,
+        tx: mpsc::Sender<Box<ControlMessage>>,
         authority: String,
         grant: ListenerGrant,
         max: usize,
@@ -162,7 +162,7 @@ impl Rendezvous {
             let Some(place) = self.load.take(listener.id, max) else {
                 continue;
             };
-            if listener.tx.try_send(msg(&listener.authority)).is_ok() {
+            if listener.tx.try_send(Box::new(msg(&listener.authority))).is_ok() {
                 taken = Some((idx, place));
                 break;
             }
@@ -266,7 +266,7 @@ mod tests {
             })
         });
         assert!(offered.is_ok());
-        match rx1.try_recv() {
+        match rx1.try_recv().map(|m| *m) {
             Ok(ControlMessage::RenewToken(t)) => assert_eq!(t.token, "relay-a:8443"),
             other => panic!("{other:?}"),
         }
