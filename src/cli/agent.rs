@@ -166,6 +166,10 @@ fn authenticator(
     };
     let cloud = args.cloud.resolve()?;
     tracing::info!(cloud = %cloud.name, authority = %cloud.authority_host, graph = %cloud.graph_endpoint, "Entra ID callers are validated against this cloud");
+    let overrides = crate::entra::cloud::overrides_in_effect();
+    if !overrides.is_empty() {
+        tracing::warn!(variables = %overrides.join(","), authority = %cloud.authority_host, "environment variables change the cloud whose tokens this agent trusts; make sure they are meant for it (a workload-identity webhook, for one, sets AZURE_AUTHORITY_HOST)");
+    }
     let authority = Authority::of(&cloud);
     let http = HttpClient::with_system_roots(None)
         .context("cannot set up TLS for Entra ID (the system trust store)")?;

@@ -204,6 +204,19 @@ fn agent_cloud(args: &ConnectArgs) -> anyhow::Result<Option<crate::entra::CloudD
         return Ok(None);
     }
     let cloud = args.at.entra.cloud.resolve()?;
+    if cloud.builtin().is_none() {
+        // The agent will trust tokens from this authority: say so, since part of it may come
+        // from this machine's environment rather than a flag.
+        eprintln!(
+            "The agent will validate Entra callers against authority {} (cloud {}{}).",
+            cloud.authority_host,
+            cloud.name,
+            match crate::entra::cloud::overrides_in_effect() {
+                v if v.is_empty() => String::new(),
+                v => format!(", changed by {} in this environment", v.join(", ")),
+            }
+        );
+    }
     Ok((cloud != crate::entra::CloudDefinition::default()).then_some(cloud))
 }
 

@@ -281,6 +281,10 @@ fn management_validator(e: &EntraFile, base: &Path) -> anyhow::Result<EntraCalle
     let config = e.cloud_config.as_ref().map(|p| base.join(p));
     let cloud = resolve_from_process(e.cloud.as_deref(), config.as_deref())
         .context("cannot tell which Azure cloud to use (cloud, cloud_config)")?;
+    let overrides = crate::entra::cloud::overrides_in_effect();
+    if !overrides.is_empty() {
+        tracing::warn!(variables = %overrides.join(","), authority = %cloud.authority_host, "environment variables change the cloud whose tokens the management API trusts; make sure they are meant for it");
+    }
     let audience = management_audience(e, &cloud)?;
     let mut tenants = Vec::new();
     for t in &e.tenants {

@@ -579,8 +579,10 @@ impl CloudDefinition {
 /// ([`OVERRIDES`]).
 ///
 /// A built-in name picks the built-in cloud even when a file is configured, so an explicit
-/// `--cloud AzureChinaCloud` is never overridden by a variable left in the environment. Any
-/// other name must be the file's (or, for a file without a name, becomes it).
+/// `--cloud AzureChinaCloud` is never replaced by a cloud file left in the environment; the
+/// per-endpoint variables ([`OVERRIDES`]) still apply to it, and whoever validates tokens
+/// says so loudly (see [`overrides_in_effect`]). Any other name must be the file's (or, for a
+/// file without a name, becomes it).
 pub fn resolve(
     name: Option<&str>,
     config: Option<&Path>,
@@ -639,6 +641,17 @@ pub fn resolve(
         other => other,
     })?;
     Ok(def)
+}
+
+/// The override variables set in this process's environment: for the agent and the relay,
+/// which trust tokens by the cloud's authority, to warn that the environment moved it.
+pub fn overrides_in_effect() -> Vec<&'static str> {
+    OVERRIDES
+        .iter()
+        .map(|(key, _)| *key)
+        .chain([CLOUD_CONFIG_ENV])
+        .filter(|key| non_empty(std::env::var(key).ok()).is_some())
+        .collect()
 }
 
 /// [`resolve`] with this process's environment.

@@ -117,6 +117,19 @@ impl ManagedIdentity {
     }
 }
 
+/// Whether `endpoint`'s host is loopback, link-local (169.254.169.254) or `localhost`.
+fn local_host(endpoint: &str) -> bool {
+    let Ok(url) = url::Url::parse(endpoint) else {
+        return false;
+    };
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_link_local(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || (ip.segments()[0] & 0xffc0) == 0xfe80,
+        None => false,
+    }
+}
+
 /// A client for one identity endpoint: plain HTTP as in Azure, or https trusting the system
 /// roots and the environment's CA bundle.
 fn client_for(
@@ -128,6 +141,14 @@ fn client_for(
         .get(..8)
         .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
     if !is_https {
+        // Plain HTTP carries the endpoint's secret header and the token back: only to an
+        // endpoint on this machine or the link-local metadata address, as Azure's are.
+        if !local_host(endpoint) {
+            return Err(SourceError::Unavailable(super::Reason::from(format!(
+                "the identity endpoint {} is plain http on a host that is neither loopback nor link-local; the secret header and the token would cross the network in clear text",
+                crate::secret::clip(endpoint, 200)
+            ))));
+        }
         return plain_http_client(connect_timeout, REQUEST_TIMEOUT).map_err(|e| {
             SourceError::Unavailable(super::Reason::new(
                 format!("no HTTP client for {endpoint}"),
@@ -455,6 +476,26 @@ pub fn read_challenge(path: &Path, allowed_dir: &Path) -> Result<Secret, SourceE
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn plain_http_only_to_this_machine_or_link_local() {
+        for local in [
+            "http://169.254.169.254/metadata/identity/oauth2/token",
+            "http://127.0.0.1:41741/MSI/token",
+            "http://localhost:40342/metadata/identity/oauth2/token",
+            "http://[::1]:50342/oauth2/token",
+        ] {
+            assert!(local_host(local), "{local}");
+        }
+        for remote in [
+            "http://10.0.0.4:8080/msi/token",
+            "http://identity.example.com/token",
+            "not a url",
+        ] {
+            assert!(!local_host(remote), "{remote}");
+        }
+    }
+
     use super::*;
     use crate::entra::test_server::{json, options, Reply, TestServer};
 

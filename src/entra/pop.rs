@@ -39,6 +39,8 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// How far in the future a `ts` may lie (clock skew between proxy and agent); the same
 /// leeway Entra tokens get on `nbf` and `exp`.
 pub const FUTURE_SKEW: Duration = Duration::from_secs(5 * 60);
+/// The largest PoP key modulus accepted, in bytes (4096 bits).
+pub const MAX_MODULUS_BYTES: usize = 512;
 /// The proxy replaces its key this often (kubelogin: every 8 hours).
 pub const KEY_ROTATION: Duration = Duration::from_secs(8 * 3600);
 /// The proxy re-signs its PoP token this often: a third of the default window, so a token
@@ -554,6 +556,14 @@ pub fn verify(token: &str, policy: &PopPolicy, now: u64) -> Result<PopProof, Pop
     let e_bytes = URL_SAFE_NO_PAD
         .decode(&e)
         .map_err(|_| PopRejected::Key("e is not base64url".into()))?;
+    // Proxies use 2048-bit keys (kubelogin too); a larger modulus only makes a forged token
+    // cost the agent more to refuse.
+    if strip_zeros(&n_bytes).len() > MAX_MODULUS_BYTES {
+        return Err(PopRejected::Key(format!(
+            "the modulus is longer than {} bits",
+            MAX_MODULUS_BYTES * 8
+        )));
+    }
     let signature = decode(s, "signature")?;
     let public = ring::signature::RsaPublicKeyComponents {
         n: &n_bytes,

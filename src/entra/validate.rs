@@ -101,6 +101,8 @@ pub enum KeysError {
         url: String,
         status: http::StatusCode,
     },
+    #[error("{discovery} names signing keys at {jwks_uri}, which is not https: keys fetched over plain HTTP could be anyone's")]
+    InsecureKeys { discovery: String, jwks_uri: String },
 }
 
 /// The claims read before the signature is checked: only to pick the tenant, issuer and key.
@@ -135,12 +137,9 @@ struct Claims {
     #[serde(rename = "_claim_names", default)]
     claim_names: Option<serde_json::Map<String, serde_json::Value>>,
     /// Set on tokens requested with `token_type=pop`: the key they are bound to.
-    cnf: Option<Confirmation>,
-}
-
-#[derive(Deserialize)]
-struct Confirmation {
-    kid: Option<String>,
+    /// RFC 7800 confirmation: present (whatever its members) means the token is bound to a
+    /// key and useless alone.
+    cnf: Option<serde_json::Value>,
 }
 
 /// A validated token: who it stands for, its `exp`, and the thumbprint of the key it is
@@ -150,6 +149,8 @@ struct Accepted {
     identity: EntraIdentity,
     exp: u64,
     cnf_kid: Option<String>,
+    /// Bound to a key at all (`cnf` present): `kid` or another binding (`x5t#S256`, `jkt`).
+    bound: bool,
 }
 
 struct TenantKeys {
@@ -228,8 +229,8 @@ impl Validator {
 
     /// A bearer token: valid, and not bound to a proof-of-possession key.
     pub async fn validate(&self, token: &str) -> Result<EntraIdentity, Rejected> {
-        let (identity, cnf_kid) = self.validate_bound(token).await?;
-        if cnf_kid.is_some() {
+        let (identity, accepted) = self.validate_accepted(token).await?;
+        if accepted.bound {
             return Err(Rejected::BoundToKey);
         }
         Ok(identity)
@@ -241,13 +242,18 @@ impl Validator {
         &self,
         token: &str,
     ) -> Result<(EntraIdentity, Option<String>), Rejected> {
+        let (identity, accepted) = self.validate_accepted(token).await?;
+        Ok((identity, accepted.cnf_kid))
+    }
+
+    async fn validate_accepted(&self, token: &str) -> Result<(EntraIdentity, Accepted), Rejected> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = jsonwebtoken::get_current_timestamp();
         {
             let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(a) = accepted.get(&digest) {
                 if now <= a.exp.saturating_add(LEEWAY.as_secs()) {
-                    return Ok((a.identity.clone(), a.cnf_kid.clone()));
+                    return Ok((a.identity.clone(), a.clone()));
                 }
             }
         }
@@ -260,7 +266,7 @@ impl Validator {
             }
         }
         accepted.insert(digest, a.clone());
-        Ok((a.identity, a.cnf_kid))
+        Ok((a.identity.clone(), a))
     }
 
     /// The full check.
@@ -323,13 +329,13 @@ impl Validator {
             K::ExpiredSignature => Rejected::Expired(unverified.exp.unwrap_or_default()),
             K::ImmatureSignature => Rejected::NotYetValid(unverified.nbf.unwrap_or_default()),
             K::InvalidAudience => Rejected::Audience(
-                unverified
-                    .aud
-                    .as_ref()
-                    .map_or_else(|| "(none)".into(), |a| a.to_string()),
+                unverified.aud.as_ref().map_or_else(
+                    || "(none)".into(),
+                    |a| crate::secret::clip(&a.to_string(), 200),
+                ),
                 self.audiences[0].clone(),
             ),
-            K::InvalidIssuer => Rejected::Issuer(iss.to_string()),
+            K::InvalidIssuer => Rejected::Issuer(crate::secret::clip(iss, 200)),
             K::MissingRequiredClaim(c) => Rejected::Malformed(format!("no {c} claim")),
             other => Rejected::Malformed(format!("{other:?}")),
         }
@@ -360,7 +366,14 @@ fn identity_of(c: Claims) -> Result<Accepted, Rejected> {
     Ok(Accepted {
         identity,
         exp: c.exp,
-        cnf_kid: c.cnf.and_then(|c| c.kid).filter(|k| !k.is_empty()),
+        cnf_kid: c
+            .cnf
+            .as_ref()
+            .and_then(|cnf| cnf.get("kid"))
+            .and_then(|kid| kid.as_str())
+            .filter(|k| !k.is_empty())
+            .map(String::from),
+        bound: c.cnf.as_ref().is_some_and(|cnf| !cnf.is_null()),
     })
 }
 
@@ -456,6 +469,16 @@ impl Validator {
             });
         }
         let discovery: Discovery = resp.json(&discovery_url)?;
+        let https = discovery
+            .jwks_uri
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+        if !https {
+            return Err(KeysError::InsecureKeys {
+                discovery: discovery_url,
+                jwks_uri: crate::secret::clip(&discovery.jwks_uri, 200),
+            });
+        }
         let resp = self.http.get(&discovery.jwks_uri, &[]).await?;
         if !resp.status.is_success() {
             return Err(KeysError::Status {

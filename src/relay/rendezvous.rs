@@ -162,7 +162,11 @@ impl Rendezvous {
             let Some(place) = self.load.take(listener.id, max) else {
                 continue;
             };
-            if listener.tx.try_send(Box::new(msg(&listener.authority))).is_ok() {
+            if listener
+                .tx
+                .try_send(Box::new(msg(&listener.authority)))
+                .is_ok()
+            {
                 taken = Some((idx, place));
                 break;
             }
