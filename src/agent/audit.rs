@@ -138,10 +138,14 @@ impl Identity {
         let Identity::Unreviewed(unreviewed) = self else {
             return self;
         };
+        // A drop outside the runtime (its shutdown) has nowhere to run a review.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Identity::Known(Arc::new(Who::unknown(Credential::Bearer)));
+        };
         if status == 401 {
             return Identity::Known(Arc::new(Who::unknown(Credential::Bearer)));
         }
-        let review = tokio::spawn(async move {
+        let review = runtime.spawn(async move {
             let reviewed = unreviewed
                 .log
                 .reviews
@@ -170,6 +174,9 @@ pub struct AuditLog {
     cluster: Arc<str>,
     queue: mpsc::Sender<Pending>,
     dropped: Arc<AtomicU64>,
+    /// Entries whose line is still to come (requests and sessions in flight): closing waits
+    /// for them, so what the agent's shutdown cuts is still written.
+    live: AtomicU64,
     reviews: TokenReviews,
     /// Tells the writer to take no more lines and write out those queued (see [`close`]).
     ///
@@ -202,6 +209,7 @@ impl AuditLog {
             cluster: cluster.into(),
             queue,
             dropped,
+            live: AtomicU64::new(0),
             reviews: TokenReviews::new(own_token),
             closing,
             writer: std::sync::Mutex::new(Some(writer)),
@@ -211,6 +219,12 @@ impl AuditLog {
     /// Writes out the lines queued so far, within `within`; later lines are dropped. For the
     /// agent's shutdown, so the last requests before a restart stay on record.
     pub async fn close(&self, within: std::time::Duration) {
+        // Requests cut by the agent's shutdown write their lines as their tasks wind down:
+        // half the time is for them, the rest for writing.
+        let deadline = tokio::time::Instant::now() + within / 2;
+        while self.live.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.closing.cancel();
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(writer) = writer {
@@ -283,6 +297,7 @@ impl Entry {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Entry {
+        log.live.fetch_add(1, Ordering::AcqRel);
         Entry {
             log,
             request_id: request_id.to_string(),
@@ -368,18 +383,19 @@ impl Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if self.written {
-            return;
+        if !self.written {
+            // A session whose splice never reported (the agent stopping under it) still ends
+            // on record, its bytes unknown.
+            if self.in_session {
+                self.send(Event::SessionEnd, 101, 0, 0);
+            } else {
+                self.settle(0);
+                let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+                self.send(Event::Request, 0, bytes_in, 0);
+            }
         }
-        // A session whose splice never reported (the agent stopping under it) still ends
-        // on record, its bytes unknown.
-        if self.in_session {
-            self.send(Event::SessionEnd, 101, 0, 0);
-        } else {
-            self.settle(0);
-            let bytes_in = self.bytes_in.load(Ordering::Relaxed);
-            self.send(Event::Request, 0, bytes_in, 0);
-        }
+        // After its line is queued: `close` waits for this.
+        self.log.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

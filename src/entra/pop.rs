@@ -303,7 +303,15 @@ pub struct PopCredential {
     cluster_id: String,
     signed: Mutex<Option<Signed>>,
     resign_every: Duration,
+    /// When a refusal last cost a new access token: a refused PoP token is re-signed at once,
+    /// but a new access token is asked for at most once per [`REFETCH_AFTER_REFUSAL`], so a
+    /// clock far off (every PoP token "from the future") cannot turn each request into an
+    /// Entra token request.
+    refetched: Mutex<Option<Instant>>,
 }
+
+/// See [`PopCredential`]'s `refetched`.
+pub const REFETCH_AFTER_REFUSAL: Duration = Duration::from_secs(60);
 
 impl PopCredential {
     pub fn new(access: Arc<dyn CredentialSource>, ring: Arc<KeyRing>, cluster_id: &str) -> Self {
@@ -313,6 +321,7 @@ impl PopCredential {
             cluster_id: cluster_id.to_string(),
             signed: Mutex::new(None),
             resign_every: RESIGN_EVERY,
+            refetched: Mutex::new(None),
         }
     }
 
@@ -365,7 +374,11 @@ impl CredentialSource for PopCredential {
         let mut signed = self.lock();
         if let Some(s) = signed.take() {
             if s.pop == *token {
-                self.access.refused(&s.access_token);
+                let mut refetched = self.refetched.lock().unwrap_or_else(|p| p.into_inner());
+                if refetched.is_none_or(|at| at.elapsed() >= REFETCH_AFTER_REFUSAL) {
+                    *refetched = Some(Instant::now());
+                    self.access.refused(&s.access_token);
+                }
             } else {
                 *signed = Some(s);
             }
