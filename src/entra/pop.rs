@@ -785,8 +785,16 @@ mod tests {
         let third = cred.token().await.unwrap();
         let proof = verify(third.expose(), &policy(), crate::tunnel::sas::unix_now()).unwrap();
         assert_eq!(proof.access_token.expose(), "at-1");
-        // An access token the ring never bound cannot be presented as PoP.
+        // Refused again within the minute: re-signed, but no new access token asked for.
         cred.refused(&third);
+        let fourth = cred.token().await.unwrap();
+        assert_ne!(fourth, third);
+        let proof = verify(fourth.expose(), &policy(), crate::tunnel::sas::unix_now()).unwrap();
+        assert_eq!(proof.access_token.expose(), "at-1");
+        // A minute on, a refusal drops the access token again; one the ring never bound
+        // cannot be presented as PoP.
+        tokio::time::advance(REFETCH_AFTER_REFUSAL).await;
+        cred.refused(&fourth);
         let err = cred.token().await.err().unwrap();
         assert!(format!("{:#}", anyhow::Error::new(err)).contains("no longer known"));
     }
