@@ -366,7 +366,17 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn quantities(cpu: &str, memory: &str) -> Option<BTreeMap<String, Quantity>> {
+/// A named TCP port of a container.
+pub(crate) fn tcp_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+pub(crate) fn quantities(cpu: &str, memory: &str) -> Option<BTreeMap<String, Quantity>> {
     Some(BTreeMap::from([
         ("cpu".to_string(), Quantity(cpu.to_string())),
         ("memory".to_string(), Quantity(memory.to_string())),
@@ -391,18 +401,8 @@ fn agent_container(spec: &AgentSpec) -> Container {
             ..EnvVar::default()
         }]),
         ports: Some(vec![
-            ContainerPort {
-                name: Some("health".into()),
-                container_port: HEALTH_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("metrics".into()),
-                container_port: METRICS_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
+            tcp_port("health", HEALTH_PORT),
+            tcp_port("metrics", METRICS_PORT),
         ]),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),

@@ -15,18 +15,20 @@ use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, Namespace,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, Namespace, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::manifests::{pod_annotations, MANAGED_BY, MANAGED_BY_LABEL, METRICS_PORT, NAME_LABEL};
+use super::manifests::{
+    pod_annotations, quantities, tcp_port, MANAGED_BY, MANAGED_BY_LABEL, METRICS_PORT, NAME_LABEL,
+};
 
 pub const RELAY_NAME: &str = "clusterconnect-relay";
 pub const DEFAULT_RELAY_NAMESPACE: &str = "clusterconnect";
@@ -259,13 +261,6 @@ pub fn relay_args() -> Vec<String> {
     ]
 }
 
-fn quantities(cpu: &str, memory: &str) -> Option<BTreeMap<String, Quantity>> {
-    Some(BTreeMap::from([
-        ("cpu".to_string(), Quantity(cpu.to_string())),
-        ("memory".to_string(), Quantity(memory.to_string())),
-    ]))
-}
-
 /// TCP probes: the relay's port speaks TLS (and, behind a balancer, may require a PROXY
 /// protocol header first), which an HTTP probe cannot always satisfy; accepting is the proof.
 fn probe(period: i32, failures: i32) -> Probe {
@@ -295,18 +290,8 @@ fn container(spec: &RelaySpec) -> Container {
         image: Some(spec.image.clone()),
         args: Some(relay_args()),
         ports: Some(vec![
-            ContainerPort {
-                name: Some("https".into()),
-                container_port: RELAY_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("metrics".into()),
-                container_port: METRICS_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
+            tcp_port("https", RELAY_PORT),
+            tcp_port("metrics", METRICS_PORT),
         ]),
         liveness_probe: Some(probe(10, 3)),
         readiness_probe: Some(probe(5, 2)),

@@ -27,37 +27,77 @@ fn find(lines: &[Value], what: impl Fn(&Value) -> bool) -> Option<&Value> {
     lines.iter().find(|l| what(l))
 }
 
+/// Stand-in apiserver, relay, an agent writing `audit.log` (with `agent_flags` more) and a
+/// proxy with the tester's token, whose kubeconfig is `kubeconfig`.
+struct Setup {
+    api: ApiServer,
+    dir: tempfile::TempDir,
+    relay: support::processes::RelayProcess,
+    agent: support::processes::Process,
+    _proxy: support::processes::Process,
+    audit_log: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn start(
+        agent_token: Option<&str>,
+        agent_flags: &[&OsStr],
+        envs: &[(&str, &OsStr)],
+    ) -> Setup {
+        let api = ApiServer::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
+        for d in [&relay_dir, &agent_dir] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        let relay = start_relay(&relay_dir).await;
+        let own = agent_token.map_or_else(|| api.agent_token(), String::from);
+        let agent_kubeconfig = api.write_kubeconfig(&agent_dir, &own);
+        let audit_log = agent_dir.join("audit.log");
+        let mut flags = vec![OsStr::new("--audit-log"), audit_log.as_os_str()];
+        flags.extend_from_slice(agent_flags);
+        let agent = start_agent_with(&relay, &agent_kubeconfig, CONNECTION, &flags, envs).await;
+        let kubeconfig = dir.path().join("kubeconfig");
+        let (proxy, _) = start_proxy(
+            &relay,
+            CONNECTION,
+            &api.token(),
+            &kubeconfig,
+            &dir.path().join("proxy"),
+        )
+        .await;
+        Setup {
+            api,
+            dir,
+            relay,
+            agent,
+            _proxy: proxy,
+            audit_log,
+            kubeconfig,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_for_get_watch_exec_and_a_refused_request() {
     if !kubectl_available() {
         return;
     }
-    let api = ApiServer::start().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
-    for d in [&relay_dir, &agent_dir] {
-        std::fs::create_dir_all(d).expect("mkdir");
-    }
-    let relay = start_relay(&relay_dir).await;
-    // The agent's own token: what it makes TokenReviews with.
-    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, &api.agent_token());
-    let audit_log = agent_dir.join("audit.log");
-    // At debug, the agent logs each request it forwards, within its spans.
-    let agent = start_agent_with(
-        &relay,
-        &agent_kubeconfig,
-        CONNECTION,
-        &[OsStr::new("--audit-log"), audit_log.as_os_str()],
+    // The agent's own token makes the TokenReviews; at debug, the agent logs each request it
+    // forwards, within its spans.
+    let Setup {
+        api,
+        dir,
+        relay,
+        agent,
+        _proxy,
+        audit_log,
+        kubeconfig,
+    } = Setup::start(
+        None,
+        &[],
         &[("RUST_LOG", OsStr::new("info,clusterconnect=debug"))],
-    )
-    .await;
-    let kubeconfig = dir.path().join("kubeconfig");
-    let (_proxy, _) = start_proxy(
-        &relay,
-        CONNECTION,
-        &api.token(),
-        &kubeconfig,
-        &dir.path().join("proxy"),
     )
     .await;
     let bad_kubeconfig = dir.path().join("bad-kubeconfig");
@@ -213,35 +253,18 @@ async fn what_the_drain_period_cuts_is_still_on_record() {
     if !kubectl_available() {
         return;
     }
-    let api = ApiServer::start().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
-    for d in [&relay_dir, &agent_dir] {
-        std::fs::create_dir_all(d).expect("mkdir");
-    }
-    let relay = start_relay(&relay_dir).await;
-    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
-    let audit_log = dir.path().join("audit.log");
-    let mut agent = start_agent_with(
-        &relay,
-        &agent_kubeconfig,
-        CONNECTION,
-        &[
-            OsStr::new("--audit-log"),
-            audit_log.as_os_str(),
-            OsStr::new("--drain-timeout"),
-            OsStr::new("1s"),
-        ],
+    let Setup {
+        api,
+        dir: _dir,
+        relay: _relay,
+        mut agent,
+        _proxy,
+        audit_log,
+        kubeconfig,
+    } = Setup::start(
+        Some("agent-has-no-say"),
+        &[OsStr::new("--drain-timeout"), OsStr::new("1s")],
         &[],
-    )
-    .await;
-    let kubeconfig = dir.path().join("kubeconfig");
-    let (_proxy, _) = start_proxy(
-        &relay,
-        CONNECTION,
-        &api.token(),
-        &kubeconfig,
-        &dir.path().join("proxy-config"),
     )
     .await;
     let watch = spawn_kubectl(&kubeconfig, &["get", "pods", "-w"], &[], false);
