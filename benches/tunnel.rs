@@ -194,6 +194,8 @@ struct Report {
     /// Direct vs tunnel with the agent validating an Entra token and impersonating.
     entra: Option<(Latency, Latency)>,
     throughput: Option<(Throughput, Throughput)>,
+    /// The same stream through rathole over plain TCP, in the same rounds; `Err` says why not.
+    rathole: Option<Result<Throughput, String>>,
     memory: Option<MemoryFigures>,
     relay: Option<relay_scale::Figures>,
 }
@@ -233,8 +235,9 @@ async fn run(phases: &Phases) -> Report {
         // Throughput: a bulk server that streams BULK_BYTES, reached directly and through a
         // second agent/proxy pair on its own hybrid connection (same relay).
         if phases.throughput {
-            report.throughput = Some(
-                phase("throughput: 256 MiB stream, direct vs tunnel", async {
+            let (pair, rathole) = phase(
+                "throughput: 256 MiB stream, direct vs tunnel vs rathole",
+                async {
                     let server = BulkServer::start().await;
                     let tunnel = bulk::Tunnel::start(&stack.relay, &server).await;
                     let proxied = client::KubeTarget::read(&tunnel.kubeconfig());
@@ -242,13 +245,39 @@ async fn run(phases: &Phases) -> Report {
                     let tunnel_client = client::https(proxied.ca_pem.as_bytes());
                     let direct = client::Target::new(&server.url(), "bulk");
                     let via = client::Target::new(&proxied.server, &proxied.token);
-                    let result =
-                        throughput_pair(&direct_client, &direct, &tunnel_client, &via).await;
+                    let rathole = rathole::Rathole::start(server.addr()).await;
+                    let through_rathole = rathole.as_ref().ok().map(|r| {
+                        (
+                            client::Target::new(&format!("https://{}", r.addr), "bulk"),
+                            r.pids(),
+                        )
+                    });
+                    let mut result = throughput_runs(
+                        &[
+                            (&direct_client, &direct, Vec::new()),
+                            (&tunnel_client, &via, Vec::new()),
+                        ]
+                        .into_iter()
+                        .chain(
+                            through_rathole
+                                .iter()
+                                .map(|(target, pids)| (&direct_client, target, pids.clone())),
+                        )
+                        .collect::<Vec<_>>(),
+                    )
+                    .await;
                     tunnel.stop().await;
-                    result
-                })
-                .await,
-            );
+                    let rathole = match rathole {
+                        Ok(_) => Ok(result.remove(2)),
+                        Err(why) => Err(why),
+                    };
+                    let tunnel = result.remove(1);
+                    ((result.remove(0), tunnel), rathole)
+                },
+            )
+            .await;
+            report.throughput = Some(pair);
+            report.rathole = Some(rathole);
         }
     }
 
@@ -403,36 +432,48 @@ fn summarize(mut samples: Vec<Duration>, cpu_per_request: Duration, protocol: St
     }
 }
 
-async fn throughput_pair(
-    direct_client: &HttpsClient,
-    direct: &client::Target,
-    tunnel_client: &HttpsClient,
-    tunnel: &client::Target,
-) -> (Throughput, Throughput) {
-    // One small warm-up stream each, so connections and windows exist before timing.
+/// Each path's stream in turn, BULK_RUNS rounds, after one small warm-up stream each. A
+/// path's `pids` are processes outside this one whose CPU time counts too (rathole's).
+async fn throughput_runs(paths: &[(&HttpsClient, &client::Target, Vec<u32>)]) -> Vec<Throughput> {
     let warm = format!("/bulk?bytes={}", 16 * 1024 * 1024);
-    client::stream(direct_client, &direct.at(&warm)).await;
-    client::stream(tunnel_client, &tunnel.at(&warm)).await;
+    for (c, target, _) in paths {
+        client::stream(c, &target.at(&warm)).await;
+    }
     let path = format!("/bulk?bytes={BULK_BYTES}");
-    let (direct, tunnel) = (direct.at(&path), tunnel.at(&path));
-    let (mut d, mut t) = (Throughput::new(), Throughput::new());
+    let requests: Vec<_> = paths.iter().map(|(_, t, _)| t.at(&path)).collect();
+    let mut out: Vec<Throughput> = paths.iter().map(|_| Throughput::new()).collect();
     for _ in 0..BULK_RUNS {
-        for (c, target, out) in [
-            (direct_client, &direct, &mut d),
-            (tunnel_client, &tunnel, &mut t),
-        ] {
-            let cpu_before = cpu_ns();
-            let (bytes, elapsed, protocol) = client::stream(c, target).await;
-            let cpu = (cpu_ns() - cpu_before) as f64 / 1e9;
-            assert_eq!(bytes, BULK_BYTES, "short stream from {}", target.uri);
+        for (i, (c, _, pids)) in paths.iter().enumerate() {
+            let others = |pids: &[u32]| pids.iter().map(|p| process_cpu_ns(*p)).sum::<u64>();
+            let cpu_before = cpu_ns() + others(pids);
+            let (bytes, elapsed, protocol) = client::stream(c, &requests[i]).await;
+            let cpu = (cpu_ns() + others(pids) - cpu_before) as f64 / 1e9;
+            assert_eq!(bytes, BULK_BYTES, "short stream from {}", requests[i].uri);
             let gib = bytes as f64 / (1024.0 * 1024.0 * 1024.0);
-            out.runs.push(gib * 1024.0 / elapsed.as_secs_f64());
-            out.cpu_s_per_gib.push(cpu / gib);
-            out.cores_busy.push(cpu / elapsed.as_secs_f64());
-            out.protocol = protocol;
+            out[i].runs.push(gib * 1024.0 / elapsed.as_secs_f64());
+            out[i].cpu_s_per_gib.push(cpu / gib);
+            out[i].cores_busy.push(cpu / elapsed.as_secs_f64());
+            out[i].protocol = protocol;
         }
     }
-    (d, t)
+    out
+}
+
+/// CPU time (user + system) of process `pid` so far, in nanoseconds (/proc/PID/stat; 0 when
+/// it cannot be read).
+fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The fields after the command name, which may hold spaces, in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on every Linux this runs on.
+    ticks * 10_000_000
 }
 
 fn ms(d: Duration) -> f64 {
@@ -558,6 +599,21 @@ impl Report {
                 round(&d.runs),
                 round(&t.runs)
             );
+            match &self.rathole {
+                Some(Ok(r)) => {
+                    let br = r.median();
+                    println!(
+                        "  rathole (plain TCP, same rounds): {:.0} MiB/s, {:.0}% of direct; tunnel/rathole {:.2}x; CPU {:.2} s/GiB (its two processes included); runs {:?}",
+                        br,
+                        br / bd * 100.0,
+                        bt / br,
+                        median(&r.cpu_s_per_gib),
+                        round(&r.runs)
+                    );
+                }
+                Some(Err(why)) => println!("  rathole: not measured: {why}"),
+                None => {}
+            }
         }
         if let Some(m) = &self.memory {
             m.print(TARGET_KIB_PER_WATCH);
@@ -616,6 +672,14 @@ impl Report {
                 "ratio": t.median() / d.median(),
                 "target_ratio_min": TARGET_THROUGHPUT_SHARE,
             });
+            match &self.rathole {
+                Some(Ok(r)) => {
+                    out["throughput"]["rathole_tcp"] = thr(r);
+                    out["throughput"]["tunnel_over_rathole_tcp"] = json!(t.median() / r.median());
+                }
+                Some(Err(why)) => out["throughput"]["rathole_tcp"] = json!({"absent": why}),
+                None => {}
+            }
         }
         if let Some(m) = &self.memory {
             out["memory"] = m.json(TARGET_KIB_PER_WATCH);
@@ -949,6 +1013,10 @@ mod bulk {
 
         pub fn url(&self) -> String {
             format!("https://{}", self.addr)
+        }
+
+        pub fn addr(&self) -> SocketAddr {
+            self.addr
         }
     }
 
@@ -1443,20 +1511,8 @@ mod relay_scale {
         format!("scale-{}", i / PER_CONNECTION)
     }
 
-    /// CPU time (user + system) of process `pid` so far.
     fn cpu_of(pid: u32) -> Duration {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return Duration::ZERO;
-        };
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-            .sum();
-        // USER_HZ is 100 on every Linux this runs on.
-        Duration::from_millis(ticks * 10)
+        Duration::from_nanos(crate::process_cpu_ns(pid))
     }
 
     pub async fn measure(listeners: usize, tunnels: usize) -> Figures {
@@ -1608,6 +1664,112 @@ mod relay_scale {
                 "accept_p99_ms": ms(self.accept_p99),
                 "relay_cpu_us_per_tunnel": self.cpu_per_tunnel.as_secs_f64() * 1e6,
             })
+        }
+    }
+}
+
+/// rathole (github.com/rapiz1/rathole), the closest open-source peer, over plain TCP between
+/// its server and client on loopback, in front of the same bulk server: run when a `rathole`
+/// binary is on PATH or in ~/.cargo/bin (`cargo install rathole`), and said when not.
+mod rathole {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::process::{Child, Command};
+
+    pub struct Rathole {
+        /// Where the tunnelled service listens (rathole's server side).
+        pub addr: SocketAddr,
+        server: Child,
+        client: Child,
+        _dir: tempfile::TempDir,
+    }
+
+    fn binary() -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("rathole"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let cargo_bin =
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/rathole"));
+        on_path.into_iter().chain(cargo_bin).find(|p| p.is_file())
+    }
+
+    fn free_port() -> std::io::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    }
+
+    impl Rathole {
+        /// rathole's server and client tunnelling to `local`, once its control channel is up.
+        pub async fn start(local: SocketAddr) -> Result<Rathole, String> {
+            let bin = binary()
+                .ok_or("no rathole binary on PATH or in ~/.cargo/bin (cargo install rathole)")?;
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let (control, service) = (
+                free_port().map_err(|e| e.to_string())?,
+                free_port().map_err(|e| e.to_string())?,
+            );
+            let server_toml = dir.path().join("server.toml");
+            let client_toml = dir.path().join("client.toml");
+            std::fs::write(
+                &server_toml,
+                format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.bulk]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{service}\"\n"),
+            )
+            .map_err(|e| e.to_string())?;
+            std::fs::write(
+                &client_toml,
+                format!("[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.bulk]\ntoken = \"bench\"\nlocal_addr = \"{local}\"\n"),
+            )
+            .map_err(|e| e.to_string())?;
+            let spawn = |args: &[&std::ffi::OsStr]| {
+                Command::new(&bin)
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| format!("cannot run {}: {e}", bin.display()))
+            };
+            let server = spawn(&["--server".as_ref(), server_toml.as_os_str()])?;
+            let mut client = spawn(&["--client".as_ref(), client_toml.as_os_str()])?;
+            let stdout = client.stdout.take().ok_or("rathole client has no stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            let ready = tokio::time::timeout(Duration::from_secs(15), async {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains("Control channel established") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if ready != Ok(true) {
+                return Err("rathole's control channel did not come up within 15 s".into());
+            }
+            // Keep draining its log so it never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Ok(Rathole {
+                addr: SocketAddr::from(([127, 0, 0, 1], service)),
+                server,
+                client,
+                _dir: dir,
+            })
+        }
+
+        pub fn pids(&self) -> Vec<u32> {
+            [self.server.id(), self.client.id()]
+                .into_iter()
+                .flatten()
+                .collect()
         }
     }
 }
