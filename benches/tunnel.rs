@@ -194,8 +194,9 @@ struct Report {
     /// Direct vs tunnel with the agent validating an Entra token and impersonating.
     entra: Option<(Latency, Latency)>,
     throughput: Option<(Throughput, Throughput)>,
-    /// The same stream through rathole over plain TCP, in the same rounds; `Err` says why not.
-    rathole: Option<Result<Throughput, String>>,
+    /// The same stream through rathole (plain TCP, then WebSocket over TLS), in the same
+    /// rounds; `Err` says why not.
+    rathole: Vec<(&'static str, Result<Throughput, String>)>,
     memory: Option<MemoryFigures>,
     relay: Option<relay_scale::Figures>,
 }
@@ -245,39 +246,56 @@ async fn run(phases: &Phases) -> Report {
                     let tunnel_client = client::https(proxied.ca_pem.as_bytes());
                     let direct = client::Target::new(&server.url(), "bulk");
                     let via = client::Target::new(&proxied.server, &proxied.token);
-                    let rathole = rathole::Rathole::start(server.addr()).await;
-                    let through_rathole = rathole.as_ref().ok().map(|r| {
-                        (
-                            client::Target::new(&format!("https://{}", r.addr), "bulk"),
-                            r.pids(),
-                        )
-                    });
-                    let mut result = throughput_runs(
-                        &[
-                            (&direct_client, &direct, Vec::new()),
-                            (&tunnel_client, &via, Vec::new()),
-                        ]
-                        .into_iter()
-                        .chain(
-                            through_rathole
-                                .iter()
-                                .map(|(target, pids)| (&direct_client, target, pids.clone())),
-                        )
-                        .collect::<Vec<_>>(),
-                    )
-                    .await;
+                    let mut ratholes = Vec::new();
+                    for (name, transport) in [
+                        ("rathole, plain TCP", rathole::Transport::Tcp),
+                        ("rathole, WebSocket+TLS", rathole::Transport::WebSocketTls),
+                    ] {
+                        ratholes.push((
+                            name,
+                            rathole::Rathole::start(server.addr(), transport).await,
+                        ));
+                    }
+                    let targets: Vec<_> = ratholes
+                        .iter()
+                        .filter_map(|(_, r)| r.as_ref().ok())
+                        .map(|r| {
+                            (
+                                client::Target::new(&format!("https://{}", r.addr), "bulk"),
+                                r.pids(),
+                            )
+                        })
+                        .collect();
+                    let mut paths = vec![
+                        (&direct_client, &direct, Vec::new()),
+                        (&tunnel_client, &via, Vec::new()),
+                    ];
+                    paths.extend(
+                        targets
+                            .iter()
+                            .map(|(target, pids)| (&direct_client, target, pids.clone())),
+                    );
+                    let mut result = throughput_runs(&paths).await.into_iter();
                     tunnel.stop().await;
-                    let rathole = match rathole {
-                        Ok(_) => Ok(result.remove(2)),
-                        Err(why) => Err(why),
+                    let (Some(d), Some(t)) = (result.next(), result.next()) else {
+                        panic!("a throughput result per path");
                     };
-                    let tunnel = result.remove(1);
-                    ((result.remove(0), tunnel), rathole)
+                    let rathole = ratholes
+                        .into_iter()
+                        .map(|(name, started)| {
+                            let measured = match started {
+                                Ok(_) => result.next().ok_or_else(|| "no result".to_string()),
+                                Err(why) => Err(why),
+                            };
+                            (name, measured)
+                        })
+                        .collect::<Vec<_>>();
+                    ((d, t), rathole)
                 },
             )
             .await;
             report.throughput = Some(pair);
-            report.rathole = Some(rathole);
+            report.rathole = rathole;
         }
     }
 
@@ -599,20 +617,21 @@ impl Report {
                 round(&d.runs),
                 round(&t.runs)
             );
-            match &self.rathole {
-                Some(Ok(r)) => {
-                    let br = r.median();
-                    println!(
-                        "  rathole (plain TCP, same rounds): {:.0} MiB/s, {:.0}% of direct; tunnel/rathole {:.2}x; CPU {:.2} s/GiB (its two processes included); runs {:?}",
-                        br,
-                        br / bd * 100.0,
-                        bt / br,
-                        median(&r.cpu_s_per_gib),
-                        round(&r.runs)
-                    );
+            for (name, measured) in &self.rathole {
+                match measured {
+                    Ok(r) => {
+                        let br = r.median();
+                        println!(
+                            "  {name} (same rounds): {:.0} MiB/s, {:.0}% of direct; tunnel/rathole {:.2}x; CPU {:.2} s/GiB (its two processes included); runs {:?}",
+                            br,
+                            br / bd * 100.0,
+                            bt / br,
+                            median(&r.cpu_s_per_gib),
+                            round(&r.runs)
+                        );
+                    }
+                    Err(why) => println!("  {name}: not measured: {why}"),
                 }
-                Some(Err(why)) => println!("  rathole: not measured: {why}"),
-                None => {}
             }
         }
         if let Some(m) = &self.memory {
@@ -672,13 +691,13 @@ impl Report {
                 "ratio": t.median() / d.median(),
                 "target_ratio_min": TARGET_THROUGHPUT_SHARE,
             });
-            match &self.rathole {
-                Some(Ok(r)) => {
-                    out["throughput"]["rathole_tcp"] = thr(r);
-                    out["throughput"]["tunnel_over_rathole_tcp"] = json!(t.median() / r.median());
-                }
-                Some(Err(why)) => out["throughput"]["rathole_tcp"] = json!({"absent": why}),
-                None => {}
+            for (name, measured) in &self.rathole {
+                out["throughput"]["rathole"][*name] = match measured {
+                    Ok(r) => {
+                        json!({"figures": thr(r), "tunnel_over_rathole": t.median() / r.median()})
+                    }
+                    Err(why) => json!({"absent": why}),
+                };
             }
         }
         if let Some(m) = &self.memory {
@@ -1668,9 +1687,10 @@ mod relay_scale {
     }
 }
 
-/// rathole (github.com/rapiz1/rathole), the closest open-source peer, over plain TCP between
-/// its server and client on loopback, in front of the same bulk server: run when a `rathole`
-/// binary is on PATH or in ~/.cargo/bin (`cargo install rathole`), and said when not.
+/// rathole (github.com/rapiz1/rathole), the closest open-source peer, between its server and
+/// client on loopback (plain TCP, or WebSocket over TLS) in front of the same bulk server: run
+/// when a `rathole` binary is on PATH or in ~/.cargo/bin (`cargo install rathole`), and said
+/// when not.
 mod rathole {
     use std::net::SocketAddr;
     use std::path::PathBuf;
@@ -1679,6 +1699,15 @@ mod rathole {
 
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::process::{Child, Command};
+
+    /// How rathole's client reaches its server.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Transport {
+        /// Plain TCP: no TLS, no WebSocket.
+        Tcp,
+        /// WebSocket over TLS, the transport class clusterconnect's hops use.
+        WebSocketTls,
+    }
 
     pub struct Rathole {
         /// Where the tunnelled service listens (rathole's server side).
@@ -1701,6 +1730,41 @@ mod rathole {
         on_path.into_iter().chain(cargo_bin).find(|p| p.is_file())
     }
 
+    /// A CA and a `localhost` identity (PKCS#12, as rathole's native-tls wants it) in `dir`,
+    /// and the transport sections of server and client configuration that use them.
+    fn tls_files(dir: &std::path::Path) -> Result<(String, String), String> {
+        use rustls_pki_types::pem::PemObject;
+        let ca = clusterconnect::tls::CertificateAuthority::generate("rathole bench CA")
+            .map_err(|e| e.to_string())?;
+        let leaf = ca.issue_server(&["localhost"]).map_err(|e| e.to_string())?;
+        let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(leaf.key_pem.as_bytes())
+            .map_err(|e| format!("leaf key: {e}"))?;
+        let cert = rustls_pki_types::CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())
+            .map_err(|e| format!("leaf certificate: {e}"))?;
+        let chain = p12_keystore::PrivateKeyChain::new(
+            b"rathole-bench".as_slice(),
+            p12_keystore::PrivateKey::from_der(key.secret_pkcs8_der())
+                .map_err(|e| format!("leaf key: {e}"))?,
+            [p12_keystore::Certificate::from_der(&cert).map_err(|e| format!("leaf: {e}"))?],
+        );
+        let mut store = p12_keystore::KeyStore::new();
+        store.add_entry(
+            "rathole",
+            p12_keystore::KeyStoreEntry::PrivateKeyChain(chain),
+        );
+        let pfx = store
+            .writer("bench")
+            .write()
+            .map_err(|e| format!("PKCS#12: {e}"))?;
+        let (identity, root) = (dir.join("identity.pfx"), dir.join("ca.pem"));
+        std::fs::write(&identity, pfx).map_err(|e| e.to_string())?;
+        std::fs::write(&root, ca.cert_pem()).map_err(|e| e.to_string())?;
+        Ok((
+            format!("[server.transport]\ntype = \"websocket\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n[server.transport.websocket]\ntls = true\n", identity.display()),
+            format!("[client.transport]\ntype = \"websocket\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n[client.transport.websocket]\ntls = true\n", root.display()),
+        ))
+    }
+
     fn free_port() -> std::io::Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -1709,7 +1773,7 @@ mod rathole {
 
     impl Rathole {
         /// rathole's server and client tunnelling to `local`, once its control channel is up.
-        pub async fn start(local: SocketAddr) -> Result<Rathole, String> {
+        pub async fn start(local: SocketAddr, transport: Transport) -> Result<Rathole, String> {
             let bin = binary()
                 .ok_or("no rathole binary on PATH or in ~/.cargo/bin (cargo install rathole)")?;
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -1719,14 +1783,18 @@ mod rathole {
             );
             let server_toml = dir.path().join("server.toml");
             let client_toml = dir.path().join("client.toml");
+            let (server_transport, client_transport) = match transport {
+                Transport::Tcp => (String::new(), String::new()),
+                Transport::WebSocketTls => tls_files(dir.path())?,
+            };
             std::fs::write(
                 &server_toml,
-                format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.bulk]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{service}\"\n"),
+                format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_transport}[server.services.bulk]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{service}\"\n"),
             )
             .map_err(|e| e.to_string())?;
             std::fs::write(
                 &client_toml,
-                format!("[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.bulk]\ntoken = \"bench\"\nlocal_addr = \"{local}\"\n"),
+                format!("[client]\nremote_addr = \"localhost:{control}\"\n{client_transport}[client.services.bulk]\ntoken = \"bench\"\nlocal_addr = \"{local}\"\n"),
             )
             .map_err(|e| e.to_string())?;
             let spawn = |args: &[&std::ffi::OsStr]| {
