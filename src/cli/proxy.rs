@@ -47,6 +47,10 @@ pub struct Args {
     /// Serve Prometheus metrics on HOST:PORT at /metrics (plain HTTP); off by default.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+    /// Requests and watches in flight on one tunnel connection before another is opened (at
+    /// most 64 per cluster); keep it under the agent's 1,024 streams per connection.
+    #[arg(long, default_value_t = crate::proxy::STREAMS_PER_CONNECTION as u16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub streams_per_connection: u16,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -162,7 +166,7 @@ async fn bind(port: Option<u16>) -> anyhow::Result<TcpListener> {
 pub async fn start(
     clusters: Vec<ClusterConfig>,
     port: Option<u16>,
-    metrics: ProxyMetrics,
+    (metrics, pool): (ProxyMetrics, crate::proxy::PoolLimits),
 ) -> anyhow::Result<Started> {
     let listener = bind(port).await?;
     let port = listener.local_addr()?.port();
@@ -178,6 +182,7 @@ pub async fn start(
         local_tls,
         local_secret: local_secret.clone(),
         metrics,
+        pool,
     });
     for (name, result) in proxy.warm_up().await {
         match result {
@@ -273,7 +278,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
     if let Some(addr) = &args.metrics_addr {
         crate::metrics::start(addr, registry, shutdown.clone()).await?;
     }
-    let started = start(clusters, args.port, metrics).await?;
+    let pool = crate::proxy::PoolLimits {
+        streams_per_connection: usize::from(args.streams_per_connection),
+        ..Default::default()
+    };
+    let started = start(clusters, args.port, (metrics, pool)).await?;
     let names = started.proxy.cluster_names();
     let target = match kubeconfig_path {
         None => {

@@ -8,7 +8,10 @@ mod pool;
 mod server;
 mod watch_end;
 
-pub use pool::{Pool, RelayTarget, SendBody, SendCredential, TunnelError, POOL_SIZE};
+pub use pool::{
+    Pool, PoolLimits, RelayTarget, SendBody, SendCredential, TunnelError, MAX_CONNECTIONS,
+    POOL_SIZE, STREAMS_PER_CONNECTION,
+};
 pub use server::{ProbeError, CLUSTER_PREFIX};
 
 use std::sync::Arc;
@@ -48,6 +51,8 @@ pub struct ProxyConfig {
     pub local_secret: Secret,
     /// Counted into as the proxy works; served when the CLI registered them.
     pub metrics: ProxyMetrics,
+    /// How far each cluster's pool of tunnel connections grows.
+    pub pool: PoolLimits,
 }
 
 /// The server URL a kubeconfig uses for cluster `name` behind a proxy on `port`.
@@ -106,7 +111,7 @@ impl Proxy {
                             source.observe_renewals(renewals.clone());
                         }
                         Route {
-                            pool: Pool::new(c.target, POOL_SIZE, (&c.name, &metrics)),
+                            pool: Pool::new(c.target, config.pool, (&c.name, &metrics)),
                             name: c.name,
                             credential: c.credential,
                             last_refusal: std::sync::Mutex::new(None),

@@ -63,6 +63,8 @@ pub enum TunnelError {
     SendToken(#[from] CredentialError),
     #[error("every agent this request reached was shutting down; retry")]
     Draining,
+    #[error("the pool holds its maximum of {0} connections")]
+    PoolFull(usize),
 }
 
 impl RelayTarget {
@@ -118,30 +120,84 @@ impl RelayTarget {
     }
 }
 
-/// A pooled connection and the `sb-hc-id` of the rendezvous it runs over.
-/// A few HTTP/2 connections over rendezvous streams, re-opened when they fail.
+/// HTTP/2 connections over rendezvous streams: at least [`POOL_SIZE`], more while every one
+/// carries its [`PoolLimits::streams_per_connection`] (watches hold a stream for hours), up to
+/// [`PoolLimits::max_connections`]; re-opened when they fail.
 pub struct Pool {
     target: RelayTarget,
-    slots: Vec<Mutex<Option<Pooled>>>,
-    next: AtomicUsize,
+    conns: Mutex<Vec<Pooled>>,
+    /// One dial at a time: a burst of requests waits for one new connection, not many.
+    dialing: Mutex<()>,
+    limits: PoolLimits,
     opened: AtomicU64,
     /// The cluster's name, which labels its metrics.
     name: String,
     metrics: ProxyMetrics,
 }
 
-/// One slot's connection, numbered so that a caller discarding a connection that failed it
-/// does not throw away a newer one another caller put there meanwhile.
+/// How far a pool grows.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolLimits {
+    /// Requests in flight on one connection before another is opened: under the agent's
+    /// HTTP/2 stream limit (1024), past which requests would queue on the connection.
+    pub streams_per_connection: usize,
+    /// Connections (rendezvous) one cluster's pool holds at most; past that, requests wait
+    /// for a stream on the least busy one.
+    pub max_connections: usize,
+}
+
+/// `proxy --streams-per-connection`'s default.
+pub const STREAMS_PER_CONNECTION: usize = 1000;
+/// Connections per cluster at most (64 of 1,000 streams: 64,000 requests and watches open).
+pub const MAX_CONNECTIONS: usize = 64;
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            streams_per_connection: STREAMS_PER_CONNECTION,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// One connection of the pool, numbered so that a caller discarding a connection that failed
+/// it does not throw away a newer one.
 #[derive(Clone)]
 struct Pooled {
     id: u64,
     sender: http2::SendRequest<SendBody>,
     /// The rendezvous' `sb-hc-id`, which relay and agent log too.
     rendezvous: Arc<str>,
+    /// Requests in flight on it, responses still streaming included.
+    open: Arc<AtomicUsize>,
 }
 
-/// Two connections: one rendezvous failing (a relay node restarting) leaves the other warm,
-/// and HTTP/2 multiplexing makes more unnecessary.
+/// A request's place on its connection, given back when the response (body included) is
+/// done with: kept in the response's extensions until its body is dropped.
+#[derive(Clone)]
+pub struct StreamSlot {
+    _place: Arc<SlotInner>,
+}
+
+struct SlotInner(Arc<AtomicUsize>);
+
+impl Drop for SlotInner {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl StreamSlot {
+    fn take(open: &Arc<AtomicUsize>) -> StreamSlot {
+        open.fetch_add(1, Ordering::AcqRel);
+        StreamSlot {
+            _place: Arc::new(SlotInner(open.clone())),
+        }
+    }
+}
+
+/// Two connections at least: one rendezvous failing (a relay node restarting) leaves the
+/// other warm.
 pub const POOL_SIZE: usize = 2;
 
 /// Times one request is sent at most: the first connection may be draining (its agent is
@@ -157,11 +213,19 @@ enum Failed {
 }
 
 impl Pool {
-    pub fn new(target: RelayTarget, size: usize, (name, metrics): (&str, &ProxyMetrics)) -> Self {
+    pub fn new(
+        target: RelayTarget,
+        limits: PoolLimits,
+        (name, metrics): (&str, &ProxyMetrics),
+    ) -> Self {
         Pool {
             target,
-            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
+            conns: Mutex::new(Vec::new()),
+            dialing: Mutex::new(()),
+            limits: PoolLimits {
+                streams_per_connection: limits.streams_per_connection.max(1),
+                max_connections: limits.max_connections.max(POOL_SIZE),
+            },
             opened: AtomicU64::new(0),
             name: name.to_string(),
             metrics: metrics.clone(),
@@ -197,6 +261,7 @@ impl Pool {
             }
             Err(TunnelError::SendToken(_)) => "credential",
             Err(TunnelError::Draining) => "draining",
+            Err(TunnelError::PoolFull(_)) => "pool_full",
             Err(TunnelError::Dial(_)) => "other",
         };
         self.metrics.tunnel_failed(&self.name, reason);
@@ -214,13 +279,18 @@ impl Pool {
         let mut attempt = 1;
         loop {
             let replay = bodiless_copy(&req);
-            let (slot, pooled) = self.connection().await?;
+            let pooled = self.connection().await?;
             tracing::Span::current().record("sb_hc_id", &*pooled.rendezvous);
+            let slot = StreamSlot::take(&pooled.open);
             let failed = match send_on(pooled.sender, req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(mut resp) => {
+                    resp.extensions_mut().insert(slot);
+                    return Ok(resp);
+                }
                 Err(failed) => failed,
             };
-            self.discard(slot, pooled.id).await;
+            drop(slot);
+            self.discard(pooled.id).await;
             req = match failed {
                 Failed::Unsent(req) => *req,
                 Failed::Sent(e) => match replay {
@@ -244,15 +314,44 @@ impl Pool {
         self.connection().await.map(|_| ())
     }
 
-    /// A live connection, opening one if this slot has none. The slot's lock makes concurrent
-    /// callers wait for a single dial instead of each opening its own.
-    async fn connection(&self) -> Result<(usize, Pooled), TunnelError> {
-        let idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = self.slots[idx].lock().await;
-        if let Some(pooled) = slot.as_ref() {
-            if !pooled.sender.is_closed() {
-                return Ok((idx, pooled.clone()));
-            }
+    /// The least busy live connection below its stream limit, or a new one (the first
+    /// [`POOL_SIZE`] are opened as they are needed, later ones when every connection is at its
+    /// limit, up to the pool's maximum).
+    async fn connection(&self) -> Result<Pooled, TunnelError> {
+        if let Some(pooled) = self.pick(false).await {
+            return Ok(pooled);
+        }
+        let _dialing = self.dialing.lock().await;
+        // Another caller's dial may have made room meanwhile.
+        if let Some(pooled) = self.pick(false).await {
+            return Ok(pooled);
+        }
+        match self.open().await {
+            Ok(pooled) => Ok(pooled),
+            // At the maximum, or a dial failing: a live connection still serves, its
+            // requests queued behind its streams.
+            Err(e) => self.pick(true).await.ok_or(e),
+        }
+    }
+
+    /// A live connection: the least busy one with room, or (`any`) the least busy at all.
+    async fn pick(&self, any: bool) -> Option<Pooled> {
+        let mut conns = self.conns.lock().await;
+        conns.retain(|p| !p.sender.is_closed());
+        if !any && conns.len() < POOL_SIZE {
+            return None;
+        }
+        let limit = self.limits.streams_per_connection;
+        conns
+            .iter()
+            .filter(|p| any || p.open.load(Ordering::Acquire) < limit)
+            .min_by_key(|p| p.open.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    async fn open(&self) -> Result<Pooled, TunnelError> {
+        if self.conns.lock().await.len() >= self.limits.max_connections {
+            return Err(TunnelError::PoolFull(self.limits.max_connections));
         }
         let opened = self.target.open().await;
         self.count(opened.as_ref().map(|_| ()));
@@ -278,23 +377,21 @@ impl Pool {
             .instrument(tracing::info_span!("rendezvous", sb_hc_id = %rendezvous)),
         );
         let id = self.opened.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(slot = idx, sb_hc_id = %rendezvous, "opened pooled tunnel connection");
         let pooled = Pooled {
             id,
             sender,
             rendezvous,
+            open: Arc::default(),
         };
-        *slot = Some(pooled.clone());
-        Ok((idx, pooled))
+        let mut conns = self.conns.lock().await;
+        conns.push(pooled.clone());
+        tracing::debug!(connections = conns.len(), sb_hc_id = %pooled.rendezvous, "opened pooled tunnel connection");
+        Ok(pooled)
     }
 
-    /// Forgets the connection `id` in `slot` (if it is still the one there), so the next
-    /// request there opens a new rendezvous.
-    async fn discard(&self, slot: usize, id: u64) {
-        let mut slot = self.slots[slot].lock().await;
-        if slot.as_ref().is_some_and(|p| p.id == id) {
-            *slot = None;
-        }
+    /// Forgets the connection `id`, so the next request opens a new rendezvous.
+    async fn discard(&self, id: u64) {
+        self.conns.lock().await.retain(|p| p.id != id);
     }
 }
 

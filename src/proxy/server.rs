@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use super::pool::StreamSlot;
 use super::pool::{Pool, SendBody, TunnelError};
 use super::watch_end::EndCleanly;
 use crate::auth::{CredentialError, CredentialSource};
@@ -241,12 +242,29 @@ async fn answer(
     let (mut parts, body) = resp.into_parts();
     // Our client may speak HTTP/1.1 even though the tunnel spoke HTTP/2.
     parts.version = Version::HTTP_11;
+    // The request's place on its pooled connection lasts as long as its body (a watch's for
+    // hours), so the pool sees which connections are full.
+    let slot = parts.extensions.remove::<StreamSlot>();
     let body = if streaming {
-        EndCleanly::new(body).boxed_unsync()
+        holding(EndCleanly::new(body), slot).boxed_unsync()
     } else {
-        body.boxed_unsync()
+        holding(body, slot).boxed_unsync()
     };
     Response::from_parts(parts, body)
+}
+
+/// `body`, keeping `slot` until it is dropped.
+fn holding<B: hyper::body::Body>(
+    body: B,
+    slot: Option<StreamSlot>,
+) -> http_body_util::combinators::MapFrame<
+    B,
+    impl FnMut(hyper::body::Frame<B::Data>) -> hyper::body::Frame<B::Data>,
+> {
+    body.map_frame(move |frame| {
+        let _held = &slot;
+        frame
+    })
 }
 
 pub struct Handler {

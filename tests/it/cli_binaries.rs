@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::processes::{
     agent_args, proxy_args, run_to_end, spawn, start_agent, start_proxy, start_relay, RelayProcess,
-    TOKEN_FILE_NAME,
+    START_TIMEOUT, TOKEN_FILE_NAME,
 };
 use support::{kubectl, kubectl_available, ApiServer};
 
@@ -823,4 +823,70 @@ async fn proxy_on_a_taken_port_says_already_in_use() {
     );
     assert!(!kubeconfig.exists());
     drop(taken);
+}
+
+/// Watches hold a stream of a pooled tunnel connection each: once every connection carries
+/// `--streams-per-connection`, the proxy opens another rather than queueing new requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_opens_more_tunnel_connections_as_watches_fill_them() {
+    if !kubectl_available() {
+        return;
+    }
+    const WATCHES: usize = 6;
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
+    for d in [&relay_dir, &agent_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let relay = start_relay(&relay_dir).await;
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
+    let _agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    let token_file = write(&dir.path().join("token"), &api.token());
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut args = proxy_args(
+        &relay,
+        CONNECTION,
+        &relay.send_key,
+        &token_file,
+        0,
+        &kubeconfig,
+    );
+    args.extend(["--streams-per-connection".into(), "2".into()]);
+    let proxy = spawn(
+        &args,
+        &[
+            (
+                "CLUSTERCONNECT_CONFIG_DIR",
+                dir.path().join("proxy").as_os_str(),
+            ),
+            ("RUST_LOG", OsStr::new("info,clusterconnect::proxy=debug")),
+        ],
+    );
+    proxy
+        .wait_for(START_TIMEOUT, |t| {
+            support::processes::proxy_port(t).is_some()
+        })
+        .await
+        .unwrap_or_else(|out| panic!("proxy did not start:\n{out}"));
+
+    let watches: Vec<_> = (0..WATCHES)
+        .map(|_| support::spawn_kubectl(&kubeconfig, &["get", "pods", "-w"], &[], false))
+        .collect();
+    support::check::eventually("every watch reaches the apiserver", || {
+        api.open_watches() == WATCHES
+    })
+    .await;
+    // A plain request still goes through at once.
+    let out = kubectl(&kubeconfig, &["get", "pods"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let opened = support::processes::logs(&proxy.output(), "opened pooled tunnel connection").len();
+    assert!(
+        opened >= WATCHES / 2,
+        "{WATCHES} watches at 2 per connection opened only {opened} connections:\n{}",
+        proxy.output()
+    );
+    for w in watches {
+        let _ = w.kill().await;
+    }
 }

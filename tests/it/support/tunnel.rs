@@ -397,6 +397,7 @@ impl LocalProxy {
             )
             .expect("tls"),
             local_secret: local_secret.clone(),
+            pool: Default::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
