@@ -254,13 +254,13 @@ async fn answer(
 }
 
 /// `body`, keeping `slot` until it is dropped.
-fn holding<B: hyper::body::Body>(
+fn holding<B>(
     body: B,
     slot: Option<StreamSlot>,
-) -> http_body_util::combinators::MapFrame<
-    B,
-    impl FnMut(hyper::body::Frame<B::Data>) -> hyper::body::Frame<B::Data>,
-> {
+) -> impl hyper::body::Body<Data = B::Data, Error = B::Error> + Send + 'static
+where
+    B: hyper::body::Body + Send + 'static,
+{
     body.map_frame(move |frame| {
         let _held = &slot;
         frame
