@@ -1071,6 +1071,7 @@ mod bulk {
                     token_ttl: Duration::from_secs(3600),
                     auth: std::sync::Arc::new(Authenticator::token_only()),
                     max_streams: clusterconnect::agent::MAX_STREAMS,
+                    streams_per_connection: clusterconnect::tunnel::http::H2_MAX_STREAMS,
                     drain: clusterconnect::agent::DRAIN,
                     metrics: Default::default(),
                     audit: None,

@@ -24,7 +24,7 @@ use super::upstream::Upstream;
 use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use crate::tunnel::http::{
     error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
-    strip_hop_by_hop, Body, Counted, H2_CONNECTION_WINDOW, H2_MAX_STREAMS, H2_STREAM_WINDOW,
+    strip_hop_by_hop, Body, Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
 };
 use crate::tunnel::request_id;
 
@@ -43,6 +43,8 @@ pub struct Served {
     pub hard_stop: CancellationToken,
     /// Told when this stream's first request arrives (see [`serve`]).
     pub first_request: FirstRequest,
+    /// HTTP/2 streams this tunnel stream carries at once.
+    pub max_concurrent_streams: u32,
 }
 
 /// Whether a stream has carried a request yet, and a way to wait for its first.
@@ -85,7 +87,7 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_concurrent_streams(served.max_concurrent_streams)
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_send_buf_size(1024 * 1024);

@@ -308,6 +308,7 @@ fn spawn_rendezvous(
                         sessions,
                         hard_stop: shared.hard_stop.clone(),
                         first_request: Default::default(),
+                        max_concurrent_streams: config.streams_per_connection,
                     });
                     forward::serve(io, served, id, streams).await;
                     shared.streams.fetch_sub(1, Ordering::Relaxed);

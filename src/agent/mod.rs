@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub auth: Arc<Authenticator>,
     /// Tunnel streams (rendezvous) open at once; see [`MAX_STREAMS`].
     pub max_streams: usize,
+    /// HTTP/2 streams (requests and watches) one tunnel stream carries at once; the proxy
+    /// opens another tunnel stream before it reaches this (`proxy --streams-per-connection`).
+    pub streams_per_connection: u32,
     /// On shutdown, how long requests and sessions in flight may take to finish.
     pub drain: Duration,
     /// Counted into as the agent works; served when the CLI registered them.

@@ -48,6 +48,11 @@ pub struct Args {
     /// wait for a free stream.
     #[arg(long, default_value_t = crate::agent::MAX_STREAMS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams: u32,
+    /// Requests and watches one tunnel stream carries at once (HTTP/2 streams); the proxy opens
+    /// another tunnel stream before it reaches this (its --streams-per-connection, default
+    /// 1,000, must stay below it).
+    #[arg(long, default_value_t = crate::tunnel::http::H2_MAX_STREAMS, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub streams_per_connection: u32,
     /// On SIGTERM, after leaving the relay, how long requests and sessions in flight may take
     /// to finish (keep it under the pod's terminationGracePeriodSeconds).
     #[arg(long, value_parser = super::parse_duration, default_value = "25s")]
@@ -310,6 +315,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         token_ttl: ttl,
         auth: Arc::new(auth),
         max_streams: args.max_streams as usize,
+        streams_per_connection: args.streams_per_connection,
         drain: args.drain_timeout,
         metrics,
         audit,

@@ -136,6 +136,7 @@ async fn serve(
         token_ttl: DEFAULT_TOKEN_TTL,
         auth: Arc::new(Authenticator::token_only()),
         max_streams: crate::agent::MAX_STREAMS,
+        streams_per_connection: crate::tunnel::http::H2_MAX_STREAMS,
         // Ctrl-C on one machine: open watches need not hold the exit up.
         drain: Duration::from_secs(2),
         audit: None,

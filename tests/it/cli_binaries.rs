@@ -826,7 +826,8 @@ async fn proxy_on_a_taken_port_says_already_in_use() {
 }
 
 /// Watches hold a stream of a pooled tunnel connection each: once every connection carries
-/// `--streams-per-connection`, the proxy opens another rather than queueing new requests.
+/// `--streams-per-connection`, the proxy opens another rather than queueing new requests
+/// behind the agent's own per-connection limit (here the same 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_opens_more_tunnel_connections_as_watches_fill_them() {
     if !kubectl_available() {
@@ -841,7 +842,15 @@ async fn the_proxy_opens_more_tunnel_connections_as_watches_fill_them() {
     }
     let relay = start_relay(&relay_dir).await;
     let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
-    let _agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    // The agent takes 2 streams per tunnel stream: past that, requests would wait there.
+    let _agent = support::processes::start_agent_with(
+        &relay,
+        &agent_kubeconfig,
+        CONNECTION,
+        &[OsStr::new("--streams-per-connection"), OsStr::new("2")],
+        &[],
+    )
+    .await;
     let token_file = write(&dir.path().join("token"), &api.token());
     let kubeconfig = dir.path().join("kubeconfig");
     let mut args = proxy_args(

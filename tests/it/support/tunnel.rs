@@ -299,6 +299,7 @@ impl Agent {
             token_ttl: Duration::from_secs(3600),
             auth: Arc::new(auth),
             max_streams: clusterconnect::agent::MAX_STREAMS,
+            streams_per_connection: clusterconnect::tunnel::http::H2_MAX_STREAMS,
             drain: clusterconnect::agent::DRAIN,
             metrics: Default::default(),
             audit,
