@@ -29,6 +29,10 @@ pub struct Args {
         value_name = "COMMAND"
     )]
     pub command: Vec<String>,
+    /// Serve the proxy's Prometheus metrics on HOST:PORT at /metrics (plain HTTP) while the
+    /// command runs; off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> {
@@ -44,7 +48,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
         anyhow::bail!("nothing to run: give a command after `--` (e.g. `clusterconnect run ... -- kubectl get pods`), or --shell");
     };
     let clusters = args.clusters.resolve().await?;
-    let started = start(clusters, Some(0), Default::default()).await?;
+    let mut registry = crate::metrics::registry();
+    let metrics = crate::metrics::ProxyMetrics::register(&mut registry);
+    if let Some(addr) = &args.metrics_addr {
+        crate::metrics::start(addr, registry, shutdown.clone()).await?;
+    }
+    let started = start(clusters, Some(0), (metrics, Default::default())).await?;
     let names = started.proxy.cluster_names();
 
     // A private directory (0700) holds the kubeconfig; it is removed on every way out.

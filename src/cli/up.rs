@@ -72,6 +72,10 @@ pub struct Args {
     /// [default: $CLUSTERCONNECT_CONFIG_DIR/up, else ~/.config/clusterconnect/up].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Serve the relay's, agent's and proxy's Prometheus metrics on HOST:PORT at /metrics
+    /// (plain HTTP); off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 const NO_KUBECONFIG: &str = "`clusterconnect up` needs a kubeconfig context that reaches a cluster: set KUBECONFIG or pass --kubeconfig (and --context), e.g. after `kind create cluster`, `az aks get-credentials` or `oc login`";
@@ -124,10 +128,18 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let state = StateDir::open(&state_dir(args))?;
-    let relay = Loopback::start(&state, stop).await?;
+    // One registry: the three roles' families have their own prefixes.
+    let mut registry = crate::metrics::registry();
+    let relay_metrics = crate::metrics::RelayMetrics::register(&mut registry);
+    let agent_metrics = crate::metrics::AgentMetrics::register(&mut registry);
+    let proxy_metrics = crate::metrics::ProxyMetrics::register(&mut registry);
+    if let Some(addr) = &args.metrics_addr {
+        crate::metrics::start(addr, registry, shutdown.clone()).await?;
+    }
+    let relay = Loopback::start(&state, relay_metrics, stop).await?;
     let registered = relay.register(&state, name).await?;
     let agent = AgentConfig {
-        metrics: Default::default(),
+        metrics: agent_metrics,
         relay: relay.address.clone(),
         entity: registered.entity.clone(),
         key: Arc::new(KeySource::fixed(registered.listen.clone())),
@@ -168,7 +180,12 @@ async fn serve(
         },
         credential: session.credential(),
     };
-    let started = start(vec![cluster], args.port, Default::default()).await?;
+    let started = start(
+        vec![cluster],
+        args.port,
+        (proxy_metrics, Default::default()),
+    )
+    .await?;
     started.write_kubeconfig(kubeconfig_path, true, false)?;
     let names = started.proxy.cluster_names();
     let prober = started.proxy.prober();
@@ -350,7 +367,11 @@ struct Registered {
 }
 
 impl Loopback {
-    async fn start(state: &StateDir, stop: &CancellationToken) -> anyhow::Result<Loopback> {
+    async fn start(
+        state: &StateDir,
+        metrics: crate::metrics::RelayMetrics,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Loopback> {
         let leaf = state.ca.issue_server(&["127.0.0.1", "localhost"])?;
         let server = tls::server_config(
             leaf.cert_pem.as_bytes(),
@@ -386,7 +407,7 @@ impl Loopback {
             clusters: Some(Arc::new(registry)),
             tls: server,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            stats: Default::default(),
+            stats: Arc::new(crate::relay::RelayStats::with_metrics(metrics)),
             public_port: None,
             // Ctrl-C on one machine: nothing to hand over to, so no long drain.
             limits: crate::relay::Limits {

@@ -491,3 +491,45 @@ fn the_parser_reads_labels_escapes_and_plain_samples() {
     assert_eq!(samples[1].value, 2.5);
     assert!(parse("bad{x=1} 2").is_err());
 }
+
+/// `up --metrics-addr`: one endpoint with the relay's, agent's and proxy's families, all
+/// moving with kubectl through the tunnel `up` made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_every_roles_metrics_on_one_endpoint() {
+    if !support::kubectl_available() {
+        return;
+    }
+    let api = support::ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), &api.token());
+    let up = support::processes::spawn(
+        &[
+            OsStr::new("up"),
+            OsStr::new("--kubeconfig"),
+            kubeconfig.as_os_str(),
+            OsStr::new("--port"),
+            OsStr::new("0"),
+            OsStr::new("--metrics-addr"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--log-format"),
+            OsStr::new("json"),
+        ],
+        &[],
+    );
+    let addr = metrics_addr(&up, "up").await;
+    up.wait_for_output(START_TIMEOUT, "ready: kubectl")
+        .await
+        .unwrap_or_else(|out| panic!("up did not get ready:\n{out}"));
+    support::kubectl_ok(
+        &kubeconfig,
+        &["--context", "clusterconnect-standin", "get", "pods", "-A"],
+    )
+    .await;
+    let scraped = scrape_until(addr, "every role counted the list", |s| {
+        s.value("clusterconnect_relay_listeners", &[]) >= 1.0
+            && s.value("clusterconnect_agent_requests_total", &[("verb", "list")]) >= 1.0
+            && s.value("clusterconnect_proxy_requests_total", &[("verb", "list")]) >= 1.0
+    })
+    .await;
+    assert!(!scraped.text.contains(&api.token()));
+}
