@@ -68,6 +68,25 @@ pub(crate) fn entra_auth(
 }
 
 /// Stand-in Entra and apiserver, a relay, and an agent with `mode`.
+/// A proxy to `CONNECTION` through `relay` with one context per `(name, credential)`.
+pub(crate) async fn proxy_through(
+    relay: &Relay,
+    dir: &std::path::Path,
+    credentials: Vec<(&str, Arc<dyn CredentialSource>)>,
+) -> LocalProxy {
+    let clusters = credentials
+        .into_iter()
+        .map(|(name, credential)| ProxiedCluster {
+            name,
+            relay,
+            connection: CONNECTION,
+            key: send_key(),
+            credential,
+        })
+        .collect();
+    LocalProxy::start_many(clusters, dir).await
+}
+
 struct Cluster {
     entra: Entra,
     api: ApiServer,
@@ -114,17 +133,7 @@ impl Cluster {
         dir: &std::path::Path,
         credentials: Vec<(&str, Arc<dyn CredentialSource>)>,
     ) -> LocalProxy {
-        let clusters = credentials
-            .into_iter()
-            .map(|(name, credential)| ProxiedCluster {
-                name,
-                relay: &self.relay,
-                connection: CONNECTION,
-                key: send_key(),
-                credential,
-            })
-            .collect();
-        LocalProxy::start_many(clusters, dir).await
+        proxy_through(&self.relay, dir, credentials).await
     }
 
     fn user_token(&self, upn: &str, oid: &str, groups: &[&str]) -> String {

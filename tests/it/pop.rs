@@ -18,13 +18,12 @@ use clusterconnect::entra::chain;
 use clusterconnect::entra::pop::{KeyRing, PopCredential, PopPolicy, DEFAULT_WINDOW};
 use clusterconnect::entra::ARC_SERVER_APP_ID;
 
-use crate::entra_auth::{chain_options, empty_env, entra_auth, whoami};
+use crate::entra_auth::{chain_options, empty_env, entra_auth, proxy_through, whoami};
 use crate::support;
 use support::check::{describe, text};
 use support::entra::{Entra, TENANT};
 use support::tunnel::{
-    listen_key, send_key, static_token, wait_for_listener, Agent, LocalProxy, ProxiedCluster,
-    Relay, CONNECTION,
+    listen_key, static_token, wait_for_listener, Agent, LocalProxy, Relay, CONNECTION,
 };
 use support::{kubectl, kubectl_available, ApiServer};
 
@@ -149,17 +148,7 @@ impl Cluster {
         dir: &std::path::Path,
         credentials: Vec<(&str, Arc<dyn CredentialSource>)>,
     ) -> LocalProxy {
-        let clusters = credentials
-            .into_iter()
-            .map(|(name, credential)| ProxiedCluster {
-                name,
-                relay: &self.relay,
-                connection: CONNECTION,
-                key: send_key(),
-                credential,
-            })
-            .collect();
-        LocalProxy::start_many(clusters, dir).await
+        proxy_through(&self.relay, dir, credentials).await
     }
 
     /// A user's access token as Entra issues it for a PoP request bound to `kid`.
