@@ -1068,6 +1068,7 @@ mod bulk {
                     key: std::sync::Arc::new(clusterconnect::agent::KeySource::fixed(listen_key())),
                     relay_tls: relay.client_tls.clone(),
                     listeners: 2,
+                    relay_replicas: 1,
                     token_ttl: Duration::from_secs(3600),
                     auth: std::sync::Arc::new(Authenticator::token_only()),
                     max_streams: clusterconnect::agent::MAX_STREAMS,

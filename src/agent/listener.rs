@@ -26,10 +26,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::replicas::Claim;
 use super::{forward, AgentConfig, Shared};
 use crate::metrics::Counted;
 use crate::tunnel::backoff::{Backoff, STABLE_AFTER};
-use crate::tunnel::dial::{dial, RelayStream};
+use crate::tunnel::dial::{dial, dial_answered, RelayStream};
 use crate::tunnel::http::error_chain;
 use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
 use crate::tunnel::protocol::{Accept, Action, ControlMessage, RenewToken};
@@ -43,6 +44,10 @@ enum Ended {
     Lost(String),
     Shutdown,
 }
+
+/// Times in a row a listener re-dials after landing on a replica another listener holds;
+/// then it stays (a balancer that always picks the same replica).
+const MAX_CROWDED: u32 = 16;
 
 /// How long a leaving listener waits for the relay to answer its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -59,6 +64,8 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let resource = config.relay.resource_uri(&config.entity);
     let mut key_changes = config.key.changes();
+    // Landings in a row on a replica another listener already holds.
+    let mut crowded = 0;
     loop {
         config.key.reload();
         key_changes.mark_unchanged();
@@ -68,13 +75,32 @@ pub async fn run(
             .relay
             .url(&config.entity, Action::Listen, &Uuid::new_v4().to_string());
         let dialed = tokio::select! {
-            r = dial(&url, Some(&token), &config.relay_tls) => r,
+            r = dial_answered(&url, Some(&token), &config.relay_tls) => r,
             _ = shutdown.cancelled() => return,
         };
         let ended = match dialed {
-            Ok(ws) => {
-                tracing::info!(listener = index, relay = %config.relay.authority(), connection = %config.entity, "listening");
-                listen_counted(
+            Ok((mut ws, replicas)) => {
+                let claim = shared
+                    .replicas
+                    .claim(index, &replicas, config.relay_replicas);
+                if claim == Claim::Elsewhere && crowded < MAX_CROWDED {
+                    // Behind one name, a balancer picks the replica: dial again for another.
+                    crowded += 1;
+                    let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+                    let pause = Duration::from_millis(50 + rand::random::<u64>() % 200);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+                crowded = 0;
+                if claim == Claim::Elsewhere {
+                    shared.replicas.claim(index, &replicas, 0);
+                }
+                let replica = replicas.me.as_deref().unwrap_or_default();
+                tracing::info!(listener = index, relay = %config.relay.authority(), replica, replicas_held = shared.replicas.distinct(), connection = %config.entity, "listening");
+                let ended = listen_counted(
                     ws,
                     &config,
                     &shared,
@@ -82,7 +108,9 @@ pub async fn run(
                     (&shutdown, &streams),
                     &mut backoff,
                 )
-                .await
+                .await;
+                shared.replicas.release(index);
+                ended
             }
             Err(e) if e.is_auth() => {
                 config.metrics.auth_failure("relay_refused");
@@ -263,9 +291,12 @@ fn spawn_rendezvous(
     streams: &CancellationToken,
 ) {
     // Checked before anything is dialed, the busy answer included.
+    // The relay's own host, or a replica the relay announced to a listener held now.
     if let Err(refused) = config.relay.check_rendezvous(&accept.address) {
-        tracing::warn!(reason = %refused, "refusing a rendezvous address from the relay");
-        return;
+        if !shared.replicas.allows(&accept.address) {
+            tracing::warn!(reason = %refused, "refusing a rendezvous address from the relay");
+            return;
+        }
     }
     // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
     // new sender is rejected with 503 rather than exhausting the agent's memory.

@@ -8,6 +8,7 @@ pub mod heartbeat;
 mod identity;
 mod key;
 mod listener;
+mod replicas;
 mod review;
 mod token_review;
 mod upstream;
@@ -39,6 +40,9 @@ pub struct AgentConfig {
     pub relay_tls: Arc<ClientConfig>,
     /// Control channels to keep open; the relay spreads senders across them.
     pub listeners: usize,
+    /// Distinct relay replicas the listeners should sit on when the relay runs as several
+    /// (`--relay-replicas`); a single relay is unaffected.
+    pub relay_replicas: usize,
     pub token_ttl: Duration,
     /// Who may connect and as whom the apiserver sees them.
     pub auth: Arc<Authenticator>,
@@ -75,6 +79,8 @@ pub(crate) struct Shared {
     pub listening: AtomicUsize,
     pub streams: AtomicUsize,
     pub rendezvous: Arc<Semaphore>,
+    /// The relay replicas the listeners hold and the names they announced.
+    pub replicas: replicas::ReplicaView,
     /// Cancelled when the drain period is over: what is still open is closed (and its audit
     /// line written) before the agent exits.
     pub hard_stop: CancellationToken,
@@ -97,6 +103,7 @@ pub async fn run(
         listening: AtomicUsize::new(0),
         streams: AtomicUsize::new(0),
         rendezvous: Arc::new(Semaphore::new(config.max_streams.max(1))),
+        replicas: Default::default(),
         hard_stop: CancellationToken::new(),
     });
     let tasks = TaskTracker::new();
@@ -111,7 +118,7 @@ pub async fn run(
     });
     let streams = CancellationToken::new();
     let mut set = tokio::task::JoinSet::new();
-    for i in 0..config.listeners.max(1) {
+    for i in 0..config.listeners.max(config.relay_replicas).max(1) {
         set.spawn(listener::run(
             i,
             config.clone(),

@@ -43,6 +43,11 @@ pub struct Args {
     /// Listener control channels to keep open (the relay spreads connections across them).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=25))]
     pub listeners: u16,
+    /// When the relay runs as several replicas behind one name: keep re-dialing that name
+    /// until the listeners sit on this many distinct replicas (listeners are raised to match),
+    /// so losing one replica leaves the cluster reachable. A single relay is unaffected.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=25))]
+    pub relay_replicas: u16,
     /// Tunnel streams open at once: each pooled proxy connection takes one, and so does each
     /// watch, exec, attach or port-forward session the proxy opens apart. Past it, new ones
     /// wait for a free stream.
@@ -312,6 +317,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         key: Arc::new(KeySource::watching(&args.relay.key_file, key)),
         relay_tls: tls,
         listeners: args.listeners as usize,
+        relay_replicas: args.relay_replicas as usize,
         token_ttl: ttl,
         auth: Arc::new(auth),
         max_streams: args.max_streams as usize,

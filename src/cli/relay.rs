@@ -14,8 +14,12 @@ use crate::entra::{Authority, CloudDefinition};
 use crate::metrics::RelayMetrics;
 use crate::onboard::manifests::default_image;
 use crate::onboard::relay_manifests::{self, RelaySpec, DEFAULT_RELAY_NAMESPACE, TLS_SECRET};
+use crate::relay::clusters::kv::Kv;
 use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
-use crate::relay::{EntraFile, RelayConfig, RelayFile, RelayStats, DEFAULT_MAX_CONNECTIONS};
+use crate::relay::replicas;
+use crate::relay::{
+    ClusterLink, EntraFile, RelayConfig, RelayFile, RelayStats, DEFAULT_MAX_CONNECTIONS,
+};
 use crate::tls;
 use crate::tls::reload::ReloadingCert;
 
@@ -83,7 +87,31 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         .listen
         .or(file.listen)
         .context("no listen address: set `listen` in the config or pass --listen")?;
-    let clusters = open_registry(&args, &file, &base)?;
+    // Bound before the registry opens: a replica names its own port in rendezvous addresses.
+    let listener = match args.check {
+        true => None,
+        false => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?,
+        ),
+    };
+    let bound = match &listener {
+        Some(l) => l.local_addr()?.port(),
+        None => listen.port(),
+    };
+    let public_port = file.public_port.unwrap_or(bound);
+    let (clusters, cluster) = open_registry(&args, &file, &base, public_port, &shutdown).await?;
+    // A replica also answers to its own name: tokens and rendezvous addresses may name it.
+    if let Some(link) = &cluster {
+        let own = link
+            .me
+            .rsplit_once(':')
+            .map_or(link.me.as_str(), |(h, _)| h);
+        if !hostnames.iter().any(|h| h.eq_ignore_ascii_case(own)) {
+            hostnames.push(own.to_string());
+        }
+    }
     let metrics_addr = args.metrics_addr.clone().or(file.metrics_addr.clone());
     if let Some(addr) = &metrics_addr {
         crate::metrics::parse_addr(addr)
@@ -104,14 +132,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         public_port: file.public_port,
         limits: file.limits()?,
         proxy_protocol: file.proxy_protocol()?,
+        cluster,
     };
     if args.check {
         println!("relay config {} is valid", args.config.display());
         return Ok(());
     }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let Some(listener) = listener else {
+        return Ok(());
+    };
     if let Some(addr) = &metrics_addr {
         crate::metrics::start(addr, registry, shutdown.clone()).await?;
     }
@@ -254,12 +283,16 @@ fn dev_tls_config(
     )?)
 }
 
-/// The cluster registry and its Entra validator; `--check` validates `[entra]` but opens no file.
-fn open_registry(
+/// The cluster registry and its Entra validator; `--check` validates `[entra]` and
+/// `[cluster]` but opens no file and connects to no NATS. With `[cluster]`, the registry is in
+/// NATS and the link to the other replicas comes with it.
+async fn open_registry(
     args: &Args,
     file: &RelayFile,
     base: &Path,
-) -> anyhow::Result<Option<Arc<Registry>>> {
+    public_port: u16,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Option<Arc<Registry>>, Option<ClusterLink>)> {
     let registry_file = base.join(
         file.registry_file
             .clone()
@@ -269,10 +302,43 @@ fn open_registry(
         None => None,
         Some(e) => Some(management_validator(e, base).context("relay config [entra]")?),
     };
-    if args.check {
-        return Ok(None);
+    let Some(cluster) = &file.cluster else {
+        if args.check {
+            return Ok((None, None));
+        }
+        return Ok((
+            Some(Arc::new(Registry::open_with(&registry_file, entra)?)),
+            None,
+        ));
+    };
+    let cluster = resolve_cluster_paths(cluster, base);
+    let prefix = replicas::prefix(&cluster)?;
+    let me = replicas::public_authority(&cluster.public_host, public_port)?;
+    if file.registry_file.is_some() {
+        anyhow::bail!("relay config: registry_file and [cluster] do not go together: replicas keep the registry in NATS; remove registry_file");
     }
-    Ok(Some(Arc::new(Registry::open_with(&registry_file, entra)?)))
+    if args.check {
+        return Ok((None, None));
+    }
+    let client = replicas::connect(&cluster, &me).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = Kv::open(&js, &format!("{prefix}-registry")).await?;
+    let registry = Registry::open_nats(kv, entra, shutdown.clone()).await?;
+    let link = ClusterLink { client, prefix, me };
+    Ok((Some(Arc::new(registry)), Some(link)))
+}
+
+/// `[cluster]`'s files relative to the configuration file, as every other path in it.
+fn resolve_cluster_paths(cluster: &replicas::ClusterFile, base: &Path) -> replicas::ClusterFile {
+    let join = |p: &Option<PathBuf>| p.as_ref().map(|p| base.join(p));
+    replicas::ClusterFile {
+        nats_credentials_file: join(&cluster.nats_credentials_file),
+        nats_token_file: join(&cluster.nats_token_file),
+        nats_ca_file: join(&cluster.nats_ca_file),
+        nats_cert_file: join(&cluster.nats_cert_file),
+        nats_key_file: join(&cluster.nats_key_file),
+        ..cluster.clone()
+    }
 }
 
 /// Who may call the management API with an Entra token: tokens for `[entra] audience`, and

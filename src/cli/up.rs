@@ -145,6 +145,7 @@ async fn serve(
         key: Arc::new(KeySource::fixed(registered.listen.clone())),
         relay_tls: relay.client_tls.clone(),
         listeners: 2,
+        relay_replicas: 1,
         token_ttl: DEFAULT_TOKEN_TTL,
         auth: Arc::new(Authenticator::token_only()),
         max_streams: crate::agent::MAX_STREAMS,
@@ -415,6 +416,7 @@ impl Loopback {
                 ..Default::default()
             },
             proxy_protocol: None,
+            cluster: None,
         };
         tokio::spawn(crate::relay::run(listener, config, stop.clone()));
         Ok(Loopback {

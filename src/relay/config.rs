@@ -125,6 +125,8 @@ pub struct RelayFile {
     /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), e.g. "0.0.0.0:9090";
     /// absent: not served.
     pub metrics_addr: Option<String>,
+    /// Run as one of several replicas coordinated through NATS (see `relay::replicas`).
+    pub cluster: Option<super::replicas::ClusterFile>,
 }
 
 /// `[entra]`: which Entra tenants may call the management API, with tokens for which
@@ -183,6 +185,18 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// `Some`: every connection starts with a PROXY header (see [`RelayFile::proxy_protocol`]).
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// `Some`: this relay is one replica of several (`[cluster]`).
+    pub cluster: Option<ClusterLink>,
+}
+
+/// A replica's connection to NATS and its names, as the CLI made them.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub client: async_nats::Client,
+    /// Prefix of subjects and buckets.
+    pub prefix: String,
+    /// This replica's `host[:port]`.
+    pub me: String,
 }
 
 impl RelayFile {

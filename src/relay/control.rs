@@ -80,11 +80,12 @@ pub fn register(
     entity: &str,
     authority: String,
     grant: Grant,
+    told: std::sync::Arc<Vec<String>>,
     max: usize,
 ) -> Result<Registration, ListenersFull> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let grant = ListenerGrant::new(grant);
-    let guard = rendezvous.add_listener(entity, tx, authority, grant.clone(), max)?;
+    let guard = rendezvous.add_listener(entity, tx, authority, grant.clone(), told, max)?;
     Ok(Registration { guard, rx, grant })
 }
 

@@ -12,12 +12,15 @@ mod gauge;
 mod limits;
 pub mod proxy_protocol;
 mod rendezvous;
+pub mod replicas;
 mod rule;
 mod server;
 mod splice;
 mod state;
 
-pub use config::{ConfigError, EntraFile, Limits, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS};
+pub use config::{
+    ClusterLink, ConfigError, EntraFile, Limits, RelayConfig, RelayFile, DEFAULT_MAX_CONNECTIONS,
+};
 pub use proxy_protocol::ProxyProtocol;
 pub use rendezvous::Rendezvous;
 pub use rule::{Rule, RuleSet};
@@ -55,7 +58,21 @@ pub async fn run(
         None => listener.local_addr()?.port(),
     };
     let tasks = TaskTracker::new();
-    let ctx = context(&config, public_port, &tasks, &shutdown);
+    let mut ctx = context(&config, public_port, &tasks, &shutdown);
+    if let Some(link) = &config.cluster {
+        let replicas = replicas::Replicas::start(
+            link.client.clone(),
+            link.prefix.clone(),
+            link.me.clone(),
+            ctx.rendezvous.clone(),
+            config.limits.max_rendezvous_per_listener,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        tracing::info!(replica = %link.me, peers = ?replicas.peers(), "relay replica joined");
+        ctx.shared.replicas = Some(replicas);
+    }
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let admission = admission::Admission::new(
@@ -119,6 +136,7 @@ fn context(
             stats: config.stats.clone(),
             public_port,
             limits: config.limits,
+            replicas: None,
         },
         rendezvous: Rendezvous::default(),
         tasks: tasks.clone(),

@@ -35,6 +35,9 @@ struct ListenerEntry {
     authority: String,
     /// What authorizes this listener now: the rendezvous it accepts end when that is revoked.
     grant: ListenerGrant,
+    /// The relay replicas named to it in its handshake: the only ones whose rendezvous
+    /// addresses it accepts (empty for a single relay).
+    told: Arc<Vec<String>>,
 }
 
 /// A hybrid connection already has as many listeners as allowed.
@@ -116,6 +119,7 @@ impl Rendezvous {
         tx: mpsc::Sender<Box<ControlMessage>>,
         authority: String,
         grant: ListenerGrant,
+        told: Arc<Vec<String>>,
         max: usize,
     ) -> Result<ListenerGuard, ListenersFull> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -129,6 +133,7 @@ impl Rendezvous {
             tx,
             authority,
             grant,
+            told,
         });
         Ok(ListenerGuard {
             rendezvous: self.clone(),
@@ -150,15 +155,32 @@ impl Rendezvous {
         max: usize,
         msg: impl Fn(&str) -> ControlMessage,
     ) -> Result<Offered, NotOffered> {
+        self.offer_if(entity, max, |_| true, msg)
+    }
+
+    /// [`Rendezvous::offer`] to the listeners whose announced replicas satisfy `eligible`;
+    /// `NoListener` when none does.
+    pub fn offer_if(
+        &self,
+        entity: &str,
+        max: usize,
+        eligible: impl Fn(&[String]) -> bool,
+        msg: impl Fn(&str) -> ControlMessage,
+    ) -> Result<Offered, NotOffered> {
         let mut inner = self.lock();
         let k = key(entity);
         let list = inner.listeners.get(&k).ok_or(NotOffered::NoListener)?;
         let n = list.len();
         let start = inner.cursor.get(&k).copied().unwrap_or(0);
         let mut taken = None;
+        let mut any = false;
         for i in 0..n {
             let idx = (start + i) % n;
             let listener = &inner.listeners[&k][idx];
+            if !eligible(&listener.told) {
+                continue;
+            }
+            any = true;
             let Some(place) = self.load.take(listener.id, max) else {
                 continue;
             };
@@ -171,7 +193,11 @@ impl Rendezvous {
                 break;
             }
         }
-        let (idx, place) = taken.ok_or(NotOffered::Busy)?;
+        let (idx, place) = taken.ok_or(if any {
+            NotOffered::Busy
+        } else {
+            NotOffered::NoListener
+        })?;
         let grant = inner.listeners[&k][idx].grant.clone();
         inner.cursor.insert(k, idx + 1);
         Ok(Offered { grant, place })
@@ -238,8 +264,12 @@ mod tests {
         let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
-        let g1 = reg.add_listener("C", tx1, "a".into(), grant(), 25).unwrap();
-        let _g2 = reg.add_listener("c", tx2, "b".into(), grant(), 25).unwrap();
+        let g1 = reg
+            .add_listener("C", tx1, "a".into(), grant(), Default::default(), 25)
+            .unwrap();
+        let _g2 = reg
+            .add_listener("c", tx2, "b".into(), grant(), Default::default(), 25)
+            .unwrap();
         assert_eq!(reg.listener_count("c"), 2);
         assert!(reg.offer("c", 25, msg).is_ok());
         assert!(reg.offer("c", 25, msg).is_ok());
@@ -258,12 +288,28 @@ mod tests {
         let (tx2, _rx2) = mpsc::channel(4);
         let (tx3, _rx3) = mpsc::channel(4);
         let _g1 = reg
-            .add_listener("c", tx1, "relay-a:8443".into(), grant(), 2)
+            .add_listener(
+                "c",
+                tx1,
+                "relay-a:8443".into(),
+                grant(),
+                Default::default(),
+                2,
+            )
             .unwrap();
         let _g2 = reg
-            .add_listener("c", tx2, "relay-b:8443".into(), grant(), 2)
+            .add_listener(
+                "c",
+                tx2,
+                "relay-b:8443".into(),
+                grant(),
+                Default::default(),
+                2,
+            )
             .unwrap();
-        assert!(reg.add_listener("c", tx3, "x".into(), grant(), 2).is_err());
+        assert!(reg
+            .add_listener("c", tx3, "x".into(), grant(), Default::default(), 2)
+            .is_err());
         let offered = reg.offer("c", 25, |authority| {
             ControlMessage::RenewToken(RenewToken {
                 token: authority.to_string(),
@@ -281,8 +327,12 @@ mod tests {
         let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(8);
         let (tx2, mut rx2) = mpsc::channel(8);
-        let _g1 = reg.add_listener("c", tx1, "a".into(), grant(), 25).unwrap();
-        let _g2 = reg.add_listener("c", tx2, "b".into(), grant(), 25).unwrap();
+        let _g1 = reg
+            .add_listener("c", tx1, "a".into(), grant(), Default::default(), 25)
+            .unwrap();
+        let _g2 = reg
+            .add_listener("c", tx2, "b".into(), grant(), Default::default(), 25)
+            .unwrap();
         let first = reg.offer("c", 1, msg).unwrap();
         let second = reg.offer("c", 1, msg).unwrap();
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());

@@ -40,6 +40,22 @@ impl KeyDigest {
     pub fn of(key: &Secret) -> KeyDigest {
         KeyDigest(Sha256::digest(key.expose().as_bytes()).into())
     }
+
+    /// Hex, as relay replicas pass a listener's grant to the replica its sender landed on.
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(hex: &str) -> Option<KeyDigest> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(KeyDigest(out))
+    }
 }
 
 impl std::fmt::Debug for KeyDigest {

@@ -242,11 +242,18 @@ fn listen(
         .shared
         .rendezvous_authority(request_host(req).as_deref());
     let max = ctx.shared.limits.max_listeners_per_connection;
+    let told = ctx
+        .shared
+        .replicas
+        .as_ref()
+        .map(|r| r.peers())
+        .unwrap_or_default();
     let registration = match control::register(
         &ctx.rendezvous,
         &target.entity,
         authority,
         authorized.grant,
+        told.clone(),
         max,
     ) {
         Ok(r) => r,
@@ -261,6 +268,13 @@ fn listen(
     let Some(permit) = ctx.slot() else {
         return at_capacity(ctx);
     };
+    let mut switching = switching;
+    // A replica takes offers for this connection from the others while the listener stays,
+    // and tells the listener which replicas may send it rendezvous addresses.
+    let holding = ctx.shared.replicas.as_ref().map(|replicas| {
+        announce(&mut switching, replicas.me(), &told);
+        replicas.hold(&target.entity)
+    });
     // Renewals must name the same host the listener first connected with.
     let hosts = accepted_hosts(ctx);
     let on_upgrade = hyper::upgrade::on(req);
@@ -271,7 +285,7 @@ fn listen(
         ctx.shutdown.clone(),
     );
     ctx.tasks.spawn(async move {
-        let _permit = permit;
+        let _held = (permit, holding);
         match server_stream_with(on_upgrade, control::ws_config()).await {
             Ok(ws) => {
                 control::run(
@@ -313,25 +327,18 @@ async fn connect(
     }
     // `/$hc/<name>/more/path`: the longest name with listeners takes it, as Azure Relay routes.
     let (entity, suffix) = route(&ctx.rendezvous, &target.entity);
+    if ctx.rendezvous.listener_count(entity) == 0 {
+        if let Some(replicas) = ctx.shared.replicas.clone() {
+            return connect_remote(req, target, ctx, (peer, started), switching, &replicas).await;
+        }
+    }
     let grant = match check_entity(req, target, entity, ctx, Right::Send) {
         Ok(authorized) => authorized.grant,
         Err((code, msg)) => return text(code, msg),
     };
-    // Authenticated, so the token is not a stranger's: its own cap, then a slot.
-    let max_per_token = ctx.shared.limits.max_rendezvous_per_token;
-    let token_digest = token(req, target).map(token_digest).unwrap_or_default();
-    let Some(token_place) = ctx.per_token.take(token_digest, max_per_token) else {
-        ctx.shared
-            .stats
-            .metrics
-            .limit_hit("max_rendezvous_per_token");
-        return text(
-            429,
-            format!("this token already has {max_per_token} rendezvous open (the relay's max_rendezvous_per_token); close some, or give each client its own token"),
-        );
-    };
-    let Some(sender_permit) = ctx.slot() else {
-        return at_capacity(ctx);
+    let (token_place, sender_permit) = match sender_places(req, target, ctx) {
+        Ok(places) => places,
+        Err(refused) => return *refused,
     };
     let id = rendezvous_id(target);
     // The relay sees a rendezvous, not the requests inside it (one carries many HTTP/2
@@ -350,24 +357,7 @@ async fn connect(
         Ok(offered) => offered,
         Err(not) => {
             ctx.rendezvous.remove_pending(&id);
-            let metrics = &ctx.shared.stats.metrics;
-            match not {
-                NotOffered::NoListener => metrics.accept("no_listener"),
-                NotOffered::Busy => {
-                    metrics.accept("busy");
-                    metrics.limit_hit("max_rendezvous_per_listener");
-                }
-            }
-            return match not {
-                NotOffered::NoListener => text(
-                    404,
-                    format!("no listener is connected for hybrid connection '{entity}' (is the cluster agent running?)"),
-                ),
-                NotOffered::Busy => text(
-                    503,
-                    format!("every listener of hybrid connection '{entity}' is busy ({max_per_listener} rendezvous open, the relay's max_rendezvous_per_listener, or its accept queue full); retry shortly"),
-                ),
-            };
+            return not_offered(ctx, entity, not);
         }
     };
     let sender_upgrade = hyper::upgrade::on(req);
@@ -381,11 +371,165 @@ async fn connect(
             sender: grant,
             listener: offered.grant,
         },
-        places: (token_place, offered.place),
+        places: (token_place, Some(offered.place)),
     };
     finish_connect(ctx, joined, reply, switching)
         .instrument(span)
         .await
+}
+
+type SenderPlaces = (Place<[u8; 32]>, Arc<OwnedSemaphorePermit>);
+
+/// The sender's place under its token's cap, then its connection slot: taken only once it is
+/// authenticated, so a token is not a stranger's.
+fn sender_places(
+    req: &Request<Incoming>,
+    target: &HcTarget,
+    ctx: &Ctx,
+) -> Result<SenderPlaces, Box<Response<Body>>> {
+    let max_per_token = ctx.shared.limits.max_rendezvous_per_token;
+    let token_digest = token(req, target).map(token_digest).unwrap_or_default();
+    let Some(token_place) = ctx.per_token.take(token_digest, max_per_token) else {
+        ctx.shared
+            .stats
+            .metrics
+            .limit_hit("max_rendezvous_per_token");
+        return Err(Box::new(text(
+            429,
+            format!("this token already has {max_per_token} rendezvous open (the relay's max_rendezvous_per_token); close some, or give each client its own token"),
+        )));
+    };
+    let Some(sender_permit) = ctx.slot() else {
+        return Err(Box::new(at_capacity(ctx)));
+    };
+    Ok((token_place, sender_permit))
+}
+
+/// The documented answers when no listener took the offer.
+fn not_offered(ctx: &Ctx, entity: &str, not: NotOffered) -> Response<Body> {
+    let metrics = &ctx.shared.stats.metrics;
+    let max_per_listener = ctx.shared.limits.max_rendezvous_per_listener;
+    match not {
+        NotOffered::NoListener => {
+            metrics.accept("no_listener");
+            text(
+                404,
+                format!("no listener is connected for hybrid connection '{entity}' (is the cluster agent running?)"),
+            )
+        }
+        NotOffered::Busy => {
+            metrics.accept("busy");
+            metrics.limit_hit("max_rendezvous_per_listener");
+            text(
+                503,
+                format!("every listener of hybrid connection '{entity}' is busy ({max_per_listener} rendezvous open, the relay's max_rendezvous_per_listener, or its accept queue full); retry shortly"),
+            )
+        }
+    }
+}
+
+/// Puts this replica's name and its live peers' in a listener's handshake answer.
+fn announce(switching: &mut Response<Body>, me: &str, told: &[String]) {
+    let peers = told.join(",");
+    let headers = switching.headers_mut();
+    if let Ok(v) = http::HeaderValue::from_str(me) {
+        headers.insert(super::replicas::HEADER_REPLICA, v);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&peers) {
+        headers.insert(super::replicas::HEADER_REPLICAS, v);
+    }
+}
+
+/// Hybrid connections a path may name, longest first: the whole path, then each `/`-bounded
+/// prefix, at most this many (the cost of routing a sender through NATS is one request each).
+const MAX_REMOTE_ROUTES: usize = 8;
+
+/// A sender on a replica where no listener of its connection is: the offer goes through NATS
+/// to a replica that holds one, which hands the listener an address naming this replica.
+async fn connect_remote(
+    req: &mut Request<Incoming>,
+    target: &HcTarget,
+    ctx: &Ctx,
+    (peer, started): (SocketAddr, std::time::Instant),
+    switching: Response<Body>,
+    replicas: &super::replicas::Replicas,
+) -> Response<Body> {
+    use super::replicas::RemoteNot;
+    // Authenticated against the whole path first: the same refusals as a single relay gives.
+    if let Err((code, msg)) = check_entity(req, target, &target.entity, ctx, Right::Send) {
+        return text(code, msg);
+    }
+    let (token_place, sender_permit) = match sender_places(req, target, ctx) {
+        Ok(places) => places,
+        Err(refused) => return *refused,
+    };
+    let Some(token) = token(req, target) else {
+        return text(401, "no SAS token");
+    };
+    let path = target.entity.as_str();
+    let mut ends: Vec<usize> = vec![path.len()];
+    ends.extend(
+        path.match_indices('/')
+            .map(|(i, _)| i)
+            .filter(|i| *i > 0)
+            .rev(),
+    );
+    for end in ends.into_iter().take(MAX_REMOTE_ROUTES) {
+        let (entity, suffix) = path.split_at(end);
+        // The token must cover the connection itself, not only the longer path.
+        let Ok(authorized) = authorize(
+            |name| ctx.shared.rule(name),
+            &accepted_hosts(ctx),
+            token,
+            entity,
+            Right::Send,
+            unix_now(),
+        ) else {
+            continue;
+        };
+        let id = rendezvous_id(target);
+        let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity);
+        let mut accept = accept_message(req, target, (entity, suffix), &id, peer);
+        accept.address = format!("wss://{}{}", replicas.me(), accept.address);
+        let reply = ctx.rendezvous.add_pending(&id, entity);
+        let listener = match replicas
+            .offer(entity, &accept)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(grant) => grant,
+            Err(not) => {
+                ctx.rendezvous.remove_pending(&id);
+                match not {
+                    RemoteNot::NoListener => continue,
+                    RemoteNot::Busy => return not_offered(ctx, entity, NotOffered::Busy),
+                    RemoteNot::Unavailable => {
+                        ctx.shared.stats.metrics.accept("replicas_unavailable");
+                        return text(
+                            503,
+                            format!("no listener of hybrid connection '{entity}' is on this relay replica, and the other replicas cannot be reached (NATS unavailable); retry shortly"),
+                        );
+                    }
+                }
+            }
+        };
+        let joined = Joined {
+            started,
+            entity,
+            id: &id,
+            sender_upgrade: hyper::upgrade::on(req),
+            sender_permit,
+            revocation: Revocation {
+                sender: authorized.grant,
+                listener: ListenerGrant::new(listener),
+            },
+            places: (token_place, None),
+        };
+        return finish_connect(ctx, joined, reply, switching)
+            .instrument(span)
+            .await;
+    }
+    not_offered(ctx, &target.entity, NotOffered::NoListener)
 }
 
 /// A sender waiting for its listener's answer.
@@ -401,7 +545,8 @@ struct Joined<'a> {
     places: Places,
 }
 
-type Places = (Place<[u8; 32]>, Place<u64>);
+/// Its place under its listener's cap is on this replica only when the listener is.
+type Places = (Place<[u8; 32]>, Option<Place<u64>>);
 
 /// What authorized a rendezvous: when either is revoked, it ends.
 struct Revocation {

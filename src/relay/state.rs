@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     /// The port in rendezvous addresses: where clients reach this relay.
     pub public_port: u16,
     pub limits: Limits,
+    /// The other replicas, when this relay is one of several (`[cluster]`).
+    pub replicas: Option<Arc<super::replicas::Replicas>>,
 }
 
 impl Shared {
@@ -82,8 +84,12 @@ impl Shared {
             .unwrap_or("localhost")
     }
 
-    /// `host[:port]` for rendezvous addresses of a listener that connected with `used`.
+    /// `host[:port]` for rendezvous addresses of a listener that connected with `used`: a
+    /// replica always names itself, since the shared name may lead to another replica.
     pub fn rendezvous_authority(&self, used: Option<&str>) -> String {
+        if let Some(replicas) = &self.replicas {
+            return replicas.me().to_string();
+        }
         let host = self.configured_host(used);
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")

@@ -91,6 +91,46 @@ pub async fn dial(
     token: Option<&Secret>,
     tls: &Arc<ClientConfig>,
 ) -> Result<RelayStream, DialError> {
+    dial_answered(url, token, tls).await.map(|(ws, _)| ws)
+}
+
+/// What a relay replica says about itself in a listener's handshake (see
+/// `relay::replicas`): its own name and its live peers'. Empty from a single relay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replicas {
+    pub me: Option<String>,
+    pub all: Vec<String>,
+}
+
+/// Replica names kept from one handshake, at most.
+const MAX_ANNOUNCED: usize = 64;
+
+impl Replicas {
+    fn from_headers(headers: &http::HeaderMap) -> Replicas {
+        let name = |v: &str| {
+            let v = v.trim().to_ascii_lowercase();
+            (!v.is_empty() && v.len() <= 255 && v.parse::<http::uri::Authority>().is_ok())
+                .then_some(v)
+        };
+        let me = headers
+            .get("x-clusterconnect-replica")
+            .and_then(|v| v.to_str().ok())
+            .and_then(name);
+        let all = headers
+            .get("x-clusterconnect-replicas")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').filter_map(name).take(MAX_ANNOUNCED).collect())
+            .unwrap_or_default();
+        Replicas { me, all }
+    }
+}
+
+/// [`dial`], also returning what the relay announced about its replicas.
+pub async fn dial_answered(
+    url: &str,
+    token: Option<&Secret>,
+    tls: &Arc<ClientConfig>,
+) -> Result<(RelayStream, Replicas), DialError> {
     let parsed = Url::parse(url).map_err(|_| DialError::Url(url.into()))?;
     let host = parsed
         .host_str()
@@ -137,7 +177,7 @@ pub async fn dial(
         tokio_tungstenite::client_async_with_config(request, tls_stream, Some(ws_config()));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => Err(DialError::HandshakeTimeout(addr, HANDSHAKE_TIMEOUT)),
-        Ok(Ok((stream, _response))) => Ok(stream),
+        Ok(Ok((stream, response))) => Ok((stream, Replicas::from_headers(response.headers()))),
         Ok(Err(WsError::Http(response))) => Err(refusal(&response)),
         Ok(Err(source)) => Err(DialError::Handshake { addr, source }),
     }

@@ -28,6 +28,7 @@ mod relay_certs;
 mod relay_frames;
 mod relay_protocol;
 mod relay_proxy_protocol;
+mod replicas;
 mod revocation;
 mod secrets;
 mod standin_apiserver;

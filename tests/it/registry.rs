@@ -467,6 +467,7 @@ impl InProcessRelay {
             public_port: None,
             limits: Default::default(),
             proxy_protocol: None,
+            cluster: None,
             rules: clusterconnect::relay::RuleSet::new(vec![Rule {
                 name: "admin".into(),
                 key: clusterconnect::secret::Secret::new(ADMIN_KEY),

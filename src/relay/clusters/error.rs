@@ -115,6 +115,9 @@ impl ApiError {
             NotFound { .. } => (StatusCode::NOT_FOUND, "ResourceNotFound"),
             Expired(_) => (StatusCode::CONFLICT, "ClusterExpired"),
             NoHost | RelayAddress(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            Store(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+            }
             Store(_) | Worker(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
             Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy"),
         }

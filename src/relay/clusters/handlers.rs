@@ -72,10 +72,10 @@ pub fn put(call: &Call, id: &ClusterId) -> Reply {
         let (record, created) = match current {
             Some(mut record) => {
                 owner(caller, &record, id)?;
-                update_record(&mut record, caller, request, now);
+                update_record(&mut record, caller, request.clone(), now.clone());
                 (record, false)
             }
-            None => (new_record(caller, id, request, now), true),
+            None => (new_record(caller, id, request.clone(), now.clone()), true),
         };
         Ok::<_, ApiError>((Change::Put(Box::new(record.clone())), (record, created)))
     })?;

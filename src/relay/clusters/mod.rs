@@ -10,6 +10,7 @@ mod api;
 mod caller;
 mod error;
 mod handlers;
+pub mod kv;
 mod path;
 mod registry;
 mod reply;

@@ -43,6 +43,20 @@ impl Registry {
         })
     }
 
+    /// The registry in a NATS key-value bucket shared by relay replicas (see `kv`); its watch
+    /// lives until `shutdown`.
+    pub async fn open_nats(
+        kv: super::kv::Kv,
+        entra: Option<EntraCallers>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Registry, StoreError> {
+        Ok(Registry {
+            store: store::Store::open_nats(kv, shutdown).await?,
+            workers: Arc::new(Semaphore::new(STORE_WORKERS)),
+            entra,
+        })
+    }
+
     pub fn rule(&self, name: &str) -> Option<Rule> {
         self.store.rule(name)
     }

@@ -54,7 +54,7 @@ pub fn agent_status(
         if timestamp <= record.last_report_timestamp {
             return Err(ReportRefusal::Replay.into());
         }
-        record_report(&mut record, status, now, timestamp);
+        record_report(&mut record, status.clone(), now, timestamp);
         Ok((Change::Put(Box::new(record)), ()))
     })?;
     Ok(reply::empty(StatusCode::NO_CONTENT))

@@ -68,6 +68,9 @@ pub enum StoreError {
     Delete(#[source] redb::StorageError),
     #[error("cluster registry commit")]
     Commit(#[source] redb::CommitError),
+    /// The NATS registry (relay replicas) did not answer: retryable, answered 503.
+    #[error("the cluster registry (NATS) is unavailable: {0}; retry shortly")]
+    Unavailable(String),
 }
 
 /// One registration as stored: the resource plus what only the relay knows.
@@ -165,14 +168,12 @@ impl Record {
 }
 
 /// The rules' names and keys, to tell whether a change touched any authorization.
-fn fingerprint(record: Option<&Record>) -> Vec<(String, String, Option<String>)> {
-    let mut rules: Vec<_> = record
-        .map(Record::rules)
-        .unwrap_or_default()
-        .into_iter()
+fn fingerprint(rules: &[Rule]) -> Vec<(String, String, Option<String>)> {
+    let mut rules: Vec<_> = rules
+        .iter()
         .map(|r| {
-            let secondary = r.secondary_key.map(|k| k.expose().to_string());
-            (r.name, r.key.expose().to_string(), secondary)
+            let secondary = r.secondary_key.as_ref().map(|k| k.expose().to_string());
+            (r.name.clone(), r.key.expose().to_string(), secondary)
         })
         .collect();
     rules.sort();
@@ -192,19 +193,43 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Where the registrations live: one redb file (a single relay), or a NATS JetStream
+/// key-value bucket that every relay replica shares (see `kv`).
+enum Engine {
+    File(Database),
+    Nats(Box<super::kv::Kv>),
+}
+
 struct Inner {
-    db: Database,
-    /// The clusters' rules by name, kept in step with the file for the hot path. Written only
-    /// after a commit, for as long as it takes to swap a few entries.
-    rules: RwLock<HashMap<String, Rule>>,
+    engine: Engine,
+    /// The clusters' rules, kept in step with the store for the hot path. Written only after
+    /// a commit (or, with NATS, a change seen by the watch), for as long as it takes to swap a
+    /// few entries.
+    rules: RwLock<Rules>,
     /// One writer at a time from transaction to rules update, so two changes cannot apply their
     /// rules out of commit order. redb serializes write transactions anyway, so it only makes
-    /// the wait for the previous writer explicit; readers never take it.
+    /// the wait for the previous writer explicit; readers never take it. With NATS, writers on
+    /// other replicas are ordered by the bucket's revisions instead.
     writer: Mutex<()>,
+    /// The file's writes, numbered: the revision its rules are applied at.
+    file_revision: std::sync::atomic::AtomicU64,
     /// Bumped after each change that adds, removes or re-keys a rule: open connections
     /// recheck what authorized them.
     changes: tokio::sync::watch::Sender<u64>,
 }
+
+/// The rules by name (the hot path) and, per registration, those it contributed and the
+/// revision they come from, so a change seen twice (written here, then seen by the watch) or
+/// late is applied once and never over a newer one.
+#[derive(Default)]
+struct Rules {
+    by_name: HashMap<String, Rule>,
+    by_key: HashMap<String, (u64, Vec<Rule>)>,
+}
+
+/// How often a compare-and-set write re-reads after another replica wrote the same record
+/// first; past it, the call is answered 503 (many replicas fighting over one registration).
+const MAX_CONFLICTS: usize = 16;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -220,23 +245,54 @@ impl Store {
         let txn = db.begin_write().map_err(StoreError::Begin)?;
         txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
         txn.commit().map_err(StoreError::Commit)?;
-        let store = Store {
-            inner: Arc::new(Inner {
-                db,
-                rules: RwLock::new(HashMap::new()),
-                writer: Mutex::new(()),
-                changes: tokio::sync::watch::Sender::new(0),
-            }),
-        };
+        let store = Store::with_engine(Engine::File(db));
         let all = store.all()?;
-        let rules = all
-            .iter()
-            .flat_map(Record::rules)
-            .map(|rule| (rule.name.clone(), rule))
-            .collect();
-        *store.inner.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        for record in &all {
+            store.apply(&record.resource.id.to_ascii_lowercase(), 0, Some(record));
+        }
         tracing::info!(path = %path.display(), clusters = all.len(), "cluster registry open");
         Ok(store)
+    }
+
+    /// The registry in a NATS key-value bucket: loads every registration, then keeps the
+    /// rules current with a watch that lives until `shutdown` (re-created with back-off when
+    /// NATS goes away and comes back).
+    pub async fn open_nats(
+        kv: super::kv::Kv,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Store, StoreError> {
+        let store = Store::with_engine(Engine::Nats(Box::new(kv.clone())));
+        // Everything up to `last` is read now; the watch delivers what comes after.
+        let last = kv.last_revision().await?;
+        let loaded = {
+            let store = store.clone();
+            let kv = kv.clone();
+            tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
+                let all = kv.all()?;
+                for record in &all {
+                    let key = super::kv::encode_key(&record.resource.id.to_ascii_lowercase());
+                    store.apply(&key, last, Some(record));
+                }
+                Ok(all.len())
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("load the registry: {e}")))??
+        };
+        tracing::info!(bucket = %kv.store.name, clusters = loaded, "cluster registry open (NATS)");
+        tokio::spawn(watch(store.clone(), kv, last, shutdown));
+        Ok(store)
+    }
+
+    fn with_engine(engine: Engine) -> Store {
+        Store {
+            inner: Arc::new(Inner {
+                engine,
+                rules: RwLock::new(Rules::default()),
+                writer: Mutex::new(()),
+                file_revision: std::sync::atomic::AtomicU64::new(0),
+                changes: tokio::sync::watch::Sender::new(0),
+            }),
+        }
     }
 
     /// Changes with every registry change that touches a rule or key.
@@ -249,74 +305,208 @@ impl Store {
             .rules
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .by_name
             .get(name)
             .cloned()
     }
 
-    pub fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(StoreError::Begin)?;
-        let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
-        let Some(value) = table.get(key).map_err(StoreError::Read)? else {
-            return Ok(None);
+    /// Makes `after` (at `revision`) the registration under `key` for the rules, unless a
+    /// newer revision is already applied; wakes open connections when a rule or key changed.
+    fn apply(&self, key: &str, revision: u64, after: Option<&Record>) {
+        let new: Vec<Rule> = after.map(Record::rules).unwrap_or_default();
+        let changed = {
+            let mut rules = self.inner.rules.write().unwrap_or_else(|p| p.into_inner());
+            if rules
+                .by_key
+                .get(key)
+                .is_some_and(|(seen, _)| *seen > revision)
+            {
+                return;
+            }
+            let old = rules
+                .by_key
+                .insert(key.to_string(), (revision, new.clone()))
+                .map(|(_, old)| old)
+                .unwrap_or_default();
+            if fingerprint(&old) == fingerprint(&new) {
+                false
+            } else {
+                for rule in &old {
+                    rules.by_name.remove(&rule.name);
+                }
+                for rule in new {
+                    rules.by_name.insert(rule.name.clone(), rule);
+                }
+                true
+            }
         };
-        decode(value.value()).map(Some)
+        if changed {
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        match &self.inner.engine {
+            Engine::File(db) => file_get(db, key),
+            Engine::Nats(kv) => kv.read(key).map(|(record, _)| record),
+        }
     }
 
     pub fn all(&self) -> Result<Vec<Record>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(StoreError::Begin)?;
-        let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(StoreError::Scan)? {
-            let (_, value) = entry.map_err(StoreError::Scan)?;
-            out.push(decode(value.value())?);
+        match &self.inner.engine {
+            Engine::File(db) => file_all(db),
+            Engine::Nats(kv) => kv.all(),
         }
-        Ok(out)
     }
 
-    /// Reads, changes and writes one registration in a single write transaction, so
-    /// concurrent changes (a role grant, a heartbeat, a delete) cannot undo each other. `f`
-    /// sees the current record and decides; an `Err` from it changes nothing. Blocks on the
-    /// commit's fsync: call it from a blocking worker.
+    /// Reads, changes and writes one registration atomically, so concurrent changes (a role
+    /// grant, a heartbeat, a delete; on any replica) cannot undo each other. `f` sees the
+    /// current record and decides; an `Err` from it changes nothing. With NATS, `f` runs again
+    /// on a fresher record when another replica wrote first. Blocks on the commit (fsync or
+    /// NATS round trip): call it from a blocking worker.
     pub fn update<R, E: From<StoreError>>(
         &self,
         key: &str,
-        f: impl FnOnce(Option<Record>) -> Result<(Change, R), E>,
+        mut f: impl FnMut(Option<Record>) -> Result<(Change, R), E>,
     ) -> Result<R, E> {
         let _writer = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.inner.db.begin_write().map_err(StoreError::Begin)?;
-        let (before, change, result) = {
-            let mut table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
-            let before = match table.get(key).map_err(StoreError::Read)? {
-                Some(v) => Some(decode(v.value())?),
-                None => None,
-            };
-            let (change, result) = f(before.clone())?;
-            write(&mut table, key, &change)?;
-            (before, change, result)
-        };
-        txn.commit().map_err(StoreError::Commit)?;
-        // Committed: now the rules follow, under the write lock only for the swap. Between
-        // the two, a lookup sees the rules as they were before this change.
-        let after = match &change {
-            Change::Keep => return Ok(result),
-            Change::Put(record) => Some(record.as_ref()),
-            Change::Delete => None,
-        };
-        if fingerprint(before.as_ref()) == fingerprint(after) {
-            return Ok(result);
-        }
-        {
-            let mut rules = self.inner.rules.write().unwrap_or_else(|p| p.into_inner());
-            for rule in before.iter().flat_map(Record::rules) {
-                rules.remove(&rule.name);
+        match &self.inner.engine {
+            Engine::File(db) => {
+                let (change, result) = file_update(db, key, &mut f)?;
+                let revision = self
+                    .inner
+                    .file_revision
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                match &change {
+                    Change::Keep => {}
+                    Change::Put(record) => self.apply(key, revision, Some(record)),
+                    Change::Delete => self.apply(key, revision, None),
+                }
+                Ok(result)
             }
-            for rule in after.into_iter().flat_map(Record::rules) {
-                rules.insert(rule.name.clone(), rule);
+            Engine::Nats(kv) => {
+                for _ in 0..MAX_CONFLICTS {
+                    let (before, revision) = kv.read(key)?;
+                    let (change, result) = f(before)?;
+                    let Some(written) = kv.write(key, revision, &change)? else {
+                        continue;
+                    };
+                    let encoded = super::kv::encode_key(key);
+                    match &change {
+                        Change::Keep => {}
+                        Change::Put(record) => self.apply(&encoded, written, Some(record)),
+                        Change::Delete => self.apply(&encoded, written, None),
+                    }
+                    return Ok(result);
+                }
+                Err(StoreError::Unavailable(format!(
+                    "{key}: changed by other relay replicas {MAX_CONFLICTS} times while this change was being made"
+                ))
+                .into())
             }
         }
-        self.inner.changes.send_modify(|n| *n += 1);
-        Ok(result)
     }
+}
+
+/// Follows the bucket from just after `from`, applying each change to the rules; re-created
+/// with jittered back-off when NATS drops it, from the last revision seen.
+async fn watch(
+    store: Store,
+    kv: super::kv::Kv,
+    mut from: u64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let mut backoff = crate::tunnel::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        let watched = tokio::select! {
+            w = kv.store.watch_all_from_revision(from + 1) => w,
+            () = shutdown.cancelled() => return,
+        };
+        match watched {
+            Ok(mut entries) => loop {
+                let next = tokio::select! {
+                    n = entries.next() => n,
+                    () = shutdown.cancelled() => return,
+                };
+                match next {
+                    Some(Ok(entry)) => {
+                        backoff.reset();
+                        from = from.max(entry.revision);
+                        let record = match entry.operation {
+                            async_nats::jetstream::kv::Operation::Put => {
+                                match super::kv::decode(&entry.value) {
+                                    Ok(r) => Some(r),
+                                    Err(e) => {
+                                        tracing::warn!(key = %entry.key, error = %e, "undecodable registry entry ignored");
+                                        continue;
+                                    }
+                                }
+                            }
+                            _ => None,
+                        };
+                        store.apply(&entry.key, entry.revision, record.as_ref());
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "registry watch failed; re-creating it");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot watch the registry bucket; retrying"),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn file_get(db: &Database, key: &str) -> Result<Option<Record>, StoreError> {
+    let txn = db.begin_read().map_err(StoreError::Begin)?;
+    let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
+    let Some(value) = table.get(key).map_err(StoreError::Read)? else {
+        return Ok(None);
+    };
+    decode(value.value()).map(Some)
+}
+
+fn file_all(db: &Database) -> Result<Vec<Record>, StoreError> {
+    let txn = db.begin_read().map_err(StoreError::Begin)?;
+    let table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(StoreError::Scan)? {
+        let (_, value) = entry.map_err(StoreError::Scan)?;
+        out.push(decode(value.value())?);
+    }
+    Ok(out)
+}
+
+/// One write transaction: read, decide, write, commit.
+fn file_update<R, E: From<StoreError>>(
+    db: &Database,
+    key: &str,
+    f: &mut impl FnMut(Option<Record>) -> Result<(Change, R), E>,
+) -> Result<(Change, R), E> {
+    let txn = db.begin_write().map_err(StoreError::Begin)?;
+    let (change, result) = {
+        let mut table = txn.open_table(CLUSTERS).map_err(StoreError::OpenTable)?;
+        let before = match table.get(key).map_err(StoreError::Read)? {
+            Some(v) => Some(decode(v.value())?),
+            None => None,
+        };
+        let (change, result) = f(before)?;
+        write(&mut table, key, &change)?;
+        (change, result)
+    };
+    txn.commit().map_err(StoreError::Commit)?;
+    Ok((change, result))
 }
 
 /// The registry file, opened read-write and never through a symlink. A missing file is

@@ -155,6 +155,7 @@ impl Relay {
             public_port: None,
             limits,
             proxy_protocol,
+            cluster: None,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
@@ -296,6 +297,7 @@ impl Agent {
             key,
             relay_tls: relay.client_tls.clone(),
             listeners: 2,
+            relay_replicas: 1,
             token_ttl: Duration::from_secs(3600),
             auth: Arc::new(auth),
             max_streams: clusterconnect::agent::MAX_STREAMS,
