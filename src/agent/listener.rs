@@ -101,7 +101,7 @@ pub async fn run(
                 let replica = replicas.me.as_deref().unwrap_or_default();
                 tracing::info!(listener = index, relay = %config.relay.authority(), replica, replicas_held = shared.replicas.distinct(), connection = %config.entity, "listening");
                 let ended = listen_counted(
-                    ws,
+                    (ws, index),
                     &config,
                     &shared,
                     &tasks,
@@ -165,7 +165,7 @@ pub async fn run(
 /// One connected control channel, counted in `/readyz`, until it ends; how long it stayed
 /// up decides the next back-off.
 async fn listen_counted(
-    ws: RelayStream,
+    (ws, index): (RelayStream, usize),
     config: &Arc<AgentConfig>,
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
@@ -175,7 +175,7 @@ async fn listen_counted(
     shared.listening.fetch_add(1, Ordering::Relaxed);
     let open = crate::metrics::Open::new(&config.metrics.listeners);
     let connected_at = Instant::now();
-    let ended = listen(ws, config, shared, tasks, (shutdown, streams)).await;
+    let ended = listen((ws, index), config, shared, tasks, (shutdown, streams)).await;
     shared.listening.fetch_sub(1, Ordering::Relaxed);
     drop(open);
     let up_for = connected_at.elapsed();
@@ -192,7 +192,7 @@ async fn listen_counted(
 }
 
 async fn listen(
-    mut ws: RelayStream,
+    (mut ws, index): (RelayStream, usize),
     config: &Arc<AgentConfig>,
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
@@ -210,6 +210,7 @@ async fn listen(
                 match msg {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
                         Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks, streams),
+                        Ok(ControlMessage::Replicas(list)) => shared.replicas.update(index, list.all),
                         Ok(other) => tracing::debug!(?other, "ignoring control message"),
                         Err(e) => tracing::debug!(error = %e, "ignoring unknown control message"),
                     },

@@ -8,6 +8,9 @@ use std::sync::Mutex;
 
 use crate::tunnel::dial::Replicas;
 
+/// Replica names kept from one relay, at most.
+const MAX_ANNOUNCED: usize = 64;
+
 /// What a listener does with the replica it landed on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -62,6 +65,19 @@ impl ReplicaView {
         }
         inner.held.insert(index, (me.clone(), replicas.all.clone()));
         Claim::Keep
+    }
+
+    /// Listener `index`'s replica sent a new list of replicas.
+    pub fn update(&self, index: usize, all: Vec<String>) {
+        let all: Vec<String> = all
+            .into_iter()
+            .map(|a| a.to_ascii_lowercase())
+            .filter(|a| a.len() <= 255 && a.parse::<http::uri::Authority>().is_ok())
+            .take(MAX_ANNOUNCED)
+            .collect();
+        if let Some((_, told)) = self.lock().held.get_mut(&index) {
+            *told = all;
+        }
     }
 
     /// Listener `index` left its replica.

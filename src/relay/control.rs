@@ -80,7 +80,7 @@ pub fn register(
     entity: &str,
     authority: String,
     grant: Grant,
-    told: std::sync::Arc<Vec<String>>,
+    told: super::rendezvous::Told,
     max: usize,
 ) -> Result<Registration, ListenersFull> {
     let (tx, rx) = mpsc::channel(QUEUE);

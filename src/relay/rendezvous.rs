@@ -35,9 +35,16 @@ struct ListenerEntry {
     authority: String,
     /// What authorizes this listener now: the rendezvous it accepts end when that is revoked.
     grant: ListenerGrant,
-    /// The relay replicas named to it in its handshake: the only ones whose rendezvous
-    /// addresses it accepts (empty for a single relay).
-    told: Arc<Vec<String>>,
+    /// The relay replicas it was told of: the only ones whose rendezvous addresses it accepts.
+    told: Told,
+}
+
+/// The replicas a listener was told of (in its handshake, then in updates when it hears them).
+#[derive(Clone, Default)]
+pub struct Told {
+    pub replicas: Arc<Vec<String>>,
+    /// It asked for `replicas` messages when the list changes.
+    pub updates: bool,
 }
 
 /// A hybrid connection already has as many listeners as allowed.
@@ -119,7 +126,7 @@ impl Rendezvous {
         tx: mpsc::Sender<Box<ControlMessage>>,
         authority: String,
         grant: ListenerGrant,
-        told: Arc<Vec<String>>,
+        told: Told,
         max: usize,
     ) -> Result<ListenerGuard, ListenersFull> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +184,7 @@ impl Rendezvous {
         for i in 0..n {
             let idx = (start + i) % n;
             let listener = &inner.listeners[&k][idx];
-            if !eligible(&listener.told) {
+            if !eligible(&listener.told.replicas) {
                 continue;
             }
             any = true;
@@ -201,6 +208,24 @@ impl Rendezvous {
         let grant = inner.listeners[&k][idx].grant.clone();
         inner.cursor.insert(k, idx + 1);
         Ok(Offered { grant, place })
+    }
+
+    /// Tells every listener that asked for it the new list of replicas; from then on its
+    /// offers may name any of them.
+    pub fn announce_replicas(&self, all: Arc<Vec<String>>) {
+        let mut inner = self.lock();
+        for listener in inner.listeners.values_mut().flatten() {
+            if !listener.told.updates || listener.told.replicas == all {
+                continue;
+            }
+            let msg = ControlMessage::Replicas(crate::tunnel::protocol::ReplicaList {
+                all: all.to_vec(),
+            });
+            // A listener too far behind to take it stays on its old list.
+            if listener.tx.try_send(Box::new(msg)).is_ok() {
+                listener.told.replicas = all.clone();
+            }
+        }
     }
 
     pub fn add_pending(&self, id: &str, entity: &str) -> oneshot::Receiver<AcceptOutcome> {

@@ -360,7 +360,10 @@ impl Replicas {
             let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
             if **peers != names {
                 tracing::info!(peers = names.len(), replicas = ?names, "relay replicas");
-                *peers = Arc::new(names);
+                let names = Arc::new(names);
+                *peers = names.clone();
+                drop(peers);
+                self.rendezvous.announce_replicas(names);
             }
         }
     }

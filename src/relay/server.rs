@@ -242,12 +242,17 @@ fn listen(
         .shared
         .rendezvous_authority(request_host(req).as_deref());
     let max = ctx.shared.limits.max_listeners_per_connection;
-    let told = ctx
-        .shared
-        .replicas
-        .as_ref()
-        .map(|r| r.peers())
-        .unwrap_or_default();
+    let told = super::rendezvous::Told {
+        replicas: ctx
+            .shared
+            .replicas
+            .as_ref()
+            .map(|r| r.peers())
+            .unwrap_or_default(),
+        updates: req
+            .headers()
+            .contains_key(crate::tunnel::protocol::HEADER_HEARS_REPLICAS),
+    };
     let registration = match control::register(
         &ctx.rendezvous,
         &target.entity,
@@ -272,7 +277,7 @@ fn listen(
     // A replica takes offers for this connection from the others while the listener stays,
     // and tells the listener which replicas may send it rendezvous addresses.
     let holding = ctx.shared.replicas.as_ref().map(|replicas| {
-        announce(&mut switching, replicas.me(), &told);
+        announce(&mut switching, replicas.me(), &told.replicas);
         replicas.hold(&target.entity)
     });
     // Renewals must name the same host the listener first connected with.

@@ -91,7 +91,7 @@ pub async fn dial(
     token: Option<&Secret>,
     tls: &Arc<ClientConfig>,
 ) -> Result<RelayStream, DialError> {
-    dial_answered(url, token, tls).await.map(|(ws, _)| ws)
+    dial_with(url, token, tls, false).await.map(|(ws, _)| ws)
 }
 
 /// What a relay replica says about itself in a listener's handshake (see
@@ -125,11 +125,22 @@ impl Replicas {
     }
 }
 
-/// [`dial`], also returning what the relay announced about its replicas.
+/// [`dial`] for a listener: asks for updates of the replica list
+/// ([`super::protocol::HEADER_HEARS_REPLICAS`]) and returns what the relay announced about its
+/// replicas.
 pub async fn dial_answered(
     url: &str,
     token: Option<&Secret>,
     tls: &Arc<ClientConfig>,
+) -> Result<(RelayStream, Replicas), DialError> {
+    dial_with(url, token, tls, true).await
+}
+
+async fn dial_with(
+    url: &str,
+    token: Option<&Secret>,
+    tls: &Arc<ClientConfig>,
+    hears_replicas: bool,
 ) -> Result<(RelayStream, Replicas), DialError> {
     let parsed = Url::parse(url).map_err(|_| DialError::Url(url.into()))?;
     let host = parsed
@@ -172,6 +183,12 @@ pub async fn dial_answered(
             description: "token contains characters not allowed in an HTTP header".into(),
         })?;
         request.headers_mut().insert(HEADER_AUTHORIZATION, value);
+    }
+    if hears_replicas {
+        request.headers_mut().insert(
+            super::protocol::HEADER_HEARS_REPLICAS,
+            HeaderValue::from_static("1"),
+        );
     }
     let handshake =
         tokio_tungstenite::client_async_with_config(request, tls_stream, Some(ws_config()));

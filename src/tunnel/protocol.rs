@@ -196,6 +196,19 @@ pub fn validate_entity(entity: &str) -> Result<(), AddressError> {
 pub enum ControlMessage {
     Accept(Accept),
     RenewToken(RenewToken),
+    /// clusterconnect's own: a relay replica's current list of replicas, sent only to
+    /// listeners that asked for it ([`HEADER_HEARS_REPLICAS`]) when the list changes.
+    Replicas(ReplicaList),
+}
+
+/// The listen request header by which a listener asks for [`ControlMessage::Replicas`];
+/// Microsoft's clients never send it, so they never see a message they do not know.
+pub const HEADER_HEARS_REPLICAS: &str = "x-clusterconnect-hears-replicas";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaList {
+    /// `host[:port]` of every live replica, the sender of the message first.
+    pub all: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -515,6 +515,15 @@ async fn a_nats_restart_keeps_tunnels_and_the_registry_and_cross_replica_offers_
     let nats_port = free_port();
     let mut nats = Nats::start(nats_port, &nats_dir).await;
     let r0 = Replica::start(&pki, 0, free_port(), nats_port).await;
+    let api = ApiServer::start().await;
+    let agent_kubeconfig = api.write_kubeconfig(dir.path(), "agent-token");
+    let (connection, listen_key) =
+        register(&management(&r0.url(), &pki.ca), "prod", dir.path()).await;
+    // The agent sits on replica 0 only, and connected before replica 1 existed: replica 0
+    // tells its listeners of replica 1 when it hears of it, and replica 1 reaches the agent
+    // through NATS.
+    let _agent = agent(&r0.url(), &pki, &connection, &listen_key, &agent_kubeconfig);
+    eventually("the agent listens on replica 0", || r0.listeners() == 2).await;
     let r1 = Replica::start(&pki, 1, free_port(), nats_port).await;
     let (r0, r1) = {
         let both = vec![r0, r1];
@@ -522,13 +531,6 @@ async fn a_nats_restart_keeps_tunnels_and_the_registry_and_cross_replica_offers_
         let mut both = both.into_iter();
         (both.next().unwrap(), both.next().unwrap())
     };
-    let api = ApiServer::start().await;
-    let agent_kubeconfig = api.write_kubeconfig(dir.path(), "agent-token");
-    let (connection, listen_key) =
-        register(&management(&r0.url(), &pki.ca), "prod", dir.path()).await;
-    // The agent sits on replica 0 only; replica 1 reaches it through NATS.
-    let _agent = agent(&r0.url(), &pki, &connection, &listen_key, &agent_kubeconfig);
-    eventually("the agent listens on replica 0", || r0.listeners() == 2).await;
     assert_eq!(sender_status(&r1.url(), &pki, &connection).await, 101);
 
     // An established tunnel (through replica 1, listener on replica 0) outlives NATS.
