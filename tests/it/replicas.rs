@@ -18,9 +18,9 @@ use clusterconnect::tunnel::sas::SasKey;
 
 use crate::registry::{agent_keys, id, request};
 use crate::support;
-use support::check::eventually;
+use support::check::{eventually, PROMPT};
 use support::processes::{logs, proxy_port, spawn, Process, START_TIMEOUT, TOKEN_FILE_NAME};
-use support::{kubectl, kubectl_available, kubectl_ok, ApiServer};
+use support::{kubectl, kubectl_available, kubectl_ok, spawn_kubectl, ApiServer};
 
 const ADMIN_KEY: &str = "replicas-admin-key-0123456789abcdef";
 
@@ -439,6 +439,15 @@ async fn replicas_route_offers_share_the_registry_and_survive_losing_one() {
         assert!(pods.contains("web-0"), "through replica {i}: {pods}");
         let echoed = kubectl_ok(&kubeconfig, &["exec", "web-0", "--", "echo", "hi"]).await;
         assert_eq!(echoed.trim(), "hi", "exec through replica {i}");
+        let mut watch = spawn_kubectl(&kubeconfig, &["get", "pods", "-w"], &[], false);
+        if let Err(seen) = watch
+            .read_stdout_until(PROMPT, |o| o.contains("web-0"))
+            .await
+        {
+            panic!("watch through replica {i} showed nothing: {seen}");
+        }
+        watch.kill().await;
+        port_forward_echoes(&kubeconfig, i).await;
     }
     // A sender for a connection no replica listens for gets the documented 404 at once.
     let started = Instant::now();
@@ -461,6 +470,49 @@ async fn replicas_route_offers_share_the_registry_and_survive_losing_one() {
     )
     .await;
     kubectl_ok(&kubeconfig, &["get", "pods"]).await;
+    // A watch whose tunnel is on replica 0 (its proxy dials replica 0 itself), and a
+    // client-go style re-watch loop through the shared name.
+    let (_proxy0, kubeconfig0) = proxy(
+        &replicas[0].url(),
+        &pki,
+        &connection,
+        &api.token(),
+        &dir.path().join("proxy-0-watch"),
+        Vec::new,
+    )
+    .await;
+    let mut doomed = spawn_kubectl(&kubeconfig0, &["get", "pods", "-w"], &[], false);
+    if let Err(seen) = doomed
+        .read_stdout_until(PROMPT, |o| o.contains("web-0"))
+        .await
+    {
+        panic!("the watch through replica 0 showed nothing: {seen}");
+    }
+    let rewatch = {
+        let kubeconfig = kubeconfig.clone();
+        tokio::spawn(async move {
+            let mut runs = 0;
+            loop {
+                runs += 1;
+                let mut w = spawn_kubectl(
+                    &kubeconfig,
+                    &["get", "pods", "-w", "--output-watch-events"],
+                    &[],
+                    false,
+                );
+                if w.read_stdout_until(Duration::from_secs(60), |o| o.contains("MODIFIED"))
+                    .await
+                    .is_ok()
+                {
+                    w.kill().await;
+                    return runs;
+                }
+                w.kill().await;
+                assert!(runs < 100, "the re-watch loop never saw the change");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
     let killed = replicas.remove(0);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(killed.process.pid() as i32),
@@ -494,6 +546,23 @@ async fn replicas_route_offers_share_the_registry_and_survive_losing_one() {
         failures.is_empty(),
         "requests failed after re-homing: {failures:?}"
     );
+    // The watch on the dead replica ended by itself, as kubectl's watch does when its stream
+    // ends; the re-watch loop is watching again and sees a change made now.
+    let ended = doomed.finish(Duration::from_secs(15)).await;
+    assert!(
+        ended.status.code().is_some(),
+        "the watch through the killed replica did not end by itself"
+    );
+    kubectl_ok(
+        &kubeconfig,
+        &["label", "pod", "web-0", "rewatched=yes", "--overwrite"],
+    )
+    .await;
+    let runs = tokio::time::timeout(Duration::from_secs(60), rewatch)
+        .await
+        .expect("the re-watch loop saw the change")
+        .unwrap();
+    assert!(runs >= 1);
 
     // Point 3, revocation: disconnect through replica 2 cuts the listeners held elsewhere.
     let c = management(&replicas[1].url(), &pki.ca);
@@ -601,6 +670,51 @@ async fn a_nats_restart_keeps_tunnels_and_the_registry_and_cross_replica_offers_
         "the registration survived the NATS restart"
     );
     assert!(r0.process.output().contains("relay listening"));
+}
+
+/// `kubectl port-forward` through `kubeconfig`: bytes sent to the local port come back from
+/// the stand-in pod's echo service.
+async fn port_forward_echoes(kubeconfig: &Path, replica: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut forward = spawn_kubectl(
+        kubeconfig,
+        &["port-forward", "pod/web-0", ":8080"],
+        &[],
+        false,
+    );
+    let announced = match forward
+        .read_stdout_until(PROMPT, |o| o.contains("-> 8080\n"))
+        .await
+    {
+        Ok(t) => t,
+        Err(_) => panic!(
+            "no port-forward through replica {replica}: {:?}",
+            forward.kill().await
+        ),
+    };
+    let port: u16 = announced
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("local port");
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (mut rd, mut wr) = conn.split();
+        let mut echoed = vec![0u8; payload.len()];
+        tokio::try_join!(wr.write_all(&payload), rd.read_exact(&mut echoed))?;
+        Ok::<_, std::io::Error>(echoed)
+    };
+    let echoed = tokio::time::timeout(PROMPT, exchange).await;
+    forward.kill().await;
+    match echoed {
+        Ok(Ok(echoed)) => assert!(
+            echoed == payload,
+            "port-forward through replica {replica} changed bytes"
+        ),
+        other => panic!("port-forward through replica {replica}: {other:?}"),
+    }
 }
 
 /// Waits until every replica announces all of them (presence is read every 2 s), so that the
