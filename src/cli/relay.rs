@@ -54,6 +54,13 @@ pub struct Args {
     /// Size of the registry's volume claim (--dry-run).
     #[arg(long, default_value = "1Gi", requires = "dry_run")]
     pub storage: String,
+    /// With `[cluster]` in the file: relay replicas the StatefulSet runs (--dry-run; default 3).
+    #[arg(long, requires = "dry_run", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replicas: Option<u16>,
+    /// This replica's own name (`host[:port]`), overriding `[cluster] public_host`: the
+    /// StatefulSet passes each pod's name under the first hostname.
+    #[arg(long)]
+    pub public_host: Option<String>,
     /// Serve Prometheus metrics on HOST:PORT at /metrics (plain HTTP), overriding the file's
     /// `metrics_addr`. Off unless one of them is set.
     #[arg(long, value_name = "HOST:PORT")]
@@ -170,6 +177,15 @@ fn dry_run(args: &Args) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         image: args.image.clone().unwrap_or_else(default_image),
         storage: args.storage.clone(),
+        replicas: args.replicas.unwrap_or_else(|| {
+            let replicated =
+                toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("cluster"));
+            if replicated {
+                3
+            } else {
+                1
+            }
+        }),
     };
     let m = relay_manifests::build(&spec, &args.config, &text)?;
     let out = match args.output {
@@ -180,8 +196,12 @@ fn dry_run(args: &Args) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", out.trim_end()).context("cannot write to stdout")?;
+    let nats = m
+        .nats_command()
+        .map(|c| format!("the Secret of NATS credentials:\n  {c}\n"))
+        .unwrap_or_default();
     eprintln!(
-        "Dry run: nothing was started. Before applying, create the Secret of rule keys:\n  {}\nand the certificate's Secret {TLS_SECRET} (kubernetes.io/tls).",
+        "Dry run: nothing was started. Before applying, create the Secret of rule keys:\n  {}\n{nats}and the certificate's Secret {TLS_SECRET} (kubernetes.io/tls).",
         m.keys_command()
     );
     Ok(())
@@ -303,6 +323,11 @@ async fn open_registry(
         Some(e) => Some(management_validator(e, base).context("relay config [entra]")?),
     };
     let Some(cluster) = &file.cluster else {
+        if args.public_host.is_some() {
+            anyhow::bail!(
+                "--public-host names a relay replica; the config has no [cluster] section"
+            );
+        }
         if args.check {
             return Ok((None, None));
         }
@@ -311,7 +336,10 @@ async fn open_registry(
             None,
         ));
     };
-    let cluster = resolve_cluster_paths(cluster, base);
+    let mut cluster = resolve_cluster_paths(cluster, base);
+    if let Some(host) = &args.public_host {
+        cluster.public_host = host.clone();
+    }
     let prefix = replicas::prefix(&cluster)?;
     let me = replicas::public_authority(&cluster.public_host, public_port)?;
     if file.registry_file.is_some() {

@@ -167,6 +167,195 @@ rights = ["send"]
     assert!(!text(&out.stdout).contains("valid"), "{}", describe(&out));
 }
 
+/// `relay --dry-run` for replicas on NATS: a StatefulSet whose pods name themselves under the
+/// first hostname, a Service per replica, NATS with JetStream on a volume, no registry claim;
+/// the pod's configuration and arguments pass the relay's own --check.
+#[tokio::test]
+async fn relay_dry_run_with_a_cluster_section_prints_replicas_and_nats() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        &dir.path().join("relay.toml"),
+        r#"hostnames = ["relay.example.com"]
+
+[[rules]]
+name = "admin"
+key_file = "admin.key"
+rights = ["manage"]
+
+[cluster]
+nats_url = "nats://clusterconnect-nats.edge-relay:4222"
+public_host = "set-per-pod-by-the-statefulset"
+"#,
+    );
+    let dry_run = |replicas: &'static str| {
+        let config = config.clone();
+        async move {
+            run_to_end(
+                &[
+                    OsStr::new("relay"),
+                    OsStr::new("--config"),
+                    config.as_os_str(),
+                    OsStr::new("--dry-run"),
+                    OsStr::new("--namespace"),
+                    OsStr::new("edge-relay"),
+                    OsStr::new("--replicas"),
+                    OsStr::new(replicas),
+                ],
+                &[],
+                ONE_SHOT,
+            )
+            .await
+        }
+    };
+    let out = dry_run("3").await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let yaml = text(&out.stdout);
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("a YAML document"))
+        .collect();
+    let kinds: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace/edge-relay",
+            "ServiceAccount/clusterconnect-relay",
+            "ConfigMap/clusterconnect-relay",
+            "StatefulSet/clusterconnect-nats",
+            "Service/clusterconnect-nats",
+            "NetworkPolicy/clusterconnect-nats",
+            "StatefulSet/clusterconnect-relay",
+            "Service/clusterconnect-relay-0",
+            "Service/clusterconnect-relay-1",
+            "Service/clusterconnect-relay-2",
+            "Service/clusterconnect-relay",
+            "PodDisruptionBudget/clusterconnect-relay",
+        ]
+    );
+    let relay = &docs[6]["spec"];
+    assert_eq!(relay["replicas"], 3);
+    let container = &relay["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &args[args.len() - 2..],
+        ["--public-host", "$(POD_NAME).relay.example.com"]
+    );
+    assert_eq!(
+        container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        docs[8]["spec"]["selector"]["statefulset.kubernetes.io/pod-name"],
+        "clusterconnect-relay-1"
+    );
+    // The bundled NATS demands a token from the NATS Secret, which the relay pods mount, and
+    // only the relay's pods may reach it.
+    let nats = &docs[3]["spec"]["template"]["spec"]["containers"][0];
+    let nats_args = nats["args"].as_array().unwrap();
+    assert!(nats_args.contains(&serde_json::json!("-js")), "{nats}");
+    assert!(nats_args.contains(&serde_json::json!("--auth")), "{nats}");
+    assert_eq!(
+        nats["env"][0]["valueFrom"]["secretKeyRef"]["name"],
+        "clusterconnect-relay-nats"
+    );
+    assert_eq!(
+        docs[5]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+        docs[6]["spec"]["selector"]["matchLabels"]
+    );
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/clusterconnect/nats"),
+        "{container}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("create secret generic clusterconnect-relay-nats"),
+        "{stderr}"
+    );
+    let pod_config = docs[2]["data"]["relay.toml"].as_str().unwrap();
+    assert!(!pod_config.contains("registry_file"), "{pod_config}");
+    assert!(
+        pod_config.contains("nats_token_file = \"/etc/clusterconnect/nats/token\""),
+        "{pod_config}"
+    );
+
+    // The pod's config and arguments, mounts moved into a temporary directory, pass --check.
+    let root = dir.path().join("pod");
+    let moved = pod_config.replace(
+        "/etc/clusterconnect",
+        &root.join("etc").display().to_string(),
+    );
+    for sub in ["etc/keys", "etc/tls", "etc/nats"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    write(&root.join("etc/nats/token"), "a-nats-token-for-the-check");
+    let ca = clusterconnect::tls::CertificateAuthority::generate("dry-run test CA").unwrap();
+    let cert = ca
+        .issue_server(&["relay.example.com", "*.relay.example.com"])
+        .unwrap();
+    write(&root.join("etc/tls/tls.crt"), &cert.cert_pem);
+    write(&root.join("etc/tls/tls.key"), &cert.key_pem);
+    write(
+        &root.join("etc/keys/admin.key"),
+        "admin-key-for-the-dry-run-check-0123",
+    );
+    let moved = write(&root.join("relay.toml"), &moved);
+    let out = run_to_end(
+        &[
+            OsStr::new("relay"),
+            OsStr::new("--config"),
+            moved.as_os_str(),
+            OsStr::new("--check"),
+            OsStr::new("--public-host"),
+            OsStr::new("clusterconnect-relay-1.relay.example.com"),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // Replicas without [cluster] are refused with the reason.
+    let single = write(
+        &dir.path().join("single.toml"),
+        "hostnames = [\"relay.example.com\"]\n[[rules]]\nname = \"a\"\nkey_file = \"a.key\"\nrights = [\"send\"]\n",
+    );
+    let out = run_to_end(
+        &[
+            OsStr::new("relay"),
+            OsStr::new("--config"),
+            single.as_os_str(),
+            OsStr::new("--dry-run"),
+            OsStr::new("--replicas"),
+            OsStr::new("3"),
+        ],
+        &[],
+        ONE_SHOT,
+    )
+    .await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("[cluster]"),
+        "{}",
+        describe(&out)
+    );
+}
+
 /// `relay --dry-run -o yaml`: the objects that run the relay, no key material, and a
 /// configuration that the relay itself accepts once the Secrets it names are mounted.
 #[tokio::test]
