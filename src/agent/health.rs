@@ -95,6 +95,7 @@ mod tests {
             listening: AtomicUsize::new(1),
             streams: AtomicUsize::new(0),
             rendezvous: Arc::new(Semaphore::new(1)),
+            rejecting: Arc::new(Semaphore::new(1)),
             replicas: Default::default(),
             hard_stop: CancellationToken::new(),
         });

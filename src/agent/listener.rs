@@ -79,14 +79,15 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         };
         let ended = match dialed {
-            Ok((mut ws, replicas)) => {
+            Ok((ws, replicas)) => {
                 let claim = shared
                     .replicas
                     .claim(index, &replicas, config.relay_replicas);
                 if claim == Claim::Elsewhere && crowded < MAX_CROWDED {
                     // Behind one name, a balancer picks the replica: dial again for another.
                     crowded += 1;
-                    let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+                    // The relay may have offered it a sender already: served, not dropped.
+                    close_draining(ws, &config, &shared, &tasks, &streams).await;
                     let pause = Duration::from_millis(50 + rand::random::<u64>() % 200);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
@@ -302,13 +303,18 @@ fn spawn_rendezvous(
     // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
     // new sender is rejected with 503 rather than exhausting the agent's memory.
     let Ok(permit) = shared.rendezvous.clone().try_acquire_owned() else {
+        let Ok(rejecting) = shared.rejecting.clone().try_acquire_owned() else {
+            tracing::warn!("too many open tunnel streams and busy answers; leaving a sender to the relay's accept timeout");
+            return;
+        };
         tracing::warn!("too many open tunnel streams; rejecting a sender");
         let address = format!(
             "{}&sb-hc-statusCode=503&sb-hc-statusDescription=agent%20busy",
             accept.address
         );
         tasks.spawn(async move {
-            let _ = dial(&address, None, &config.relay_tls).await;
+            let _rejecting = rejecting;
+            let _ = tokio::time::timeout(CLOSE_WAIT, dial(&address, None, &config.relay_tls)).await;
         });
         return;
     };

@@ -74,11 +74,17 @@ pub const HARD_STOP: Duration = Duration::from_secs(1);
 /// stay under the manifests' 30 s grace period.
 pub const AUDIT_FLUSH: Duration = Duration::from_secs(3);
 
+/// Busy answers dialed back at once; past this, a sender the agent has no room for is left
+/// to the relay's accept timeout rather than costing the agent a dial each.
+pub const MAX_REJECTING: usize = 64;
+
 pub(crate) struct Shared {
     pub upstream: Arc<Upstream>,
     pub listening: AtomicUsize,
     pub streams: AtomicUsize,
     pub rendezvous: Arc<Semaphore>,
+    /// Busy answers being dialed back (each a short TLS dial), at most [`MAX_REJECTING`].
+    pub rejecting: Arc<Semaphore>,
     /// The relay replicas the listeners hold and the names they announced.
     pub replicas: replicas::ReplicaView,
     /// Cancelled when the drain period is over: what is still open is closed (and its audit
@@ -103,6 +109,7 @@ pub async fn run(
         listening: AtomicUsize::new(0),
         streams: AtomicUsize::new(0),
         rendezvous: Arc::new(Semaphore::new(config.max_streams.max(1))),
+        rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
         replicas: Default::default(),
         hard_stop: CancellationToken::new(),
     });

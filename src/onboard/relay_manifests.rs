@@ -135,6 +135,7 @@ pub struct Replicated {
 /// The bundled NATS: token authentication from the NATS Secret, reachable only from the
 /// relay's pods (it holds the registry, rule keys included).
 pub struct Nats {
+    pub config: ConfigMap,
     pub statefulset: StatefulSet,
     pub service: Service,
     pub policy: NetworkPolicy,
@@ -144,6 +145,10 @@ pub struct Nats {
 pub const NATS_NAME: &str = "clusterconnect-nats";
 /// NATS 2.9 and later work; the image these manifests run.
 pub const NATS_IMAGE: &str = "nats:2.10-alpine";
+const NATS_CONF_DIR: &str = "/etc/nats";
+/// The bundled NATS: JetStream on its volume, and the token from the NATS Secret (NATS reads
+/// `$NATS_TOKEN` from its environment).
+const NATS_CONF: &str = "port: 4222\njetstream {\n  store_dir: \"/data\"\n}\nauthorization {\n  token: $NATS_TOKEN\n}\n";
 
 fn labels() -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -516,19 +521,10 @@ fn nats(spec: &RelaySpec) -> Nats {
             }),
             ..EnvVar::default()
         }]),
-        args: Some(
-            [
-                "-js",
-                "-sd",
-                "/data",
-                "-p",
-                "4222",
-                "--auth",
-                "$(NATS_TOKEN)",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
+        // The token stays out of the command line (which any process in the pod can read):
+        // the configuration names the variable, which NATS resolves from its environment.
+        command: Some(vec!["nats-server".into()]),
+        args: Some(vec!["-c".into(), format!("{NATS_CONF_DIR}/nats.conf")]),
         ports: Some(vec![tcp_port("client", 4222)]),
         liveness_probe: Some(Probe {
             tcp_socket: Some(TCPSocketAction {
@@ -544,8 +540,19 @@ fn nats(spec: &RelaySpec) -> Nats {
             ..ResourceRequirements::default()
         }),
         security_context: Some(restricted_container()),
-        volume_mounts: Some(vec![mount("data", "/data", false)]),
+        volume_mounts: Some(vec![
+            mount("data", "/data", false),
+            mount("conf", NATS_CONF_DIR, true),
+        ]),
         ..Container::default()
+    };
+    let config = ConfigMap {
+        metadata: metadata.clone(),
+        data: Some(BTreeMap::from([(
+            "nats.conf".to_string(),
+            NATS_CONF.to_string(),
+        )])),
+        ..ConfigMap::default()
     };
     let statefulset = StatefulSet {
         metadata: metadata.clone(),
@@ -565,6 +572,14 @@ fn nats(spec: &RelaySpec) -> Nats {
                     automount_service_account_token: Some(false),
                     security_context: Some(restricted_pod()),
                     containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "conf".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: NATS_NAME.into(),
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
                     ..PodSpec::default()
                 }),
             },
@@ -627,6 +642,7 @@ fn nats(spec: &RelaySpec) -> Nats {
         }),
     };
     Nats {
+        config,
         statefulset,
         service,
         policy,
@@ -829,6 +845,7 @@ impl RelayManifests {
         }
         if let Some(r) = &self.replicated {
             if let Some(nats) = &r.nats {
+                items.push(to_value(&nats.config)?);
                 items.push(to_value(&nats.statefulset)?);
                 items.push(to_value(&nats.service)?);
                 items.push(to_value(&nats.policy)?);
@@ -934,8 +951,9 @@ impl RelayManifests {
                 docs.push(format!(
                     "# NATS with JetStream for the relay replicas (registry, offers, presence); it\n\
                      # demands the token in the Secret {NATS_SECRET}, and only the relay's pods reach it.\n{}",
-                    doc("StatefulSet", &nats.statefulset)?
+                    doc("ConfigMap", &nats.config)?
                 ));
+                docs.push(doc("StatefulSet", &nats.statefulset)?);
                 docs.push(doc("Service", &nats.service)?);
                 docs.push(doc("NetworkPolicy", &nats.policy)?);
             }

@@ -228,7 +228,10 @@ impl Rendezvous {
         }
     }
 
-    pub fn add_pending(&self, id: &str, entity: &str) -> oneshot::Receiver<AcceptOutcome> {
+    /// A sender waiting for a listener under `id`: its entry lasts as long as the returned
+    /// wait, however that ends (an answer, a timeout, or the sender's request dropped because
+    /// its client went away), so the map holds no more than the senders waiting now.
+    pub fn add_pending(&self, id: &str, entity: &str) -> PendingWait<'_> {
         let (reply, rx) = oneshot::channel();
         self.lock().pending.insert(
             id.to_string(),
@@ -237,11 +240,11 @@ impl Rendezvous {
                 reply,
             },
         );
-        rx
-    }
-
-    pub fn remove_pending(&self, id: &str) {
-        self.lock().pending.remove(id);
+        PendingWait {
+            reg: self,
+            id: id.to_string(),
+            reply: Some(rx),
+        }
     }
 
     /// Takes the waiting sender for a rendezvous id (each address is usable once) if it belongs
@@ -265,6 +268,27 @@ impl Rendezvous {
 
     pub fn pending_count(&self) -> usize {
         self.lock().pending.len()
+    }
+}
+
+/// A sender's entry among the pending rendezvous, removed when this is dropped.
+pub struct PendingWait<'a> {
+    reg: &'a Rendezvous,
+    id: String,
+    reply: Option<oneshot::Receiver<AcceptOutcome>>,
+}
+
+impl PendingWait<'_> {
+    /// The listener's answer (taken once).
+    pub fn reply(&mut self) -> oneshot::Receiver<AcceptOutcome> {
+        self.reply.take().unwrap_or_else(|| oneshot::channel().1)
+    }
+}
+
+impl Drop for PendingWait<'_> {
+    fn drop(&mut self) {
+        // Gone already when the listener took it; ids are random and used once.
+        self.reg.lock().pending.remove(&self.id);
     }
 }
 
@@ -365,6 +389,17 @@ mod tests {
         drop(first);
         assert!(reg.offer("c", 1, msg).is_ok());
         drop(second);
+    }
+
+    #[test]
+    fn a_sender_that_stops_waiting_leaves_nothing_behind() {
+        let reg = Rendezvous::default();
+        let wait = reg.add_pending("id1", "c");
+        assert_eq!(reg.pending_count(), 1);
+        // Its request dropped (client gone) before any listener answered.
+        drop(wait);
+        assert_eq!(reg.pending_count(), 0);
+        assert!(reg.take_pending("id1", "c").is_none());
     }
 
     #[test]

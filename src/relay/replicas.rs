@@ -46,7 +46,7 @@ pub const MAX_REPLICAS: usize = 64;
 /// How long a sender's replica waits for the listener's replica to take an offer.
 pub const OFFER_WAIT: Duration = Duration::from_secs(2);
 /// A replica answered that its listeners left or are busy: ask NATS again this often.
-const OFFER_TRIES: usize = 3;
+const OFFER_TRIES: u32 = 3;
 /// Largest offer (the sender's headers travel with it); bigger ones are refused locally.
 const MAX_OFFER: usize = 64 * 1024;
 
@@ -71,7 +71,8 @@ pub struct ClusterFile {
     pub nats_cert_file: Option<PathBuf>,
     pub nats_key_file: Option<PathBuf>,
     /// Prefix of every subject and bucket this relay uses (default `clusterconnect`): relays
-    /// with different names share a NATS without seeing each other.
+    /// with different names keep apart on one NATS, but only NATS permissions (a user per
+    /// deployment allowed its own subjects and bucket) keep one from reading the other.
     pub name: Option<String>,
 }
 
@@ -271,12 +272,15 @@ pub async fn connect(file: &ClusterFile, me: &str) -> Result<async_nats::Client,
 
 /// The URL without any password in it, for messages.
 fn redact(url: &str) -> String {
+    // With or without a scheme: async-nats takes `user:pass@host:4222` as `nats://...`.
     url.split(',')
-        .map(|u| match (u.find("://"), u.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}://***@{}", &u[..scheme], &u[at + 1..])
+        .map(|u| {
+            let start = u.find("://").map_or(0, |i| i + 3);
+            let authority_end = u[start..].find('/').map_or(u.len(), |i| start + i);
+            match u[start..authority_end].rfind('@') {
+                Some(at) => format!("{}***@{}", &u[..start], &u[start + at + 1..]),
+                None => u.to_string(),
             }
-            _ => u.to_string(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -337,9 +341,13 @@ impl Replicas {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    // Bounded: the client stops taking messages while it reconnects, and
+                    // peers must still expire meanwhile.
                     let hello = self.client.publish(subject.clone(), Bytes::from(self.me.clone()));
-                    if let Err(e) = hello.await {
-                        tracing::debug!(error = %e, "cannot announce this replica");
+                    match tokio::time::timeout(PRESENCE_EVERY, hello).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "cannot announce this replica"),
+                        Err(_) => tracing::debug!("cannot announce this replica: NATS is not taking messages"),
                     }
                 }
                 msg = heard.next() => {
@@ -410,11 +418,26 @@ impl Replicas {
     async fn serve_offers(self: Arc<Self>, entity: String, stop: CancellationToken) {
         let t = token(&entity);
         let subject = format!("{}.offer.{t}", self.prefix);
-        let mut sub = match self.client.queue_subscribe(subject, t).await {
-            Ok(sub) => sub,
-            Err(e) => {
-                tracing::warn!(%entity, error = %e, "cannot subscribe to offers from other replicas");
-                return;
+        // Until it subscribes or its listeners leave: while it cannot, only offers made on
+        // this replica reach them.
+        let mut backoff = crate::tunnel::backoff::Backoff::new(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(5),
+        );
+        let mut sub = loop {
+            let subscribe = self.client.queue_subscribe(subject.clone(), t.clone());
+            match tokio::time::timeout(OFFER_WAIT, subscribe).await {
+                Ok(Ok(sub)) => break sub,
+                Ok(Err(e)) => {
+                    tracing::warn!(%entity, error = %e, "cannot subscribe to offers from other replicas; retrying");
+                }
+                Err(_) => {
+                    tracing::warn!(%entity, "cannot subscribe to offers from other replicas (NATS is not taking messages); retrying");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = stop.cancelled() => return,
             }
         };
         loop {
@@ -431,11 +454,14 @@ impl Replicas {
             let Ok(json) = serde_json::to_vec(&answer) else {
                 continue;
             };
-            if let Err(e) = self.client.publish(reply, Bytes::from(json)).await {
-                tracing::debug!(error = %e, "cannot answer an offer");
+            let answered = self.client.publish(reply, Bytes::from(json));
+            match tokio::time::timeout(OFFER_WAIT, answered).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot answer an offer"),
+                Err(_) => tracing::debug!("cannot answer an offer: NATS is not taking messages"),
             }
         }
-        let _ = sub.unsubscribe().await;
+        let _ = tokio::time::timeout(OFFER_WAIT, sub.unsubscribe()).await;
     }
 
     /// One offer from another replica, to a local listener.
@@ -481,7 +507,14 @@ impl Replicas {
         }
         let subject = format!("{}.offer.{}", self.prefix, token(entity));
         let mut last = RemoteNot::NoListener;
-        for _ in 0..OFFER_TRIES {
+        for attempt in 0..OFFER_TRIES {
+            if attempt > 0 {
+                // Another member of the queue group may have a free listener; a short
+                // jittered pause keeps retries of many senders apart.
+                use rand::Rng;
+                let ms = rand::rng().random_range(0..=2 * u64::from(attempt));
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let request = self
                 .client
                 .request(subject.clone(), Bytes::from(payload.clone()));
@@ -559,6 +592,8 @@ mod tests {
             redact("nats://u:secret@n1:4222,nats://n2"),
             "nats://***@n1:4222,nats://n2"
         );
+        assert_eq!(redact("u:secret@n1:4222, tok@n2"), "***@n1:4222,***@n2");
+        assert_eq!(redact("tls://n1:4222/a@b"), "tls://n1:4222/a@b");
         assert!(prefix(&ClusterFile {
             name: Some("a.b".into()),
             ..file()

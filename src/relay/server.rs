@@ -351,7 +351,7 @@ async fn connect(
     // `sb-hc-id` plus a suffix, which the proxy and the agent log as well.
     let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity);
     let accept = accept_message(req, target, (entity, suffix), &id, peer);
-    let reply = ctx.rendezvous.add_pending(&id, entity);
+    let wait = ctx.rendezvous.add_pending(&id, entity);
     let max_per_listener = ctx.shared.limits.max_rendezvous_per_listener;
     let offered = ctx.rendezvous.offer(entity, max_per_listener, |authority| {
         let mut accept = accept.clone();
@@ -360,16 +360,12 @@ async fn connect(
     });
     let offered = match offered {
         Ok(offered) => offered,
-        Err(not) => {
-            ctx.rendezvous.remove_pending(&id);
-            return not_offered(ctx, entity, not);
-        }
+        Err(not) => return not_offered(ctx, entity, not),
     };
     let sender_upgrade = hyper::upgrade::on(req);
     let joined = Joined {
         started,
         entity,
-        id: &id,
         sender_upgrade,
         sender_permit,
         revocation: Revocation {
@@ -378,7 +374,7 @@ async fn connect(
         },
         places: (token_place, Some(offered.place)),
     };
-    finish_connect(ctx, joined, reply, switching)
+    finish_connect(ctx, joined, wait, switching)
         .instrument(span)
         .await
 }
@@ -460,17 +456,6 @@ async fn connect_remote(
     replicas: &super::replicas::Replicas,
 ) -> Response<Body> {
     use super::replicas::RemoteNot;
-    // Authenticated against the whole path first: the same refusals as a single relay gives.
-    if let Err((code, msg)) = check_entity(req, target, &target.entity, ctx, Right::Send) {
-        return text(code, msg);
-    }
-    let (token_place, sender_permit) = match sender_places(req, target, ctx) {
-        Ok(places) => places,
-        Err(refused) => return *refused,
-    };
-    let Some(token) = token(req, target) else {
-        return text(401, "no SAS token");
-    };
     let path = target.entity.as_str();
     let mut ends: Vec<usize> = vec![path.len()];
     ends.extend(
@@ -479,24 +464,45 @@ async fn connect_remote(
             .filter(|i| *i > 0)
             .rev(),
     );
-    for end in ends.into_iter().take(MAX_REMOTE_ROUTES) {
-        let (entity, suffix) = path.split_at(end);
-        // The token must cover the connection itself, not only the longer path.
-        let Ok(authorized) = authorize(
-            |name| ctx.shared.rule(name),
-            &accepted_hosts(ctx),
-            token,
-            entity,
-            Right::Send,
-            unix_now(),
-        ) else {
-            continue;
+    // Each hybrid connection the path may name that the token covers, as the listener's own
+    // replica would route it: a token scoped to a connection covers it with a path suffix too.
+    let routes: Vec<(&str, &str, Authorized)> = match token(req, target) {
+        None => Vec::new(),
+        Some(token) => ends
+            .into_iter()
+            .take(MAX_REMOTE_ROUTES)
+            .filter_map(|end| {
+                let (entity, suffix) = path.split_at(end);
+                authorize(
+                    |name| ctx.shared.rule(name),
+                    &accepted_hosts(ctx),
+                    token,
+                    entity,
+                    Right::Send,
+                    unix_now(),
+                )
+                .ok()
+                .map(|authorized| (entity, suffix, authorized))
+            })
+            .collect(),
+    };
+    if routes.is_empty() {
+        // The refusal a single relay gives for the whole path.
+        return match check_entity(req, target, &target.entity, ctx, Right::Send) {
+            Err((code, msg)) => text(code, msg),
+            Ok(_) => not_offered(ctx, &target.entity, NotOffered::NoListener),
         };
+    }
+    let (token_place, sender_permit) = match sender_places(req, target, ctx) {
+        Ok(places) => places,
+        Err(refused) => return *refused,
+    };
+    for (entity, suffix, authorized) in routes {
         let id = rendezvous_id(target);
         let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity);
         let mut accept = accept_message(req, target, (entity, suffix), &id, peer);
         accept.address = format!("wss://{}{}", replicas.me(), accept.address);
-        let reply = ctx.rendezvous.add_pending(&id, entity);
+        let wait = ctx.rendezvous.add_pending(&id, entity);
         let listener = match replicas
             .offer(entity, &accept)
             .instrument(span.clone())
@@ -504,7 +510,7 @@ async fn connect_remote(
         {
             Ok(grant) => grant,
             Err(not) => {
-                ctx.rendezvous.remove_pending(&id);
+                drop(wait);
                 match not {
                     RemoteNot::NoListener => continue,
                     RemoteNot::Busy => return not_offered(ctx, entity, NotOffered::Busy),
@@ -521,7 +527,6 @@ async fn connect_remote(
         let joined = Joined {
             started,
             entity,
-            id: &id,
             sender_upgrade: hyper::upgrade::on(req),
             sender_permit,
             revocation: Revocation {
@@ -530,7 +535,7 @@ async fn connect_remote(
             },
             places: (token_place, None),
         };
-        return finish_connect(ctx, joined, reply, switching)
+        return finish_connect(ctx, joined, wait, switching)
             .instrument(span)
             .await;
     }
@@ -542,7 +547,6 @@ struct Joined<'a> {
     /// When the sender's request came.
     started: std::time::Instant,
     entity: &'a str,
-    id: &'a str,
     sender_upgrade: OnUpgrade,
     sender_permit: Arc<OwnedSemaphorePermit>,
     revocation: Revocation,
@@ -581,20 +585,19 @@ impl Revocation {
 async fn finish_connect(
     ctx: &Ctx,
     joined: Joined<'_>,
-    reply: tokio::sync::oneshot::Receiver<AcceptOutcome>,
+    mut wait: super::rendezvous::PendingWait<'_>,
     mut switching: Response<Body>,
 ) -> Response<Body> {
     let Joined {
         started,
         entity,
-        id,
         sender_upgrade,
         sender_permit,
         revocation,
         places,
     } = joined;
     let metrics = &ctx.shared.stats.metrics;
-    match tokio::time::timeout(ACCEPT_TIMEOUT, reply).await {
+    match tokio::time::timeout(ACCEPT_TIMEOUT, wait.reply()).await {
         Ok(Ok(AcceptOutcome::Accepted(listener_upgrade, listener_permit, protocol))) => {
             metrics.accept("accepted");
             metrics
@@ -625,7 +628,7 @@ async fn finish_connect(
         }
         Err(_) => {
             metrics.accept("timeout");
-            ctx.rendezvous.remove_pending(id);
+            drop(wait);
             text(
                 504,
                 format!(

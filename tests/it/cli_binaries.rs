@@ -167,6 +167,64 @@ rights = ["send"]
     assert!(!text(&out.stdout).contains("valid"), "{}", describe(&out));
 }
 
+/// The bundled NATS's configuration, run by the real nats-server with the token in its
+/// environment as the StatefulSet gives it: JetStream on, a client without the token refused,
+/// one with it admitted.
+async fn nats_config_demands_the_token(conf: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = crate::replicas::free_port();
+    let conf = conf
+        .replace("port: 4222", &format!("listen: \"127.0.0.1:{port}\""))
+        .replace(
+            "\"/data\"",
+            &format!("{:?}", dir.path().join("js").display().to_string()),
+        );
+    let path = write(&dir.path().join("nats.conf"), &conf);
+    let mut server = std::process::Command::new(crate::replicas::nats_server())
+        .arg("-c")
+        .arg(&path)
+        .env("NATS_TOKEN", "token-from-the-secret-0123")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nats-server");
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not start with {conf}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connect = |options: async_nats::ConnectOptions| {
+        let url = url.clone();
+        async move { tokio::time::timeout(Duration::from_secs(10), options.connect(url)).await }
+    };
+    let anonymous = connect(async_nats::ConnectOptions::new()).await;
+    assert!(
+        matches!(anonymous, Ok(Err(_))),
+        "a client without the token got in"
+    );
+    let wrong = connect(async_nats::ConnectOptions::with_token("guess".into())).await;
+    assert!(
+        matches!(wrong, Ok(Err(_))),
+        "a client with a wrong token got in"
+    );
+    let client = connect(async_nats::ConnectOptions::with_token(
+        "token-from-the-secret-0123".into(),
+    ))
+    .await
+    .expect("NATS answered in time")
+    .expect("the token is admitted");
+    assert!(client.server_info().jetstream, "JetStream is off in {conf}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 /// `relay --dry-run` for replicas on NATS: a StatefulSet whose pods name themselves under the
 /// first hostname, a Service per replica, NATS with JetStream on a volume, no registry claim;
 /// the pod's configuration and arguments pass the relay's own --check.
@@ -229,6 +287,7 @@ public_host = "set-per-pod-by-the-statefulset"
             "Namespace/edge-relay",
             "ServiceAccount/clusterconnect-relay",
             "ConfigMap/clusterconnect-relay",
+            "ConfigMap/clusterconnect-nats",
             "StatefulSet/clusterconnect-nats",
             "Service/clusterconnect-nats",
             "NetworkPolicy/clusterconnect-nats",
@@ -240,7 +299,7 @@ public_host = "set-per-pod-by-the-statefulset"
             "PodDisruptionBudget/clusterconnect-relay",
         ]
     );
-    let relay = &docs[6]["spec"];
+    let relay = &docs[7]["spec"];
     assert_eq!(relay["replicas"], 3);
     let container = &relay["template"]["spec"]["containers"][0];
     let args: Vec<&str> = container["args"]
@@ -258,23 +317,26 @@ public_host = "set-per-pod-by-the-statefulset"
         "metadata.name"
     );
     assert_eq!(
-        docs[8]["spec"]["selector"]["statefulset.kubernetes.io/pod-name"],
+        docs[9]["spec"]["selector"]["statefulset.kubernetes.io/pod-name"],
         "clusterconnect-relay-1"
     );
     // The bundled NATS demands a token from the NATS Secret, which the relay pods mount, and
     // only the relay's pods may reach it.
-    let nats = &docs[3]["spec"]["template"]["spec"]["containers"][0];
-    let nats_args = nats["args"].as_array().unwrap();
-    assert!(nats_args.contains(&serde_json::json!("-js")), "{nats}");
-    assert!(nats_args.contains(&serde_json::json!("--auth")), "{nats}");
+    let nats = &docs[4]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        nats["args"],
+        serde_json::json!(["-c", "/etc/nats/nats.conf"])
+    );
     assert_eq!(
         nats["env"][0]["valueFrom"]["secretKeyRef"]["name"],
         "clusterconnect-relay-nats"
     );
+    assert!(!nats.to_string().contains("$(NATS_TOKEN)"), "{nats}");
     assert_eq!(
-        docs[5]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
-        docs[6]["spec"]["selector"]["matchLabels"]
+        docs[6]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+        docs[7]["spec"]["selector"]["matchLabels"]
     );
+    nats_config_demands_the_token(docs[3]["data"]["nats.conf"].as_str().unwrap()).await;
     let mounts = container["volumeMounts"].as_array().unwrap();
     assert!(
         mounts

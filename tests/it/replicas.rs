@@ -28,7 +28,7 @@ const ADMIN_KEY: &str = "replicas-admin-key-0123456789abcdef";
 /// connection is reset), backs off 1-2 s, and lands on a live replica through the balancer.
 const REHOME: Duration = Duration::from_secs(10);
 
-fn nats_server() -> PathBuf {
+pub(crate) fn nats_server() -> PathBuf {
     for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
         if Path::new(candidate).exists() {
             return candidate.into();
@@ -47,7 +47,7 @@ fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

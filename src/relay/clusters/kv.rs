@@ -102,7 +102,10 @@ impl Kv {
                     self.store
                         .delete_expect_revision(&k, Some(revision))
                         .await
-                        .map(|()| 0)
+                        // Its tombstone's own revision is not returned; it is past the one
+                        // read, so this replica's rules drop the key at once (the watch
+                        // delivers the same removal again later).
+                        .map(|()| revision + 1)
                 };
                 self.handle
                     .block_on(async { tokio::time::timeout(NATS_WAIT, delete).await })

@@ -229,7 +229,7 @@ struct Rules {
 
 /// How often a compare-and-set write re-reads after another replica wrote the same record
 /// first; past it, the call is answered 503 (many replicas fighting over one registration).
-const MAX_CONFLICTS: usize = 16;
+const MAX_CONFLICTS: u32 = 16;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -386,10 +386,15 @@ impl Store {
                 Ok(result)
             }
             Engine::Nats(kv) => {
-                for _ in 0..MAX_CONFLICTS {
+                for attempt in 1..=MAX_CONFLICTS {
                     let (before, revision) = kv.read(key)?;
                     let (change, result) = f(before)?;
                     let Some(written) = kv.write(key, revision, &change)? else {
+                        // Another replica wrote it first: read again after a jittered pause
+                        // that grows, so contending replicas do not retry in lockstep.
+                        use rand::Rng;
+                        let ms = rand::rng().random_range(1..=2 * u64::from(attempt));
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
                         continue;
                     };
                     let encoded = super::kv::encode_key(key);
