@@ -6,6 +6,7 @@ pub mod clusters;
 mod completion;
 mod connect;
 mod entra;
+mod extension;
 mod inventory;
 mod keys;
 mod kubeclient;
@@ -92,6 +93,10 @@ pub enum Command {
     /// into Kubernetes Secrets and files, with rotation.
     #[command(subcommand)]
     Secrets(secrets::Command),
+    /// The Azure Key Vault Secrets Provider as a cluster extension (like `az k8s-extension`):
+    /// create, update, show, list, delete.
+    #[command(subcommand)]
+    Extension(Box<extension::Command>),
 }
 
 /// Runs the chosen subcommand; the result is the process exit status.
@@ -112,6 +117,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Keys(cmd) => keys::run(*cmd).await.map(|()| 0),
         Command::Token(cmd) => token::run(cmd).await.map(|()| 0),
         Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
+        Command::Extension(cmd) => extension::run(*cmd, shutdown).await,
     }
 }
 
