@@ -57,6 +57,20 @@ pub enum Command {
     /// The in-cluster controller (what the extension's Deployment runs).
     #[command(hide = true)]
     Controller(Box<ControllerArgs>),
+    /// The Secrets Store CSI driver's provider (what the extension's DaemonSet runs with
+    /// csi.enabled=true): gRPC Version and Mount on a unix socket.
+    #[command(hide = true)]
+    Provider(Box<ProviderArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProviderArgs {
+    /// The unix socket to serve, in the driver's provider directory.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// A vault's URL instead of the one its name and cloud make: VAULT_NAME=https://URL.
+    #[arg(long = "vault-url", value_parser = parse_vault_url)]
+    pub vault_urls: Vec<(String, String)>,
 }
 
 /// Which cluster, as `az k8s-extension` names it.
@@ -224,6 +238,7 @@ pub async fn run(cmd: Command, shutdown: CancellationToken) -> anyhow::Result<u8
         Command::List(args) => list(*args).await,
         Command::Delete(args) => delete(*args).await,
         Command::Controller(args) => run_controller(*args, shutdown).await,
+        Command::Provider(args) => run_provider(*args, shutdown).await,
     }
     .map(|()| 0)
 }
@@ -586,8 +601,6 @@ async fn run_controller(args: ControllerArgs, shutdown: CancellationToken) -> an
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             )
         });
-    let http = crate::entra::http::HttpClient::with_system_roots(None)
-        .context("cannot set up TLS for Entra ID and Key Vault (the system trust store)")?;
     let config = controller::Config {
         sync: args.sync_secret,
         rotation: args.enable_secret_rotation,
@@ -595,14 +608,32 @@ async fn run_controller(args: ControllerArgs, shutdown: CancellationToken) -> an
         lease_namespace: args.lease_namespace.clone(),
         lease_name: args.lease_name.clone(),
         identity,
-        vault: VaultAccess {
-            http,
-            env: crate::entra::chain::Environment::from_process(),
-            vault_urls: args.vault_urls.iter().cloned().collect(),
-        },
+        vault: vault_access(&args.vault_urls)?,
     };
     controller::run(client, config, shutdown).await;
     Ok(())
+}
+
+fn vault_access(urls: &[(String, String)]) -> anyhow::Result<VaultAccess> {
+    let http = crate::entra::http::HttpClient::with_system_roots(None)
+        .context("cannot set up TLS for Entra ID and Key Vault (the system trust store)")?;
+    Ok(VaultAccess {
+        http,
+        env: crate::entra::chain::Environment::from_process(),
+        vault_urls: urls.iter().cloned().collect(),
+    })
+}
+
+async fn run_provider(args: ProviderArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let provider = crate::extension::provider::Provider::new(vault_access(&args.vault_urls)?);
+    crate::extension::provider::serve(&args.socket, provider, shutdown)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve the CSI provider socket {}",
+                args.socket.display()
+            )
+        })
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub mod controller;
 pub mod install;
 pub mod leader;
 pub mod manifests;
+pub mod proto;
+pub mod provider;
 pub mod report;
 pub mod settings;
 pub mod vault;

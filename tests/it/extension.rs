@@ -669,3 +669,241 @@ async fn a_class_that_cannot_sign_in_is_reported_and_writes_nothing() {
     );
     drop(controller);
 }
+
+/// One unary gRPC call over the unix socket, as the driver's grpc-go client makes it:
+/// HTTP/2, `application/grpc`, a length-prefixed message, the status in the trailers.
+async fn grpc_call(
+    socket: &std::path::Path,
+    method: &str,
+    message: &[u8],
+) -> (u32, String, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect to the socket");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("http://localhost{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            clusterconnect::extension::proto::frame(message),
+        )))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("a response");
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let collected = response.into_body().collect().await.expect("the body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let code: u32 = trailers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("grpc-status");
+    let text = trailers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = collected.to_bytes();
+    let message = if body.is_empty() {
+        Vec::new()
+    } else {
+        clusterconnect::extension::proto::unframe(&body)
+            .unwrap()
+            .to_vec()
+    };
+    (code, text, message)
+}
+
+/// `csi.enabled=true` installs the provider DaemonSet (and only then); the provider it runs
+/// answers the driver's `Version` and `Mount` on its socket with the class's objects as files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_csi_provider_answers_version_and_mount_with_the_files() {
+    use clusterconnect::extension::proto::{
+        MountRequest, MountResponse, VersionRequest, VersionResponse, MOUNT_PATH, VERSION_PATH,
+    };
+    let w = World::start().await;
+    let v1 = w.vault.set_secret("DemoSecret", "mounted-value");
+    w.vault.set_secret("other", "6869"); // hex for "hi"
+    const DAEMON_SET: &str =
+        "/apis/apps/v1/namespaces/kube-system/daemonsets/clusterconnect-akv-provider";
+    let created = json_out(
+        &w.extension(
+            "create",
+            &[
+                "-n",
+                NAME,
+                "--extension-type",
+                "Microsoft.AzureKeyVaultSecretsProvider",
+                "--timeout",
+                "30s",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(created["provisioningState"], "Succeeded");
+    assert!(
+        w.api.object(DAEMON_SET).is_none(),
+        "no provider without csi.enabled"
+    );
+    let updated = json_out(
+        &w.extension(
+            "update",
+            &[
+                "-n",
+                NAME,
+                "--configuration-settings",
+                "csi.enabled=true",
+                "--timeout",
+                "30s",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(updated["configurationSettings"]["csi.enabled"], "true");
+    let ds = w.api.object(DAEMON_SET).expect("the provider DaemonSet");
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = serde_json::from_value(container["args"].clone()).unwrap();
+    assert_eq!(args[..2], ["extension".to_string(), "provider".to_string()]);
+    assert!(
+        args.contains(&"--socket=/provider/azure.sock".to_string()),
+        "{args:?}"
+    );
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"],
+        "/etc/kubernetes/secrets-store-csi-providers"
+    );
+
+    // The provider, with the socket somewhere this test may write.
+    let socket = w.dir.path().join("azure.sock");
+    let host = w.entra.authority_host();
+    let vault_url = format!("contoso-kv={}", w.vault.url());
+    let provider = spawn(
+        &[
+            OsStr::new(&args[0]),
+            OsStr::new(&args[1]),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--vault-url"),
+            OsStr::new(&vault_url),
+            OsStr::new("--log-format"),
+            OsStr::new("json"),
+        ],
+        &[
+            ("SSL_CERT_FILE", w.bundle.as_os_str()),
+            ("AZURE_AUTHORITY_HOST", OsStr::new(&host)),
+        ],
+    );
+    eventually(Duration::from_secs(20), "the provider socket", || {
+        socket.exists()
+    })
+    .await;
+
+    let (code, _, message) = grpc_call(
+        &socket,
+        VERSION_PATH,
+        &VersionRequest {
+            version: "v1.4.0".into(),
+        }
+        .encode(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let version = VersionResponse::decode(&message).unwrap();
+    assert_eq!(version.runtime_name, "clusterconnect-akv-provider");
+    assert_eq!(version.version, "v1alpha1");
+
+    // What the driver sends for a pod: the class's parameters and the pod's attributes, the
+    // nodePublishSecretRef Secret's data, the file mode.
+    let objects = "array:\n  - |\n    objectName: DemoSecret\n    objectType: secret\n  - |\n    objectName: other\n    objectType: secret\n    objectAlias: greeting\n    objectEncoding: hex\n";
+    let attributes = json!({
+        "keyvaultName": "contoso-kv",
+        "tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "objects": objects,
+        "usePodIdentity": "false",
+        "csi.storage.k8s.io/pod.name": "web-0",
+        "csi.storage.k8s.io/pod.namespace": "apps",
+        "csi.storage.k8s.io/serviceAccount.name": "default",
+    });
+    let secrets = json!({"clientid": APP, "clientsecret": APP_SECRET});
+    let request = MountRequest {
+        attributes: attributes.to_string(),
+        secrets: secrets.to_string(),
+        target_path: "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/secrets-store-inline/mount"
+            .into(),
+        permission: "420".into(),
+        current_object_version: vec![],
+    };
+    let (code, text_message, message) = grpc_call(&socket, MOUNT_PATH, &request.encode()).await;
+    assert_eq!(code, 0, "{text_message}");
+    let response = MountResponse::decode(&message).unwrap();
+    let files: BTreeMap<&str, (&[u8], i32)> = response
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), (f.contents.as_slice(), f.mode)))
+        .collect();
+    assert_eq!(
+        files.get("DemoSecret"),
+        Some(&(&b"mounted-value"[..], 420)),
+        "{response:?}"
+    );
+    assert_eq!(
+        files.get("greeting"),
+        Some(&(&b"hi"[..], 420)),
+        "{response:?}"
+    );
+    assert_eq!(response.files.len(), 2);
+    let demo = response
+        .object_version
+        .iter()
+        .find(|o| o.id == "secret/DemoSecret")
+        .expect("DemoSecret's version");
+    assert_eq!(demo.version, v1);
+
+    // Bad input: an error status naming the problem, no files, no crash.
+    let bad = MountRequest {
+        attributes: "not json".into(),
+        ..request.clone()
+    };
+    let (code, text_message, _) = grpc_call(&socket, MOUNT_PATH, &bad.encode()).await;
+    assert_eq!(code, 3, "INVALID_ARGUMENT");
+    assert!(text_message.contains("attributes"), "{text_message}");
+    let wrong = MountRequest {
+        secrets: json!({"clientid": APP, "clientsecret": "wrong"}).to_string(),
+        ..request.clone()
+    };
+    let (code, _, message) = grpc_call(&socket, MOUNT_PATH, &wrong.encode()).await;
+    assert_ne!(code, 0);
+    assert!(message.is_empty());
+    let (code, _, _) = grpc_call(&socket, "/v1alpha1.CSIDriverProvider/Unmount", &[]).await;
+    assert_eq!(code, 12, "UNIMPLEMENTED");
+    // Still serving after all that.
+    let (code, _, _) = grpc_call(&socket, VERSION_PATH, &[]).await;
+    assert_eq!(code, 0);
+
+    let log = provider.output();
+    for value in ["mounted-value", APP_SECRET] {
+        assert!(!log.contains(value), "{value} in the provider log:\n{log}");
+    }
+
+    // csi.enabled=false again: the DaemonSet goes.
+    json_out(
+        &w.extension(
+            "update",
+            &[
+                "-n",
+                NAME,
+                "--configuration-settings",
+                "csi.enabled=false",
+                "--timeout",
+                "30s",
+            ],
+        )
+        .await,
+    );
+    assert!(w.api.object(DAEMON_SET).is_none());
+}
