@@ -35,7 +35,7 @@ pub enum VaultError {
         class: String,
         vault: String,
         #[source]
-        source: crate::secrets::KeyVaultError,
+        source: Box<crate::secrets::KeyVaultError>,
     },
 }
 
@@ -69,7 +69,7 @@ impl VaultAccess {
         let client_error = |source| VaultError::Client {
             class: class.name.clone(),
             vault: class.keyvault_name.clone(),
-            source,
+            source: Box::new(source),
         };
         let url = match self
             .vault_urls
