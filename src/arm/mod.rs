@@ -1,6 +1,7 @@
 //! The connected-cluster resource as Azure Resource Manager shapes it
 //! (`Microsoft.Kubernetes/connectedClusters`), so `az`-style habits, scripts and `--query`
 //! paths carry over. The relay serves it; `connect`, `list`, `show` and `proxy -n -g` call it.
+//! The cluster's extension (`Microsoft.KubernetesConfiguration/extensions`) lives under it.
 
 pub mod client;
 mod extension;
