@@ -582,9 +582,34 @@ async fn the_extension_syncs_rotates_removes_and_heals() {
     assert!(query.status.success(), "{}", describe(&query));
     assert_eq!(text(&query.stdout).trim(), "Succeeded");
 
+    // A class synced again, then the extension deleted (its pods stop, as the kubelet would
+    // stop them): the class loses the finalizer nobody would remove, and keeps its Secret.
+    w.apply_class(CLASS).await;
+    eventually(Duration::from_secs(20), "the Secret again", || {
+        secret_value(&w.api).is_some()
+            && w.api
+                .object(CLASS_PATH)
+                .is_some_and(|c| !c["metadata"]["finalizers"].is_null())
+    })
+    .await;
+    let remaining = &mut controllers[1 - index];
+    remaining.terminate();
+    remaining
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("the controller exits");
+
     // delete: the controller's objects go, the CRD stays, the resource is gone.
     let out = w.extension("delete", &["-n", NAME, "--yes"]).await;
     assert!(out.status.success(), "{}", describe(&out));
+    let class = w.api.object(CLASS_PATH).expect("the class stays");
+    assert!(
+        class["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(|f| f.is_empty()),
+        "{class}"
+    );
+    assert!(secret_value(&w.api).is_some(), "the synced Secret stays");
     assert!(w.api.object(DEPLOYMENT).is_none());
     assert!(w
         .api
