@@ -1,13 +1,11 @@
 //! The controller the extension installs: SecretProviderClasses in every namespace into the
 //! Kubernetes Secrets of their `secretObjects`, kept current, removed with their class.
 //!
-//! One replica leads (see [`super::leader`]); only the leader reconciles. It lists the classes,
-//! then watches from the list's resourceVersion, and lists again whenever the watch ends (the
-//! apiserver closes watches after a while, or answers 410 Gone when the version is too old).
-//! A class is reconciled when it is new, its spec (generation) or interval annotation changed,
-//! it is being deleted, or its next rotation is due. This is kube-rs's `watcher` +
-//! `Controller` pattern written out over kube-rs's client (the `runtime` feature would add a
-//! dozen crates to a build shared with the relay, for one watch).
+//! One replica leads (see [`super::leader`]); only the leader runs kube-rs's runtime
+//! `Controller` over the classes (its watcher lists, watches, and lists again after a 410).
+//! Each reconcile decides from the class's fingerprint (uid, generation, interval annotation)
+//! and the class's next due time whether a pass is needed: a new or changed class, one being
+//! deleted, or a rotation that is due; otherwise it only requeues for the due time.
 //!
 //! Per class: a finalizer is added first, so deleting the class waits until its Secrets are
 //! gone (owner references would need kube-controller-manager's garbage collector). The
@@ -20,12 +18,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
-use kube::api::{
-    ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, WatchEvent,
-    WatchParams,
-};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
 use kube::Api;
 use serde_json::json;
 use tokio::time::Instant;
@@ -51,9 +50,6 @@ pub const INTERVAL_ANNOTATION: &str = "clusterconnect.io/rotation-poll-interval"
 /// A failed pass is retried after this, doubling up to [`MAX_RETRY`], with rotation or not.
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 const MAX_RETRY: Duration = Duration::from_secs(300);
-/// Between failed lists, and the apiserver's watch timeout asked for.
-const RELIST_PAUSE: Duration = Duration::from_secs(2);
-const WATCH_TIMEOUT_SECS: u32 = 290;
 
 #[derive(Clone)]
 pub struct Config {
@@ -82,6 +78,8 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
         &config.identity,
     );
     tracing::info!(identity = %config.identity, lease = %config.lease_name, sync = config.sync, rotation = config.rotation, interval_s = config.interval.as_secs(), "controller started; waiting to lead");
+    // Kept across terms as leader: the last good content survives a lost and regained Lease.
+    let reconciler = Arc::new(Reconciler::new(client.clone(), config.clone()));
     loop {
         loop {
             match elector.try_acquire_or_renew().await {
@@ -97,12 +95,15 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
         tracing::info!(identity = %config.identity, "leading");
         let leading = shutdown.child_token();
         let renewing = tokio::spawn(keep_leading(
-            elector_clone(&elector, &client, &config),
+            Elector::new(
+                client.clone(),
+                &config.lease_namespace,
+                &config.lease_name,
+                &config.identity,
+            ),
             leading.clone(),
         ));
-        Reconciler::new(client.clone(), config.clone())
-            .run(leading.clone())
-            .await;
+        reconciler.clone().run(leading.clone()).await;
         leading.cancel();
         let _ = renewing.await;
         if shutdown.is_cancelled() {
@@ -112,15 +113,6 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
         }
         tracing::warn!("lost the leader Lease; stopped reconciling");
     }
-}
-
-fn elector_clone(_: &Elector, client: &kube::Client, config: &Config) -> Elector {
-    Elector::new(
-        client.clone(),
-        &config.lease_namespace,
-        &config.lease_name,
-        &config.identity,
-    )
 }
 
 /// Renews the Lease; cancels `leading` once it is lost, or could not be renewed for so long
@@ -168,9 +160,15 @@ type Key = (String, String);
 struct Reconciler {
     client: kube::Client,
     config: Config,
-    classes: Api<DynamicObject>,
-    state: HashMap<Key, ClassState>,
+    /// Per class; an entry is taken out while its class is reconciled (the runtime never
+    /// reconciles one object twice at once) and put back after.
+    state: Mutex<HashMap<Key, ClassState>>,
 }
+
+/// Never returned: every failure is reported on the class and retried by requeueing.
+#[derive(Debug, thiserror::Error)]
+#[error("unreachable")]
+pub enum Never {}
 
 fn key_of(o: &DynamicObject) -> Key {
     (
@@ -216,131 +214,86 @@ fn has_finalizer(o: &DynamicObject) -> bool {
 
 impl Reconciler {
     fn new(client: kube::Client, config: Config) -> Reconciler {
-        let classes = Api::all_with(client.clone(), &provider_class_resource());
         Reconciler {
             client,
             config,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<Key, ClassState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The runtime's Controller over every class, until `leading` ends.
+    async fn run(self: Arc<Self>, leading: CancellationToken) {
+        let classes: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &provider_class_resource());
+        let controller = Controller::new_with(
             classes,
-            state: HashMap::new(),
+            watcher::Config::default(),
+            provider_class_resource(),
+        )
+        .run(
+            |class, ctx: Arc<Reconciler>| async move { Ok::<_, Never>(ctx.handle(class).await) },
+            |_, _: &Never, _| Action::requeue(FIRST_RETRY),
+            self,
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %error_chain(&e), "controller");
+            }
+        });
+        tokio::select! {
+            _ = leading.cancelled() => {}
+            _ = controller => {}
         }
     }
 
-    async fn run(mut self, leading: CancellationToken) {
-        while !leading.is_cancelled() {
-            let params = ListParams::default();
-            let list = tokio::select! {
-                _ = leading.cancelled() => return,
-                list = self.classes.list(&params) => list,
-            };
-            let list = match list {
-                Ok(list) => list,
-                Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "cannot list SecretProviderClasses; is the CRD installed?");
-                    tokio::select! {
-                        _ = leading.cancelled() => return,
-                        _ = tokio::time::sleep(RELIST_PAUSE) => {}
-                    }
-                    continue;
-                }
-            };
-            let mut version = list.metadata.resource_version.clone().unwrap_or_default();
-            let present: std::collections::HashSet<Key> = list.items.iter().map(key_of).collect();
-            self.state.retain(|k, _| present.contains(k));
-            for class in list.items {
-                if leading.is_cancelled() {
-                    return;
-                }
-                self.handle(class, false).await;
-            }
-            self.watch(&mut version, &leading).await;
-        }
-    }
-
-    /// Follows the watch until it ends, reconciling due classes in between.
-    async fn watch(&mut self, version: &mut String, leading: &CancellationToken) {
-        let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
-        let stream = match self.classes.watch(&params, version).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot watch SecretProviderClasses");
-                tokio::time::sleep(RELIST_PAUSE).await;
-                return;
-            }
-        };
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let due = self.state.values().filter_map(|s| s.due).min();
-            let wake = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                _ = leading.cancelled() => return,
-                _ = tokio::time::sleep_until(wake) => self.run_due().await,
-                event = stream.next() => match event {
-                    None => return,
-                    Some(Ok(WatchEvent::Added(o) | WatchEvent::Modified(o))) => {
-                        if let Some(rv) = &o.metadata.resource_version {
-                            *version = rv.clone();
-                        }
-                        self.handle(o, false).await;
-                    }
-                    Some(Ok(WatchEvent::Deleted(o))) => {
-                        self.state.remove(&key_of(&o));
-                    }
-                    Some(Ok(WatchEvent::Bookmark(b))) => *version = b.metadata.resource_version,
-                    Some(Ok(WatchEvent::Error(e))) => {
-                        // 410 Gone: the version is too old; list again.
-                        tracing::debug!(code = e.code, message = %e.message, "watch ended");
-                        return;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %error_chain(&e), "the watch failed; listing again");
-                        return;
-                    }
-                },
-            }
-        }
-    }
-
-    async fn run_due(&mut self) {
-        let now = Instant::now();
-        let due: Vec<Key> = self
-            .state
-            .iter()
-            .filter(|(_, s)| s.due.is_some_and(|d| d <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for (namespace, name) in due {
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(self.client.clone(), &namespace, &provider_class_resource());
-            match api.get_opt(&name).await {
-                Ok(Some(class)) => self.handle(class, true).await,
-                Ok(None) => {
-                    self.state.remove(&(namespace, name));
-                }
-                Err(e) => {
-                    tracing::warn!(class = %name, namespace = %namespace, error = %error_chain(&e), "cannot read the class");
-                    if let Some(s) = self.state.get_mut(&(namespace, name)) {
-                        s.due = Some(Instant::now() + FIRST_RETRY);
-                    }
-                }
-            }
-        }
-    }
-
-    async fn handle(&mut self, class: DynamicObject, due: bool) {
+    async fn handle(&self, class: Arc<DynamicObject>) -> Action {
         let key = key_of(&class);
         if class.metadata.deletion_timestamp.is_some() {
             if has_finalizer(&class) {
                 self.finalize(&class).await;
             }
-            self.state.remove(&key);
-            return;
+            self.state().remove(&key);
+            return Action::await_change();
         }
         let print = fingerprint(&class);
-        let unchanged = self.state.get(&key).is_some_and(|s| s.fingerprint == print);
-        if unchanged && !due {
-            return;
-        }
-        self.reconcile(class, print).await;
+        let now = Instant::now();
+        let entry = self.state().remove(&key);
+        let mut entry = match entry {
+            Some(e) if e.fingerprint == print && e.due.is_none_or(|d| d > now) => {
+                let action = match e.due {
+                    Some(d) => Action::requeue(d - now),
+                    None => Action::await_change(),
+                };
+                self.state().insert(key, e);
+                return action;
+            }
+            Some(mut e) => {
+                if e.fingerprint != print {
+                    e.syncer = None;
+                    e.fingerprint = print;
+                }
+                e
+            }
+            None => ClassState {
+                fingerprint: print,
+                syncer: None,
+                credentials: None,
+                due: None,
+                failures: 0,
+            },
+        };
+        entry.due = None;
+        self.reconcile(&class, &mut entry).await;
+        let action = match entry.due {
+            Some(d) => Action::requeue(d.saturating_duration_since(Instant::now())),
+            None => Action::await_change(),
+        };
+        self.state().insert(key, entry);
+        action
     }
 
     /// The interval of this class: its annotation's, else the global one when rotation is on.
@@ -367,30 +320,16 @@ impl Reconciler {
         }
     }
 
-    async fn reconcile(&mut self, class: DynamicObject, print: Fingerprint) {
-        let key = key_of(&class);
-        let reference = class_ref(&class);
-        let entry = self.state.entry(key.clone()).or_insert_with(|| ClassState {
-            fingerprint: print.clone(),
-            syncer: None,
-            credentials: None,
-            due: None,
-            failures: 0,
-        });
-        let changed = entry.fingerprint != print;
-        entry.fingerprint = print;
-        entry.due = None;
-        if changed {
-            entry.syncer = None;
-        }
-        let parsed = serde_json::to_string(&class)
+    async fn reconcile(&self, class: &DynamicObject, entry: &mut ClassState) {
+        let reference = class_ref(class);
+        let parsed = serde_json::to_string(class)
             .map_err(|e| e.to_string())
             .and_then(|text| ProviderClass::parse(&text).map_err(|e| error_chain(&e)));
         let parsed = match parsed {
             Ok(parsed) => parsed,
             Err(message) => {
                 // A class for another provider is not ours to touch.
-                if class_provider(&class) != Some("azure") {
+                if class_provider(class) != Some("azure") {
                     return;
                 }
                 report::event(
@@ -413,13 +352,11 @@ impl Reconciler {
             report::status(&self.client, &reference, json!({"phase": "NothingToSync", "message": "the class has no secretObjects", "observedGeneration": class.metadata.generation})).await;
             return;
         }
-        if !has_finalizer(&class) && !self.add_finalizer(&class, &reference).await {
-            if let Some(s) = self.state.get_mut(&key) {
-                s.due = Some(Instant::now() + FIRST_RETRY);
-            }
+        if !has_finalizer(class) && !self.add_finalizer(class, &reference).await {
+            entry.due = Some(Instant::now() + FIRST_RETRY);
             return;
         }
-        let (interval, interval_problem) = self.interval_of(&class, &reference);
+        let (interval, interval_problem) = self.interval_of(class, &reference);
         if let Some(problem) = interval_problem {
             report::event(
                 &self.client,
@@ -431,11 +368,8 @@ impl Reconciler {
             .await;
         }
         let outcome = self
-            .pass(&reference, parsed, class.metadata.generation)
+            .pass(&reference, parsed, class.metadata.generation, entry)
             .await;
-        let Some(entry) = self.state.get_mut(&key) else {
-            return;
-        };
         entry.due = match (outcome, interval) {
             (true, interval) => {
                 entry.failures = 0;
@@ -495,21 +429,18 @@ impl Reconciler {
 
     /// One pass over the class; reports what it did. `true` when it succeeded.
     async fn pass(
-        &mut self,
+        &self,
         reference: &ClassRef,
         class: ProviderClass,
         generation: Option<i64>,
+        entry: &mut ClassState,
     ) -> bool {
-        let key = (reference.namespace.clone(), reference.name.clone());
         let credentials = match self.credentials(reference).await {
             Ok(c) => c,
             Err(message) => return self.fail(reference, generation, message).await,
         };
         let version = credentials.as_ref().map(|(_, v)| v.clone());
-        let rebuild = self
-            .state
-            .get(&key)
-            .is_none_or(|e| e.syncer.is_none() || e.credentials != version);
+        let rebuild = entry.syncer.is_none() || entry.credentials != version;
         if rebuild {
             let client = match self
                 .config
@@ -521,19 +452,17 @@ impl Reconciler {
             };
             let secrets: Api<KubeSecret> =
                 Api::namespaced(self.client.clone(), &reference.namespace);
-            if let Some(entry) = self.state.get_mut(&key) {
-                entry.syncer = Some(Syncer::new(
-                    client,
-                    class,
-                    Targets {
-                        mount_dir: None,
-                        secrets: Some((secrets, reference.namespace.clone())),
-                    },
-                ));
-                entry.credentials = version;
-            }
+            entry.syncer = Some(Syncer::new(
+                client,
+                class,
+                Targets {
+                    mount_dir: None,
+                    secrets: Some((secrets, reference.namespace.clone())),
+                },
+            ));
+            entry.credentials = version;
         }
-        let Some(syncer) = self.state.get_mut(&key).and_then(|e| e.syncer.as_mut()) else {
+        let Some(syncer) = entry.syncer.as_mut() else {
             return false;
         };
         let result = syncer.pass().await;
@@ -666,7 +595,7 @@ impl Reconciler {
 
     /// The class is being deleted: remove its Secrets (only those this controller wrote for
     /// it) and its status, then let it go.
-    async fn finalize(&mut self, class: &DynamicObject) {
+    async fn finalize(&self, class: &DynamicObject) {
         let reference = class_ref(class);
         let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &reference.namespace);
         let names: Vec<String> = serde_json::to_string(class)

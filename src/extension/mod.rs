@@ -6,7 +6,8 @@
 //! - [`manifests`]: what is installed (CRDs, RBAC, the controller Deployment, the provider
 //!   DaemonSet);
 //! - [`install`]: applying, checking and removing them through the user's kubeconfig;
-//! - [`controller`]: the in-cluster controller (one leader through [`leader`]), reporting
+//! - [`controller`]: the in-cluster controller, a kube-rs runtime `Controller` (one leader
+//!   through [`leader`]), reporting
 //!   through [`report`];
 //! - [`vault`]: a Key Vault client per class, shared with [`provider`], the Secrets Store CSI
 //!   driver's provider gRPC service ([`proto`] is its wire format).
