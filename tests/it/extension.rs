@@ -70,6 +70,7 @@ spec:
 "#;
 
 pub struct World {
+    pub registry: ManagementClient,
     pub entra: Entra,
     pub vault: KeyVault,
     pub api: ApiServer,
@@ -128,6 +129,7 @@ impl World {
         std::fs::write(&relay_ca, &relay.ca_pem).unwrap();
         let bundle = vault.write_ca_bundle(&entra, dir.path());
         World {
+            registry,
             entra,
             vault,
             api,
@@ -931,4 +933,139 @@ async fn the_csi_provider_answers_version_and_mount_with_the_files() {
         .await,
     );
     assert!(w.api.object(DAEMON_SET).is_none());
+}
+
+/// The registry on its own: one extension per cluster, only the Key Vault provider's type,
+/// names checked, protected settings never kept, 404 for an extension that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_keeps_one_extension_per_cluster_of_the_one_type() {
+    use clusterconnect::arm::{ExtensionProperties, ExtensionRequest};
+    let w = World::start().await;
+    let id = ClusterId::new(DEFAULT_SUBSCRIPTION, GROUP, CLUSTER).unwrap();
+    let request = |kind: &str| ExtensionRequest {
+        properties: ExtensionProperties {
+            extension_type: kind.into(),
+            configuration_settings: BTreeMap::from([(
+                "csi.enabled".to_string(),
+                "false".to_string(),
+            )]),
+            configuration_protected_settings: BTreeMap::from([(
+                "token".to_string(),
+                "hush".to_string(),
+            )]),
+            ..ExtensionProperties::default()
+        },
+    };
+    let created = w
+        .registry
+        .put_extension(
+            &id,
+            "akv",
+            &request("microsoft.azurekeyvaultsecretsprovider"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created.properties.extension_type,
+        "Microsoft.AzureKeyVaultSecretsProvider"
+    );
+    assert_eq!(
+        created.properties.scope.cluster.release_namespace,
+        "kube-system"
+    );
+    assert!(created
+        .properties
+        .configuration_protected_settings
+        .is_empty());
+    let err = w
+        .registry
+        .put_extension(
+            &id,
+            "second",
+            &request("Microsoft.AzureKeyVaultSecretsProvider"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("only one instance"), "{err}");
+    let err = w
+        .registry
+        .put_extension(&id, "akv", &request("Microsoft.Flux"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    let err = w
+        .registry
+        .put_extension(
+            &id,
+            "Bad_Name",
+            &request("Microsoft.AzureKeyVaultSecretsProvider"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(w
+        .registry
+        .get_extension(&id, "second")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(w.registry.list_extensions(&id).await.unwrap().len(), 1);
+    assert!(w.registry.delete_extension(&id, "akv").await.unwrap());
+    assert!(!w.registry.delete_extension(&id, "akv").await.unwrap());
+    assert!(w.registry.list_extensions(&id).await.unwrap().is_empty());
+}
+
+/// Rotation for one class through its annotation, with the extension's own rotation off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_class_annotation_turns_rotation_on_for_that_class() {
+    if !kubectl_available() {
+        return;
+    }
+    let w = World::start().await;
+    w.vault.set_secret("DemoSecret", "before");
+    put_credentials(&w.api);
+    json_out(
+        &w.extension(
+            "create",
+            &[
+                "-n",
+                NAME,
+                "--extension-type",
+                "Microsoft.AzureKeyVaultSecretsProvider",
+                "--configuration-settings",
+                "secrets-store-csi-driver.syncSecret.enabled=true",
+                "--timeout",
+                "30s",
+            ],
+        )
+        .await,
+    );
+    let _controller = w.start_controller("controller-0").await;
+    eventually(Duration::from_secs(20), "a leader", || {
+        leader(&w.api).is_some()
+    })
+    .await;
+    let annotated = CLASS.replace(
+        "  namespace: apps\n",
+        "  namespace: apps\n  annotations:\n    clusterconnect.io/rotation-poll-interval: 1s\n",
+    );
+    assert_ne!(annotated, CLASS);
+    w.apply_class(&annotated).await;
+    eventually(Duration::from_secs(20), "the Secret", || {
+        secret_value(&w.api).as_deref() == Some("before")
+    })
+    .await;
+    w.vault.set_secret("DemoSecret", "after");
+    let took = eventually(Duration::from_secs(10), "the rotated value", || {
+        secret_value(&w.api).as_deref() == Some("after")
+    })
+    .await;
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Without the annotation (and rotation off) the class is not polled any more.
+    w.apply_class(CLASS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.vault.set_secret("DemoSecret", "unseen");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(secret_value(&w.api).as_deref(), Some("after"));
 }
