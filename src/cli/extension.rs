@@ -530,23 +530,14 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
 }
 
 fn confirmed(args: &DeleteArgs) -> anyhow::Result<bool> {
-    use std::io::{BufRead, IsTerminal};
-    if args.yes {
-        return Ok(true);
-    }
-    if !std::io::stdin().is_terminal() {
-        anyhow::bail!("delete removes the extension's controller from the cluster; pass --yes to confirm when not at a terminal");
-    }
-    eprint!(
-        "Remove extension '{}' from cluster '{}'? (y/N): ",
-        args.name, args.cluster.cluster_name
-    );
-    let mut answer = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut answer)
-        .context("cannot read the answer")?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
+    super::confirm(
+        args.yes,
+        "delete removes the extension's controller from the cluster",
+        &format!(
+            "Remove extension '{}' from cluster '{}'?",
+            args.name, args.cluster.cluster_name
+        ),
+    )
 }
 
 async fn delete(args: DeleteArgs) -> anyhow::Result<()> {

@@ -156,6 +156,25 @@ impl RelayFlags {
     }
 }
 
+/// Asks `question` on the terminal (y/N) unless `yes`; without a terminal `--yes` is required
+/// and `without_terminal` says what would have been done.
+pub(crate) fn confirm(yes: bool, without_terminal: &str, question: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal};
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{without_terminal}; pass --yes to confirm when not at a terminal");
+    }
+    eprint!("{question} (y/N): ");
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .context("cannot read the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
+}
+
 /// Durations such as "90s", "30m", "1h".
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h)"))
