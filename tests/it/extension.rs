@@ -694,6 +694,61 @@ async fn a_class_that_cannot_sign_in_is_reported_and_writes_nothing() {
         "{}",
         describe(&out)
     );
+
+    // Labelled: a retry (backing off from 5 s) signs in with it and the Secret appears.
+    kubectl_ok(
+        &w.kubeconfig,
+        &[
+            "-n",
+            NS,
+            "label",
+            "secret",
+            "secrets-store-creds",
+            "secrets-store.csi.k8s.io/used=true",
+        ],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the Secret after the label",
+        || secret_value(&w.api).as_deref() == Some("value"),
+    )
+    .await;
+
+    // A Secret built from two objects, one of which Key Vault does not have: never written
+    // with the other alone.
+    let partial = CLASS
+        .replace("name: akvprovider-demo", "name: partial-demo")
+        .replace("secretName: demo", "secretName: partial")
+        .replace(
+            "      key: password\n",
+            "      key: password\n    - objectName: Missing\n      key: other\n",
+        )
+        .replace(
+            "          objectType: secret\n",
+            "          objectType: secret\n        - |\n          objectName: Missing\n          objectType: secret\n",
+        );
+    assert!(
+        partial.contains("objectName: Missing\n          objectType"),
+        "{partial}"
+    );
+    w.apply_class(&partial).await;
+    eventually(Duration::from_secs(20), "partial-demo Failed", || {
+        w.api
+            .object("/apis/clusterconnect.io/v1/namespaces/apps/secretsyncstatuses/partial-demo")
+            .is_some_and(|s| {
+                s["status"]["phase"] == "Failed"
+                    && s["status"]["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("Missing")
+            })
+    })
+    .await;
+    assert!(w
+        .api
+        .object("/api/v1/namespaces/apps/secrets/partial")
+        .is_none());
     drop(controller);
 }
 
