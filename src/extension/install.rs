@@ -353,14 +353,25 @@ pub async fn check(client: &Client, spec: &ExtensionSpec) -> Result<Health, Appl
                 .as_ref()
                 .and_then(|s| s.holder_identity.clone())
                 .unwrap_or_default();
-            if holder.is_empty() {
-                health.add("NoLeader", "Warning", "no controller replica leads".into());
-            } else {
-                health.add(
-                    "Leader",
-                    "Information",
-                    format!("controller {holder} leads"),
-                );
+            let spec = lease.spec.unwrap_or_default();
+            let age = spec
+                .renew_time
+                .map(|t| std::time::SystemTime::from(t.0))
+                .and_then(|t| t.elapsed().ok());
+            let duration = u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15);
+            match age {
+                _ if holder.is_empty() => {
+                    health.add("NoLeader", "Warning", "no controller replica leads".into())
+                }
+                Some(age) if age.as_secs() > duration => health.add(
+                    "LeaderStale",
+                    "Warning",
+                    format!(
+                        "controller {holder} has not renewed Lease {ns}/{CONTROLLER_NAME} for {}s; are its pods running?",
+                        age.as_secs()
+                    ),
+                ),
+                _ => health.add("Leader", "Information", format!("controller {holder} leads")),
             }
         }
         Ok(None) => health.add(

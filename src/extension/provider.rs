@@ -272,6 +272,12 @@ pub async fn serve(
         std::fs::remove_file(socket)?;
     }
     let listener = UnixListener::bind(socket)?;
+    // Only the driver (root on the node) calls the provider.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    }
     tracing::info!(socket = %socket.display(), "CSI provider listening");
     let provider = Arc::new(provider);
     let connections = tokio_util::task::TaskTracker::new();
