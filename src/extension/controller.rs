@@ -16,9 +16,8 @@
 //! ends in an Event and the class's `SecretSyncStatus`.
 
 use std::collections::HashMap;
-use std::time::Duration;
-
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
@@ -104,6 +103,10 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
             leading.clone(),
         ));
         reconciler.clone().run(leading.clone()).await;
+        if !leading.is_cancelled() {
+            // The controller's stream ended by itself: not in a tight loop.
+            tokio::time::sleep(RENEW_EVERY).await;
+        }
         leading.cancel();
         let _ = renewing.await;
         if shutdown.is_cancelled() {
