@@ -10,7 +10,9 @@
 //!   user tokens); what an old value authorized is closed;
 //! - `POST .../{name}/agentStatus`: the agent's heartbeat, signed with its registered key;
 //! - `PUT|DELETE .../{name}/providers/Microsoft.Authorization/roleAssignments/{id}` (owners):
-//!   grant or revoke the cluster user role.
+//!   grant or revoke the cluster user role;
+//! - `GET .../{name}/providers/Microsoft.KubernetesConfiguration/extensions[/{ext}]` (readers)
+//!   and `PUT|DELETE .../extensions/{ext}` (owners): the cluster's one extension.
 //!
 //! Every caller is authenticated from the request's headers before any body is read; only the
 //! agent's report, which its signature over the body authenticates, reads a small body first.
