@@ -575,6 +575,47 @@ async fn the_extension_syncs_rotates_removes_and_heals() {
     );
     assert_eq!(updated["provisioningState"], "Succeeded", "{updated}");
     assert!(w.api.object(DEPLOYMENT).is_some());
+    // create again with the same name restores too, and keeps the settings it is given.
+    kubectl_ok(
+        &w.kubeconfig,
+        &[
+            "delete",
+            "clusterrolebinding",
+            "clusterconnect-akv-controller",
+        ],
+    )
+    .await;
+    let shown = json_out(&w.extension("show", &["-n", NAME]).await);
+    assert_eq!(shown["provisioningState"], "Failed", "{shown}");
+    let again = json_out(
+        &w.extension(
+            "create",
+            &[
+                "-n",
+                NAME,
+                "--extension-type",
+                "Microsoft.AzureKeyVaultSecretsProvider",
+                "--configuration-settings",
+                "secrets-store-csi-driver.enableSecretRotation=true",
+                "secrets-store-csi-driver.rotationPollInterval=2s",
+                "secrets-store-csi-driver.syncSecret.enabled=true",
+                "--timeout",
+                "30s",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(again["provisioningState"], "Succeeded", "{again}");
+    assert_eq!(
+        again["systemData"]["createdAt"],
+        created["systemData"]["createdAt"]
+    );
+    assert!(w
+        .api
+        .object(
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/clusterconnect-akv-controller"
+        )
+        .is_some());
     let query = w
         .extension(
             "show",
