@@ -99,6 +99,7 @@ pub struct KubeFlags {
 
 #[derive(clap::Args, Debug)]
 pub struct PrintFlags {
+    /// Output format, as az prints it.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Json)]
     pub output: Output,
     /// JMESPath over what -o json prints, e.g. "provisioningState" or "statuses[].message".
