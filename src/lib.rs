@@ -9,10 +9,11 @@
 //! Shared mechanisms: [`tunnel`] (protocol, SAS tokens, WebSocket byte streams), [`tls`] (rustls
 //! configuration and certificate generation), [`auth`] (credential sources) and [`entra`]
 //! (Microsoft Entra ID: token acquisition and validation). [`onboard`] installs the agent in a
-//! cluster and registers it (`connect`, `disconnect`, `token create`).
+//! cluster and registers it (`connect`, `disconnect`, `token create`); [`extension`] installs
+//! the Key Vault Secrets Provider extension and is its in-cluster controller.
 //! Dependency direction (docs/architecture.md explains it):
-//! `cli -> {relay, agent, proxy, onboard, secrets} -> {arm, entra, auth} -> tunnel ->
-//! {tls, net, files, secret}`; [`metrics`] (Prometheus) is used by the roles and uses only
+//! `cli -> {relay, agent, proxy, onboard, secrets, extension} -> {arm, entra, auth} -> tunnel ->
+//! {tls, net, files, secret}` (`extension` builds on `secrets` and `onboard`); [`metrics`] (Prometheus) is used by the roles and uses only
 //! `net`. No role imports another, nothing imports upward, and no two
 //! files import each other.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod arm;
 pub mod auth;
 pub mod cli;
 pub mod entra;
+pub mod extension;
 pub mod files;
 pub mod metrics;
 pub mod net;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::Method;
 use serde::de::DeserializeOwned;
 
+use super::extension::{extension_path, Extension, ExtensionRequest, EXTENSION_RESOURCE_TYPE};
 use super::report::{signed_message, AgentStatus, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use super::resource::{
     AccessKeys, AgentCredential, ClusterId, ClusterRequest, ConnectedCluster, CredentialResults,
@@ -229,6 +230,54 @@ impl ManagementClient {
             id.path()
         );
         self.call(Method::DELETE, &path, None).await.map(|_| ())
+    }
+
+    /// The cluster's extension `name`, `None` when there is none by that name.
+    pub async fn get_extension(
+        &self,
+        id: &ClusterId,
+        name: &str,
+    ) -> Result<Option<Extension>, ArmError> {
+        match self
+            .call(Method::GET, &extension_path(id, name), None)
+            .await
+        {
+            Ok(resp) => decode(&resp).map(Some),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn put_extension(
+        &self,
+        id: &ClusterId,
+        name: &str,
+        request: &ExtensionRequest,
+    ) -> Result<Extension, ArmError> {
+        let body = serde_json::to_value(request).map_err(ArmError::EncodeRequest)?;
+        decode(
+            &self
+                .call(Method::PUT, &extension_path(id, name), Some(&body))
+                .await?,
+        )
+    }
+
+    /// `true` when there was an extension to delete.
+    pub async fn delete_extension(&self, id: &ClusterId, name: &str) -> Result<bool, ArmError> {
+        let resp = self
+            .call(Method::DELETE, &extension_path(id, name), None)
+            .await?;
+        Ok(resp.status.as_u16() == 200)
+    }
+
+    pub async fn list_extensions(&self, id: &ClusterId) -> Result<Vec<Extension>, ArmError> {
+        let path = format!("{}/providers/{EXTENSION_RESOURCE_TYPE}", id.path());
+        #[derive(serde::Deserialize)]
+        struct List {
+            value: Vec<Extension>,
+        }
+        let list: List = decode(&self.call(Method::GET, &path, None).await?)?;
+        Ok(list.value)
     }
 
     /// Sends the agent's status, signed with its key (PKCS#8 DER of an ECDSA P-256 key).

@@ -277,7 +277,7 @@ pub struct ErrorResponse {
     pub error: ErrorDetail,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,

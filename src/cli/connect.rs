@@ -3,7 +3,7 @@
 //! `az connectedk8s delete`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -274,22 +274,14 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 
 /// Asks on the terminal; without one, `--yes` is required.
 fn confirmed(args: &DisconnectArgs) -> anyhow::Result<bool> {
-    if args.yes {
-        return Ok(true);
-    }
-    if !std::io::stdin().is_terminal() {
-        anyhow::bail!("disconnect removes the agent from the cluster and the registration; pass --yes to confirm when not at a terminal");
-    }
-    eprint!(
-        "Remove the agent (namespace {}) from the cluster and the registration of '{}' in resource group '{}'? (y/N): ",
-        args.kube.namespace, args.name, args.resource_group
-    );
-    let mut answer = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut answer)
-        .context("cannot read the answer")?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
+    super::confirm(
+        args.yes,
+        "disconnect removes the agent from the cluster and the registration",
+        &format!(
+            "Remove the agent (namespace {}) from the cluster and the registration of '{}' in resource group '{}'?",
+            args.kube.namespace, args.name, args.resource_group
+        ),
+    )
 }
 
 pub async fn disconnect(args: DisconnectArgs) -> anyhow::Result<()> {

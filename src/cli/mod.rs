@@ -6,6 +6,7 @@ pub mod clusters;
 mod completion;
 mod connect;
 mod entra;
+mod extension;
 mod inventory;
 mod keys;
 mod kubeclient;
@@ -92,6 +93,10 @@ pub enum Command {
     /// into Kubernetes Secrets and files, with rotation.
     #[command(subcommand)]
     Secrets(secrets::Command),
+    /// The Azure Key Vault Secrets Provider as a cluster extension (like `az k8s-extension`):
+    /// create, update, show, list, delete.
+    #[command(subcommand)]
+    Extension(Box<extension::Command>),
 }
 
 /// Runs the chosen subcommand; the result is the process exit status.
@@ -112,6 +117,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Command::Keys(cmd) => keys::run(*cmd).await.map(|()| 0),
         Command::Token(cmd) => token::run(cmd).await.map(|()| 0),
         Command::Secrets(cmd) => secrets::run(cmd, shutdown).await,
+        Command::Extension(cmd) => extension::run(*cmd, shutdown).await,
     }
 }
 
@@ -148,6 +154,25 @@ impl RelayFlags {
             .context("cannot set up TLS for the relay connection")?;
         Ok((relay, key, tls))
     }
+}
+
+/// Asks `question` on the terminal (y/N) unless `yes`; without a terminal `--yes` is required
+/// and `without_terminal` says what would have been done.
+pub(crate) fn confirm(yes: bool, without_terminal: &str, question: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal};
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{without_terminal}; pass --yes to confirm when not at a terminal");
+    }
+    eprint!("{question} (y/N): ");
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .context("cannot read the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
 }
 
 /// Durations such as "90s", "30m", "1h".

@@ -10,6 +10,7 @@ pub enum Output {
     Json,
     Table,
     Tsv,
+    Yaml,
 }
 
 /// The resource as `az connectedk8s show` prints it: properties lifted to the top level,
@@ -49,13 +50,51 @@ pub fn query(value: &Value, expression: &str) -> Result<Value, String> {
     serde_json::to_value(&*found).map_err(|e| format!("--query {expression:?}: {e}"))
 }
 
+/// `az connectedk8s list -o table`: Name, Location, ResourceGroup.
+const CLUSTER_COLUMNS: &[(&str, &str)] = &[
+    ("Name", "name"),
+    ("Location", "location"),
+    ("ResourceGroup", "resourceGroup"),
+];
+
 /// Renders `value` (one resource or a list) in `format`.
 pub fn render(value: &Value, format: Output) -> String {
+    render_with(value, format, CLUSTER_COLUMNS)
+}
+
+/// Renders with the table's (heading, field) columns.
+pub fn render_with(value: &Value, format: Output, columns: &[(&str, &str)]) -> String {
     match format {
         Output::Json => serde_json::to_string_pretty(value).unwrap_or_default(),
+        Output::Yaml => serde_norway::to_string(value)
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
         Output::Tsv => tsv(value),
-        Output::Table => table(value),
+        Output::Table => table(value, columns),
     }
+}
+
+/// A resource as `az` prints it: properties lifted to the top level, plus `resourceGroup`.
+pub fn flatten_value(resource: Value) -> Value {
+    let mut out = Map::new();
+    let group = resource["id"]
+        .as_str()
+        .and_then(|id| id.split('/').nth(4))
+        .unwrap_or_default()
+        .to_string();
+    if let Value::Object(top) = resource {
+        for (k, v) in top {
+            match (k.as_str(), v) {
+                ("properties", Value::Object(props)) => out.extend(props),
+                (_, v) => {
+                    out.insert(k, v);
+                }
+            }
+        }
+    }
+    out.insert("resourceGroup".into(), Value::String(group));
+    Value::Object(out)
 }
 
 fn scalar(v: &Value) -> String {
@@ -80,17 +119,11 @@ fn tsv(value: &Value) -> String {
         .join("\n")
 }
 
-/// `az connectedk8s list -o table`: Name, Location, ResourceGroup.
-fn table(value: &Value) -> String {
+fn table(value: &Value, columns: &[(&str, &str)]) -> String {
     let rows: Vec<&Value> = match value {
         Value::Array(items) => items.iter().collect(),
         other => vec![other],
     };
-    let columns = [
-        ("Name", "name"),
-        ("Location", "location"),
-        ("ResourceGroup", "resourceGroup"),
-    ];
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| columns.iter().map(|(_, f)| scalar(&r[*f])).collect())

@@ -120,6 +120,26 @@ impl Syncer {
         &self.class
     }
 
+    /// The version of every object's last good content, by file name.
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.last
+            .iter()
+            .map(|(name, fetched)| (name.clone(), fetched.version.clone()))
+            .collect()
+    }
+
+    /// The last good content of every object, encoded as its file holds it (the CSI
+    /// provider's Mount answer).
+    pub fn files(&self) -> Result<BTreeMap<String, Vec<u8>>, SyncError> {
+        let mut files = BTreeMap::new();
+        for spec in &self.class.objects {
+            if let Some(fetched) = self.last.get(spec.file_name()) {
+                files.insert(spec.file_name().to_string(), encode(spec, fetched)?);
+            }
+        }
+        Ok(files)
+    }
+
     /// Fetches everything and delivers what changed. Objects that fail keep their last good
     /// content; a pass fails only when an object has never been fetched.
     pub async fn pass(&mut self) -> Result<PassReport, SyncError> {

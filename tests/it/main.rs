@@ -15,6 +15,7 @@ mod drain;
 mod entra_auth;
 mod entra_clouds;
 mod entra_standin;
+mod extension;
 mod files;
 mod hyco_interop;
 mod metrics;

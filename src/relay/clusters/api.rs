@@ -10,7 +10,9 @@
 //!   user tokens); what an old value authorized is closed;
 //! - `POST .../{name}/agentStatus`: the agent's heartbeat, signed with its registered key;
 //! - `PUT|DELETE .../{name}/providers/Microsoft.Authorization/roleAssignments/{id}` (owners):
-//!   grant or revoke the cluster user role.
+//!   grant or revoke the cluster user role;
+//! - `GET .../{name}/providers/Microsoft.KubernetesConfiguration/extensions[/{ext}]` (readers)
+//!   and `PUT|DELETE .../extensions/{ext}` (owners): the cluster's one extension.
 //!
 //! Every caller is authenticated from the request's headers before any body is read; only the
 //! agent's report, which its signature over the body authenticates, reads a small body first.
@@ -22,6 +24,7 @@ use hyper::body::Incoming;
 
 use super::caller::authenticate;
 use super::error::ApiError;
+use super::extensions;
 use super::handlers::{self, Call, Reply};
 use super::path::{self, Scope, Target};
 use super::registry::Registry;
@@ -42,6 +45,8 @@ enum Path {
     /// `POST .../{name}/{action}`, the action's name compared without case.
     Action(&'static str),
     RoleAssignment,
+    Extensions,
+    Extension,
 }
 
 /// Handlers block (they read and write the store): they run on one of the registry's
@@ -50,6 +55,7 @@ enum Handler {
     List(fn(&Call, &Scope) -> Reply),
     Cluster(fn(&Call, &ClusterId) -> Reply),
     RoleAssignment(fn(&Call, &ClusterId, &str) -> Reply),
+    Extension(fn(&Call, &ClusterId, &str) -> Reply),
     /// Authenticated by its signature, not by a caller's credential.
     AgentReport(fn(&Store, &ClusterId, &SignedReport<'_>) -> Reply),
 }
@@ -112,6 +118,26 @@ const ROUTES: &[Route] = &[
         Path::RoleAssignment,
         Handler::RoleAssignment(handlers::revoke_role),
     ),
+    route(
+        Method::GET,
+        Path::Extensions,
+        Handler::Cluster(extensions::list),
+    ),
+    route(
+        Method::GET,
+        Path::Extension,
+        Handler::Extension(extensions::show),
+    ),
+    route(
+        Method::PUT,
+        Path::Extension,
+        Handler::Extension(extensions::put),
+    ),
+    route(
+        Method::DELETE,
+        Path::Extension,
+        Handler::Extension(extensions::delete),
+    ),
 ];
 
 impl Path {
@@ -119,7 +145,9 @@ impl Path {
         match (self, target) {
             (Path::List, Target::List(_))
             | (Path::Cluster, Target::Cluster(_))
-            | (Path::RoleAssignment, Target::RoleAssignment(..)) => true,
+            | (Path::RoleAssignment, Target::RoleAssignment(..))
+            | (Path::Extensions, Target::Extensions(_))
+            | (Path::Extension, Target::Extension(..)) => true,
             (Path::Action(name), Target::Action(_, action)) => name.eq_ignore_ascii_case(action),
             _ => false,
         }
@@ -195,7 +223,11 @@ async fn serve(
 fn dispatch(handler: &Handler, call: &Call, target: &Target, method: Method) -> Reply {
     match (handler, target) {
         (Handler::List(f), Target::List(scope)) => f(call, scope),
-        (Handler::Cluster(f), Target::Cluster(id) | Target::Action(id, _)) => f(call, id),
+        (
+            Handler::Cluster(f),
+            Target::Cluster(id) | Target::Action(id, _) | Target::Extensions(id),
+        ) => f(call, id),
+        (Handler::Extension(f), Target::Extension(id, name)) => f(call, id, name),
         (Handler::RoleAssignment(f), Target::RoleAssignment(id, assignment)) => {
             f(call, id, assignment)
         }
@@ -228,6 +260,8 @@ mod tests {
                         Handler::Cluster(_) | Handler::AgentReport(_)
                     )
                     | (Path::RoleAssignment, Handler::RoleAssignment(_))
+                    | (Path::Extensions, Handler::Cluster(_))
+                    | (Path::Extension, Handler::Extension(_))
             );
             assert!(agrees, "{} route with a mismatched handler", route.method);
         }

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::caller::AuthError;
 use super::reply::{self, Body};
 use super::store::StoreError;
-use crate::arm::{AgentKeyError, ClusterId, IdError, CLUSTER_USER_ROLE};
+use crate::arm::{AgentKeyError, ClusterId, IdError, CLUSTER_USER_ROLE, KEY_VAULT_EXTENSION_TYPE};
 use crate::tunnel::http::error_chain;
 use crate::tunnel::protocol::AddressError;
 
@@ -31,6 +31,16 @@ pub enum ApiError {
     KeyTypeBody(#[source] serde_json::Error),
     #[error("location is required")]
     LocationRequired,
+    #[error("{0}")]
+    ExtensionName(String),
+    #[error("the body must be an extension: {{\"properties\": {{\"extensionType\", \"configurationSettings\", ...}}}}")]
+    ExtensionBody(#[source] serde_json::Error),
+    #[error("extension type {0:?} is not available here; the one type served is {KEY_VAULT_EXTENSION_TYPE}")]
+    ExtensionType(String),
+    #[error("the cluster already has extension '{existing}' of type {KEY_VAULT_EXTENSION_TYPE}; only one instance per cluster is allowed (update it, or delete it first)")]
+    ExtensionExists { existing: String },
+    #[error("extension '{name}' of connected cluster '{cluster}' was not found")]
+    ExtensionNotFound { name: String, cluster: String },
     #[error(transparent)]
     AgentKey(AgentKeyError),
     #[error("a role assignment is {{\"properties\": {{\"principalId\", \"roleDefinitionId\"}}}}")]
@@ -108,6 +118,12 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "InvalidRequestContent")
             }
             LocationRequired => (StatusCode::BAD_REQUEST, "LocationRequired"),
+            ExtensionName(_) | ExtensionBody(_) => {
+                (StatusCode::BAD_REQUEST, "InvalidRequestContent")
+            }
+            ExtensionType(_) => (StatusCode::BAD_REQUEST, "ExtensionTypeNotSupported"),
+            ExtensionExists { .. } => (StatusCode::CONFLICT, "ExtensionAlreadyExists"),
+            ExtensionNotFound { .. } => (StatusCode::NOT_FOUND, "ResourceNotFound"),
             AgentKey(_) => (StatusCode::BAD_REQUEST, "InvalidAgentPublicKeyCertificate"),
             RoleNotAssignable => (StatusCode::BAD_REQUEST, "InvalidRoleDefinitionId"),
             ReportRefused(_) => (StatusCode::UNAUTHORIZED, "InvalidSignature"),

@@ -306,6 +306,7 @@ fn new_record(caller: &Caller, id: &ClusterId, request: ClusterRequest, now: Str
         send_key: random_key(),
         last_heartbeat: None,
         last_report_timestamp: 0,
+        extension: None,
     }
 }
 
@@ -354,7 +355,7 @@ fn random_key() -> String {
     base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
 }
 
-fn may_read(caller: &Caller, record: &Record) -> bool {
+pub(super) fn may_read(caller: &Caller, record: &Record) -> bool {
     match caller {
         Caller::Admin { .. } => true,
         Caller::Principal { object_id, .. } => {
@@ -364,7 +365,7 @@ fn may_read(caller: &Caller, record: &Record) -> bool {
     }
 }
 
-fn owner(caller: &Caller, record: &Record, id: &ClusterId) -> Result<(), ApiError> {
+pub(super) fn owner(caller: &Caller, record: &Record, id: &ClusterId) -> Result<(), ApiError> {
     let ok = match caller {
         Caller::Admin { .. } => true,
         Caller::Principal { object_id, .. } => {
@@ -381,11 +382,11 @@ fn owner(caller: &Caller, record: &Record, id: &ClusterId) -> Result<(), ApiErro
     }
 }
 
-fn existing(store: &Store, id: &ClusterId) -> Result<Record, ApiError> {
+pub(super) fn existing(store: &Store, id: &ClusterId) -> Result<Record, ApiError> {
     store.get(&id.key())?.ok_or_else(|| ApiError::not_found(id))
 }
 
-fn readable(call: &Call, id: &ClusterId) -> Result<Record, ApiError> {
+pub(super) fn readable(call: &Call, id: &ClusterId) -> Result<Record, ApiError> {
     let record = existing(&call.store, id)?;
     if !may_read(&call.caller, &record) {
         return Err(ApiError::NoRole {

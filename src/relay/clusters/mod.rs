@@ -3,12 +3,13 @@
 //! per-cluster keys that make `listClusterUserCredential` hand out Send tokens for one
 //! cluster only.
 //!
-//! `api` routes each method and path to a handler (`handlers`, `report`); `error` is every
+//! `api` routes each method and path to a handler (`handlers`, `report`, `extensions`); `error` is every
 //! refusal and the one place that turns it into ARM's error body.
 
 mod api;
 mod caller;
 mod error;
+mod extensions;
 mod handlers;
 pub mod kv;
 mod path;

@@ -28,6 +28,10 @@ pub enum Target {
     Action(ClusterId, String),
     /// `.../{name}/providers/Microsoft.Authorization/roleAssignments/{assignment}`, lowercase.
     RoleAssignment(ClusterId, String),
+    /// `.../{name}/providers/Microsoft.KubernetesConfiguration/extensions`.
+    Extensions(ClusterId),
+    /// `.../{name}/providers/Microsoft.KubernetesConfiguration/extensions/{extension}`.
+    Extension(ClusterId, String),
 }
 
 /// `None` when the path is not under `/subscriptions/{s}`: not the management API's.
@@ -69,9 +73,22 @@ fn parse_under(parts: &[&str], subscription: String) -> Result<Target, ApiError>
         {
             Ok(Target::RoleAssignment(id, assignment.to_ascii_lowercase()))
         }
+        [p, ns, ext]
+            if eq(p, "providers") && eq(ns, EXTENSION_PROVIDER) && eq(ext, "extensions") =>
+        {
+            Ok(Target::Extensions(id))
+        }
+        [p, ns, ext, name]
+            if eq(p, "providers") && eq(ns, EXTENSION_PROVIDER) && eq(ext, "extensions") =>
+        {
+            crate::arm::check_extension_name(name).map_err(ApiError::ExtensionName)?;
+            Ok(Target::Extension(id, name.to_string()))
+        }
         _ => Err(ApiError::UnknownPath),
     }
 }
+
+const EXTENSION_PROVIDER: &str = "Microsoft.KubernetesConfiguration";
 
 /// `providers/Microsoft.Kubernetes/connectedClusters` at `parts[i..]`.
 fn names_provider(parts: &[&str], i: usize) -> bool {
@@ -126,6 +143,22 @@ mod tests {
         assert!(matches!(
             parse("/subscriptions/s/x"),
             Some(Err(ApiError::UnknownPath))
+        ));
+        assert!(matches!(
+            parse(&format!("{RG}/c/providers/Microsoft.KubernetesConfiguration/extensions/akv")),
+            Some(Ok(Target::Extension(_, e))) if e == "akv"
+        ));
+        assert!(matches!(
+            parse(&format!(
+                "{RG}/c/providers/Microsoft.KubernetesConfiguration/extensions"
+            )),
+            Some(Ok(Target::Extensions(_)))
+        ));
+        assert!(matches!(
+            parse(&format!(
+                "{RG}/c/providers/Microsoft.KubernetesConfiguration/extensions/A_B"
+            )),
+            Some(Err(ApiError::ExtensionName(_)))
         ));
         assert!(matches!(
             parse(&format!("{RG}/c/a/b")),

@@ -95,6 +95,10 @@ pub struct Record {
     pub last_heartbeat: Option<u64>,
     #[serde(default)]
     pub last_report_timestamp: u64,
+    /// The cluster's extension (`Microsoft.KubernetesConfiguration/extensions`); one per
+    /// cluster, as Arc allows for the Key Vault Secrets Provider.
+    #[serde(default)]
+    pub extension: Option<crate::arm::Extension>,
 }
 
 impl std::fmt::Debug for Record {

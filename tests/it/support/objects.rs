@@ -392,7 +392,9 @@ impl Store {
         Ok((updated, false))
     }
 
-    /// DELETE: the object as it was; a namespace takes everything in it along.
+    /// DELETE: the object as it was; a namespace takes everything in it along. An object
+    /// with finalizers is only marked (`deletionTimestamp`) and stays until an update empties
+    /// them, as the apiserver does it.
     pub fn delete(
         &self,
         resource: &'static Resource,
@@ -400,6 +402,24 @@ impl Store {
         name: &str,
     ) -> Result<Value, StoreError> {
         let mut inner = self.lock();
+        let k = key(resource, namespace, name);
+        let finalized = inner.objects.get(&k).is_some_and(|o| {
+            *resource != NAMESPACES
+                && o["metadata"]["finalizers"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty())
+        });
+        if finalized {
+            let mut object = inner.objects.get(&k).cloned().unwrap_or_default();
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!(rfc3339(SystemTime::now()));
+                inner.resource_version += 1;
+                object["metadata"]["resourceVersion"] = json!(inner.resource_version.to_string());
+                inner.objects.insert(k, object.clone());
+                inner.publish("MODIFIED", resource, object.clone());
+            }
+            return Ok(object);
+        }
         let removed = inner
             .remove(&key(resource, namespace, name))
             .ok_or_else(|| StoreError::NotFound(resource, name.to_string()))?;
@@ -683,6 +703,19 @@ impl Inner {
         }
         if let Some(map) = object.as_object_mut() {
             map.retain(|_, v| !v.is_null());
+        }
+        // Being deleted, and the last finalizer is gone: now it goes. A client cannot clear
+        // the deletion mark itself.
+        let deleting = current["metadata"]["deletionTimestamp"].clone();
+        if !deleting.is_null() {
+            object["metadata"]["deletionTimestamp"] = deleting;
+            let finalizers = object["metadata"]["finalizers"].as_array().map(Vec::len);
+            if finalizers.unwrap_or(0) == 0 {
+                self.objects.insert(key.clone(), object);
+                return self
+                    .remove(&key)
+                    .ok_or_else(|| StoreError::NotFound(resource, name.to_string()));
+            }
         }
         self.resource_version += 1;
         object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());

@@ -74,9 +74,39 @@ pub static SERVICES: Resource = Resource {
     ..core("services", "Service", true, &["svc"])
 };
 pub static CONFIG_MAPS: Resource = core("configmaps", "ConfigMap", true, &["cm"]);
+pub static EVENTS: Resource = core("events", "Event", true, &["ev"]);
+pub static DAEMON_SETS: Resource = Resource {
+    categories: &["all"],
+    ..grouped("apps", "daemonsets", "DaemonSet", true, &["ds"])
+};
+pub static LEASES: Resource = grouped("coordination.k8s.io", "leases", "Lease", true, &[]);
+pub static CRDS: Resource = grouped(
+    "apiextensions.k8s.io",
+    "customresourcedefinitions",
+    "CustomResourceDefinition",
+    false,
+    &["crd", "crds"],
+);
+/// Custom resources are served as if their CRDs were installed: the stand-in does not grow
+/// its table at run time. The Secrets Store CSI driver's class and the Key Vault extension's
+/// status objects.
+pub static SECRET_PROVIDER_CLASSES: Resource = grouped(
+    "secrets-store.csi.x-k8s.io",
+    "secretproviderclasses",
+    "SecretProviderClass",
+    true,
+    &[],
+);
+pub static SECRET_SYNC_STATUSES: Resource = grouped(
+    "clusterconnect.io",
+    "secretsyncstatuses",
+    "SecretSyncStatus",
+    true,
+    &["syncstatus"],
+);
 
 /// Everything served, in discovery order.
-pub static ALL: [&Resource; 12] = [
+pub static ALL: [&Resource; 18] = [
     &NAMESPACES,
     &PODS,
     &SERVICES,
@@ -89,10 +119,23 @@ pub static ALL: [&Resource; 12] = [
     &CLUSTER_ROLE_BINDINGS,
     &ROLES,
     &ROLE_BINDINGS,
+    &EVENTS,
+    &DAEMON_SETS,
+    &LEASES,
+    &CRDS,
+    &SECRET_PROVIDER_CLASSES,
+    &SECRET_SYNC_STATUSES,
 ];
 
 /// The API groups besides core, in discovery order.
-pub const GROUPS: [&str; 2] = ["apps", RBAC];
+pub const GROUPS: [&str; 6] = [
+    "apps",
+    RBAC,
+    "coordination.k8s.io",
+    "apiextensions.k8s.io",
+    "secrets-store.csi.x-k8s.io",
+    "clusterconnect.io",
+];
 
 impl Resource {
     /// `v1` or `apps/v1`: an object's `apiVersion`.

@@ -1,0 +1,670 @@
+//! The controller the extension installs: SecretProviderClasses in every namespace into the
+//! Kubernetes Secrets of their `secretObjects`, kept current, removed with their class.
+//!
+//! One replica leads (see [`super::leader`]); only the leader runs kube-rs's runtime
+//! `Controller` over the classes (its watcher lists, watches, and lists again after a 410).
+//! Each reconcile decides from the class's fingerprint (uid, generation, interval annotation)
+//! and the class's next due time whether a pass is needed: a new or changed class, one being
+//! deleted, or a rotation that is due; otherwise it only requeues for the due time.
+//!
+//! Per class: a finalizer is added first, so deleting the class waits until its Secrets are
+//! gone (owner references would need kube-controller-manager's garbage collector). The
+//! service principal of the namespace's `secrets-store-creds` Secret (labelled
+//! `secrets-store.csi.k8s.io/used=true`) signs in when there is one, else the class's identity
+//! or the pod's own. A pass fetches every object before it writes any Secret, so a Secret is
+//! never partial; an object Key Vault fails to return keeps its last good content. Each pass
+//! ends in an Event and the class's `SecretSyncStatus`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::Api;
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::leader::{Elector, LEASE_DURATION, RENEW_EVERY};
+use super::manifests::SPC_GROUP;
+use super::report::{self, ClassRef, Level};
+use super::settings::parse_interval;
+use super::vault::{ServicePrincipal, VaultAccess, CREDENTIALS_SECRET, USED_LABEL};
+use crate::secrets::credential::read_credentials_secret;
+use crate::secrets::sync::{
+    Outcome, Syncer, Targets, CLASS_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL,
+};
+use crate::secrets::ProviderClass;
+use crate::tunnel::http::error_chain;
+
+/// The finalizer that holds a class until its Secrets are removed.
+pub const FINALIZER: &str = "clusterconnect.io/secret-sync";
+/// Per class: its own poll interval (which also turns rotation on for it), since the upstream
+/// driver has only the global one (secrets-store-csi-driver #322).
+pub const INTERVAL_ANNOTATION: &str = "clusterconnect.io/rotation-poll-interval";
+/// A failed pass is retried after this, doubling up to [`MAX_RETRY`], with rotation or not.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+#[derive(Clone)]
+pub struct Config {
+    pub sync: bool,
+    pub rotation: bool,
+    pub interval: Duration,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub vault: VaultAccess,
+}
+
+pub fn provider_class_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(SPC_GROUP, "v1", "SecretProviderClass"),
+        "secretproviderclasses",
+    )
+}
+
+/// Runs until `shutdown`: waits to lead, reconciles while leading, hands the Lease back at the end.
+pub async fn run(client: kube::Client, config: Config, shutdown: CancellationToken) {
+    let elector = Elector::new(
+        client.clone(),
+        &config.lease_namespace,
+        &config.lease_name,
+        &config.identity,
+    );
+    tracing::info!(identity = %config.identity, lease = %config.lease_name, sync = config.sync, rotation = config.rotation, interval_s = config.interval.as_secs(), "controller started; waiting to lead");
+    // Kept across terms as leader: the last good content survives a lost and regained Lease.
+    let reconciler = Arc::new(Reconciler::new(client.clone(), config.clone()));
+    loop {
+        loop {
+            match elector.try_acquire_or_renew().await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %error_chain(&e), "cannot read the leader Lease"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RENEW_EVERY) => {}
+            }
+        }
+        tracing::info!(identity = %config.identity, "leading");
+        let leading = shutdown.child_token();
+        let renewing = tokio::spawn(keep_leading(
+            Elector::new(
+                client.clone(),
+                &config.lease_namespace,
+                &config.lease_name,
+                &config.identity,
+            ),
+            leading.clone(),
+        ));
+        reconciler.clone().run(leading.clone()).await;
+        if !leading.is_cancelled() {
+            // The controller's stream ended by itself: not in a tight loop.
+            tokio::time::sleep(RENEW_EVERY).await;
+        }
+        leading.cancel();
+        let _ = renewing.await;
+        if shutdown.is_cancelled() {
+            elector.release().await;
+            tracing::info!("controller stopped; Lease released");
+            return;
+        }
+        tracing::warn!("lost the leader Lease; stopped reconciling");
+    }
+}
+
+/// Renews the Lease; cancels `leading` once it is lost, or could not be renewed for so long
+/// that another replica may have taken it.
+async fn keep_leading(elector: Elector, leading: CancellationToken) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = leading.cancelled() => return,
+            _ = tokio::time::sleep(RENEW_EVERY) => {}
+        }
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot renew the leader Lease");
+                if renewed.elapsed() + RENEW_EVERY >= LEASE_DURATION {
+                    break;
+                }
+            }
+        }
+    }
+    leading.cancel();
+}
+
+/// What changes of a class call for a pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    uid: String,
+    generation: i64,
+    interval: Option<String>,
+}
+
+struct ClassState {
+    fingerprint: Fingerprint,
+    syncer: Option<Syncer>,
+    /// The credentials Secret's resourceVersion the syncer signs in with (`None`: no Secret).
+    credentials: Option<String>,
+    due: Option<Instant>,
+    failures: u32,
+}
+
+type Key = (String, String);
+
+struct Reconciler {
+    client: kube::Client,
+    config: Config,
+    /// Per class; an entry is taken out while its class is reconciled (the runtime never
+    /// reconciles one object twice at once) and put back after.
+    state: Mutex<HashMap<Key, ClassState>>,
+}
+
+/// Never returned: every failure is reported on the class and retried by requeueing.
+#[derive(Debug, thiserror::Error)]
+#[error("unreachable")]
+pub enum Never {}
+
+fn key_of(o: &DynamicObject) -> Key {
+    (
+        o.metadata.namespace.clone().unwrap_or_default(),
+        o.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn fingerprint(o: &DynamicObject) -> Fingerprint {
+    Fingerprint {
+        uid: o.metadata.uid.clone().unwrap_or_default(),
+        generation: o.metadata.generation.unwrap_or(0),
+        interval: o
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INTERVAL_ANNOTATION))
+            .cloned(),
+    }
+}
+
+fn class_ref(o: &DynamicObject) -> ClassRef {
+    let (namespace, name) = key_of(o);
+    ClassRef {
+        namespace,
+        name,
+        uid: o.metadata.uid.clone().unwrap_or_default(),
+        api_version: o
+            .types
+            .as_ref()
+            .map(|t| t.api_version.clone())
+            .unwrap_or_else(|| format!("{SPC_GROUP}/v1")),
+        resource_version: o.metadata.resource_version.clone().unwrap_or_default(),
+    }
+}
+
+fn has_finalizer(o: &DynamicObject) -> bool {
+    o.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+}
+
+impl Reconciler {
+    fn new(client: kube::Client, config: Config) -> Reconciler {
+        Reconciler {
+            client,
+            config,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<Key, ClassState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The runtime's Controller over every class, until `leading` ends.
+    async fn run(self: Arc<Self>, leading: CancellationToken) {
+        let classes: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &provider_class_resource());
+        let controller = Controller::new_with(
+            classes,
+            watcher::Config::default(),
+            provider_class_resource(),
+        )
+        .run(
+            |class, ctx: Arc<Reconciler>| async move { Ok::<_, Never>(ctx.handle(class).await) },
+            |_, _: &Never, _| Action::requeue(FIRST_RETRY),
+            self,
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %error_chain(&e), "controller");
+            }
+        });
+        tokio::select! {
+            _ = leading.cancelled() => {}
+            _ = controller => {}
+        }
+    }
+
+    async fn handle(&self, class: Arc<DynamicObject>) -> Action {
+        let key = key_of(&class);
+        if class.metadata.deletion_timestamp.is_some() {
+            if has_finalizer(&class) {
+                self.finalize(&class).await;
+            }
+            self.state().remove(&key);
+            return Action::await_change();
+        }
+        let print = fingerprint(&class);
+        let now = Instant::now();
+        let entry = self.state().remove(&key);
+        let mut entry = match entry {
+            Some(e) if e.fingerprint == print && e.due.is_none_or(|d| d > now) => {
+                let action = match e.due {
+                    Some(d) => Action::requeue(d - now),
+                    None => Action::await_change(),
+                };
+                self.state().insert(key, e);
+                return action;
+            }
+            Some(mut e) => {
+                if e.fingerprint != print {
+                    e.syncer = None;
+                    e.fingerprint = print;
+                }
+                e
+            }
+            None => ClassState {
+                fingerprint: print,
+                syncer: None,
+                credentials: None,
+                due: None,
+                failures: 0,
+            },
+        };
+        entry.due = None;
+        self.reconcile(&class, &mut entry).await;
+        let action = match entry.due {
+            Some(d) => Action::requeue(d.saturating_duration_since(Instant::now())),
+            None => Action::await_change(),
+        };
+        self.state().insert(key, entry);
+        action
+    }
+
+    /// The interval of this class: its annotation's, else the global one when rotation is on.
+    fn interval_of(
+        &self,
+        class: &DynamicObject,
+        reference: &ClassRef,
+    ) -> (Option<Duration>, Option<String>) {
+        let annotation = class
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INTERVAL_ANNOTATION));
+        match annotation.map(|v| parse_interval(v)) {
+            Some(Ok(interval)) => (Some(interval), None),
+            Some(Err(e)) => (
+                self.config.rotation.then_some(self.config.interval),
+                Some(format!(
+                    "annotation {INTERVAL_ANNOTATION} of {}: {e}",
+                    reference.name
+                )),
+            ),
+            None => (self.config.rotation.then_some(self.config.interval), None),
+        }
+    }
+
+    async fn reconcile(&self, class: &DynamicObject, entry: &mut ClassState) {
+        let reference = class_ref(class);
+        let parsed = serde_json::to_string(class)
+            .map_err(|e| e.to_string())
+            .and_then(|text| ProviderClass::parse(&text).map_err(|e| error_chain(&e)));
+        let parsed = match parsed {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                // A class for another provider is not ours to touch.
+                if class_provider(class) != Some("azure") {
+                    return;
+                }
+                report::event(
+                    &self.client,
+                    &reference,
+                    Level::Warning,
+                    "InvalidSecretProviderClass",
+                    &message,
+                )
+                .await;
+                report::status(&self.client, &reference, json!({"phase": "Failed", "message": message, "observedGeneration": class.metadata.generation})).await;
+                return;
+            }
+        };
+        if !self.config.sync {
+            report::status(&self.client, &reference, json!({"phase": "SyncDisabled", "message": "the extension runs with secrets-store-csi-driver.syncSecret.enabled=false: secretObjects are not synced", "observedGeneration": class.metadata.generation})).await;
+            return;
+        }
+        if parsed.secret_objects.is_empty() {
+            report::status(&self.client, &reference, json!({"phase": "NothingToSync", "message": "the class has no secretObjects", "observedGeneration": class.metadata.generation})).await;
+            return;
+        }
+        if !has_finalizer(class) && !self.add_finalizer(class, &reference).await {
+            entry.due = Some(Instant::now() + FIRST_RETRY);
+            return;
+        }
+        let (interval, interval_problem) = self.interval_of(class, &reference);
+        if let Some(problem) = interval_problem {
+            report::event(
+                &self.client,
+                &reference,
+                Level::Warning,
+                "InvalidRotationInterval",
+                &problem,
+            )
+            .await;
+        }
+        let outcome = self
+            .pass(&reference, parsed, class.metadata.generation, entry)
+            .await;
+        entry.due = match (outcome, interval) {
+            (true, interval) => {
+                entry.failures = 0;
+                interval.map(|i| Instant::now() + i)
+            }
+            (false, interval) => {
+                entry.failures = entry.failures.saturating_add(1);
+                let backoff = FIRST_RETRY
+                    .saturating_mul(1 << entry.failures.min(6).saturating_sub(1))
+                    .min(MAX_RETRY);
+                let wait = interval.map_or(backoff, |i| i.min(backoff));
+                Some(Instant::now() + wait)
+            }
+        };
+    }
+
+    /// Reads the namespace's credentials Secret: the service principal, and its version.
+    async fn credentials(
+        &self,
+        reference: &ClassRef,
+    ) -> Result<Option<(ServicePrincipal, String)>, String> {
+        let api: Api<KubeSecret> = Api::namespaced(self.client.clone(), &reference.namespace);
+        let secret = match api.get_opt(CREDENTIALS_SECRET).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                return Err(format!(
+                    "cannot read Secret {}/{CREDENTIALS_SECRET}: {}",
+                    reference.namespace,
+                    error_chain(&e)
+                ))
+            }
+        };
+        let used = secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(USED_LABEL))
+            .is_some_and(|v| v == "true");
+        if !used {
+            report::event(&self.client, reference, Level::Warning, "CredentialsSecretNotLabelled", &format!("Secret {CREDENTIALS_SECRET} is ignored: label it {USED_LABEL}=true (kubectl label secret {CREDENTIALS_SECRET} {USED_LABEL}=true -n {})", reference.namespace)).await;
+            return Ok(None);
+        }
+        let (client_id, client_secret) =
+            read_credentials_secret(&api, &reference.namespace, CREDENTIALS_SECRET)
+                .await
+                .map_err(|e| error_chain(&e))?;
+        let version = secret.metadata.resource_version.unwrap_or_default();
+        Ok(Some((
+            ServicePrincipal {
+                client_id,
+                client_secret,
+            },
+            version,
+        )))
+    }
+
+    /// One pass over the class; reports what it did. `true` when it succeeded.
+    async fn pass(
+        &self,
+        reference: &ClassRef,
+        class: ProviderClass,
+        generation: Option<i64>,
+        entry: &mut ClassState,
+    ) -> bool {
+        let credentials = match self.credentials(reference).await {
+            Ok(c) => c,
+            Err(message) => return self.fail(reference, generation, message).await,
+        };
+        let version = credentials.as_ref().map(|(_, v)| v.clone());
+        let rebuild = entry.syncer.is_none() || entry.credentials != version;
+        if rebuild {
+            let client = match self
+                .config
+                .vault
+                .client(&class, credentials.as_ref().map(|(p, _)| p))
+            {
+                Ok(client) => client,
+                Err(e) => return self.fail(reference, generation, error_chain(&e)).await,
+            };
+            let secrets: Api<KubeSecret> =
+                Api::namespaced(self.client.clone(), &reference.namespace);
+            entry.syncer = Some(Syncer::new(
+                client,
+                class,
+                Targets {
+                    mount_dir: None,
+                    secrets: Some((secrets, reference.namespace.clone())),
+                },
+            ));
+            entry.credentials = version;
+        }
+        let Some(syncer) = entry.syncer.as_mut() else {
+            return false;
+        };
+        let result = syncer.pass().await;
+        let versions = syncer.versions();
+        match result {
+            Ok(report) => {
+                let changed: Vec<String> = report
+                    .secrets
+                    .iter()
+                    .filter(|(_, o)| *o != Outcome::Unchanged)
+                    .map(|(name, o)| {
+                        format!(
+                            "{name} {}",
+                            match o {
+                                Outcome::Created => "created",
+                                _ => "updated",
+                            }
+                        )
+                    })
+                    .collect();
+                if !changed.is_empty() {
+                    let reason = if report.rotated.is_empty() {
+                        "SecretSynced"
+                    } else {
+                        "SecretRotated"
+                    };
+                    let rotated: Vec<String> = report
+                        .rotated
+                        .iter()
+                        .map(|(n, v)| format!("{n} to version {v}"))
+                        .collect();
+                    let mut message = format!("Secret {}", changed.join(", "));
+                    if !rotated.is_empty() {
+                        message.push_str(&format!(" (rotated {})", rotated.join(", ")));
+                    }
+                    report::event(&self.client, reference, Level::Normal, reason, &message).await;
+                }
+                let mut phase = "Synced";
+                let mut message =
+                    format!("{} Secret(s) in sync with Key Vault", report.secrets.len());
+                if !report.kept.is_empty() {
+                    phase = "Degraded";
+                    message = format!(
+                        "Key Vault did not return {}; their last good content is kept",
+                        report.kept.join(", ")
+                    );
+                    report::event(
+                        &self.client,
+                        reference,
+                        Level::Warning,
+                        "KeptLastGoodContent",
+                        &message,
+                    )
+                    .await;
+                }
+                let objects: Vec<_> = versions
+                    .iter()
+                    .map(|(n, v)| json!({"name": n, "version": v}))
+                    .collect();
+                let secrets: Vec<_> = report.secrets.iter().map(|(n, _)| json!(n)).collect();
+                report::status(
+                    &self.client,
+                    reference,
+                    json!({
+                        "phase": phase,
+                        "message": message,
+                        "observedGeneration": generation,
+                        "lastSyncTime": report::now_rfc3339(),
+                        "objects": objects,
+                        "secrets": secrets,
+                    }),
+                )
+                .await;
+                phase == "Synced"
+            }
+            Err(e) => {
+                let message = error_chain(&e);
+                tracing::warn!(class = %reference.name, namespace = %reference.namespace, error = %message, "sync failed");
+                self.fail(reference, generation, message).await
+            }
+        }
+    }
+
+    async fn fail(&self, reference: &ClassRef, generation: Option<i64>, message: String) -> bool {
+        report::event(
+            &self.client,
+            reference,
+            Level::Warning,
+            "SyncFailed",
+            &message,
+        )
+        .await;
+        report::status(
+            &self.client,
+            reference,
+            json!({"phase": "Failed", "message": message, "observedGeneration": generation}),
+        )
+        .await;
+        false
+    }
+
+    async fn add_finalizer(&self, class: &DynamicObject, reference: &ClassRef) -> bool {
+        let mut finalizers = class.metadata.finalizers.clone().unwrap_or_default();
+        finalizers.push(FINALIZER.to_string());
+        self.set_finalizers(reference, finalizers).await
+    }
+
+    async fn set_finalizers(&self, reference: &ClassRef, finalizers: Vec<String>) -> bool {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &reference.namespace,
+            &provider_class_resource(),
+        );
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": reference.resource_version}});
+        match api
+            .patch(
+                &reference.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(class = %reference.name, namespace = %reference.namespace, error = %error_chain(&e), "cannot update the class's finalizers");
+                false
+            }
+        }
+    }
+
+    /// The class is being deleted: remove its Secrets (only those this controller wrote for
+    /// it) and its status, then let it go.
+    async fn finalize(&self, class: &DynamicObject) {
+        let reference = class_ref(class);
+        let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &reference.namespace);
+        let names: Vec<String> = serde_json::to_string(class)
+            .ok()
+            .and_then(|text| ProviderClass::parse(&text).ok())
+            .map(|c| {
+                c.secret_objects
+                    .into_iter()
+                    .map(|o| o.secret_name)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut removed = Vec::new();
+        for name in names {
+            let ours = match secrets.get_opt(&name).await {
+                Ok(Some(secret)) => {
+                    let labels = secret.metadata.labels.unwrap_or_default();
+                    let annotations = secret.metadata.annotations.unwrap_or_default();
+                    labels
+                        .get(MANAGED_BY_LABEL)
+                        .is_some_and(|v| v == MANAGED_BY)
+                        && annotations.get(CLASS_ANNOTATION) == Some(&reference.name)
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(secret = %name, error = %error_chain(&e), "cannot read a synced Secret; the class stays until it can be removed");
+                    return;
+                }
+            };
+            if !ours {
+                continue;
+            }
+            match secrets.delete(&name, &Default::default()).await {
+                Ok(_) => removed.push(name),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(secret = %name, error = %error_chain(&e), "cannot remove a synced Secret; the class stays until it can be removed");
+                    return;
+                }
+            }
+        }
+        report::remove_status(&self.client, &reference.namespace, &reference.name).await;
+        let rest: Vec<String> = class
+            .metadata
+            .finalizers
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f != FINALIZER)
+            .collect();
+        if self.set_finalizers(&reference, rest).await {
+            tracing::info!(class = %reference.name, namespace = %reference.namespace, removed = removed.len(), "class deleted; its Secrets removed");
+            if !removed.is_empty() {
+                report::event(
+                    &self.client,
+                    &reference,
+                    Level::Normal,
+                    "SecretsRemoved",
+                    &format!("Secret {} removed with the class", removed.join(", ")),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+fn class_provider(class: &DynamicObject) -> Option<&str> {
+    class.data.get("spec")?.get("provider")?.as_str()
+}

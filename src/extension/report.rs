@@ -1,0 +1,142 @@
+//! What the controller tells the user about each class: Kubernetes Events on the class
+//! (`kubectl describe secretproviderclass`, `kubectl get events`) and a `SecretSyncStatus` of
+//! the same name and namespace (`kubectl get secretsyncstatuses -o yaml`), since the upstream
+//! class has no status of its own a real apiserver would keep. Neither ever holds a value:
+//! object names, versions and Secret names only.
+
+use std::time::SystemTime;
+
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::Api;
+use serde_json::{json, Value};
+
+use super::manifests::{managed_labels, STATUS_GROUP, STATUS_KIND, STATUS_PLURAL};
+use crate::tunnel::http::error_chain;
+
+pub const COMPONENT: &str = "clusterconnect-akv-controller";
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::from(SystemTime::now())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+pub fn status_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(STATUS_GROUP, "v1", STATUS_KIND),
+        STATUS_PLURAL,
+    )
+}
+
+/// The class an event or status is about.
+#[derive(Clone, Debug)]
+pub struct ClassRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub api_version: String,
+    pub resource_version: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Normal,
+    Warning,
+}
+
+/// Records an Event on the class; failures are logged, never fatal.
+pub async fn event(
+    client: &kube::Client,
+    class: &ClassRef,
+    level: Level,
+    reason: &str,
+    message: &str,
+) {
+    let api: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client.clone(), &class.namespace);
+    let now = now_rfc3339();
+    let kind = match level {
+        Level::Normal => "Normal",
+        Level::Warning => "Warning",
+    };
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let event = json!({
+        "metadata": {"name": format!("{}.{}", class.name, &suffix[..16]), "namespace": class.namespace},
+        "involvedObject": {
+            "apiVersion": class.api_version, "kind": "SecretProviderClass",
+            "name": class.name, "namespace": class.namespace, "uid": class.uid,
+            "resourceVersion": class.resource_version,
+        },
+        "reason": reason,
+        "message": crate::secret::clip(message, 1000),
+        "type": kind,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": std::env::var("POD_NAME").unwrap_or_default(),
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    });
+    let Ok(event) = serde_json::from_value(event) else {
+        return;
+    };
+    if let Err(e) = api.create(&PostParams::default(), &event).await {
+        tracing::warn!(class = %class.name, namespace = %class.namespace, reason, error = %error_chain(&e), "cannot record an Event");
+    }
+}
+
+/// Writes the class's status object (creating it on first use); failures are logged.
+pub async fn status(client: &kube::Client, class: &ClassRef, status: Value) {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &class.namespace, &status_resource());
+    let mut object = json!({
+        "apiVersion": format!("{STATUS_GROUP}/v1"), "kind": STATUS_KIND,
+        "metadata": {
+            "name": class.name, "namespace": class.namespace,
+            "labels": managed_labels(),
+            "ownerReferences": [{
+                "apiVersion": class.api_version, "kind": "SecretProviderClass",
+                "name": class.name, "uid": class.uid,
+            }],
+        },
+        "status": status,
+    });
+    let result = match api.get_opt(&class.name).await {
+        Ok(Some(existing)) => {
+            if serde_json::to_value(&existing)
+                .ok()
+                .map(|v| v["status"].clone())
+                == Some(object["status"].clone())
+            {
+                return;
+            }
+            object["metadata"]["resourceVersion"] = json!(existing.metadata.resource_version);
+            match serde_json::from_value::<DynamicObject>(object) {
+                Ok(o) => api
+                    .replace(&class.name, &PostParams::default(), &o)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(kube::Error::SerdeError(e)),
+            }
+        }
+        Ok(None) => match serde_json::from_value::<DynamicObject>(object) {
+            Ok(o) => api.create(&PostParams::default(), &o).await.map(|_| ()),
+            Err(e) => Err(kube::Error::SerdeError(e)),
+        },
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(class = %class.name, namespace = %class.namespace, error = %error_chain(&e), "cannot write the SecretSyncStatus");
+    }
+}
+
+/// Removes the class's status object with the class.
+pub async fn remove_status(client: &kube::Client, namespace: &str, name: &str) {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &status_resource());
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => {
+            tracing::warn!(class = %name, namespace, error = %error_chain(&e), "cannot remove the SecretSyncStatus")
+        }
+    }
+}
