@@ -106,7 +106,9 @@ async fn listener(relay: &RelayAddress, tls: Arc<rustls::ClientConfig>) {
     };
     let token = key.mint(&relay.resource_uri(CONNECTION), Duration::from_secs(3600));
     let url = relay.url(CONNECTION, Action::Listen, "bench-listener");
-    let (mut ws, _) = dial_answered(&url, Some(&token), &tls).await.expect("listen");
+    let (mut ws, _) = dial_answered(&url, Some(&token), &tls)
+        .await
+        .expect("listen");
     tokio::spawn(async move {
         while let Some(Ok(msg)) = ws.next().await {
             let Message::Text(text) = msg else { continue };
@@ -175,7 +177,10 @@ async fn run(rounds: usize) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start nats-server");
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ca = CertificateAuthority::generate("bench CA").unwrap();
@@ -190,7 +195,9 @@ async fn run(rounds: usize) {
     let shutdown = CancellationToken::new();
     let (a, a_stats) = replica(port, server_tls.clone(), &shutdown).await;
     let (b, b_stats) = replica(port, server_tls, &shutdown).await;
-    let at = |addr: SocketAddr| RelayAddress::parse(&format!("wss://localhost:{}", addr.port())).unwrap();
+    let at = |addr: SocketAddr| {
+        RelayAddress::parse(&format!("wss://localhost:{}", addr.port())).unwrap()
+    };
     let (a, b) = (at(a), at(b));
     // Replica A knows B once it has heard B's heartbeat; the listener connects after.
     tokio::time::sleep(Duration::from_secs(3)).await;

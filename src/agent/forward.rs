@@ -19,12 +19,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::audit::{self, AuditLog, Entry, Identity, Who};
+use super::h2_pool::Sent;
 use super::identity::{Authenticator, Caller};
 use super::upstream::Upstream;
 use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use crate::tunnel::http::{
-    error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
-    strip_hop_by_hop, Body, Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
+    error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
+    BoxError, Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
 };
 use crate::tunnel::request_id;
 
@@ -81,7 +82,17 @@ where
     let parent = tracing::Span::current();
     let service = {
         let served = served.clone();
-        service_fn(move |req| forward(req, served.clone(), rendezvous.clone(), parent.clone()))
+        // Boxed: hyper keeps each stream's task (sized for this future) for as long as the
+        // response streams, and a watch streams for hours; boxed, the future is freed once
+        // the response is handed over and the task stays small.
+        service_fn(move |req| {
+            Box::pin(forward(
+                req,
+                served.clone(),
+                rendezvous.clone(),
+                parent.clone(),
+            ))
+        })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -243,33 +254,48 @@ async fn forward_audited(
                             entry.session_end(bytes.up, bytes.down);
                         }
                     });
-                    return resp.map(|b| b.boxed_unsync());
+                    return resp.map(|b| b.map_err(BoxError::from).boxed_unsync());
                 }
-                respond(entry, resp.map(|b| b.boxed_unsync()))
+                respond(
+                    entry,
+                    resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                )
             }
             Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
         };
     }
 
-    // Long-lived streams get HTTP/1.1 connections of their own. On the shared HTTP/2
-    // connection they would use up the apiserver's streams per connection (100 on current
-    // kube-apiservers); hyper's pool opens no second connection, so every request after them
-    // would wait forever.
-    let client = if is_long_lived(&pq) {
-        &upstream.streams
-    } else {
-        &upstream.client
+    // Requests and watches share the pooled HTTP/2 connections, as many on each as the
+    // apiserver allows; an apiserver without HTTP/2 gets HTTP/1.1, a connection per request
+    // in flight.
+    let sent = match &upstream.h2 {
+        Some(pool) => match pool.send(req).await {
+            Ok(Sent::Response(resp)) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+            Ok(Sent::Http1(req)) => http1(upstream, req).await,
+            Err(e) => Err(BoxError::from(e)),
+        },
+        None => http1(upstream, req).await,
     };
-    match client.request(req).await {
+    match sent {
         Ok(resp) => {
             tracing::debug!(
                 status = resp.status().as_u16(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "forwarded"
             );
-            respond(entry, resp.map(|b| b.boxed_unsync()))
+            respond(entry, resp)
         }
-        Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
+        Err(e) => respond(entry, unreachable_apiserver(upstream, &*e)),
+    }
+}
+
+async fn http1(
+    upstream: &Upstream,
+    req: Request<Counted<Incoming>>,
+) -> Result<Response<Body>, BoxError> {
+    match upstream.streams.request(req).await {
+        Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -291,10 +317,7 @@ fn refusal_reason(status: StatusCode) -> &'static str {
     }
 }
 
-fn unreachable_apiserver(
-    upstream: &Upstream,
-    e: &hyper_util::client::legacy::Error,
-) -> Response<Body> {
+fn unreachable_apiserver(upstream: &Upstream, e: &dyn std::error::Error) -> Response<Body> {
     let detail = error_chain(e);
     tracing::warn!(apiserver = upstream.base(), error = %detail, "apiserver request failed");
     gateway_error(&format!(

@@ -21,7 +21,7 @@ use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
     error_chain, full, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
-    strip_hop_by_hop, Body,
+    strip_hop_by_hop, Body, BoxError,
 };
 use crate::tunnel::request_id;
 use tracing::Instrument;
@@ -246,9 +246,11 @@ async fn answer(
     // hours), so the pool sees which connections are full.
     let slot = parts.extensions.remove::<StreamSlot>();
     let body = if streaming {
-        holding(EndCleanly::new(body), slot).boxed_unsync()
+        holding(EndCleanly::new(body), slot)
+            .map_err(BoxError::from)
+            .boxed_unsync()
     } else {
-        holding(body, slot).boxed_unsync()
+        holding(body, slot).map_err(BoxError::from).boxed_unsync()
     };
     Response::from_parts(parts, body)
 }
