@@ -178,7 +178,10 @@ async fn forward_audited(
     let presented = entry
         .as_ref()
         .map(|_| served.auth.credential(req.headers()));
-    let caller = match served.auth.authorize(req.headers_mut(), upstream).await {
+    // Boxed, as are the other paths that are large or rare below (Entra validation, upgrades,
+    // HTTP/1.1): this future is alive for every request in flight, and what a burst of them
+    // held stays resident after it (freed heap the allocator keeps).
+    let caller = match Box::pin(served.auth.authorize(req.headers_mut(), upstream)).await {
         Ok(caller) => caller,
         Err(refused) => {
             tracing::debug!(status = refused.status().as_u16(), "refused by the agent");
@@ -234,35 +237,7 @@ async fn forward_audited(
     });
 
     if let Some(downstream) = downstream {
-        return match upstream.upgrades.request(req).await {
-            Ok(mut resp) => {
-                tracing::debug!(status = resp.status().as_u16(), "upgrade forwarded");
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    let upstream_side = hyper::upgrade::on(&mut resp);
-                    if let Some(entry) = entry.as_mut() {
-                        entry.session_start();
-                    }
-                    let session = session_kind(&pq).map(|kind| served.metrics.session(kind));
-                    let hard_stop = served.hard_stop.clone();
-                    served.sessions.spawn(async move {
-                        let spliced = tokio::select! {
-                            bytes = splice_upgraded(downstream, upstream_side, session) => Some(bytes),
-                            // Past the drain period: closed, its end line written on drop.
-                            _ = hard_stop.cancelled() => None,
-                        };
-                        if let (Some(entry), Some(bytes)) = (entry, spliced) {
-                            entry.session_end(bytes.up, bytes.down);
-                        }
-                    });
-                    return resp.map(|b| b.map_err(BoxError::from).boxed_unsync());
-                }
-                respond(
-                    entry,
-                    resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
-                )
-            }
-            Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
-        };
+        return Box::pin(forward_upgrade(req, downstream, served, entry, &pq)).await;
     }
 
     // Requests and watches share the pooled HTTP/2 connections, as many on each as the
@@ -271,10 +246,10 @@ async fn forward_audited(
     let sent = match &upstream.h2 {
         Some(pool) => match pool.send(req).await {
             Ok(Sent::Response(resp)) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
-            Ok(Sent::Http1(req)) => http1(upstream, req).await,
+            Ok(Sent::Http1(req)) => Box::pin(http1(upstream, req)).await,
             Err(e) => Err(BoxError::from(e)),
         },
-        None => http1(upstream, req).await,
+        None => Box::pin(http1(upstream, req)).await,
     };
     match sent {
         Ok(resp) => {
@@ -286,6 +261,47 @@ async fn forward_audited(
             respond(entry, resp)
         }
         Err(e) => respond(entry, unreachable_apiserver(upstream, &*e)),
+    }
+}
+
+/// An upgrade (exec, attach, port-forward): answered by the apiserver over an HTTP/1.1
+/// connection of its own, then spliced byte for byte.
+async fn forward_upgrade(
+    req: Request<Counted<Incoming>>,
+    downstream: hyper::upgrade::OnUpgrade,
+    served: &Served,
+    mut entry: Option<Entry>,
+    pq: &str,
+) -> Response<Body> {
+    let upstream = &served.upstream;
+    match upstream.upgrades.request(req).await {
+        Ok(mut resp) => {
+            tracing::debug!(status = resp.status().as_u16(), "upgrade forwarded");
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                if let Some(entry) = entry.as_mut() {
+                    entry.session_start();
+                }
+                let session = session_kind(pq).map(|kind| served.metrics.session(kind));
+                let hard_stop = served.hard_stop.clone();
+                served.sessions.spawn(async move {
+                    let spliced = tokio::select! {
+                        bytes = splice_upgraded(downstream, upstream_side, session) => Some(bytes),
+                        // Past the drain period: closed, its end line written on drop.
+                        _ = hard_stop.cancelled() => None,
+                    };
+                    if let (Some(entry), Some(bytes)) = (entry, spliced) {
+                        entry.session_end(bytes.up, bytes.down);
+                    }
+                });
+                return resp.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            }
+            respond(
+                entry,
+                resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            )
+        }
+        Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
     }
 }
 

@@ -173,7 +173,9 @@ impl H2Pool {
                 slot.open.fetch_or(CLOSING, Ordering::AcqRel);
                 continue;
             }
-            match self.open().await? {
+            // Boxed: rare, and large (TCP, TLS and HTTP/2 handshakes); inline, every
+            // request's future would be its size.
+            match Box::pin(self.open()).await? {
                 Opened::Yes | Opened::Raced => continue,
                 Opened::Http1 => return Ok(Sent::Http1(req)),
                 Opened::Full => {}

@@ -66,7 +66,9 @@ impl Route {
             *req.version_mut() = Version::HTTP_11;
             req.headers_mut()
                 .insert(header::HOST, HeaderValue::from_static("clusterconnect"));
-            return Ok(self.pool.send_upgrade(req).await?);
+            // Boxed: a dial of its own makes this path large, and inline every request's
+            // future would be its size.
+            return Ok(Box::pin(self.pool.send_upgrade(req)).await?);
         }
         // HTTP/2 needs an absolute URI for :scheme and :authority; the agent replaces both.
         let pq = req
@@ -235,7 +237,7 @@ async fn answer(
         }
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
-        let mut refused = route.report_refusal(resp).await;
+        let mut refused = Box::pin(route.report_refusal(resp)).await;
         *refused.version_mut() = Version::HTTP_11;
         return refused;
     }
@@ -356,8 +358,7 @@ impl Handler {
         let verb = kube_verb(&method, &rest);
         let started = Instant::now();
 
-        // Boxed: the dial path makes this future ~11 KB, and hyper keeps each stream's request
-        // future alive as long as its response streams; a watch would hold that for hours.
+        // Boxed: alive only until the answer's headers are in, not while its body streams.
         let sent = Box::pin(route.send(req).instrument(span.clone())).await;
         let resp = match sent {
             Ok(resp) => {
