@@ -9,10 +9,11 @@
 //! - throughput of one 256 MiB streamed response from a bench-local bulk server, and its CPU
 //!   cost per GiB;
 //! - resident memory of relay, agent and proxy (separate processes, the real binary) idle and
-//!   with watches multiplexed over one HTTP/2 connection to the proxy: 90 opened one after
-//!   another, 90 more at once (together below every stream limit on the way), then the rest
-//!   up to 1,000 at once; after each stage a list GET on a new connection shows whether the
-//!   tunnel still answers;
+//!   with watches multiplexed over HTTP/2 connections to the proxy (1,000 each, as many
+//!   kubectl processes would hold): 90 opened one after another, 90 more at once (together
+//!   below every stream limit on the way), then the rest up to 10,000 at once
+//!   (`BENCH_WATCHES` sets another total); after each stage a list GET on a new connection
+//!   shows whether the tunnel still answers. The limits the run is under are printed with it;
 //! - the relay alone (the real binary): 5,000 authenticated idle listeners (200 hybrid
 //!   connections of 25, Azure Relay's per-connection quota), their memory each; then 5,000
 //!   tunnels opened through them (Azure Relay's per-namespace figure), the accept latency of
@@ -44,8 +45,8 @@ const CPU_SAMPLES: usize = 500;
 /// One streamed response of this size per throughput run.
 const BULK_BYTES: u64 = 256 * 1024 * 1024;
 const BULK_RUNS: usize = 3;
-/// Watches the memory phase opens in the end.
-const WATCHES: usize = 1_000;
+/// Watches the memory phase opens in the end (`BENCH_WATCHES` overrides).
+const WATCHES: usize = 10_000;
 /// Watches opened one after another first, then as many again at once: together fewer than
 /// any per-connection stream limit on the way (the stand-in apiserver, like hyper's server
 /// default, allows 200 streams per connection), so every one of them really opens. Then the
@@ -55,10 +56,12 @@ const FIRST_WATCHES: usize = 90;
 /// What the tunnel should achieve; printed next to the figures, never asserted.
 const TARGET_P50_RATIO: f64 = 1.5;
 const TARGET_THROUGHPUT_SHARE: f64 = 0.70;
-const TARGET_KIB_PER_WATCH: f64 = 16.0;
+const TARGET_KIB_PER_WATCH: f64 = 8.0;
 
 /// The whole bench must end; a stuck phase fails it instead of hanging CI or a terminal.
 const PHASE_LIMIT: Duration = Duration::from_secs(120);
+/// The memory phase opens thousands of watches through three processes on a small machine.
+const MEMORY_PHASE_LIMIT: Duration = Duration::from_secs(600);
 
 /// Which phases to run: all by default, or those named on the command line.
 struct Phases {
@@ -126,11 +129,19 @@ fn json_path() -> PathBuf {
 }
 
 async fn phase<T>(name: &str, f: impl std::future::Future<Output = T>) -> T {
+    phase_within(PHASE_LIMIT, name, f).await
+}
+
+async fn phase_within<T>(
+    limit: Duration,
+    name: &str,
+    f: impl std::future::Future<Output = T>,
+) -> T {
     eprintln!("[bench] {name}...");
     let t = Instant::now();
-    let out = tokio::time::timeout(PHASE_LIMIT, f)
+    let out = tokio::time::timeout(limit, f)
         .await
-        .unwrap_or_else(|_| panic!("phase '{name}' did not finish within {PHASE_LIMIT:?}"));
+        .unwrap_or_else(|_| panic!("phase '{name}' did not finish within {limit:?}"));
     eprintln!("[bench] {name}: {:.1} s", t.elapsed().as_secs_f64());
     out
 }
@@ -310,10 +321,16 @@ async fn run(phases: &Phases) -> Report {
     }
 
     if phases.memory {
+        let watches = std::env::var("BENCH_WATCHES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 2 * FIRST_WATCHES)
+            .unwrap_or(WATCHES);
         report.memory = Some(
-            phase(
-                "memory: relay, agent, proxy processes with watches",
-                async { rss::measure(FIRST_WATCHES, WATCHES).await },
+            phase_within(
+                MEMORY_PHASE_LIMIT,
+                &format!("memory: relay, agent, proxy processes with {watches} watches"),
+                async { rss::measure(FIRST_WATCHES, watches).await },
             )
             .await,
         );
@@ -1143,7 +1160,7 @@ mod rss {
     const WATCH: &str = "/api/v1/namespaces/default/pods?watch=true";
     const LIST: &str = "/api/v1/namespaces/default/pods";
     /// How long the watches of one stage may take to reach the apiserver at most...
-    const OPEN_LIMIT: Duration = Duration::from_secs(30);
+    const OPEN_LIMIT: Duration = Duration::from_secs(120);
     /// ...and how long without any new one counts as stalled.
     const STALL: Duration = Duration::from_secs(3);
     /// Pause before each reading, so allocator and buffers settle.
@@ -1175,6 +1192,54 @@ mod rss {
     pub struct MemoryFigures {
         pub stages: Vec<Stage>,
         pub processes: Vec<ProcessFigures>,
+        /// The limits the run was under: what each one is, and its value.
+        pub limits: Vec<(&'static str, String)>,
+    }
+
+    /// Watches per client connection to the proxy: under the proxy's streams per kubectl
+    /// connection (H2_MAX_STREAMS, 1,024), as kubectl processes would each hold theirs.
+    const WATCHES_PER_CLIENT: usize = 1_000;
+
+    /// The limits on the way, as the processes run with their defaults.
+    fn limits(total: usize) -> Vec<(&'static str, String)> {
+        use clusterconnect::tunnel::http::H2_MAX_STREAMS;
+        let clients = total.div_ceil(WATCHES_PER_CLIENT);
+        let tunnels = total.div_ceil(clusterconnect::proxy::STREAMS_PER_CONNECTION);
+        let open_files = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_string())
+            })
+            .unwrap_or_else(|| "?".into());
+        vec![
+            (
+                "client HTTP/2 connections to the proxy (watches each)",
+                format!("{clients} ({WATCHES_PER_CLIENT})"),
+            ),
+            (
+                "proxy: streams per kubectl connection (H2_MAX_STREAMS)",
+                H2_MAX_STREAMS.to_string(),
+            ),
+            (
+                "proxy --streams-per-connection, --max-connections (tunnel connections needed)",
+                format!(
+                    "{}, {} ({tunnels})",
+                    clusterconnect::proxy::STREAMS_PER_CONNECTION,
+                    clusterconnect::proxy::MAX_CONNECTIONS
+                ),
+            ),
+            (
+                "agent --streams-per-connection, --max-streams",
+                format!("{H2_MAX_STREAMS}, {}", clusterconnect::agent::MAX_STREAMS),
+            ),
+            (
+                "stand-in apiserver: streams per HTTP/2 connection (hyper's default)",
+                "200".into(),
+            ),
+            ("open files per process (soft limit)", open_files),
+        ]
     }
 
     impl ProcessFigures {
@@ -1205,9 +1270,12 @@ mod rss {
         pub fn print(&self, target: f64) {
             println!();
             println!(
-                "memory: RSS of the relay, agent and proxy processes, watches over one client h2 \
-                 connection (target < {target:.0} KiB per open watch)"
+                "memory: RSS of the relay, agent and proxy processes, watches over client h2 \
+                 connections (target < {target:.0} KiB per open watch)"
             );
+            for (what, value) in &self.limits {
+                println!("  limit: {what}: {value}");
+            }
             let mut before = 0;
             for (i, s) in self.stages.iter().enumerate() {
                 println!(
@@ -1274,6 +1342,7 @@ mod rss {
         pub fn json(&self, target: f64) -> serde_json::Value {
             json!({
                 "target_kib_per_watch_max": target,
+                "limits": self.limits.iter().map(|(what, value)| json!({"limit": what, "value": value})).collect::<Vec<_>>(),
                 "stages": self.stages.iter().map(|s| json!({
                     "requested": s.requested,
                     "paced": s.paced,
@@ -1422,9 +1491,10 @@ mod rss {
         tokio::time::sleep(SETTLE).await;
         let idle = read();
 
-        // Every watch on the one client connection; each task drains its stream as kubectl
-        // would (the initial ADDED events, then nothing while the watch stays open).
+        // WATCHES_PER_CLIENT watches on each client connection; each task drains its stream as
+        // kubectl would (the initial ADDED events, then nothing while the watch stays open).
         let answered = Arc::new(AtomicUsize::new(0));
+        let mut senders = vec![sender];
         let mut tasks = JoinSet::new();
         let mut stages = Vec::new();
         let mut readings = Vec::new();
@@ -1435,7 +1505,10 @@ mod rss {
             // its informers), and, past the stream limits, whether the tunnel still answers.
             let mut pacing = paced;
             while tasks.len() < want {
-                let mut sender = sender.clone();
+                if tasks.len() / WATCHES_PER_CLIENT >= senders.len() {
+                    senders.push(h2_connection(&target).await);
+                }
+                let mut sender = senders[tasks.len() / WATCHES_PER_CLIENT].clone();
                 let req = request(&target, WATCH);
                 let answered = answered.clone();
                 let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -1473,7 +1546,7 @@ mod rss {
             });
         }
         tasks.abort_all();
-        drop(sender);
+        drop(senders);
 
         let processes = processes
             .iter()
@@ -1485,7 +1558,11 @@ mod rss {
             })
             .collect();
         // The child processes are killed as they drop; the apiserver's tasks end with it.
-        MemoryFigures { stages, processes }
+        MemoryFigures {
+            stages,
+            processes,
+            limits: limits(total),
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::token_review::{Reviewed, TokenReviews};
 use super::upstream::Upstream;
 use crate::auth::CredentialSource;
-use crate::tunnel::http::{go_parse_bool, Body, Counted};
+use crate::tunnel::http::{go_parse_bool, Body, BoxError, Counted};
 
 /// Lines waiting for the writer. At a few hundred bytes each, 8192 is a few MiB at most, and
 /// seconds of a busy cluster's requests: enough to ride out a slow disk.
@@ -504,12 +504,12 @@ struct Audited {
 
 impl HttpBody for Audited {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {

@@ -19,12 +19,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::audit::{self, AuditLog, Entry, Identity, Who};
+use super::h2_pool::Sent;
 use super::identity::{Authenticator, Caller};
 use super::upstream::Upstream;
 use crate::metrics::{kube_verb, session_kind, AgentMetrics};
 use crate::tunnel::http::{
-    error_chain, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
-    strip_hop_by_hop, Body, Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
+    error_chain, gateway_error, is_upgrade, splice_upgraded, status, strip_hop_by_hop, Body,
+    BoxError, Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
 };
 use crate::tunnel::request_id;
 
@@ -81,7 +82,17 @@ where
     let parent = tracing::Span::current();
     let service = {
         let served = served.clone();
-        service_fn(move |req| forward(req, served.clone(), rendezvous.clone(), parent.clone()))
+        // Boxed: hyper keeps each stream's task (sized for this future) for as long as the
+        // response streams, and a watch streams for hours; boxed, the future is freed once
+        // the response is handed over and the task stays small.
+        service_fn(move |req| {
+            Box::pin(forward(
+                req,
+                served.clone(),
+                rendezvous.clone(),
+                parent.clone(),
+            ))
+        })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -167,7 +178,10 @@ async fn forward_audited(
     let presented = entry
         .as_ref()
         .map(|_| served.auth.credential(req.headers()));
-    let caller = match served.auth.authorize(req.headers_mut(), upstream).await {
+    // Boxed, as are the other paths that are large or rare below (Entra validation, upgrades,
+    // HTTP/1.1): this future is alive for every request in flight, and what a burst of them
+    // held stays resident after it (freed heap the allocator keeps).
+    let caller = match Box::pin(served.auth.authorize(req.headers_mut(), upstream)).await {
         Ok(caller) => caller,
         Err(refused) => {
             tracing::debug!(status = refused.status().as_u16(), "refused by the agent");
@@ -223,53 +237,81 @@ async fn forward_audited(
     });
 
     if let Some(downstream) = downstream {
-        return match upstream.upgrades.request(req).await {
-            Ok(mut resp) => {
-                tracing::debug!(status = resp.status().as_u16(), "upgrade forwarded");
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    let upstream_side = hyper::upgrade::on(&mut resp);
-                    if let Some(entry) = entry.as_mut() {
-                        entry.session_start();
-                    }
-                    let session = session_kind(&pq).map(|kind| served.metrics.session(kind));
-                    let hard_stop = served.hard_stop.clone();
-                    served.sessions.spawn(async move {
-                        let spliced = tokio::select! {
-                            bytes = splice_upgraded(downstream, upstream_side, session) => Some(bytes),
-                            // Past the drain period: closed, its end line written on drop.
-                            _ = hard_stop.cancelled() => None,
-                        };
-                        if let (Some(entry), Some(bytes)) = (entry, spliced) {
-                            entry.session_end(bytes.up, bytes.down);
-                        }
-                    });
-                    return resp.map(|b| b.boxed_unsync());
-                }
-                respond(entry, resp.map(|b| b.boxed_unsync()))
-            }
-            Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
-        };
+        return Box::pin(forward_upgrade(req, downstream, served, entry, &pq)).await;
     }
 
-    // Long-lived streams get HTTP/1.1 connections of their own. On the shared HTTP/2
-    // connection they would use up the apiserver's streams per connection (100 on current
-    // kube-apiservers); hyper's pool opens no second connection, so every request after them
-    // would wait forever.
-    let client = if is_long_lived(&pq) {
-        &upstream.streams
-    } else {
-        &upstream.client
+    // Requests and watches share the pooled HTTP/2 connections, as many on each as the
+    // apiserver allows; an apiserver without HTTP/2 gets HTTP/1.1, a connection per request
+    // in flight.
+    let sent = match &upstream.h2 {
+        Some(pool) => match pool.send(req).await {
+            Ok(Sent::Response(resp)) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+            Ok(Sent::Http1(req)) => Box::pin(http1(upstream, req)).await,
+            Err(e) => Err(BoxError::from(e)),
+        },
+        None => Box::pin(http1(upstream, req)).await,
     };
-    match client.request(req).await {
+    match sent {
         Ok(resp) => {
             tracing::debug!(
                 status = resp.status().as_u16(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "forwarded"
             );
-            respond(entry, resp.map(|b| b.boxed_unsync()))
+            respond(entry, resp)
+        }
+        Err(e) => respond(entry, unreachable_apiserver(upstream, &*e)),
+    }
+}
+
+/// An upgrade (exec, attach, port-forward): answered by the apiserver over an HTTP/1.1
+/// connection of its own, then spliced byte for byte.
+async fn forward_upgrade(
+    req: Request<Counted<Incoming>>,
+    downstream: hyper::upgrade::OnUpgrade,
+    served: &Served,
+    mut entry: Option<Entry>,
+    pq: &str,
+) -> Response<Body> {
+    let upstream = &served.upstream;
+    match upstream.upgrades.request(req).await {
+        Ok(mut resp) => {
+            tracing::debug!(status = resp.status().as_u16(), "upgrade forwarded");
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                if let Some(entry) = entry.as_mut() {
+                    entry.session_start();
+                }
+                let session = session_kind(pq).map(|kind| served.metrics.session(kind));
+                let hard_stop = served.hard_stop.clone();
+                served.sessions.spawn(async move {
+                    let spliced = tokio::select! {
+                        bytes = splice_upgraded(downstream, upstream_side, session) => Some(bytes),
+                        // Past the drain period: closed, its end line written on drop.
+                        _ = hard_stop.cancelled() => None,
+                    };
+                    if let (Some(entry), Some(bytes)) = (entry, spliced) {
+                        entry.session_end(bytes.up, bytes.down);
+                    }
+                });
+                return resp.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            }
+            respond(
+                entry,
+                resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            )
         }
         Err(e) => respond(entry, unreachable_apiserver(upstream, &e)),
+    }
+}
+
+async fn http1(
+    upstream: &Upstream,
+    req: Request<Counted<Incoming>>,
+) -> Result<Response<Body>, BoxError> {
+    match upstream.streams.request(req).await {
+        Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -291,10 +333,7 @@ fn refusal_reason(status: StatusCode) -> &'static str {
     }
 }
 
-fn unreachable_apiserver(
-    upstream: &Upstream,
-    e: &hyper_util::client::legacy::Error,
-) -> Response<Body> {
+fn unreachable_apiserver(upstream: &Upstream, e: &dyn std::error::Error) -> Response<Body> {
     let detail = error_chain(e);
     tracing::warn!(apiserver = upstream.base(), error = %detail, "apiserver request failed");
     gateway_error(&format!(

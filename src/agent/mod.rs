@@ -3,6 +3,7 @@
 
 pub mod audit;
 mod forward;
+mod h2_pool;
 mod health;
 pub mod heartbeat;
 mod identity;
@@ -14,6 +15,7 @@ mod token_review;
 mod upstream;
 
 pub use audit::{AuditLog, Target as AuditTarget};
+pub use h2_pool::APISERVER_CONNECTIONS;
 pub use identity::{AuthMode, Authenticator, Caller, EntraAuth, PopSettings};
 pub use key::{KeySource, POLL_INTERVAL as KEY_POLL_INTERVAL};
 pub use review::strip_impersonation;

@@ -1,6 +1,7 @@
 //! The agent's connection to the kube-apiserver: where it is and which CA it has, taken from
-//! the in-cluster service account or a kubeconfig (via kube's config loader), and two pooled
-//! TLS clients: one that may use HTTP/2 for ordinary requests, one HTTP/1.1-only for upgrades.
+//! the in-cluster service account or a kubeconfig (via kube's config loader), and the clients
+//! that reach it: a pool of HTTP/2 connections for requests and watches (see `h2_pool`), an
+//! HTTP/1.1 client for an apiserver without HTTP/2, and HTTP/1.1 connections for upgrades.
 //!
 //! The agent never presents a client certificate: a caller's bearer token is what the
 //! apiserver authenticates, so a certificate from the agent's kubeconfig would let callers
@@ -21,13 +22,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use super::h2_pool::{H2Pool, APISERVER_CONNECTIONS};
 use crate::auth::exec::TokenCommand;
 use crate::auth::refresh::{Refreshing, RENEW_MARGIN};
 use crate::auth::{CredentialSource, StaticToken, TokenFile};
 use crate::secret::Secret;
 use crate::tls;
-use crate::tunnel::http::{Counted, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
-use crate::tunnel::keepalive::{PING_INTERVAL, PING_TIMEOUT};
+use crate::tunnel::http::Counted;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -66,8 +67,10 @@ pub type ReviewClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct Upstream {
     /// scheme and authority of the apiserver, plus any path prefix (e.g. behind Rancher).
     base: String,
-    pub client: HttpsClient,
-    /// HTTP/1.1, one connection per watch or followed log (see `forward`).
+    /// Requests and watches, many streams on each of a few connections.
+    pub h2: Option<H2Pool>,
+    /// HTTP/1.1, when the apiserver does not offer HTTP/2: one connection per request in
+    /// flight (a watch or followed log holds its own).
     pub streams: HttpsClient,
     pub upgrades: HttpsClient,
     /// The agent's own requests, made with its own credential.
@@ -156,15 +159,7 @@ impl Upstream {
                 builder.enable_http1().wrap_connector(http)
             }
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .http2_keep_alive_interval(PING_INTERVAL)
-            .http2_keep_alive_timeout(PING_TIMEOUT)
-            .build(connector(true));
+        let h2 = H2Pool::new(url, &tls_config, APISERVER_CONNECTIONS);
         let streams = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -182,11 +177,17 @@ impl Upstream {
         let base = url.to_string().trim_end_matches('/').to_string();
         Ok(Upstream {
             base,
-            client,
+            h2,
             streams,
             upgrades,
             reviews,
         })
+    }
+
+    /// At most `n` HTTP/2 connections to the apiserver (`agent --apiserver-connections`).
+    pub fn with_apiserver_connections(mut self, n: usize) -> Upstream {
+        self.h2 = self.h2.map(|pool| pool.with_max_connections(n));
+        self
     }
 
     /// The apiserver URI for a request's path and query.

@@ -58,6 +58,14 @@ pub struct Args {
     /// 1,000, must stay below it).
     #[arg(long, default_value_t = crate::tunnel::http::H2_MAX_STREAMS, value_parser = clap::value_parser!(u32).range(1..=65_535))]
     pub streams_per_connection: u32,
+    /// HTTP/2 connections to the apiserver at most. Requests and watches share them, as many
+    /// on each as the apiserver allows (its SETTINGS_MAX_CONCURRENT_STREAMS); another opens
+    /// when all are full, and one left without streams for 90 s closes. Past this many full
+    /// ones, a request waits up to 30 s for a free stream, then gets 502. An apiserver that
+    /// does not offer HTTP/2 gets HTTP/1.1, a connection per request in flight; exec, attach
+    /// and port-forward always get HTTP/1.1 connections of their own.
+    #[arg(long, default_value_t = crate::agent::APISERVER_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub apiserver_connections: u32,
     /// On SIGTERM, after leaving the relay, how long requests and sessions in flight may take
     /// to finish (keep it under the pod's terminationGracePeriodSeconds).
     #[arg(long, value_parser = super::parse_duration, default_value = "25s")]
@@ -278,7 +286,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let loaded = Upstream::load(args.kubeconfig.clone(), args.context.clone()).await?;
     let own_token = loaded.own_token.clone();
     let auth = authenticator(&args, loaded.own_token)?;
-    let upstream = loaded.upstream;
+    let upstream = loaded
+        .upstream
+        .with_apiserver_connections(args.apiserver_connections as usize);
     if let Some(heartbeat) = heartbeat(&args, &relay, &tls, loaded.config)? {
         tokio::spawn(heartbeat.run(HEARTBEAT_INTERVAL, shutdown.clone()));
     }

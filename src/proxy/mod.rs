@@ -177,7 +177,10 @@ impl Proxy {
                     }
                     Err(_) => return,
                 };
-                let service = service_fn(move |req| handler.clone().handle(req));
+                // Boxed: hyper keeps each stream's task, sized for this future, for as long as
+                // its response streams (a watch: hours); boxed, the future is freed once the
+                // response is handed over.
+                let service = service_fn(move |req| Box::pin(handler.clone().handle(req)));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(peer = %peer, error = %e, "kubectl connection ended with error");

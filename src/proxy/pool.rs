@@ -326,7 +326,10 @@ impl Pool {
         if let Some(pooled) = self.pick(false).await {
             return Ok(pooled);
         }
-        match self.open().await {
+        // Boxed: rare, and large (relay dial, TLS, WebSocket and HTTP/2 handshakes); inline,
+        // every request's future would be its size, and what a burst of requests in flight
+        // held stays resident after it.
+        match Box::pin(self.open()).await {
             Ok(pooled) => Ok(pooled),
             // At the maximum, or a dial failing: a live connection still serves, its
             // requests queued behind its streams.
@@ -366,7 +369,9 @@ impl Pool {
             .keep_alive_interval(PING_INTERVAL)
             .keep_alive_timeout(PING_TIMEOUT)
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(io))
+            // Boxed: hyper sizes the task it spawns for each request by its connection task,
+            // which holds the IO inline (TLS and WebSocket state, over 1 KiB).
+            .handshake(TokioIo::new(Box::new(io)))
             .await?;
         tokio::spawn(
             async move {

@@ -21,7 +21,7 @@ use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
     error_chain, full, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
-    strip_hop_by_hop, Body,
+    strip_hop_by_hop, Body, BoxError,
 };
 use crate::tunnel::request_id;
 use tracing::Instrument;
@@ -66,7 +66,9 @@ impl Route {
             *req.version_mut() = Version::HTTP_11;
             req.headers_mut()
                 .insert(header::HOST, HeaderValue::from_static("clusterconnect"));
-            return Ok(self.pool.send_upgrade(req).await?);
+            // Boxed: a dial of its own makes this path large, and inline every request's
+            // future would be its size.
+            return Ok(Box::pin(self.pool.send_upgrade(req)).await?);
         }
         // HTTP/2 needs an absolute URI for :scheme and :authority; the agent replaces both.
         let pq = req
@@ -235,7 +237,7 @@ async fn answer(
         }
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
-        let mut refused = route.report_refusal(resp).await;
+        let mut refused = Box::pin(route.report_refusal(resp)).await;
         *refused.version_mut() = Version::HTTP_11;
         return refused;
     }
@@ -246,9 +248,11 @@ async fn answer(
     // hours), so the pool sees which connections are full.
     let slot = parts.extensions.remove::<StreamSlot>();
     let body = if streaming {
-        holding(EndCleanly::new(body), slot).boxed_unsync()
+        holding(EndCleanly::new(body), slot)
+            .map_err(BoxError::from)
+            .boxed_unsync()
     } else {
-        holding(body, slot).boxed_unsync()
+        holding(body, slot).map_err(BoxError::from).boxed_unsync()
     };
     Response::from_parts(parts, body)
 }
@@ -354,8 +358,7 @@ impl Handler {
         let verb = kube_verb(&method, &rest);
         let started = Instant::now();
 
-        // Boxed: the dial path makes this future ~11 KB, and hyper keeps each stream's request
-        // future alive as long as its response streams; a watch would hold that for hours.
+        // Boxed: alive only until the answer's headers are in, not while its body streams.
         let sent = Box::pin(route.send(req).instrument(span.clone())).await;
         let resp = match sent {
             Ok(resp) => {

@@ -17,7 +17,9 @@ use hyper_util::rt::TokioIo;
 
 use super::upgrade::header_has_token;
 
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+/// Errors of bodies that come from more than one HTTP implementation (hyper, h2).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// HTTP/2 flow-control windows on every hop. The defaults (64 KiB) cap one stream at
 /// window/RTT, which through a distant relay is a fraction of the line rate (frp's yamux ran

@@ -8,11 +8,11 @@ use support::check::{describe, eventually, text, PROMPT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::tunnel::{
-    listen_key, send_key, wait_for_listener, Agent, LocalProxy, Stack, CONNECTION,
+    listen_key, send_key, wait_for_listener, Agent, LocalProxy, Relay, Stack, CONNECTION,
 };
 use support::{
-    kubectl, kubectl_available, kubectl_ok, kubectl_ok_with, spawn_kubectl, ApiServer,
-    SERVICE_ACCOUNT,
+    apiserver, kubectl, kubectl_available, kubectl_ok, kubectl_ok_with, spawn_kubectl, ApiServer,
+    KubectlProcess, SERVICE_ACCOUNT,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +114,110 @@ async fn watch_receives_events_pushed_after_it_started() {
         s.api.open_watches() == 0
     })
     .await;
+}
+
+/// Relay, agent and proxy in front of `api`, and the directory holding the proxy's files.
+async fn stack_for(api: &ApiServer) -> (Relay, Agent, LocalProxy, tempfile::TempDir) {
+    let relay = Relay::start().await;
+    let agent = Agent::start(&relay, api, listen_key()).await;
+    wait_for_listener(&relay).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = LocalProxy::start(&relay, send_key(), &api.token(), dir.path()).await;
+    (relay, agent, proxy, dir)
+}
+
+/// `n` kubectl watches through `proxy`, once all of them are open at `api`.
+async fn open_watches(api: &ApiServer, proxy: &LocalProxy, n: usize) -> Vec<KubectlProcess> {
+    let watches: Vec<_> = (0..n)
+        .map(|_| spawn_kubectl(&proxy.kubeconfig, &["get", "pods", "-w"], &[], false))
+        .collect();
+    eventually("every watch reaches the apiserver", || {
+        api.open_watches() == n
+    })
+    .await;
+    watches
+}
+
+async fn close_watches(api: &ApiServer, watches: Vec<KubectlProcess>) {
+    for watch in watches {
+        watch.kill().await;
+    }
+    eventually("the watches are closed at the apiserver", || {
+        api.open_watches() == 0
+    })
+    .await;
+}
+
+/// Whether every watch request reached `api` over `version`.
+fn watches_went_over(api: &ApiServer, version: http::Version) -> bool {
+    let watches: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.contains("watch=true"))
+        .collect();
+    !watches.is_empty() && watches.iter().all(|r| r.version == version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_and_requests_share_one_http2_connection_to_the_apiserver() {
+    if !kubectl_available() {
+        return;
+    }
+    // Every kubectl here (discovery, lists, a watch each) from one agent: one connection
+    // carries all of it, within the apiserver's 200 streams.
+    let api = ApiServer::start().await;
+    let (_relay, _agent, proxy, _dir) = stack_for(&api).await;
+    let watches = open_watches(&api, &proxy, 6).await;
+    kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
+    assert_eq!(api.connections(), (1, 0), "(HTTP/2, HTTP/1.1) connections");
+    assert!(watches_went_over(&api, http::Version::HTTP_2));
+    close_watches(&api, watches).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_opens_another_apiserver_connection_when_streams_run_out() {
+    if !kubectl_available() {
+        return;
+    }
+    // Two streams per connection: five watches need three connections at least. Were one
+    // over the limit, it would queue behind the others and never reach the apiserver.
+    let api = ApiServer::start_with(apiserver::Options {
+        h2_max_streams: 2,
+        ..Default::default()
+    })
+    .await;
+    let (_relay, _agent, proxy, _dir) = stack_for(&api).await;
+    let watches = open_watches(&api, &proxy, 5).await;
+    let (h2, http1) = api.connections();
+    assert!(
+        h2 >= 3,
+        "{h2} HTTP/2 connections for 5 watches at 2 streams each"
+    );
+    assert_eq!(http1, 0);
+    assert!(watches_went_over(&api, http::Version::HTTP_2));
+    close_watches(&api, watches).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apiserver_without_http2_gets_http1() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start_with(apiserver::Options {
+        http2: false,
+        ..Default::default()
+    })
+    .await;
+    let (_relay, _agent, proxy, _dir) = stack_for(&api).await;
+    let watches = open_watches(&api, &proxy, 2).await;
+    let stdout = kubectl_ok(&proxy.kubeconfig, &["get", "pods"]).await;
+    assert!(stdout.contains("web-0"), "{stdout}");
+    let (h2, http1) = api.connections();
+    assert_eq!(h2, 0);
+    // A connection of its own for each watch, as before HTTP/2.
+    assert!(http1 >= 2, "{http1} HTTP/1.1 connections");
+    assert!(watches_went_over(&api, http::Version::HTTP_11));
+    close_watches(&api, watches).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -118,6 +118,29 @@ struct Shared {
     reviews_failing: AtomicBool,
     /// The tokens TokenReviews asked about, one entry per review.
     token_reviews: Mutex<Vec<String>>,
+    /// TLS connections accepted, by the protocol ALPN chose.
+    connections_h2: AtomicUsize,
+    connections_http1: AtomicUsize,
+    /// HTTP/2 streams one connection carries at once.
+    h2_max_streams: u32,
+}
+
+/// How a stand-in apiserver serves, beyond its defaults.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Offer `h2` in ALPN (kube-apiserver does); else HTTP/1.1 only.
+    pub http2: bool,
+    /// HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); hyper's default 200.
+    pub h2_max_streams: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            http2: true,
+            h2_max_streams: 200,
+        }
+    }
 }
 
 pub struct ApiServer {
@@ -129,16 +152,22 @@ pub struct ApiServer {
 impl ApiServer {
     /// Listens on 127.0.0.1 with a fresh CA and token; serves until dropped.
     pub async fn start() -> ApiServer {
+        ApiServer::start_with(Options::default()).await
+    }
+
+    /// [`start`](Self::start), serving as `options` say.
+    pub async fn start_with(options: Options) -> ApiServer {
         let ca = CertificateAuthority::generate("standin-apiserver-ca").expect("generate CA");
         let cert = ca
             .issue_server(&["127.0.0.1", "localhost"])
             .expect("issue server certificate");
-        let tls = server_config(
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-            &[b"h2", b"http/1.1"],
-        )
-        .expect("server TLS config");
+        let alpn: &[&[u8]] = if options.http2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        };
+        let tls = server_config(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes(), alpn)
+            .expect("server TLS config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
@@ -151,6 +180,9 @@ impl ApiServer {
             tasks: Tasks::default(),
             reviews_failing: AtomicBool::new(false),
             token_reviews: Mutex::new(Vec::new()),
+            connections_h2: AtomicUsize::new(0),
+            connections_http1: AtomicUsize::new(0),
+            h2_max_streams: options.h2_max_streams,
         });
         shared.tasks.spawn(accept_loop(
             listener,
@@ -233,6 +265,14 @@ impl ApiServer {
 
     pub fn open_watches(&self) -> usize {
         self.shared.store.open_watches()
+    }
+
+    /// TLS connections accepted so far that speak HTTP/2, and those that speak HTTP/1.1.
+    pub fn connections(&self) -> (usize, usize) {
+        (
+            self.shared.connections_h2.load(Ordering::Relaxed),
+            self.shared.connections_http1.load(Ordering::Relaxed),
+        )
     }
 
     pub fn open_log_follows(&self) -> usize {
@@ -376,12 +416,20 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<S
             let Ok(Ok(tls)) = handshake.await else {
                 return;
             };
+            let counter = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => &conn_shared.connections_h2,
+                _ => &conn_shared.connections_http1,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             let service_shared = conn_shared.clone();
             let service = service_fn(move |req| {
                 let shared = service_shared.clone();
                 async move { Ok::<_, Infallible>(handle(shared, req).await) }
             });
-            let builder = auto::Builder::new(conn_shared.tasks.clone());
+            let mut builder = auto::Builder::new(conn_shared.tasks.clone());
+            builder
+                .http2()
+                .max_concurrent_streams(conn_shared.h2_max_streams);
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .await;

@@ -27,4 +27,5 @@ pub use entra::{Entra, TokenRequest};
 pub use imds::{Himds, Imds};
 pub use kubectl::{
     kubectl, kubectl_available, kubectl_binary, kubectl_ok, kubectl_ok_with, spawn_kubectl,
+    KubectlProcess,
 };

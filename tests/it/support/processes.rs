@@ -110,7 +110,22 @@ pub fn spawn<A: AsRef<OsStr>>(args: &[A], envs: &[(&str, &OsStr)]) -> Process {
 }
 
 fn command<A: AsRef<OsStr>>(args: &[A], envs: &[(&str, &OsStr)], home: &Path) -> Command {
-    let mut cmd = Command::new(binary());
+    // Profiling: `BENCH_HEAPTRACK=proxy` (or another role) runs that role under heaptrack,
+    // its trace in the temp dir (heaptrack.<role>.<pid>.zst). Killing the child leaves the
+    // program running: kill it by its pid to end the trace with what it held then.
+    let role = args
+        .first()
+        .map(|a| a.as_ref().to_string_lossy().into_owned());
+    let mut cmd = match std::env::var("BENCH_HEAPTRACK") {
+        Ok(profiled) if Some(&profiled) == role.as_ref() => {
+            let mut cmd = Command::new("heaptrack");
+            cmd.arg("-o")
+                .arg(std::env::temp_dir().join(format!("heaptrack.{profiled}")))
+                .arg(binary());
+            cmd
+        }
+        _ => Command::new(binary()),
+    };
     cmd.args(args)
         .env("HOME", home)
         .env("XDG_CONFIG_HOME", home.join(".config"))
