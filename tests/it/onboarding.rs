@@ -678,7 +678,9 @@ async fn a_stalled_rollout_ends_within_the_timeout_naming_the_deployment() {
     .await
     .unwrap_err();
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+    // Generous for a loaded machine: only a wait that ignores the 2 s timeout (the default
+    // is minutes) fails it.
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
     let message = err.to_string();
     assert!(
         message.contains("azure-arc/clusterconnect-agent did not become available within 2s"),
