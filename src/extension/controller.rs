@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::leader::{Elector, LEASE_DURATION, RENEW_EVERY};
 use super::manifests::SPC_GROUP;
 use super::report::{self, ClassRef, Level};
-use super::settings::parse_interval;
+use super::settings::{parse_interval, MAX_INTERVAL};
 use super::vault::{ServicePrincipal, VaultAccess, CREDENTIALS_SECRET, USED_LABEL};
 use crate::secrets::credential::read_credentials_secret;
 use crate::secrets::sync::{
@@ -356,7 +356,7 @@ impl Reconciler {
             return;
         }
         if !has_finalizer(class) && !self.add_finalizer(class, &reference).await {
-            entry.due = Some(Instant::now() + FIRST_RETRY);
+            entry.due = Some(due_after(FIRST_RETRY));
             return;
         }
         let (interval, interval_problem) = self.interval_of(class, &reference);
@@ -376,7 +376,9 @@ impl Reconciler {
         entry.due = match (outcome, interval) {
             (true, interval) => {
                 entry.failures = 0;
-                interval.map(|i| Instant::now() + i)
+                // parse_interval caps intervals; checked anyway, since a panic here would
+                // crash-loop every replica on the same class.
+                interval.map(|i| due_after(i))
             }
             (false, interval) => {
                 entry.failures = entry.failures.saturating_add(1);
@@ -384,7 +386,7 @@ impl Reconciler {
                     .saturating_mul(1 << entry.failures.min(6).saturating_sub(1))
                     .min(MAX_RETRY);
                 let wait = interval.map_or(backoff, |i| i.min(backoff));
-                Some(Instant::now() + wait)
+                Some(due_after(wait))
             }
         };
     }
@@ -663,6 +665,14 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// `now + wait`, or [`MAX_INTERVAL`] from now if that would overflow.
+fn due_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(MAX_INTERVAL))
+        .unwrap_or(now)
 }
 
 fn class_provider(class: &DynamicObject) -> Option<&str> {
