@@ -576,12 +576,21 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
 }
 
 async fn run_controller(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (client, _) = kubeclient::client(
+    let kube_config = kubeclient::config(
         args.kubeconfig.as_deref(),
         args.context.as_deref(),
         "run in a pod or pass --kubeconfig",
     )
     .await?;
+    // The Lease's own client has a read timeout (the watch's cannot: it idles for minutes),
+    // counted from each request, so a stalled connection fails a renew rather than hanging it.
+    let mut lease_config = kube_config.clone();
+    lease_config.read_timeout = Some(crate::extension::leader::REQUEST_TIMEOUT);
+    lease_config.reset_reader_on_write = true;
+    let lease_client =
+        kube::Client::try_from(lease_config).context("cannot build the Kubernetes client")?;
+    let client =
+        kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let identity = args
         .identity
         .clone()
@@ -602,7 +611,7 @@ async fn run_controller(args: ControllerArgs, shutdown: CancellationToken) -> an
         identity,
         vault: vault_access(&args.vault_urls)?,
     };
-    controller::run(client, config, shutdown).await;
+    controller::run(client, lease_client, config, shutdown).await;
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::leader::{Elector, LEASE_DURATION, RENEW_EVERY};
+use super::leader::{leading_deadline, Elector, RENEW_EVERY, REQUEST_TIMEOUT};
 use super::manifests::SPC_GROUP;
 use super::report::{self, ClassRef, Level};
 use super::settings::{parse_interval, MAX_INTERVAL};
@@ -69,9 +69,16 @@ pub fn provider_class_resource() -> ApiResource {
 }
 
 /// Runs until `shutdown`: waits to lead, reconciles while leading, hands the Lease back at the end.
-pub async fn run(client: kube::Client, config: Config, shutdown: CancellationToken) {
+/// `lease_client` is used for the Lease only; give it a read timeout (the watch in `client`
+/// cannot have one).
+pub async fn run(
+    client: kube::Client,
+    lease_client: kube::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) {
     let elector = Elector::new(
-        client.clone(),
+        lease_client.clone(),
         &config.lease_namespace,
         &config.lease_name,
         &config.identity,
@@ -80,9 +87,14 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
     // Kept across terms as leader: the last good content survives a lost and regained Lease.
     let reconciler = Arc::new(Reconciler::new(client.clone(), config.clone()));
     loop {
-        loop {
-            match elector.try_acquire_or_renew().await {
-                Ok(true) => break,
+        let term_start = loop {
+            // Stamped before the request: the term counts from before the Lease was written.
+            let start = Instant::now();
+            match elector
+                .try_acquire_or_renew_by(start + REQUEST_TIMEOUT)
+                .await
+            {
+                Ok(true) => break start,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %error_chain(&e), "cannot read the leader Lease"),
             }
@@ -90,16 +102,17 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RENEW_EVERY) => {}
             }
-        }
+        };
         tracing::info!(identity = %config.identity, "leading");
         let leading = shutdown.child_token();
         let renewing = tokio::spawn(keep_leading(
             Elector::new(
-                client.clone(),
+                lease_client.clone(),
                 &config.lease_namespace,
                 &config.lease_name,
                 &config.identity,
             ),
+            term_start,
             leading.clone(),
         ));
         reconciler.clone().run(leading.clone()).await;
@@ -110,7 +123,8 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
         leading.cancel();
         let _ = renewing.await;
         if shutdown.is_cancelled() {
-            elector.release().await;
+            // Bounded: a hung apiserver must not hold up shutdown; the Lease then lapses.
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, elector.release()).await;
             tracing::info!("controller stopped; Lease released");
             return;
         }
@@ -118,24 +132,25 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
     }
 }
 
-/// Renews the Lease; cancels `leading` once it is lost, or could not be renewed for so long
-/// that another replica may have taken it.
-async fn keep_leading(elector: Elector, leading: CancellationToken) {
-    let mut renewed = Instant::now();
+/// Renews the Lease; cancels `leading` once it is lost, or once the term that began at the
+/// start of the last successful renew (`renewed`) is about to run out: every renew is cut
+/// off at that deadline, so a hung request cannot keep this replica leading.
+async fn keep_leading(elector: Elector, mut renewed: Instant, leading: CancellationToken) {
     loop {
+        let deadline = leading_deadline(renewed);
         tokio::select! {
             _ = leading.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => break,
             _ = tokio::time::sleep(RENEW_EVERY) => {}
         }
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => renewed = Instant::now(),
+        let start = Instant::now();
+        match elector.try_acquire_or_renew_by(deadline).await {
+            Ok(true) => renewed = start,
             Ok(false) => break,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot renew the leader Lease");
-                if renewed.elapsed() + RENEW_EVERY >= LEASE_DURATION {
-                    break;
-                }
-            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot renew the leader Lease"),
+        }
+        if Instant::now() >= leading_deadline(renewed) {
+            break;
         }
     }
     leading.cancel();
@@ -677,4 +692,48 @@ fn due_after(wait: Duration) -> Instant {
 
 fn class_provider(class: &DynamicObject) -> Option<&str> {
     class.data.get("spec")?.get("provider")?.as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// An apiserver that accepts requests and never answers.
+    #[derive(Clone)]
+    struct Hung;
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for Hung {
+        type Response = http::Response<kube::client::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_renew_gives_up_leading_before_the_lease_could_lapse() {
+        let client = kube::Client::new(Hung, "default");
+        let elector = Elector::new(client, "kube-system", "lease", "me");
+        let leading = CancellationToken::new();
+        let renewed = Instant::now();
+        keep_leading(elector, renewed, leading.clone()).await;
+        assert!(leading.is_cancelled());
+        // Stopped by the deadline, which is before another replica may take the Lease.
+        assert!(Instant::now() <= leading_deadline(renewed));
+        assert!(leading_deadline(renewed) < renewed + super::super::leader::LEASE_DURATION);
+    }
+
+    #[test]
+    fn due_times_never_overflow() {
+        let far = due_after(Duration::MAX);
+        assert!(far > Instant::now());
+    }
 }
