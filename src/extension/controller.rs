@@ -35,9 +35,7 @@ use super::report::{self, ClassRef, Level};
 use super::settings::{parse_interval, MAX_INTERVAL};
 use super::vault::{ServicePrincipal, VaultAccess, CREDENTIALS_SECRET, USED_LABEL};
 use crate::secrets::credential::read_credentials_secret;
-use crate::secrets::sync::{
-    Outcome, Syncer, Targets, CLASS_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL,
-};
+use crate::secrets::sync::{class_owner, owned_by, Outcome, SecretTarget, Syncer, Targets};
 use crate::secrets::ProviderClass;
 use crate::tunnel::http::error_chain;
 
@@ -477,7 +475,11 @@ impl Reconciler {
                 class,
                 Targets {
                     mount_dir: None,
-                    secrets: Some((secrets, reference.namespace.clone())),
+                    secrets: Some(SecretTarget {
+                        api: secrets,
+                        namespace: reference.namespace.clone(),
+                        owner: class_owner(&reference.namespace, &reference.name, &reference.uid),
+                    }),
                 },
             ));
             entry.credentials = version;
@@ -618,6 +620,7 @@ impl Reconciler {
     async fn finalize(&self, class: &DynamicObject) {
         let reference = class_ref(class);
         let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &reference.namespace);
+        let owner = class_owner(&reference.namespace, &reference.name, &reference.uid);
         let names: Vec<String> = serde_json::to_string(class)
             .ok()
             .and_then(|text| ProviderClass::parse(&text).ok())
@@ -631,14 +634,7 @@ impl Reconciler {
         let mut removed = Vec::new();
         for name in names {
             let ours = match secrets.get_opt(&name).await {
-                Ok(Some(secret)) => {
-                    let labels = secret.metadata.labels.unwrap_or_default();
-                    let annotations = secret.metadata.annotations.unwrap_or_default();
-                    labels
-                        .get(MANAGED_BY_LABEL)
-                        .is_some_and(|v| v == MANAGED_BY)
-                        && annotations.get(CLASS_ANNOTATION) == Some(&reference.name)
-                }
+                Ok(Some(secret)) => owned_by(&secret, &owner, &reference.name),
                 Ok(None) => false,
                 Err(e) => {
                     tracing::warn!(secret = %name, error = %error_chain(&e), "cannot read a synced Secret; the class stays until it can be removed");

@@ -28,6 +28,39 @@ pub const MANAGED_BY: &str = "clusterconnect";
 /// JSON object of object name (or alias) -> Key Vault version the Secret was built from.
 pub const VERSIONS_ANNOTATION: &str = "clusterconnect.io/object-versions";
 pub const CLASS_ANNOTATION: &str = "clusterconnect.io/secret-provider-class";
+/// Who wrote the Secret and alone may rewrite or delete it: see [`class_owner`] and
+/// [`cli_owner`]. The managed-by label is not enough: other parts of clusterconnect (the
+/// onboarding agent's Secret) carry it too, and two classes may name the same secretName.
+pub const OWNER_ANNOTATION: &str = "clusterconnect.io/secret-owner";
+
+/// The owner of the Secrets the extension writes for one class: its namespace, name and uid,
+/// so a class deleted and created again under the same name is a different owner.
+pub fn class_owner(namespace: &str, name: &str, uid: &str) -> String {
+    format!("SecretProviderClass {namespace}/{name} uid {uid}")
+}
+
+/// The owner of the Secrets `clusterconnect secrets sync` writes from a class file.
+pub fn cli_owner(namespace: &str, class_name: &str) -> String {
+    format!("secrets sync {namespace}/{class_name}")
+}
+
+/// Whether `existing` was written for `owner`. A Secret written before owners were recorded
+/// (no [`OWNER_ANNOTATION`]) belongs to the class its [`CLASS_ANNOTATION`] names.
+pub fn owned_by(existing: &KubeSecret, owner: &str, class_name: &str) -> bool {
+    let managed = existing
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY);
+    let annotations = existing.metadata.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key));
+    managed
+        && match annotation(OWNER_ANNOTATION) {
+            Some(o) => o == owner,
+            None => annotation(CLASS_ANNOTATION).is_some_and(|c| c == class_name),
+        }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -61,6 +94,13 @@ pub enum SyncError {
     },
     #[error("Kubernetes Secret {namespace}/{name} exists and is not managed by clusterconnect (no {MANAGED_BY_LABEL}={MANAGED_BY} label); delete it or choose another secretName")]
     NotManaged { namespace: String, name: String },
+    #[error("Kubernetes Secret {namespace}/{name} belongs to {}, not to {owner}; it is left alone: choose another secretName", .other.as_deref().unwrap_or("another part of clusterconnect"))]
+    NotOwned {
+        namespace: String,
+        name: String,
+        owner: String,
+        other: Option<String>,
+    },
 }
 
 /// Why a hex value does not decode; never quotes the value.
@@ -95,7 +135,15 @@ pub struct PassReport {
 pub struct Targets {
     pub mount_dir: Option<PathBuf>,
     /// Secrets of the target namespace; `None` leaves `secretObjects` alone.
-    pub secrets: Option<(Api<KubeSecret>, String)>,
+    pub secrets: Option<SecretTarget>,
+}
+
+/// The namespace `secretObjects` are written to, and who writes them.
+pub struct SecretTarget {
+    pub api: Api<KubeSecret>,
+    pub namespace: String,
+    /// [`class_owner`] or [`cli_owner`]: only Secrets of this owner are rewritten.
+    pub owner: String,
 }
 
 pub struct Syncer {
@@ -189,10 +237,12 @@ impl Syncer {
                 }
             }
         }
-        if let Some((api, namespace)) = &self.targets.secrets {
+        if let Some(target) = &self.targets.secrets {
+            let namespace = &target.namespace;
             for object in &self.class.secret_objects {
-                let desired = build_secret(&self.class.name, object, &contents, &current);
-                let outcome = apply(api, namespace, desired).await?;
+                let desired =
+                    build_secret(&self.class.name, &target.owner, object, &contents, &current);
+                let outcome = apply(&target.api, namespace, &target.owner, desired).await?;
                 if outcome != Outcome::Unchanged {
                     tracing::info!(secret = %object.secret_name, namespace = %namespace, outcome = ?outcome, "Kubernetes Secret synced");
                 }
@@ -239,6 +289,7 @@ fn decode_hex(text: &str) -> Result<Vec<u8>, HexError> {
 /// private key and the certificates out of the PEM object, as the CSI driver does.
 pub fn build_secret(
     class_name: &str,
+    owner: &str,
     object: &SecretObject,
     contents: &BTreeMap<String, Vec<u8>>,
     fetched: &BTreeMap<String, Fetched>,
@@ -272,6 +323,7 @@ pub fn build_secret(
         serde_json::to_string(&versions).unwrap_or_default(),
     );
     annotations.insert(CLASS_ANNOTATION.into(), class_name.to_string());
+    annotations.insert(OWNER_ANNOTATION.into(), owner.to_string());
     KubeSecret {
         metadata: ObjectMeta {
             name: Some(object.secret_name.clone()),
@@ -303,10 +355,11 @@ fn same(existing: &KubeSecret, desired: &KubeSecret) -> bool {
 }
 
 /// Creates the Secret, or replaces it when its content differs; unchanged Secrets are not
-/// written (their resourceVersion stays).
+/// written (their resourceVersion stays). A Secret of another owner is refused, not written.
 pub async fn apply(
     api: &Api<KubeSecret>,
     namespace: &str,
+    owner: &str,
     mut desired: KubeSecret,
 ) -> Result<Outcome, SyncError> {
     let name = desired.metadata.name.clone().unwrap_or_default();
@@ -333,6 +386,26 @@ pub async fn apply(
                 return Err(SyncError::NotManaged {
                     namespace: namespace.to_string(),
                     name,
+                });
+            }
+            let class_name = desired
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CLASS_ANNOTATION))
+                .cloned()
+                .unwrap_or_default();
+            if !owned_by(&existing, owner, &class_name) {
+                return Err(SyncError::NotOwned {
+                    namespace: namespace.to_string(),
+                    name,
+                    owner: owner.to_string(),
+                    other: existing
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(OWNER_ANNOTATION))
+                        .map(|o| crate::secret::clip(o, 200)),
                 });
             }
             if same(&existing, &desired) {
@@ -381,7 +454,8 @@ mod tests {
                 content_type: None,
             },
         )]);
-        let secret = build_secret("web", &object, &contents, &fetched);
+        let owner = class_owner("apps", "web", "u1");
+        let secret = build_secret("web", &owner, &object, &contents, &fetched);
         let data = secret.data.as_ref().unwrap();
         assert!(String::from_utf8_lossy(&data["tls.key"].0).contains("AAA"));
         assert!(!String::from_utf8_lossy(&data["tls.key"].0).contains("BBB"));
@@ -392,6 +466,53 @@ mod tests {
         let annotations = secret.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations[VERSIONS_ANNOTATION], r#"{"tls":"v1"}"#);
         assert!(same(&secret, &secret.clone()));
+        assert_eq!(annotations[OWNER_ANNOTATION], owner);
+    }
+
+    fn existing(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> KubeSecret {
+        let map = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        KubeSecret {
+            metadata: ObjectMeta {
+                name: Some("shared".into()),
+                labels: map(labels),
+                annotations: map(annotations),
+                ..ObjectMeta::default()
+            },
+            ..KubeSecret::default()
+        }
+    }
+
+    #[test]
+    fn only_the_owner_may_rewrite_or_delete_a_secret() {
+        let managed = [(MANAGED_BY_LABEL, MANAGED_BY)];
+        let a = class_owner("apps", "a", "uid-a");
+        let b = class_owner("apps", "b", "uid-b");
+        let of_a = existing(&managed, &[(OWNER_ANNOTATION, &a), (CLASS_ANNOTATION, "a")]);
+        assert!(owned_by(&of_a, &a, "a"));
+        // Another class naming the same secretName.
+        assert!(!owned_by(&of_a, &b, "b"));
+        // The same name again with another uid (deleted and created anew).
+        assert!(!owned_by(&of_a, &class_owner("apps", "a", "uid-2"), "a"));
+        // The onboarding agent's Secret: the managed-by label and nothing else.
+        let agent = existing(&managed, &[]);
+        assert!(!owned_by(&agent, &a, "a"));
+        // No label: never ours, whatever the annotations say.
+        assert!(!owned_by(
+            &existing(&[], &[(OWNER_ANNOTATION, &a)]),
+            &a,
+            "a"
+        ));
+        // Written before owners were recorded: the class it names adopts it.
+        let legacy = existing(&managed, &[(CLASS_ANNOTATION, "a")]);
+        assert!(owned_by(&legacy, &a, "a"));
+        assert!(!owned_by(&legacy, &b, "b"));
     }
 
     #[test]
