@@ -15,7 +15,7 @@
 //! never partial; an object Key Vault fails to return keeps its last good content. Each pass
 //! ends in an Event and the class's `SecretSyncStatus`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -270,7 +270,31 @@ impl Reconciler {
         let key = key_of(&class);
         if class.metadata.deletion_timestamp.is_some() {
             if has_finalizer(&class) {
-                self.finalize(&class).await;
+                if let Err(message) = self.finalize(&class).await {
+                    // The class will not change again while it waits for us: retry on a timer.
+                    let wait = {
+                        let mut state = self.state();
+                        let entry = state.entry(key).or_insert_with(|| ClassState {
+                            fingerprint: fingerprint(&class),
+                            syncer: None,
+                            credentials: None,
+                            due: None,
+                            failures: 0,
+                        });
+                        entry.failures = entry.failures.saturating_add(1);
+                        backoff(entry.failures)
+                    };
+                    tracing::warn!(class = %class.metadata.name.as_deref().unwrap_or_default(), namespace = %class.metadata.namespace.as_deref().unwrap_or_default(), error = %message, retry_in_s = wait.as_secs(), "cannot finalize the class; retrying");
+                    report::event(
+                        &self.client,
+                        &class_ref(&class),
+                        Level::Warning,
+                        "FinalizeFailed",
+                        &format!("{message}; the class stays until its Secrets are removed"),
+                    )
+                    .await;
+                    return Action::requeue(wait);
+                }
             }
             self.state().remove(&key);
             return Action::await_change();
@@ -395,9 +419,7 @@ impl Reconciler {
             }
             (false, interval) => {
                 entry.failures = entry.failures.saturating_add(1);
-                let backoff = FIRST_RETRY
-                    .saturating_mul(1 << entry.failures.min(6).saturating_sub(1))
-                    .min(MAX_RETRY);
+                let backoff = backoff(entry.failures);
                 let wait = interval.map_or(backoff, |i| i.min(backoff));
                 Some(due_after(wait))
             }
@@ -616,12 +638,13 @@ impl Reconciler {
     }
 
     /// The class is being deleted: remove its Secrets (only those this controller wrote for
-    /// it) and its status, then let it go.
-    async fn finalize(&self, class: &DynamicObject) {
+    /// it: the names of its spec and those its status recorded, each owner-checked) and its
+    /// status, then let it go. An error leaves the finalizer for a retry.
+    async fn finalize(&self, class: &DynamicObject) -> Result<(), String> {
         let reference = class_ref(class);
         let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &reference.namespace);
         let owner = class_owner(&reference.namespace, &reference.name, &reference.uid);
-        let names: Vec<String> = serde_json::to_string(class)
+        let mut names: BTreeSet<String> = serde_json::to_string(class)
             .ok()
             .and_then(|text| ProviderClass::parse(&text).ok())
             .map(|c| {
@@ -631,15 +654,17 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        let recorded =
+            report::recorded_secrets(&self.client, &reference.namespace, &reference.name)
+                .await
+                .map_err(|e| format!("cannot read the SecretSyncStatus: {}", error_chain(&e)))?;
+        names.extend(recorded);
         let mut removed = Vec::new();
         for name in names {
             let ours = match secrets.get_opt(&name).await {
                 Ok(Some(secret)) => owned_by(&secret, &owner, &reference.name),
                 Ok(None) => false,
-                Err(e) => {
-                    tracing::warn!(secret = %name, error = %error_chain(&e), "cannot read a synced Secret; the class stays until it can be removed");
-                    return;
-                }
+                Err(e) => return Err(format!("cannot read Secret {name}: {}", error_chain(&e))),
             };
             if !ours {
                 continue;
@@ -647,13 +672,12 @@ impl Reconciler {
             match secrets.delete(&name, &Default::default()).await {
                 Ok(_) => removed.push(name),
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(secret = %name, error = %error_chain(&e), "cannot remove a synced Secret; the class stays until it can be removed");
-                    return;
-                }
+                Err(e) => return Err(format!("cannot remove Secret {name}: {}", error_chain(&e))),
             }
         }
-        report::remove_status(&self.client, &reference.namespace, &reference.name).await;
+        report::remove_status(&self.client, &reference.namespace, &reference.name)
+            .await
+            .map_err(|e| format!("cannot remove the SecretSyncStatus: {}", error_chain(&e)))?;
         let rest: Vec<String> = class
             .metadata
             .finalizers
@@ -662,20 +686,30 @@ impl Reconciler {
             .into_iter()
             .filter(|f| f != FINALIZER)
             .collect();
-        if self.set_finalizers(&reference, rest).await {
-            tracing::info!(class = %reference.name, namespace = %reference.namespace, removed = removed.len(), "class deleted; its Secrets removed");
-            if !removed.is_empty() {
-                report::event(
-                    &self.client,
-                    &reference,
-                    Level::Normal,
-                    "SecretsRemoved",
-                    &format!("Secret {} removed with the class", removed.join(", ")),
-                )
-                .await;
-            }
+        if !self.set_finalizers(&reference, rest).await {
+            return Err(format!("cannot remove the finalizer {FINALIZER}"));
         }
+        tracing::info!(class = %reference.name, namespace = %reference.namespace, removed = removed.len(), "class deleted; its Secrets removed");
+        if !removed.is_empty() {
+            report::event(
+                &self.client,
+                &reference,
+                Level::Normal,
+                "SecretsRemoved",
+                &format!("Secret {} removed with the class", removed.join(", ")),
+            )
+            .await;
+        }
+        Ok(())
     }
+}
+
+/// The wait before retry number `failures` (1 = the first): [`FIRST_RETRY`] doubling up to
+/// [`MAX_RETRY`].
+fn backoff(failures: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(1 << failures.clamp(1, 7) - 1)
+        .min(MAX_RETRY)
 }
 
 /// `now + wait`, or [`MAX_INTERVAL`] from now if that would overflow.
@@ -725,6 +759,83 @@ mod tests {
         // Stopped by the deadline, which is before another replica may take the Lease.
         assert!(Instant::now() <= leading_deadline(renewed));
         assert!(leading_deadline(renewed) < renewed + super::super::leader::LEASE_DURATION);
+    }
+
+    /// An apiserver that fails every request with 500.
+    #[derive(Clone)]
+    struct Failing;
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for Failing {
+        type Response = http::Response<kube::client::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "reason": "InternalError", "code": 500});
+            std::future::ready(Ok(http::Response::builder()
+                .status(500)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(status.to_string().into_bytes()))
+                .unwrap()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finalizer_that_fails_is_retried_with_backoff() {
+        let client = kube::Client::new(Failing, "default");
+        let config = Config {
+            sync: true,
+            rotation: false,
+            interval: Duration::from_secs(120),
+            lease_namespace: "kube-system".into(),
+            lease_name: "lease".into(),
+            identity: "me".into(),
+            vault: VaultAccess {
+                http: crate::entra::http::HttpClient::new(
+                    Arc::new(
+                        rustls::ClientConfig::builder()
+                            .with_root_certificates(rustls::RootCertStore::empty())
+                            .with_no_client_auth(),
+                    ),
+                    Duration::from_secs(1),
+                    Duration::from_secs(1),
+                ),
+                env: crate::entra::chain::Environment::from_process(),
+                vault_urls: Default::default(),
+            },
+        };
+        let reconciler = Reconciler::new(client, config);
+        let class: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+            "metadata": {
+                "name": "app", "namespace": "apps", "uid": "u1", "resourceVersion": "7",
+                "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": [FINALIZER],
+            },
+            "spec": {"provider": "azure", "parameters": {"keyvaultName": "kv", "tenantId": "t", "objects": "array: []"}},
+        }))
+        .unwrap();
+        let class = Arc::new(class);
+        // Not await_change: the class is Terminating and will not change again by itself.
+        assert_eq!(
+            reconciler.handle(class.clone()).await,
+            Action::requeue(FIRST_RETRY)
+        );
+        assert_eq!(
+            reconciler.handle(class).await,
+            Action::requeue(FIRST_RETRY * 2)
+        );
+    }
+
+    #[test]
+    fn retries_back_off_to_a_cap() {
+        assert_eq!(backoff(0), FIRST_RETRY);
+        assert_eq!(backoff(1), FIRST_RETRY);
+        assert_eq!(backoff(2), FIRST_RETRY * 2);
+        assert_eq!(backoff(u32::MAX), MAX_RETRY);
     }
 
     #[test]

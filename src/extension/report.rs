@@ -101,6 +101,13 @@ pub async fn status(client: &kube::Client, class: &ClassRef, status: Value) {
     });
     let result = match api.get_opt(&class.name).await {
         Ok(Some(existing)) => {
+            // A failed pass does not forget which Secrets the class wrote: the finalizer
+            // removes those too (see `recorded_secrets`).
+            if object["status"].get("secrets").is_none() {
+                if let Some(previous) = existing.data.get("status").and_then(|s| s.get("secrets")) {
+                    object["status"]["secrets"] = previous.clone();
+                }
+            }
             if serde_json::to_value(&existing)
                 .ok()
                 .map(|v| v["status"].clone())
@@ -128,15 +135,46 @@ pub async fn status(client: &kube::Client, class: &ClassRef, status: Value) {
     }
 }
 
+/// The Secret names the class's status object records (`None`: there is no status object).
+pub async fn recorded_secrets(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<String>, kube::Error> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &status_resource());
+    Ok(api
+        .get_opt(name)
+        .await?
+        .map(|o| secret_names(&o.data))
+        .unwrap_or_default())
+}
+
+fn secret_names(data: &Value) -> Vec<String> {
+    data.get("status")
+        .and_then(|s| s.get("secrets"))
+        .and_then(Value::as_array)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Removes the class's status object with the class.
-pub async fn remove_status(client: &kube::Client, namespace: &str, name: &str) {
+pub async fn remove_status(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), namespace, &status_resource());
     match api.delete(name, &Default::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => {
-            tracing::warn!(class = %name, namespace, error = %error_chain(&e), "cannot remove the SecretSyncStatus")
-        }
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
 }
