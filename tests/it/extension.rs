@@ -720,6 +720,13 @@ async fn a_class_that_cannot_sign_in_is_reported_and_writes_nothing() {
     .await;
     assert!(!events(&w.api, "CredentialsSecretNotLabelled").is_empty());
     assert!(!events(&w.api, "SyncFailed").is_empty());
+    // Not the pod's own identity instead: the class did not opt in to it.
+    let status = w.api.object(STATUS_PATH).unwrap();
+    let message = status["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("secrets-store-creds") && message.contains("useVMManagedIdentity"),
+        "{message}"
+    );
     assert!(
         w.api.object(SECRET).is_none(),
         "no Secret without its content"
