@@ -10,8 +10,8 @@
 //! Per class: a finalizer is added first, so deleting the class waits until its Secrets are
 //! gone (owner references would need kube-controller-manager's garbage collector). The
 //! service principal of the namespace's `secrets-store-creds` Secret (labelled
-//! `secrets-store.csi.k8s.io/used=true`) signs in when there is one, else the class's identity
-//! or the pod's own. A pass fetches every object before it writes any Secret, so a Secret is
+//! `secrets-store.csi.k8s.io/used=true`) signs in when there is one, else the identity the class
+//! opts in to (never the pod's own unasked). A pass fetches every object before it writes any Secret, so a Secret is
 //! never partial; an object Key Vault fails to return keeps its last good content. Each pass
 //! ends in an Event and the class's `SecretSyncStatus`.
 
@@ -794,19 +794,7 @@ mod tests {
             lease_namespace: "kube-system".into(),
             lease_name: "lease".into(),
             identity: "me".into(),
-            vault: VaultAccess {
-                http: crate::entra::http::HttpClient::new(
-                    Arc::new(
-                        rustls::ClientConfig::builder()
-                            .with_root_certificates(rustls::RootCertStore::empty())
-                            .with_no_client_auth(),
-                    ),
-                    Duration::from_secs(1),
-                    Duration::from_secs(1),
-                ),
-                env: crate::entra::chain::Environment::from_process(),
-                vault_urls: Default::default(),
-            },
+            vault: VaultAccess::for_tests(),
         };
         let reconciler = Reconciler::new(client, config);
         let class: DynamicObject = serde_json::from_value(json!({

@@ -124,12 +124,9 @@ impl VaultAccess {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn access() -> VaultAccess {
+impl VaultAccess {
+    /// No identity from the environment, and no trusted roots: nothing it signs in to answers.
+    pub(crate) fn for_tests() -> VaultAccess {
         VaultAccess {
             http: HttpClient::new(
                 Arc::new(
@@ -137,12 +134,21 @@ mod tests {
                         .with_root_certificates(rustls::RootCertStore::empty())
                         .with_no_client_auth(),
                 ),
-                Duration::from_secs(1),
-                Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
             ),
             env: Environment::default(),
             vault_urls: BTreeMap::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> VaultAccess {
+        VaultAccess::for_tests()
     }
 
     fn class(parameters: &str) -> ProviderClass {
