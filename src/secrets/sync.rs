@@ -19,7 +19,7 @@ use kube::Api;
 
 use super::keyvault::{Fetched, KeyVaultClient, KeyVaultError};
 use super::mount::{write_file, MountError};
-use super::pem::blocks;
+use super::pem::{blocks, Base64Error};
 use super::provider_class::{Encoding, ObjectSpec, ProviderClass, SecretObject};
 use crate::tunnel::http::error_chain;
 
@@ -75,7 +75,7 @@ pub enum SyncError {
     Base64 {
         object: String,
         #[source]
-        source: base64::DecodeError,
+        source: Base64Error,
     },
     #[error("object {object}: objectEncoding hex does not fit its content")]
     Hex {
@@ -260,9 +260,10 @@ fn encode(spec: &ObjectSpec, fetched: &Fetched) -> Result<Vec<u8>, SyncError> {
     let object = spec.file_name().to_string();
     match spec.encoding {
         Encoding::Utf8 => Ok(text.as_bytes().to_vec()),
-        Encoding::Base64 => STANDARD
-            .decode(text.trim())
-            .map_err(|source| SyncError::Base64 { object, source }),
+        Encoding::Base64 => STANDARD.decode(text.trim()).map_err(|e| SyncError::Base64 {
+            object,
+            source: e.into(),
+        }),
         Encoding::Hex => {
             decode_hex(text.trim()).map_err(|source| SyncError::Hex { object, source })
         }
@@ -513,6 +514,28 @@ mod tests {
         let legacy = existing(&managed, &[(CLASS_ANNOTATION, "a")]);
         assert!(owned_by(&legacy, &a, "a"));
         assert!(!owned_by(&legacy, &b, "b"));
+    }
+
+    #[test]
+    fn base64_errors_never_quote_the_value() {
+        let spec: ObjectSpec = ProviderClass::parse(
+            r#"{"apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+                "metadata": {"name": "app", "namespace": "apps"},
+                "spec": {"provider": "azure", "parameters": {"keyvaultName": "contoso-kv", "tenantId": "t",
+                "objects": "array:\n  - |\n    objectName: a\n    objectType: secret\n    objectEncoding: base64\n"}}}"#,
+        )
+        .unwrap()
+        .objects
+        .remove(0);
+        // '=' (61) inside the text: base64's own error would say "Invalid symbol 61, offset 2".
+        let fetched = Fetched {
+            value: Secret::new("QU=B"),
+            version: "v1".into(),
+            content_type: None,
+        };
+        let err = error_chain(&encode(&spec, &fetched).unwrap_err());
+        assert!(!err.contains("61") && !err.contains("symbol 6"), "{err}");
+        assert!(err.contains("offset 2"), "{err}");
     }
 
     #[test]
