@@ -415,7 +415,7 @@ impl Reconciler {
                 entry.failures = 0;
                 // parse_interval caps intervals; checked anyway, since a panic here would
                 // crash-loop every replica on the same class.
-                interval.map(|i| due_after(i))
+                interval.map(due_after)
             }
             (false, interval) => {
                 entry.failures = entry.failures.saturating_add(1);
@@ -708,7 +708,7 @@ impl Reconciler {
 /// [`MAX_RETRY`].
 fn backoff(failures: u32) -> Duration {
     FIRST_RETRY
-        .saturating_mul(1 << failures.clamp(1, 7) - 1)
+        .saturating_mul(1 << (failures.clamp(1, 7) - 1))
         .min(MAX_RETRY)
 }
 

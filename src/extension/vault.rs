@@ -123,6 +123,19 @@ impl VaultAccess {
     }
 }
 
+/// `NAME=URL` from the command line.
+pub fn parse_vault_url(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("https://") => {
+            Ok((name.trim().to_ascii_lowercase(), url.trim().to_string()))
+        }
+        _ => Err(format!(
+            "{:?} must be VAULT_NAME=https://URL",
+            crate::secret::clip(s, 100)
+        )),
+    }
+}
+
 #[cfg(test)]
 impl VaultAccess {
     /// No identity from the environment, and no trusted roots: nothing it signs in to answers.
@@ -184,18 +197,5 @@ mod tests {
                 None
             )
             .is_ok());
-    }
-}
-
-/// `NAME=URL` from the command line.
-pub fn parse_vault_url(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("https://") => {
-            Ok((name.trim().to_ascii_lowercase(), url.trim().to_string()))
-        }
-        _ => Err(format!(
-            "{:?} must be VAULT_NAME=https://URL",
-            crate::secret::clip(s, 100)
-        )),
     }
 }
