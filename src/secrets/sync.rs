@@ -239,10 +239,25 @@ impl Syncer {
         }
         if let Some(target) = &self.targets.secrets {
             let namespace = &target.namespace;
+            // Every Secret is checked before any is written: a class that may not write one of
+            // its Secrets writes none.
+            let mut existing = Vec::new();
             for object in &self.class.secret_objects {
+                existing.push(
+                    writable(
+                        &target.api,
+                        namespace,
+                        &target.owner,
+                        &self.class.name,
+                        &object.secret_name,
+                    )
+                    .await?,
+                );
+            }
+            for (object, existing) in self.class.secret_objects.iter().zip(existing) {
                 let desired =
                     build_secret(&self.class.name, &target.owner, object, &contents, &current);
-                let outcome = apply(&target.api, namespace, &target.owner, desired).await?;
+                let outcome = write(&target.api, namespace, existing, desired).await?;
                 if outcome != Outcome::Unchanged {
                     tracing::info!(secret = %object.secret_name, namespace = %namespace, outcome = ?outcome, "Kubernetes Secret synced");
                 }
@@ -355,12 +370,57 @@ fn same(existing: &KubeSecret, desired: &KubeSecret) -> bool {
         )
 }
 
-/// Creates the Secret, or replaces it when its content differs; unchanged Secrets are not
-/// written (their resourceVersion stays). A Secret of another owner is refused, not written.
-pub async fn apply(
+/// Reads Secret `name` and checks that `owner` may write it: `None` when there is none yet.
+/// A Secret without the managed-by label, or of another owner, is refused.
+pub async fn writable(
     api: &Api<KubeSecret>,
     namespace: &str,
     owner: &str,
+    class_name: &str,
+    name: &str,
+) -> Result<Option<KubeSecret>, SyncError> {
+    let existing = api.get_opt(name).await.map_err(|source| SyncError::Kube {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        source,
+    })?;
+    let Some(existing) = existing else {
+        return Ok(None);
+    };
+    let managed = existing
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY);
+    if !managed {
+        return Err(SyncError::NotManaged {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        });
+    }
+    if !owned_by(&existing, owner, class_name) {
+        return Err(SyncError::NotOwned {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            owner: owner.to_string(),
+            other: existing
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(OWNER_ANNOTATION))
+                .map(|o| crate::secret::clip(o, 200)),
+        });
+    }
+    Ok(Some(existing))
+}
+
+/// Creates the Secret, or replaces it when its content differs, once [`writable`] has said
+/// yes; unchanged Secrets are not written (their resourceVersion stays).
+async fn write(
+    api: &Api<KubeSecret>,
+    namespace: &str,
+    existing: Option<KubeSecret>,
     mut desired: KubeSecret,
 ) -> Result<Outcome, SyncError> {
     let name = desired.metadata.name.clone().unwrap_or_default();
@@ -369,7 +429,7 @@ pub async fn apply(
         name: name.clone(),
         source,
     };
-    match api.get_opt(&name).await.map_err(kube)? {
+    match existing {
         None => {
             api.create(&PostParams::default(), &desired)
                 .await
@@ -377,38 +437,6 @@ pub async fn apply(
             Ok(Outcome::Created)
         }
         Some(existing) => {
-            let managed = existing
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(MANAGED_BY_LABEL))
-                .is_some_and(|v| v == MANAGED_BY);
-            if !managed {
-                return Err(SyncError::NotManaged {
-                    namespace: namespace.to_string(),
-                    name,
-                });
-            }
-            let class_name = desired
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(CLASS_ANNOTATION))
-                .cloned()
-                .unwrap_or_default();
-            if !owned_by(&existing, owner, &class_name) {
-                return Err(SyncError::NotOwned {
-                    namespace: namespace.to_string(),
-                    name,
-                    owner: owner.to_string(),
-                    other: existing
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(OWNER_ANNOTATION))
-                        .map(|o| crate::secret::clip(o, 200)),
-                });
-            }
             if same(&existing, &desired) {
                 return Ok(Outcome::Unchanged);
             }
