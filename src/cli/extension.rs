@@ -316,6 +316,24 @@ fn settings_of(map: &BTreeMap<String, String>) -> anyhow::Result<Settings> {
     Settings::parse(map).map_err(|e: SettingsError| anyhow::anyhow!(e))
 }
 
+/// The recorded settings for reading what is installed (show, delete): a setting this CLI
+/// does not know (a newer one's) must not keep it from finding the install. Unknown or
+/// unreadable settings count as their defaults, with a warning.
+fn recorded_settings(map: &BTreeMap<String, String>) -> Settings {
+    Settings::parse(map).unwrap_or_else(|e| {
+        eprintln!("warning: {e}; the setting is ignored here");
+        let known: BTreeMap<String, String> = map
+            .iter()
+            .filter(|(k, v)| {
+                Settings::parse(&BTreeMap::from([((*k).clone(), (*v).clone())])).is_ok()
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Settings::parse(&known)
+            .unwrap_or_else(|_| Settings::parse(&BTreeMap::new()).expect("the defaults parse"))
+    })
+}
+
 fn properties(
     settings: BTreeMap<String, String>,
     namespace: &str,
@@ -438,6 +456,16 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
             other.name
         );
     }
+    if let Some(same) = existing.first() {
+        let installed = &same.properties.scope.cluster.release_namespace;
+        if installed != &args.release_namespace {
+            anyhow::bail!(
+                "extension '{}' is installed in namespace '{installed}'; --release-namespace cannot change it (that would leave the old install behind): delete the extension first, then create it in '{}'",
+                same.name,
+                args.release_namespace
+            );
+        }
+    }
     let state = if existing.is_empty() {
         "Creating"
     } else {
@@ -484,7 +512,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
     };
     let checked = match kube(&args.kube).await {
         Ok(kube) => {
-            let settings = settings_of(&extension.properties.configuration_settings)?;
+            let settings = recorded_settings(&extension.properties.configuration_settings);
             let spec = spec_of(
                 &extension.name,
                 &id,
@@ -556,7 +584,8 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     };
-    let settings = settings_of(&extension.properties.configuration_settings)?;
+    // Removing needs only the name, namespace and cluster: never the settings.
+    let settings = recorded_settings(&extension.properties.configuration_settings);
     let spec = spec_of(
         &extension.name,
         &id,
@@ -576,12 +605,21 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
 }
 
 async fn run_controller(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (client, _) = kubeclient::client(
+    let kube_config = kubeclient::config(
         args.kubeconfig.as_deref(),
         args.context.as_deref(),
         "run in a pod or pass --kubeconfig",
     )
     .await?;
+    // The Lease's own client has a read timeout (the watch's cannot: it idles for minutes),
+    // counted from each request, so a stalled connection fails a renew rather than hanging it.
+    let mut lease_config = kube_config.clone();
+    lease_config.read_timeout = Some(crate::extension::leader::REQUEST_TIMEOUT);
+    lease_config.reset_reader_on_write = true;
+    let lease_client =
+        kube::Client::try_from(lease_config).context("cannot build the Kubernetes client")?;
+    let client =
+        kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let identity = args
         .identity
         .clone()
@@ -602,7 +640,7 @@ async fn run_controller(args: ControllerArgs, shutdown: CancellationToken) -> an
         identity,
         vault: vault_access(&args.vault_urls)?,
     };
-    controller::run(client, config, shutdown).await;
+    controller::run(client, lease_client, config, shutdown).await;
     Ok(())
 }
 
@@ -641,6 +679,22 @@ mod tests {
             Top::Extension(cmd) => Ok(*cmd),
             _ => panic!("not extension"),
         }
+    }
+
+    #[test]
+    fn reading_an_install_does_not_need_settings_this_cli_knows() {
+        let map = BTreeMap::from([
+            ("future.setting".to_string(), "x".to_string()),
+            (
+                crate::extension::settings::CSI.to_string(),
+                "true".to_string(),
+            ),
+        ]);
+        assert!(settings_of(&map).is_err());
+        assert!(
+            recorded_settings(&map).csi,
+            "the known settings still count"
+        );
     }
 
     #[test]

@@ -13,6 +13,18 @@ pub async fn client(
     context: Option<&str>,
     missing: &str,
 ) -> anyhow::Result<(kube::Client, String)> {
+    let config = config(kubeconfig, context, missing).await?;
+    let namespace = config.default_namespace.clone();
+    let client = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
+    Ok((client, namespace))
+}
+
+/// The configuration [`client`] builds its client from.
+pub async fn config(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+    missing: &str,
+) -> anyhow::Result<kube::Config> {
     let options = KubeConfigOptions {
         context: context.map(str::to_string),
         ..Default::default()
@@ -32,7 +44,5 @@ pub async fn client(
             .await
             .with_context(|| format!("no cluster configuration: {missing}"))?,
     };
-    let namespace = config.default_namespace.clone();
-    let client = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
-    Ok((client, namespace))
+    Ok(config)
 }

@@ -291,7 +291,12 @@ async fn sync(args: SyncArgs, shutdown: CancellationToken) -> anyhow::Result<u8>
     let (http, mut creds) = credentials(&args.entra, &cloud, class.tenant_id.clone())?;
     creds.use_identity(&class.identity);
     let secrets = if uses_k8s(&args, &class) {
-        Some(secret_target(&args, &class, &mut creds).await?)
+        let (api, namespace) = secret_target(&args, &class, &mut creds).await?;
+        Some(crate::secrets::sync::SecretTarget {
+            api,
+            owner: crate::secrets::sync::cli_owner(&namespace, &class.name),
+            namespace,
+        })
     } else {
         None
     };

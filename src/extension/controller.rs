@@ -10,12 +10,12 @@
 //! Per class: a finalizer is added first, so deleting the class waits until its Secrets are
 //! gone (owner references would need kube-controller-manager's garbage collector). The
 //! service principal of the namespace's `secrets-store-creds` Secret (labelled
-//! `secrets-store.csi.k8s.io/used=true`) signs in when there is one, else the class's identity
-//! or the pod's own. A pass fetches every object before it writes any Secret, so a Secret is
+//! `secrets-store.csi.k8s.io/used=true`) signs in when there is one, else the identity the class
+//! opts in to (never the pod's own unasked). A pass fetches every object before it writes any Secret, so a Secret is
 //! never partial; an object Key Vault fails to return keeps its last good content. Each pass
 //! ends in an Event and the class's `SecretSyncStatus`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,15 +29,13 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::leader::{Elector, LEASE_DURATION, RENEW_EVERY};
+use super::leader::{leading_deadline, Elector, RENEW_EVERY, REQUEST_TIMEOUT};
 use super::manifests::SPC_GROUP;
 use super::report::{self, ClassRef, Level};
-use super::settings::parse_interval;
+use super::settings::{parse_interval, MAX_INTERVAL};
 use super::vault::{ServicePrincipal, VaultAccess, CREDENTIALS_SECRET, USED_LABEL};
 use crate::secrets::credential::read_credentials_secret;
-use crate::secrets::sync::{
-    Outcome, Syncer, Targets, CLASS_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL,
-};
+use crate::secrets::sync::{class_owner, owned_by, Outcome, SecretTarget, Syncer, Targets};
 use crate::secrets::ProviderClass;
 use crate::tunnel::http::error_chain;
 
@@ -69,9 +67,16 @@ pub fn provider_class_resource() -> ApiResource {
 }
 
 /// Runs until `shutdown`: waits to lead, reconciles while leading, hands the Lease back at the end.
-pub async fn run(client: kube::Client, config: Config, shutdown: CancellationToken) {
+/// `lease_client` is used for the Lease only; give it a read timeout (the watch in `client`
+/// cannot have one).
+pub async fn run(
+    client: kube::Client,
+    lease_client: kube::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) {
     let elector = Elector::new(
-        client.clone(),
+        lease_client.clone(),
         &config.lease_namespace,
         &config.lease_name,
         &config.identity,
@@ -80,9 +85,14 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
     // Kept across terms as leader: the last good content survives a lost and regained Lease.
     let reconciler = Arc::new(Reconciler::new(client.clone(), config.clone()));
     loop {
-        loop {
-            match elector.try_acquire_or_renew().await {
-                Ok(true) => break,
+        let term_start = loop {
+            // Stamped before the request: the term counts from before the Lease was written.
+            let start = Instant::now();
+            match elector
+                .try_acquire_or_renew_by(start + REQUEST_TIMEOUT)
+                .await
+            {
+                Ok(true) => break start,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %error_chain(&e), "cannot read the leader Lease"),
             }
@@ -90,16 +100,17 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RENEW_EVERY) => {}
             }
-        }
+        };
         tracing::info!(identity = %config.identity, "leading");
         let leading = shutdown.child_token();
         let renewing = tokio::spawn(keep_leading(
             Elector::new(
-                client.clone(),
+                lease_client.clone(),
                 &config.lease_namespace,
                 &config.lease_name,
                 &config.identity,
             ),
+            term_start,
             leading.clone(),
         ));
         reconciler.clone().run(leading.clone()).await;
@@ -110,7 +121,8 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
         leading.cancel();
         let _ = renewing.await;
         if shutdown.is_cancelled() {
-            elector.release().await;
+            // Bounded: a hung apiserver must not hold up shutdown; the Lease then lapses.
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, elector.release()).await;
             tracing::info!("controller stopped; Lease released");
             return;
         }
@@ -118,24 +130,25 @@ pub async fn run(client: kube::Client, config: Config, shutdown: CancellationTok
     }
 }
 
-/// Renews the Lease; cancels `leading` once it is lost, or could not be renewed for so long
-/// that another replica may have taken it.
-async fn keep_leading(elector: Elector, leading: CancellationToken) {
-    let mut renewed = Instant::now();
+/// Renews the Lease; cancels `leading` once it is lost, or once the term that began at the
+/// start of the last successful renew (`renewed`) is about to run out: every renew is cut
+/// off at that deadline, so a hung request cannot keep this replica leading.
+async fn keep_leading(elector: Elector, mut renewed: Instant, leading: CancellationToken) {
     loop {
+        let deadline = leading_deadline(renewed);
         tokio::select! {
             _ = leading.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => break,
             _ = tokio::time::sleep(RENEW_EVERY) => {}
         }
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => renewed = Instant::now(),
+        let start = Instant::now();
+        match elector.try_acquire_or_renew_by(deadline).await {
+            Ok(true) => renewed = start,
             Ok(false) => break,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "cannot renew the leader Lease");
-                if renewed.elapsed() + RENEW_EVERY >= LEASE_DURATION {
-                    break;
-                }
-            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot renew the leader Lease"),
+        }
+        if Instant::now() >= leading_deadline(renewed) {
+            break;
         }
     }
     leading.cancel();
@@ -257,7 +270,31 @@ impl Reconciler {
         let key = key_of(&class);
         if class.metadata.deletion_timestamp.is_some() {
             if has_finalizer(&class) {
-                self.finalize(&class).await;
+                if let Err(message) = self.finalize(&class).await {
+                    // The class will not change again while it waits for us: retry on a timer.
+                    let wait = {
+                        let mut state = self.state();
+                        let entry = state.entry(key).or_insert_with(|| ClassState {
+                            fingerprint: fingerprint(&class),
+                            syncer: None,
+                            credentials: None,
+                            due: None,
+                            failures: 0,
+                        });
+                        entry.failures = entry.failures.saturating_add(1);
+                        backoff(entry.failures)
+                    };
+                    tracing::warn!(class = %class.metadata.name.as_deref().unwrap_or_default(), namespace = %class.metadata.namespace.as_deref().unwrap_or_default(), error = %message, retry_in_s = wait.as_secs(), "cannot finalize the class; retrying");
+                    report::event(
+                        &self.client,
+                        &class_ref(&class),
+                        Level::Warning,
+                        "FinalizeFailed",
+                        &format!("{message}; the class stays until its Secrets are removed"),
+                    )
+                    .await;
+                    return Action::requeue(wait);
+                }
             }
             self.state().remove(&key);
             return Action::await_change();
@@ -356,7 +393,7 @@ impl Reconciler {
             return;
         }
         if !has_finalizer(class) && !self.add_finalizer(class, &reference).await {
-            entry.due = Some(Instant::now() + FIRST_RETRY);
+            entry.due = Some(due_after(FIRST_RETRY));
             return;
         }
         let (interval, interval_problem) = self.interval_of(class, &reference);
@@ -376,15 +413,15 @@ impl Reconciler {
         entry.due = match (outcome, interval) {
             (true, interval) => {
                 entry.failures = 0;
-                interval.map(|i| Instant::now() + i)
+                // parse_interval caps intervals; checked anyway, since a panic here would
+                // crash-loop every replica on the same class.
+                interval.map(due_after)
             }
             (false, interval) => {
                 entry.failures = entry.failures.saturating_add(1);
-                let backoff = FIRST_RETRY
-                    .saturating_mul(1 << entry.failures.min(6).saturating_sub(1))
-                    .min(MAX_RETRY);
+                let backoff = backoff(entry.failures);
                 let wait = interval.map_or(backoff, |i| i.min(backoff));
-                Some(Instant::now() + wait)
+                Some(due_after(wait))
             }
         };
     }
@@ -460,7 +497,11 @@ impl Reconciler {
                 class,
                 Targets {
                     mount_dir: None,
-                    secrets: Some((secrets, reference.namespace.clone())),
+                    secrets: Some(SecretTarget {
+                        api: secrets,
+                        namespace: reference.namespace.clone(),
+                        owner: class_owner(&reference.namespace, &reference.name, &reference.uid),
+                    }),
                 },
             ));
             entry.credentials = version;
@@ -597,11 +638,13 @@ impl Reconciler {
     }
 
     /// The class is being deleted: remove its Secrets (only those this controller wrote for
-    /// it) and its status, then let it go.
-    async fn finalize(&self, class: &DynamicObject) {
+    /// it: the names of its spec and those its status recorded, each owner-checked) and its
+    /// status, then let it go. An error leaves the finalizer for a retry.
+    async fn finalize(&self, class: &DynamicObject) -> Result<(), String> {
         let reference = class_ref(class);
         let secrets: Api<KubeSecret> = Api::namespaced(self.client.clone(), &reference.namespace);
-        let names: Vec<String> = serde_json::to_string(class)
+        let owner = class_owner(&reference.namespace, &reference.name, &reference.uid);
+        let mut names: BTreeSet<String> = serde_json::to_string(class)
             .ok()
             .and_then(|text| ProviderClass::parse(&text).ok())
             .map(|c| {
@@ -611,22 +654,17 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        let recorded =
+            report::recorded_secrets(&self.client, &reference.namespace, &reference.name)
+                .await
+                .map_err(|e| format!("cannot read the SecretSyncStatus: {}", error_chain(&e)))?;
+        names.extend(recorded);
         let mut removed = Vec::new();
         for name in names {
             let ours = match secrets.get_opt(&name).await {
-                Ok(Some(secret)) => {
-                    let labels = secret.metadata.labels.unwrap_or_default();
-                    let annotations = secret.metadata.annotations.unwrap_or_default();
-                    labels
-                        .get(MANAGED_BY_LABEL)
-                        .is_some_and(|v| v == MANAGED_BY)
-                        && annotations.get(CLASS_ANNOTATION) == Some(&reference.name)
-                }
+                Ok(Some(secret)) => owned_by(&secret, &owner, &reference.name),
                 Ok(None) => false,
-                Err(e) => {
-                    tracing::warn!(secret = %name, error = %error_chain(&e), "cannot read a synced Secret; the class stays until it can be removed");
-                    return;
-                }
+                Err(e) => return Err(format!("cannot read Secret {name}: {}", error_chain(&e))),
             };
             if !ours {
                 continue;
@@ -634,13 +672,12 @@ impl Reconciler {
             match secrets.delete(&name, &Default::default()).await {
                 Ok(_) => removed.push(name),
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(secret = %name, error = %error_chain(&e), "cannot remove a synced Secret; the class stays until it can be removed");
-                    return;
-                }
+                Err(e) => return Err(format!("cannot remove Secret {name}: {}", error_chain(&e))),
             }
         }
-        report::remove_status(&self.client, &reference.namespace, &reference.name).await;
+        report::remove_status(&self.client, &reference.namespace, &reference.name)
+            .await
+            .map_err(|e| format!("cannot remove the SecretSyncStatus: {}", error_chain(&e)))?;
         let rest: Vec<String> = class
             .metadata
             .finalizers
@@ -649,22 +686,149 @@ impl Reconciler {
             .into_iter()
             .filter(|f| f != FINALIZER)
             .collect();
-        if self.set_finalizers(&reference, rest).await {
-            tracing::info!(class = %reference.name, namespace = %reference.namespace, removed = removed.len(), "class deleted; its Secrets removed");
-            if !removed.is_empty() {
-                report::event(
-                    &self.client,
-                    &reference,
-                    Level::Normal,
-                    "SecretsRemoved",
-                    &format!("Secret {} removed with the class", removed.join(", ")),
-                )
-                .await;
-            }
+        if !self.set_finalizers(&reference, rest).await {
+            return Err(format!("cannot remove the finalizer {FINALIZER}"));
         }
+        tracing::info!(class = %reference.name, namespace = %reference.namespace, removed = removed.len(), "class deleted; its Secrets removed");
+        if !removed.is_empty() {
+            report::event(
+                &self.client,
+                &reference,
+                Level::Normal,
+                "SecretsRemoved",
+                &format!("Secret {} removed with the class", removed.join(", ")),
+            )
+            .await;
+        }
+        Ok(())
     }
+}
+
+/// The wait before retry number `failures` (1 = the first): [`FIRST_RETRY`] doubling up to
+/// [`MAX_RETRY`].
+fn backoff(failures: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(1 << (failures.clamp(1, 7) - 1))
+        .min(MAX_RETRY)
+}
+
+/// `now + wait`, or [`MAX_INTERVAL`] from now if that would overflow.
+fn due_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(MAX_INTERVAL))
+        .unwrap_or(now)
 }
 
 fn class_provider(class: &DynamicObject) -> Option<&str> {
     class.data.get("spec")?.get("provider")?.as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// An apiserver that accepts requests and never answers.
+    #[derive(Clone)]
+    struct Hung;
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for Hung {
+        type Response = http::Response<kube::client::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_renew_gives_up_leading_before_the_lease_could_lapse() {
+        let client = kube::Client::new(Hung, "default");
+        let elector = Elector::new(client, "kube-system", "lease", "me");
+        let leading = CancellationToken::new();
+        let renewed = Instant::now();
+        keep_leading(elector, renewed, leading.clone()).await;
+        assert!(leading.is_cancelled());
+        // Stopped by the deadline, which is before another replica may take the Lease.
+        assert!(Instant::now() <= leading_deadline(renewed));
+        assert!(leading_deadline(renewed) < renewed + super::super::leader::LEASE_DURATION);
+    }
+
+    /// An apiserver that fails every request with 500.
+    #[derive(Clone)]
+    struct Failing;
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for Failing {
+        type Response = http::Response<kube::client::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "reason": "InternalError", "code": 500});
+            std::future::ready(Ok(http::Response::builder()
+                .status(500)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(status.to_string().into_bytes()))
+                .unwrap()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finalizer_that_fails_is_retried_with_backoff() {
+        let client = kube::Client::new(Failing, "default");
+        let config = Config {
+            sync: true,
+            rotation: false,
+            interval: Duration::from_secs(120),
+            lease_namespace: "kube-system".into(),
+            lease_name: "lease".into(),
+            identity: "me".into(),
+            vault: VaultAccess::for_tests(),
+        };
+        let reconciler = Reconciler::new(client, config);
+        let class: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+            "metadata": {
+                "name": "app", "namespace": "apps", "uid": "u1", "resourceVersion": "7",
+                "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": [FINALIZER],
+            },
+            "spec": {"provider": "azure", "parameters": {"keyvaultName": "kv", "tenantId": "t", "objects": "array: []"}},
+        }))
+        .unwrap();
+        let class = Arc::new(class);
+        // Not await_change: the class is Terminating and will not change again by itself.
+        assert_eq!(
+            reconciler.handle(class.clone()).await,
+            Action::requeue(FIRST_RETRY)
+        );
+        assert_eq!(
+            reconciler.handle(class).await,
+            Action::requeue(FIRST_RETRY * 2)
+        );
+    }
+
+    #[test]
+    fn retries_back_off_to_a_cap() {
+        assert_eq!(backoff(0), FIRST_RETRY);
+        assert_eq!(backoff(1), FIRST_RETRY);
+        assert_eq!(backoff(2), FIRST_RETRY * 2);
+        assert_eq!(backoff(u32::MAX), MAX_RETRY);
+    }
+
+    #[test]
+    fn due_times_never_overflow() {
+        let far = due_after(Duration::MAX);
+        assert!(far > Instant::now());
+    }
 }

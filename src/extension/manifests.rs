@@ -110,12 +110,14 @@ pub fn build(spec: &ExtensionSpec) -> Manifests {
     let cluster_role = typed(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": metadata(spec, CONTROLLER_NAME, false),
-        // Classes in every namespace: read them, and add or remove the finalizer. Secrets: read
-        // the credentials Secret, write and remove the synced ones (by name, never listed).
+        // Classes in every namespace: read them, and add or remove the finalizer (a merge
+        // patch). Secrets: read the credentials Secret, write and remove the synced ones (by
+        // name, never listed). Events: one per class and reason, read and patched when the
+        // same thing is reported again.
         "rules": [
-            {"apiGroups": [SPC_GROUP], "resources": ["secretproviderclasses"], "verbs": ["get", "list", "watch", "update", "patch"]},
+            {"apiGroups": [SPC_GROUP], "resources": ["secretproviderclasses"], "verbs": ["get", "list", "watch", "patch"]},
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update", "delete"]},
-            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "create", "patch"]},
             {"apiGroups": [STATUS_GROUP], "resources": [STATUS_PLURAL], "verbs": ["get", "create", "update", "delete"]},
         ],
     }));

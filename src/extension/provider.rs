@@ -262,16 +262,37 @@ fn status(code: u32, message: &str) -> Response<Body> {
     grpc_response(vec![Ok(Frame::trailers(trailers(code, message)))])
 }
 
-/// Binds `socket` (replacing a stale one) and serves until `shutdown`; removes it on the way out.
+/// The file's identity (device, inode), to tell our socket from one bound after it.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Binds `socket` (replacing a stale one, refusing a live one) and serves until `shutdown`;
+/// removes it on the way out if it is still the one it bound.
 pub async fn serve(
     socket: &Path,
     provider: Provider,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     if std::fs::symlink_metadata(socket).is_ok() {
+        // Another provider (an old pod still terminating) serves it: taking the path away
+        // would leave the driver talking to whichever bound last.
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} accepts connections: another provider is serving it; stop that one first",
+                    socket.display()
+                ),
+            ));
+        }
         std::fs::remove_file(socket)?;
     }
     let listener = UnixListener::bind(socket)?;
+    let ours = file_id(socket);
     // Only the driver (root on the node) calls the provider.
     #[cfg(unix)]
     {
@@ -316,6 +337,61 @@ pub async fn serve(
     }
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
-    let _ = std::fs::remove_file(socket);
+    // A successor may have replaced the path with its own socket meanwhile: leave that one.
+    if ours.is_some() && file_id(socket) == ours {
+        let _ = std::fs::remove_file(socket);
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider() -> Provider {
+        Provider::new(VaultAccess::for_tests())
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_refused_not_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("azure.sock");
+        let _other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let before = file_id(&socket);
+        let err = serve(&socket, provider(), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        assert_eq!(
+            file_id(&socket),
+            before,
+            "the other provider's socket stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_successors_is_left_on_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("azure.sock");
+        // Stale: bound and closed, nobody accepts.
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn({
+            let socket = socket.clone();
+            let shutdown = shutdown.clone();
+            async move { serve(&socket, provider(), shutdown).await }
+        });
+        // A stale socket refuses connections; ours accepts them once bound.
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            tokio::task::yield_now().await;
+        }
+        // A successor takes the path over before this one exits (our listener still holds
+        // its inode, so the successor's is another).
+        std::fs::remove_file(&socket).unwrap();
+        let _successor = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let theirs = file_id(&socket);
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+        assert_eq!(file_id(&socket), theirs, "the successor's socket stays");
+    }
 }

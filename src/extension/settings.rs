@@ -21,6 +21,10 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(120);
 /// Key Vault throttles a vault at a few thousand requests per 10 seconds across all clients;
 /// below a second a handful of classes would reach that.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// A day: the longest poll worth having (a secret rotated less often than daily is better
+/// served by a change to the class), and far below what would overflow a deadline computed
+/// from it (`Instant + interval` panics on overflow).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
@@ -73,6 +77,12 @@ pub fn parse_interval(value: &str) -> Result<Duration, SettingsError> {
         return Err(bad(format!(
             "shorter than {}s, which Key Vault would throttle",
             MIN_INTERVAL.as_secs()
+        )));
+    }
+    if interval > MAX_INTERVAL {
+        return Err(bad(format!(
+            "longer than the maximum of {}h",
+            MAX_INTERVAL.as_secs() / 3600
         )));
     }
     Ok(interval)
@@ -141,6 +151,17 @@ mod tests {
             Settings::parse(&map(&[(INTERVAL, "soon")])),
             Err(SettingsError::Interval { .. })
         ));
+        // Large enough to overflow `Instant::now() + interval`: refused, not a panic later.
+        for huge in ["300000000000y", "25h", "1y"] {
+            assert!(
+                matches!(
+                    Settings::parse(&map(&[(INTERVAL, huge)])),
+                    Err(SettingsError::Interval { .. })
+                ),
+                "{huge}"
+            );
+        }
+        assert_eq!(parse_interval("24h").unwrap(), MAX_INTERVAL);
         assert_eq!(
             parse_pair("a.b=c=d").unwrap(),
             ("a.b".to_string(), "c=d".to_string())

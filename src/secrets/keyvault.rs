@@ -572,7 +572,7 @@ impl KeyVaultClient {
             (true, Format::Pem) => {
                 let der = STANDARD
                     .decode(bundle.value.trim())
-                    .map_err(|e| self.convert(object, PemError::Pkcs12Base64(e)))?;
+                    .map_err(|e| self.convert(object, PemError::Pkcs12Base64(e.into())))?;
                 pkcs12_to_pem(&der).map_err(|e| self.convert(object, e))?
             }
             (false, Format::Pfx) if object.kind == ObjectType::Cert => {

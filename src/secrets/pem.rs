@@ -22,6 +22,29 @@ const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
 
 /// Why a key or a PKCS#12 bundle from Key Vault cannot be turned into PEM. Values are never
 /// quoted, only field names.
+/// Why base64 does not decode, without the offending symbol: `base64::DecodeError` quotes
+/// it ("Invalid symbol 61, offset 3"), a byte of a secret in an Event, status or gRPC error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Base64Error {
+    #[error("not a base64 symbol at offset {0}")]
+    Symbol(usize),
+    #[error("invalid length")]
+    Length,
+    #[error("invalid padding")]
+    Padding,
+}
+
+impl From<base64::DecodeError> for Base64Error {
+    fn from(e: base64::DecodeError) -> Base64Error {
+        match e {
+            base64::DecodeError::InvalidByte(offset, _)
+            | base64::DecodeError::InvalidLastSymbol(offset, _) => Base64Error::Symbol(offset),
+            base64::DecodeError::InvalidLength(_) => Base64Error::Length,
+            base64::DecodeError::InvalidPadding => Base64Error::Padding,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PemError {
     #[error("the {kty} key has no '{field}'")]
@@ -30,7 +53,7 @@ pub enum PemError {
     NotBase64Url {
         field: &'static str,
         #[source]
-        source: base64::DecodeError,
+        source: Base64Error,
     },
     #[error("the EC key's curve {0:?} is not supported; P-256, P-384 and P-521 are")]
     UnsupportedCurve(Option<String>),
@@ -39,7 +62,7 @@ pub enum PemError {
     #[error("key type {0:?} has no public key to export (symmetric keys never leave Key Vault)")]
     NoPublicKey(String),
     #[error("PKCS#12 content is not base64")]
-    Pkcs12Base64(#[source] base64::DecodeError),
+    Pkcs12Base64(#[source] Base64Error),
     #[error("the PKCS#12 (PFX) content cannot be read")]
     Pkcs12(#[source] p12_keystore::error::Error),
     #[error("the PKCS#12 (PFX) content holds no private key")]
@@ -72,7 +95,10 @@ pub fn jwk_to_pem(jwk: &Jwk) -> Result<String, PemError> {
         })?;
         URL_SAFE_NO_PAD
             .decode(text.trim_end_matches('='))
-            .map_err(|source| PemError::NotBase64Url { field, source })
+            .map_err(|e| PemError::NotBase64Url {
+                field,
+                source: e.into(),
+            })
     };
     let spki = match jwk.kty.as_str() {
         "RSA" | "RSA-HSM" => {

@@ -19,7 +19,7 @@ use kube::Api;
 
 use super::keyvault::{Fetched, KeyVaultClient, KeyVaultError};
 use super::mount::{write_file, MountError};
-use super::pem::blocks;
+use super::pem::{blocks, Base64Error};
 use super::provider_class::{Encoding, ObjectSpec, ProviderClass, SecretObject};
 use crate::tunnel::http::error_chain;
 
@@ -28,6 +28,39 @@ pub const MANAGED_BY: &str = "clusterconnect";
 /// JSON object of object name (or alias) -> Key Vault version the Secret was built from.
 pub const VERSIONS_ANNOTATION: &str = "clusterconnect.io/object-versions";
 pub const CLASS_ANNOTATION: &str = "clusterconnect.io/secret-provider-class";
+/// Who wrote the Secret and alone may rewrite or delete it: see [`class_owner`] and
+/// [`cli_owner`]. The managed-by label is not enough: other parts of clusterconnect (the
+/// onboarding agent's Secret) carry it too, and two classes may name the same secretName.
+pub const OWNER_ANNOTATION: &str = "clusterconnect.io/secret-owner";
+
+/// The owner of the Secrets the extension writes for one class: its namespace, name and uid,
+/// so a class deleted and created again under the same name is a different owner.
+pub fn class_owner(namespace: &str, name: &str, uid: &str) -> String {
+    format!("SecretProviderClass {namespace}/{name} uid {uid}")
+}
+
+/// The owner of the Secrets `clusterconnect secrets sync` writes from a class file.
+pub fn cli_owner(namespace: &str, class_name: &str) -> String {
+    format!("secrets sync {namespace}/{class_name}")
+}
+
+/// Whether `existing` was written for `owner`. A Secret written before owners were recorded
+/// (no [`OWNER_ANNOTATION`]) belongs to the class its [`CLASS_ANNOTATION`] names.
+pub fn owned_by(existing: &KubeSecret, owner: &str, class_name: &str) -> bool {
+    let managed = existing
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY);
+    let annotations = existing.metadata.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key));
+    managed
+        && match annotation(OWNER_ANNOTATION) {
+            Some(o) => o == owner,
+            None => annotation(CLASS_ANNOTATION).is_some_and(|c| c == class_name),
+        }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -42,7 +75,7 @@ pub enum SyncError {
     Base64 {
         object: String,
         #[source]
-        source: base64::DecodeError,
+        source: Base64Error,
     },
     #[error("object {object}: objectEncoding hex does not fit its content")]
     Hex {
@@ -61,6 +94,13 @@ pub enum SyncError {
     },
     #[error("Kubernetes Secret {namespace}/{name} exists and is not managed by clusterconnect (no {MANAGED_BY_LABEL}={MANAGED_BY} label); delete it or choose another secretName")]
     NotManaged { namespace: String, name: String },
+    #[error("Kubernetes Secret {namespace}/{name} belongs to {}, not to {owner}; it is left alone: choose another secretName", .other.as_deref().unwrap_or("another part of clusterconnect"))]
+    NotOwned {
+        namespace: String,
+        name: String,
+        owner: String,
+        other: Option<String>,
+    },
 }
 
 /// Why a hex value does not decode; never quotes the value.
@@ -95,7 +135,15 @@ pub struct PassReport {
 pub struct Targets {
     pub mount_dir: Option<PathBuf>,
     /// Secrets of the target namespace; `None` leaves `secretObjects` alone.
-    pub secrets: Option<(Api<KubeSecret>, String)>,
+    pub secrets: Option<SecretTarget>,
+}
+
+/// The namespace `secretObjects` are written to, and who writes them.
+pub struct SecretTarget {
+    pub api: Api<KubeSecret>,
+    pub namespace: String,
+    /// [`class_owner`] or [`cli_owner`]: only Secrets of this owner are rewritten.
+    pub owner: String,
 }
 
 pub struct Syncer {
@@ -189,10 +237,27 @@ impl Syncer {
                 }
             }
         }
-        if let Some((api, namespace)) = &self.targets.secrets {
+        if let Some(target) = &self.targets.secrets {
+            let namespace = &target.namespace;
+            // Every Secret is checked before any is written: a class that may not write one of
+            // its Secrets writes none.
+            let mut existing = Vec::new();
             for object in &self.class.secret_objects {
-                let desired = build_secret(&self.class.name, object, &contents, &current);
-                let outcome = apply(api, namespace, desired).await?;
+                existing.push(
+                    writable(
+                        &target.api,
+                        namespace,
+                        &target.owner,
+                        &self.class.name,
+                        &object.secret_name,
+                    )
+                    .await?,
+                );
+            }
+            for (object, existing) in self.class.secret_objects.iter().zip(existing) {
+                let desired =
+                    build_secret(&self.class.name, &target.owner, object, &contents, &current);
+                let outcome = write(&target.api, namespace, existing, desired).await?;
                 if outcome != Outcome::Unchanged {
                     tracing::info!(secret = %object.secret_name, namespace = %namespace, outcome = ?outcome, "Kubernetes Secret synced");
                 }
@@ -210,9 +275,10 @@ fn encode(spec: &ObjectSpec, fetched: &Fetched) -> Result<Vec<u8>, SyncError> {
     let object = spec.file_name().to_string();
     match spec.encoding {
         Encoding::Utf8 => Ok(text.as_bytes().to_vec()),
-        Encoding::Base64 => STANDARD
-            .decode(text.trim())
-            .map_err(|source| SyncError::Base64 { object, source }),
+        Encoding::Base64 => STANDARD.decode(text.trim()).map_err(|e| SyncError::Base64 {
+            object,
+            source: e.into(),
+        }),
         Encoding::Hex => {
             decode_hex(text.trim()).map_err(|source| SyncError::Hex { object, source })
         }
@@ -239,6 +305,7 @@ fn decode_hex(text: &str) -> Result<Vec<u8>, HexError> {
 /// private key and the certificates out of the PEM object, as the CSI driver does.
 pub fn build_secret(
     class_name: &str,
+    owner: &str,
     object: &SecretObject,
     contents: &BTreeMap<String, Vec<u8>>,
     fetched: &BTreeMap<String, Fetched>,
@@ -272,6 +339,7 @@ pub fn build_secret(
         serde_json::to_string(&versions).unwrap_or_default(),
     );
     annotations.insert(CLASS_ANNOTATION.into(), class_name.to_string());
+    annotations.insert(OWNER_ANNOTATION.into(), owner.to_string());
     KubeSecret {
         metadata: ObjectMeta {
             name: Some(object.secret_name.clone()),
@@ -302,11 +370,57 @@ fn same(existing: &KubeSecret, desired: &KubeSecret) -> bool {
         )
 }
 
-/// Creates the Secret, or replaces it when its content differs; unchanged Secrets are not
-/// written (their resourceVersion stays).
-pub async fn apply(
+/// Reads Secret `name` and checks that `owner` may write it: `None` when there is none yet.
+/// A Secret without the managed-by label, or of another owner, is refused.
+pub async fn writable(
     api: &Api<KubeSecret>,
     namespace: &str,
+    owner: &str,
+    class_name: &str,
+    name: &str,
+) -> Result<Option<KubeSecret>, SyncError> {
+    let existing = api.get_opt(name).await.map_err(|source| SyncError::Kube {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        source,
+    })?;
+    let Some(existing) = existing else {
+        return Ok(None);
+    };
+    let managed = existing
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY);
+    if !managed {
+        return Err(SyncError::NotManaged {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        });
+    }
+    if !owned_by(&existing, owner, class_name) {
+        return Err(SyncError::NotOwned {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            owner: owner.to_string(),
+            other: existing
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(OWNER_ANNOTATION))
+                .map(|o| crate::secret::clip(o, 200)),
+        });
+    }
+    Ok(Some(existing))
+}
+
+/// Creates the Secret, or replaces it when its content differs, once [`writable`] has said
+/// yes; unchanged Secrets are not written (their resourceVersion stays).
+async fn write(
+    api: &Api<KubeSecret>,
+    namespace: &str,
+    existing: Option<KubeSecret>,
     mut desired: KubeSecret,
 ) -> Result<Outcome, SyncError> {
     let name = desired.metadata.name.clone().unwrap_or_default();
@@ -315,7 +429,7 @@ pub async fn apply(
         name: name.clone(),
         source,
     };
-    match api.get_opt(&name).await.map_err(kube)? {
+    match existing {
         None => {
             api.create(&PostParams::default(), &desired)
                 .await
@@ -323,18 +437,6 @@ pub async fn apply(
             Ok(Outcome::Created)
         }
         Some(existing) => {
-            let managed = existing
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(MANAGED_BY_LABEL))
-                .is_some_and(|v| v == MANAGED_BY);
-            if !managed {
-                return Err(SyncError::NotManaged {
-                    namespace: namespace.to_string(),
-                    name,
-                });
-            }
             if same(&existing, &desired) {
                 return Ok(Outcome::Unchanged);
             }
@@ -381,7 +483,8 @@ mod tests {
                 content_type: None,
             },
         )]);
-        let secret = build_secret("web", &object, &contents, &fetched);
+        let owner = class_owner("apps", "web", "u1");
+        let secret = build_secret("web", &owner, &object, &contents, &fetched);
         let data = secret.data.as_ref().unwrap();
         assert!(String::from_utf8_lossy(&data["tls.key"].0).contains("AAA"));
         assert!(!String::from_utf8_lossy(&data["tls.key"].0).contains("BBB"));
@@ -392,6 +495,75 @@ mod tests {
         let annotations = secret.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations[VERSIONS_ANNOTATION], r#"{"tls":"v1"}"#);
         assert!(same(&secret, &secret.clone()));
+        assert_eq!(annotations[OWNER_ANNOTATION], owner);
+    }
+
+    fn existing(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> KubeSecret {
+        let map = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        KubeSecret {
+            metadata: ObjectMeta {
+                name: Some("shared".into()),
+                labels: map(labels),
+                annotations: map(annotations),
+                ..ObjectMeta::default()
+            },
+            ..KubeSecret::default()
+        }
+    }
+
+    #[test]
+    fn only_the_owner_may_rewrite_or_delete_a_secret() {
+        let managed = [(MANAGED_BY_LABEL, MANAGED_BY)];
+        let a = class_owner("apps", "a", "uid-a");
+        let b = class_owner("apps", "b", "uid-b");
+        let of_a = existing(&managed, &[(OWNER_ANNOTATION, &a), (CLASS_ANNOTATION, "a")]);
+        assert!(owned_by(&of_a, &a, "a"));
+        // Another class naming the same secretName.
+        assert!(!owned_by(&of_a, &b, "b"));
+        // The same name again with another uid (deleted and created anew).
+        assert!(!owned_by(&of_a, &class_owner("apps", "a", "uid-2"), "a"));
+        // The onboarding agent's Secret: the managed-by label and nothing else.
+        let agent = existing(&managed, &[]);
+        assert!(!owned_by(&agent, &a, "a"));
+        // No label: never ours, whatever the annotations say.
+        assert!(!owned_by(
+            &existing(&[], &[(OWNER_ANNOTATION, &a)]),
+            &a,
+            "a"
+        ));
+        // Written before owners were recorded: the class it names adopts it.
+        let legacy = existing(&managed, &[(CLASS_ANNOTATION, "a")]);
+        assert!(owned_by(&legacy, &a, "a"));
+        assert!(!owned_by(&legacy, &b, "b"));
+    }
+
+    #[test]
+    fn base64_errors_never_quote_the_value() {
+        let spec: ObjectSpec = ProviderClass::parse(
+            r#"{"apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+                "metadata": {"name": "app", "namespace": "apps"},
+                "spec": {"provider": "azure", "parameters": {"keyvaultName": "contoso-kv", "tenantId": "t",
+                "objects": "array:\n  - |\n    objectName: a\n    objectType: secret\n    objectEncoding: base64\n"}}}"#,
+        )
+        .unwrap()
+        .objects
+        .remove(0);
+        // '=' (61) inside the text: base64's own error would say "Invalid symbol 61, offset 2".
+        let fetched = Fetched {
+            value: Secret::new("QU=B"),
+            version: "v1".into(),
+            content_type: None,
+        };
+        let err = error_chain(&encode(&spec, &fetched).unwrap_err());
+        assert!(!err.contains("61") && !err.contains("symbol 6"), "{err}");
+        assert!(err.contains("offset 2"), "{err}");
     }
 
     #[test]

@@ -720,6 +720,13 @@ async fn a_class_that_cannot_sign_in_is_reported_and_writes_nothing() {
     .await;
     assert!(!events(&w.api, "CredentialsSecretNotLabelled").is_empty());
     assert!(!events(&w.api, "SyncFailed").is_empty());
+    // Not the pod's own identity instead: the class did not opt in to it.
+    let status = w.api.object(STATUS_PATH).unwrap();
+    let message = status["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("secrets-store-creds") && message.contains("useVMManagedIdentity"),
+        "{message}"
+    );
     assert!(
         w.api.object(SECRET).is_none(),
         "no Secret without its content"
@@ -790,6 +797,33 @@ async fn a_class_that_cannot_sign_in_is_reported_and_writes_nothing() {
         .api
         .object("/api/v1/namespaces/apps/secrets/partial")
         .is_none());
+
+    // Another class naming the same secretName: refused, and deleting it leaves the Secret of
+    // the class that owns it.
+    let rival = CLASS.replace("name: akvprovider-demo", "name: rival-demo");
+    w.apply_class(&rival).await;
+    eventually(Duration::from_secs(20), "rival-demo Failed", || {
+        w.api
+            .object("/apis/clusterconnect.io/v1/namespaces/apps/secretsyncstatuses/rival-demo")
+            .is_some_and(|s| {
+                s["status"]["phase"] == "Failed"
+                    && s["status"]["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("belongs to SecretProviderClass apps/akvprovider-demo")
+            })
+    })
+    .await;
+    kubectl_ok(
+        &w.kubeconfig,
+        &["-n", NS, "delete", "secretproviderclass", "rival-demo"],
+    )
+    .await;
+    assert_eq!(
+        secret_value(&w.api).as_deref(),
+        Some("value"),
+        "the owner's Secret stays"
+    );
     drop(controller);
 }
 

@@ -20,7 +20,7 @@ use clusterconnect::secrets::credential::ChainCredentials;
 use clusterconnect::secrets::keyvault::{Format, KeyVaultClient, ObjectRef, ObjectType};
 use clusterconnect::secrets::provider_class::ProviderClass;
 use clusterconnect::secrets::rotation;
-use clusterconnect::secrets::sync::{Outcome, Syncer, Targets};
+use clusterconnect::secrets::sync::{cli_owner, Outcome, SecretTarget, Syncer, Targets};
 use clusterconnect::tls::{client_config_with_roots, roots_from_pem};
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use rustls_pki_types::pem::PemObject;
@@ -455,7 +455,11 @@ async fn sync_writes_secrets_and_files_and_rotation_updates_only_what_changed() 
         class,
         Targets {
             mount_dir: Some(mount.path().to_path_buf()),
-            secrets: Some((api, "apps".into())),
+            secrets: Some(SecretTarget {
+                api,
+                namespace: "apps".into(),
+                owner: cli_owner("apps", "test"),
+            }),
         },
     );
 
@@ -638,7 +642,11 @@ async fn an_existing_secret_not_managed_here_is_left_alone() {
         ProviderClass::parse(CLASS).unwrap(),
         Targets {
             mount_dir: None,
-            secrets: Some((api, "apps".into())),
+            secrets: Some(SecretTarget {
+                api,
+                namespace: "apps".into(),
+                owner: cli_owner("apps", "test"),
+            }),
         },
     );
     let err = syncer.pass().await.unwrap_err().to_string();

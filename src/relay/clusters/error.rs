@@ -42,6 +42,14 @@ pub enum ApiError {
     #[error("extension '{name}' of connected cluster '{cluster}' was not found")]
     ExtensionNotFound { name: String, cluster: String },
     #[error(transparent)]
+    ExtensionSettings(crate::extension::settings::SettingsError),
+    #[error("releaseNamespace cannot change: extension '{name}' is installed in namespace '{existing}', not '{requested}'; delete it first to install it elsewhere")]
+    ReleaseNamespaceImmutable {
+        name: String,
+        existing: String,
+        requested: String,
+    },
+    #[error(transparent)]
     AgentKey(AgentKeyError),
     #[error("a role assignment is {{\"properties\": {{\"principalId\", \"roleDefinitionId\"}}}}")]
     AssignmentBody(#[source] serde_json::Error),
@@ -124,6 +132,8 @@ impl ApiError {
             ExtensionType(_) => (StatusCode::BAD_REQUEST, "ExtensionTypeNotSupported"),
             ExtensionExists { .. } => (StatusCode::CONFLICT, "ExtensionAlreadyExists"),
             ExtensionNotFound { .. } => (StatusCode::NOT_FOUND, "ResourceNotFound"),
+            ExtensionSettings(_) => (StatusCode::BAD_REQUEST, "InvalidConfigurationSettings"),
+            ReleaseNamespaceImmutable { .. } => (StatusCode::BAD_REQUEST, "InvalidRequest"),
             AgentKey(_) => (StatusCode::BAD_REQUEST, "InvalidAgentPublicKeyCertificate"),
             RoleNotAssignable => (StatusCode::BAD_REQUEST, "InvalidRoleDefinitionId"),
             ReportRefused(_) => (StatusCode::UNAUTHORIZED, "InvalidSignature"),

@@ -12,9 +12,10 @@ use super::reply;
 use super::store::Change;
 use super::view::rfc3339;
 use crate::arm::{
-    extension_path, ClusterId, Extension, ExtensionRequest, SystemData, EXTENSION_RESOURCE_TYPE,
-    KEY_VAULT_EXTENSION_TYPE,
+    extension_path, ClusterId, Extension, ExtensionProperties, ExtensionRequest, SystemData,
+    EXTENSION_RESOURCE_TYPE, KEY_VAULT_EXTENSION_TYPE,
 };
+use crate::extension::settings::Settings;
 use crate::tunnel::sas::unix_now;
 
 /// Where the Key Vault provider is installed unless the request names a namespace (Arc's).
@@ -62,6 +63,9 @@ pub fn put(call: &Call, id: &ClusterId, name: &str) -> Reply {
     if properties.release_train.is_empty() {
         properties.release_train = "Stable".to_string();
     }
+    // Stored settings are read back by every later show, update and install: refuse what the
+    // installer could not apply rather than keep it.
+    Settings::parse(&properties.configuration_settings).map_err(ApiError::ExtensionSettings)?;
     let caller = &call.caller;
     let now = rfc3339(unix_now());
     let (extension, created) = call.store.update(&id.key(), |current| {
@@ -74,6 +78,7 @@ pub fn put(call: &Call, id: &ClusterId, name: &str) -> Reply {
                 })
             }
             Some(mut existing) => {
+                same_namespace(&existing, &properties)?;
                 existing.properties = properties.clone();
                 existing.system_data.last_modified_at = now.clone();
                 existing.system_data.last_modified_by = caller.display_name().to_string();
@@ -131,9 +136,53 @@ pub fn delete(call: &Call, id: &ClusterId, name: &str) -> Reply {
     Ok(reply::changed(removed))
 }
 
+/// The release namespace is where the extension's objects live: a PUT that moved it would
+/// leave them installed there, unrecorded.
+fn same_namespace(existing: &Extension, requested: &ExtensionProperties) -> Result<(), ApiError> {
+    let existing_ns = &existing.properties.scope.cluster.release_namespace;
+    let requested_ns = &requested.scope.cluster.release_namespace;
+    if existing_ns != requested_ns {
+        return Err(ApiError::ReleaseNamespaceImmutable {
+            name: existing.name.clone(),
+            existing: existing_ns.clone(),
+            requested: crate::secret::clip(requested_ns, 100),
+        });
+    }
+    Ok(())
+}
+
 fn not_found(id: &ClusterId, name: &str) -> ApiError {
     ApiError::ExtensionNotFound {
         name: name.to_string(),
         cluster: id.name.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extension(namespace: &str) -> Extension {
+        serde_json::from_value(json!({
+            "id": "x", "name": "akvsecretsprovider", "type": EXTENSION_RESOURCE_TYPE,
+            "properties": {
+                "extensionType": KEY_VAULT_EXTENSION_TYPE,
+                "scope": {"cluster": {"releaseNamespace": namespace}},
+            },
+            "systemData": {
+                "createdAt": "t", "createdBy": "u", "createdByType": "User",
+                "lastModifiedAt": "t", "lastModifiedBy": "u", "lastModifiedByType": "User",
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_release_namespace_cannot_change() {
+        let existing = extension("kube-system");
+        assert!(same_namespace(&existing, &extension("kube-system").properties).is_ok());
+        let err = same_namespace(&existing, &extension("other").properties).unwrap_err();
+        assert!(matches!(err, ApiError::ReleaseNamespaceImmutable { .. }));
+        assert!(err.to_string().contains("kube-system"), "{err}");
     }
 }
