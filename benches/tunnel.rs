@@ -53,9 +53,11 @@ const WATCHES: usize = 10_000;
 /// rest up to WATCHES at once.
 const FIRST_WATCHES: usize = 90;
 
-/// What the tunnel should achieve; printed next to the figures, never asserted.
-const TARGET_P50_RATIO: f64 = 1.5;
-const TARGET_THROUGHPUT_SHARE: f64 = 0.70;
+/// What the tunnel should achieve (issue 13); printed next to the figures, never asserted.
+/// Small-GET latency: at most this much added over direct at the median...
+const TARGET_P50_ADDED_MS: f64 = 0.2;
+/// ...and at most this ratio to direct at p99. Bulk: at least rathole over WebSocket+TLS.
+const TARGET_P99_RATIO: f64 = 1.2;
 const TARGET_KIB_PER_WATCH: f64 = 8.0;
 
 /// The whole bench must end; a stuck phase fails it instead of hanging CI or a terminal.
@@ -532,7 +534,8 @@ impl Report {
         println!();
         println!("clusterconnect tunnel bench ({} cores)", cores());
         if let Some((d, t)) = &self.latency {
-            let p50_ratio = ms(t.p50) / ms(d.p50);
+            let added = ms(t.p50) - ms(d.p50);
+            let p99_ratio = ms(t.p99) / ms(d.p99);
             println!();
             println!(
                 "latency: GET {SMALL_GET}, {SAMPLES} sequential after {WARM_UP} warm-up (direct {}, tunnel {})",
@@ -543,21 +546,28 @@ impl Report {
                 "", "direct", "tunnel", "ratio"
             );
             println!(
-                "  {:<14} {:>10.3} {:>10.3} {:>7.2}x   <= {TARGET_P50_RATIO:.1}x  {}",
+                "  {:<14} {:>10.3} {:>10.3} {:>7.2}x   +{added:.3} ms added, <= +{TARGET_P50_ADDED_MS:.1} ms  {}",
                 "p50 ms",
                 ms(d.p50),
                 ms(t.p50),
-                p50_ratio,
-                verdict(p50_ratio <= TARGET_P50_RATIO)
+                ms(t.p50) / ms(d.p50),
+                verdict(added <= TARGET_P50_ADDED_MS)
             );
-            for (name, a, b) in [("p99 ms", d.p99, t.p99), ("mean ms", d.mean, t.mean)] {
-                println!(
-                    "  {name:<14} {:>10.3} {:>10.3} {:>7.2}x",
-                    ms(a),
-                    ms(b),
-                    ms(b) / ms(a)
-                );
-            }
+            println!(
+                "  {:<14} {:>10.3} {:>10.3} {:>7.2}x   <= {TARGET_P99_RATIO:.1}x  {}",
+                "p99 ms",
+                ms(d.p99),
+                ms(t.p99),
+                p99_ratio,
+                verdict(p99_ratio <= TARGET_P99_RATIO)
+            );
+            println!(
+                "  {:<14} {:>10.3} {:>10.3} {:>7.2}x",
+                "mean ms",
+                ms(d.mean),
+                ms(t.mean),
+                ms(t.mean) / ms(d.mean)
+            );
             println!(
                 "  {:<14} {:>10.0} {:>10.0} {:>7.2}x   (all hops in this process, {CPU_SAMPLES} requests)",
                 "CPU us/request",
@@ -602,17 +612,15 @@ impl Report {
                 t.protocol
             );
             println!(
-                "  {:<14} {:>10} {:>10} {:>8}   target",
-                "", "direct", "tunnel", "ratio"
+                "  {:<14} {:>10} {:>10} {:>8}",
+                "", "direct", "tunnel", "share"
             );
             println!(
-                "  {:<14} {:>10.0} {:>10.0} {:>7.0}%   >= {:.0}%  {}",
+                "  {:<14} {:>10.0} {:>10.0} {:>7.0}%",
                 "MiB/s",
                 bd,
                 bt,
                 share * 100.0,
-                TARGET_THROUGHPUT_SHARE * 100.0,
-                verdict(share >= TARGET_THROUGHPUT_SHARE)
             );
             let (cd, ct) = (median(&d.cpu_s_per_gib), median(&t.cpu_s_per_gib));
             println!(
@@ -638,11 +646,19 @@ impl Report {
                 match measured {
                     Ok(r) => {
                         let br = r.median();
+                        // The target is rathole over the same transport class; plain TCP
+                        // (no TLS, no WebSocket) is the goal beyond it.
+                        let bar = if name.contains("TLS") {
+                            "target"
+                        } else {
+                            "goal"
+                        };
                         println!(
-                            "  {name} (same rounds): {:.0} MiB/s, {:.0}% of direct; tunnel/rathole {:.2}x; CPU {:.2} s/GiB (its two processes included); runs {:?}",
+                            "  {name} (same rounds): {:.0} MiB/s, {:.0}% of direct; tunnel/rathole {:.2}x ({bar} >= 1.0x  {}); CPU {:.2} s/GiB (its two processes included); runs {:?}",
                             br,
                             br / bd * 100.0,
                             bt / br,
+                            verdict(bt >= br),
                             median(&r.cpu_s_per_gib),
                             round(&r.runs)
                         );
@@ -688,7 +704,9 @@ impl Report {
                 "tunnel": lat(t),
                 "p50_ratio": ms(t.p50) / ms(d.p50),
                 "p99_ratio": ms(t.p99) / ms(d.p99),
-                "target_p50_ratio_max": TARGET_P50_RATIO,
+                "p50_added_ms": ms(t.p50) - ms(d.p50),
+                "target_p50_added_ms_max": TARGET_P50_ADDED_MS,
+                "target_p99_ratio_max": TARGET_P99_RATIO,
             });
         }
         if let Some((d, t)) = &self.entra {
@@ -706,7 +724,6 @@ impl Report {
                 "direct": thr(d),
                 "tunnel": thr(t),
                 "ratio": t.median() / d.median(),
-                "target_ratio_min": TARGET_THROUGHPUT_SHARE,
             });
             for (name, measured) in &self.rathole {
                 out["throughput"]["rathole"][*name] = match measured {
