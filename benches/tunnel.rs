@@ -278,7 +278,8 @@ async fn run(phases: &Phases) -> Report {
                     ];
                     // The same tunnel as deployed: relay, agent and proxy as the real
                     // binary, each its own process and runtime, as rathole runs too.
-                    let procs = processes::Tunnel::start(&stack.api).await;
+                    let procs =
+                        processes::Tunnel::start(&stack.api, support::tunnel::CONNECTION).await;
                     let procs_target = client::KubeTarget::read(&procs.kubeconfig);
                     paths.push(PathSpec {
                         name: "tunnel (procs)".into(),
@@ -958,31 +959,31 @@ fn cores() -> usize {
 /// an in-process stand-in apiserver.
 mod processes {
     use crate::support::processes::{start_agent, start_proxy, start_relay, Process, RelayProcess};
-    use crate::support::tunnel::CONNECTION;
     use crate::support::ApiServer;
     use std::path::PathBuf;
 
     pub struct Tunnel {
         pub kubeconfig: PathBuf,
-        relay: RelayProcess,
-        agent: Process,
-        proxy: Process,
+        pub relay: RelayProcess,
+        pub agent: Process,
+        pub proxy: Process,
         _dir: tempfile::TempDir,
     }
 
     impl Tunnel {
-        pub async fn start(api: &ApiServer) -> Tunnel {
+        /// The tunnel for hybrid connection `connection`.
+        pub async fn start(api: &ApiServer, connection: &str) -> Tunnel {
             let dir = tempfile::tempdir().expect("temp dir");
             let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
             std::fs::create_dir_all(&relay_dir).expect("relay dir");
             std::fs::create_dir_all(&agent_dir).expect("agent dir");
             let relay = start_relay(&relay_dir).await;
             let api_kubeconfig = api.write_kubeconfig(&agent_dir, &api.token());
-            let agent = start_agent(&relay, &api_kubeconfig, CONNECTION).await;
+            let agent = start_agent(&relay, &api_kubeconfig, connection).await;
             let kubeconfig = dir.path().join("proxy-kubeconfig");
             let (proxy, _port) = start_proxy(
                 &relay,
-                CONNECTION,
+                connection,
                 &api.token(),
                 &kubeconfig,
                 &dir.path().join("proxy-config"),
@@ -1425,7 +1426,7 @@ mod rss {
     use tokio_rustls::TlsConnector;
 
     use crate::client::KubeTarget;
-    use crate::support::processes::{start_agent, start_proxy, start_relay, Process};
+    use crate::support::processes::Process;
     use crate::support::ApiServer;
 
     const CONNECTION: &str = "memory";
@@ -1716,29 +1717,13 @@ mod rss {
     }
 
     pub async fn measure(first: usize, total: usize) -> MemoryFigures {
-        let dir = tempfile::tempdir().expect("temp dir");
         let api = ApiServer::start().await;
-        let relay_dir = dir.path().join("relay");
-        let agent_dir = dir.path().join("agent");
-        std::fs::create_dir_all(&relay_dir).expect("relay dir");
-        std::fs::create_dir_all(&agent_dir).expect("agent dir");
-        let relay = start_relay(&relay_dir).await;
-        let api_kubeconfig = api.write_kubeconfig(&agent_dir, &api.token());
-        let agent = start_agent(&relay, &api_kubeconfig, CONNECTION).await;
-        let kubeconfig = dir.path().join("proxy-kubeconfig");
-        let (proxy, _port) = start_proxy(
-            &relay,
-            CONNECTION,
-            &api.token(),
-            &kubeconfig,
-            &dir.path().join("proxy-config"),
-        )
-        .await;
-        let target = KubeTarget::read(&kubeconfig);
+        let tunnel = crate::processes::Tunnel::start(&api, CONNECTION).await;
+        let target = KubeTarget::read(&tunnel.kubeconfig);
         let processes: [(&'static str, &Process); 3] = [
-            ("relay", &relay.process),
-            ("agent", &agent),
-            ("proxy", &proxy),
+            ("relay", &tunnel.relay.process),
+            ("agent", &tunnel.agent),
+            ("proxy", &tunnel.proxy),
         ];
         let read = || {
             processes
