@@ -77,6 +77,8 @@ struct Phases {
     throughput: bool,
     memory: bool,
     relay: bool,
+    /// Not part of a whole run: only when named (see [`profile`]).
+    profile: bool,
 }
 
 impl Phases {
@@ -93,12 +95,22 @@ impl Phases {
             throughput: on("throughput"),
             memory: on("memory"),
             relay: on("relay"),
+            profile: names.iter().any(|n| n == "profile"),
         }
     }
 }
 
 fn main() {
     let phases = Phases::from_args();
+    if phases.profile {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(profile());
+        runtime.shutdown_timeout(Duration::from_secs(2));
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -430,6 +442,110 @@ async fn run(phases: &Phases) -> Report {
         );
     }
     report
+}
+
+/// `cargo bench --bench tunnel -- profile`: the tunnel as deployed (relay, agent and proxy
+/// processes of the real binary) under sequential small GETs for `BENCH_PROFILE_SECS`
+/// (default 30), its pids printed first so `perf record -p` or `perf stat -p` can attach.
+/// Prints the latency and each process's CPU time and context switches per request. With
+/// `BENCH_PROFILE_OTHER=<binary>`, a second tunnel of that binary runs beside it, requests
+/// taking turns between the two, so two builds are compared under the same load and drift.
+async fn profile() {
+    let secs = std::env::var("BENCH_PROFILE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(30);
+    let api = support::ApiServer::start().await;
+    let mut tunnels = vec![(
+        "this build".to_string(),
+        processes::Tunnel::start(&api, support::tunnel::CONNECTION).await,
+    )];
+    if let Some(other) = std::env::var_os("BENCH_PROFILE_OTHER") {
+        let other = PathBuf::from(other);
+        let started = support::processes::run_binary(
+            other.clone(),
+            processes::Tunnel::start(&api, "other-build"),
+        )
+        .await;
+        tunnels.push((other.display().to_string(), started));
+    }
+    let clients: Vec<_> = tunnels
+        .iter()
+        .map(|(_, t)| {
+            let target = client::KubeTarget::read(&t.kubeconfig);
+            (
+                client::https(target.ca_pem.as_bytes()),
+                client::Target::new(&target.server, &target.token).at(SMALL_GET),
+            )
+        })
+        .collect();
+    for _ in 0..WARM_UP {
+        for (https, request) in &clients {
+            client::get(https, request).await;
+        }
+    }
+    let names = ["relay", "agent", "proxy"];
+    for (name, tunnel) in &tunnels {
+        let pids = tunnel.pids();
+        let listed: Vec<String> = names
+            .iter()
+            .zip(&pids)
+            .map(|(n, p)| format!("{n} {p}"))
+            .collect();
+        println!("{name}: pids {}", listed.join(", "));
+    }
+    println!("sending small GETs for {secs} s");
+    let usage = |tunnel: &processes::Tunnel| -> Vec<(u64, u64)> {
+        tunnel
+            .pids()
+            .iter()
+            .map(|p| (process_cpu_ns(*p), context_switches(*p)))
+            .collect()
+    };
+    let before: Vec<_> = tunnels.iter().map(|(_, t)| usage(t)).collect();
+    let started = Instant::now();
+    let mut samples = vec![Vec::new(); tunnels.len()];
+    while started.elapsed() < Duration::from_secs(secs) {
+        for (i, (https, request)) in clients.iter().enumerate() {
+            samples[i].push(client::get(https, request).await.0);
+        }
+    }
+    for (((name, tunnel), samples), before) in tunnels.iter().zip(samples).zip(before) {
+        let n = samples.len() as u64;
+        let latency = summarize(samples, None, String::new());
+        println!(
+            "{name}: {n} requests, p50 {:.3} ms, p99 {:.3} ms",
+            ms(latency.p50),
+            ms(latency.p99)
+        );
+        for ((role, (cpu, switches)), (cpu0, switches0)) in
+            names.iter().zip(usage(tunnel)).zip(before)
+        {
+            println!(
+                "  {role}: {:.0} us CPU, {:.1} context switches per request",
+                (cpu - cpu0) as f64 / 1e3 / n.max(1) as f64,
+                (switches - switches0) as f64 / n.max(1) as f64
+            );
+        }
+    }
+}
+
+/// Context switches, voluntary and not, of all of process `pid`'s threads so far.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// The latency pair with the agent in Entra mode: kubectl's token is an Entra access token
@@ -958,8 +1074,11 @@ fn cores() -> usize {
 /// relay, agent and proxy as separate processes of the real binary, the agent forwarding to
 /// an in-process stand-in apiserver.
 mod processes {
-    use crate::support::processes::{start_agent, start_proxy, start_relay, Process, RelayProcess};
+    use crate::support::processes::{
+        start_agent_with, start_proxy, start_relay_with, Process, RelayProcess, RELAY_TOML,
+    };
     use crate::support::ApiServer;
+    use std::ffi::OsStr;
     use std::path::PathBuf;
 
     pub struct Tunnel {
@@ -977,9 +1096,13 @@ mod processes {
             let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
             std::fs::create_dir_all(&relay_dir).expect("relay dir");
             std::fs::create_dir_all(&agent_dir).expect("agent dir");
-            let relay = start_relay(&relay_dir).await;
+            // One worker thread each, as they run when deployed: the CPU limits of the
+            // manifests (relay 1, agent 500m) are what the runtime sizes itself by. The proxy
+            // runs one by default.
+            let one = [("CLUSTERCONNECT_WORKER_THREADS", OsStr::new("1"))];
+            let relay = start_relay_with(&relay_dir, RELAY_TOML, &one).await;
             let api_kubeconfig = api.write_kubeconfig(&agent_dir, &api.token());
-            let agent = start_agent(&relay, &api_kubeconfig, connection).await;
+            let agent = start_agent_with(&relay, &api_kubeconfig, connection, &[], &one).await;
             let kubeconfig = dir.path().join("proxy-kubeconfig");
             let (proxy, _port) = start_proxy(
                 &relay,
@@ -1876,7 +1999,7 @@ mod relay_scale {
             "max_connections = {}\n{RELAY_TOML}",
             4 * (listeners + tunnels)
         );
-        let relay = start_relay_with(dir.path(), &toml).await;
+        let relay = start_relay_with(dir.path(), &toml, &[]).await;
         let address = RelayAddress::parse(&relay.url).expect("relay url");
         let tls = clusterconnect::tls::client_config(Some(&relay.ca_path), &[]).expect("tls");
         let listen = SasKey::from_file(&relay.listen_key).expect("listen key");

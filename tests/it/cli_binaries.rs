@@ -73,6 +73,29 @@ async fn help_and_version() {
 }
 
 #[tokio::test]
+async fn worker_threads_out_of_range_are_refused_by_flag_and_environment() {
+    let out = run_to_end(&["--worker-threads", "0", "man"], &[], ONE_SHOT).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("0 is not in 1..=1024"),
+        "{}",
+        describe(&out)
+    );
+    let env = [("CLUSTERCONNECT_WORKER_THREADS", OsStr::new("many"))];
+    let out = run_to_end(&["man"], &env, ONE_SHOT).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("invalid value 'many' for '--worker-threads"),
+        "{}",
+        describe(&out)
+    );
+    // In range, by either, the command runs.
+    let env = [("CLUSTERCONNECT_WORKER_THREADS", OsStr::new("3"))];
+    let out = run_to_end(&["--worker-threads", "2", "man"], &env, ONE_SHOT).await;
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[tokio::test]
 async fn completions_for_every_shell_and_manual_pages_come_from_the_flags() {
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
         let out = run_to_end(&["completion", shell], &[], ONE_SHOT).await;

@@ -540,7 +540,7 @@ async fn list_and_show_from_the_binaries_survive_a_relay_restart() {
     let toml = format!(
         "hostnames = []\n\n[[rules]]\nname = \"admin\"\nkey = \"{ADMIN_KEY}\"\nrights = [\"manage\"]\n"
     );
-    let mut relay = start_relay_with(dir.path(), &toml).await;
+    let mut relay = start_relay_with(dir.path(), &toml, &[]).await;
     let admin_file = dir.path().join("admin.key");
     std::fs::write(
         &admin_file,
@@ -566,7 +566,7 @@ async fn list_and_show_from_the_binaries_survive_a_relay_restart() {
         .wait(Duration::from_secs(20))
         .await
         .expect("relay exits");
-    let relay = start_relay_with(dir.path(), &toml).await;
+    let relay = start_relay_with(dir.path(), &toml, &[]).await;
     let common = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         args.extend([

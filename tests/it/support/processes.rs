@@ -21,9 +21,26 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The token file `start_proxy` writes into its `config_dir`.
 pub const TOKEN_FILE_NAME: &str = "sa.token";
 
-/// The binary under test.
+/// The binary under test: this build's, unless a bench comparing two builds named another
+/// (see [`run_binary`]).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_clusterconnect"))
+    let other = OTHER_BINARY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    other.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_clusterconnect")))
+}
+
+static OTHER_BINARY: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Processes spawned while `f` runs are `path`, not this build's binary: the bench's A/B of
+/// two builds (`cargo bench --bench tunnel -- profile`); the tests always run this build.
+#[allow(dead_code)]
+pub async fn run_binary<T>(path: PathBuf, f: impl std::future::Future<Output = T>) -> T {
+    *OTHER_BINARY.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+    let out = f.await;
+    *OTHER_BINARY.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    out
 }
 
 /// A running `clusterconnect` child: its output (stdout and stderr interleaved by line) is
@@ -363,11 +380,11 @@ rights = ["send"]
 /// Writes `dir/relay.toml` and runs `relay --dev-self-signed` on 127.0.0.1:0; returns once it
 /// logged "relay listening".
 pub async fn start_relay(dir: &Path) -> RelayProcess {
-    start_relay_with(dir, RELAY_TOML).await
+    start_relay_with(dir, RELAY_TOML, &[]).await
 }
 
-/// [`start_relay`] with `toml` as the configuration.
-pub async fn start_relay_with(dir: &Path, toml: &str) -> RelayProcess {
+/// [`start_relay`] with `toml` as the configuration and `envs` in its environment.
+pub async fn start_relay_with(dir: &Path, toml: &str, envs: &[(&str, &OsStr)]) -> RelayProcess {
     let config = dir.join("relay.toml");
     std::fs::write(&config, toml).expect("write relay.toml");
     let process = spawn(
@@ -381,7 +398,7 @@ pub async fn start_relay_with(dir: &Path, toml: &str) -> RelayProcess {
             OsStr::new("--log-format"),
             OsStr::new("json"),
         ],
-        &[],
+        envs,
     );
     let record = match process.wait_for_log(START_TIMEOUT, "relay listening").await {
         Ok(r) => r,
