@@ -242,6 +242,8 @@ struct Report {
     /// Direct vs tunnel with the agent validating an Entra token and impersonating.
     entra: Option<(Latency, Latency)>,
     throughput: Option<(Throughput, Throughput)>,
+    /// The same stream through the tunnel as deployed (relay, agent, proxy processes).
+    throughput_procs: Option<Throughput>,
     /// The same stream through rathole (plain TCP, then WebSocket over TLS), in the same
     /// rounds; `Err` says why not.
     rathole: Vec<(&'static str, Result<Throughput, String>)>,
@@ -346,8 +348,8 @@ async fn run(phases: &Phases) -> Report {
         // Throughput: a bulk server that streams BULK_BYTES, reached directly and through a
         // second agent/proxy pair on its own hybrid connection (same relay).
         if phases.throughput {
-            let (pair, rathole) = phase(
-                "throughput: 256 MiB stream, direct vs tunnel vs rathole",
+            let (pair, procs, rathole) = phase(
+                "throughput: 256 MiB stream, direct vs tunnel (in process, processes) vs rathole",
                 async {
                     let server = BulkServer::start().await;
                     let tunnel = bulk::Tunnel::start(&stack.relay, &server).await;
@@ -356,6 +358,16 @@ async fn run(phases: &Phases) -> Report {
                     let tunnel_client = client::https(proxied.ca_pem.as_bytes());
                     let direct = client::Target::new(&server.url(), "bulk");
                     let via = client::Target::new(&proxied.server, &proxied.token);
+                    let procs = processes::Tunnel::start_to(
+                        &server.url(),
+                        &server.ca_pem,
+                        "bulk",
+                        "bulk-procs",
+                    )
+                    .await;
+                    let procs_target = client::KubeTarget::read(&procs.kubeconfig);
+                    let procs_client = client::https(procs_target.ca_pem.as_bytes());
+                    let via_procs = client::Target::new(&procs_target.server, &procs_target.token);
                     let mut ratholes = Vec::new();
                     for (name, transport) in RATHOLES {
                         ratholes.push((
@@ -376,6 +388,7 @@ async fn run(phases: &Phases) -> Report {
                     let mut paths = vec![
                         (&direct_client, &direct, Vec::new()),
                         (&tunnel_client, &via, Vec::new()),
+                        (&procs_client, &via_procs, procs.pids()),
                     ];
                     paths.extend(
                         targets
@@ -384,7 +397,9 @@ async fn run(phases: &Phases) -> Report {
                     );
                     let mut result = throughput_runs(&paths).await.into_iter();
                     tunnel.stop().await;
-                    let (Some(d), Some(t)) = (result.next(), result.next()) else {
+                    drop(procs);
+                    let (Some(d), Some(t), Some(p)) = (result.next(), result.next(), result.next())
+                    else {
                         panic!("a throughput result per path");
                     };
                     let rathole = ratholes
@@ -397,11 +412,12 @@ async fn run(phases: &Phases) -> Report {
                             (name, measured)
                         })
                         .collect::<Vec<_>>();
-                    ((d, t), rathole)
+                    ((d, t), p, rathole)
                 },
             )
             .await;
             report.throughput = Some(pair);
+            report.throughput_procs = Some(procs);
             report.rathole = rathole;
         }
     }
@@ -980,6 +996,15 @@ impl Report {
                 round(&d.runs),
                 round(&t.runs)
             );
+            let procs = self.throughput_procs.as_ref().map(|p| (p.median(), p));
+            if let Some((bp, p)) = procs {
+                println!(
+                    "  tunnel as processes (same rounds): {bp:.0} MiB/s, {:.0}% of direct; CPU {:.2} s/GiB (its three processes included); runs {:?}",
+                    bp / bd * 100.0,
+                    median(&p.cpu_s_per_gib),
+                    round(&p.runs)
+                );
+            }
             for (name, measured) in &self.rathole {
                 match measured {
                     Ok(r) => {
@@ -1000,6 +1025,13 @@ impl Report {
                             median(&r.cpu_s_per_gib),
                             round(&r.runs)
                         );
+                        if let Some((bp, _)) = procs {
+                            println!(
+                                "    tunnel as processes/{name} {:.2}x ({bar} >= 1.0x  {})",
+                                bp / br,
+                                verdict(bp >= br)
+                            );
+                        }
                     }
                     Err(why) => println!("  {name}: not measured: {why}"),
                 }
@@ -1048,11 +1080,19 @@ impl Report {
                 "tunnel": thr(t),
                 "ratio": t.median() / d.median(),
             });
+            if let Some(p) = &self.throughput_procs {
+                out["throughput"]["tunnel_processes"] = thr(p);
+            }
             for (name, measured) in &self.rathole {
                 out["throughput"]["rathole"][*name] = match measured {
-                    Ok(r) => {
-                        json!({"figures": thr(r), "tunnel_over_rathole": t.median() / r.median()})
-                    }
+                    Ok(r) => json!({
+                        "figures": thr(r),
+                        "tunnel_over_rathole": t.median() / r.median(),
+                        "tunnel_processes_over_rathole": self
+                            .throughput_procs
+                            .as_ref()
+                            .map(|p| p.median() / r.median()),
+                    }),
                     Err(why) => json!({"absent": why}),
                 };
             }
@@ -1090,8 +1130,14 @@ mod processes {
     }
 
     impl Tunnel {
-        /// The tunnel for hybrid connection `connection`.
+        /// The tunnel for hybrid connection `connection` to the stand-in apiserver.
         pub async fn start(api: &ApiServer, connection: &str) -> Tunnel {
+            Tunnel::start_to(&api.url(), &api.ca_pem(), &api.token(), connection).await
+        }
+
+        /// The tunnel for hybrid connection `connection` to the HTTPS server at `url` (its
+        /// certificate issued by `ca_pem`), the proxy presenting `token` there.
+        pub async fn start_to(url: &str, ca_pem: &str, token: &str, connection: &str) -> Tunnel {
             let dir = tempfile::tempdir().expect("temp dir");
             let (relay_dir, agent_dir) = (dir.path().join("relay"), dir.path().join("agent"));
             std::fs::create_dir_all(&relay_dir).expect("relay dir");
@@ -1101,13 +1147,15 @@ mod processes {
             // runs one by default.
             let one = [("CLUSTERCONNECT_WORKER_THREADS", OsStr::new("1"))];
             let relay = start_relay_with(&relay_dir, RELAY_TOML, &one).await;
-            let api_kubeconfig = api.write_kubeconfig(&agent_dir, &api.token());
+            let api_kubeconfig = agent_dir.join("kubeconfig");
+            std::fs::write(&api_kubeconfig, kubeconfig_yaml(url, ca_pem, token))
+                .expect("write the agent's kubeconfig");
             let agent = start_agent_with(&relay, &api_kubeconfig, connection, &[], &one).await;
             let kubeconfig = dir.path().join("proxy-kubeconfig");
             let (proxy, _port) = start_proxy(
                 &relay,
                 connection,
-                &api.token(),
+                token,
                 &kubeconfig,
                 &dir.path().join("proxy-config"),
             )
@@ -1124,6 +1172,19 @@ mod processes {
         pub fn pids(&self) -> Vec<u32> {
             vec![self.relay.process.pid(), self.agent.pid(), self.proxy.pid()]
         }
+    }
+
+    /// A kubeconfig for the server at `url`, as the agent reads one.
+    fn kubeconfig_yaml(url: &str, ca_pem: &str, token: &str) -> String {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: upstream\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\n\
+             users:\n- name: upstream\n  user:\n    token: {token}\n\
+             contexts:\n- name: upstream\n  context:\n    cluster: upstream\n    user: upstream\n\
+             current-context: upstream\n"
+        )
     }
 }
 
