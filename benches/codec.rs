@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the tunnel's hot pieces: SAS token mint/parse/verify (every listener
 //! connect, every rendezvous and every relay accept pays for one) and the WebSocket byte
-//! stream (`WsStream`) that carries every tunnelled byte, over an in-memory duplex pipe.
+//! stream (`WsStream`) that carries every tunnelled byte, over an in-memory duplex pipe; and
+//! the cost of one TLS leg (records sealed by one side, opened by the other, in memory), the
+//! figure behind the choice to keep TLS on the loopback leg between kubectl and the proxy.
 //!
 //! Run: `cargo bench --bench codec`.
 
@@ -129,5 +131,68 @@ fn ws_stream(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sas, ws_stream);
+/// A rustls client and server of this crate's configurations, handshaken in memory.
+fn tls_pair() -> (rustls::Connection, rustls::Connection) {
+    use clusterconnect::tls;
+    let ca = tls::CertificateAuthority::generate("bench CA").expect("CA");
+    let leaf = ca.issue_server(&["127.0.0.1"]).expect("leaf");
+    let server_config = tls::server_config(
+        leaf.cert_pem.as_bytes(),
+        leaf.key_pem.as_bytes(),
+        &[tls::ALPN_H2],
+    )
+    .expect("server TLS");
+    let roots = tls::roots_from_pem(ca.cert_pem().as_bytes()).expect("roots");
+    let client_config = tls::client_config_with_roots(roots, &[]).expect("client TLS");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut client: rustls::Connection = rustls::ClientConnection::new(client_config, name)
+        .expect("client")
+        .into();
+    let mut server: rustls::Connection = rustls::ServerConnection::new(server_config)
+        .expect("server")
+        .into();
+    while client.is_handshaking() || server.is_handshaking() {
+        move_records(&mut client, &mut server);
+        move_records(&mut server, &mut client);
+    }
+    (client, server)
+}
+
+/// Moves what `from` has to send into `to` and lets `to` open it.
+fn move_records(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+    let mut wire = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut wire).expect("write_tls");
+    }
+    let mut cursor = std::io::Cursor::new(wire);
+    while (cursor.position() as usize) < cursor.get_ref().len() {
+        to.read_tls(&mut cursor).expect("read_tls");
+        to.process_new_packets().expect("records open");
+    }
+}
+
+/// One TLS leg: the server seals `size`-byte writes (a response), the client opens them, as
+/// the proxy and kubectl do on the loopback leg for every response byte.
+fn tls_leg(c: &mut Criterion) {
+    use std::io::{Read, Write};
+    let mut group = c.benchmark_group("tls_leg");
+    group.sample_size(20);
+    // 2 KiB: a small GET's answer; 16 KiB: a full record, as bulk data goes.
+    for size in [2 * 1024, 16 * 1024] {
+        let (mut client, mut server) = tls_pair();
+        let payload = vec![0x5au8; size];
+        let mut out = vec![0u8; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::new("seal_open", size), &size, |b, _| {
+            b.iter(|| {
+                server.writer().write_all(&payload).expect("write");
+                move_records(&mut server, &mut client);
+                client.reader().read_exact(&mut out).expect("read");
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sas, ws_stream, tls_leg);
 criterion_main!(benches);

@@ -184,7 +184,7 @@ fn parse_output(
             if left <= 0 {
                 return Err(format!("the token it printed already expired at {ts}"));
             }
-            now + Duration::from_secs(left as u64)
+            now + Duration::from_secs(left as u64).min(super::refresh::MAX_LIFETIME)
         }
     };
     Ok(ExpiringToken {

@@ -17,6 +17,9 @@ use crate::secret::Secret;
 use crate::tunnel::backoff::Backoff;
 
 /// A token and when it stops being valid.
+/// The longest a token is held before it is fetched again, whatever its issuer claims.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
 #[derive(Clone, Debug)]
 pub struct ExpiringToken {
     pub token: Secret,
@@ -25,13 +28,15 @@ pub struct ExpiringToken {
 }
 
 impl ExpiringToken {
-    /// A token valid for `lifetime` from now.
+    /// A token valid for `lifetime` from now. The lifetime comes from whoever issued the token
+    /// (a token endpoint's `expires_in`, a CLI, the registry); one claimed beyond
+    /// [`MAX_LIFETIME`] is taken as that long, so no answer can overflow the clock.
     pub fn new(token: Secret, lifetime: Duration) -> Self {
         let now = Instant::now();
         ExpiringToken {
             token,
             issued_at: now,
-            expires_at: now + lifetime,
+            expires_at: now + lifetime.min(MAX_LIFETIME),
         }
     }
 
@@ -207,6 +212,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn a_lifetime_beyond_reason_is_held_to_the_maximum() {
+        let token = ExpiringToken::new(Secret::new("t"), Duration::MAX);
+        assert_eq!(token.expires_at - token.issued_at, MAX_LIFETIME);
+        let renew = token.renew_at(Duration::from_secs(300));
+        assert_eq!(token.expires_at - renew, Duration::from_secs(300));
+    }
 
     /// Issues "token-N" valid for `ttl`, or fails while `down` is set.
     struct Fake {

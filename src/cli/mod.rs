@@ -194,13 +194,37 @@ pub(crate) fn confirm(yes: bool, without_terminal: &str, question: &str) -> anyh
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
 }
 
-/// Durations such as "90s", "30m", "1h".
+/// Durations such as "90s", "30m", "1h", at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h)"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h)"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{s} is longer than any wait or lifetime here; at most 3650d"
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration a flag takes (ten years): the flags are timeouts, deadlines and token
+/// lifetimes, and a longer one would overflow the clock it is added to.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(3650 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(
+            super::parse_duration("90s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
+        assert!(super::parse_duration("3650d").is_ok());
+        let err = super::parse_duration("10000000000000000000s").unwrap_err();
+        assert!(err.contains("at most 3650d"), "{err}");
+        assert!(super::parse_duration("soon")
+            .unwrap_err()
+            .contains("examples"));
+    }
+
     #[test]
     fn every_subcommand_has_consistent_flags() {
         use clap::CommandFactory;

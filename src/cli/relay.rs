@@ -17,9 +17,7 @@ use crate::onboard::relay_manifests::{self, RelaySpec, DEFAULT_RELAY_NAMESPACE, 
 use crate::relay::clusters::kv::Kv;
 use crate::relay::clusters::{arm_audiences_of, is_arm_audience, EntraCallers, Registry};
 use crate::relay::replicas;
-use crate::relay::{
-    ClusterLink, EntraFile, RelayConfig, RelayFile, RelayStats, DEFAULT_MAX_CONNECTIONS,
-};
+use crate::relay::{ClusterLink, EntraFile, RelayConfig, RelayFile, RelayStats};
 use crate::tls;
 use crate::tls::reload::ReloadingCert;
 
@@ -131,10 +129,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         rules: rules.into(),
         clusters,
         tls,
-        max_connections: file
-            .max_connections
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
-            .max(1),
+        max_connections: file.max_connections()?,
         stats: Arc::new(RelayStats::with_metrics(metrics)),
         public_port: file.public_port,
         limits: file.limits()?,

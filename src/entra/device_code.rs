@@ -28,6 +28,10 @@ use crate::secret::Secret;
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// RFC 8628 section 3.5: after `slow_down`, poll this much less often.
 pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+/// The longest a sign-in code is waited for (Entra's last 15 minutes).
+const MAX_CODE_LIFETIME: u64 = 3600;
+/// The longest wait between two polls for the sign-in, slowed down or not.
+const MAX_POLL_INTERVAL: u64 = 60;
 
 pub struct DeviceCode {
     http: HttpClient,
@@ -225,8 +229,10 @@ impl DeviceCode {
             )
         });
         self.prompt.show(&message);
-        let deadline = Instant::now() + Duration::from_secs(code.expires_in);
-        let mut interval = Duration::from_secs(code.interval);
+        // Entra gives 900 s and 5 s; an endpoint's answer beyond these bounds is held to them,
+        // so it can neither overflow the clock nor stretch the wait past reason.
+        let deadline = Instant::now() + Duration::from_secs(code.expires_in.min(MAX_CODE_LIFETIME));
+        let mut interval = Duration::from_secs(code.interval.min(MAX_POLL_INTERVAL));
         let device_code = Secret::new(code.device_code);
         let expired = || {
             SourceError::Failed(
@@ -253,7 +259,10 @@ impl DeviceCode {
                 }
                 Err(e) => match e.code() {
                     Some("authorization_pending") => {}
-                    Some("slow_down") => interval += self.slow_down_step,
+                    Some("slow_down") => {
+                        interval = (interval + self.slow_down_step)
+                            .min(Duration::from_secs(MAX_POLL_INTERVAL))
+                    }
                     Some("expired_token" | "code_expired") => return Err(expired()),
                     Some("authorization_declined" | "access_denied") => {
                         return Err(SourceError::Failed(

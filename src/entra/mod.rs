@@ -194,6 +194,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_expiry_beyond_reason_is_held_to_the_longest_lifetime() {
+        for answer in [
+            r#"{"access_token":"a","expires_in":"18446744073709551615"}"#,
+            r#"{"access_token":"a","expires_on":18446744073709551615}"#,
+        ] {
+            let response: TokenResponse = serde_json::from_str(answer).unwrap();
+            let (token, _) = response.into_expiring();
+            assert_eq!(
+                token.expires_at - token.issued_at,
+                crate::auth::refresh::MAX_LIFETIME,
+                "{answer}"
+            );
+        }
+    }
+
+    #[test]
     fn token_responses_accept_numbers_as_strings() {
         let imds: TokenResponse =
             serde_json::from_str(r#"{"access_token":"a","expires_in":"3599","resource":"r"}"#)

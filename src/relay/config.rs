@@ -39,6 +39,8 @@ pub enum ConfigError {
         max = MAX_SPLICE_BUFFER / 1024
     )]
     SpliceBuffer(usize),
+    #[error("relay config: max_connections = {0} is outside 1..={max}", max = MAX_CONNECTIONS_LIMIT)]
+    MaxConnections(usize),
     #[error("relay config: a rule has an empty name")]
     EmptyRuleName,
     #[error("relay config: rule '{0}' is defined twice")]
@@ -200,6 +202,15 @@ pub struct ClusterLink {
 }
 
 impl RelayFile {
+    /// `max_connections`, or its default.
+    pub fn max_connections(&self) -> Result<usize, ConfigError> {
+        match self.max_connections {
+            None => Ok(DEFAULT_MAX_CONNECTIONS),
+            Some(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) => Ok(n),
+            Some(n) => Err(ConfigError::MaxConnections(n)),
+        }
+    }
+
     /// The file's limits over the defaults.
     pub fn limits(&self) -> Result<Limits, ConfigError> {
         let default = Limits::default();
@@ -265,6 +276,9 @@ impl RelayFile {
 /// Connections beyond this wait for a slot rather than exhausting file descriptors; each costs
 /// a TLS session and two small WebSocket buffers (about 150 KiB), so 10k is ~1.5 GiB at worst.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The most `max_connections` may be: far beyond what one process holds open (each
+/// connection is a file descriptor and buffers), and below tokio's semaphore limit.
+pub const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
 
 impl RelayFile {
     pub fn load(path: &Path) -> Result<RelayFile, ConfigError> {
@@ -489,5 +503,20 @@ mod tests {
             pp("proxy_protocol_from = [\"10.0.0.0/8\"]"),
             Err(ConfigError::ProxyProtocolOff)
         ));
+    }
+
+    #[test]
+    fn max_connections_is_bounded() {
+        let max = |toml: &str| toml::from_str::<RelayFile>(toml).unwrap().max_connections();
+        assert_eq!(max("").unwrap(), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(max("max_connections = 5").unwrap(), 5);
+        for bad in [
+            "max_connections = 0",
+            "max_connections = 9223372036854775807",
+        ] {
+            let err = max(bad).unwrap_err();
+            assert!(matches!(err, ConfigError::MaxConnections(_)), "{bad}");
+            assert!(err.to_string().contains("outside 1..=10000000"), "{err}");
+        }
     }
 }

@@ -44,15 +44,20 @@ pub fn cli_owner(namespace: &str, class_name: &str) -> String {
     format!("secrets sync {namespace}/{class_name}")
 }
 
-/// Whether `existing` was written for `owner`. A Secret written before owners were recorded
-/// (no [`OWNER_ANNOTATION`]) belongs to the class its [`CLASS_ANNOTATION`] names.
-pub fn owned_by(existing: &KubeSecret, owner: &str, class_name: &str) -> bool {
-    let managed = existing
+/// Whether `existing` carries the label of the Secrets clusterconnect writes.
+fn is_managed(existing: &KubeSecret) -> bool {
+    existing
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(MANAGED_BY_LABEL))
-        .is_some_and(|v| v == MANAGED_BY);
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
+/// Whether `existing` was written for `owner`. A Secret written before owners were recorded
+/// (no [`OWNER_ANNOTATION`]) belongs to the class its [`CLASS_ANNOTATION`] names.
+pub fn owned_by(existing: &KubeSecret, owner: &str, class_name: &str) -> bool {
+    let managed = is_managed(existing);
     let annotations = existing.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|a| a.get(key));
     managed
@@ -387,12 +392,7 @@ pub async fn writable(
     let Some(existing) = existing else {
         return Ok(None);
     };
-    let managed = existing
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY_LABEL))
-        .is_some_and(|v| v == MANAGED_BY);
+    let managed = is_managed(&existing);
     if !managed {
         return Err(SyncError::NotManaged {
             namespace: namespace.to_string(),
