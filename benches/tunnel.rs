@@ -275,33 +275,19 @@ async fn run(phases: &Phases) -> Report {
                         .parse()
                         .expect("apiserver address");
                     let mut paths = vec![
-                        PathSpec {
-                            name: "direct".into(),
-                            server: stack.api.url(),
-                            ca_pem: stack.api.ca_pem(),
-                            token: stack.api.token(),
-                            pids: Vec::new(),
-                        },
-                        PathSpec {
-                            name: "tunnel".into(),
-                            server: proxied.server.clone(),
-                            ca_pem: proxied.ca_pem.clone(),
-                            token: proxied.token.clone(),
-                            pids: Vec::new(),
-                        },
+                        PathSpec::direct(&stack.api),
+                        PathSpec::through("tunnel", &proxied, Vec::new()),
                     ];
                     // The same tunnel as deployed: relay, agent and proxy as the real
                     // binary, each its own process and runtime, as rathole runs too.
                     let procs =
                         processes::Tunnel::start(&stack.api, support::tunnel::CONNECTION).await;
                     let procs_target = client::KubeTarget::read(&procs.kubeconfig);
-                    paths.push(PathSpec {
-                        name: "tunnel (procs)".into(),
-                        server: procs_target.server.clone(),
-                        ca_pem: procs_target.ca_pem.clone(),
-                        token: procs_target.token.clone(),
-                        pids: procs.pids(),
-                    });
+                    paths.push(PathSpec::through(
+                        "tunnel (procs)",
+                        &procs_target,
+                        procs.pids(),
+                    ));
                     // rathole forwards to the same apiserver; TLS stays end to end, so the
                     // client checks the apiserver's own certificate through it.
                     let mut ratholes = Vec::new();
@@ -617,20 +603,8 @@ async fn entra_latency() -> (Latency, Latency) {
     let proxy = LocalProxy::start(&relay, send_key(), &token, dir.path()).await;
     let proxied = client::KubeTarget::read(&proxy.kubeconfig);
     let paths = [
-        PathSpec {
-            name: "direct".into(),
-            server: api.url(),
-            ca_pem: api.ca_pem(),
-            token: api.token(),
-            pids: Vec::new(),
-        },
-        PathSpec {
-            name: "tunnel".into(),
-            server: proxied.server.clone(),
-            ca_pem: proxied.ca_pem.clone(),
-            token: proxied.token.clone(),
-            pids: Vec::new(),
-        },
+        PathSpec::direct(&api),
+        PathSpec::through("tunnel", &proxied, Vec::new()),
     ];
     let mut measured = latency_paths(&paths).await.into_iter().map(|(_, l)| l);
     match (measured.next(), measured.next()) {
@@ -648,6 +622,30 @@ struct PathSpec {
     ca_pem: String,
     token: String,
     pids: Vec<u32>,
+}
+
+impl PathSpec {
+    /// Straight to the stand-in apiserver.
+    fn direct(api: &support::ApiServer) -> PathSpec {
+        PathSpec {
+            name: "direct".into(),
+            server: api.url(),
+            ca_pem: api.ca_pem(),
+            token: api.token(),
+            pids: Vec::new(),
+        }
+    }
+
+    /// Through the proxy whose kubeconfig `target` was read from; `pids` serve the path.
+    fn through(name: &str, target: &client::KubeTarget, pids: Vec<u32>) -> PathSpec {
+        PathSpec {
+            name: name.into(),
+            server: target.server.clone(),
+            ca_pem: target.ca_pem.clone(),
+            token: target.token.clone(),
+            pids,
+        }
+    }
 }
 
 /// Warm-up, then SAMPLES sequential GETs on each path with the bench's HTTP/2 client, paths
@@ -1114,6 +1112,7 @@ fn cores() -> usize {
 /// relay, agent and proxy as separate processes of the real binary, the agent forwarding to
 /// an in-process stand-in apiserver.
 mod processes {
+    use crate::support::apiserver::kubeconfig_yaml;
     use crate::support::processes::{
         start_agent_with, start_proxy, start_relay_with, Process, RelayProcess, RELAY_TOML,
     };
@@ -1172,19 +1171,6 @@ mod processes {
         pub fn pids(&self) -> Vec<u32> {
             vec![self.relay.process.pid(), self.agent.pid(), self.proxy.pid()]
         }
-    }
-
-    /// A kubeconfig for the server at `url`, as the agent reads one.
-    fn kubeconfig_yaml(url: &str, ca_pem: &str, token: &str) -> String {
-        use base64::Engine;
-        let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-        format!(
-            "apiVersion: v1\nkind: Config\n\
-             clusters:\n- name: upstream\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\n\
-             users:\n- name: upstream\n  user:\n    token: {token}\n\
-             contexts:\n- name: upstream\n  context:\n    cluster: upstream\n    user: upstream\n\
-             current-context: upstream\n"
-        )
     }
 }
 

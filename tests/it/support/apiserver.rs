@@ -216,19 +216,7 @@ impl ApiServer {
     /// A kubeconfig whose cluster, user and context are all named `standin`, pointing straight
     /// at this server and trusting its CA.
     pub fn kubeconfig_yaml(&self, token: &str) -> String {
-        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
-        format!(
-            "apiVersion: v1\n\
-             kind: Config\n\
-             clusters:\n\
-             - name: standin\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\n\
-             users:\n\
-             - name: standin\n  user:\n    token: {token}\n\
-             contexts:\n\
-             - name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
-             current-context: standin\n",
-            url = self.url(),
-        )
+        kubeconfig_yaml(&self.url(), &self.ca_pem, token)
     }
 
     /// Writes `kubeconfig_yaml(token)` to `dir/kubeconfig` and returns the path.
@@ -1710,5 +1698,22 @@ fn not_found(r: &Resource, name: &str) -> Response<Body> {
         "NotFound",
         &format!("{} \"{name}\" not found", r.qualified()),
         Some(details),
+    )
+}
+
+/// A kubeconfig for the HTTPS server at `url`, its certificate issued by `ca_pem`, presenting
+/// `token`.
+pub fn kubeconfig_yaml(url: &str, ca_pem: &str, token: &str) -> String {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: standin\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\n\
+         users:\n\
+         - name: standin\n  user:\n    token: {token}\n\
+         contexts:\n\
+         - name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
+         current-context: standin\n",
     )
 }
