@@ -44,7 +44,7 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Threads running the async work; by default one for `proxy`, `run` and the short
     /// commands (one machine's kubectl load: a single thread spares the wake-ups of idle
-    /// ones, about 0.09 ms per request), one per CPU for `relay`, `agent` and `up`.
+    /// ones, about 0.05 ms per request), one per CPU for `relay`, `agent` and `up`.
     #[arg(long, global = true, env = "CLUSTERCONNECT_WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
