@@ -413,7 +413,7 @@ async fn replicas_route_offers_share_the_registry_and_survive_losing_one() {
     // Point 1: kubectl through every replica; through replica 2 every offer crosses to
     // another replica, through 0 and 1 they stay or cross as NATS and the listeners choose.
     for (i, replica) in replicas.iter().enumerate() {
-        let (_proxy, kubeconfig) = proxy(
+        let (proxy_process, kubeconfig) = proxy(
             &replica.url(),
             &pki,
             &connection,
@@ -437,8 +437,25 @@ async fn replicas_route_offers_share_the_registry_and_survive_losing_one() {
         .await;
         let pods = kubectl_ok(&kubeconfig, &["get", "pods", "-A"]).await;
         assert!(pods.contains("web-0"), "through replica {i}: {pods}");
-        let echoed = kubectl_ok(&kubeconfig, &["exec", "web-0", "--", "echo", "hi"]).await;
-        assert_eq!(echoed.trim(), "hi", "exec through replica {i}");
+        let exec = kubectl(
+            &kubeconfig,
+            &["exec", "web-0", "-v=6", "--", "echo", "hi"],
+            &[],
+        )
+        .await;
+        if !exec.status.success() || support::check::text(&exec.stdout).trim() != "hi" {
+            let mut logs = format!("proxy:\n{}\n", proxy_process.output());
+            for (i, a) in agents.iter().enumerate() {
+                logs.push_str(&format!("agent {i}:\n{}\n", a.output()));
+            }
+            for (i, r) in replicas.iter().enumerate() {
+                logs.push_str(&format!("replica {i}:\n{}\n", r.process.output()));
+            }
+            panic!(
+                "exec through replica {i} did not echo: {}\n{logs}",
+                support::check::describe(&exec)
+            );
+        }
         let mut watch = spawn_kubectl(&kubeconfig, &["get", "pods", "-w"], &[], false);
         if let Err(seen) = watch
             .read_stdout_until(PROMPT, |o| o.contains("web-0"))

@@ -36,6 +36,12 @@ const CHANNEL_CLOSE: u8 = 255;
 /// after we did.
 const STREAM_WAIT: Duration = Duration::from_secs(30);
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long the command takes to start after the WebSocket is accepted, as a container
+/// runtime's exec does (tens of milliseconds at least). Output sent at once would meet a
+/// client-go race in kubectl 1.32: it reads frames before it has created the streams they
+/// belong to and drops them ("Unknown stream id 1, discarding message"), then exits 0 with no
+/// output (kubernetes/kubernetes#131189, fixed by #131203 in later releases).
+const EXEC_START: Duration = Duration::from_millis(100);
 
 /// What the client asked for, from the query of `.../exec` or `.../attach`.
 #[derive(Clone, Debug)]
@@ -152,6 +158,7 @@ pub async fn serve_websocket(ws: ServerStream, protocol: &str, session: Session)
         }
         connected
     };
+    tokio::time::sleep(EXEC_START).await;
     let (code, connected) = tokio::join!(run(session.command.clone(), stdin_rx, out_tx), forward);
     if !connected {
         return;
