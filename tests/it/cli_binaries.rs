@@ -74,21 +74,29 @@ async fn help_and_version() {
 
 #[tokio::test]
 async fn worker_threads_out_of_range_are_refused_by_flag_and_environment() {
-    let out = run_to_end(&["--worker-threads", "0", "man"], &[], ONE_SHOT).await;
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    assert!(
-        text(&out.stderr).contains("0 is not in 1..=1024"),
-        "{}",
-        describe(&out)
-    );
-    let env = [("CLUSTERCONNECT_WORKER_THREADS", OsStr::new("many"))];
-    let out = run_to_end(&["man"], &env, ONE_SHOT).await;
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    assert!(
-        text(&out.stderr).contains("invalid value 'many' for '--worker-threads"),
-        "{}",
-        describe(&out)
-    );
+    // (flag, environment, what the refusal says)
+    let refused = [
+        (Some("0"), None, "0 is not in 1..=1024"),
+        (
+            None,
+            Some("many"),
+            "invalid value 'many' for '--worker-threads",
+        ),
+    ];
+    for (flag, env, says) in refused {
+        let mut args = Vec::new();
+        if let Some(n) = flag {
+            args.extend(["--worker-threads", n]);
+        }
+        args.push("man");
+        let env: Vec<_> = env
+            .map(|v| ("CLUSTERCONNECT_WORKER_THREADS", OsStr::new(v)))
+            .into_iter()
+            .collect();
+        let out = run_to_end(&args, &env, ONE_SHOT).await;
+        assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+        assert!(text(&out.stderr).contains(says), "{}", describe(&out));
+    }
     // In range, by either, the command runs.
     let env = [("CLUSTERCONNECT_WORKER_THREADS", OsStr::new("3"))];
     let out = run_to_end(&["--worker-threads", "2", "man"], &env, ONE_SHOT).await;
