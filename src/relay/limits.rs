@@ -7,6 +7,15 @@ use std::time::Duration;
 /// and one write move a whole one; two per rendezvous keeps 10,000 of them under 1.3 GiB.
 pub const DEFAULT_SPLICE_BUFFER: usize = 64 * 1024;
 
+/// The most a request's line and headers may take (more: 431). A SAS token is a few hundred
+/// bytes and an Entra token with its groups a few KiB; hyper's own default (about 400 KiB)
+/// would let each unauthenticated connection pin that much of the relay's memory.
+pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
+
+/// Requests one connection may carry before the relay closes it after the answer: a client
+/// that sends requests ahead without reading the answers gets at most this many.
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 100;
+
 /// The largest `splice_buffer` accepted from configuration.
 pub const MAX_SPLICE_BUFFER: usize = 1024 * 1024;
 

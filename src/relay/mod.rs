@@ -16,6 +16,7 @@ pub mod replicas;
 mod rule;
 mod server;
 mod splice;
+mod stall;
 mod state;
 
 pub use config::{
@@ -27,9 +28,12 @@ pub use rule::{Rule, RuleSet};
 pub use state::RelayStats;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::CONNECTION;
+use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -185,13 +189,33 @@ async fn serve_connection(
         }
         Err(_) => return,
     };
-    let service = service_fn(move |req| server::handle(req, ctx.clone(), peer));
+    // Answers must be read as they come (see `stall`), and a connection carries a bounded
+    // number of them: a refusal ends it, and so does the last of MAX_REQUESTS_PER_CONNECTION,
+    // so requests sent ahead without reading the answers cannot pile them up.
+    let (io, lift) = stall::StallDeadline::new(tls, deadline);
+    let served = Arc::new(AtomicUsize::new(0));
+    let service = service_fn(move |req| {
+        let (ctx, served) = (ctx.clone(), served.clone());
+        async move {
+            let mut resp = server::handle(req, ctx, peer).await?;
+            let count = served.fetch_add(1, Ordering::Relaxed) + 1;
+            if resp.status().as_u16() >= 400 || count >= limits::MAX_REQUESTS_PER_CONNECTION {
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(deadline)
-        .serve_connection(TokioIo::new(tls), service)
+        .max_buf_size(limits::MAX_REQUEST_HEAD)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let ended = conn.await;
+    // An upgraded listener or rendezvous reads at its own pace from here on.
+    lift.lift();
+    if let Err(e) = ended {
         tracing::debug!(peer = %peer, error = %e, "connection ended with error");
     }
 }

@@ -209,9 +209,84 @@ fn check_entity(
     )
     .map_err(|e| {
         ctx.shared.stats.metrics.auth_failure(failure_reason(&e));
-        tracing::info!(%entity, error = %e, "token refused");
+        log_refusal(entity, &e.to_string());
         (status_for(&e), e.to_string())
     })
+}
+
+/// Refusals logged per second at most: anyone can send requests that are refused, and a flood
+/// of them must not become a flood of log lines. The rest are counted (and always in
+/// `clusterconnect_relay_auth_failures_total`), their number logged with the next one.
+const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
+static REFUSALS: LogBudget = LogBudget::new(REFUSALS_LOGGED_PER_SECOND);
+
+/// Logs a refused token. The entity and the reason carry what the caller sent (a path, a rule
+/// name): escaped (Debug), so a newline or terminal escape in them cannot forge a log line,
+/// and cut short.
+fn log_refusal(entity: &str, reason: &str) {
+    let Some(left_out) = REFUSALS.take() else {
+        return;
+    };
+    let entity = clip_for_log(entity);
+    let reason = clip_for_log(reason);
+    if left_out > 0 {
+        tracing::info!(entity = ?entity, error = ?reason, left_out, "token refused (and {left_out} more not logged)");
+    } else {
+        tracing::info!(entity = ?entity, error = ?reason, "token refused");
+    }
+}
+
+/// At most 200 characters of a caller's string, for a log line.
+fn clip_for_log(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
+
+/// A per-second allowance of log lines, and how many were left out since the last one.
+struct LogBudget {
+    per_second: u32,
+    state: std::sync::Mutex<Budget>,
+}
+
+struct Budget {
+    second: Option<std::time::Instant>,
+    logged: u32,
+    left_out: u64,
+}
+
+impl LogBudget {
+    const fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second,
+            state: std::sync::Mutex::new(Budget {
+                second: None,
+                logged: 0,
+                left_out: 0,
+            }),
+        }
+    }
+
+    /// `Some(left out before this one)` when one more line may be logged now.
+    fn take(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if state
+            .second
+            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
+        {
+            state.second = Some(now);
+            state.logged = 0;
+        }
+        if state.logged < self.per_second {
+            state.logged += 1;
+            Some(std::mem::take(&mut state.left_out))
+        } else {
+            state.left_out += 1;
+            None
+        }
+    }
 }
 
 fn listen(
@@ -906,5 +981,30 @@ mod tests {
         assert_eq!(split("[::1]:443"), ("[::1]".into(), Some("443".into())));
         assert_eq!(split("[::1]"), ("[::1]".into(), None));
         assert_eq!(split("127.0.0.1:1"), ("127.0.0.1".into(), Some("1".into())));
+    }
+
+    #[test]
+    fn refusals_are_logged_within_a_budget_and_the_rest_counted() {
+        let budget = LogBudget::new(3);
+        assert_eq!(
+            (0..5).map(|_| budget.take()).collect::<Vec<_>>(),
+            [Some(0), Some(0), Some(0), None, None]
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        // The next second's first line says how many were left out.
+        assert_eq!(budget.take(), Some(2));
+        assert_eq!(budget.take(), Some(0));
+    }
+
+    #[test]
+    fn caller_strings_are_cut_for_the_log_at_a_character_boundary() {
+        assert_eq!(clip_for_log("short"), "short");
+        let long = "é".repeat(300);
+        assert_eq!(clip_for_log(&long).chars().count(), 200);
+        // Debug formatting, as the log line uses, escapes what could forge a line.
+        assert_eq!(
+            format!("{:?}", clip_for_log("a\nlistener connected\u{1b}[31m")),
+            "\"a\\nlistener connected\\u{1b}[31m\""
+        );
     }
 }

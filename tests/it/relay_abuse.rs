@@ -200,6 +200,98 @@ async fn slots_are_taken_only_after_authentication() {
     );
 }
 
+/// A stranger that sends requests ahead and never reads the answers (its receive window
+/// shut) holds neither its connections nor its address's places: each connection ends after a
+/// bounded number of answers, and a write that makes no progress ends at the deadline. Its
+/// address can connect again once they are gone; a request head past the relay's bound is
+/// refused (431) rather than buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_that_never_reads_its_answers_frees_its_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 8).await;
+    let source = "127.0.0.8";
+    // 3.4 MB of pipelined requests per connection, their answers (8 MB) more than the
+    // kernel buffers hold (tcp_wmem at most 4 MiB), never read.
+    let requests = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(80_000);
+    let mut held = Vec::new();
+    for _ in 0..PER_IP {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        socket
+            .bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0))
+            .unwrap();
+        let tcp = socket.connect(relay.addr).await.unwrap();
+        let tls = TlsConnector::from(relay.client_tls.clone())
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .expect("TLS");
+        let (reader, mut writer) = tokio::io::split(tls);
+        let requests = requests.clone();
+        held.push((
+            reader,
+            tokio::spawn(async move {
+                let _ = writer.write_all(&requests).await;
+                writer
+            }),
+        ));
+    }
+    let started = Instant::now();
+    let answered = loop {
+        let mut s = tls_from_or_refused(source, &relay).await;
+        if let Some(s) = s.as_mut() {
+            if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .await
+                .is_ok()
+            {
+                let mut answer = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await;
+                if answer.starts_with(b"HTTP/1.1 200") {
+                    break true;
+                }
+            }
+        }
+        if started.elapsed() > CLOSED_WITHIN {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        answered,
+        "the address's places were still held {:?} after its connections stopped reading",
+        started.elapsed()
+    );
+    drop(held);
+
+    // A request head larger than the bound gets 431, not a buffer of its size.
+    let mut s = tls_from("127.0.0.9", &relay).await;
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+}
+
+/// A TLS connection from `source`, or `None` when the relay turns it away (at its cap, it
+/// closes before TLS).
+async fn tls_from_or_refused(
+    source: &str,
+    relay: &Relay,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(source, relay.addr).await;
+    TlsConnector::from(relay.client_tls.clone())
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .ok()
+}
+
 /// A management API refusal never grows with the caller's input: serde_json quotes string
 /// values in its errors, and a 1 MiB body must not come back as a 1 MiB error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
