@@ -452,18 +452,22 @@ async fn run(phases: &Phases) -> Report {
 /// Prints the latency and each process's CPU time and context switches per request. With
 /// `BENCH_PROFILE_OTHER=<binary>`, a second tunnel of that binary runs beside it, requests
 /// taking turns between the two, so two builds are compared under the same load and drift.
+/// With `BENCH_PROFILE_BULK=1`, the same for the bulk stream ([`profile_bulk`]).
 async fn profile() {
     let secs = std::env::var("BENCH_PROFILE_SECS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(30);
+    let other = std::env::var_os("BENCH_PROFILE_OTHER").map(PathBuf::from);
+    if std::env::var_os("BENCH_PROFILE_BULK").is_some() {
+        return profile_bulk(other).await;
+    }
     let api = support::ApiServer::start().await;
     let mut tunnels = vec![(
         "this build".to_string(),
         processes::Tunnel::start(&api, support::tunnel::CONNECTION).await,
     )];
-    if let Some(other) = std::env::var_os("BENCH_PROFILE_OTHER") {
-        let other = PathBuf::from(other);
+    if let Some(other) = other {
         let started = support::processes::run_binary(
             other.clone(),
             processes::Tunnel::start(&api, "other-build"),
@@ -529,6 +533,45 @@ async fn profile() {
                 (switches - switches0) as f64 / n.max(1) as f64
             );
         }
+    }
+}
+
+/// `BENCH_PROFILE_BULK=1`: the bulk stream instead of small GETs, directly and through the
+/// deployed tunnel (and `BENCH_PROFILE_OTHER`'s beside it), paths taking turns round by round
+/// as the throughput phase does: the A/B for a change to the bulk path.
+async fn profile_bulk(other: Option<PathBuf>) {
+    let server = BulkServer::start().await;
+    let url = server.url();
+    let start = |name| processes::Tunnel::start_to(&url, &server.ca_pem, "bulk", name);
+    let mut tunnels = vec![("this build".to_string(), start("bulk-a").await)];
+    if let Some(other) = other {
+        let started = support::processes::run_binary(other.clone(), start("bulk-b")).await;
+        tunnels.push((other.display().to_string(), started));
+    }
+    let direct_client = client::https(server.ca_pem.as_bytes());
+    let direct = client::Target::new(&server.url(), "bulk");
+    let targets: Vec<_> = tunnels
+        .iter()
+        .map(|(_, t)| {
+            let target = client::KubeTarget::read(&t.kubeconfig);
+            (
+                client::https(target.ca_pem.as_bytes()),
+                client::Target::new(&target.server, &target.token),
+                t.pids(),
+            )
+        })
+        .collect();
+    let mut paths = vec![(&direct_client, &direct, Vec::new())];
+    paths.extend(targets.iter().map(|(c, t, pids)| (c, t, pids.clone())));
+    let results = throughput_runs(&paths).await;
+    let names = std::iter::once("direct".to_string()).chain(tunnels.iter().map(|(n, _)| n.clone()));
+    for (name, result) in names.zip(results) {
+        println!(
+            "{name}: {:.0} MiB/s (median of {:?}), CPU {:.2} s/GiB",
+            result.median(),
+            result.runs.iter().map(|r| r.round()).collect::<Vec<_>>(),
+            median(&result.cpu_s_per_gib)
+        );
     }
 }
 

@@ -18,6 +18,44 @@
 //! files import each other.
 #![forbid(unsafe_code)]
 
+/// `println!` that ignores a standard output nobody reads any more instead of panicking:
+/// `clusterconnect list | head -1`, or a supervisor that stopped reading a running proxy's
+/// output, must neither crash a command nor stop a proxy.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!`, as `outln`: a closed standard output is not an error worth a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        let _ = write!(stdout, $($arg)*);
+        let _ = stdout.flush();
+    }};
+}
+
+/// `eprintln!` that ignores a closed standard error (see `outln`).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!`, as `errln`.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stderr = std::io::stderr().lock();
+        let _ = write!(stderr, $($arg)*);
+        let _ = stderr.flush();
+    }};
+}
+
 pub mod agent;
 pub mod arm;
 pub mod auth;

@@ -1,6 +1,8 @@
 //! The `clusterconnect` binary: parse flags, set up logging and signals, run a role.
 #![forbid(unsafe_code)]
 
+use std::io::Write as _;
+
 use clap::Parser;
 use clusterconnect::cli::{Cli, LogFormat};
 use tokio_util::sync::CancellationToken;
@@ -12,6 +14,9 @@ fn main() -> std::process::ExitCode {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Its default reports a failed write with eprintln!, which panics when nobody reads
+        // standard error any more: the task that logged (a signal handler, a request) died.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
@@ -24,7 +29,10 @@ fn main() -> std::process::ExitCode {
     let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -34,7 +42,7 @@ fn main() -> std::process::ExitCode {
         match clusterconnect::cli::run(cli, shutdown).await {
             Ok(code) => std::process::ExitCode::from(code),
             Err(e) => {
-                eprintln!("error: {e:#}");
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
                 std::process::ExitCode::FAILURE
             }
         }
@@ -48,7 +56,7 @@ async fn on_signal(shutdown: CancellationToken) {
         wait_for_signal().await;
         count += 1;
         if count > 1 {
-            eprintln!("second signal: exiting without draining");
+            let _ = writeln!(std::io::stderr(), "second signal: exiting without draining");
             std::process::exit(130);
         }
         tracing::info!("shutting down (signal again to force)");

@@ -30,11 +30,10 @@ use super::replicas::Claim;
 use super::{forward, AgentConfig, Shared};
 use crate::metrics::Counted;
 use crate::tunnel::backoff::{Backoff, STABLE_AFTER};
-use crate::tunnel::dial::{dial, dial_answered, RelayStream};
+use crate::tunnel::dial::{dial, dial_answered, dial_stream, RelayStream};
 use crate::tunnel::http::error_chain;
 use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
 use crate::tunnel::protocol::{Accept, Action, ControlMessage, RenewToken};
-use crate::tunnel::WsStream;
 
 enum Ended {
     /// The relay refused our token (401/403): the key is wrong, rotated or lacks Listen.
@@ -326,17 +325,13 @@ fn spawn_rendezvous(
     tasks.spawn(
         async move {
             let _permit = permit;
-            match dial(&accept.address, None, &config.relay_tls).await {
+            match dial_stream(&accept.address, None, &config.relay_tls).await {
                 Ok(ws) => {
                     tracing::debug!("rendezvous accepted");
                     shared.streams.fetch_add(1, Ordering::Relaxed);
                     let metrics = &config.metrics;
                     let open = crate::metrics::Open::new(&metrics.tunnels);
-                    let io = Counted::new(
-                        WsStream::new(ws),
-                        metrics.received.clone(),
-                        metrics.sent.clone(),
-                    );
+                    let io = Counted::new(ws, metrics.received.clone(), metrics.sent.clone());
                     let served = Arc::new(forward::Served {
                         upstream: shared.upstream.clone(),
                         auth: config.auth.clone(),

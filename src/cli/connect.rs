@@ -193,7 +193,7 @@ fn dry_run(args: &ConnectArgs, request: &ConnectRequest) -> anyhow::Result<()> {
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", text.trim_end()).context("cannot write to stdout")?;
-    eprintln!("Dry run: nothing was installed or registered. The Secret's keys are placeholders; `clusterconnect connect` fills them in.");
+    errln!("Dry run: nothing was installed or registered. The Secret's keys are placeholders; `clusterconnect connect` fills them in.");
     Ok(())
 }
 
@@ -207,7 +207,7 @@ fn agent_cloud(args: &ConnectArgs) -> anyhow::Result<Option<crate::entra::CloudD
     if cloud.builtin().is_none() {
         // The agent will trust tokens from this authority: say so, since part of it may come
         // from this machine's environment rather than a flag.
-        eprintln!(
+        errln!(
             "The agent will validate Entra callers against authority {} (cloud {}{}).",
             cloud.authority_host,
             cloud.name,
@@ -261,7 +261,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     )
     .await?;
     let registry = args.at.client().await?;
-    let cluster = install::connect(&kube, &registry, &request, &mut |line| eprintln!("{line}"))
+    let cluster = install::connect(&kube, &registry, &request, &mut |line| errln!("{line}"))
         .await
         .with_context(|| {
             format!(
@@ -290,7 +290,7 @@ pub async fn disconnect(args: DisconnectArgs) -> anyhow::Result<()> {
         .registry
         .cluster_id(&args.resource_group, &args.name)?;
     if !confirmed(&args)? {
-        eprintln!("Nothing removed.");
+        errln!("Nothing removed.");
         return Ok(());
     }
     let (kube, _) = kubeclient::client(
@@ -319,7 +319,7 @@ pub async fn disconnect(args: DisconnectArgs) -> anyhow::Result<()> {
         writeln!(out, "kept {line}")?;
     }
     if removal.still_terminating {
-        eprintln!(
+        errln!(
             "warning: namespace {} is still terminating after {}; check `kubectl get namespace {} -o yaml` for finalizers",
             args.kube.namespace,
             humantime::format_duration(args.timeout),

@@ -267,7 +267,7 @@ fn print(extensions: Vec<Extension>, single: bool, flags: &PrintFlags) -> anyhow
         Some(q) => query(&value, q).map_err(|e| anyhow::anyhow!(e))?,
         None => value,
     };
-    println!("{}", render_with(&value, flags.output, COLUMNS));
+    outln!("{}", render_with(&value, flags.output, COLUMNS));
     Ok(())
 }
 
@@ -321,7 +321,7 @@ fn settings_of(map: &BTreeMap<String, String>) -> anyhow::Result<Settings> {
 /// unreadable settings count as their defaults, with a warning.
 fn recorded_settings(map: &BTreeMap<String, String>) -> Settings {
     Settings::parse(map).unwrap_or_else(|e| {
-        eprintln!("warning: {e}; the setting is ignored here");
+        errln!("warning: {e}; the setting is ignored here");
         let known: BTreeMap<String, String> = map
             .iter()
             .filter(|(k, v)| {
@@ -402,7 +402,7 @@ async fn install_and_record(
         .await
         .context("recording the extension in the relay's registry")?;
     let kube = kube(kube_flags).await?;
-    let installed = install::install(&kube, &spec, timeout, &mut |line| eprintln!("{line}")).await;
+    let installed = install::install(&kube, &spec, timeout, &mut |line| errln!("{line}")).await;
     if let Err(e) = &installed {
         props.provisioning_state = "Failed".into();
         props.error_info = Some(ErrorDetail {
@@ -522,9 +522,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
             Some(install::check(&kube, &spec).await?)
         }
         Err(e) => {
-            eprintln!(
-                "warning: the cluster was not checked ({e:#}); showing the state last recorded"
-            );
+            errln!("warning: the cluster was not checked ({e:#}); showing the state last recorded");
             None
         }
     };
@@ -573,14 +571,15 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     check_name(&args.name)?;
     let id = cluster_id(&args.cluster, &args.at)?;
     if !confirmed(&args)? {
-        eprintln!("Nothing removed.");
+        errln!("Nothing removed.");
         return Ok(());
     }
     let registry = args.at.client().await?;
     let Some(extension) = registry.get_extension(&id, &args.name).await? else {
-        eprintln!(
+        errln!(
             "No extension '{}' on connected cluster '{}': nothing to remove.",
-            args.name, id.name
+            args.name,
+            id.name
         );
         return Ok(());
     };
@@ -593,11 +592,11 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
         &settings,
     );
     let kube = kube(&args.kube).await?;
-    install::remove(&kube, &spec, &mut |line| eprintln!("{line}"))
+    install::remove(&kube, &spec, &mut |line| errln!("{line}"))
         .await
         .with_context(|| format!("cannot remove extension '{}' from the cluster", args.name))?;
     registry.delete_extension(&id, &args.name).await?;
-    eprintln!(
+    errln!(
         "Extension '{}' deleted; the SecretProviderClass CRD, the classes and their Secrets are kept.",
         args.name
     );

@@ -67,7 +67,7 @@ fn print(value: serde_json::Value, q: Option<&str>, output: Output) -> anyhow::R
         Some(path) => query(&value, path).map_err(|e| anyhow::anyhow!(e))?,
         None => value,
     };
-    println!("{}", render(&value, output));
+    outln!("{}", render(&value, output));
     Ok(())
 }
 

@@ -122,7 +122,7 @@ async fn renew(args: RenewArgs) -> anyhow::Result<()> {
                 args.key, args.kube.namespace
             )
         })?;
-        eprintln!(
+        errln!(
             "wrote the renewed {:?} key into Secret {}/{AGENT_NAME}; the agent uses it once the kubelet refreshes the Secret (about a minute)",
             args.key, args.kube.namespace
         );
@@ -131,7 +131,7 @@ async fn renew(args: RenewArgs) -> anyhow::Result<()> {
 }
 
 fn print(keys: &AccessKeys) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(keys)?);
+    outln!("{}", serde_json::to_string_pretty(keys)?);
     Ok(())
 }
 

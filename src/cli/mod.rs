@@ -185,7 +185,7 @@ pub(crate) fn confirm(yes: bool, without_terminal: &str, question: &str) -> anyh
     if !std::io::stdin().is_terminal() {
         anyhow::bail!("{without_terminal}; pass --yes to confirm when not at a terminal");
     }
-    eprint!("{question} (y/N): ");
+    err!("{question} (y/N): ");
     let mut answer = String::new();
     std::io::stdin()
         .lock()

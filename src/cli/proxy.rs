@@ -286,7 +286,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
     let names = started.proxy.cluster_names();
     let target = match kubeconfig_path {
         None => {
-            print!("{}", started.kubeconfig_text()?);
+            out!("{}", started.kubeconfig_text()?);
             "standard output".to_string()
         }
         Some(path) => {
@@ -295,11 +295,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
         }
     };
     let port = started.port;
-    eprintln!(
+    errln!(
         "Proxy is listening on https://127.0.0.1:{port} for {}.",
         names.join(", ")
     );
-    eprintln!(
+    errln!(
         "Context(s) {} written to {target}. Press Ctrl+C to stop.",
         names.join(", ")
     );
@@ -331,11 +331,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
 
 fn print_ready(format: ReadyFormat, port: u16, names: &[String], kubeconfig: &str) {
     match format {
-        ReadyFormat::Text => println!(
+        ReadyFormat::Text => outln!(
             "ready port={port} contexts={} kubeconfig={kubeconfig}",
             names.join(",")
         ),
-        ReadyFormat::Json => println!(
+        ReadyFormat::Json => outln!(
             "{}",
             serde_json::json!({"event": "ready", "port": port, "contexts": names, "kubeconfig": kubeconfig})
         ),

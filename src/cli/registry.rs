@@ -79,7 +79,7 @@ impl RegistryAccess {
                     .cloud()
                     .is_ok_and(|c| c.is_arm_audience(&self.relay_audience));
                 if is_arm_audience(&self.relay_audience) || own_clouds_arm {
-                    eprintln!(
+                    errln!(
                         "warning: --relay-audience {} is Azure Resource Manager's: this sends the relay a token valid against Azure (relays refuse it unless their operator set allow_arm_audience)",
                         self.relay_audience
                     );

@@ -29,8 +29,9 @@ pub struct Args {
     /// Listen address, overriding the file's `listen`.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Generate a throwaway CA and certificate for local use instead of the file's [tls]; the CA
-    /// is written next to the config so agent and proxy can pass it as --relay-ca.
+    /// Use a dev CA and certificate for local use instead of the file's [tls]: the CA is made on
+    /// first use and kept next to the config (relay-dev-ca.crt and .key) so agent and proxy can
+    /// pass it as --relay-ca and keep trusting the relay across restarts.
     #[arg(long)]
     pub dev_self_signed: bool,
     /// Check the configuration and exit.
@@ -137,7 +138,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         cluster,
     };
     if args.check {
-        println!("relay config {} is valid", args.config.display());
+        outln!("relay config {} is valid", args.config.display());
         return Ok(());
     }
     let Some(listener) = listener else {
@@ -195,7 +196,7 @@ fn dry_run(args: &Args) -> anyhow::Result<()> {
         .nats_command()
         .map(|c| format!("the Secret of NATS credentials:\n  {c}\n"))
         .unwrap_or_default();
-    eprintln!(
+    errln!(
         "Dry run: nothing was started. Before applying, create the Secret of rule keys:\n  {}\n{nats}and the certificate's Secret {TLS_SECRET} (kubernetes.io/tls).",
         m.keys_command()
     );
@@ -239,7 +240,7 @@ async fn reload_on_hangup(
 /// Development mode: a fresh key for every rule whose key file is missing, announced.
 fn create_dev_keys(file: &RelayFile, base: &Path) -> anyhow::Result<()> {
     for path in file.create_missing_keys(base)? {
-        eprintln!(
+        errln!(
             "dev mode: created key file {} (agent and proxy take it as --key-file; a manage rule's as --admin-key-file)",
             path.display()
         );
@@ -269,7 +270,8 @@ fn tls_config(
     }
 }
 
-/// A throwaway CA (written next to the config unless only checking) and a leaf for the
+/// A dev CA kept next to the config (made on first use, unless only checking; reused after,
+/// so agents and proxies that trust it reconnect across relay restarts) and a leaf for the
 /// configured names and the loopback ones.
 fn dev_tls_config(
     args: &Args,
@@ -278,13 +280,37 @@ fn dev_tls_config(
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut names: Vec<&str> = hostnames.iter().map(String::as_str).collect();
     names.extend(["localhost", "127.0.0.1", "::1"]);
-    let ca = tls::CertificateAuthority::generate("clusterconnect relay dev CA")?;
-    let leaf = ca.issue_server(&names)?;
     let ca_path = base.join("relay-dev-ca.crt");
+    let key_path = base.join("relay-dev-ca.key");
+    let kept = match (
+        std::fs::read_to_string(&ca_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        (Ok(cert), Ok(key)) => Some(tls::CertificateAuthority::from_pem(cert, key).with_context(
+            || {
+                format!(
+                    "the dev CA in {} does not load; delete relay-dev-ca.crt and relay-dev-ca.key there to make a new one",
+                    base.display()
+                )
+            },
+        )?),
+        _ => None,
+    };
+    let reused = kept.is_some();
+    let ca = match kept {
+        Some(ca) => ca,
+        None => tls::CertificateAuthority::generate("clusterconnect relay dev CA")?,
+    };
+    let leaf = ca.issue_server(&names)?;
     if !args.check {
-        crate::files::write_private(&ca_path, ca.cert_pem().as_bytes())
-            .with_context(|| format!("cannot write the dev CA to {}", ca_path.display()))?;
-        eprintln!(
+        if !reused {
+            crate::files::write_private(&key_path, ca.key_pem().as_bytes()).with_context(|| {
+                format!("cannot write the dev CA key to {}", key_path.display())
+            })?;
+            crate::files::write_private(&ca_path, ca.cert_pem().as_bytes())
+                .with_context(|| format!("cannot write the dev CA to {}", ca_path.display()))?;
+        }
+        errln!(
             "dev self-signed certificate for {}; CA SHA-256 fingerprint {}; clients pass --relay-ca {}",
             names.join(", "),
             tls::fingerprint_sha256(ca.cert_pem()).unwrap_or_default(),

@@ -40,7 +40,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
             let key: [u8; 32] = rand::random();
             let key = base64::engine::general_purpose::STANDARD.encode(key);
-            println!("SharedAccessKeyName={name};SharedAccessKey={key}");
+            outln!("SharedAccessKeyName={name};SharedAccessKey={key}");
         }
         Command::Token {
             key_file,
@@ -51,7 +51,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             let relay = RelayAddress::parse(&relay)?;
             validate_entity(&connection)?;
             let key = SasKey::from_file(&key_file)?;
-            println!(
+            outln!(
                 "{}",
                 key.mint(&relay.resource_uri(&connection), ttl).expose()
             );

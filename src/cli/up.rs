@@ -201,10 +201,10 @@ async fn serve(
         Some(p) => format!(" --kubeconfig {}", p.display()),
         None => String::new(),
     };
-    eprintln!("{}", session.describe(&args.role, &args.namespace));
-    println!("ready: kubectl{kubeconfig_flag} --context {name} get pods -A");
-    eprintln!("Every call goes kubectl -> proxy (127.0.0.1:{}) -> relay -> agent -> apiserver. Press Ctrl+C to stop.", started.port);
-    println!(
+    errln!("{}", session.describe(&args.role, &args.namespace));
+    outln!("ready: kubectl{kubeconfig_flag} --context {name} get pods -A");
+    errln!("Every call goes kubectl -> proxy (127.0.0.1:{}) -> relay -> agent -> apiserver. Press Ctrl+C to stop.", started.port);
+    outln!(
         "registry: clusterconnect list --relay wss://{} --relay-ca {} --admin-key-file {} -o table",
         relay.address.authority(),
         state.ca_file().display(),
@@ -553,7 +553,7 @@ impl Session {
                     .delete(&spec.binding_name(), &DeleteParams::default())
                     .await
                 {
-                    eprintln!(
+                    errln!(
                         "could not remove ClusterRoleBinding {}: {e}",
                         spec.binding_name()
                     );
@@ -565,7 +565,7 @@ impl Session {
                     .delete(SESSION_ACCOUNT, &DeleteParams::default())
                     .await
                 {
-                    eprintln!(
+                    errln!(
                         "could not remove ServiceAccount {}/{SESSION_ACCOUNT}: {e}",
                         spec.namespace
                     );
@@ -576,7 +576,7 @@ impl Session {
             .await
             .is_err()
         {
-            eprintln!("the cluster did not answer within 15s; remove ServiceAccount {}/{SESSION_ACCOUNT} and ClusterRoleBinding {} yourself", spec.namespace, spec.binding_name());
+            errln!("the cluster did not answer within 15s; remove ServiceAccount {}/{SESSION_ACCOUNT} and ClusterRoleBinding {} yourself", spec.namespace, spec.binding_name());
         }
     }
 }

@@ -110,7 +110,7 @@ pub struct StderrPrompt;
 
 impl Prompt for StderrPrompt {
     fn show(&self, message: &str) {
-        eprintln!("{message}");
+        errln!("{message}");
     }
 }
 

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::auth::{CredentialError, CredentialSource};
 use crate::metrics::ProxyMetrics;
-use crate::tunnel::dial::{dial, DialError, RelayIo};
+use crate::tunnel::dial::{dial_stream, DialError, RelayIo};
 use crate::tunnel::http::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 use crate::tunnel::keepalive::{PING_INTERVAL, PING_TIMEOUT};
 use crate::tunnel::protocol::{Action, RelayAddress};
@@ -82,21 +82,21 @@ impl RelayTarget {
         let source = match &self.send {
             SendCredential::Key(key) => {
                 let token = key.mint(&self.relay.resource_uri(&self.entity), SEND_TOKEN_TTL);
-                return Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?));
+                return Ok(dial_stream(&url, Some(&token), &self.tls).await?);
             }
             SendCredential::Issued(source) => source,
         };
         let token = source.token().await?;
-        match dial(&url, Some(&token), &self.tls).await {
+        match dial_stream(&url, Some(&token), &self.tls).await {
             // An issued token stops working before its expiry when its key is renewed: one
             // fresh token, and the refusal stands if that is refused too (the role is gone).
             Err(e) if e.is_auth() => {
                 tracing::info!(source = %source.describe(), "relay refused the send token; fetching a fresh one");
                 source.refused(&token);
                 let token = source.token().await?;
-                Ok(WsStream::new(dial(&url, Some(&token), &self.tls).await?))
+                Ok(dial_stream(&url, Some(&token), &self.tls).await?)
             }
-            dialed => Ok(WsStream::new(dialed?)),
+            dialed => Ok(dialed?),
         }
     }
 

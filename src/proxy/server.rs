@@ -20,7 +20,7 @@ use crate::metrics::{kube_verb, session_kind, Open, ProxyMetrics};
 use crate::secret::Secret;
 use crate::tunnel::dial::DialError;
 use crate::tunnel::http::{
-    error_chain, full, gateway_error, is_long_lived, is_upgrade, splice_upgraded, status,
+    error_chain, full, gateway_error, is_upgrade, is_watch, splice_upgraded, status,
     strip_hop_by_hop, Body, BoxError,
 };
 use crate::tunnel::request_id;
@@ -225,7 +225,7 @@ async fn answer(
     route: &Route,
     mut resp: Response<Incoming>,
     (downstream, session): (Option<OnUpgrade>, Option<Open>),
-    streaming: bool,
+    watch: bool,
 ) -> Response<Body> {
     if let Some(downstream) = downstream {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -247,7 +247,7 @@ async fn answer(
     // The request's place on its pooled connection lasts as long as its body (a watch's for
     // hours), so the pool sees which connections are full.
     let slot = parts.extensions.remove::<StreamSlot>();
-    let body = if streaming {
+    let body = if watch {
         holding(EndCleanly::new(body), slot)
             .map_err(BoxError::from)
             .boxed_unsync()
@@ -335,7 +335,7 @@ impl Handler {
         } else {
             format!("/{rest}")
         };
-        let streaming = is_long_lived(&rest);
+        let watch = is_watch(&rest);
         parts.uri = match rest.parse::<Uri>() {
             Ok(u) => u,
             Err(_) => return Ok(status(400, "BadRequest", "request path is not a valid URI")),
@@ -371,7 +371,7 @@ impl Handler {
                     .then(|| session_kind(&rest))
                     .flatten()
                     .map(|kind| self.metrics.session(&route.name, kind));
-                answer(route, resp, (downstream, session), streaming)
+                answer(route, resp, (downstream, session), watch)
                     .instrument(span)
                     .await
             }

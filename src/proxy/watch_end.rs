@@ -1,7 +1,7 @@
-//! Ends a watch or followed log cleanly when its tunnel breaks. A relay restart or network
-//! blip then looks to kubectl like the apiserver closing the stream, which client-go's
-//! reflectors and `kubectl logs -f`-style callers handle by re-establishing it, instead of a
-//! protocol error mid-stream.
+//! Ends a watch cleanly when its tunnel breaks. A relay restart or network blip then looks to
+//! the client like the apiserver closing the watch, which client-go's reflectors handle by
+//! re-establishing it, instead of a protocol error mid-stream. A followed log is left to fail
+//! as it broke: `kubectl logs -f` would take a clean end for the container's and exit 0.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -7,7 +7,6 @@ mod auth;
 pub mod clusters;
 mod config;
 mod control;
-mod frame;
 mod gauge;
 mod limits;
 pub mod proxy_protocol;
@@ -116,6 +115,9 @@ pub async fn run(
             admitted,
         ));
     }
+    // Closed now, not when draining ends: a client connecting meanwhile is refused at once
+    // (and its agent or proxy tries again), rather than left waiting in the accept queue.
+    drop(listener);
     drain(&tasks, &closing, config.limits.drain).await;
     Ok(())
 }

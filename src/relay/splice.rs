@@ -1,5 +1,5 @@
 //! Joining a sender's and a listener's WebSocket, frame by frame, without ever holding a
-//! whole message: each frame's header is read and checked ([`super::frame`]), and its payload
+//! whole message: each frame's header is read and checked ([`crate::tunnel::frame`]), and its payload
 //! streams through one fixed buffer per direction (`Limits::splice_buffer`), unmasked in
 //! place, to the other side. A 14 MiB message therefore costs the relay its two buffers, not
 //! 14 MiB; and nothing is read from one side before the other side took what came before, so
@@ -20,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{
+use crate::tunnel::frame::{
     apply_mask, close_code, parse_header, write_close, write_server_header, FrameError, Opcode,
     Sequence, MAX_CONTROL_PAYLOAD, MAX_HEADER, MAX_SERVER_HEADER,
 };
@@ -410,7 +410,7 @@ const _: () = assert!(MIN_BUFFER >= MAX_HEADER + MAX_CONTROL_PAYLOAD);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::frame::parse_header;
+    use crate::tunnel::frame::parse_header;
     use tokio::io::{duplex, DuplexStream};
 
     const KEY: [u8; 4] = [0xA1, 0x02, 0xC3, 0x44];

@@ -62,15 +62,16 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         && header_has_token(req.headers(), header::CONNECTION, "upgrade")
 }
 
-/// Watches and followed logs: streams that stay open for hours and that clients re-establish
-/// by themselves when they end. Decided as the apiserver decides: the query decoded as a form,
-/// and `watch`/`follow` read as Go's `strconv.ParseBool` reads them (`true`, `True`, `1`, `t`...).
-pub fn is_long_lived(path_and_query: &str) -> bool {
+/// Watches: streams that stay open for hours and that clients (client-go's reflectors)
+/// re-establish by themselves when they end. Decided as the apiserver decides: the query
+/// decoded as a form, and `watch` read as Go's `strconv.ParseBool` reads it (`true`, `True`,
+/// `1`, `t`...). A followed log (`follow=true`) is not one: `kubectl logs -f` takes its end for
+/// the container's.
+pub fn is_watch(path_and_query: &str) -> bool {
     let Some((_, query)) = path_and_query.split_once('?') else {
         return false;
     };
-    form_urlencoded::parse(query.as_bytes())
-        .any(|(k, v)| matches!(&*k, "watch" | "follow") && go_parse_bool(&v))
+    form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "watch" && go_parse_bool(&v))
 }
 
 /// The values Go's `strconv.ParseBool` takes as true.
@@ -276,20 +277,14 @@ mod tests {
     }
 
     #[test]
-    fn long_lived_requests_are_recognised() {
-        assert!(is_long_lived("/api/v1/pods?watch=true&resourceVersion=1"));
-        assert!(is_long_lived("/api/v1/namespaces/d/pods/p/log?follow=true"));
-        assert!(!is_long_lived("/api/v1/pods?limit=500"));
-        assert!(!is_long_lived("/api/v1/pods"));
-        // The apiserver reads these as true too; each must get a connection of its own.
-        for q in [
-            "watch=True",
-            "watch=TRUE",
-            "watch=t",
-            "follow=True",
-            "watch=%74rue",
-        ] {
-            assert!(is_long_lived(&format!("/api/v1/pods?limit=1&{q}")), "{q}");
+    fn watches_are_recognised() {
+        assert!(is_watch("/api/v1/pods?watch=true&resourceVersion=1"));
+        assert!(!is_watch("/api/v1/namespaces/d/pods/p/log?follow=true"));
+        assert!(!is_watch("/api/v1/pods?limit=500"));
+        assert!(!is_watch("/api/v1/pods"));
+        // The apiserver reads these as true too.
+        for q in ["watch=True", "watch=TRUE", "watch=t", "watch=%74rue"] {
+            assert!(is_watch(&format!("/api/v1/pods?limit=1&{q}")), "{q}");
         }
         for q in [
             "watch=false",
@@ -297,8 +292,9 @@ mod tests {
             "watch=yes",
             "watchx=true",
             "label=watch%3Dtrue",
+            "follow=True",
         ] {
-            assert!(!is_long_lived(&format!("/api/v1/pods?{q}")), "{q}");
+            assert!(!is_watch(&format!("/api/v1/pods?{q}")), "{q}");
         }
     }
 }

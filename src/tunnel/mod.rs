@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod dial;
+pub mod frame;
 pub mod http;
 pub mod keepalive;
 pub mod outbound;

@@ -128,6 +128,8 @@ async fn one_proxy_serves_two_clusters_each_through_its_own_agent() {
     assert!(seen.is_ok(), "{}", describe(&out));
 }
 
+/// A followed log broken by the restart fails instead: ended cleanly, `kubectl logs -f` would
+/// exit 0 as if the container had ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_restart_ends_open_watches_cleanly_and_new_commands_work_again() {
     if !kubectl_available() {
@@ -139,8 +141,20 @@ async fn a_relay_restart_ends_open_watches_cleanly_and_new_commands_work_again()
         s.api.open_watches() > 0
     })
     .await;
+    let logs = spawn_kubectl(&s.proxy.kubeconfig, &["logs", "-f", "web-0"], &[], false);
+    eventually("the log stream reaches the apiserver", || {
+        s.api.open_log_follows() > 0
+    })
+    .await;
 
     s.relay.restart().await;
+
+    let out = logs.finish(PROMPT).await;
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "a followed log cut by the relay restart did not fail: {}",
+        describe(&out)
+    );
 
     // The watch ends instead of hanging on a dead tunnel, so the caller's retry can take over.
     let out = watch.finish(PROMPT).await;

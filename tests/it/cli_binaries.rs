@@ -16,6 +16,7 @@ use clusterconnect::tunnel::dial::{dial, DialError};
 use clusterconnect::tunnel::protocol::{Action, ControlMessage, RelayAddress};
 use clusterconnect::tunnel::sas::SasKey;
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::processes::{
@@ -943,6 +944,191 @@ async fn kubectl_through_relay_agent_and_proxy_binaries() {
     for (who, out) in [("agent", agent.output()), ("relay", relay.process.output())] {
         assert!(!out.contains(&api.token()), "{who} logged the token");
     }
+}
+
+/// `--dev-self-signed` makes its CA once and reuses it: agents and proxies that trust it keep
+/// reconnecting across relay restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_ca_survives_a_relay_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut relay = start_relay(dir.path()).await;
+    let first = std::fs::read(&relay.ca_path).expect("the dev CA");
+    relay.process.terminate();
+    assert!(relay.process.wait(EXIT).await.is_some(), "the relay exits");
+    let again = start_relay(dir.path()).await;
+    assert_eq!(
+        std::fs::read(&again.ca_path).expect("the dev CA"),
+        first,
+        "the restarted relay made a new CA"
+    );
+    // And it serves with it: a client trusting the first CA completes TLS.
+    let tls = relay_tls(&again);
+    let addr = again.url.trim_start_matches("wss://").to_string();
+    let tcp = TcpStream::connect(&addr).await.expect("connect");
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS with the kept CA");
+    again.process.terminate();
+}
+
+/// A draining relay refuses new connections at once (its agents and proxies retry elsewhere
+/// or later) instead of leaving them in its accept queue until the drain ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_refuses_new_connections_at_once() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (relay_dir, agent_dir, config_dir) = (
+        dir.path().join("relay"),
+        dir.path().join("agent"),
+        dir.path().join("proxy-config"),
+    );
+    for d in [&relay_dir, &agent_dir, &config_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let mut relay = start_relay(&relay_dir).await;
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
+    let _agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    let kubeconfig = dir.path().join("config");
+    let (_proxy, _) = start_proxy(&relay, CONNECTION, &api.token(), &kubeconfig, &config_dir).await;
+    // The proxy's pooled rendezvous stay open: the relay drains them for its drain period.
+    let out = kubectl(&kubeconfig, &["get", "pods", "-A"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let addr = relay.url.trim_start_matches("wss://").to_string();
+
+    relay.process.terminate();
+    relay
+        .process
+        .wait_for_output(EXIT, "draining")
+        .await
+        .expect("the relay drains");
+    assert!(
+        relay
+            .process
+            .wait(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "the relay is still draining"
+    );
+    let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr)).await;
+    assert!(
+        matches!(&connect, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a connection to the draining relay: {connect:?}"
+    );
+}
+
+/// No SAS token reaches a log, at trace level too: tungstenite's client handshake logged the
+/// whole upgrade request at trace, its Authorization header (a Send or Listen token valid for
+/// an hour) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sas_token_reaches_the_logs_even_at_trace_level() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (relay_dir, agent_dir, config_dir) = (
+        dir.path().join("relay"),
+        dir.path().join("agent"),
+        dir.path().join("proxy-config"),
+    );
+    for d in [&relay_dir, &agent_dir, &config_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let trace = [("RUST_LOG", OsStr::new("trace"))];
+    let relay = start_relay(&relay_dir).await;
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
+    let agent =
+        support::processes::start_agent_with(&relay, &agent_kubeconfig, CONNECTION, &[], &trace)
+            .await;
+    let kubeconfig = dir.path().join("config");
+    let (proxy, _) = support::processes::start_proxy_with(
+        &relay,
+        CONNECTION,
+        &api.token(),
+        (&kubeconfig, &config_dir),
+        &trace,
+    )
+    .await;
+    let out = kubectl(&kubeconfig, &["get", "pods", "-A"], &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    for (who, log) in [("agent", agent.output()), ("proxy", proxy.output())] {
+        assert!(log.contains("TRACE"), "{who} did not log at trace level");
+        for secret in ["SharedAccessSignature", "sig=", api.token().as_str()] {
+            assert!(
+                !log.contains(secret),
+                "the {who}'s trace log holds {secret:?}"
+            );
+        }
+    }
+}
+
+/// A proxy whose output nobody reads any more (its supervisor gone, `| head -1` done) keeps
+/// serving, and SIGTERM still stops it: a failed write to stdout or stderr is no panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_output_nobody_reads_serves_and_stops_on_sigterm() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (relay_dir, agent_dir, config_dir) = (
+        dir.path().join("relay"),
+        dir.path().join("agent"),
+        dir.path().join("proxy-config"),
+    );
+    for d in [&relay_dir, &agent_dir, &config_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let relay = start_relay(&relay_dir).await;
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
+    let _agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    let token_file = write(&config_dir.join(TOKEN_FILE_NAME), &api.token());
+    let kubeconfig = dir.path().join("config");
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("its address").port()
+    };
+    let args = proxy_args(
+        &relay,
+        CONNECTION,
+        &relay.send_key,
+        &token_file,
+        port,
+        &kubeconfig,
+    );
+    let mut proxy = support::processes::spawn_unread(
+        &args,
+        &[("CLUSTERCONNECT_CONFIG_DIR", config_dir.as_os_str())],
+        dir.path(),
+    );
+    let started = Instant::now();
+    let served = loop {
+        if kubeconfig.exists() {
+            let out = kubectl(&kubeconfig, &["get", "pods", "-A"], &[]).await;
+            if out.status.success() {
+                break true;
+            }
+        }
+        if started.elapsed() > START_TIMEOUT {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(served, "kubectl never got an answer through the proxy");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(proxy.id().expect("pid")).expect("i32"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(PROMPT_EXIT, proxy.wait()).await;
+    assert!(
+        matches!(&status, Ok(Ok(s)) if s.success()),
+        "the proxy did not exit 0 within {PROMPT_EXIT:?} of SIGTERM: {status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,14 +31,14 @@ use clusterconnect::entra::{Authority, Cloud};
 use clusterconnect::proxy::kubeconfig::{self, Entry, Options};
 use clusterconnect::relay::proxy_protocol::{self as pp, Header};
 use clusterconnect::secret::Secret;
-use clusterconnect::tunnel::http::is_long_lived;
+use clusterconnect::tunnel::http::is_watch;
 use clusterconnect::tunnel::protocol::{
     validate_entity, Accept, Action, ControlMessage, HcTarget, RelayAddress, RemoteEndpoint,
     RenewToken,
 };
 use clusterconnect::tunnel::sas::{SasError, SasKey, SasToken};
 use clusterconnect::tunnel::upgrade::{header_has_token, is_websocket, switching_protocols};
-use clusterconnect::tunnel::{ws_config, WsStream};
+use clusterconnect::tunnel::WsStream;
 
 /// Shrinking stops after this long, so a failure reports within seconds instead of hanging.
 const SHRINK_MS: u32 = 3_000;
@@ -889,21 +889,21 @@ fn query_pair() -> impl Strategy<Value = (String, String)> {
 proptest! {
     #![proptest_config(config(800))]
 
-    /// Long-lived exactly when some decoded `watch` or `follow` is one of Go's true spellings.
+    /// A watch exactly when some decoded `watch` is one of Go's true spellings.
     #[test]
-    fn long_lived_queries_follow_go(pairs in prop::collection::vec(query_pair(), 0..6),
+    fn watch_queries_follow_go(pairs in prop::collection::vec(query_pair(), 0..6),
                                     path in "(/[a-z0-9]{1,8}){0,5}", raw in hostile()) {
         let query = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&pairs)
             .finish();
         let expected = pairs.iter().any(|(k, v)| {
-            (k == "watch" || k == "follow")
+            k == "watch"
                 && matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True")
         });
-        prop_assert_eq!(is_long_lived(&format!("{path}?{query}")), expected);
-        prop_assert!(!is_long_lived(&path));
-        let _ = is_long_lived(&raw);
-        let _ = is_long_lived(&format!("{path}?{raw}"));
+        prop_assert_eq!(is_watch(&format!("{path}?{query}")), expected);
+        prop_assert!(!is_watch(&path));
+        let _ = is_watch(&raw);
+        let _ = is_watch(&format!("{path}?{raw}"));
     }
 
     /// Header values are bytes, not UTF-8: no value makes the upgrade checks panic.
@@ -1265,10 +1265,10 @@ proptest! {
     fn ws_stream_reads_what_the_peer_sent(messages in prop::collection::vec(
         (0..4u8, prop::collection::vec(any::<u8>(), 0..3000)), 0..12)) {
         let (expected, got) = runtime().block_on(async {
+            // The relay's side is a tungstenite server; ours the tunnel's client stream.
             let (a, b) = tokio::io::duplex(64 * 1024);
-            let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-            let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(ws_config())).await;
-            let mut server = WsStream::new(server);
+            let mut relay = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+            let mut stream = WsStream::new(a, Vec::new());
             let mut expected = Vec::new();
             let mut frames = Vec::new();
             for (kind, bytes) in &messages {
@@ -1288,18 +1288,18 @@ proptest! {
             }
             let send = async move {
                 for frame in frames {
-                    if client.send(frame).await.is_err() {
+                    if relay.send(frame).await.is_err() {
                         return;
                     }
                 }
-                let _ = client.close(None).await;
-                // Keep reading so the server's pongs and close reply never fill the pipe.
-                while let Some(Ok(_)) = client.next().await {}
+                let _ = relay.close(None).await;
+                // Keep reading so the stream's pongs and close reply never fill the pipe.
+                while let Some(Ok(_)) = relay.next().await {}
             };
             let read = async move {
-                let got = read_all(&mut server).await;
-                // Letting go of the server ends the client's wait for its close reply.
-                drop(server);
+                let got = read_all(&mut stream).await;
+                // Letting go of the stream ends the relay's wait for its close reply.
+                drop(stream);
                 got
             };
             let (_, got) = tokio::join!(send, read);
@@ -1317,19 +1317,18 @@ proptest! {
         let sent: Vec<u8> = frames.concat();
         let got = runtime().block_on(async {
             let (mut a, b) = tokio::io::duplex(64 * 1024);
-            let server = WebSocketStream::from_raw_socket(b, Role::Server, Some(ws_config())).await;
-            let mut server = WsStream::new(server);
+            let mut stream = WsStream::new(b, Vec::new());
             let bytes = sent.clone();
             let send = async move {
                 let _ = a.write_all(&bytes).await;
                 let _ = a.shutdown().await;
-                // Drain what the server writes back (pongs, close) until it lets go.
+                // Drain what the stream writes back (pongs, close) until it lets go.
                 let mut sink = Vec::new();
                 let _ = tokio::time::timeout(Duration::from_secs(5), a.read_to_end(&mut sink)).await;
             };
             let (_, got) = tokio::join!(send, async {
-                let got = read_all(&mut server).await;
-                drop(server);
+                let got = read_all(&mut stream).await;
+                drop(stream);
                 got
             });
             got

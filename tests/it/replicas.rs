@@ -628,9 +628,9 @@ async fn a_nats_restart_keeps_tunnels_and_the_registry_and_cross_replica_offers_
     let token = key.mint(&address.resource_uri(&connection), Duration::from_secs(600));
     let tls = clusterconnect::tls::client_config(Some(&pki.ca), &[]).unwrap();
     let url = address.url(&connection, Action::Connect, "held");
-    let mut held = clusterconnect::tunnel::ws_stream::WsStream::new(
-        dial(&url, Some(&token), &tls).await.unwrap(),
-    );
+    let mut held = clusterconnect::tunnel::dial::dial_stream(&url, Some(&token), &tls)
+        .await
+        .unwrap();
 
     nats.stop();
     // New offers that must cross replicas get a clear 503; the replicas keep running.

@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::ws_bytes::MessageBytes;
 use base64::Engine;
 use clusterconnect::tls::{server_config, CertificateAuthority};
 use clusterconnect::tunnel::upgrade::{
     header_has_token, is_websocket, server_stream, switching_protocols,
 };
-use clusterconnect::tunnel::WsStream;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
@@ -1382,7 +1382,7 @@ fn port_forward(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
             };
         shared.tasks.spawn(async move {
             if let Ok(ws) = server_stream(upgrade).await {
-                portforward::serve(WsStream::new(ws)).await;
+                portforward::serve(MessageBytes::new(ws)).await;
             }
         });
         return response;

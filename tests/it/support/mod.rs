@@ -21,6 +21,7 @@ pub mod resources;
 pub mod serve;
 pub mod spdy;
 pub mod tunnel;
+pub mod ws_bytes;
 
 pub use apiserver::{ApiServer, SeenRequest, SERVICE_ACCOUNT};
 pub use entra::{Entra, TokenRequest};

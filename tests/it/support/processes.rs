@@ -126,6 +126,23 @@ pub fn spawn<A: AsRef<OsStr>>(args: &[A], envs: &[(&str, &OsStr)]) -> Process {
     }
 }
 
+/// [`spawn`], but nobody reads the child's output: its stdout and stderr are pipes whose
+/// reading ends are closed at once, as when a supervisor or `| head -1` has gone away.
+pub fn spawn_unread<A: AsRef<OsStr>>(
+    args: &[A],
+    envs: &[(&str, &OsStr)],
+    home: &Path,
+) -> tokio::process::Child {
+    let mut cmd = command(args, envs, home);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn clusterconnect");
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    child
+}
+
 fn command<A: AsRef<OsStr>>(args: &[A], envs: &[(&str, &OsStr)], home: &Path) -> Command {
     // Profiling: `BENCH_HEAPTRACK=proxy` (or another role) runs that role under heaptrack,
     // its trace in the temp dir (heaptrack.<role>.<pid>.zst). Killing the child leaves the
@@ -538,6 +555,17 @@ pub async fn start_proxy(
     kubeconfig_out: &Path,
     config_dir: &Path,
 ) -> (Process, u16) {
+    start_proxy_with(relay, connection, token, (kubeconfig_out, config_dir), &[]).await
+}
+
+/// [`start_proxy`] with `envs` in its environment.
+pub async fn start_proxy_with(
+    relay: &RelayProcess,
+    connection: &str,
+    token: &str,
+    (kubeconfig_out, config_dir): (&Path, &Path),
+    envs: &[(&str, &OsStr)],
+) -> (Process, u16) {
     std::fs::create_dir_all(config_dir).expect("create the proxy's config dir");
     let token_file = config_dir.join(TOKEN_FILE_NAME);
     std::fs::write(&token_file, token).expect("write the token file");
@@ -550,7 +578,11 @@ pub async fn start_proxy(
             0,
             kubeconfig_out,
         ),
-        &[("CLUSTERCONNECT_CONFIG_DIR", config_dir.as_os_str())],
+        &[
+            &[("CLUSTERCONNECT_CONFIG_DIR", config_dir.as_os_str())],
+            envs,
+        ]
+        .concat(),
     );
     match process
         .wait_for(START_TIMEOUT, |text| proxy_port(text).is_some())

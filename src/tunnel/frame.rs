@@ -1,10 +1,13 @@
-//! RFC 6455 frames as the relay's splice sees them, without IO: a header parsed from the
-//! bytes a client sent, checked against the rules a server must enforce, and re-encoded the
-//! way a server writes it (unmasked). Payloads are never held here: the splice streams them
-//! through its own buffer, unmasking in place with [`apply_mask`].
+//! RFC 6455 frames without IO, as both ends see them: the relay's splice parses the headers a
+//! client sent, checks them against the rules a server must enforce and re-encodes them the
+//! way a server writes them (unmasked); the tunnel's byte stream ([`super::WsStream`]) checks
+//! the relay's frames against the rules a client enforces and writes its own masked. Payloads
+//! are never held here: each side streams them through its own buffer, (un)masking with
+//! [`apply_mask`].
 //!
-//! No extension is ever negotiated by the relay (it answers upgrades without
-//! `Sec-WebSocket-Extensions`), so reserved bits are always a protocol error.
+//! No extension is ever negotiated (the relay answers upgrades without
+//! `Sec-WebSocket-Extensions`, and our clients ask for none), so reserved bits are always a
+//! protocol error.
 
 /// The longest header: 2 bytes, a 64-bit length, a 4-byte masking key.
 pub const MAX_HEADER: usize = 14;
@@ -92,6 +95,8 @@ pub enum FrameError {
     CloseOneByte,
     #[error("unmasked frame from a client")]
     Unmasked,
+    #[error("masked frame from a server")]
+    Masked,
     #[error("continuation frame outside a fragmented message")]
     UnexpectedContinuation,
     #[error("new data frame before the fragmented message ended")]
@@ -164,7 +169,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, FrameError> {
     )))
 }
 
-/// Where one client's frames are in a message: RFC 6455 5.4 lets control frames come between
+/// Where one side's frames are in a message: RFC 6455 5.4 lets control frames come between
 /// the fragments of a message, and nothing else.
 #[derive(Debug, Default)]
 pub struct Sequence {
@@ -177,6 +182,18 @@ impl Sequence {
         if header.mask.is_none() {
             return Err(FrameError::Unmasked);
         }
+        self.follow(header)
+    }
+
+    /// The same for a frame from a server, which must not be masked (RFC 6455 5.1).
+    pub fn check_from_server(&mut self, header: &Header) -> Result<(), FrameError> {
+        if header.mask.is_some() {
+            return Err(FrameError::Masked);
+        }
+        self.follow(header)
+    }
+
+    fn follow(&mut self, header: &Header) -> Result<(), FrameError> {
         match header.opcode {
             op if op.is_control() => {}
             Opcode::Continuation if !self.in_message => {
@@ -220,6 +237,29 @@ pub fn write_server_header(out: &mut [u8], fin: bool, opcode: Opcode, len: u64) 
         }
     }
     n
+}
+
+/// Appends a client's (masked) header for a final frame of `len` payload bytes to `out`; the
+/// payload that follows must be masked with `key` from offset 0.
+pub fn push_client_header(out: &mut Vec<u8>, opcode: Opcode, len: u64, key: [u8; 4]) {
+    let mut header = [0u8; MAX_HEADER];
+    let n = server_header_len(len);
+    write_server_header(&mut header[..n], true, opcode, len);
+    header[1] |= 0x80;
+    header[n..n + 4].copy_from_slice(&key);
+    out.extend_from_slice(&header[..n + 4]);
+}
+
+/// The length of the header that starts with `first_two` bytes: what to read before
+/// [`parse_header`] can answer.
+pub fn header_len(first_two: [u8; 2]) -> usize {
+    let masked = if first_two[1] & 0x80 != 0 { 4 } else { 0 };
+    let extended = match first_two[1] & 0x7F {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + extended + masked
 }
 
 /// A complete close frame from the relay (unmasked) with `code` and `reason` (cut to fit the
@@ -338,6 +378,26 @@ mod tests {
         // Unmasked frames parse (a server's), the sequence check refuses them from a client.
         let (h, n) = parse_header(&[0x82, 0x03, 1, 2, 3]).unwrap().unwrap();
         assert_eq!((h.mask, h.len, n), (None, 3, 2));
+    }
+
+    #[test]
+    fn client_headers_parse_back_and_say_their_own_length() {
+        for len in [0u64, 9, 125, 126, 0xFFFF, 0x1_0000, 64 << 10] {
+            let mut out = vec![b'x'];
+            push_client_header(&mut out, Opcode::Binary, len, KEY);
+            let header = &out[1..];
+            assert_eq!(header, masked_header(0x82, len), "len {len}");
+            assert_eq!(header_len([header[0], header[1]]), header.len());
+        }
+        // The header of a server's frame is as long as its length form, without a key.
+        assert_eq!(header_len([0x82, 5]), 2);
+        assert_eq!(header_len([0x82, 126]), 4);
+        assert_eq!(header_len([0x82, 127]), 10);
+        let (from_server, _) = parse_header(&[0x82, 5]).unwrap().unwrap();
+        let (from_client, _) = parse_header(&masked_header(0x82, 5)).unwrap().unwrap();
+        let mut seq = Sequence::default();
+        assert_eq!(seq.check_from_server(&from_server), Ok(()));
+        assert_eq!(seq.check_from_server(&from_client), Err(FrameError::Masked));
     }
 
     #[test]
