@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::inventory::RegistryFlags;
 use super::kubeclient;
-use super::output::{flatten_value, query, render_with, Output};
+use super::output::{flatten_value, render_queried, Output};
 use crate::arm::client::ManagementClient;
 use crate::arm::{
     ClusterId, ClusterScope, ErrorDetail, Extension, ExtensionProperties, ExtensionRequest,
@@ -263,11 +263,9 @@ fn print(extensions: Vec<Extension>, single: bool, flags: &PrintFlags) -> anyhow
     } else {
         serde_json::Value::Array(values)
     };
-    let value = match &flags.query {
-        Some(q) => query(&value, q).map_err(|e| anyhow::anyhow!(e))?,
-        None => value,
-    };
-    outln!("{}", render_with(&value, flags.output, COLUMNS));
+    let text = render_queried(&value, flags.query.as_deref(), flags.output, COLUMNS)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    outln!("{text}");
     Ok(())
 }
 

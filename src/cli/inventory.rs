@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::entra::{EntraCredentials, EntraFlags};
-use super::output::{flatten, query, render, Output};
+use super::output::{flatten, render, Output};
 use super::registry::RegistryAccess;
 
 /// Where the registry is and how to reach it.
@@ -63,11 +63,8 @@ pub struct ShowArgs {
 }
 
 fn print(value: serde_json::Value, q: Option<&str>, output: Output) -> anyhow::Result<()> {
-    let value = match q {
-        Some(path) => query(&value, path).map_err(|e| anyhow::anyhow!(e))?,
-        None => value,
-    };
-    outln!("{}", render(&value, output));
+    let text = render(&value, q, output).map_err(|e| anyhow::anyhow!(e))?;
+    outln!("{text}");
     Ok(())
 }
 

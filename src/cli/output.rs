@@ -35,10 +35,17 @@ pub fn flatten(cluster: &ConnectedCluster) -> Value {
     Value::Object(out)
 }
 
+#[cfg(test)]
+fn query(value: &Value, expression: &str) -> Result<Value, String> {
+    queried(value, expression).map(|(value, _)| value)
+}
+
 /// `--query`, a JMESPath expression as `az` evaluates it (the same language and library
 /// family): `[].name`, `[?connectivityStatus=='Connected'].{Name:name, Rg:resourceGroup}`,
-/// `length(@)`. Fields are the flattened ones `show -o json` prints.
-pub fn query(value: &Value, expression: &str) -> Result<Value, String> {
+/// `length(@)`; fields are the flattened ones `show -o json` prints. With it, the keys its
+/// final `{Key: field, ...}` names, in the order written (the columns of a table or tsv;
+/// JMESPath's objects, like serde_json's, keep keys sorted).
+fn queried(value: &Value, expression: &str) -> Result<(Value, Option<Vec<String>>), String> {
     let compiled = jmespath::compile(expression).map_err(|e| {
         format!(
             "--query {expression:?} is not a JMESPath expression: {e}; for example \"[].name\" or \"connectivityStatus\""
@@ -47,7 +54,83 @@ pub fn query(value: &Value, expression: &str) -> Result<Value, String> {
     let found = compiled
         .search(value.clone())
         .map_err(|e| format!("--query {expression:?} failed: {e}"))?;
-    serde_json::to_value(&*found).map_err(|e| format!("--query {expression:?}: {e}"))
+    let value =
+        serde_json::to_value(&*found).map_err(|e| format!("--query {expression:?}: {e}"))?;
+    Ok((value, projected_keys(compiled.as_ast())))
+}
+
+fn projected_keys(ast: &jmespath::ast::Ast) -> Option<Vec<String>> {
+    use jmespath::ast::Ast;
+    match ast {
+        Ast::MultiHash { elements, .. } => Some(elements.iter().map(|e| e.key.clone()).collect()),
+        Ast::Projection { rhs, .. } | Ast::Subexpr { rhs, .. } => projected_keys(rhs),
+        // A filter (`[?...]`) projects through its condition.
+        Ast::Condition { then, .. } => projected_keys(then),
+        _ => None,
+    }
+}
+
+/// `value` after `--query` (when given) in `format`. A table or tsv of a query's result shows
+/// what the query picked, as `az` does: the keys it named as columns, in its order, or the
+/// objects' own keys, or a single `Result` column for plain values; without a query, the
+/// table's usual `columns`.
+pub fn render_queried(
+    value: &Value,
+    expression: Option<&str>,
+    format: Output,
+    columns: &[(&str, &str)],
+) -> Result<String, String> {
+    let Some(expression) = expression else {
+        return Ok(render_with(value, format, columns));
+    };
+    let (value, keys) = queried(value, expression)?;
+    if !matches!(format, Output::Table | Output::Tsv) {
+        return Ok(render_with(&value, format, columns));
+    }
+    let rows: Vec<&Value> = match &value {
+        Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    };
+    let keys = keys.unwrap_or_else(|| {
+        let mut seen: Vec<String> = Vec::new();
+        for key in rows
+            .iter()
+            .filter_map(|r| r.as_object())
+            .flat_map(|o| o.keys())
+        {
+            if !seen.contains(key) {
+                seen.push(key.clone());
+            }
+        }
+        seen
+    });
+    if keys.is_empty() {
+        // Plain values: one column.
+        let wrapped: Vec<Value> = rows
+            .iter()
+            .map(|r| serde_json::json!({ "Result": r }))
+            .collect();
+        return Ok(render_with(
+            &Value::Array(wrapped),
+            format,
+            &[("Result", "Result")],
+        ));
+    }
+    let picked: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), k.as_str())).collect();
+    Ok(match format {
+        Output::Tsv => rows
+            .iter()
+            .map(|r| {
+                picked
+                    .iter()
+                    .map(|(_, k)| scalar(&r[*k]))
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => table(&value, &picked),
+    })
 }
 
 /// `az connectedk8s list -o table`: Name, Location, ResourceGroup.
@@ -57,9 +140,9 @@ const CLUSTER_COLUMNS: &[(&str, &str)] = &[
     ("ResourceGroup", "resourceGroup"),
 ];
 
-/// Renders `value` (one resource or a list) in `format`.
-pub fn render(value: &Value, format: Output) -> String {
-    render_with(value, format, CLUSTER_COLUMNS)
+/// Renders `value` (one resource or a list) in `format`, after `--query` when given.
+pub fn render(value: &Value, expression: Option<&str>, format: Output) -> Result<String, String> {
+    render_queried(value, expression, format, CLUSTER_COLUMNS)
 }
 
 /// Renders with the table's (heading, field) columns.
@@ -181,14 +264,43 @@ mod tests {
         assert_eq!(query(&v, "length(@)").unwrap(), json!(2));
         let err = query(&v, "[x").unwrap_err();
         assert!(err.contains("not a JMESPath expression"), "{err}");
-        assert_eq!(render(&json!(["a", "b"]), Output::Tsv), "a\nb");
+        assert_eq!(
+            render(&json!(["a", "b"]), None, Output::Tsv).unwrap(),
+            "a\nb"
+        );
+    }
+
+    #[test]
+    fn a_query_picks_the_columns_of_a_table_and_their_order() {
+        let v = json!([
+            {"name": "prod", "location": "eastus", "resourceGroup": "rg-1", "connectivityStatus": "Connected"},
+            {"name": "lab", "location": "westus", "resourceGroup": "rg-2", "connectivityStatus": "Offline"},
+        ]);
+        let q = "[?connectivityStatus=='Connected'].{Name:name, Status:connectivityStatus, Group:resourceGroup}";
+        assert_eq!(
+            render(&v, Some(q), Output::Table).unwrap(),
+            "Name  Status     Group\n----  ---------  -----\nprod  Connected  rg-1"
+        );
+        assert_eq!(
+            render(&v, Some(q), Output::Tsv).unwrap(),
+            "prod\tConnected\trg-1"
+        );
+        assert_eq!(
+            render(&v, Some("[].name"), Output::Table).unwrap(),
+            "Result\n------\nprod\nlab"
+        );
+        // Objects the query did not build: their own keys.
+        assert_eq!(
+            render(&v, Some("[?name=='lab'] | [0]"), Output::Tsv).unwrap(),
+            "Offline\twestus\tlab\trg-2"
+        );
     }
 
     #[test]
     fn tables_look_like_az() {
         let v = json!([{"name": "prod", "location": "eastus", "resourceGroup": "rg-1"}]);
         assert_eq!(
-            render(&v, Output::Table),
+            render(&v, None, Output::Table).unwrap(),
             "Name  Location  ResourceGroup\n----  --------  -------------\nprod  eastus    rg-1"
         );
     }

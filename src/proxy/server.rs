@@ -142,18 +142,8 @@ impl ProbeError {
     pub fn is_transient(&self) -> bool {
         match self {
             ProbeError::Answered { status, .. } => matches!(status.as_u16(), 502..=504),
-            ProbeError::Tunnel {
-                source: RouteError::Tunnel(TunnelError::Dial(d)),
-                ..
-            } => {
-                d.is_no_listener()
-                    || matches!(d, DialError::Connect { .. } | DialError::ConnectTimeout(..))
-            }
-            ProbeError::Tunnel {
-                source: RouteError::Tunnel(TunnelError::Draining),
-                ..
-            } => true,
-            _ => false,
+            ProbeError::Tunnel { source, .. } => unavailable(source),
+            ProbeError::UnknownCluster(_) => false,
         }
     }
 }
@@ -192,6 +182,19 @@ impl Route {
             *last = Some((reason, Instant::now()));
         }
         Response::from_parts(parts, full(bytes))
+    }
+}
+
+/// The tunnel failed because the other end is not there (yet): no agent listening, the relay
+/// unreachable, or the agent draining. Waiting may help.
+fn unavailable(e: &RouteError) -> bool {
+    match e {
+        RouteError::Tunnel(TunnelError::Dial(d)) => {
+            d.is_no_listener()
+                || matches!(d, DialError::Connect { .. } | DialError::ConnectTimeout(..))
+        }
+        RouteError::Tunnel(TunnelError::Draining) => true,
+        _ => false,
     }
 }
 
@@ -378,6 +381,8 @@ impl Handler {
             Err(e) => {
                 let message = describe_failure(&route.name, &e);
                 span.in_scope(|| tracing::warn!(error = %message, "tunnel request failed"));
+                // Plain text, not a Status: kubectl's discovery shows a 5xx's text body
+                // but swaps a Status's message for a generic one.
                 let mut resp = gateway_error(&message);
                 // The id to quote, as the apiserver would have returned it.
                 if let Ok(v) = http::HeaderValue::from_str(&request_id) {
