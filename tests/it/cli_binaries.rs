@@ -946,6 +946,34 @@ async fn kubectl_through_relay_agent_and_proxy_binaries() {
     }
 }
 
+/// A relay and an agent (with `agent_envs`) in front of `api`, in directories under `dir`, and
+/// the directory for a proxy's configuration.
+async fn relay_and_agent(
+    api: &ApiServer,
+    dir: &Path,
+    agent_envs: &[(&str, &OsStr)],
+) -> (RelayProcess, support::processes::Process, PathBuf) {
+    let (relay_dir, agent_dir, config_dir) = (
+        dir.join("relay"),
+        dir.join("agent"),
+        dir.join("proxy-config"),
+    );
+    for d in [&relay_dir, &agent_dir, &config_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let relay = start_relay(&relay_dir).await;
+    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
+    let agent = support::processes::start_agent_with(
+        &relay,
+        &agent_kubeconfig,
+        CONNECTION,
+        &[],
+        agent_envs,
+    )
+    .await;
+    (relay, agent, config_dir)
+}
+
 /// `--dev-self-signed` makes its CA once and reuses it: agents and proxies that trust it keep
 /// reconnecting across relay restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -984,17 +1012,7 @@ async fn a_draining_relay_refuses_new_connections_at_once() {
     }
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (relay_dir, agent_dir, config_dir) = (
-        dir.path().join("relay"),
-        dir.path().join("agent"),
-        dir.path().join("proxy-config"),
-    );
-    for d in [&relay_dir, &agent_dir, &config_dir] {
-        std::fs::create_dir_all(d).expect("mkdir");
-    }
-    let mut relay = start_relay(&relay_dir).await;
-    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
-    let _agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    let (mut relay, _agent, config_dir) = relay_and_agent(&api, dir.path(), &[]).await;
     let kubeconfig = dir.path().join("config");
     let (_proxy, _) = start_proxy(&relay, CONNECTION, &api.token(), &kubeconfig, &config_dir).await;
     // The proxy's pooled rendezvous stay open: the relay drains them for its drain period.
@@ -1033,20 +1051,8 @@ async fn no_sas_token_reaches_the_logs_even_at_trace_level() {
     }
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (relay_dir, agent_dir, config_dir) = (
-        dir.path().join("relay"),
-        dir.path().join("agent"),
-        dir.path().join("proxy-config"),
-    );
-    for d in [&relay_dir, &agent_dir, &config_dir] {
-        std::fs::create_dir_all(d).expect("mkdir");
-    }
     let trace = [("RUST_LOG", OsStr::new("trace"))];
-    let relay = start_relay(&relay_dir).await;
-    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
-    let agent =
-        support::processes::start_agent_with(&relay, &agent_kubeconfig, CONNECTION, &[], &trace)
-            .await;
+    let (relay, agent, config_dir) = relay_and_agent(&api, dir.path(), &trace).await;
     let kubeconfig = dir.path().join("config");
     let (proxy, _) = support::processes::start_proxy_with(
         &relay,
@@ -1078,17 +1084,7 @@ async fn a_proxy_whose_output_nobody_reads_serves_and_stops_on_sigterm() {
     }
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (relay_dir, agent_dir, config_dir) = (
-        dir.path().join("relay"),
-        dir.path().join("agent"),
-        dir.path().join("proxy-config"),
-    );
-    for d in [&relay_dir, &agent_dir, &config_dir] {
-        std::fs::create_dir_all(d).expect("mkdir");
-    }
-    let relay = start_relay(&relay_dir).await;
-    let agent_kubeconfig = api.write_kubeconfig(&agent_dir, "agent-has-no-say");
-    let _agent = start_agent(&relay, &agent_kubeconfig, CONNECTION).await;
+    let (relay, _agent, config_dir) = relay_and_agent(&api, dir.path(), &[]).await;
     let token_file = write(&config_dir.join(TOKEN_FILE_NAME), &api.token());
     let kubeconfig = dir.path().join("config");
     let port = {
