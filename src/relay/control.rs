@@ -34,6 +34,9 @@ const QUEUE: usize = 64;
 /// 16 MiB cap (`tunnel::ws_config`) is for data, which never crosses a control channel.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 
+/// How long the relay tries to send a close frame before it drops the connection anyway.
+const CLOSE_SEND: Duration = Duration::from_secs(5);
+
 /// WebSocket limits of a control channel: small messages, small buffers, as many channels as
 /// there are listeners. The read buffer is held for the channel's life and grows for the
 /// rare larger message; listeners send only pings and `renewToken`.
@@ -169,6 +172,15 @@ impl Channel {
                 Ok(ControlMessage::RenewToken(renew)) => self.renew(&renew.token).await,
                 _ => Next::Continue,
             },
+            // Told why, as RFC 6455 7.4.1 codes say, rather than dropped without a word.
+            Some(Err(WsError::Capacity(_))) => {
+                self.close(CloseCode::Size, "message larger than 64 KiB")
+                    .await
+            }
+            Some(Err(WsError::Protocol(_))) => {
+                self.close(CloseCode::Protocol, "WebSocket protocol error")
+                    .await
+            }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Next::Stop,
             Some(Ok(_)) => Next::Continue,
         }
@@ -229,13 +241,15 @@ impl Channel {
         }
     }
 
-    /// Closes the channel with `code`; the loop ends either way.
+    /// Closes the channel with `code`, waiting at most [`CLOSE_SEND`] to send it; the loop
+    /// ends either way.
     async fn close(&mut self, code: CloseCode, reason: &'static str) -> Next {
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        let _ = self.ws.send(Message::Close(Some(frame))).await;
+        // Bounded: a listener that reads nothing must not hold the channel open.
+        let _ = tokio::time::timeout(CLOSE_SEND, self.ws.send(Message::Close(Some(frame)))).await;
         Next::Stop
     }
 }

@@ -267,17 +267,20 @@ async fn a_control_channel_message_over_64_kib_closes_the_channel() {
         .send(Message::text("x".repeat(64 * 1024 + 1)))
         .await
         .expect("send");
+    // Ended with the reason: 1009, message too big.
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match control.next().await {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Err(_)) | None => return None,
                 Some(Ok(_)) => {}
             }
         }
     })
     .await;
-    assert!(
-        ended.is_ok(),
-        "the relay must end a control channel that sends 64 KiB + 1"
+    assert_eq!(
+        ended,
+        Ok(Some(1009)),
+        "the relay must end a control channel that sends 64 KiB + 1, saying why"
     );
 }
