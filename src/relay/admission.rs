@@ -3,7 +3,8 @@
 //! exchange ends or it is upgraded into an authenticated listener or rendezvous, which then
 //! takes one of `max_connections` slots instead. A stranger can therefore hold at most
 //! `max_unauthenticated_per_ip` connections, each only until the handshake or request
-//! deadline, and never a slot that agents and proxies need.
+//! deadline (or until a newcomer takes its place, see [`Admission`]), and never a slot that
+//! agents and proxies need.
 //!
 //! Behind a load balancer speaking the PROXY protocol the client's address is known only
 //! once its header is read, so admission has two steps: [`Admission::reserve`] at accept
@@ -14,10 +15,20 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
 
 /// Counts unauthenticated connections, globally and per source address. The map holds an
 /// entry only while that address has a connection open, so it is bounded by the global cap.
+///
+/// When the global cap is reached, a newcomer takes the place of an idle connection (one with
+/// no request in progress: between keep-alive requests, in its handshake, or trickling headers)
+/// of the address holding the most places, if that address holds at least two more than the
+/// newcomer's: as nginx reuses idle keep-alive connections when it runs out. Without it, a few
+/// dozen addresses each holding their share of slow keep-alive connections would lock every
+/// agent and proxy out; with it, they only lose places to them.
 #[derive(Clone)]
 pub struct Admission {
     inner: Arc<Mutex<Counts>>,
@@ -28,7 +39,47 @@ pub struct Admission {
 #[derive(Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Each address's places, oldest first.
+    per_ip: HashMap<IpAddr, Vec<Arc<Place>>>,
+}
+
+/// One connection's place: whether it is serving a request, and how it is told to go.
+#[derive(Default)]
+pub struct Place {
+    /// Requests in progress on the connection (an upgrade stays counted).
+    busy: AtomicUsize,
+    /// Taken back from the books (by eviction or when dropped).
+    released: AtomicBool,
+    evicted: CancellationToken,
+}
+
+impl Place {
+    /// Marks a request in progress until the guard is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// Resolves when the connection lost its place to a newcomer and is to be closed.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await
+    }
+}
+
+/// A request in progress on a connection (see [`Place::busy`]).
+pub struct Busy(Arc<Place>);
+
+impl Busy {
+    /// The connection stays busy for good: it was upgraded into a listener or rendezvous.
+    pub fn keep(self) {
+        self.0.busy.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a connection was turned away before its TLS handshake.
@@ -36,7 +87,8 @@ struct Counts {
 pub enum Refused {
     /// This address already holds its share of unauthenticated connections.
     PerIp,
-    /// The relay holds as many unauthenticated connections as it allows.
+    /// The relay holds as many unauthenticated connections as it allows, none of them idle
+    /// at an address holding more than this one.
     Total,
 }
 
@@ -53,6 +105,7 @@ impl Refused {
 /// A place under the global cap, not yet charged to an address; dropping it frees it.
 pub struct Reserved {
     admission: Admission,
+    place: Arc<Place>,
 }
 
 /// One admitted connection; dropping it frees its place.
@@ -60,6 +113,12 @@ pub struct Admitted {
     // Dropped after `Admitted::drop` has released the address's share.
     reserved: Reserved,
     ip: IpAddr,
+}
+
+impl Admitted {
+    pub fn place(&self) -> Arc<Place> {
+        self.reserved.place.clone()
+    }
 }
 
 impl Admission {
@@ -73,24 +132,77 @@ impl Admission {
 
     /// Both caps at once, for a connection whose peer is its client.
     pub fn admit(&self, ip: IpAddr) -> Result<Admitted, Refused> {
-        self.reserve()?.identify(ip)
+        let ip = ip.to_canonical();
+        let holds = {
+            let counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            counts.per_ip.get(&ip).map_or(0, Vec::len)
+        };
+        // Refused for its own share before it could cost another address a place.
+        if holds >= self.max_per_ip {
+            return Err(Refused::PerIp);
+        }
+        self.reserve_for(holds)?.identify(ip)
     }
 
     /// A place under the global cap only, for a connection whose client is not known yet.
     pub fn reserve(&self) -> Result<Reserved, Refused> {
+        self.reserve_for(0)
+    }
+
+    /// A place under the global cap for a newcomer whose address holds `holds` places, taken
+    /// from an idle connection when the cap is reached (see [`Admission`]).
+    fn reserve_for(&self, holds: usize) -> Result<Reserved, Refused> {
         let mut counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if counts.total >= self.max_total {
+        if counts.total >= self.max_total && !counts.evict_one(holds) {
             return Err(Refused::Total);
         }
         counts.total += 1;
         Ok(Reserved {
             admission: self.clone(),
+            place: Arc::default(),
         })
     }
 
     #[cfg(test)]
     fn tracked_addresses(&self) -> usize {
         self.inner.lock().map(|c| c.per_ip.len()).unwrap_or(0)
+    }
+}
+
+impl Counts {
+    /// Takes the place of the oldest idle connection of the address holding the most places,
+    /// at least `holds + 2`; false when there is none.
+    fn evict_one(&mut self, holds: usize) -> bool {
+        let mut addresses: Vec<(&IpAddr, usize)> = self
+            .per_ip
+            .iter()
+            .map(|(ip, places)| (ip, places.len()))
+            .collect();
+        addresses.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        let victim = addresses
+            .into_iter()
+            .take_while(|(_, n)| *n >= holds + 2)
+            .find_map(|(ip, _)| {
+                let places = &self.per_ip[ip];
+                places
+                    .iter()
+                    .position(|p| p.busy.load(Ordering::Acquire) == 0)
+                    .map(|at| (*ip, at))
+            });
+        let Some((ip, at)) = victim else {
+            return false;
+        };
+        let Some(places) = self.per_ip.get_mut(&ip) else {
+            return false;
+        };
+        let place = places.remove(at);
+        if places.is_empty() {
+            self.per_ip.remove(&ip);
+        }
+        place.released.store(true, Ordering::Release);
+        place.evicted.cancel();
+        self.total = self.total.saturating_sub(1);
+        true
     }
 }
 
@@ -106,12 +218,11 @@ impl Reserved {
             .inner
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let n = counts.per_ip.entry(ip).or_insert(0);
-        // `max_per_ip` is at least 1, so a refused address already has an entry to keep.
-        if *n >= self.admission.max_per_ip {
+        let places = counts.per_ip.entry(ip).or_default();
+        if places.len() >= self.admission.max_per_ip {
             return Err(Refused::PerIp);
         }
-        *n += 1;
+        places.push(self.place.clone());
         drop(counts);
         Ok(Admitted { reserved: self, ip })
     }
@@ -119,12 +230,17 @@ impl Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
+        if self.place.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let mut counts = self
             .admission
             .inner
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         counts.total = counts.total.saturating_sub(1);
+        // A refused `identify` may have left its address an empty entry.
+        counts.per_ip.retain(|_, places| !places.is_empty());
     }
 }
 
@@ -136,9 +252,9 @@ impl Drop for Admitted {
             .inner
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(places) = counts.per_ip.get_mut(&self.ip) {
+            places.retain(|p| !Arc::ptr_eq(p, &self.reserved.place));
+            if places.is_empty() {
                 counts.per_ip.remove(&self.ip);
             }
         }
@@ -168,6 +284,35 @@ mod tests {
             0,
             "closed connections leave no entry behind"
         );
+    }
+
+    #[test]
+    fn a_newcomer_takes_an_idle_place_from_the_address_holding_the_most() {
+        let a = Admission::new(4, 4);
+        let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..4).map(|_| a.admit(attacker).unwrap()).collect();
+        let evicted = |i: usize| held[i].place().evicted.is_cancelled();
+        // The attacker's oldest connection is serving a request: its place is not taken.
+        let busy = held[0].place().busy();
+        let newcomer: IpAddr = "127.0.0.3".parse().unwrap();
+        let first = a.admit(newcomer).unwrap();
+        assert!(!evicted(0) && evicted(1) && !evicted(2));
+        // 3 places against 1: one more may go.
+        let second = a.admit(newcomer).unwrap();
+        assert!(evicted(2));
+        // 2 against 2: even now.
+        assert_eq!(a.admit(newcomer).err(), Some(Refused::Total));
+        // An upgraded connection stays busy after its request.
+        busy.keep();
+        assert_eq!(held[0].place().busy.load(Ordering::Acquire), 1);
+        // Evicted connections closing give back nothing twice: the attacker's two live
+        // places come back, and only those.
+        drop(held);
+        let third: IpAddr = "127.0.0.4".parse().unwrap();
+        let more: Vec<_> = (0..2).map(|_| a.admit(third).unwrap()).collect();
+        assert_eq!(a.admit(third).err(), Some(Refused::Total));
+        drop((first, second, more));
+        assert_eq!(a.tracked_addresses(), 0);
     }
 
     #[test]

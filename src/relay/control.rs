@@ -114,7 +114,7 @@ pub async fn run(
         .listeners_open
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let open = crate::metrics::Open::new(&stats.metrics.listeners);
-    tracing::info!(entity = %entity, listeners = rendezvous.listener_count(&entity), "listener connected");
+    tracing::info!(entity = %entity.escape_debug(), listeners = rendezvous.listener_count(&entity), "listener connected");
     let mut channel = Channel {
         ws,
         entity,
@@ -137,7 +137,7 @@ pub async fn run(
             incoming = channel.ws.next() => channel.receive(incoming).await,
             _ = ping.tick() => channel.ping().await,
             _ = sleep_until(expires_at) => {
-                tracing::info!(entity = %channel.entity, "listener token expired without renewal");
+                tracing::info!(entity = %channel.entity.escape_debug(), "listener token expired without renewal");
                 channel.close(CloseCode::Policy, "token expired").await
             }
             _ = rule_changed(&mut changes) => channel.recheck().await,
@@ -148,7 +148,7 @@ pub async fn run(
     stats
         .listeners_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(entity = %channel.entity, listeners = rendezvous.listener_count(&channel.entity), "listener disconnected");
+    tracing::info!(entity = %channel.entity.escape_debug(), listeners = rendezvous.listener_count(&channel.entity), "listener disconnected");
 }
 
 impl Channel {
@@ -205,7 +205,7 @@ impl Channel {
             Ok(authorized) => {
                 self.expiry = authorized.expiry;
                 self.grant.set(authorized.grant);
-                tracing::debug!(entity = %self.entity, "listener token renewed");
+                tracing::debug!(entity = %self.entity.escape_debug(), "listener token renewed");
                 Next::Continue
             }
             Err(e) => {
@@ -213,7 +213,7 @@ impl Channel {
                     .stats
                     .metrics
                     .auth_failure(super::auth::failure_reason(&e));
-                tracing::warn!(entity = %self.entity, error = %e, "listener sent an invalid renewToken");
+                tracing::warn!(entity = %self.entity.escape_debug(), error = %e.to_string().escape_debug(), "listener sent an invalid renewToken");
                 self.close(CloseCode::Policy, "renewToken rejected").await
             }
         }
@@ -226,13 +226,13 @@ impl Channel {
         if self.shared.still_authorized(&grant) {
             return Next::Continue;
         }
-        tracing::info!(entity = %self.entity, rule = %grant.rule, "listener's authorization revoked; closing it");
+        tracing::info!(entity = %self.entity.escape_debug(), rule = %grant.rule, "listener's authorization revoked; closing it");
         self.close(CloseCode::Policy, "authorization revoked").await
     }
 
     async fn ping(&mut self) -> Next {
         if self.last_seen.elapsed() > DEAD_PEER {
-            tracing::info!(entity = %self.entity, "listener stopped answering pings");
+            tracing::info!(entity = %self.entity.escape_debug(), "listener stopped answering pings");
             return Next::Stop;
         }
         match self.ws.send(Message::Ping(Default::default())).await {

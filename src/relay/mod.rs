@@ -173,7 +173,7 @@ async fn serve_connection(
 ) {
     let deadline = ctx.shared.limits.handshake_timeout;
     let handshake_ends = Instant::now() + deadline;
-    let (peer, _admitted) = match incoming {
+    let (peer, admitted) = match incoming {
         Incoming::Direct(admitted) => (peer, admitted),
         Incoming::Proxied(reserved) => {
             let metrics = &ctx.shared.stats.metrics;
@@ -183,7 +183,12 @@ async fn serve_connection(
             }
         }
     };
-    let tls = match tokio::time::timeout_at(handshake_ends, acceptor.accept(tcp)).await {
+    let place = admitted.place();
+    let handshake = tokio::select! {
+        done = tokio::time::timeout_at(handshake_ends, acceptor.accept(tcp)) => done,
+        () = place.evicted() => return,
+    };
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -196,10 +201,16 @@ async fn serve_connection(
     // so requests sent ahead without reading the answers cannot pile them up.
     let (io, lift) = stall::StallDeadline::new(tls, deadline);
     let served = Arc::new(AtomicUsize::new(0));
+    let in_service = place.clone();
     let service = service_fn(move |req| {
-        let (ctx, served) = (ctx.clone(), served.clone());
+        let (ctx, served, place) = (ctx.clone(), served.clone(), in_service.clone());
         async move {
+            // Not idle while it serves a request: a newcomer may not take its place.
+            let busy = place.busy();
             let mut resp = server::handle(req, ctx, peer).await?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                busy.keep();
+            }
             let count = served.fetch_add(1, Ordering::Relaxed) + 1;
             if resp.status().as_u16() >= 400 || count >= limits::MAX_REQUESTS_PER_CONNECTION {
                 resp.headers_mut()
@@ -214,7 +225,13 @@ async fn serve_connection(
         .max_buf_size(limits::MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    let ended = conn.await;
+    let ended = tokio::select! {
+        ended = conn => ended,
+        () = place.evicted() => {
+            tracing::debug!(peer = %peer, "idle unauthenticated connection closed: a newcomer took its place");
+            return;
+        }
+    };
     // An upgraded listener or rendezvous reads at its own pace from here on.
     lift.lift();
     if let Err(e) = ended {

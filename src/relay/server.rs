@@ -424,7 +424,7 @@ async fn connect(
     // The relay sees a rendezvous, not the requests inside it (one carries many HTTP/2
     // streams): its span is keyed by the id the listener accepts with, the sender's own
     // `sb-hc-id` plus a suffix, which the proxy and the agent log as well.
-    let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity);
+    let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity.escape_debug());
     let accept = accept_message(req, target, (entity, suffix), &id, peer);
     let wait = ctx.rendezvous.add_pending(&id, entity);
     let max_per_listener = ctx.shared.limits.max_rendezvous_per_listener;
@@ -574,7 +574,8 @@ async fn connect_remote(
     };
     for (entity, suffix, authorized) in routes {
         let id = rendezvous_id(target);
-        let span = tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity);
+        let span =
+            tracing::info_span!("rendezvous", sb_hc_id = %id, entity = %entity.escape_debug());
         let mut accept = accept_message(req, target, (entity, suffix), &id, peer);
         accept.address = format!("wss://{}{}", replicas.me(), accept.address);
         let wait = ctx.rendezvous.add_pending(&id, entity);
@@ -746,12 +747,22 @@ fn quota_exceeded(entity: &str, max: usize) -> Response<Body> {
 }
 
 /// A `sb-hc-id` longer than the relay allows is refused, as Azure Relay refuses it.
+/// A refusal for an `sb-hc-id` that is too long, or that holds control characters: the id is
+/// logged with every line of its rendezvous, where a newline would forge a line.
 fn id_too_long(target: &HcTarget, ctx: &Ctx) -> Option<Response<Body>> {
     let max = ctx.shared.limits.max_id_len;
-    target.get(QUERY_ID).filter(|id| id.len() > max).map(|_| {
+    let id = target.get(QUERY_ID)?;
+    if id.len() > max {
         ctx.shared.stats.metrics.limit_hit("max_id_len");
-        text(400, format!("{QUERY_ID} is longer than {max} characters"))
-    })
+        return Some(text(
+            400,
+            format!("{QUERY_ID} is longer than {max} characters"),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Some(text(400, format!("{QUERY_ID} holds control characters")));
+    }
+    None
 }
 
 /// What the listener is offered: where to accept (the path and query; the relay's host for
@@ -865,13 +876,13 @@ fn spawn_splice(
                 let counts = tokio::select! {
                     counts = &mut splice => counts,
                     side = revocation.revoked(&shared) => {
-                        tracing::info!(entity = %entity, side, "authorization revoked; closing the rendezvous");
+                        tracing::info!(entity = %entity.escape_debug(), side, "authorization revoked; closing the rendezvous");
                         revoked.cancel();
                         splice.await
                     }
                 };
                 tracing::debug!(
-                    entity = %entity,
+                    entity = %entity.escape_debug(),
                     bytes.up = counts.sender_to_listener,
                     bytes.down = counts.listener_to_sender,
                     "rendezvous ended"
@@ -880,7 +891,7 @@ fn spawn_splice(
                 drop(open);
             }
             Err(e) => {
-                tracing::debug!(entity = %entity, error = %e, "rendezvous upgrade failed")
+                tracing::debug!(entity = %entity.escape_debug(), error = %e, "rendezvous upgrade failed")
             }
         }
     }

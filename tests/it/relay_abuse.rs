@@ -279,6 +279,67 @@ async fn a_stranger_that_never_reads_its_answers_frees_its_places() {
     );
 }
 
+/// Strangers holding every unauthenticated place with idle keep-alive connections (one
+/// request, then nothing, well within the deadlines) do not lock agents and proxies out: a
+/// newcomer takes the place of an idle connection of the address holding the most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
+    if !kubectl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let limits = clusterconnect::relay::Limits {
+        // Long enough that no deadline frees a place during the test.
+        handshake_timeout: Duration::from_secs(120),
+        max_unauthenticated: 2 * PER_IP,
+        max_unauthenticated_per_ip: PER_IP,
+        ..Default::default()
+    };
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits, 8).await;
+    let mut idle = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..PER_IP {
+            let mut s = tls_from(source, &relay).await;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            idle.push(s);
+        }
+    }
+    // Every place is held. A newcomer takes the place of one idle connection, which closes.
+    let mut newcomer = tls_from("127.0.0.4", &relay).await;
+    newcomer
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = newcomer.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(300)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 1,
+        "one idle connection gave its place to the newcomer"
+    );
+
+    let api = ApiServer::start().await;
+    let agent = Agent::start(&relay, &api, listen_key()).await;
+    wait_for_listener(&relay).await;
+    let proxy = LocalProxy::start(&relay, send_key(), &api.token(), dir.path()).await;
+    let out = kubectl_ok(&proxy.kubeconfig, &["get", "ns", "-o", "name"]).await;
+    assert!(out.contains("namespace/"), "{out}");
+    proxy.stop().await;
+    agent.stop().await;
+    drop(idle);
+}
+
 /// A TLS connection from `source`, or `None` when the relay turns it away (at its cap, it
 /// closes before TLS).
 async fn tls_from_or_refused(

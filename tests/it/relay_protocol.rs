@@ -884,6 +884,17 @@ async fn quotas_are_enforced_with_documented_statuses() {
         !description.contains(&long_id[..200]),
         "the id is not echoed"
     );
+    // Every log line of a rendezvous carries its id: one with a newline could forge lines.
+    let (status, description) = expect_rejected(
+        dial(
+            &url(&relay, Action::Connect, "a%0Alistener%20connected"),
+            Some(&send_token(&relay)),
+            tls,
+        )
+        .await,
+    );
+    assert_eq!(status, 400, "{description}");
+    assert!(description.contains("control characters"), "{description}");
 
     for se in [u64::MAX, 1 << 62, unix_now() + 400 * 24 * 3600] {
         let forever = listen_key().mint_until(&resource(&relay, "other-connection"), se);
