@@ -118,6 +118,12 @@ async fn only_owners_and_granted_users_get_a_send_token_and_it_opens_only_their_
         .await
         .expect("admin registers");
 
+    // A genuine key of a rule without the Manage right: known, not allowed (403, not 401).
+    let sender = client(&relay, ManagementAuth::Key(support::tunnel::send_key()));
+    let err = sender.get(&id("prod")).await.unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    assert!(err.to_string().contains("AuthorizationFailed"), "{err}");
+
     // Without a role: 403 on the resource and on the credential; invisible in lists.
     let err = other.list_user_credential(&id("prod")).await.unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");

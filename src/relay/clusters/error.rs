@@ -10,6 +10,7 @@ use super::store::StoreError;
 use crate::arm::{AgentKeyError, ClusterId, IdError, CLUSTER_USER_ROLE, KEY_VAULT_EXTENSION_TYPE};
 use crate::tunnel::http::error_chain;
 use crate::tunnel::protocol::AddressError;
+use crate::tunnel::sas::SasError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -120,6 +121,11 @@ impl ApiError {
         match self {
             UnknownPath | ClusterId(_) => (StatusCode::NOT_FOUND, "InvalidResourceType"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLarge"),
+            // A genuine key (its signature checks out first) of a rule without Manage: who
+            // the caller is, is known; what it asks is not allowed.
+            Unauthenticated(AuthError::SasToken(SasError::MissingRight { .. })) => {
+                (StatusCode::FORBIDDEN, "AuthorizationFailed")
+            }
             Unauthenticated(e) => (StatusCode::UNAUTHORIZED, e.code()),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             ClusterBody(_) | AssignmentBody(_) | StatusBody(_) | KeyTypeBody(_) => {
