@@ -63,6 +63,21 @@ async fn closed_within<S: AsyncRead + Unpin>(io: &mut S, within: Duration) -> bo
     .is_ok()
 }
 
+/// A real agent, proxy and kubectl through `relay`: the apiserver, agent and proxy, once
+/// `kubectl get ns` answered through them.
+async fn kubectl_works_through(
+    relay: &Relay,
+    dir: &std::path::Path,
+) -> (ApiServer, Agent, LocalProxy) {
+    let api = ApiServer::start().await;
+    let agent = Agent::start(relay, &api, listen_key()).await;
+    wait_for_listener(relay).await;
+    let proxy = LocalProxy::start(relay, send_key(), &api.token(), dir).await;
+    let out = kubectl_ok(&proxy.kubeconfig, &["get", "ns", "-o", "name"]).await;
+    assert!(out.contains("namespace/"), "{out}");
+    (api, agent, proxy)
+}
+
 enum Stalled {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Tcp(TcpStream),
@@ -126,12 +141,7 @@ async fn stalled_strangers_neither_hold_slots_nor_outlive_their_deadlines() {
     );
 
     // Meanwhile a real agent and kubectl through the proxy work.
-    let api = ApiServer::start().await;
-    let agent = Agent::start(&relay, &api, listen_key()).await;
-    wait_for_listener(&relay).await;
-    let proxy = LocalProxy::start(&relay, send_key(), &api.token(), dir.path()).await;
-    let out = kubectl_ok(&proxy.kubeconfig, &["get", "ns", "-o", "name"]).await;
-    assert!(out.contains("namespace/"), "{out}");
+    let (_api, agent, proxy) = kubectl_works_through(&relay, dir.path()).await;
 
     // And every stalled connection is closed within its deadline.
     for (i, s) in stalled.iter_mut().enumerate() {
@@ -329,12 +339,7 @@ async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
         "one idle connection gave its place to the newcomer"
     );
 
-    let api = ApiServer::start().await;
-    let agent = Agent::start(&relay, &api, listen_key()).await;
-    wait_for_listener(&relay).await;
-    let proxy = LocalProxy::start(&relay, send_key(), &api.token(), dir.path()).await;
-    let out = kubectl_ok(&proxy.kubeconfig, &["get", "ns", "-o", "name"]).await;
-    assert!(out.contains("namespace/"), "{out}");
+    let (_api, agent, proxy) = kubectl_works_through(&relay, dir.path()).await;
     proxy.stop().await;
     agent.stop().await;
     drop(idle);
