@@ -205,12 +205,16 @@ async fn serve_connection(
     let service = service_fn(move |req| {
         let (ctx, served, place) = (ctx.clone(), served.clone(), in_service.clone());
         async move {
-            // Not idle while it serves a request: a newcomer may not take its place.
-            let busy = place.busy();
+            // Not idle while it serves a request: a newcomer may not take its place. Except
+            // an agent status report, whose body is read before it is authenticated (its
+            // signature covers the body): a stranger withholding that body for the request
+            // deadline must not be able to keep places from newcomers.
+            let busy = (!server::authenticated_by_body(&req)).then(|| place.busy());
             let mut resp = server::handle(req, ctx, peer).await?;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                busy.keep();
+                place.busy().keep();
             }
+            drop(busy);
             let count = served.fetch_add(1, Ordering::Relaxed) + 1;
             if resp.status().as_u16() >= 400 || count >= limits::MAX_REQUESTS_PER_CONNECTION {
                 resp.headers_mut()

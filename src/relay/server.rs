@@ -54,6 +54,20 @@ fn text(status: u16, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// Whether `req` is authenticated only once its body is read: an agent's status report
+/// (`POST .../agentStatus`), signed over its body.
+/// The last segment is compared as the management API routes it: without case.
+pub fn authenticated_by_body<B>(req: &Request<B>) -> bool {
+    let last = req
+        .uri()
+        .path()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    req.method() == http::Method::POST && last.eq_ignore_ascii_case("agentStatus")
+}
+
 pub async fn handle(
     mut req: Request<Incoming>,
     ctx: Ctx,

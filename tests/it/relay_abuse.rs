@@ -345,6 +345,55 @@ async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
     drop(idle);
 }
 
+/// The same with every place held by agent status reports whose body never comes (read before
+/// anything is authenticated): such a request does not keep its place from a newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withheld_status_report_bodies_give_way_to_newcomers() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = clusterconnect::relay::Limits {
+        // Long enough that no deadline frees a place during the test.
+        handshake_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(120),
+        max_unauthenticated: 2 * PER_IP,
+        max_unauthenticated_per_ip: PER_IP,
+        ..Default::default()
+    };
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits, 8).await;
+    let mut pending = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        for i in 0..PER_IP {
+            // Either case: the management API routes it without.
+            let action = if i % 2 == 0 {
+                "agentStatus"
+            } else {
+                "AGENTSTATUS"
+            };
+            let mut s = tls_from(source, &relay).await;
+            s.write_all(format!("POST /subscriptions/0/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/x/{action}?api-version=2024-01-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{{").as_bytes())
+                .await
+                .unwrap();
+            pending.push(s);
+        }
+    }
+    // Let the relay start reading those bodies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut newcomer = tls_from_or_refused("127.0.0.4", &relay)
+        .await
+        .expect("a newcomer takes the place of a withheld status report");
+    newcomer
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), newcomer.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(pending);
+}
+
 /// A TLS connection from `source`, or `None` when the relay turns it away (at its cap, it
 /// closes before TLS).
 async fn tls_from_or_refused(
