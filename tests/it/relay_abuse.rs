@@ -298,14 +298,7 @@ async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let limits = clusterconnect::relay::Limits {
-        // Long enough that no deadline frees a place during the test.
-        handshake_timeout: Duration::from_secs(120),
-        max_unauthenticated: 2 * PER_IP,
-        max_unauthenticated_per_ip: PER_IP,
-        ..Default::default()
-    };
-    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits, 8).await;
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), two_full_shares(), 8).await;
     let mut idle = Vec::new();
     for source in ["127.0.0.2", "127.0.0.3"] {
         for _ in 0..PER_IP {
@@ -350,15 +343,7 @@ async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withheld_status_report_bodies_give_way_to_newcomers() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = clusterconnect::relay::Limits {
-        // Long enough that no deadline frees a place during the test.
-        handshake_timeout: Duration::from_secs(120),
-        request_timeout: Duration::from_secs(120),
-        max_unauthenticated: 2 * PER_IP,
-        max_unauthenticated_per_ip: PER_IP,
-        ..Default::default()
-    };
-    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits, 8).await;
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), two_full_shares(), 8).await;
     let mut pending = Vec::new();
     for source in ["127.0.0.2", "127.0.0.3"] {
         for i in 0..PER_IP {
@@ -392,6 +377,18 @@ async fn withheld_status_report_bodies_give_way_to_newcomers() {
         String::from_utf8_lossy(&answer)
     );
     drop(pending);
+}
+
+/// Room for two addresses' full shares of unauthenticated places, with deadlines long enough
+/// that none frees a place during a test.
+fn two_full_shares() -> clusterconnect::relay::Limits {
+    clusterconnect::relay::Limits {
+        handshake_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(120),
+        max_unauthenticated: 2 * PER_IP,
+        max_unauthenticated_per_ip: PER_IP,
+        ..Default::default()
+    }
 }
 
 /// A TLS connection from `source`, or `None` when the relay turns it away (at its cap, it
