@@ -78,6 +78,22 @@ async fn kubectl_works_through(
     (api, agent, proxy)
 }
 
+/// A TLS connection from `source` that got its answer to one `/healthz` and now sits idle on
+/// keep-alive.
+async fn answered_then_idle(
+    source: &str,
+    relay: &Relay,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut s = tls_from(source, relay).await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    s
+}
+
 enum Stalled {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Tcp(TcpStream),
@@ -101,16 +117,7 @@ async fn stall(kind: usize, source: &str, relay: &Relay) -> Stalled {
             Stalled::Tls(Box::new(s))
         }
         // One complete request, then idle on keep-alive.
-        2 => {
-            let mut s = tls_from(source, relay).await;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                .await
-                .unwrap();
-            let mut buf = [0u8; 256];
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-            Stalled::Tls(Box::new(s))
-        }
+        2 => Stalled::Tls(Box::new(answered_then_idle(source, relay).await)),
         // TCP only: no TLS ClientHello at all.
         _ => Stalled::Tcp(tcp_from(source, relay.addr).await),
     }
@@ -302,25 +309,11 @@ async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
     let mut idle = Vec::new();
     for source in ["127.0.0.2", "127.0.0.3"] {
         for _ in 0..PER_IP {
-            let mut s = tls_from(source, &relay).await;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                .await
-                .unwrap();
-            let mut buf = [0u8; 256];
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-            idle.push(s);
+            idle.push(answered_then_idle(source, &relay).await);
         }
     }
     // Every place is held. A newcomer takes the place of one idle connection, which closes.
-    let mut newcomer = tls_from("127.0.0.4", &relay).await;
-    newcomer
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 256];
-    let n = newcomer.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let _newcomer = answered_then_idle("127.0.0.4", &relay).await;
     let mut closed = 0;
     for s in &mut idle {
         if closed_within(s, Duration::from_millis(300)).await {
