@@ -173,22 +173,19 @@ impl Counts {
     /// Takes the place of the oldest idle connection of the address holding the most places,
     /// at least `holds + 2`; false when there is none.
     fn evict_one(&mut self, holds: usize) -> bool {
-        let mut addresses: Vec<(&IpAddr, usize)> = self
+        // One pass, no allocation: this runs on the accept loop for every newcomer at the cap.
+        let victim = self
             .per_ip
             .iter()
-            .map(|(ip, places)| (ip, places.len()))
-            .collect();
-        addresses.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-        let victim = addresses
-            .into_iter()
-            .take_while(|(_, n)| *n >= holds + 2)
-            .find_map(|(ip, _)| {
-                let places = &self.per_ip[ip];
-                places
+            .filter(|(_, places)| places.len() >= holds + 2)
+            .filter_map(|(ip, places)| {
+                let at = places
                     .iter()
-                    .position(|p| p.busy.load(Ordering::Acquire) == 0)
-                    .map(|at| (*ip, at))
-            });
+                    .position(|p| p.busy.load(Ordering::Acquire) == 0)?;
+                Some((places.len(), *ip, at))
+            })
+            .max_by_key(|(n, _, _)| *n)
+            .map(|(_, ip, at)| (ip, at));
         let Some((ip, at)) = victim else {
             return false;
         };
