@@ -33,7 +33,9 @@ use crate::tunnel::backoff::{Backoff, STABLE_AFTER};
 use crate::tunnel::dial::{dial, dial_answered, dial_stream, RelayStream};
 use crate::tunnel::http::error_chain;
 use crate::tunnel::keepalive::{DEAD_PEER, PING_INTERVAL};
-use crate::tunnel::protocol::{Accept, Action, ControlMessage, RenewToken};
+use crate::tunnel::protocol::{
+    Accept, Action, ControlMessage, RenewToken, QUERY_STATUS_CODE, QUERY_STATUS_DESCRIPTION,
+};
 
 enum Ended {
     /// The relay refused our token (401/403): the key is wrong, rotated or lacks Listen.
@@ -211,6 +213,7 @@ async fn listen(
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
                         Ok(ControlMessage::Accept(accept)) => spawn_rendezvous(accept, config.clone(), shared.clone(), tasks, streams),
                         Ok(ControlMessage::Replicas(list)) => shared.replicas.update(index, list.all),
+                        Ok(ControlMessage::Request(request)) => refuse_http(&request.address, config, shared, tasks),
                         Ok(other) => tracing::debug!(?other, "ignoring control message"),
                         Err(e) => tracing::debug!(error = %e, "ignoring unknown control message"),
                     },
@@ -284,6 +287,57 @@ async fn close_draining(
     }
 }
 
+/// A sender's HTTP request (Azure Relay's `request` gesture) is not for an agent, whose
+/// hybrid connection carries kubectl's tunnels: the sender is told so at once (501) instead of
+/// waiting for the relay's timeout.
+fn refuse_http(
+    address: &str,
+    config: &Arc<AgentConfig>,
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+) {
+    if let Err(refused) = config.relay.check_rendezvous(address) {
+        if !shared.replicas.allows(address) {
+            tracing::warn!(reason = %refused, "refusing a rendezvous address from the relay");
+            return;
+        }
+    }
+    tracing::info!("refusing an HTTP request sent to the agent's hybrid connection");
+    reject(
+        address,
+        "501",
+        "this hybrid connection belongs to a clusterconnect agent; it carries kubectl through `clusterconnect proxy`, not HTTP requests",
+        config,
+        shared,
+        tasks,
+    );
+}
+
+/// Answers a rendezvous address with a rejection (`status`, `description`), within
+/// [`CLOSE_WAIT`]; at most `rejecting`'s count of such answers are in flight.
+fn reject(
+    address: &str,
+    status: &str,
+    description: &str,
+    config: &Arc<AgentConfig>,
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+) {
+    let Ok(rejecting) = shared.rejecting.clone().try_acquire_owned() else {
+        tracing::warn!("too many rejections in flight; leaving a sender to the relay's timeout");
+        return;
+    };
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair(QUERY_STATUS_CODE, status);
+    query.append_pair(QUERY_STATUS_DESCRIPTION, description);
+    let address = format!("{address}&{}", query.finish());
+    let config = config.clone();
+    tasks.spawn(async move {
+        let _rejecting = rejecting;
+        let _ = tokio::time::timeout(CLOSE_WAIT, dial(&address, None, &config.relay_tls)).await;
+    });
+}
+
 fn spawn_rendezvous(
     accept: Accept,
     config: Arc<AgentConfig>,
@@ -302,19 +356,15 @@ fn spawn_rendezvous(
     // Each rendezvous holds buffers and an apiserver connection; beyond this many at once a
     // new sender is rejected with 503 rather than exhausting the agent's memory.
     let Ok(permit) = shared.rendezvous.clone().try_acquire_owned() else {
-        let Ok(rejecting) = shared.rejecting.clone().try_acquire_owned() else {
-            tracing::warn!("too many open tunnel streams and busy answers; leaving a sender to the relay's accept timeout");
-            return;
-        };
         tracing::warn!("too many open tunnel streams; rejecting a sender");
-        let address = format!(
-            "{}&sb-hc-statusCode=503&sb-hc-statusDescription=agent%20busy",
-            accept.address
+        reject(
+            &accept.address,
+            "503",
+            "agent busy",
+            &config,
+            &shared,
+            tasks,
         );
-        tasks.spawn(async move {
-            let _rejecting = rejecting;
-            let _ = tokio::time::timeout(CLOSE_WAIT, dial(&address, None, &config.relay_tls)).await;
-        });
         return;
     };
     let (streams, sessions) = (streams.clone(), tasks.clone());

@@ -8,6 +8,7 @@ pub mod clusters;
 mod config;
 mod control;
 mod gauge;
+mod hc_http;
 mod limits;
 pub mod proxy_protocol;
 mod rendezvous;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use http::header::CONNECTION;
 use http::HeaderValue;
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -213,6 +215,16 @@ async fn serve_connection(
             let mut resp = server::handle(req, ctx, peer).await?;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 place.busy().keep();
+            } else if resp.extensions().get::<hc_http::Streaming>().is_some() {
+                // A listener's response still streaming: busy until its body has ended.
+                let streaming = place.busy();
+                resp = resp.map(|body| {
+                    body.map_frame(move |frame| {
+                        let _ = &streaming;
+                        frame
+                    })
+                    .boxed_unsync()
+                });
             }
             drop(busy);
             let count = served.fetch_add(1, Ordering::Relaxed) + 1;

@@ -160,7 +160,7 @@ impl Rendezvous {
         &self,
         entity: &str,
         max: usize,
-        msg: impl Fn(&str) -> ControlMessage,
+        msg: impl FnMut(&str) -> ControlMessage,
     ) -> Result<Offered, NotOffered> {
         self.offer_if(entity, max, |_| true, msg)
     }
@@ -172,7 +172,7 @@ impl Rendezvous {
         entity: &str,
         max: usize,
         eligible: impl Fn(&[String]) -> bool,
-        msg: impl Fn(&str) -> ControlMessage,
+        mut msg: impl FnMut(&str) -> ControlMessage,
     ) -> Result<Offered, NotOffered> {
         let mut inner = self.lock();
         let k = key(entity);

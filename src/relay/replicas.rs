@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rendezvous::{NotOffered, Rendezvous};
 use super::rule::{Grant, KeyDigest};
-use crate::tunnel::protocol::{Accept, ControlMessage};
+use crate::tunnel::protocol::{Accept, ControlMessage, HttpRequest};
 
 /// The listen handshake's header naming the replica that answered.
 pub const HEADER_REPLICA: &str = "x-clusterconnect-replica";
@@ -115,6 +115,11 @@ pub enum RemoteNot {
 struct Offer {
     entity: String,
     accept: Accept,
+    /// An HTTP request's rendezvous: the listener gets a `request` notice (address and id)
+    /// instead of the accept. A replica of an older release ignores this and sends the accept;
+    /// the listener then comes to the same address, which serves the request all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    request: bool,
 }
 
 /// What comes back.
@@ -466,7 +471,11 @@ impl Replicas {
 
     /// One offer from another replica, to a local listener.
     fn take(&self, offer: Offer) -> Answer {
-        let Offer { entity, accept } = offer;
+        let Offer {
+            entity,
+            accept,
+            request,
+        } = offer;
         // Only a listener told about the sender's replica accepts an address naming it.
         let sender = authority_of(&accept.address);
         self.learn(&sender);
@@ -474,7 +483,13 @@ impl Replicas {
             &entity,
             self.max_per_listener,
             |told| told.contains(&sender),
-            |_| ControlMessage::Accept(accept.clone()),
+            |_| {
+                if request {
+                    ControlMessage::Request(HttpRequest::notice(&accept.address, &accept.id))
+                } else {
+                    ControlMessage::Accept(accept.clone())
+                }
+            },
         );
         match offered {
             // The rendezvous lives on the sender's replica, which watches the grant; the
@@ -492,14 +507,21 @@ impl Replicas {
     }
 
     /// Offers `accept` (whose address names this replica) to a listener of `entity` on
-    /// another replica: the listener's grant when one took it.
-    pub async fn offer(&self, entity: &str, accept: &Accept) -> Result<Grant, RemoteNot> {
+    /// another replica: the listener's grant when one took it. With `request`, the listener
+    /// is asked to that address for an HTTP request instead.
+    pub async fn offer(
+        &self,
+        entity: &str,
+        accept: &Accept,
+        request: bool,
+    ) -> Result<Grant, RemoteNot> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(RemoteNot::Unavailable);
         }
         let offer = Offer {
             entity: entity.to_string(),
             accept: accept.clone(),
+            request,
         };
         let payload = serde_json::to_vec(&offer).map_err(|_| RemoteNot::Unavailable)?;
         if payload.len() > MAX_OFFER {

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::OwnedSemaphorePermit;
@@ -37,15 +38,21 @@ use crate::tunnel::upgrade::{is_websocket, server_stream_with, switching_protoco
 
 /// Longest `/$hc/` path (a connection name of up to 260 characters plus a suffix) a sender
 /// may use.
-const MAX_HC_PATH: usize = 1024;
+pub(super) const MAX_HC_PATH: usize = 1024;
 
 /// How long an accept address stays usable, as in Azure Relay.
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Body = Full<Bytes>;
+/// Answers are whole (`text`) except an HTTP listener's response, which streams.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-fn text(status: u16, msg: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(msg.into())));
+/// A whole answer as the relay's [`Body`].
+pub fn whole(body: Full<Bytes>) -> Body {
+    body.map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn text(status: u16, msg: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(whole(Full::new(Bytes::from(msg.into()))));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -86,7 +93,7 @@ pub async fn handle(
             let rule = |name: &str| ctx.shared.rule(name);
             let call = clusters::handle(clusters, &rule, &hosts, host, req);
             return Ok(match tokio::time::timeout(deadline, call).await {
-                Ok(Some(resp)) => resp,
+                Ok(Some(resp)) => resp.map(whole),
                 Ok(None) => text(404, "not a management path"),
                 Err(_) => {
                     let mut resp = text(408, "request not completed in time");
@@ -98,15 +105,13 @@ pub async fn handle(
         }
     }
     let Some(target) = HcTarget::parse(req.uri().path(), req.uri().query()) else {
-        return Ok(text(
-            404,
-            "not a hybrid connection path; expected /$hc/<name>",
-        ));
+        // Any other path is an HTTP request for a hybrid connection's listener.
+        return Ok(super::hc_http::handle(req, &ctx, peer).await);
     };
     let Some(action) = target.get(QUERY_ACTION).and_then(Action::parse) else {
         return Ok(text(
             400,
-            "missing or unknown sb-hc-action; expected listen, connect or accept",
+            "missing or unknown sb-hc-action; expected listen, connect, accept or request",
         ));
     };
     if !is_websocket(&req) {
@@ -121,7 +126,8 @@ pub async fn handle(
     let response = match action {
         Action::Listen => listen(&mut req, &target, &ctx, switching),
         Action::Connect => connect(&mut req, &target, &ctx, peer, switching).await,
-        Action::Accept => accept(&mut req, &target, &ctx, switching),
+        // A listener at a request's rendezvous comes exactly as to an accept's.
+        Action::Accept | Action::Request => accept(&mut req, &target, &ctx, switching),
     };
     Ok(response)
 }
@@ -135,7 +141,7 @@ fn token<'a>(req: &'a Request<Incoming>, target: &'a HcTarget) -> Option<&'a str
 
 /// The host the client used to reach us, which is where the listener must come back to.
 /// What identifies a token for its cap, without keeping the token.
-fn token_digest(token: &str) -> [u8; 32] {
+pub(super) fn token_digest(token: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(token.as_bytes()).into()
 }
@@ -206,7 +212,17 @@ fn check_entity(
     ctx: &Ctx,
     right: Right,
 ) -> Result<Authorized, (u16, String)> {
-    let Some(token) = token(req, target) else {
+    check_token(token(req, target), entity, ctx, right)
+}
+
+/// What `token` grants on `entity`, or the status and message to refuse it with.
+pub(super) fn check_token(
+    token: Option<&str>,
+    entity: &str,
+    ctx: &Ctx,
+    right: Right,
+) -> Result<Authorized, (u16, String)> {
+    let Some(token) = token else {
         ctx.shared.stats.metrics.auth_failure("missing_token");
         return Err((
             401,
@@ -468,7 +484,7 @@ async fn connect(
         .await
 }
 
-type SenderPlaces = (Place<[u8; 32]>, Arc<OwnedSemaphorePermit>);
+pub(super) type SenderPlaces = (Place<[u8; 32]>, Arc<OwnedSemaphorePermit>);
 
 /// The sender's place under its token's cap, then its connection slot: taken only once it is
 /// authenticated, so a token is not a stranger's.
@@ -477,8 +493,16 @@ fn sender_places(
     target: &HcTarget,
     ctx: &Ctx,
 ) -> Result<SenderPlaces, Box<Response<Body>>> {
+    places_for_token(token(req, target), ctx)
+}
+
+/// [`sender_places`] for the sender that presented `token`.
+pub(super) fn places_for_token(
+    token: Option<&str>,
+    ctx: &Ctx,
+) -> Result<SenderPlaces, Box<Response<Body>>> {
     let max_per_token = ctx.shared.limits.max_rendezvous_per_token;
-    let token_digest = token(req, target).map(token_digest).unwrap_or_default();
+    let token_digest = token.map(token_digest).unwrap_or_default();
     let Some(token_place) = ctx.per_token.take(token_digest, max_per_token) else {
         ctx.shared
             .stats
@@ -496,7 +520,7 @@ fn sender_places(
 }
 
 /// The documented answers when no listener took the offer.
-fn not_offered(ctx: &Ctx, entity: &str, not: NotOffered) -> Response<Body> {
+pub(super) fn not_offered(ctx: &Ctx, entity: &str, not: NotOffered) -> Response<Body> {
     let metrics = &ctx.shared.stats.metrics;
     let max_per_listener = ctx.shared.limits.max_rendezvous_per_listener;
     match not {
@@ -534,6 +558,42 @@ fn announce(switching: &mut Response<Body>, me: &str, told: &[String]) {
 /// prefix, at most this many (the cost of routing a sender through NATS is one request each).
 const MAX_REMOTE_ROUTES: usize = 8;
 
+/// Each hybrid connection `path` may name that `token` covers for sending, longest first, as
+/// the listener's own replica would route it: a token scoped to a connection covers it with a
+/// path suffix too.
+pub(super) fn remote_routes<'p>(
+    token: Option<&str>,
+    path: &'p str,
+    ctx: &Ctx,
+) -> Vec<(&'p str, &'p str, Authorized)> {
+    let Some(token) = token else {
+        return Vec::new();
+    };
+    let mut ends: Vec<usize> = vec![path.len()];
+    ends.extend(
+        path.match_indices('/')
+            .map(|(i, _)| i)
+            .filter(|i| *i > 0)
+            .rev(),
+    );
+    ends.into_iter()
+        .take(MAX_REMOTE_ROUTES)
+        .filter_map(|end| {
+            let (entity, suffix) = path.split_at(end);
+            authorize(
+                |name| ctx.shared.rule(name),
+                &accepted_hosts(ctx),
+                token,
+                entity,
+                Right::Send,
+                unix_now(),
+            )
+            .ok()
+            .map(|authorized| (entity, suffix, authorized))
+        })
+        .collect()
+}
+
 /// A sender on a replica where no listener of its connection is: the offer goes through NATS
 /// to a replica that holds one, which hands the listener an address naming this replica.
 async fn connect_remote(
@@ -545,36 +605,7 @@ async fn connect_remote(
     replicas: &super::replicas::Replicas,
 ) -> Response<Body> {
     use super::replicas::RemoteNot;
-    let path = target.entity.as_str();
-    let mut ends: Vec<usize> = vec![path.len()];
-    ends.extend(
-        path.match_indices('/')
-            .map(|(i, _)| i)
-            .filter(|i| *i > 0)
-            .rev(),
-    );
-    // Each hybrid connection the path may name that the token covers, as the listener's own
-    // replica would route it: a token scoped to a connection covers it with a path suffix too.
-    let routes: Vec<(&str, &str, Authorized)> = match token(req, target) {
-        None => Vec::new(),
-        Some(token) => ends
-            .into_iter()
-            .take(MAX_REMOTE_ROUTES)
-            .filter_map(|end| {
-                let (entity, suffix) = path.split_at(end);
-                authorize(
-                    |name| ctx.shared.rule(name),
-                    &accepted_hosts(ctx),
-                    token,
-                    entity,
-                    Right::Send,
-                    unix_now(),
-                )
-                .ok()
-                .map(|authorized| (entity, suffix, authorized))
-            })
-            .collect(),
-    };
+    let routes = remote_routes(token(req, target), &target.entity, ctx);
     if routes.is_empty() {
         // The refusal a single relay gives for the whole path.
         return match check_entity(req, target, &target.entity, ctx, Right::Send) {
@@ -594,7 +625,7 @@ async fn connect_remote(
         accept.address = format!("wss://{}{}", replicas.me(), accept.address);
         let wait = ctx.rendezvous.add_pending(&id, entity);
         let listener = match replicas
-            .offer(entity, &accept)
+            .offer(entity, &accept, false)
             .instrument(span.clone())
             .await
         {
@@ -648,14 +679,14 @@ struct Joined<'a> {
 type Places = (Place<[u8; 32]>, Option<Place<u64>>);
 
 /// What authorized a rendezvous: when either is revoked, it ends.
-struct Revocation {
-    sender: Grant,
-    listener: ListenerGrant,
+pub(super) struct Revocation {
+    pub(super) sender: Grant,
+    pub(super) listener: ListenerGrant,
 }
 
 impl Revocation {
     /// Completes when the sender's grant, or the listener's current one, is revoked.
-    async fn revoked(&self, shared: &super::state::Shared) -> &'static str {
+    pub(super) async fn revoked(&self, shared: &super::state::Shared) -> &'static str {
         // Subscribed before the first check: a change between authorization and now is
         // seen by that check, and any later one wakes the wait.
         let mut changes = shared.rule_changes();
@@ -732,7 +763,10 @@ async fn finish_connect(
 
 /// The hybrid connection a sender's path names, and the rest of the path: the longest
 /// `/`-bounded prefix that has listeners, else the whole path (which then has none).
-fn route<'a>(rendezvous: &super::rendezvous::Rendezvous, path: &'a str) -> (&'a str, &'a str) {
+pub(super) fn route<'a>(
+    rendezvous: &super::rendezvous::Rendezvous,
+    path: &'a str,
+) -> (&'a str, &'a str) {
     let mut end = path.len();
     loop {
         let candidate = &path[..end];
@@ -763,7 +797,7 @@ fn quota_exceeded(entity: &str, max: usize) -> Response<Body> {
 /// A `sb-hc-id` longer than the relay allows is refused, as Azure Relay refuses it.
 /// A refusal for an `sb-hc-id` that is too long, or that holds control characters: the id is
 /// logged with every line of its rendezvous, where a newline would forge a line.
-fn id_too_long(target: &HcTarget, ctx: &Ctx) -> Option<Response<Body>> {
+pub(super) fn id_too_long(target: &HcTarget, ctx: &Ctx) -> Option<Response<Body>> {
     let max = ctx.shared.limits.max_id_len;
     let id = target.get(QUERY_ID)?;
     if id.len() > max {
@@ -789,7 +823,7 @@ fn accept_message(
     peer: SocketAddr,
 ) -> Accept {
     Accept {
-        address: accept_path(entity, suffix, id, target),
+        address: rendezvous_path(Action::Accept, entity, suffix, id, target),
         id: id.to_string(),
         connect_headers: connect_headers(req),
         remote_endpoint: Some(RemoteEndpoint {
@@ -800,7 +834,7 @@ fn accept_message(
 }
 
 /// The sender's `sb-hc-id` (when short enough) made unique, or a fresh id.
-fn rendezvous_id(target: &HcTarget) -> String {
+pub(super) fn rendezvous_id(target: &HcTarget) -> String {
     target
         .get(QUERY_ID)
         .filter(|s| !s.is_empty() && s.len() <= 64)
@@ -808,9 +842,15 @@ fn rendezvous_id(target: &HcTarget) -> String {
         .unwrap_or_else(|| Uuid::new_v4().simple().to_string())
 }
 
-/// `/$hc/<entity><suffix>?sb-hc-action=accept&sb-hc-id=<id>` plus the sender's own query
+/// `/$hc/<entity><suffix>?sb-hc-action=<action>&sb-hc-id=<id>` plus the sender's own query
 /// parameters (those not `sb-hc-*`), every part encoded.
-fn accept_path(entity: &str, suffix: &str, id: &str, target: &HcTarget) -> String {
+pub(super) fn rendezvous_path(
+    action: Action,
+    entity: &str,
+    suffix: &str,
+    id: &str,
+    target: &HcTarget,
+) -> String {
     let segment = |s: &str| {
         s.split('/')
             .map(|p| percent_encoding::utf8_percent_encode(p, UNRESERVED).to_string())
@@ -818,7 +858,7 @@ fn accept_path(entity: &str, suffix: &str, id: &str, target: &HcTarget) -> Strin
             .join("/")
     };
     let mut query = form_urlencoded::Serializer::new(String::new());
-    query.append_pair(QUERY_ACTION, "accept");
+    query.append_pair(QUERY_ACTION, action.as_str());
     query.append_pair(QUERY_ID, id);
     for (k, v) in &target.query {
         if !k.starts_with("sb-hc-") {

@@ -20,6 +20,8 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// Close codes the relay itself sends.
 pub mod close_code {
+    /// The exchange is over (an HTTP request's rendezvous, once its response has ended).
+    pub const NORMAL: u16 = 1000;
     /// The other side went away (closed its connection without a close frame, or failed).
     pub const GOING_AWAY: u16 = 1001;
     /// The peer broke RFC 6455.

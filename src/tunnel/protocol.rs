@@ -21,6 +21,8 @@ pub enum Action {
     Listen,
     Connect,
     Accept,
+    /// A listener coming to the rendezvous address of an HTTP `request`.
+    Request,
 }
 
 impl Action {
@@ -29,6 +31,7 @@ impl Action {
             Action::Listen => "listen",
             Action::Connect => "connect",
             Action::Accept => "accept",
+            Action::Request => "request",
         }
     }
 
@@ -37,6 +40,7 @@ impl Action {
             "listen" => Some(Action::Listen),
             "connect" => Some(Action::Connect),
             "accept" => Some(Action::Accept),
+            "request" => Some(Action::Request),
             _ => None,
         }
     }
@@ -195,6 +199,10 @@ pub fn validate_entity(entity: &str) -> Result<(), AddressError> {
 #[serde(rename_all = "camelCase")]
 pub enum ControlMessage {
     Accept(Accept),
+    /// A sender's HTTP request (Azure Relay's `request` gesture). On the control channel the
+    /// relay sends only `address` and `id`, and the listener comes to that rendezvous to get
+    /// the whole request there.
+    Request(HttpRequest),
     RenewToken(RenewToken),
     /// clusterconnect's own: a relay replica's current list of replicas, sent only to
     /// listeners that asked for it ([`HEADER_HEARS_REPLICAS`]) when the list changes.
@@ -209,6 +217,64 @@ pub const HEADER_HEARS_REPLICAS: &str = "x-clusterconnect-hears-replicas";
 pub struct ReplicaList {
     /// `host[:port]` of every live replica, the sender of the message first.
     pub all: Vec<String>,
+}
+
+/// An HTTP request for a listener: its notice on the control channel (`address` and `id`
+/// only), or the whole head on the rendezvous, followed there by the body as one binary
+/// message when `body` is true.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRequest {
+    pub address: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_endpoint: Option<RemoteEndpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<bool>,
+}
+
+impl HttpRequest {
+    /// The control channel's notice: come to `address` for request `id`.
+    pub fn notice(address: &str, id: &str) -> HttpRequest {
+        HttpRequest {
+            address: address.to_string(),
+            id: id.to_string(),
+            request_target: None,
+            method: None,
+            request_headers: None,
+            remote_endpoint: None,
+            body: None,
+        }
+    }
+}
+
+/// A listener's answer to an [`HttpRequest`] (`{"response": {...}}`); a body, when `body`
+/// is true, follows as one binary message.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpResponse {
+    pub request_id: String,
+    /// A number, or a string holding one (the protocol's own example sends `"200"`).
+    pub status_code: serde_json::Value,
+    #[serde(default)]
+    pub status_description: Option<String>,
+    /// Values are strings, numbers (`Content-Length: 12` from node) or lists of either.
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub body: bool,
+}
+
+/// The text frame that carries an [`HttpResponse`].
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ResponseMessage {
+    pub response: HttpResponse,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -251,6 +317,20 @@ impl HcTarget {
     pub fn parse(path: &str, query: Option<&str>) -> Option<HcTarget> {
         let entity = path.strip_prefix(PATH_PREFIX)?;
         let entity = percent_encoding::percent_decode_str(entity)
+            .decode_utf8()
+            .ok()?
+            .trim_end_matches('/')
+            .to_string();
+        let query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        Some(HcTarget { entity, query })
+    }
+
+    /// Splits a sender's HTTP request target, `/<entity>[/more]?<query>` (no `$hc`);
+    /// `None` when the path is not UTF-8 once decoded.
+    pub fn parse_http(path: &str, query: Option<&str>) -> Option<HcTarget> {
+        let entity = percent_encoding::percent_decode_str(path.trim_start_matches('/'))
             .decode_utf8()
             .ok()?
             .trim_end_matches('/')

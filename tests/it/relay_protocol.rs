@@ -977,3 +977,81 @@ async fn a_path_suffix_is_routed_to_the_longest_listening_name() {
         Some(Message::binary(b"hello".to_vec()))
     );
 }
+
+/// One HTTP/1.1 request over TLS to the relay, answered and closed within 20 s: the status
+/// and the whole answer.
+async fn https_exchange(relay: &Relay, request: String) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(relay.addr).await.expect("TCP connect");
+    let name = ServerName::try_from("127.0.0.1").expect("server name");
+    let mut tls = TlsConnector::from(relay.client_tls.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within 20 s")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer:?}"));
+    (status, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_to_an_agents_connection_is_refused_at_once_and_strangers_get_401() {
+    let api = support::apiserver::ApiServer::start().await;
+    let relay = Relay::start().await;
+    let agent = support::tunnel::Agent::start(&relay, &api, listen_key()).await;
+    support::tunnel::wait_for_listener(&relay).await;
+    let token = send_key().mint(
+        &relay.address().resource_uri(CONNECTION),
+        Duration::from_secs(600),
+    );
+    let host = format!("127.0.0.1:{}", relay.addr.port());
+    let started = std::time::Instant::now();
+    let (status, answer) = https_exchange(
+        &relay,
+        format!(
+            "GET /{CONNECTION}/api/v1/pods HTTP/1.1\r\nHost: {host}\r\nServiceBusAuthorization: {}\r\nConnection: close\r\n\r\n",
+            token.expose()
+        ),
+    )
+    .await;
+    // The agent answers the relay's request notice with a rejection, not with silence that
+    // would leave the sender to the relay's 30 s timeout.
+    assert_eq!(status, 501, "{answer}");
+    assert!(answer.contains("clusterconnect agent"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Without a token, or with a forged one, nothing reaches a listener.
+    let (status, answer) = https_exchange(
+        &relay,
+        format!("GET /{CONNECTION}/api HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 401, "{answer}");
+    let forged = token.expose().replace("sig=", "sig=AA");
+    let (status, answer) = https_exchange(
+        &relay,
+        format!(
+            "POST /{CONNECTION}/api HTTP/1.1\r\nHost: {host}\r\nAuthorization: {forged}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        ),
+    )
+    .await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        !answer.contains("sig="),
+        "the answer echoes the token: {answer}"
+    );
+    agent.stop().await;
+}

@@ -770,3 +770,56 @@ where
     }
     panic!("timed out waiting until {what}");
 }
+
+/// Microsoft's hyco-https listener on one replica answers a plain HTTPS request sent to the
+/// other: the request's notice crosses NATS and the listener comes to the sender's replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_reaches_a_hyco_https_listener_on_another_replica() {
+    if !crate::hyco_interop::hyco_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let nats_port = free_port();
+    let _nats = Nats::start(nats_port, &dir.path().join("nats")).await;
+    let replicas = vec![
+        Replica::start(&pki, 0, free_port(), nats_port).await,
+        Replica::start(&pki, 1, free_port(), nats_port).await,
+    ];
+    know_each_other(&replicas).await;
+    let at = |r: &Replica| format!("localhost:{}", r.addr.port());
+    let key = ("admin", ADMIN_KEY);
+    let listener = crate::hyco_interop::node_at(
+        &at(&replicas[0]),
+        &pki.ca,
+        "https_listener.js",
+        "web",
+        key,
+        &[],
+    );
+    let mut listener = crate::hyco_interop::listening(listener, "https_listener.js").await;
+    eventually("the listener is on replica 0", || {
+        replicas[0].listeners() == 1
+    })
+    .await;
+    let sender = crate::hyco_interop::node_at(
+        &at(&replicas[1]),
+        &pki.ca,
+        "https_sender.js",
+        "web",
+        key,
+        &[],
+    );
+    let got = crate::hyco_interop::finished(sender, "https_sender.js").await;
+    assert_eq!(got["get"]["status"], 200, "{got}");
+    let seen: serde_json::Value =
+        serde_json::from_str(got["get"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        seen["url"], "/web/sub/dir?foo=bar&name=hello%20world&flag",
+        "{seen}"
+    );
+    assert_eq!(got["post"]["echoedTwice"], true, "{got}");
+    assert_eq!(got["teapot"]["status"], 418, "{got}");
+    assert_eq!(got["no_listener"]["status"], 502, "{got}");
+    let _ = listener.kill().await;
+}

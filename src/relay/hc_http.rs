@@ -1,0 +1,937 @@
+//! Hybrid Connections HTTP, Azure Relay's `request` gesture: a sender's plain HTTPS request to
+//! `https://<relay>/<hybrid connection>[/more][?query]` reaches a listener (Microsoft's
+//! `hyco-https`, .NET's `HybridConnectionListener`), whose `response` is the answer.
+//!
+//! The protocol lets the service choose, request by request, between the control channel and
+//! a rendezvous; this relay always chooses the rendezvous. The control channel carries only a
+//! notice (address and id), the listener comes to the address, and the request's head and body
+//! go there, the response comes back there, each body frame by frame through a fixed buffer:
+//! no body is held whole, and no upload waits in a listener's control channel. Each request has
+//! its own rendezvous, closed once the response has ended.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream;
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Body as _, Frame, Incoming};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tracing::Instrument;
+
+use super::auth::Right;
+use super::gauge::Place;
+use super::rendezvous::{AcceptOutcome, NotOffered};
+use super::rule::ListenerGrant;
+use super::server::{
+    check_token, id_too_long, not_offered, places_for_token, remote_routes, rendezvous_id,
+    rendezvous_path, route, text, Body, Revocation, SenderPlaces, ACCEPT_TIMEOUT, MAX_HC_PATH,
+};
+use super::state::{Ctx, Shared};
+use crate::tunnel::frame::{
+    apply_mask, close_code, parse_header, write_close, write_server_header, FrameError, Opcode,
+    Sequence, MAX_CONTROL_PAYLOAD, MAX_SERVER_HEADER,
+};
+use crate::tunnel::protocol::{
+    Accept, Action, ControlMessage, HcTarget, HttpRequest, HttpResponse, RemoteEndpoint,
+    ResponseMessage, HEADER_AUTHORIZATION, QUERY_TOKEN,
+};
+use crate::tunnel::upgrade::{is_websocket, upgraded, RawStream};
+
+/// How long a listener may take to answer once it has the request, and then to send each
+/// next piece of its response body; and how long a sender may pause its request body. Azure
+/// Relay's figure: after it the sender gets 504 (or a cut body).
+const IDLE: Duration = Duration::from_secs(60);
+
+/// The largest response head (the JSON text message), the control channel's 64 KiB.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Body bytes read from the listener at once: the buffer of each direction.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Headers that belong to one HTTP connection (RFC 7230 and its hop-by-hop list), which Azure
+/// Relay strips on both ways; and the relay's own credential header.
+const NOT_FORWARDED: &[&str] = &[
+    "connection",
+    "content-length",
+    "host",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "close",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// A sender's HTTP request for a hybrid connection's listener.
+pub async fn handle(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let Some(target) = HcTarget::parse_http(req.uri().path(), req.uri().query()) else {
+        return text(400, "the request path is not UTF-8 once percent-decoded");
+    };
+    if target.entity.is_empty() {
+        return text(
+            404,
+            "no hybrid connection named: send HTTP requests to /<hybrid connection>[/path] and WebSockets to /$hc/<hybrid connection>",
+        );
+    }
+    // Routing looks up each `/`-bounded prefix before the caller is authenticated.
+    if target.entity.len() > MAX_HC_PATH {
+        return text(
+            414,
+            format!("hybrid connection path longer than {MAX_HC_PATH} characters"),
+        );
+    }
+    if let Some(refused) = id_too_long(&target, ctx) {
+        return refused;
+    }
+    if req.method() == Method::CONNECT {
+        return text(405, "CONNECT cannot be relayed to a listener");
+    }
+    if is_websocket(&req) {
+        return text(
+            400,
+            "WebSocket senders connect to /$hc/<hybrid connection>?sb-hc-action=connect",
+        );
+    }
+    let (token, by_authorization) = credential(&req, &target);
+    let token = token.map(str::to_owned);
+    let offer = match offer(&target, token.as_deref(), ctx, peer).await {
+        Ok(offer) => offer,
+        Err(refused) => return *refused,
+    };
+    let Offer {
+        entity,
+        id,
+        address,
+        mut wait,
+        revocation,
+        places,
+        sender,
+    } = offer;
+    let span = tracing::info_span!("request", sb_hc_id = %id, entity = %entity.escape_debug());
+    let metrics = &ctx.shared.stats.metrics;
+    let (listener_upgrade, listener_permit) =
+        match tokio::time::timeout(ACCEPT_TIMEOUT, wait.reply()).await {
+            Ok(Ok(AcceptOutcome::Accepted(upgrade, permit, _))) => (upgrade, permit),
+            Ok(Ok(AcceptOutcome::Rejected {
+                status,
+                description,
+            })) => {
+                metrics.accept("rejected");
+                return text(status, description);
+            }
+            Ok(Err(_)) => {
+                metrics.accept("dropped");
+                return text(502, "the listener dropped the request before taking it");
+            }
+            Err(_) => {
+                metrics.accept("timeout");
+                return text(
+                    504,
+                    format!(
+                        "the listener did not come for the request within {}s",
+                        ACCEPT_TIMEOUT.as_secs()
+                    ),
+                );
+            }
+        };
+    drop(wait);
+    metrics.accept("accepted");
+    metrics
+        .accept_duration
+        .observe(started.elapsed().as_secs_f64());
+    let Ok(Ok(io)) = tokio::time::timeout(ACCEPT_TIMEOUT, upgraded(listener_upgrade)).await else {
+        return text(502, "the listener's rendezvous failed");
+    };
+    let head = HttpRequest {
+        address,
+        id: id.clone(),
+        request_target: Some(request_target(&req)),
+        method: Some(req.method().to_string()),
+        request_headers: Some(forwarded_headers(&req, by_authorization)),
+        remote_endpoint: Some(RemoteEndpoint {
+            address: peer.ip().to_string(),
+            port: peer.port(),
+        }),
+        body: Some(!req.body().is_end_stream()),
+    };
+    let head_only = req.method() == Method::HEAD;
+    let hold = Hold {
+        _places: (places, sender, listener_permit),
+    };
+    let exchange = Exchange {
+        id,
+        head,
+        shared: ctx.shared.clone(),
+        revocation,
+        hold,
+    };
+    exchange
+        .run(io, req.into_body(), head_only)
+        .instrument(span)
+        .await
+}
+
+/// What an admitted request holds until its response has ended: its places under the
+/// per-token and per-listener caps and both connection slots.
+struct Hold {
+    _places: (
+        Option<Place<u64>>,
+        SenderPlaces,
+        std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
+    ),
+}
+
+/// A listener took the notice of a request and will come to `address`.
+struct Offer<'a> {
+    entity: &'a str,
+    id: String,
+    address: String,
+    wait: super::rendezvous::PendingWait<'a>,
+    revocation: Revocation,
+    /// Its place under the listener's cap, when the listener is on this replica.
+    places: Option<Place<u64>>,
+    sender: SenderPlaces,
+}
+
+/// Authenticates the sender, takes its places and hands the request's notice to a listener,
+/// on this replica or (through NATS) another.
+async fn offer<'a>(
+    target: &'a HcTarget,
+    token: Option<&str>,
+    ctx: &'a Ctx,
+    peer: SocketAddr,
+) -> Result<Offer<'a>, Box<Response<Body>>> {
+    let (entity, suffix) = route(&ctx.rendezvous, &target.entity);
+    let replicas = ctx.shared.replicas.clone();
+    let remote = ctx.rendezvous.listener_count(entity) == 0 && replicas.is_some();
+    let routes = if remote {
+        remote_routes(token, &target.entity, ctx)
+    } else {
+        let authorized = check_token(token, entity, ctx, Right::Send)
+            .map_err(|(code, msg)| Box::new(text(code, msg)))?;
+        vec![(entity, suffix, authorized)]
+    };
+    if routes.is_empty() {
+        // The refusal a single relay gives for the whole path.
+        check_token(token, &target.entity, ctx, Right::Send)
+            .map_err(|(code, msg)| Box::new(text(code, msg)))?;
+        return Err(Box::new(no_listener(ctx, &target.entity)));
+    }
+    let sender = places_for_token(token, ctx)?;
+    for (entity, suffix, authorized) in routes {
+        let id = rendezvous_id(target);
+        let path = rendezvous_path(Action::Request, entity, suffix, &id, target);
+        let wait = ctx.rendezvous.add_pending(&id, entity);
+        let (address, listener, places) = match &replicas {
+            Some(replicas) if remote => {
+                use super::replicas::RemoteNot;
+                let address = format!("wss://{}{path}", replicas.me());
+                let accept = Accept {
+                    address: address.clone(),
+                    id: id.clone(),
+                    connect_headers: Default::default(),
+                    remote_endpoint: Some(RemoteEndpoint {
+                        address: peer.ip().to_string(),
+                        port: peer.port(),
+                    }),
+                };
+                match replicas.offer(entity, &accept, true).await {
+                    Ok(grant) => (address, ListenerGrant::new(grant), None),
+                    Err(RemoteNot::NoListener) => continue,
+                    Err(RemoteNot::Busy) => {
+                        return Err(Box::new(not_offered(ctx, entity, NotOffered::Busy)))
+                    }
+                    Err(RemoteNot::Unavailable) => {
+                        ctx.shared.stats.metrics.accept("replicas_unavailable");
+                        return Err(Box::new(text(
+                            503,
+                            format!("no listener of hybrid connection '{entity}' is on this relay replica, and the other replicas cannot be reached (NATS unavailable); retry shortly"),
+                        )));
+                    }
+                }
+            }
+            _ => {
+                let max = ctx.shared.limits.max_rendezvous_per_listener;
+                let mut address = String::new();
+                let offered = ctx.rendezvous.offer(entity, max, |authority| {
+                    address = format!("wss://{authority}{path}");
+                    ControlMessage::Request(HttpRequest::notice(&address, &id))
+                });
+                match offered {
+                    Ok(offered) => (address, offered.grant, Some(offered.place)),
+                    Err(NotOffered::NoListener) => return Err(Box::new(no_listener(ctx, entity))),
+                    Err(busy) => return Err(Box::new(not_offered(ctx, entity, busy))),
+                }
+            }
+        };
+        return Ok(Offer {
+            entity,
+            id,
+            address,
+            wait,
+            revocation: Revocation {
+                sender: authorized.grant,
+                listener,
+            },
+            places,
+            sender,
+        });
+    }
+    Err(Box::new(no_listener(ctx, &target.entity)))
+}
+
+/// Azure Relay answers an HTTP request for a connection without listeners with 502.
+fn no_listener(ctx: &Ctx, entity: &str) -> Response<Body> {
+    ctx.shared.stats.metrics.accept("no_listener");
+    text(
+        502,
+        format!("no listener is connected for hybrid connection '{entity}'"),
+    )
+}
+
+/// The sender's relay credential and whether it came in `Authorization`: `sb-hc-token` in the
+/// query, else the `ServiceBusAuthorization` header, else `Authorization`, as Azure Relay
+/// looks for it. Only an `Authorization` header that served as the credential is withheld
+/// from the listener; otherwise it is the listener's own business.
+fn credential<'r>(req: &'r Request<Incoming>, target: &'r HcTarget) -> (Option<&'r str>, bool) {
+    if let Some(token) = target.get(QUERY_TOKEN) {
+        return (Some(token), false);
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(token) = header(HEADER_AUTHORIZATION) {
+        return (Some(token), false);
+    }
+    match header(header::AUTHORIZATION.as_str()) {
+        Some(token) => (Some(token), true),
+        None => (None, false),
+    }
+}
+
+/// The request target as the sender wrote it, without its `sb-hc-*` query parameters (each
+/// other parameter keeps its own encoding).
+fn request_target(req: &Request<Incoming>) -> String {
+    let path = req.uri().path();
+    let kept: Vec<&str> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+            !key.to_ascii_lowercase().starts_with("sb-hc-")
+        })
+        .collect();
+    if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+/// The sender's headers for the listener: all but the connection's own and the relay
+/// credential; repeated ones joined with ", ".
+fn forwarded_headers(
+    req: &Request<Incoming>,
+    by_authorization: bool,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::<String, String>::new();
+    for (name, value) in req.headers() {
+        let n = name.as_str();
+        if NOT_FORWARDED.contains(&n)
+            || n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
+            || (by_authorization && *name == header::AUTHORIZATION)
+        {
+            continue;
+        }
+        let Ok(value) = value.to_str() else { continue };
+        out.entry(n.to_string())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(value);
+            })
+            .or_insert_with(|| value.to_string());
+    }
+    out
+}
+
+/// One request's exchange over its rendezvous.
+struct Exchange {
+    id: String,
+    head: HttpRequest,
+    shared: Shared,
+    revocation: Revocation,
+    hold: Hold,
+}
+
+/// Why an exchange failed, for the sender's 502 or 504.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("the listener broke the WebSocket protocol: {0}")]
+    Protocol(#[from] FrameError),
+    #[error("the listener's rendezvous failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the listener closed the rendezvous before it had answered")]
+    Closed,
+    #[error("the listener's response head is longer than {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLong,
+    #[error("the listener's response is not a response message: {0}")]
+    BadResponse(String),
+    #[error("the listener did not answer within {}s", IDLE.as_secs())]
+    Timeout,
+    #[error("the request body was not received in time, or broke off")]
+    RequestBody,
+    #[error("authorization revoked ({0})")]
+    Revoked(&'static str),
+}
+
+impl Exchange {
+    async fn run(self, io: RawStream, body: Incoming, head_only: bool) -> Response<Body> {
+        let (rx, tx) = tokio::io::split(io);
+        let mut listener = Rendezvous {
+            reader: FrameReader::new(rx),
+            tx,
+        };
+        let exchanged = {
+            let talk = listener.request_and_response_head(&self.head, body, &self.id);
+            tokio::select! {
+                done = talk => done,
+                side = self.revocation.revoked(&self.shared) => Err(ExchangeError::Revoked(side)),
+            }
+        };
+        let response = match exchanged {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::info!(error = %e, "HTTP request through the relay failed");
+                listener
+                    .close(close_code::GOING_AWAY, "request failed")
+                    .await;
+                let status = match e {
+                    ExchangeError::Timeout => 504,
+                    ExchangeError::RequestBody => 408,
+                    ExchangeError::Revoked(_) => 403,
+                    _ => 502,
+                };
+                return text(status, e.to_string());
+            }
+        };
+        let mut builder = Response::builder().status(response.status);
+        for (name, value) in &response.headers {
+            builder = builder.header(name, value);
+        }
+        if let Some(reason) = response.reason {
+            builder = builder.extension(reason);
+        }
+        let streams = response.body && !head_only && response.status != StatusCode::NO_CONTENT;
+        let body = if streams {
+            response_body(listener, self.shared, self.revocation, self.hold)
+        } else {
+            listener.close(close_code::NORMAL, "").await;
+            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        };
+        tracing::debug!(status = response.status.as_u16(), "HTTP request relayed");
+        let mut resp = builder
+            .body(body)
+            .unwrap_or_else(|_| text(502, "the listener's response could not be built"));
+        if streams {
+            resp.extensions_mut().insert(Streaming);
+        }
+        resp
+    }
+}
+
+/// Marks a response whose body streams from a listener: the sender's connection is busy
+/// until it has ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Streaming;
+
+/// A listener's response head, checked.
+struct ResponseHead {
+    status: StatusCode,
+    reason: Option<hyper::ext::ReasonPhrase>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: bool,
+}
+
+/// The listener's side of one request's rendezvous.
+struct Rendezvous {
+    reader: FrameReader<ReadHalf<RawStream>>,
+    tx: WriteHalf<RawStream>,
+}
+
+impl Rendezvous {
+    async fn request_and_response_head(
+        &mut self,
+        head: &HttpRequest,
+        mut body: Incoming,
+        id: &str,
+    ) -> Result<ResponseHead, ExchangeError> {
+        let json = serde_json::to_vec(&serde_json::json!({ "request": head }))
+            .map_err(|e| ExchangeError::BadResponse(e.to_string()))?;
+        self.write_frame(true, Opcode::Text, &json).await?;
+        if head.body == Some(true) {
+            // One binary message, fragmented as the body comes.
+            let mut opcode = Opcode::Binary;
+            loop {
+                let frame = match tokio::time::timeout(IDLE, body.frame()).await {
+                    Ok(Some(Ok(frame))) => frame,
+                    Ok(None) => break,
+                    Ok(Some(Err(_))) | Err(_) => return Err(ExchangeError::RequestBody),
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                self.write_frame(false, opcode, &data).await?;
+                opcode = Opcode::Continuation;
+            }
+            self.write_frame(true, opcode, &[]).await?;
+        }
+        let text = self.response_text().await?;
+        let message: ResponseMessage =
+            serde_json::from_slice(&text).map_err(|e| ExchangeError::BadResponse(e.to_string()))?;
+        checked(message.response, id)
+    }
+
+    /// The response's JSON text message, pings on the way answered.
+    async fn response_text(&mut self) -> Result<Vec<u8>, ExchangeError> {
+        let mut text = Vec::new();
+        loop {
+            let piece = tokio::time::timeout(IDLE, self.reader.next())
+                .await
+                .map_err(|_| ExchangeError::Timeout)??;
+            match piece {
+                Piece::Data {
+                    opcode: Opcode::Text,
+                    bytes,
+                    end_of_message,
+                } => {
+                    if text.len() + bytes.len() > MAX_RESPONSE_HEAD {
+                        return Err(ExchangeError::HeadTooLong);
+                    }
+                    text.extend_from_slice(&bytes);
+                    if end_of_message {
+                        return Ok(text);
+                    }
+                }
+                Piece::Data { .. } => {
+                    return Err(ExchangeError::BadResponse(
+                        "a binary message came before the response".into(),
+                    ))
+                }
+                Piece::Ping(payload) => self.write_frame(true, Opcode::Pong, &payload).await?,
+                Piece::Pong => {}
+                Piece::Close => return Err(ExchangeError::Closed),
+            }
+        }
+    }
+
+    /// One unmasked frame, within [`IDLE`]: a listener that stops reading fails the request.
+    async fn write_frame(
+        &mut self,
+        fin: bool,
+        opcode: Opcode,
+        payload: &[u8],
+    ) -> Result<(), ExchangeError> {
+        let mut header = [0u8; MAX_SERVER_HEADER];
+        let n = write_server_header(&mut header, fin, opcode, payload.len() as u64);
+        let write = async {
+            self.tx.write_all(&header[MAX_SERVER_HEADER - n..]).await?;
+            self.tx.write_all(payload).await?;
+            self.tx.flush().await
+        };
+        tokio::time::timeout(IDLE, write)
+            .await
+            .map_err(|_| ExchangeError::Timeout)??;
+        Ok(())
+    }
+
+    /// Closes the rendezvous with `code`, without waiting long for a listener that is gone.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let mut frame = [0u8; 2 + MAX_CONTROL_PAYLOAD];
+        let n = write_close(&mut frame, code, reason);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.tx.write_all(&frame[..n]).await;
+            let _ = self.tx.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// The response head the listener sent for request `id`, as HTTP.
+fn checked(response: HttpResponse, id: &str) -> Result<ResponseHead, ExchangeError> {
+    if response.request_id != id {
+        return Err(ExchangeError::BadResponse(
+            "it answers another request id".into(),
+        ));
+    }
+    let code = match &response.status_code {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    let status = code
+        .and_then(|c| u16::try_from(c).ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .filter(|s| s.as_u16() >= 200)
+        .ok_or_else(|| {
+            ExchangeError::BadResponse("statusCode is not a final HTTP status (200-999)".into())
+        })?;
+    let reason = response
+        .status_description
+        .as_deref()
+        .filter(|d| !d.is_empty() && Some(*d) != status.canonical_reason())
+        .and_then(|d| hyper::ext::ReasonPhrase::try_from(d.as_bytes().to_vec()).ok());
+    let mut headers = Vec::new();
+    for (name, value) in &response.response_headers {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if NOT_FORWARDED.contains(&name.as_str()) {
+            continue;
+        }
+        let values = match value {
+            serde_json::Value::Array(items) => items.iter().collect(),
+            one => vec![one],
+        };
+        for value in values {
+            let value = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => continue,
+            };
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.push((name.clone(), value));
+            }
+        }
+    }
+    Ok(ResponseHead {
+        status,
+        reason,
+        headers,
+        body: response.body,
+    })
+}
+
+/// The response body as it comes from the listener: each piece goes to the sender as the
+/// sender takes it (hyper polls this only then), so a fast listener waits for a slow sender
+/// instead of filling memory. A listener that pauses longer than [`IDLE`], breaks off or
+/// loses its authorization cuts the body short, which the sender sees as an incomplete
+/// response, never as a complete one.
+fn response_body(listener: Rendezvous, shared: Shared, revocation: Revocation, hold: Hold) -> Body {
+    struct State {
+        listener: Rendezvous,
+        shared: Shared,
+        revocation: Revocation,
+        _hold: Hold,
+        done: bool,
+    }
+    let state = State {
+        listener,
+        shared,
+        revocation,
+        _hold: hold,
+        done: false,
+    };
+    let pieces = stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let next = tokio::time::timeout(IDLE, st.listener.reader.next());
+            let piece = tokio::select! {
+                piece = next => piece,
+                side = st.revocation.revoked(&st.shared) => {
+                    st.listener.close(close_code::POLICY, "revoked").await;
+                    st.done = true;
+                    let e = io::Error::other(format!("authorization revoked ({side})"));
+                    return Some((Err(e), st));
+                }
+            };
+            let failed = |st: &mut State, why: String| {
+                st.done = true;
+                tracing::info!(error = %why, "HTTP response body from the listener broke off");
+                io::Error::other(why)
+            };
+            match piece {
+                Err(_) => {
+                    let e = failed(
+                        &mut st,
+                        format!("the listener paused over {}s", IDLE.as_secs()),
+                    );
+                    st.listener.close(close_code::GOING_AWAY, "timeout").await;
+                    return Some((Err(e), st));
+                }
+                Ok(Err(e)) => {
+                    let e = failed(&mut st, e.to_string());
+                    return Some((Err(e), st));
+                }
+                Ok(Ok(Piece::Data {
+                    opcode: Opcode::Text,
+                    ..
+                })) => {
+                    let e = failed(&mut st, "a text message inside the response body".into());
+                    st.listener
+                        .close(close_code::PROTOCOL_ERROR, "protocol error")
+                        .await;
+                    return Some((Err(e), st));
+                }
+                Ok(Ok(Piece::Data {
+                    bytes,
+                    end_of_message,
+                    ..
+                })) => {
+                    if end_of_message {
+                        st.done = true;
+                        st.listener.close(close_code::NORMAL, "").await;
+                    }
+                    if !bytes.is_empty() {
+                        return Some((Ok(Frame::data(bytes)), st));
+                    }
+                    if st.done {
+                        return None;
+                    }
+                }
+                Ok(Ok(Piece::Ping(payload))) => {
+                    if let Err(e) = st.listener.write_frame(true, Opcode::Pong, &payload).await {
+                        let e = failed(&mut st, e.to_string());
+                        return Some((Err(e), st));
+                    }
+                }
+                Ok(Ok(Piece::Pong)) => {}
+                Ok(Ok(Piece::Close)) => {
+                    let e = failed(&mut st, "the listener closed mid-body".into());
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    });
+    StreamBody::new(pieces).boxed_unsync()
+}
+
+/// What [`FrameReader::next`] read.
+enum Piece {
+    /// Part of a data frame (unmasked), at most [`READ_CHUNK`] bytes; `end_of_message` on the
+    /// last part of a message's final frame.
+    Data {
+        opcode: Opcode,
+        bytes: Bytes,
+        end_of_message: bool,
+    },
+    Ping(Bytes),
+    Pong,
+    Close,
+}
+
+impl From<ExchangeError> for io::Error {
+    fn from(e: ExchangeError) -> io::Error {
+        io::Error::other(e.to_string())
+    }
+}
+
+/// Reads a client's (the listener's) frames in pieces through one bounded buffer.
+struct FrameReader<R> {
+    rx: R,
+    buf: BytesMut,
+    sequence: Sequence,
+    /// The data frame being read: its opcode (of the message), FIN, key, what is left.
+    opcode: Opcode,
+    fin: bool,
+    key: [u8; 4],
+    offset: u64,
+    remaining: u64,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    fn new(rx: R) -> Self {
+        FrameReader {
+            rx,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            sequence: Sequence::default(),
+            opcode: Opcode::Binary,
+            fin: true,
+            key: [0; 4],
+            offset: 0,
+            remaining: 0,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Piece, ExchangeError> {
+        if self.remaining == 0 {
+            let (header, len) = loop {
+                match parse_header(&self.buf)? {
+                    Some(parsed) => break parsed,
+                    None => self.fill().await?,
+                }
+            };
+            self.sequence.check(&header)?;
+            let _ = self.buf.split_to(len);
+            let key = header.mask.unwrap_or_default();
+            if header.opcode.is_control() {
+                let len = header.len as usize;
+                while self.buf.len() < len {
+                    self.fill().await?;
+                }
+                let mut payload = self.buf.split_to(len);
+                apply_mask(&mut payload, key, 0);
+                return Ok(match header.opcode {
+                    Opcode::Ping => Piece::Ping(payload.freeze()),
+                    Opcode::Pong => Piece::Pong,
+                    _ => Piece::Close,
+                });
+            }
+            if header.opcode != Opcode::Continuation {
+                self.opcode = header.opcode;
+            }
+            self.fin = header.fin;
+            self.key = key;
+            self.offset = 0;
+            self.remaining = header.len;
+            if header.len == 0 {
+                return Ok(Piece::Data {
+                    opcode: self.opcode,
+                    bytes: Bytes::new(),
+                    end_of_message: header.fin,
+                });
+            }
+        }
+        if self.buf.is_empty() {
+            self.fill().await?;
+        }
+        let n = (self.buf.len() as u64).min(self.remaining) as usize;
+        let mut bytes = self.buf.split_to(n);
+        apply_mask(&mut bytes, self.key, self.offset);
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+        Ok(Piece::Data {
+            opcode: self.opcode,
+            bytes: bytes.freeze(),
+            end_of_message: self.remaining == 0 && self.fin,
+        })
+    }
+
+    /// Reads more, at most [`READ_CHUNK`] bytes held at once.
+    async fn fill(&mut self) -> Result<(), ExchangeError> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let room = READ_CHUNK.saturating_sub(self.buf.len()).max(1);
+        let mut limited = (&mut self.rx).take(room as u64);
+        match limited.read_buf(&mut self.buf).await? {
+            0 => Err(ExchangeError::Closed),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(json: serde_json::Value) -> HttpResponse {
+        serde_json::from_value::<ResponseMessage>(json)
+            .unwrap()
+            .response
+    }
+
+    #[test]
+    fn response_heads_become_http_and_bad_ones_are_refused() {
+        let head = checked(
+            response(serde_json::json!({"response": {
+                "requestId": "r1", "statusCode": "201", "statusDescription": "Made It",
+                "responseHeaders": {"Content-Type": "text/plain", "Content-Length": 12,
+                    "X-Many": ["a", 2], "Transfer-Encoding": "chunked", "Bad\nName": "x",
+                    "X-Bad-Value": "a\r\nb"},
+                "body": true}})),
+            "r1",
+        )
+        .unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert_eq!(head.reason.unwrap().as_bytes(), b"Made It");
+        let names: Vec<_> = head
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            ["content-type: text/plain", "x-many: a", "x-many: 2"]
+        );
+        assert!(head.body);
+        let wrong_id =
+            response(serde_json::json!({"response": {"requestId": "other", "statusCode": 200}}));
+        assert!(matches!(
+            checked(wrong_id, "r1"),
+            Err(ExchangeError::BadResponse(_))
+        ));
+        for status in [
+            serde_json::json!(101),
+            serde_json::json!("x"),
+            serde_json::json!(1000),
+        ] {
+            let bad = response(
+                serde_json::json!({"response": {"requestId": "r1", "statusCode": status}}),
+            );
+            assert!(checked(bad, "r1").is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listeners_frames_are_read_in_bounded_pieces_with_their_boundaries() {
+        use crate::tunnel::frame::push_client_header;
+        let key = [1, 2, 3, 4];
+        let mut wire = Vec::new();
+        let frame = |wire: &mut Vec<u8>, first: u8, payload: &[u8]| {
+            let mut masked = payload.to_vec();
+            apply_mask(&mut masked, key, 0);
+            let start = wire.len();
+            push_client_header(wire, Opcode::Binary, payload.len() as u64, key);
+            wire[start] = first;
+            wire.extend_from_slice(&masked);
+        };
+        let big = vec![7u8; 40_000];
+        frame(&mut wire, 0x02, &big); // binary, not final
+        frame(&mut wire, 0x89, b"hi"); // ping between fragments
+        frame(&mut wire, 0x80, b"end"); // final continuation
+        let mut reader = FrameReader::new(&wire[..]);
+        let mut body = Vec::new();
+        let mut pings = 0;
+        loop {
+            match reader.next().await.unwrap() {
+                Piece::Data {
+                    bytes,
+                    end_of_message,
+                    opcode,
+                } => {
+                    assert_eq!(opcode, Opcode::Binary);
+                    assert!(bytes.len() <= READ_CHUNK);
+                    body.extend_from_slice(&bytes);
+                    if end_of_message {
+                        break;
+                    }
+                }
+                Piece::Ping(p) => {
+                    assert_eq!(&p[..], b"hi");
+                    pings += 1;
+                }
+                _ => panic!("unexpected piece"),
+            }
+        }
+        assert_eq!(pings, 1);
+        assert_eq!(body.len(), 40_003);
+        assert!(body[..40_000].iter().all(|b| *b == 7));
+        assert_eq!(&body[40_000..], b"end");
+        assert!(matches!(reader.next().await, Err(ExchangeError::Closed)));
+    }
+}
