@@ -119,6 +119,46 @@ impl Admitted {
     pub fn place(&self) -> Arc<Place> {
         self.reserved.place.clone()
     }
+
+    /// Its entry on the books, for a request on it that authenticates (see [`Books::leave`]).
+    pub fn books(&self) -> Books {
+        Books {
+            admission: self.reserved.admission.clone(),
+            place: self.reserved.place.clone(),
+            ip: self.ip,
+        }
+    }
+}
+
+/// An admitted connection's entry on the unauthenticated books, as its requests see it.
+#[derive(Clone)]
+pub struct Books {
+    admission: Admission,
+    place: Arc<Place>,
+    ip: IpAddr,
+}
+
+impl Books {
+    /// Takes the connection off the books for good, as an upgrade does: a request on it has
+    /// authenticated and holds a connection slot instead, and the connection ends with that
+    /// request. Its address's place is free for another stranger from then on.
+    pub fn leave(&self) {
+        let mut counts = self
+            .admission
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.place.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(places) = counts.per_ip.get_mut(&self.ip) {
+            places.retain(|p| !Arc::ptr_eq(p, &self.place));
+            if places.is_empty() {
+                counts.per_ip.remove(&self.ip);
+            }
+        }
+        counts.total = counts.total.saturating_sub(1);
+    }
 }
 
 impl Admission {

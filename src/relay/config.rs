@@ -112,6 +112,9 @@ pub struct RelayFile {
     pub max_rendezvous_per_token: Option<usize>,
     /// Rendezvous open at once through one listener (default 4096).
     pub max_rendezvous_per_listener: Option<usize>,
+    /// Seconds an HTTP request's listener has for its response head and then for each pause
+    /// in its body, and its sender for each pause in its upload (default 60, Azure Relay's).
+    pub http_idle_secs: Option<u64>,
     /// Every connection starts with a PROXY protocol header (v1 or v2) from an L4 load
     /// balancer, whose client address then counts for admission and logs (default false).
     #[serde(default)]
@@ -249,6 +252,10 @@ impl RelayFile {
                 .drain_secs
                 .map(std::time::Duration::from_secs)
                 .unwrap_or(default.drain),
+            http_idle: self
+                .http_idle_secs
+                .map(|s| std::time::Duration::from_secs(s.max(1)))
+                .unwrap_or(default.http_idle),
             ..default
         })
     }

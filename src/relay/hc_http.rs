@@ -21,6 +21,7 @@ use hyper::body::{Body as _, Frame, Incoming};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tracing::Instrument;
 
+use super::admission::Books;
 use super::auth::Right;
 use super::gauge::Place;
 use super::rendezvous::{AcceptOutcome, NotOffered};
@@ -39,11 +40,6 @@ use crate::tunnel::protocol::{
     ResponseMessage, HEADER_AUTHORIZATION, QUERY_TOKEN,
 };
 use crate::tunnel::upgrade::{is_websocket, upgraded, RawStream};
-
-/// How long a listener may take to answer once it has the request, and then to send each
-/// next piece of its response body; and how long a sender may pause its request body. Azure
-/// Relay's figure: after it the sender gets 504 (or a cut body).
-const IDLE: Duration = Duration::from_secs(60);
 
 /// The largest response head (the JSON text message), the control channel's 64 KiB.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -70,6 +66,27 @@ const NOT_FORWARDED: &[&str] = &[
 
 /// A sender's HTTP request for a hybrid connection's listener.
 pub async fn handle(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Response<Body> {
+    let books = req.extensions().get::<Books>().cloned();
+    let mut resp = relay_request(req, ctx, peer, books).await;
+    if resp.extensions().get::<Authenticated>().is_some() {
+        // Off the unauthenticated books since it authenticated: the connection ends with
+        // this request rather than idle in keep-alive, unaccounted.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Marks the answer to a request that authenticated and took the connection off the books.
+#[derive(Clone, Copy)]
+struct Authenticated;
+
+async fn relay_request(
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    peer: SocketAddr,
+    books: Option<Books>,
+) -> Response<Body> {
     let started = Instant::now();
     let Some(target) = HcTarget::parse_http(req.uri().path(), req.uri().query()) else {
         return text(400, "the request path is not UTF-8 once percent-decoded");
@@ -105,6 +122,24 @@ pub async fn handle(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Resp
         Ok(offer) => offer,
         Err(refused) => return *refused,
     };
+    // Authenticated, holding a connection slot: it no longer counts among the strangers.
+    if let Some(books) = books {
+        books.leave();
+    }
+    let mut resp = answer(offer, req, by_authorization, ctx, peer, started).await;
+    resp.extensions_mut().insert(Authenticated);
+    resp
+}
+
+/// The listener's answer to an admitted request: its rendezvous awaited, then the exchange.
+async fn answer(
+    offer: Offer<'_>,
+    req: Request<Incoming>,
+    by_authorization: bool,
+    ctx: &Ctx,
+    peer: SocketAddr,
+    started: Instant,
+) -> Response<Body> {
     let Offer {
         entity,
         id,
@@ -141,7 +176,6 @@ pub async fn handle(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Resp
                 );
             }
         };
-    drop(wait);
     metrics.accept("accepted");
     metrics
         .accept_duration
@@ -343,16 +377,28 @@ fn forwarded_headers(
     req: &Request<Incoming>,
     by_authorization: bool,
 ) -> std::collections::BTreeMap<String, String> {
+    // Headers the sender's `Connection` names are that connection's too (RFC 7230 6.1).
+    let named: Vec<String> = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
     let mut out = std::collections::BTreeMap::<String, String>::new();
     for (name, value) in req.headers() {
         let n = name.as_str();
         if NOT_FORWARDED.contains(&n)
+            || named.iter().any(|t| t == n)
             || n.eq_ignore_ascii_case(HEADER_AUTHORIZATION)
             || (by_authorization && *name == header::AUTHORIZATION)
         {
             continue;
         }
-        let Ok(value) = value.to_str() else { continue };
+        // JSON carries text: bytes outside UTF-8 (obs-text) arrive replaced, not dropped.
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let value = value.as_ref();
         out.entry(n.to_string())
             .and_modify(|v| {
                 v.push_str(", ");
@@ -385,8 +431,8 @@ enum ExchangeError {
     HeadTooLong,
     #[error("the listener's response is not a response message: {0}")]
     BadResponse(String),
-    #[error("the listener did not answer within {}s", IDLE.as_secs())]
-    Timeout,
+    #[error("the listener did not answer within {0}s")]
+    Timeout(u64),
     #[error("the request body was not received in time, or broke off")]
     RequestBody,
     #[error("authorization revoked ({0})")]
@@ -399,6 +445,7 @@ impl Exchange {
         let mut listener = Rendezvous {
             reader: FrameReader::new(rx),
             tx,
+            idle: self.shared.limits.http_idle,
         };
         let exchanged = {
             let talk = listener.request_and_response_head(&self.head, body, &self.id);
@@ -415,7 +462,7 @@ impl Exchange {
                     .close(close_code::GOING_AWAY, "request failed")
                     .await;
                 let status = match e {
-                    ExchangeError::Timeout => 504,
+                    ExchangeError::Timeout(_) => 504,
                     ExchangeError::RequestBody => 408,
                     ExchangeError::Revoked(_) => 403,
                     _ => 502,
@@ -423,35 +470,51 @@ impl Exchange {
                 return text(status, e.to_string());
             }
         };
+        let bodiless = head_only
+            || response.status == StatusCode::NO_CONTENT
+            || response.status == StatusCode::NOT_MODIFIED;
         let mut builder = Response::builder().status(response.status);
         for (name, value) in &response.headers {
+            // A length is the listener's to state for a body it sends, or for HEAD's; hyper
+            // then cuts the connection if the body does not match it.
+            if *name == header::CONTENT_LENGTH && !(head_only || (response.body && !bodiless)) {
+                continue;
+            }
             builder = builder.header(name, value);
         }
         if let Some(reason) = response.reason {
             builder = builder.extension(reason);
         }
-        let streams = response.body && !head_only && response.status != StatusCode::NO_CONTENT;
-        let body = if streams {
-            response_body(listener, self.shared, self.revocation, self.hold)
+        let body = if response.body && !bodiless {
+            // The first piece read before the head goes out: a body that fails at once is
+            // the sender's 502, not a response without a status line.
+            let first = match listener.first_piece().await {
+                Ok(first) => first,
+                Err(e) => {
+                    tracing::info!(error = %e, "HTTP response from the listener broke off");
+                    listener
+                        .close(close_code::GOING_AWAY, "request failed")
+                        .await;
+                    return text(502, e.to_string());
+                }
+            };
+            let span = tracing::Span::current();
+            response_body(
+                first,
+                listener,
+                (self.shared, self.revocation, self.hold),
+                span,
+            )
         } else {
             listener.close(close_code::NORMAL, "").await;
             Empty::new().map_err(|never| match never {}).boxed_unsync()
         };
         tracing::debug!(status = response.status.as_u16(), "HTTP request relayed");
-        let mut resp = builder
+        builder
             .body(body)
-            .unwrap_or_else(|_| text(502, "the listener's response could not be built"));
-        if streams {
-            resp.extensions_mut().insert(Streaming);
-        }
-        resp
+            .unwrap_or_else(|_| text(502, "the listener's response could not be built"))
     }
 }
-
-/// Marks a response whose body streams from a listener: the sender's connection is busy
-/// until it has ended.
-#[derive(Clone, Copy, Debug)]
-pub struct Streaming;
 
 /// A listener's response head, checked.
 struct ResponseHead {
@@ -465,6 +528,8 @@ struct ResponseHead {
 struct Rendezvous {
     reader: FrameReader<ReadHalf<RawStream>>,
     tx: WriteHalf<RawStream>,
+    /// `Limits::http_idle`.
+    idle: Duration,
 }
 
 impl Rendezvous {
@@ -481,7 +546,7 @@ impl Rendezvous {
             // One binary message, fragmented as the body comes.
             let mut opcode = Opcode::Binary;
             loop {
-                let frame = match tokio::time::timeout(IDLE, body.frame()).await {
+                let frame = match tokio::time::timeout(self.idle, body.frame()).await {
                     Ok(Some(Ok(frame))) => frame,
                     Ok(None) => break,
                     Ok(Some(Err(_))) | Err(_) => return Err(ExchangeError::RequestBody),
@@ -497,7 +562,10 @@ impl Rendezvous {
             }
             self.write_frame(true, opcode, &[]).await?;
         }
-        let text = self.response_text().await?;
+        // One deadline for the whole head, however the listener paces it (pings included).
+        let text = tokio::time::timeout(self.idle, self.response_text())
+            .await
+            .map_err(|_| ExchangeError::Timeout(self.idle.as_secs()))??;
         let message: ResponseMessage =
             serde_json::from_slice(&text).map_err(|e| ExchangeError::BadResponse(e.to_string()))?;
         checked(message.response, id)
@@ -507,16 +575,15 @@ impl Rendezvous {
     async fn response_text(&mut self) -> Result<Vec<u8>, ExchangeError> {
         let mut text = Vec::new();
         loop {
-            let piece = tokio::time::timeout(IDLE, self.reader.next())
-                .await
-                .map_err(|_| ExchangeError::Timeout)??;
-            match piece {
+            match self.reader.next().await? {
                 Piece::Data {
                     opcode: Opcode::Text,
                     bytes,
                     end_of_message,
                 } => {
-                    if text.len() + bytes.len() > MAX_RESPONSE_HEAD {
+                    // What the frame announces counts, not only what came of it yet.
+                    let announced = (text.len() + bytes.len()) as u64 + self.reader.remaining;
+                    if announced > MAX_RESPONSE_HEAD as u64 {
                         return Err(ExchangeError::HeadTooLong);
                     }
                     text.extend_from_slice(&bytes);
@@ -536,7 +603,42 @@ impl Rendezvous {
         }
     }
 
-    /// One unmasked frame, within [`IDLE`]: a listener that stops reading fails the request.
+    /// The body's first piece with data (or its end), pings on the way answered, within
+    /// `idle`.
+    async fn first_piece(&mut self) -> Result<(Bytes, bool), ExchangeError> {
+        let idle = self.idle;
+        let first = async {
+            loop {
+                match self.reader.next().await? {
+                    Piece::Data {
+                        opcode: Opcode::Text,
+                        ..
+                    } => {
+                        return Err(ExchangeError::BadResponse(
+                            "a text message where the body was announced".into(),
+                        ))
+                    }
+                    Piece::Data {
+                        bytes,
+                        end_of_message,
+                        ..
+                    } => {
+                        if !bytes.is_empty() || end_of_message {
+                            return Ok((bytes, end_of_message));
+                        }
+                    }
+                    Piece::Ping(payload) => self.write_frame(true, Opcode::Pong, &payload).await?,
+                    Piece::Pong => {}
+                    Piece::Close => return Err(ExchangeError::Closed),
+                }
+            }
+        };
+        tokio::time::timeout(idle, first)
+            .await
+            .map_err(|_| ExchangeError::Timeout(idle.as_secs()))?
+    }
+
+    /// One unmasked frame, within `idle`: a listener that stops reading fails the request.
     async fn write_frame(
         &mut self,
         fin: bool,
@@ -550,9 +652,9 @@ impl Rendezvous {
             self.tx.write_all(payload).await?;
             self.tx.flush().await
         };
-        tokio::time::timeout(IDLE, write)
+        tokio::time::timeout(self.idle, write)
             .await
-            .map_err(|_| ExchangeError::Timeout)??;
+            .map_err(|_| ExchangeError::Timeout(self.idle.as_secs()))??;
         Ok(())
     }
 
@@ -597,7 +699,7 @@ fn checked(response: HttpResponse, id: &str) -> Result<ResponseHead, ExchangeErr
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             continue;
         };
-        if NOT_FORWARDED.contains(&name.as_str()) {
+        if NOT_FORWARDED.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
             continue;
         }
         let values = match value {
@@ -611,6 +713,11 @@ fn checked(response: HttpResponse, id: &str) -> Result<ResponseHead, ExchangeErr
                 serde_json::Value::Bool(b) => b.to_string(),
                 _ => continue,
             };
+            if name == header::CONTENT_LENGTH
+                && (value.parse::<u64>().is_err() || headers.iter().any(|(n, _)| n == name))
+            {
+                continue;
+            }
             if let Ok(value) = HeaderValue::from_str(&value) {
                 headers.push((name.clone(), value));
             }
@@ -624,100 +731,133 @@ fn checked(response: HttpResponse, id: &str) -> Result<ResponseHead, ExchangeErr
     })
 }
 
-/// The response body as it comes from the listener: each piece goes to the sender as the
-/// sender takes it (hyper polls this only then), so a fast listener waits for a slow sender
-/// instead of filling memory. A listener that pauses longer than [`IDLE`], breaks off or
-/// loses its authorization cuts the body short, which the sender sees as an incomplete
-/// response, never as a complete one.
-fn response_body(listener: Rendezvous, shared: Shared, revocation: Revocation, hold: Hold) -> Body {
-    struct State {
-        listener: Rendezvous,
-        shared: Shared,
-        revocation: Revocation,
-        _hold: Hold,
-        done: bool,
-    }
-    let state = State {
+/// The response body as it comes from the listener, `first` piece first: each piece goes to
+/// the sender as the sender takes it (hyper polls this only then), so a fast listener waits
+/// for a slow sender instead of filling memory. A listener that pauses longer than `idle`,
+/// breaks off or loses its authorization cuts the body short, which the sender sees as an
+/// incomplete response, never as a complete one.
+fn response_body(
+    first: (Bytes, bool),
+    listener: Rendezvous,
+    (shared, revocation, hold): (Shared, Revocation, Hold),
+    span: tracing::Span,
+) -> Body {
+    let state = BodyState {
         listener,
         shared,
         revocation,
         _hold: hold,
-        done: false,
+        first: Some(first),
+        ended: false,
     };
-    let pieces = stream::unfold(state, |mut st| async move {
-        if st.done {
+    let pieces = stream::unfold(state, move |mut st| {
+        async move {
+            let frame = st.next().await?;
+            Some((frame, st))
+        }
+        .instrument(span.clone())
+    });
+    StreamBody::new(pieces).boxed_unsync()
+}
+
+/// A response body on its way from the listener.
+struct BodyState {
+    listener: Rendezvous,
+    shared: Shared,
+    revocation: Revocation,
+    _hold: Hold,
+    /// The piece read before the head went out, and whether the body ends with it.
+    first: Option<(Bytes, bool)>,
+    ended: bool,
+}
+
+impl BodyState {
+    async fn next(&mut self) -> Option<io::Result<Frame<Bytes>>> {
+        if self.ended {
             return None;
         }
+        if let Some((bytes, ends)) = self.first.take() {
+            if ends {
+                self.end(close_code::NORMAL, "").await;
+            }
+            if !bytes.is_empty() {
+                return Some(Ok(Frame::data(bytes)));
+            }
+            if ends {
+                return None;
+            }
+        }
         loop {
-            let next = tokio::time::timeout(IDLE, st.listener.reader.next());
+            let next = tokio::time::timeout(self.listener.idle, self.listener.reader.next());
             let piece = tokio::select! {
                 piece = next => piece,
-                side = st.revocation.revoked(&st.shared) => {
-                    st.listener.close(close_code::POLICY, "revoked").await;
-                    st.done = true;
-                    let e = io::Error::other(format!("authorization revoked ({side})"));
-                    return Some((Err(e), st));
+                side = self.revocation.revoked(&self.shared) => {
+                    return Some(Err(self.fail(close_code::POLICY, format!("authorization revoked ({side})")).await));
                 }
             };
-            let failed = |st: &mut State, why: String| {
-                st.done = true;
-                tracing::info!(error = %why, "HTTP response body from the listener broke off");
-                io::Error::other(why)
-            };
-            match piece {
+            let piece = match piece {
                 Err(_) => {
-                    let e = failed(
-                        &mut st,
-                        format!("the listener paused over {}s", IDLE.as_secs()),
-                    );
-                    st.listener.close(close_code::GOING_AWAY, "timeout").await;
-                    return Some((Err(e), st));
+                    let why = format!("the listener paused over {}s", self.listener.idle.as_secs());
+                    return Some(Err(self.fail(close_code::GOING_AWAY, why).await));
                 }
                 Ok(Err(e)) => {
-                    let e = failed(&mut st, e.to_string());
-                    return Some((Err(e), st));
+                    return Some(Err(self.fail(close_code::GOING_AWAY, e.to_string()).await))
                 }
-                Ok(Ok(Piece::Data {
+                Ok(Ok(piece)) => piece,
+            };
+            match piece {
+                Piece::Data {
                     opcode: Opcode::Text,
                     ..
-                })) => {
-                    let e = failed(&mut st, "a text message inside the response body".into());
-                    st.listener
-                        .close(close_code::PROTOCOL_ERROR, "protocol error")
-                        .await;
-                    return Some((Err(e), st));
+                } => {
+                    let why = "a text message inside the response body".to_string();
+                    return Some(Err(self.fail(close_code::PROTOCOL_ERROR, why).await));
                 }
-                Ok(Ok(Piece::Data {
+                Piece::Data {
                     bytes,
                     end_of_message,
                     ..
-                })) => {
+                } => {
                     if end_of_message {
-                        st.done = true;
-                        st.listener.close(close_code::NORMAL, "").await;
+                        self.end(close_code::NORMAL, "").await;
                     }
                     if !bytes.is_empty() {
-                        return Some((Ok(Frame::data(bytes)), st));
+                        return Some(Ok(Frame::data(bytes)));
                     }
-                    if st.done {
+                    if end_of_message {
                         return None;
                     }
                 }
-                Ok(Ok(Piece::Ping(payload))) => {
-                    if let Err(e) = st.listener.write_frame(true, Opcode::Pong, &payload).await {
-                        let e = failed(&mut st, e.to_string());
-                        return Some((Err(e), st));
+                Piece::Ping(payload) => {
+                    if let Err(e) = self
+                        .listener
+                        .write_frame(true, Opcode::Pong, &payload)
+                        .await
+                    {
+                        return Some(Err(self.fail(close_code::GOING_AWAY, e.to_string()).await));
                     }
                 }
-                Ok(Ok(Piece::Pong)) => {}
-                Ok(Ok(Piece::Close)) => {
-                    let e = failed(&mut st, "the listener closed mid-body".into());
-                    return Some((Err(e), st));
+                Piece::Pong => {}
+                Piece::Close => {
+                    let why = "the listener closed mid-body".to_string();
+                    return Some(Err(self.fail(close_code::GOING_AWAY, why).await));
                 }
             }
         }
-    });
-    StreamBody::new(pieces).boxed_unsync()
+    }
+
+    /// The body is over: the rendezvous is closed with `code`, once.
+    async fn end(&mut self, code: u16, reason: &str) {
+        self.ended = true;
+        self.listener.close(code, reason).await;
+    }
+
+    /// The body broke off for `why`: logged, the rendezvous closed, the error for hyper.
+    async fn fail(&mut self, code: u16, why: String) -> io::Error {
+        tracing::info!(error = %why, "HTTP response body from the listener broke off");
+        self.end(code, "request failed").await;
+        io::Error::other(why)
+    }
 }
 
 /// What [`FrameReader::next`] read.
@@ -866,7 +1006,12 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["content-type: text/plain", "x-many: a", "x-many: 2"]
+            [
+                "content-length: 12",
+                "content-type: text/plain",
+                "x-many: a",
+                "x-many: 2"
+            ]
         );
         assert!(head.body);
         let wrong_id =

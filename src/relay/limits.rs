@@ -49,6 +49,10 @@ pub struct Limits {
     /// Rendezvous open at once through one listener; a busy listener is skipped for the next
     /// of its hybrid connection, as the agent itself caps its streams (`agent --max-streams`).
     pub max_rendezvous_per_listener: usize,
+    /// An HTTP request relayed to a listener (`hc_http`): how long the listener may take for
+    /// its whole response head once it has the request, and then each pause in its response
+    /// body; and each pause in the sender's upload. Azure Relay's 60 s.
+    pub http_idle: Duration,
     /// On SIGTERM, after the listening socket closes and listeners are told to go (1012),
     /// how long open rendezvous may take to finish before they are closed.
     pub drain: Duration,
@@ -70,6 +74,7 @@ impl Default for Limits {
             // (Recreate) starts only after it exits. Replicas behind one name can afford more.
             drain: Duration::from_secs(10),
             max_rendezvous_per_listener: 4096,
+            http_idle: Duration::from_secs(60),
         }
     }
 }

@@ -34,7 +34,6 @@ use std::time::Duration;
 
 use http::header::CONNECTION;
 use http::HeaderValue;
-use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -204,27 +203,21 @@ async fn serve_connection(
     let (io, lift) = stall::StallDeadline::new(tls, deadline);
     let served = Arc::new(AtomicUsize::new(0));
     let in_service = place.clone();
+    let books = admitted.books();
     let service = service_fn(move |req| {
         let (ctx, served, place) = (ctx.clone(), served.clone(), in_service.clone());
+        let books = books.clone();
         async move {
             // Not idle while it serves a request: a newcomer may not take its place. Except
             // an agent status report, whose body is read before it is authenticated (its
             // signature covers the body): a stranger withholding that body for the request
             // deadline must not be able to keep places from newcomers.
             let busy = (!server::authenticated_by_body(&req)).then(|| place.busy());
+            let mut req = req;
+            req.extensions_mut().insert(books.clone());
             let mut resp = server::handle(req, ctx, peer).await?;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 place.busy().keep();
-            } else if resp.extensions().get::<hc_http::Streaming>().is_some() {
-                // A listener's response still streaming: busy until its body has ended.
-                let streaming = place.busy();
-                resp = resp.map(|body| {
-                    body.map_frame(move |frame| {
-                        let _ = &streaming;
-                        frame
-                    })
-                    .boxed_unsync()
-                });
             }
             drop(busy);
             let count = served.fetch_add(1, Ordering::Relaxed) + 1;

@@ -508,3 +508,172 @@ where
     }
     panic!("no place came back after tunnels closed");
 }
+
+/// A hand-written HTTP listener on `relay`'s hybrid connection `connection`: for each request
+/// it comes to the rendezvous, reads the request's head (sent on `heads`) and hands the
+/// rendezvous and the request's id to `behave`, each in a task of its own.
+async fn raw_http_listener<F, Fut>(
+    relay: &Relay,
+    connection: &str,
+    behave: F,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Receiver<String>,
+)
+where
+    F: Fn(clusterconnect::tunnel::dial::RelayStream, String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use clusterconnect::tunnel::dial::dial;
+    use clusterconnect::tunnel::protocol::{Action, ControlMessage};
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let address = relay.address();
+    let listen = listen_key().mint(&address.resource_uri(connection), Duration::from_secs(600));
+    let url = address.url(connection, Action::Listen, "raw-http-listener");
+    let mut control = dial(&url, Some(&listen), &relay.client_tls)
+        .await
+        .expect("listen");
+    let (heads, seen) = tokio::sync::mpsc::channel(16);
+    let tls = relay.client_tls.clone();
+    let behave = std::sync::Arc::new(behave);
+    let task = tokio::spawn(async move {
+        while let Some(Ok(Message::Text(text))) = control.next().await {
+            let Ok(ControlMessage::Request(notice)) = serde_json::from_str(&text) else {
+                continue;
+            };
+            let mut rendezvous = dial(&notice.address, None, &tls).await.expect("rendezvous");
+            let Some(Ok(Message::Text(head))) = rendezvous.next().await else {
+                continue;
+            };
+            let _ = heads.send(head.to_string()).await;
+            let behave = behave.clone();
+            tokio::spawn(async move { behave(rendezvous, notice.id).await });
+        }
+    });
+    (task, seen)
+}
+
+/// `GET /<path>` with a Send token for the hybrid connection `path` starts with.
+fn authenticated_get(relay: &Relay, path: &str, close: bool) -> String {
+    let connection = path.split('/').next().unwrap_or_default();
+    let uri = relay.address().resource_uri(connection);
+    let token = send_key().mint(&uri, Duration::from_secs(600));
+    format!(
+        "GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nServiceBusAuthorization: {}\r\n{}\r\n",
+        token.expose(),
+        if close { "Connection: close\r\n" } else { "" }
+    )
+}
+
+/// A plain HTTP request that authenticated holds a connection slot, not its address's place
+/// among strangers: senders waiting on a slow listener do not lock their own address (or a
+/// NAT's, shared with listeners) out of the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_in_progress_leave_their_address_places_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 64).await;
+    // A listener that never answers.
+    let connection = crate::support::tunnel::CONNECTION;
+    let (listener, mut seen) = raw_http_listener(&relay, connection, |rendezvous, _| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(rendezvous);
+    })
+    .await;
+    let source = "127.0.0.9";
+    let mut waiting = Vec::new();
+    for i in 0..PER_IP {
+        let mut s = tls_from(source, &relay).await;
+        let request = authenticated_get(&relay, &format!("{connection}/slow/{i}"), false);
+        s.write_all(request.as_bytes()).await.unwrap();
+        waiting.push(s);
+    }
+    for _ in 0..PER_IP {
+        let head = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .expect("the listener gets each request")
+            .expect("a head");
+        assert!(head.contains("\"method\":\"GET\""), "{head}");
+    }
+    // Every one of them is in progress; their address still gets in, and is answered.
+    let mut s = tls_from_or_refused(source, &relay)
+        .await
+        .expect("a new connection from the senders' address is admitted");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(waiting);
+    listener.abort();
+}
+
+/// What comes on `s` until it closes, or `within` passes.
+async fn read_answer<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> String {
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+/// A listener's pings do not stretch the time it has to answer an HTTP request, and a body
+/// that breaks at once still gives the sender a status line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear_status() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let idle = Duration::from_millis(1500);
+    let limits = clusterconnect::relay::Limits {
+        http_idle: idle,
+        ..limits()
+    };
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits, 64).await;
+    let (listener, _seen) = raw_http_listener(&relay, "pings", |mut rendezvous, _| async move {
+        // Pings, twice a deadline's worth, and never an answer.
+        for _ in 0..12 {
+            if rendezvous
+                .send(Message::Ping(Default::default()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let mut s = tls_from("127.0.0.10", &relay).await;
+    s.write_all(authenticated_get(&relay, "pings", true).as_bytes())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(20)).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    // The deadline runs from the request, whatever the pings: 1.5 s, not the 3 s of pings.
+    assert!(
+        started.elapsed() < Duration::from_millis(2900),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    listener.abort();
+
+    // A response head announcing a body, then a text message where the body should be.
+    let (listener, _seen) =
+        raw_http_listener(&relay, "text-body", |mut rendezvous, id| async move {
+            let head =
+                serde_json::json!({"response": {"requestId": id, "statusCode": 200, "body": true}});
+            let _ = rendezvous.send(Message::text(head.to_string())).await;
+            let _ = rendezvous.send(Message::text("not a body")).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+    let mut s = tls_from("127.0.0.10", &relay).await;
+    s.write_all(authenticated_get(&relay, "text-body", true).as_bytes())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    listener.abort();
+}
