@@ -457,7 +457,7 @@ impl Exchange {
         let response = match exchanged {
             Ok(response) => response,
             Err(e) => {
-                tracing::info!(error = %e, "HTTP request through the relay failed");
+                tracing::info!(error = %e.to_string().escape_debug(), "HTTP request through the relay failed");
                 listener
                     .close(close_code::GOING_AWAY, "request failed")
                     .await;
@@ -491,7 +491,7 @@ impl Exchange {
             let first = match listener.first_piece().await {
                 Ok(first) => first,
                 Err(e) => {
-                    tracing::info!(error = %e, "HTTP response from the listener broke off");
+                    tracing::info!(error = %e.to_string().escape_debug(), "HTTP response from the listener broke off");
                     listener
                         .close(close_code::GOING_AWAY, "request failed")
                         .await;
@@ -854,7 +854,7 @@ impl BodyState {
 
     /// The body broke off for `why`: logged, the rendezvous closed, the error for hyper.
     async fn fail(&mut self, code: u16, why: String) -> io::Error {
-        tracing::info!(error = %why, "HTTP response body from the listener broke off");
+        tracing::info!(error = %why.escape_debug(), "HTTP response body from the listener broke off");
         self.end(code, "request failed").await;
         io::Error::other(why)
     }
