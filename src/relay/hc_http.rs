@@ -776,34 +776,17 @@ impl BodyState {
         if self.ended {
             return None;
         }
-        if let Some((bytes, ends)) = self.first.take() {
-            if ends {
-                self.end(close_code::NORMAL, "").await;
-            }
-            if !bytes.is_empty() {
-                return Some(Ok(Frame::data(bytes)));
-            }
-            if ends {
-                return None;
-            }
-        }
         loop {
-            let next = tokio::time::timeout(self.listener.idle, self.listener.reader.next());
-            let piece = tokio::select! {
-                piece = next => piece,
-                side = self.revocation.revoked(&self.shared) => {
-                    return Some(Err(self.fail(close_code::POLICY, format!("authorization revoked ({side})")).await));
-                }
-            };
-            let piece = match piece {
-                Err(_) => {
-                    let why = format!("the listener paused over {}s", self.listener.idle.as_secs());
-                    return Some(Err(self.fail(close_code::GOING_AWAY, why).await));
-                }
-                Ok(Err(e)) => {
-                    return Some(Err(self.fail(close_code::GOING_AWAY, e.to_string()).await))
-                }
-                Ok(Ok(piece)) => piece,
+            let piece = match self.first.take() {
+                Some((bytes, end_of_message)) => Piece::Data {
+                    opcode: Opcode::Binary,
+                    bytes,
+                    end_of_message,
+                },
+                None => match self.read().await {
+                    Ok(piece) => piece,
+                    Err((code, why)) => return Some(Err(self.fail(code, why).await)),
+                },
             };
             match piece {
                 Piece::Data {
@@ -842,6 +825,25 @@ impl BodyState {
                     let why = "the listener closed mid-body".to_string();
                     return Some(Err(self.fail(close_code::GOING_AWAY, why).await));
                 }
+            }
+        }
+    }
+
+    /// The listener's next piece, within `idle`, unless what authorized the request is
+    /// revoked first; else the close code for the listener and why.
+    async fn read(&mut self) -> Result<Piece, (u16, String)> {
+        let next = tokio::time::timeout(self.listener.idle, self.listener.reader.next());
+        tokio::select! {
+            piece = next => match piece {
+                Ok(Ok(piece)) => Ok(piece),
+                Ok(Err(e)) => Err((close_code::GOING_AWAY, e.to_string())),
+                Err(_) => Err((
+                    close_code::GOING_AWAY,
+                    format!("the listener paused over {}s", self.listener.idle.as_secs()),
+                )),
+            },
+            side = self.revocation.revoked(&self.shared) => {
+                Err((close_code::POLICY, format!("authorization revoked ({side})")))
             }
         }
     }

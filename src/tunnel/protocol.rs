@@ -315,22 +315,17 @@ pub struct HcTarget {
 impl HcTarget {
     /// Splits `/$hc/<entity>?<query>`; `None` for any other path.
     pub fn parse(path: &str, query: Option<&str>) -> Option<HcTarget> {
-        let entity = path.strip_prefix(PATH_PREFIX)?;
-        let entity = percent_encoding::percent_decode_str(entity)
-            .decode_utf8()
-            .ok()?
-            .trim_end_matches('/')
-            .to_string();
-        let query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        Some(HcTarget { entity, query })
+        HcTarget::split(path.strip_prefix(PATH_PREFIX)?, query)
     }
 
     /// Splits a sender's HTTP request target, `/<entity>[/more]?<query>` (no `$hc`);
     /// `None` when the path is not UTF-8 once decoded.
     pub fn parse_http(path: &str, query: Option<&str>) -> Option<HcTarget> {
-        let entity = percent_encoding::percent_decode_str(path.trim_start_matches('/'))
+        HcTarget::split(path.trim_start_matches('/'), query)
+    }
+
+    fn split(entity: &str, query: Option<&str>) -> Option<HcTarget> {
+        let entity = percent_encoding::percent_decode_str(entity)
             .decode_utf8()
             .ok()?
             .trim_end_matches('/')
