@@ -107,6 +107,14 @@ async fn relay_request(
     if let Some(refused) = id_too_long(&target, ctx) {
         return refused;
     }
+    // An HTTP/1.0 response without a length ends with the connection, so a body the listener
+    // broke off would look complete to such a sender.
+    if req.version() < http::Version::HTTP_11 {
+        return text(
+            505,
+            "HTTP/1.1 or later is required for requests to a listener",
+        );
+    }
     if req.method() == Method::CONNECT {
         return text(405, "CONNECT cannot be relayed to a listener");
     }
@@ -456,31 +464,24 @@ impl Exchange {
         };
         let response = match exchanged {
             Ok(response) => response,
-            Err(e) => {
-                tracing::info!(error = %e.to_string().escape_debug(), "HTTP request through the relay failed");
-                listener
-                    .close(close_code::GOING_AWAY, "request failed")
-                    .await;
-                let status = match e {
-                    ExchangeError::Timeout(_) => 504,
-                    ExchangeError::RequestBody => 408,
-                    ExchangeError::Revoked(_) => 403,
-                    _ => 502,
-                };
-                return text(status, e.to_string());
-            }
+            Err(e) => return listener.failed(e).await,
         };
         let bodiless = head_only
             || response.status == StatusCode::NO_CONTENT
             || response.status == StatusCode::NOT_MODIFIED;
         let mut builder = Response::builder().status(response.status);
         for (name, value) in &response.headers {
-            // A length is the listener's to state for a body it sends, or for HEAD's; hyper
-            // then cuts the connection if the body does not match it.
-            if *name == header::CONTENT_LENGTH && !(head_only || (response.body && !bodiless)) {
-                continue;
-            }
             builder = builder.header(name, value);
+        }
+        // A length is the listener's to state for a body it sends, or for HEAD's (never with
+        // 204 or 304); hyper then holds the body to it.
+        let length = response.content_length.filter(|_| {
+            let no_length = response.status == StatusCode::NO_CONTENT
+                || response.status == StatusCode::NOT_MODIFIED;
+            !no_length && (head_only || response.body)
+        });
+        if let Some(n) = length {
+            builder = builder.header(header::CONTENT_LENGTH, n);
         }
         if let Some(reason) = response.reason {
             builder = builder.extension(reason);
@@ -488,15 +489,24 @@ impl Exchange {
         let body = if response.body && !bodiless {
             // The first piece read before the head goes out: a body that fails at once is
             // the sender's 502, not a response without a status line.
-            let first = match listener.first_piece().await {
-                Ok(first) => first,
-                Err(e) => {
-                    tracing::info!(error = %e.to_string().escape_debug(), "HTTP response from the listener broke off");
-                    listener
-                        .close(close_code::GOING_AWAY, "request failed")
-                        .await;
-                    return text(502, e.to_string());
+            let first = tokio::select! {
+                first = listener.first_piece() => first,
+                side = self.revocation.revoked(&self.shared) => Err(ExchangeError::Revoked(side)),
+            };
+            // A body that ends with its first piece is held to its length here, while the
+            // sender can still be told.
+            let first = first.and_then(|first| match length {
+                Some(n) if first.1 && first.0.len() as u64 != n => {
+                    Err(ExchangeError::BadResponse(format!(
+                        "its body has {} bytes, its Content-Length says {n}",
+                        first.0.len()
+                    )))
                 }
+                _ => Ok(first),
+            });
+            let first = match first {
+                Ok(first) => first,
+                Err(e) => return listener.failed(e).await,
             };
             let span = tracing::Span::current();
             response_body(
@@ -521,6 +531,8 @@ struct ResponseHead {
     status: StatusCode,
     reason: Option<hyper::ext::ReasonPhrase>,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// The listener's Content-Length, checked.
+    content_length: Option<u64>,
     body: bool,
 }
 
@@ -658,6 +670,20 @@ impl Rendezvous {
         Ok(())
     }
 
+    /// The sender's answer when the exchange failed before the response head went out; the
+    /// rendezvous is closed.
+    async fn failed(&mut self, e: ExchangeError) -> Response<Body> {
+        tracing::info!(error = %e.to_string().escape_debug(), "HTTP request through the relay failed");
+        self.close(close_code::GOING_AWAY, "request failed").await;
+        let status = match e {
+            ExchangeError::Timeout(_) => 504,
+            ExchangeError::RequestBody => 408,
+            ExchangeError::Revoked(_) => 403,
+            _ => 502,
+        };
+        text(status, e.to_string())
+    }
+
     /// Closes the rendezvous with `code`, without waiting long for a listener that is gone.
     async fn close(&mut self, code: u16, reason: &str) {
         let mut frame = [0u8; 2 + MAX_CONTROL_PAYLOAD];
@@ -694,30 +720,57 @@ fn checked(response: HttpResponse, id: &str) -> Result<ResponseHead, ExchangeErr
         .as_deref()
         .filter(|d| !d.is_empty() && Some(*d) != status.canonical_reason())
         .and_then(|d| hyper::ext::ReasonPhrase::try_from(d.as_bytes().to_vec()).ok());
+    // Values as text: strings, numbers (node's `Content-Length: 12`), lists of either.
+    let values = |value: &serde_json::Value| -> Vec<String> {
+        let one = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        match value {
+            serde_json::Value::Array(items) => items.iter().filter_map(one).collect(),
+            other => one(other).into_iter().collect(),
+        }
+    };
+    // Headers the listener's own `Connection` names belong to that connection too.
+    let named: Vec<String> = response
+        .response_headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, value)| values(value))
+        .flat_map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let mut headers = Vec::new();
+    let mut content_length = None;
     for (name, value) in &response.response_headers {
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             continue;
         };
-        if NOT_FORWARDED.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+        if name == header::CONTENT_LENGTH {
+            // As a proxy must (RFC 9112 6.3): a length that is not one plain number, or
+            // several that differ, is an error, not a guess.
+            for v in values(value) {
+                let n = plain_length(&v).ok_or_else(|| {
+                    ExchangeError::BadResponse("Content-Length is not a length".into())
+                })?;
+                if content_length.is_some_and(|m| m != n) {
+                    return Err(ExchangeError::BadResponse(
+                        "Content-Length values differ".into(),
+                    ));
+                }
+                content_length = Some(n);
+            }
             continue;
         }
-        let values = match value {
-            serde_json::Value::Array(items) => items.iter().collect(),
-            one => vec![one],
-        };
-        for value in values {
-            let value = match value {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::Bool(b) => b.to_string(),
-                _ => continue,
-            };
-            if name == header::CONTENT_LENGTH
-                && (value.parse::<u64>().is_err() || headers.iter().any(|(n, _)| n == name))
-            {
-                continue;
-            }
+        if NOT_FORWARDED.contains(&name.as_str()) || named.iter().any(|t| t == name.as_str()) {
+            continue;
+        }
+        for value in values(value) {
             if let Ok(value) = HeaderValue::from_str(&value) {
                 headers.push((name.clone(), value));
             }
@@ -727,8 +780,18 @@ fn checked(response: HttpResponse, id: &str) -> Result<ResponseHead, ExchangeErr
         status,
         reason,
         headers,
+        content_length,
         body: response.body,
     })
+}
+
+/// A Content-Length value: ASCII digits only (no sign, no space), at most 2^53 (what every
+/// client's parser takes).
+fn plain_length(value: &str) -> Option<u64> {
+    if value.is_empty() || value.len() > 16 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().filter(|n| *n <= 1 << 53)
 }
 
 /// The response body as it comes from the listener, `first` piece first: each piece goes to
@@ -1008,13 +1071,40 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            [
-                "content-length: 12",
-                "content-type: text/plain",
-                "x-many: a",
-                "x-many: 2"
-            ]
+            ["content-type: text/plain", "x-many: a", "x-many: 2"]
         );
+        assert_eq!(head.content_length, Some(12));
+        let length = |v: serde_json::Value| {
+            checked(
+                response(
+                    serde_json::json!({"response": {"requestId": "r1", "statusCode": 200,
+                    "responseHeaders": {"Content-Length": v}}}),
+                ),
+                "r1",
+            )
+            .map(|h| h.content_length)
+        };
+        assert_eq!(length(serde_json::json!(["7", 7])).unwrap(), Some(7));
+        for bad in [
+            serde_json::json!("+5"),
+            serde_json::json!(" 5"),
+            serde_json::json!("-1"),
+            serde_json::json!("18446744073709551615"),
+            serde_json::json!(["5", "7"]),
+            serde_json::json!(["x", "7"]),
+        ] {
+            assert!(length(bad.clone()).is_err(), "{bad}");
+        }
+        let named = checked(
+            response(
+                serde_json::json!({"response": {"requestId": "r1", "statusCode": 200,
+                "responseHeaders": {"Connection": "x-secret", "X-Secret": "1", "X-Kept": "2"}}}),
+            ),
+            "r1",
+        )
+        .unwrap();
+        let names: Vec<_> = named.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
         assert!(head.body);
         let wrong_id =
             response(serde_json::json!({"response": {"requestId": "other", "statusCode": 200}}));

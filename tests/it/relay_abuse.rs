@@ -676,4 +676,35 @@ async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear
     let answer = read_answer(&mut s, Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     listener.abort();
+
+    // A whole body shorter than the length its head states: the sender is told, not left
+    // with an empty reply.
+    let (listener, _seen) =
+        raw_http_listener(&relay, "short-body", |mut rendezvous, id| async move {
+            let head = serde_json::json!({"response": {"requestId": id, "statusCode": 200,
+            "responseHeaders": {"Content-Length": "10"}, "body": true}});
+            let _ = rendezvous.send(Message::text(head.to_string())).await;
+            let _ = rendezvous.send(Message::binary(&b"12345"[..])).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+    let mut s = tls_from("127.0.0.10", &relay).await;
+    s.write_all(authenticated_get(&relay, "short-body", true).as_bytes())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    assert!(answer.contains("Content-Length says 10"), "{answer:?}");
+    listener.abort();
+
+    // HTTP/1.0 ends a body without a length with the connection, where a cut body would look
+    // whole: such a sender is refused.
+    let mut s = tls_from("127.0.0.10", &relay).await;
+    let request = authenticated_get(&relay, "short-body", true).replacen("HTTP/1.1", "HTTP/1.0", 1);
+    s.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 505") || answer.starts_with("HTTP/1.1 505"),
+        "{answer:?}"
+    );
 }
