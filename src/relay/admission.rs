@@ -41,6 +41,16 @@ struct Counts {
     total: usize,
     /// Each address's places, oldest first.
     per_ip: HashMap<IpAddr, Vec<Arc<Place>>>,
+    /// Places an address may hold beyond its share: one for each rendezvous a listener of
+    /// that address was asked to, until it came (see [`Admission::expect`]).
+    expected: HashMap<IpAddr, usize>,
+}
+
+impl Counts {
+    /// How many places `ip` may hold now.
+    fn share(&self, ip: &IpAddr, max_per_ip: usize) -> usize {
+        max_per_ip + self.expected.get(ip).copied().unwrap_or(0)
+    }
 }
 
 /// One connection's place: whether it is serving a request, and how it is told to go.
@@ -130,6 +140,28 @@ impl Admitted {
     }
 }
 
+/// A place expected for a listener's rendezvous (see [`Admission::expect`]).
+pub struct Expected {
+    admission: Admission,
+    ip: IpAddr,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        let mut counts = self
+            .admission
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.expected.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.expected.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// An admitted connection's entry on the unauthenticated books, as its requests see it.
 #[derive(Clone)]
 pub struct Books {
@@ -173,12 +205,13 @@ impl Admission {
     /// Both caps at once, for a connection whose peer is its client.
     pub fn admit(&self, ip: IpAddr) -> Result<Admitted, Refused> {
         let ip = ip.to_canonical();
-        let holds = {
+        let (holds, share) = {
             let counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            counts.per_ip.get(&ip).map_or(0, Vec::len)
+            let holds = counts.per_ip.get(&ip).map_or(0, Vec::len);
+            (holds, counts.share(&ip, self.max_per_ip))
         };
         // Refused for its own share before it could cost another address a place.
-        if holds >= self.max_per_ip {
+        if holds >= share {
             return Err(Refused::PerIp);
         }
         self.reserve_for(holds)?.identify(ip)
@@ -201,6 +234,21 @@ impl Admission {
             admission: self.clone(),
             place: Arc::default(),
         })
+    }
+
+    /// One more place for `ip` until the returned guard is dropped: a listener there was
+    /// asked to a rendezvous and will connect for it, unauthenticated until it upgrades. A
+    /// burst of senders to one listener then does not find the listener's own connections
+    /// refused at its address's share (they would wait for the accept timeout); the credit
+    /// lasts only while the sender waits, and every sender behind it is authenticated.
+    pub fn expect(&self, ip: IpAddr) -> Expected {
+        let ip = ip.to_canonical();
+        let mut counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.expected.entry(ip).or_default() += 1;
+        Expected {
+            admission: self.clone(),
+            ip,
+        }
     }
 
     #[cfg(test)]
@@ -255,8 +303,9 @@ impl Reserved {
             .inner
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let share = counts.share(&ip, self.admission.max_per_ip);
         let places = counts.per_ip.entry(ip).or_default();
-        if places.len() >= self.admission.max_per_ip {
+        if places.len() >= share {
             return Err(Refused::PerIp);
         }
         places.push(self.place.clone());
@@ -321,6 +370,29 @@ mod tests {
             0,
             "closed connections leave no entry behind"
         );
+    }
+
+    #[test]
+    fn an_expected_rendezvous_and_an_authenticated_request_change_an_address_share() {
+        let a = Admission::new(10, 2);
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        let first = a.admit(ip).unwrap();
+        let _second = a.admit(ip).unwrap();
+        assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
+        let expected = a.expect(ip);
+        let third = a.admit(ip).expect("a place kept for a listener's rendezvous");
+        assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
+        drop(expected);
+        drop(third);
+        assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
+        // Leaving the books frees the place at once, and only once.
+        first.books().leave();
+        first.books().leave();
+        let back = a.admit(ip).expect("the place an authenticated request left");
+        drop(first);
+        assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
+        drop(back);
+        assert!(a.admit(ip).is_ok());
     }
 
     #[test]

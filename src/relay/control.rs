@@ -81,14 +81,14 @@ pub struct Registration {
 pub fn register(
     rendezvous: &Rendezvous,
     entity: &str,
-    authority: String,
+    reach: (String, std::net::IpAddr),
     grant: Grant,
     told: super::rendezvous::Told,
     max: usize,
 ) -> Result<Registration, ListenersFull> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let grant = ListenerGrant::new(grant);
-    let guard = rendezvous.add_listener(entity, tx, authority, grant.clone(), told, max)?;
+    let guard = rendezvous.add_listener(entity, tx, reach, grant.clone(), told, max)?;
     Ok(Registration { guard, rx, grant })
 }
 

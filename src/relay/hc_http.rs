@@ -21,7 +21,7 @@ use hyper::body::{Body as _, Frame, Incoming};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tracing::Instrument;
 
-use super::admission::Books;
+use super::admission::{Books, Expected};
 use super::auth::Right;
 use super::gauge::Place;
 use super::rendezvous::{AcceptOutcome, NotOffered};
@@ -156,6 +156,7 @@ async fn answer(
         revocation,
         places,
         sender,
+        expected,
     } = offer;
     let span = tracing::info_span!("request", sb_hc_id = %id, entity = %entity.escape_debug());
     let metrics = &ctx.shared.stats.metrics;
@@ -184,6 +185,7 @@ async fn answer(
                 );
             }
         };
+    drop(expected);
     metrics.accept("accepted");
     metrics
         .accept_duration
@@ -240,6 +242,8 @@ struct Offer<'a> {
     /// Its place under the listener's cap, when the listener is on this replica.
     places: Option<Place<u64>>,
     sender: SenderPlaces,
+    /// A place kept for the listener's rendezvous connection, when it is on this replica.
+    expected: Option<Expected>,
 }
 
 /// Authenticates the sender, takes its places and hands the request's notice to a listener,
@@ -271,7 +275,7 @@ async fn offer<'a>(
         let id = rendezvous_id(target);
         let path = rendezvous_path(Action::Request, entity, suffix, &id, target);
         let wait = ctx.rendezvous.add_pending(&id, entity);
-        let (address, listener, places) = match &replicas {
+        let (address, listener, places, expected) = match &replicas {
             Some(replicas) if remote => {
                 use super::replicas::RemoteNot;
                 let address = format!("wss://{}{path}", replicas.me());
@@ -285,7 +289,7 @@ async fn offer<'a>(
                     }),
                 };
                 match replicas.offer(entity, &accept, true).await {
-                    Ok(grant) => (address, ListenerGrant::new(grant), None),
+                    Ok(grant) => (address, ListenerGrant::new(grant), None, None),
                     Err(RemoteNot::NoListener) => continue,
                     Err(RemoteNot::Busy) => {
                         return Err(Box::new(not_offered(ctx, entity, NotOffered::Busy)))
@@ -307,7 +311,10 @@ async fn offer<'a>(
                     ControlMessage::Request(HttpRequest::notice(&address, &id))
                 });
                 match offered {
-                    Ok(offered) => (address, offered.grant, Some(offered.place)),
+                    Ok(offered) => {
+                        let expected = ctx.admission.expect(offered.peer);
+                        (address, offered.grant, Some(offered.place), Some(expected))
+                    }
                     Err(NotOffered::NoListener) => return Err(Box::new(no_listener(ctx, entity))),
                     Err(busy) => return Err(Box::new(not_offered(ctx, entity, busy))),
                 }
@@ -324,6 +331,7 @@ async fn offer<'a>(
             },
             places,
             sender,
+            expected,
         });
     }
     Err(Box::new(no_listener(ctx, &target.entity)))

@@ -79,10 +79,7 @@ pub async fn run(
     }
     let closing = ctx.closing.clone();
     let acceptor = TlsAcceptor::from(config.tls.clone());
-    let admission = admission::Admission::new(
-        config.limits.max_unauthenticated,
-        config.limits.max_unauthenticated_per_ip,
-    );
+    let admission = ctx.admission.clone();
     let proxy_protocol = config.proxy_protocol.clone();
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -151,6 +148,10 @@ fn context(
         closing: CancellationToken::new(),
         slots: Arc::new(Semaphore::new(config.max_connections)),
         per_token: Default::default(),
+        admission: admission::Admission::new(
+            config.limits.max_unauthenticated,
+            config.limits.max_unauthenticated_per_ip,
+        ),
     }
 }
 

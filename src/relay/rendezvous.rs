@@ -2,6 +2,7 @@
 //! accept. The only shared state of the relay; every critical section is a few map operations.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -33,6 +34,8 @@ struct ListenerEntry {
     /// Where this listener reaches the relay (`host[:port]`, from configuration): the host
     /// its rendezvous addresses name, which is the one host it already trusts.
     authority: String,
+    /// The address its control channel comes from, where its rendezvous will come from too.
+    peer: IpAddr,
     /// What authorizes this listener now: the rendezvous it accepts end when that is revoked.
     grant: ListenerGrant,
     /// The relay replicas it was told of: the only ones whose rendezvous addresses it accepts.
@@ -78,6 +81,8 @@ pub struct Rendezvous {
 pub struct Offered {
     pub grant: ListenerGrant,
     pub place: Place<u64>,
+    /// Where the listener's control channel comes from.
+    pub peer: IpAddr,
 }
 
 /// Why no listener took an offer.
@@ -124,7 +129,7 @@ impl Rendezvous {
         &self,
         entity: &str,
         tx: mpsc::Sender<Box<ControlMessage>>,
-        authority: String,
+        (authority, peer): (String, IpAddr),
         grant: ListenerGrant,
         told: Told,
         max: usize,
@@ -139,6 +144,7 @@ impl Rendezvous {
             id,
             tx,
             authority,
+            peer,
             grant,
             told,
         });
@@ -206,8 +212,9 @@ impl Rendezvous {
             NotOffered::NoListener
         })?;
         let grant = inner.listeners[&k][idx].grant.clone();
+        let peer = inner.listeners[&k][idx].peer;
         inner.cursor.insert(k, idx + 1);
-        Ok(Offered { grant, place })
+        Ok(Offered { grant, place, peer })
     }
 
     /// Tells every listener that asked for it the new list of replicas; from then on its
@@ -297,6 +304,8 @@ mod tests {
     use super::*;
     use crate::tunnel::protocol::RenewToken;
 
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn grant() -> ListenerGrant {
         ListenerGrant::new(super::super::rule::Grant {
             rule: "r".into(),
@@ -314,10 +323,24 @@ mod tests {
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
         let g1 = reg
-            .add_listener("C", tx1, "a".into(), grant(), Default::default(), 25)
+            .add_listener(
+                "C",
+                tx1,
+                ("a".into(), LOCAL),
+                grant(),
+                Default::default(),
+                25,
+            )
             .unwrap();
         let _g2 = reg
-            .add_listener("c", tx2, "b".into(), grant(), Default::default(), 25)
+            .add_listener(
+                "c",
+                tx2,
+                ("b".into(), LOCAL),
+                grant(),
+                Default::default(),
+                25,
+            )
             .unwrap();
         assert_eq!(reg.listener_count("c"), 2);
         assert!(reg.offer("c", 25, msg).is_ok());
@@ -340,7 +363,7 @@ mod tests {
             .add_listener(
                 "c",
                 tx1,
-                "relay-a:8443".into(),
+                ("relay-a:8443".into(), LOCAL),
                 grant(),
                 Default::default(),
                 2,
@@ -350,14 +373,21 @@ mod tests {
             .add_listener(
                 "c",
                 tx2,
-                "relay-b:8443".into(),
+                ("relay-b:8443".into(), LOCAL),
                 grant(),
                 Default::default(),
                 2,
             )
             .unwrap();
         assert!(reg
-            .add_listener("c", tx3, "x".into(), grant(), Default::default(), 2)
+            .add_listener(
+                "c",
+                tx3,
+                ("x".into(), LOCAL),
+                grant(),
+                Default::default(),
+                2
+            )
             .is_err());
         let offered = reg.offer("c", 25, |authority| {
             ControlMessage::RenewToken(RenewToken {
@@ -377,10 +407,24 @@ mod tests {
         let (tx1, mut rx1) = mpsc::channel(8);
         let (tx2, mut rx2) = mpsc::channel(8);
         let _g1 = reg
-            .add_listener("c", tx1, "a".into(), grant(), Default::default(), 25)
+            .add_listener(
+                "c",
+                tx1,
+                ("a".into(), LOCAL),
+                grant(),
+                Default::default(),
+                25,
+            )
             .unwrap();
         let _g2 = reg
-            .add_listener("c", tx2, "b".into(), grant(), Default::default(), 25)
+            .add_listener(
+                "c",
+                tx2,
+                ("b".into(), LOCAL),
+                grant(),
+                Default::default(),
+                25,
+            )
             .unwrap();
         let first = reg.offer("c", 1, msg).unwrap();
         let second = reg.offer("c", 1, msg).unwrap();

@@ -124,7 +124,7 @@ pub async fn handle(
         ));
     };
     let response = match action {
-        Action::Listen => listen(&mut req, &target, &ctx, switching),
+        Action::Listen => listen(&mut req, &target, &ctx, peer, switching),
         Action::Connect => connect(&mut req, &target, &ctx, peer, switching).await,
         // A listener at a request's rendezvous comes exactly as to an accept's.
         Action::Accept | Action::Request => accept(&mut req, &target, &ctx, switching),
@@ -323,6 +323,7 @@ fn listen(
     req: &mut Request<Incoming>,
     target: &HcTarget,
     ctx: &Ctx,
+    peer: SocketAddr,
     switching: Response<Body>,
 ) -> Response<Body> {
     let authorized = match check(req, target, ctx, Right::Listen).and_then(|authorized| {
@@ -361,7 +362,7 @@ fn listen(
     let registration = match control::register(
         &ctx.rendezvous,
         &target.entity,
-        authority,
+        (authority, peer.ip()),
         authorized.grant,
         told.clone(),
         max,
@@ -467,6 +468,9 @@ async fn connect(
         Ok(offered) => offered,
         Err(not) => return not_offered(ctx, entity, not),
     };
+    // The listener's rendezvous connection is a stranger until it upgrades: its address
+    // may hold one more place for it while this sender waits.
+    let _expected = ctx.admission.expect(offered.peer);
     let sender_upgrade = hyper::upgrade::on(req);
     let joined = Joined {
         started,

@@ -168,6 +168,8 @@ pub(crate) struct Ctx {
     pub slots: Arc<Semaphore>,
     /// Rendezvous open per sender token (a digest of it), under `max_rendezvous_per_token`.
     pub per_token: super::gauge::Gauges<[u8; 32]>,
+    /// The unauthenticated connections' books.
+    pub admission: super::admission::Admission,
 }
 
 impl Ctx {

@@ -543,13 +543,16 @@ where
             let Ok(ControlMessage::Request(notice)) = serde_json::from_str(&text) else {
                 continue;
             };
-            let mut rendezvous = dial(&notice.address, None, &tls).await.expect("rendezvous");
-            let Some(Ok(Message::Text(head))) = rendezvous.next().await else {
-                continue;
-            };
-            let _ = heads.send(head.to_string()).await;
-            let behave = behave.clone();
-            tokio::spawn(async move { behave(rendezvous, notice.id).await });
+            // Each request at once, as Microsoft's listeners take them.
+            let (tls, heads, behave) = (tls.clone(), heads.clone(), behave.clone());
+            tokio::spawn(async move {
+                let mut rendezvous = dial(&notice.address, None, &tls).await.expect("rendezvous");
+                let Some(Ok(Message::Text(head))) = rendezvous.next().await else {
+                    return;
+                };
+                let _ = heads.send(head.to_string()).await;
+                behave(rendezvous, notice.id).await
+            });
         }
     });
     (task, seen)
@@ -707,4 +710,43 @@ async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear
         answer.starts_with("HTTP/1.0 505") || answer.starts_with("HTTP/1.1 505"),
         "{answer:?}"
     );
+}
+
+/// A burst of requests to one listener, more than its address's share of strangers: each of
+/// the listener's rendezvous connections is a stranger until it upgrades, and its address
+/// holds a place more for each rendezvous it was asked to, so none of them is refused (the
+/// sender would wait for the accept timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_http_requests_finds_room_for_the_listeners_rendezvous() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 64).await;
+    let (listener, _seen) = raw_http_listener(&relay, "burst", |mut rendezvous, id| async move {
+        let head =
+            serde_json::json!({"response": {"requestId": id, "statusCode": 200, "body": true}});
+        let _ = rendezvous.send(Message::text(head.to_string())).await;
+        let _ = rendezvous.send(Message::binary(&b"ok"[..])).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let senders = ["127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24"];
+    let requests = senders.iter().flat_map(|source| {
+        let relay = &relay;
+        (0..PER_IP).map(move |_| async move {
+            let mut s = tls_from(source, relay).await;
+            s.write_all(authenticated_get(relay, "burst", true).as_bytes())
+                .await
+                .unwrap();
+            read_answer(&mut s, Duration::from_secs(20)).await
+        })
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let answered = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    assert_eq!(answered, senders.len() * PER_IP, "{answers:#?}");
+    listener.abort();
 }
