@@ -380,7 +380,9 @@ mod tests {
         let _second = a.admit(ip).unwrap();
         assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
         let expected = a.expect(ip);
-        let third = a.admit(ip).expect("a place kept for a listener's rendezvous");
+        let third = a
+            .admit(ip)
+            .expect("a place kept for a listener's rendezvous");
         assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
         drop(expected);
         drop(third);
@@ -388,7 +390,9 @@ mod tests {
         // Leaving the books frees the place at once, and only once.
         first.books().leave();
         first.books().leave();
-        let back = a.admit(ip).expect("the place an authenticated request left");
+        let back = a
+            .admit(ip)
+            .expect("the place an authenticated request left");
         drop(first);
         assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
         drop(back);
