@@ -42,7 +42,7 @@ struct Counts {
     /// Each address's places, oldest first.
     per_ip: HashMap<IpAddr, Vec<Arc<Place>>>,
     /// Places an address may hold beyond its share: one for each rendezvous a listener of
-    /// that address was asked to, until it came (see [`Admission::expect`]).
+    /// that address was asked to, until it came (see [`Admission::keep_place_for`]).
     expected: HashMap<IpAddr, usize>,
 }
 
@@ -140,13 +140,13 @@ impl Admitted {
     }
 }
 
-/// A place expected for a listener's rendezvous (see [`Admission::expect`]).
-pub struct Expected {
+/// A place expected for a listener's rendezvous (see [`Admission::keep_place_for`]).
+pub struct KeptPlace {
     admission: Admission,
     ip: IpAddr,
 }
 
-impl Drop for Expected {
+impl Drop for KeptPlace {
     fn drop(&mut self) {
         let mut counts = self
             .admission
@@ -241,11 +241,11 @@ impl Admission {
     /// burst of senders to one listener then does not find the listener's own connections
     /// refused at its address's share (they would wait for the accept timeout); the credit
     /// lasts only while the sender waits, and every sender behind it is authenticated.
-    pub fn expect(&self, ip: IpAddr) -> Expected {
+    pub fn keep_place_for(&self, ip: IpAddr) -> KeptPlace {
         let ip = ip.to_canonical();
         let mut counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         *counts.expected.entry(ip).or_default() += 1;
-        Expected {
+        KeptPlace {
             admission: self.clone(),
             ip,
         }
@@ -379,7 +379,7 @@ mod tests {
         let first = a.admit(ip).unwrap();
         let _second = a.admit(ip).unwrap();
         assert_eq!(a.admit(ip).err(), Some(Refused::PerIp));
-        let expected = a.expect(ip);
+        let expected = a.keep_place_for(ip);
         let third = a
             .admit(ip)
             .expect("a place kept for a listener's rendezvous");

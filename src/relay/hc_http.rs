@@ -21,7 +21,7 @@ use hyper::body::{Body as _, Frame, Incoming};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tracing::Instrument;
 
-use super::admission::{Books, Expected};
+use super::admission::{Books, KeptPlace};
 use super::auth::Right;
 use super::gauge::Place;
 use super::rendezvous::{AcceptOutcome, NotOffered};
@@ -243,7 +243,7 @@ struct Offer<'a> {
     places: Option<Place<u64>>,
     sender: SenderPlaces,
     /// A place kept for the listener's rendezvous connection, when it is on this replica.
-    expected: Option<Expected>,
+    expected: Option<KeptPlace>,
 }
 
 /// Authenticates the sender, takes its places and hands the request's notice to a listener,
@@ -312,7 +312,7 @@ async fn offer<'a>(
                 });
                 match offered {
                     Ok(offered) => {
-                        let expected = ctx.admission.expect(offered.peer);
+                        let expected = ctx.admission.keep_place_for(offered.peer);
                         (address, offered.grant, Some(offered.place), Some(expected))
                     }
                     Err(NotOffered::NoListener) => return Err(Box::new(no_listener(ctx, entity))),

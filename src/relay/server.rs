@@ -470,7 +470,7 @@ async fn connect(
     };
     // The listener's rendezvous connection is a stranger until it upgrades: its address
     // may hold one more place for it while this sender waits.
-    let _expected = ctx.admission.expect(offered.peer);
+    let _expected = ctx.admission.keep_place_for(offered.peer);
     let sender_upgrade = hyper::upgrade::on(req);
     let joined = Joined {
         started,
