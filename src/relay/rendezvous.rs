@@ -306,6 +306,25 @@ mod tests {
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    /// A listener of `entity` reaching the relay at `authority`, from 127.0.0.1.
+    fn listen(
+        reg: &Rendezvous,
+        entity: &str,
+        tx: mpsc::Sender<Box<ControlMessage>>,
+        authority: &str,
+        max: usize,
+    ) -> ListenerGuard {
+        reg.add_listener(
+            entity,
+            tx,
+            (authority.into(), LOCAL),
+            grant(),
+            Default::default(),
+            max,
+        )
+        .unwrap()
+    }
+
     fn grant() -> ListenerGrant {
         ListenerGrant::new(super::super::rule::Grant {
             rule: "r".into(),
@@ -322,26 +341,8 @@ mod tests {
         let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
-        let g1 = reg
-            .add_listener(
-                "C",
-                tx1,
-                ("a".into(), LOCAL),
-                grant(),
-                Default::default(),
-                25,
-            )
-            .unwrap();
-        let _g2 = reg
-            .add_listener(
-                "c",
-                tx2,
-                ("b".into(), LOCAL),
-                grant(),
-                Default::default(),
-                25,
-            )
-            .unwrap();
+        let g1 = listen(&reg, "C", tx1, "a", 25);
+        let _g2 = listen(&reg, "c", tx2, "b", 25);
         assert_eq!(reg.listener_count("c"), 2);
         assert!(reg.offer("c", 25, msg).is_ok());
         assert!(reg.offer("c", 25, msg).is_ok());
@@ -359,26 +360,8 @@ mod tests {
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, _rx2) = mpsc::channel(4);
         let (tx3, _rx3) = mpsc::channel(4);
-        let _g1 = reg
-            .add_listener(
-                "c",
-                tx1,
-                ("relay-a:8443".into(), LOCAL),
-                grant(),
-                Default::default(),
-                2,
-            )
-            .unwrap();
-        let _g2 = reg
-            .add_listener(
-                "c",
-                tx2,
-                ("relay-b:8443".into(), LOCAL),
-                grant(),
-                Default::default(),
-                2,
-            )
-            .unwrap();
+        let _g1 = listen(&reg, "c", tx1, "relay-a:8443", 2);
+        let _g2 = listen(&reg, "c", tx2, "relay-b:8443", 2);
         assert!(reg
             .add_listener(
                 "c",
@@ -406,26 +389,8 @@ mod tests {
         let reg = Rendezvous::default();
         let (tx1, mut rx1) = mpsc::channel(8);
         let (tx2, mut rx2) = mpsc::channel(8);
-        let _g1 = reg
-            .add_listener(
-                "c",
-                tx1,
-                ("a".into(), LOCAL),
-                grant(),
-                Default::default(),
-                25,
-            )
-            .unwrap();
-        let _g2 = reg
-            .add_listener(
-                "c",
-                tx2,
-                ("b".into(), LOCAL),
-                grant(),
-                Default::default(),
-                25,
-            )
-            .unwrap();
+        let _g1 = listen(&reg, "c", tx1, "a", 25);
+        let _g2 = listen(&reg, "c", tx2, "b", 25);
         let first = reg.offer("c", 1, msg).unwrap();
         let second = reg.offer("c", 1, msg).unwrap();
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
