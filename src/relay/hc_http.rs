@@ -41,6 +41,12 @@ use crate::tunnel::protocol::{
 };
 use crate::tunnel::upgrade::{is_websocket, upgraded, RawStream};
 
+/// How long the response head waits for the body's first piece: one that comes with the head
+/// (nearly every body) is checked before the head goes out, so a body broken from the start is
+/// a 502 with a status line; a body that starts later (a stream of events) does not hold the
+/// head back.
+const HEAD_HOLD: Duration = Duration::from_millis(250);
+
 /// The largest response head (the JSON text message), the control channel's 64 KiB.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -495,19 +501,20 @@ impl Exchange {
             builder = builder.extension(reason);
         }
         let body = if response.body && !bodiless {
-            // The first piece read before the head goes out: a body that fails at once is
-            // the sender's 502, not a response without a status line.
+            // The first piece, when it comes with the head, is read before the head goes out:
+            // a body that fails at once is the sender's 502, not a response without a status
+            // line.
             let first = tokio::select! {
                 first = listener.first_piece() => first,
                 side = self.revocation.revoked(&self.shared) => Err(ExchangeError::Revoked(side)),
             };
             // A body that ends with its first piece is held to its length here, while the
             // sender can still be told.
-            let first = first.and_then(|first| match length {
-                Some(n) if first.1 && first.0.len() as u64 != n => {
+            let first = first.and_then(|first| match (length, &first) {
+                (Some(n), Some((bytes, true))) if bytes.len() as u64 != n => {
                     Err(ExchangeError::BadResponse(format!(
                         "its body has {} bytes, its Content-Length says {n}",
-                        first.0.len()
+                        bytes.len()
                     )))
                 }
                 _ => Ok(first),
@@ -623,39 +630,39 @@ impl Rendezvous {
         }
     }
 
-    /// The body's first piece with data (or its end), pings on the way answered, within
-    /// `idle`.
-    async fn first_piece(&mut self) -> Result<(Bytes, bool), ExchangeError> {
-        let idle = self.idle;
-        let first = async {
-            loop {
-                match self.reader.next().await? {
-                    Piece::Data {
-                        opcode: Opcode::Text,
-                        ..
-                    } => {
-                        return Err(ExchangeError::BadResponse(
-                            "a text message where the body was announced".into(),
-                        ))
-                    }
-                    Piece::Data {
-                        bytes,
-                        end_of_message,
-                        ..
-                    } => {
-                        if !bytes.is_empty() || end_of_message {
-                            return Ok((bytes, end_of_message));
-                        }
-                    }
-                    Piece::Ping(payload) => self.write_frame(true, Opcode::Pong, &payload).await?,
-                    Piece::Pong => {}
-                    Piece::Close => return Err(ExchangeError::Closed),
+    /// The body's first piece with data (or its end), pings on the way answered, if it comes
+    /// within [`HEAD_HOLD`]; `None` for a body that starts later (a stream of events).
+    async fn first_piece(&mut self) -> Result<Option<(Bytes, bool)>, ExchangeError> {
+        let until = tokio::time::Instant::now() + HEAD_HOLD;
+        loop {
+            // Only the read races the clock (it is cancel-safe); a pong is written whole.
+            let piece = tokio::select! {
+                piece = self.reader.next() => piece?,
+                () = tokio::time::sleep_until(until) => return Ok(None),
+            };
+            match piece {
+                Piece::Data {
+                    opcode: Opcode::Text,
+                    ..
+                } => {
+                    return Err(ExchangeError::BadResponse(
+                        "a text message where the body was announced".into(),
+                    ))
                 }
+                Piece::Data {
+                    bytes,
+                    end_of_message,
+                    ..
+                } => {
+                    if !bytes.is_empty() || end_of_message {
+                        return Ok(Some((bytes, end_of_message)));
+                    }
+                }
+                Piece::Ping(payload) => self.write_frame(true, Opcode::Pong, &payload).await?,
+                Piece::Pong => {}
+                Piece::Close => return Err(ExchangeError::Closed),
             }
-        };
-        tokio::time::timeout(idle, first)
-            .await
-            .map_err(|_| ExchangeError::Timeout(idle.as_secs()))?
+        }
     }
 
     /// One unmasked frame, within `idle`: a listener that stops reading fails the request.
@@ -808,7 +815,7 @@ fn plain_length(value: &str) -> Option<u64> {
 /// breaks off or loses its authorization cuts the body short, which the sender sees as an
 /// incomplete response, never as a complete one.
 fn response_body(
-    first: (Bytes, bool),
+    first: Option<(Bytes, bool)>,
     listener: Rendezvous,
     (shared, revocation, hold): (Shared, Revocation, Hold),
     span: tracing::Span,
@@ -818,7 +825,7 @@ fn response_body(
         shared,
         revocation,
         _hold: hold,
-        first: Some(first),
+        first,
         ended: false,
     };
     let pieces = stream::unfold(state, move |mut st| {
@@ -980,10 +987,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Cancel-safe: nothing is taken from the buffer before the frame's state is kept (a
+    /// control frame is taken whole, at most 127 + 4 bytes), so a `select!` may drop it.
     async fn next(&mut self) -> Result<Piece, ExchangeError> {
         if self.remaining == 0 {
             let (header, len) = loop {
                 match parse_header(&self.buf)? {
+                    Some((h, n))
+                        if h.opcode.is_control() && self.buf.len() < n + h.len as usize =>
+                    {
+                        self.fill().await?
+                    }
                     Some(parsed) => break parsed,
                     None => self.fill().await?,
                 }
@@ -992,11 +1006,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let _ = self.buf.split_to(len);
             let key = header.mask.unwrap_or_default();
             if header.opcode.is_control() {
-                let len = header.len as usize;
-                while self.buf.len() < len {
-                    self.fill().await?;
-                }
-                let mut payload = self.buf.split_to(len);
+                let mut payload = self.buf.split_to(header.len as usize);
                 apply_mask(&mut payload, key, 0);
                 return Ok(match header.opcode {
                     Opcode::Ping => Piece::Ping(payload.freeze()),

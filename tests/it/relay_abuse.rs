@@ -700,6 +700,44 @@ async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear
     assert!(answer.contains("Content-Length says 10"), "{answer:?}");
     listener.abort();
 
+    // A body that starts later (a stream of events, within the listener's 1.5 s here) does
+    // not hold the head back.
+    let (listener, _seen) = raw_http_listener(&relay, "events", |mut rendezvous, id| async move {
+        let head = serde_json::json!({"response": {"requestId": id, "statusCode": 200,
+            "responseHeaders": {"Content-Type": "text/event-stream"}, "body": true}});
+        let _ = rendezvous.send(Message::text(head.to_string())).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let _ = rendezvous.send(Message::binary(&b"data: one"[..])).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let mut s = tls_from("127.0.0.10", &relay).await;
+    s.write_all(authenticated_get(&relay, "events", true).as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_millis(1000), async {
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("the head before the first event");
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut event = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut event))
+        .await
+        .expect("the event")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&event[..n]).contains("data: one"));
+    listener.abort();
+
     // HTTP/1.0 ends a body without a length with the connection, where a cut body would look
     // whole: such a sender is refused.
     let mut s = tls_from("127.0.0.10", &relay).await;
