@@ -612,6 +612,15 @@ async fn http_requests_in_progress_leave_their_address_places_free() {
     listener.abort();
 }
 
+/// The answer to an authenticated `GET /<path>` from 127.0.0.10, within `within`.
+async fn ask(relay: &Relay, path: &str, within: Duration) -> String {
+    let mut s = tls_from("127.0.0.10", relay).await;
+    s.write_all(authenticated_get(relay, path, true).as_bytes())
+        .await
+        .unwrap();
+    read_answer(&mut s, within).await
+}
+
 /// What comes on `s` until it closes, or `within` passes.
 async fn read_answer<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> String {
     let mut answer = Vec::new();
@@ -648,11 +657,7 @@ async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear
     })
     .await;
     let started = Instant::now();
-    let mut s = tls_from("127.0.0.10", &relay).await;
-    s.write_all(authenticated_get(&relay, "pings", true).as_bytes())
-        .await
-        .unwrap();
-    let answer = read_answer(&mut s, Duration::from_secs(20)).await;
+    let answer = ask(&relay, "pings", Duration::from_secs(20)).await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     // The deadline runs from the request, whatever the pings: 1.5 s, not the 3 s of pings.
     assert!(
@@ -672,11 +677,7 @@ async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear
             tokio::time::sleep(Duration::from_secs(5)).await;
         })
         .await;
-    let mut s = tls_from("127.0.0.10", &relay).await;
-    s.write_all(authenticated_get(&relay, "text-body", true).as_bytes())
-        .await
-        .unwrap();
-    let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+    let answer = ask(&relay, "text-body", Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     listener.abort();
 
@@ -691,11 +692,7 @@ async fn an_http_listener_answers_within_its_deadline_or_the_sender_gets_a_clear
             tokio::time::sleep(Duration::from_secs(5)).await;
         })
         .await;
-    let mut s = tls_from("127.0.0.10", &relay).await;
-    s.write_all(authenticated_get(&relay, "short-body", true).as_bytes())
-        .await
-        .unwrap();
-    let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+    let answer = ask(&relay, "short-body", Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     assert!(answer.contains("Content-Length says 10"), "{answer:?}");
     listener.abort();
