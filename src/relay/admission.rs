@@ -34,6 +34,7 @@ pub struct Admission {
     inner: Arc<Mutex<Counts>>,
     max_total: usize,
     max_per_ip: usize,
+    ipv6_prefix_len: u8,
 }
 
 #[derive(Default)]
@@ -194,17 +195,32 @@ impl Books {
 }
 
 impl Admission {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Admission {
+    pub fn new(max_total: usize, max_per_ip: usize, ipv6_prefix_len: u8) -> Admission {
         Admission {
             inner: Arc::default(),
             max_total: max_total.max(1),
             max_per_ip: max_per_ip.max(1),
+            ipv6_prefix_len: ipv6_prefix_len.min(128),
+        }
+    }
+
+    /// The source a connection from `ip` is counted under: one client whether a dual-stack
+    /// socket or a PROXY header wrote it as IPv4 or as IPv4-mapped IPv6, and one IPv6
+    /// network of `ipv6_prefix_len` bits however many of its addresses it connects from.
+    fn source(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let host_bits = 128 - u32::from(self.ipv6_prefix_len);
+                let mask = u128::MAX.checked_shl(host_bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
         }
     }
 
     /// Both caps at once, for a connection whose peer is its client.
     pub fn admit(&self, ip: IpAddr) -> Result<Admitted, Refused> {
-        let ip = ip.to_canonical();
+        let ip = self.source(ip);
         let (holds, share) = {
             let counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let holds = counts.per_ip.get(&ip).map_or(0, Vec::len);
@@ -242,7 +258,7 @@ impl Admission {
     /// refused at its address's share (they would wait for the accept timeout); the credit
     /// lasts only while the sender waits, and every sender behind it is authenticated.
     pub fn keep_place_for(&self, ip: IpAddr) -> KeptPlace {
-        let ip = ip.to_canonical();
+        let ip = self.source(ip);
         let mut counts = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         *counts.expected.entry(ip).or_default() += 1;
         KeptPlace {
@@ -295,9 +311,7 @@ impl Reserved {
     /// Charges `ip` with this connection, keeping its global place; refused (and the place
     /// freed) when `ip` already holds its share.
     pub fn identify(self, ip: IpAddr) -> Result<Admitted, Refused> {
-        // One client, one share, whether a dual-stack socket or a header wrote it as IPv4
-        // or as IPv4-mapped IPv6.
-        let ip = ip.to_canonical();
+        let ip = self.admission.source(ip);
         let mut counts = self
             .admission
             .inner
@@ -353,7 +367,7 @@ mod tests {
 
     #[test]
     fn caps_each_address_and_the_total_and_forgets_closed_ones() {
-        let a = Admission::new(3, 2);
+        let a = Admission::new(3, 2, 64);
         let one: IpAddr = "127.0.0.2".parse().unwrap();
         let two: IpAddr = "127.0.0.3".parse().unwrap();
         let first = a.admit(one).unwrap();
@@ -374,7 +388,7 @@ mod tests {
 
     #[test]
     fn an_expected_rendezvous_and_an_authenticated_request_change_an_address_share() {
-        let a = Admission::new(10, 2);
+        let a = Admission::new(10, 2, 64);
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
         let first = a.admit(ip).unwrap();
         let _second = a.admit(ip).unwrap();
@@ -401,7 +415,7 @@ mod tests {
 
     #[test]
     fn a_newcomer_takes_an_idle_place_from_the_address_holding_the_most() {
-        let a = Admission::new(4, 4);
+        let a = Admission::new(4, 4, 64);
         let attacker: IpAddr = "127.0.0.2".parse().unwrap();
         let held: Vec<_> = (0..4).map(|_| a.admit(attacker).unwrap()).collect();
         let evicted = |i: usize| held[i].place().evicted.is_cancelled();
@@ -430,7 +444,7 @@ mod tests {
 
     #[test]
     fn reserved_places_count_globally_until_identified() {
-        let a = Admission::new(3, 1);
+        let a = Admission::new(3, 1, 64);
         let client: IpAddr = "203.0.113.7".parse().unwrap();
         let other: IpAddr = "203.0.113.8".parse().unwrap();
         // Three headers pending from one balancer: only the global cap applies.
@@ -456,5 +470,38 @@ mod tests {
         assert_eq!(a.tracked_addresses(), 0);
         let all: Vec<_> = (0..3).map(|_| a.reserve().unwrap()).collect();
         assert_eq!(all.len(), 3, "every place was given back");
+    }
+
+    #[test]
+    fn ipv6_sources_share_per_network() {
+        let a = Admission::new(100, 2, 64);
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_net: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let next_net: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let first = a.admit(one).unwrap();
+        let second = a.admit(same_net).unwrap();
+        // A third address of the same /64 is the same source.
+        let third: IpAddr = "2001:db8:1:2::3".parse().unwrap();
+        assert_eq!(a.admit(third).err(), Some(Refused::PerIp));
+        assert_eq!(
+            a.reserve().unwrap().identify(third).err(),
+            Some(Refused::PerIp)
+        );
+        let other = a.admit(next_net).unwrap();
+        // A rendezvous a listener in that /64 was asked to lends the whole network a place.
+        let kept = a.keep_place_for(third);
+        let lent = a.admit(one).unwrap();
+        drop(kept);
+        drop((first, second, other, lent));
+        assert_eq!(a.tracked_addresses(), 0);
+
+        // 128 counts each address alone; IPv4 is never grouped.
+        let each = Admission::new(100, 1, 128);
+        let _held = each.admit(one).unwrap();
+        let _also = each.admit(third).unwrap();
+        assert_eq!(each.admit(one).err(), Some(Refused::PerIp));
+        let v4 = Admission::new(100, 1, 32);
+        let _a = v4.admit("192.0.2.1".parse().unwrap()).unwrap();
+        let _b = v4.admit("192.0.2.2".parse().unwrap()).unwrap();
     }
 }

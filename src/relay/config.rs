@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::auth::is_registered_entity;
 use super::clusters::Registry;
 pub use super::limits::Limits;
-use super::limits::MAX_SPLICE_BUFFER;
+use super::limits::{MAX_SPLICE_BUFFER, MIN_IPV6_PREFIX_LEN};
 use super::proxy_protocol::{Cidr, CidrError, ProxyProtocol};
 use super::rule::{Rule, RuleSet};
 use super::splice::MIN_BUFFER as MIN_SPLICE_BUFFER;
@@ -39,6 +39,11 @@ pub enum ConfigError {
         max = MAX_SPLICE_BUFFER / 1024
     )]
     SpliceBuffer(usize),
+    #[error(
+        "relay config: ipv6_prefix_len = {0} is outside {min}..=128",
+        min = MIN_IPV6_PREFIX_LEN
+    )]
+    Ipv6PrefixLen(u8),
     #[error("relay config: max_connections = {0} is outside 1..={max}", max = MAX_CONNECTIONS_LIMIT)]
     MaxConnections(usize),
     #[error("relay config: a rule has an empty name")]
@@ -108,6 +113,9 @@ pub struct RelayFile {
     /// Unauthenticated connections (TLS, headers, management API calls) one source address
     /// may hold at once (default 64).
     pub max_unauthenticated_per_ip: Option<usize>,
+    /// IPv6 sources share `max_unauthenticated_per_ip` per network of this prefix length
+    /// (default 64, from 32 to 128; 128 counts each address alone).
+    pub ipv6_prefix_len: Option<u8>,
     /// Rendezvous open at once with one sender token (default 1024).
     pub max_rendezvous_per_token: Option<usize>,
     /// Rendezvous open at once through one listener (default 4096).
@@ -227,7 +235,13 @@ impl RelayFile {
                 bytes
             }
         };
+        let ipv6_prefix_len = match self.ipv6_prefix_len {
+            None => default.ipv6_prefix_len,
+            Some(len) if (MIN_IPV6_PREFIX_LEN..=128).contains(&len) => len,
+            Some(len) => return Err(ConfigError::Ipv6PrefixLen(len)),
+        };
         Ok(Limits {
+            ipv6_prefix_len,
             max_listeners_per_connection: self
                 .max_listeners_per_connection
                 .unwrap_or(default.max_listeners_per_connection)
@@ -509,6 +523,22 @@ mod tests {
         assert!(matches!(
             pp("proxy_protocol_from = [\"10.0.0.0/8\"]"),
             Err(ConfigError::ProxyProtocolOff)
+        ));
+    }
+
+    #[test]
+    fn ipv6_prefix_len_is_bounded() {
+        let limits = |toml: &str| toml::from_str::<RelayFile>(toml).unwrap().limits();
+        assert_eq!(limits("").unwrap().ipv6_prefix_len, 64);
+        assert_eq!(
+            limits("ipv6_prefix_len = 128").unwrap().ipv6_prefix_len,
+            128
+        );
+        let err = limits("ipv6_prefix_len = 16").unwrap_err();
+        assert!(err.to_string().contains("outside 32..=128"), "{err}");
+        assert!(matches!(
+            limits("ipv6_prefix_len = 129"),
+            Err(ConfigError::Ipv6PrefixLen(129))
         ));
     }
 

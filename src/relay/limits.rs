@@ -16,6 +16,10 @@ pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
 /// that sends requests ahead without reading the answers gets at most this many.
 pub const MAX_REQUESTS_PER_CONNECTION: usize = 100;
 
+/// The shortest `ipv6_prefix_len` accepted: a /32 is a whole provider's allocation, and any
+/// shorter would put unrelated networks in one share.
+pub const MIN_IPV6_PREFIX_LEN: u8 = 32;
+
 /// The largest `splice_buffer` accepted from configuration.
 pub const MAX_SPLICE_BUFFER: usize = 1024 * 1024;
 
@@ -39,6 +43,10 @@ pub struct Limits {
     pub max_unauthenticated: usize,
     /// Of those, from one source address.
     pub max_unauthenticated_per_ip: usize,
+    /// IPv6 sources count as one address per network of this prefix length: one host
+    /// usually has a whole /64 to pick addresses from, so counting each address alone would
+    /// give it 2^64 shares of `max_unauthenticated_per_ip`.
+    pub ipv6_prefix_len: u8,
     /// Bytes of buffer per direction of a rendezvous: frames stream through it, so this (twice
     /// per rendezvous) is all the payload memory a rendezvous holds, whatever its messages'
     /// sizes. Larger moves bulk data in fewer writes; at least `splice::MIN_BUFFER`.
@@ -68,6 +76,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(10),
             max_unauthenticated: 4096,
             max_unauthenticated_per_ip: 64,
+            ipv6_prefix_len: 64,
             splice_buffer: DEFAULT_SPLICE_BUFFER,
             max_rendezvous_per_token: 1024,
             // Short: a single relay accepts nothing new while it drains, and its replacement

@@ -151,6 +151,7 @@ fn context(
         admission: admission::Admission::new(
             config.limits.max_unauthenticated,
             config.limits.max_unauthenticated_per_ip,
+            config.limits.ipv6_prefix_len,
         ),
     }
 }
