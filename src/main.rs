@@ -8,9 +8,36 @@ use clusterconnect::cli::{Cli, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// `RUST_LOG`, or `info`. rustls logs each stranger's broken handshake (an alert, a stray
+/// ChangeCipherSpec) at warn, a flood anyone can cause on a relay, so it logs errors only
+/// unless `RUST_LOG` names it.
+fn log_filter() -> EnvFilter {
+    let wanted = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = match EnvFilter::try_new(if wanted.trim().is_empty() {
+        "info"
+    } else {
+        &wanted
+    }) {
+        Ok(filter) => filter,
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: RUST_LOG is not a valid filter ({e}); logging at info"
+            );
+            EnvFilter::new("info")
+        }
+    };
+    if !wanted.contains("rustls") {
+        if let Ok(quiet) = "rustls=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
+    filter
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -13,22 +13,33 @@
 //! [`Reserved::identify`] then charges the declared client's address. A connection whose
 //! header never comes holds only its global place, and only until the handshake deadline.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
+
+/// An idle unauthenticated connection this old is no one's handshake in progress (a TLS
+/// handshake and an upgrade take a few round trips): any newcomer at the cap may take its
+/// place, whatever the two addresses hold. So an agent opening several rendezvous at once is
+/// not refused its second because strangers at thousands of addresses hold one place each.
+pub const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Counts unauthenticated connections, globally and per source address. The map holds an
 /// entry only while that address has a connection open, so it is bounded by the global cap.
 ///
 /// When the global cap is reached, a newcomer takes the place of an idle connection (one with
 /// no request in progress: between keep-alive requests, in its handshake, or trickling headers)
-/// of the address holding the most places, if that address holds at least two more than the
-/// newcomer's: as nginx reuses idle keep-alive connections when it runs out. Without it, a few
-/// dozen addresses each holding their share of slow keep-alive connections would lock every
-/// agent and proxy out; with it, they only lose places to them.
+/// of the address holding the most places, the oldest of those if several hold as many: as
+/// nginx reuses idle keep-alive connections when it runs out. The victim's address must hold
+/// at least two more places than the newcomer's, or the newcomer's none, unless the idle
+/// connection is older than [`SETTLED`]: so a few dozen addresses each holding their share of
+/// slow keep-alive connections, or thousands holding one each, only lose places to agents and
+/// proxies instead of locking them out, and connections still in their handshake are not
+/// traded between two addresses.
 #[derive(Clone)]
 pub struct Admission {
     inner: Arc<Mutex<Counts>>,
@@ -55,8 +66,9 @@ impl Counts {
 }
 
 /// One connection's place: whether it is serving a request, and how it is told to go.
-#[derive(Default)]
 pub struct Place {
+    /// When the connection was admitted: the oldest idle place goes first.
+    since: Instant,
     /// Requests in progress on the connection (an upgrade stays counted).
     busy: AtomicUsize,
     /// Taken back from the books (by eviction or when dropped).
@@ -65,6 +77,15 @@ pub struct Place {
 }
 
 impl Place {
+    fn new() -> Place {
+        Place {
+            since: Instant::now(),
+            busy: AtomicUsize::new(0),
+            released: AtomicBool::new(false),
+            evicted: CancellationToken::new(),
+        }
+    }
+
     /// Marks a request in progress until the guard is dropped.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
@@ -248,7 +269,7 @@ impl Admission {
         counts.total += 1;
         Ok(Reserved {
             admission: self.clone(),
-            place: Arc::default(),
+            place: Arc::new(Place::new()),
         })
     }
 
@@ -274,22 +295,27 @@ impl Admission {
 }
 
 impl Counts {
-    /// Takes the place of the oldest idle connection of the address holding the most places,
-    /// at least `holds + 2`; false when there is none.
+    /// Takes the place of the oldest idle connection of the address holding the most places
+    /// (at least `holds + 2`, or one for a newcomer holding none, or any number if that
+    /// connection is older than [`SETTLED`]), the oldest such place when several addresses
+    /// hold as many; false when there is none.
     fn evict_one(&mut self, holds: usize) -> bool {
+        let least = if holds == 0 { 1 } else { holds + 2 };
+        let now = Instant::now();
         // One pass, no allocation: this runs on the accept loop for every newcomer at the cap.
         let victim = self
             .per_ip
             .iter()
-            .filter(|(_, places)| places.len() >= holds + 2)
             .filter_map(|(ip, places)| {
                 let at = places
                     .iter()
                     .position(|p| p.busy.load(Ordering::Acquire) == 0)?;
-                Some((places.len(), *ip, at))
+                let since = places[at].since;
+                let fair = places.len() >= least || now.duration_since(since) >= SETTLED;
+                fair.then_some((places.len(), Reverse(since), *ip, at))
             })
-            .max_by_key(|(n, _, _)| *n)
-            .map(|(_, ip, at)| (ip, at));
+            .max_by_key(|(n, since, _, _)| (*n, *since))
+            .map(|(_, _, ip, at)| (ip, at));
         let Some((ip, at)) = victim else {
             return false;
         };
@@ -453,6 +479,8 @@ mod tests {
         let r3 = a.reserve().unwrap();
         assert_eq!(a.reserve().err(), Some(Refused::Total));
         let first = r1.identify(client).unwrap();
+        // Serving a request, so no newcomer takes its place.
+        let busy = first.place().busy();
         assert_eq!(r2.identify(client).err(), Some(Refused::PerIp));
         // The refused one's place is free again; the identified one keeps its own.
         let r4 = a.reserve().unwrap();
@@ -465,7 +493,7 @@ mod tests {
             a.reserve().unwrap().identify(mapped).err(),
             Some(Refused::PerIp)
         );
-        drop(first);
+        drop((busy, first));
         drop(second);
         assert_eq!(a.tracked_addresses(), 0);
         let all: Vec<_> = (0..3).map(|_| a.reserve().unwrap()).collect();
@@ -503,5 +531,24 @@ mod tests {
         let v4 = Admission::new(100, 1, 32);
         let _a = v4.admit("192.0.2.1".parse().unwrap()).unwrap();
         let _b = v4.admit("192.0.2.2".parse().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_address_holding_nothing_takes_the_oldest_idle_place_of_those_holding_one() {
+        let a = Admission::new(3, 4, 64);
+        let held: Vec<_> = (2..5)
+            .map(|i| a.admit(IpAddr::from([127, 0, 0, i])).unwrap())
+            .collect();
+        let evicted = |i: usize| held[i].place().evicted.is_cancelled();
+        let newcomer: IpAddr = "127.0.0.9".parse().unwrap();
+        let first = a.admit(newcomer).unwrap();
+        assert!(evicted(0) && !evicted(1) && !evicted(2), "the oldest went");
+        // Holding one now, the newcomer may not take another address's only place.
+        assert_eq!(a.admit(newcomer).err(), Some(Refused::Total));
+        // A busy one is passed over.
+        let _busy = held[1].place().busy();
+        let _second = a.admit("127.0.0.10".parse().unwrap()).unwrap();
+        assert!(!evicted(1) && evicted(2));
+        drop(first);
     }
 }

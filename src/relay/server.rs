@@ -141,9 +141,14 @@ fn token<'a>(req: &'a Request<Incoming>, target: &'a HcTarget) -> Option<&'a str
 
 /// The host the client used to reach us, which is where the listener must come back to.
 /// What identifies a token for its cap, without keeping the token.
+/// The key a sender token's rendezvous are counted under: its [`crate::tunnel::sas::SasToken::identity`] (the
+/// token was verified before, so it parses).
 pub(super) fn token_digest(token: &str) -> [u8; 32] {
     use sha2::Digest;
-    sha2::Sha256::digest(token.as_bytes()).into()
+    match crate::tunnel::sas::SasToken::parse(token) {
+        Ok(parsed) => parsed.identity(),
+        Err(_) => sha2::Sha256::digest(token.as_bytes()).into(),
+    }
 }
 
 fn request_host(req: &Request<Incoming>) -> Option<String> {

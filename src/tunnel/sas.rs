@@ -188,6 +188,19 @@ impl SasToken {
         })
     }
 
+    /// What the token is, whatever else its text carries: the rule and the two signed
+    /// fields. Unknown fields, repeats and spacing change the text but not this, so a cap
+    /// kept per token cannot be sidestepped by padding one (a new token needs the key).
+    pub fn identity(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        for part in [&self.key_name, &self.sr_raw, &self.se_raw] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize().into()
+    }
+
     /// The resource URI the token was minted for, decoded.
     pub fn resource(&self) -> String {
         percent_decode_str(&self.sr_raw)

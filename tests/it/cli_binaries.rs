@@ -1041,6 +1041,40 @@ async fn a_draining_relay_refuses_new_connections_at_once() {
     );
 }
 
+/// Strangers' broken TLS openings (an alert, a stray ChangeCipherSpec, then gone) cost no
+/// log line: rustls logs each at warn, up to four per connection, a flood anyone could cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_tls_openings_do_not_flood_the_relay_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(dir.path()).await;
+    let addr = relay.url.trim_start_matches("wss://").to_string();
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00];
+    let change_cipher_spec = [0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+    for record in [&alert[..], &change_cipher_spec[..]].repeat(10) {
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(record).await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(EXIT, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the relay closed the connection");
+    }
+    // The relay still answers, so every one of those was handled before this.
+    let tls = relay_tls(&relay);
+    let ws = dial(
+        &format!("{}/$hc/none?sb-hc-action=connect", relay.url),
+        None,
+        &tls,
+    )
+    .await;
+    assert!(
+        matches!(ws, Err(DialError::Rejected { status: 401, .. })),
+        "{ws:?}"
+    );
+    let log = relay.process.output();
+    assert!(!log.contains("rustls"), "{log}");
+}
+
 /// No SAS token reaches a log, at trace level too: tungstenite's client handshake logged the
 /// whole upgrade request at trace, its Authorization header (a Send or Listen token valid for
 /// an hour) included.

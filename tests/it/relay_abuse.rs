@@ -333,6 +333,40 @@ async fn idle_strangers_filling_every_place_give_way_to_agents_and_proxies() {
     drop(idle);
 }
 
+/// Thousands of addresses holding one idle keep-alive place each (here eight, at a cap of
+/// eight) lock nobody out either: a newcomer holding no place takes the oldest idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idle_place_at_each_of_many_addresses_gives_way_to_agents_and_proxies() {
+    if !kubectl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), two_full_shares(), 8).await;
+    let mut idle = Vec::new();
+    for i in 0..2 * PER_IP {
+        idle.push(answered_then_idle(&format!("127.0.0.{}", 2 + i), &relay).await);
+    }
+    // The oldest goes first.
+    let _newcomer = answered_then_idle("127.0.0.20", &relay).await;
+    assert!(closed_within(&mut idle[0], Duration::from_secs(2)).await);
+    for s in &mut idle[1..] {
+        assert!(!closed_within(s, Duration::from_millis(100)).await);
+    }
+    // Settled strangers give way to any newcomer, even one whose address holds places in
+    // their handshake already (an agent opening a rendezvous while its listener connects).
+    // Refused, it would wait out the 30 s accept timeout, kubectl retrying behind it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_api, agent, proxy) = tokio::time::timeout(
+        Duration::from_secs(25),
+        kubectl_works_through(&relay, dir.path()),
+    )
+    .await
+    .expect("agent, proxy and kubectl got their places at once");
+    proxy.stop().await;
+    agent.stop().await;
+    drop(idle);
+}
+
 /// The same with every place held by agent status reports whose body never comes (read before
 /// anything is authenticated): such a request does not keep its place from a newcomer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,6 +503,15 @@ async fn rendezvous_are_capped_per_token_and_per_listener() {
     let a2 = open(a.clone()).await.expect("second with token a");
     let a3 = open(a.clone()).await;
     assert_eq!(status(&a3), 429, "a third rendezvous with one token");
+    // The same token padded with a field the relay ignores, a repeat, or spaces is the same.
+    for padded in [
+        format!("{}&pad=1", a.expose()),
+        format!("{}&skn={}", a.expose(), send_key().name),
+        format!(" {} ", a.expose()),
+    ] {
+        let refused = open(clusterconnect::secret::Secret::new(padded)).await;
+        assert_eq!(status(&refused), 429, "a padded copy of token a");
+    }
     let b1 = open(b.clone())
         .await
         .expect("token b has places of its own");
