@@ -43,8 +43,20 @@ enum Ended {
     /// The relay closed with 1008: our token lapsed; reconnect with a fresh one now.
     TokenLapsed,
     Lost(String),
+    /// The relay said it is going away (1001, 1012) after serving us a while: it restarts or
+    /// drains, and a replacement or another replica is worth trying at once.
+    Restarting(String),
     Shutdown,
 }
+
+/// A channel up this long before the relay said it was restarting was served: the next wait
+/// starts from the base again. Shorter, a relay that accepts and goes at once is backed off
+/// from like any failure.
+const SERVED_BEFORE_RESTART: Duration = Duration::from_secs(5);
+
+/// The longest wait between attempts: a refused connection costs a down relay next to
+/// nothing, and an agent away is a cluster out of reach.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// Times in a row a listener re-dials after landing on a replica another listener holds;
 /// then it stays (a balancer that always picks the same replica).
@@ -62,7 +74,7 @@ pub async fn run(
     tasks: TaskTracker,
     (shutdown, streams): (CancellationToken, CancellationToken),
 ) {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut backoff = Backoff::new(Duration::from_secs(1), MAX_BACKOFF);
     let resource = config.relay.resource_uri(&config.entity);
     let mut key_changes = config.key.changes();
     // Landings in a row on a replica another listener already holds.
@@ -152,6 +164,14 @@ pub async fn run(
                 );
                 continue;
             }
+            Ended::Restarting(reason) => {
+                let delay = backoff.next_delay();
+                tracing::info!(listener = index, reason = %reason, retry_in_ms = delay.as_millis() as u64, "the relay is restarting or draining; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
             Ended::Lost(reason) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(listener = index, reason = %reason, retry_in_ms = delay.as_millis() as u64, "relay connection lost");
@@ -162,6 +182,39 @@ pub async fn run(
             }
         }
     }
+}
+
+/// What the relay's close frame means for the listener. 1008 is the relay's word for a token
+/// it no longer accepts: one that lapsed is renewed by reconnecting at once, while a revoked
+/// or rejected one is a failure, backed off from and reported as the relay worded it.
+fn closed_by_relay(code: CloseCode, reason: &str) -> Ended {
+    let said = escape_reason(reason);
+    match code {
+        CloseCode::Policy if reason.contains("revoked") => Ended::Lost(format!(
+            "the relay revoked this listener's authorization ({said}): its registration, rule or key was removed"
+        )),
+        CloseCode::Policy if reason.contains("rejected") => {
+            Ended::Lost(format!("the relay rejected the renewed token ({said})"))
+        }
+        CloseCode::Policy => Ended::TokenLapsed,
+        CloseCode::Restart | CloseCode::Away => Ended::Restarting(format!(
+            "relay closed the channel ({}: {said})",
+            u16::from(code)
+        )),
+        other => Ended::Lost(format!(
+            "relay closed the channel ({}: {said})",
+            u16::from(other)
+        )),
+    }
+}
+
+/// A close reason as the relay sent it, made safe for one log field.
+fn escape_reason(reason: &str) -> String {
+    reason
+        .chars()
+        .take(123)
+        .flat_map(char::escape_debug)
+        .collect()
 }
 
 /// One connected control channel, counted in `/readyz`, until it ends; how long it stayed
@@ -188,6 +241,11 @@ async fn listen_counted(
         // retried in a tight loop.
         Ended::TokenLapsed if up_for < STABLE_AFTER => {
             Ended::Lost("the relay closed the channel for an expired token".into())
+        }
+        Ended::Restarting(reason) if up_for < SERVED_BEFORE_RESTART => Ended::Lost(reason),
+        Ended::Restarting(reason) => {
+            backoff.reset();
+            Ended::Restarting(reason)
         }
         other => other,
     }
@@ -219,8 +277,7 @@ async fn listen(
                     },
                     Some(Ok(Message::Close(frame))) => {
                         return match frame {
-                            Some(f) if f.code == CloseCode::Policy => Ended::TokenLapsed,
-                            Some(f) => Ended::Lost(format!("relay closed the channel ({}: {})", u16::from(f.code), f.reason)),
+                            Some(f) => closed_by_relay(f.code, &f.reason),
                             None => Ended::Lost("relay closed the channel".into()),
                         };
                     }
@@ -404,4 +461,45 @@ fn spawn_rendezvous(
         }
         .instrument(span),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost(ended: Ended) -> String {
+        match ended {
+            Ended::Lost(reason) => reason,
+            _ => panic!("not a loss"),
+        }
+    }
+
+    #[test]
+    fn the_relay_close_decides_what_comes_next() {
+        // The relay's own words (relay/control.rs), and Azure Relay's expiry close.
+        assert!(matches!(
+            closed_by_relay(CloseCode::Policy, "token expired"),
+            Ended::TokenLapsed
+        ));
+        let revoked = lost(closed_by_relay(CloseCode::Policy, "authorization revoked"));
+        assert!(
+            revoked.contains("revoked") && !revoked.contains("expired"),
+            "{revoked}"
+        );
+        let rejected = lost(closed_by_relay(CloseCode::Policy, "renewToken rejected"));
+        assert!(rejected.contains("rejected"), "{rejected}");
+        assert!(matches!(
+            closed_by_relay(CloseCode::Restart, "relay shutting down"),
+            Ended::Restarting(_)
+        ));
+        assert!(matches!(
+            closed_by_relay(CloseCode::Away, ""),
+            Ended::Restarting(_)
+        ));
+        let odd = lost(closed_by_relay(CloseCode::Size, "a\nb\u{1b}[31m"));
+        assert!(
+            odd.contains("1009") && !odd.contains('\n') && !odd.contains('\u{1b}'),
+            "{odd}"
+        );
+    }
 }
