@@ -190,6 +190,9 @@ pub async fn start(
             Err(TunnelError::Dial(e)) if e.is_no_listener() => {
                 tracing::warn!(cluster = %name, "the cluster agent is not connected to the relay yet; requests fail until it is")
             }
+            Err(TunnelError::Dial(e)) if e.is_unreachable() => {
+                tracing::warn!(cluster = %name, error = %error_chain(&e), "the relay is not reachable yet; requests to this cluster fail until it is, and each one tries it again")
+            }
             Err(TunnelError::Dial(e)) if e.is_auth() => anyhow::bail!(
                 "cluster '{name}': the relay refused the send token: {e}. Check --key-file and that its rule has the Send right"
             ),
@@ -284,6 +287,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
     };
     let started = start(clusters, args.port, (metrics, pool)).await?;
     let names = started.proxy.cluster_names();
+    let kubeconfig_on_stdout = kubeconfig_path.is_none();
     let target = match kubeconfig_path {
         None => {
             out!("{}", started.kubeconfig_text()?);
@@ -311,33 +315,48 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
     let format = args.output;
     let ready_stop = shutdown.clone();
     tokio::spawn(async move {
+        // A cause that does not clear by itself (a refused credential) is warned about a
+        // few times, then once a minute, not every two seconds for as long as it lasts.
+        let mut pause = Duration::from_secs(2);
         loop {
             match wait_ready(&prober, &ready_names, Duration::from_secs(30)).await {
                 Ok(()) => {
-                    print_ready(format, port, &ready_names, &target);
+                    print_ready(format, port, &ready_names, (&target, kubeconfig_on_stdout));
                     return;
                 }
-                Err(e) => tracing::warn!(error = %error_chain(&e), "not ready yet; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), retry_in_s = pause.as_secs(), "not ready yet; retrying")
+                }
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = ready_stop.cancelled() => return,
             }
+            pause = (pause * 2).min(Duration::from_secs(60));
         }
     });
     started.proxy.serve(started.listener, shutdown).await?;
     Ok(0)
 }
 
-fn print_ready(format: ReadyFormat, port: u16, names: &[String], kubeconfig: &str) {
-    match format {
-        ReadyFormat::Text => outln!(
+/// The readiness line, on standard output unless the kubeconfig went there (`--file -`): then
+/// standard output holds the kubeconfig alone, and the line goes to standard error.
+fn print_ready(
+    format: ReadyFormat,
+    port: u16,
+    names: &[String],
+    (kubeconfig, on_stdout): (&str, bool),
+) {
+    let line = match format {
+        ReadyFormat::Text => format!(
             "ready port={port} contexts={} kubeconfig={kubeconfig}",
             names.join(",")
         ),
-        ReadyFormat::Json => outln!(
-            "{}",
-            serde_json::json!({"event": "ready", "port": port, "contexts": names, "kubeconfig": kubeconfig})
-        ),
+        ReadyFormat::Json => serde_json::json!({"event": "ready", "port": port, "contexts": names, "kubeconfig": kubeconfig}).to_string(),
+    };
+    if on_stdout {
+        errln!("{line}");
+    } else {
+        outln!("{line}");
     }
 }

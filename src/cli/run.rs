@@ -59,6 +59,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<u8> 
     // A private directory (0700) holds the kubeconfig; it is removed on every way out.
     let dir = tempfile::Builder::new()
         .prefix("clusterconnect-run-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .context("cannot create a private temporary directory")?;
     let kubeconfig: PathBuf = dir.path().join("kubeconfig");

@@ -48,6 +48,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             connection,
             ttl,
         } => {
+            if ttl < Duration::from_secs(1) {
+                anyhow::bail!("--ttl must be at least 1s: a token that ends as it is made is refused by every relay (e.g. --ttl 1h)");
+            }
             let relay = RelayAddress::parse(&relay)?;
             validate_entity(&connection)?;
             let key = SasKey::from_file(&key_file)?;

@@ -189,10 +189,7 @@ impl Route {
 /// unreachable, or the agent draining. Waiting may help.
 fn unavailable(e: &RouteError) -> bool {
     match e {
-        RouteError::Tunnel(TunnelError::Dial(d)) => {
-            d.is_no_listener()
-                || matches!(d, DialError::Connect { .. } | DialError::ConnectTimeout(..))
-        }
+        RouteError::Tunnel(TunnelError::Dial(d)) => d.is_no_listener() || d.is_unreachable(),
         RouteError::Tunnel(TunnelError::Draining) => true,
         _ => false,
     }

@@ -27,8 +27,9 @@ use super::gauge::Place;
 use super::rendezvous::{AcceptOutcome, NotOffered};
 use super::rule::ListenerGrant;
 use super::server::{
-    check_token, id_too_long, not_offered, places_for_token, remote_routes, rendezvous_id,
-    rendezvous_path, route, text, Body, Revocation, SenderPlaces, ACCEPT_TIMEOUT, MAX_HC_PATH,
+    check_token, header_token, id_too_long, not_offered, places_for_token, remote_routes,
+    rendezvous_id, rendezvous_path, route, text, Body, Revocation, SenderPlaces, ACCEPT_TIMEOUT,
+    MAX_HC_PATH,
 };
 use super::state::{Ctx, Shared};
 use crate::tunnel::frame::{
@@ -360,7 +361,7 @@ fn credential<'r>(req: &'r Request<Incoming>, target: &'r HcTarget) -> (Option<&
     if let Some(token) = target.get(QUERY_TOKEN) {
         return (Some(token), false);
     }
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let header = |name: &str| req.headers().get(name).map(header_token);
     if let Some(token) = header(HEADER_AUTHORIZATION) {
         return (Some(token), false);
     }

@@ -135,12 +135,16 @@ pub async fn handle(
 fn token<'a>(req: &'a Request<Incoming>, target: &'a HcTarget) -> Option<&'a str> {
     req.headers()
         .get(HEADER_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+        .map(header_token)
         .or_else(|| target.get(QUERY_TOKEN))
 }
 
-/// The host the client used to reach us, which is where the listener must come back to.
-/// What identifies a token for its cap, without keeping the token.
+/// A token header's value. One that is not visible ASCII cannot be a SAS token: it is refused
+/// as not one (401, counted as malformed), not passed over as if no token had been sent.
+pub(super) fn header_token(value: &http::HeaderValue) -> &str {
+    value.to_str().unwrap_or("(not visible ASCII)")
+}
+
 /// The key a sender token's rendezvous are counted under: its [`crate::tunnel::sas::SasToken::identity`] (the
 /// token was verified before, so it parses).
 pub(super) fn token_digest(token: &str) -> [u8; 32] {
@@ -151,6 +155,7 @@ pub(super) fn token_digest(token: &str) -> [u8; 32] {
     }
 }
 
+/// The host the client used to reach us, which is where the listener must come back to.
 fn request_host(req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get(header::HOST)

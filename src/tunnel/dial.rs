@@ -85,6 +85,26 @@ impl DialError {
         )
     }
 
+    /// The relay is down or restarting (refused, unreachable, too slow to answer, or
+    /// answering that it is busy): trying again later can help, unlike a wrong name, CA or key.
+    pub fn is_unreachable(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            DialError::Connect { source, .. } => matches!(
+                source.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | NetworkUnreachable
+                    | HostUnreachable
+            ),
+            DialError::ConnectTimeout(..) | DialError::HandshakeTimeout(..) => true,
+            DialError::Rejected { status, .. } => matches!(status, 502..=504),
+            _ => false,
+        }
+    }
+
     /// No listener is connected for the hybrid connection.
     pub fn is_no_listener(&self) -> bool {
         matches!(self, DialError::Rejected { status: 404, .. })

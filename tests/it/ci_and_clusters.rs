@@ -235,11 +235,16 @@ impl RunFiles {
     }
 
     async fn run(&self, relay: &Relay, command: &[&str]) -> Output {
+        self.run_at(relay.addr.port(), command).await
+    }
+
+    /// [`RunFiles::run`] against the relay at `port` on 127.0.0.1.
+    async fn run_at(&self, port: u16, command: &[&str]) -> Output {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_clusterconnect"));
         cmd.args([
             "run",
             "--relay",
-            &format!("wss://127.0.0.1:{}", relay.addr.port()),
+            &format!("wss://127.0.0.1:{port}"),
             "--connection",
             CONNECTION,
         ])
@@ -272,6 +277,30 @@ impl RunFiles {
     }
 }
 
+/// `run` started while the relay is down (restarting) waits for it within `--wait` instead
+/// of failing at once, as it waits for an agent that has not connected yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_waits_for_a_relay_that_is_down_when_it_starts() {
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let mut relay = Relay::start().await;
+    let _agent = Agent::start(&relay, &api, listen_key()).await;
+    let files = RunFiles::new(&relay, &api.token());
+    let kubectl_bin = support::kubectl_binary().unwrap().display().to_string();
+    relay.go_down().await;
+    let command = [kubectl_bin.as_str(), "get", "pods", "-A"];
+    let run = files.run_at(relay.addr.port(), &command);
+    let back = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        relay.come_back().await;
+    };
+    let (out, ()) = tokio::join!(run, back);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(text(&out.stdout).contains("web-0"), "{}", describe(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_executes_kubectl_through_the_tunnel_and_returns_its_exit_status() {
     if !kubectl_available() {
@@ -293,6 +322,15 @@ async fn run_executes_kubectl_through_the_tunnel_and_returns_its_exit_status() {
         "{}",
         describe(&out)
     );
+
+    // Its kubeconfig sits in a directory only the user can enter, whatever the umask.
+    let out = files
+        .run(
+            &relay,
+            &["sh", "-c", "stat -c %a \"$(dirname \"$KUBECONFIG\")\""],
+        )
+        .await;
+    assert_eq!(text(&out.stdout).trim(), "700", "{}", describe(&out));
 
     let out = files
         .run(&relay, &[&kubectl_bin, "get", "pod", "no-such-pod"])

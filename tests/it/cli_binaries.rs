@@ -624,6 +624,39 @@ async fn sas_token(key_file: &Path, relay: &str, connection: &str, ttl: &str) ->
     Secret::new(text(&out.stdout).trim())
 }
 
+/// A token that would be expired as it is made is refused with the reason, not printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sas_token_refuses_a_lifetime_under_a_second() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = write(&dir.path().join("send.key"), &sas_new_key("send").await);
+    for ttl in ["0s", "500ms"] {
+        let out = run_to_end(
+            &[
+                OsStr::new("sas"),
+                OsStr::new("token"),
+                OsStr::new("--key-file"),
+                key.as_os_str(),
+                OsStr::new("--relay"),
+                OsStr::new("wss://relay.example.com"),
+                OsStr::new("--connection"),
+                OsStr::new("c"),
+                OsStr::new("--ttl"),
+                OsStr::new(ttl),
+            ],
+            &[],
+            ONE_SHOT,
+        )
+        .await;
+        assert!(!out.status.success(), "{}", describe(&out));
+        assert!(out.stdout.is_empty(), "{}", describe(&out));
+        assert!(
+            text(&out.stderr).contains("--ttl must be at least 1s"),
+            "{}",
+            describe(&out)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sas_keys_and_tokens_from_the_cli_are_accepted_by_the_relay() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1159,6 +1192,62 @@ async fn a_proxy_whose_output_nobody_reads_serves_and_stops_on_sigterm() {
         matches!(&status, Ok(Ok(s)) if s.success()),
         "the proxy did not exit 0 within {PROMPT_EXIT:?} of SIGTERM: {status:?}"
     );
+}
+
+/// `proxy --file -` leaves standard output to the kubeconfig alone (its readiness line goes
+/// to standard error), so `proxy -f - > kc` makes a file kubectl can use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_printing_its_kubeconfig_keeps_stdout_a_kubeconfig() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    if !kubectl_available() {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (relay, _agent, config_dir) = relay_and_agent(&api, dir.path(), &[]).await;
+    let token_file = config_dir.join(TOKEN_FILE_NAME);
+    std::fs::write(&token_file, api.token()).expect("token file");
+    let printed = dir.path().join("printed-kubeconfig");
+    let args = proxy_args(
+        &relay,
+        CONNECTION,
+        &relay.send_key,
+        &token_file,
+        0,
+        Path::new("-"),
+    );
+    let mut proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_clusterconnect"))
+        .args(&args)
+        .env("HOME", dir.path())
+        .env("CLUSTERCONNECT_CONFIG_DIR", &config_dir)
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&printed).expect("stdout file"))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the proxy");
+    let mut stderr = BufReader::new(proxy.stderr.take().expect("stderr")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(45), async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if line.starts_with("ready port=") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(ready, Ok(true)), "no readiness line on stderr");
+    let text_out = std::fs::read_to_string(&printed).expect("printed kubeconfig");
+    assert!(!text_out.contains("ready"), "{text_out}");
+    let out = kubectl(&printed, &["get", "pods", "-A"], &[]).await;
+    assert!(
+        out.status.success() && text(&out.stdout).contains("web-0"),
+        "{}",
+        describe(&out)
+    );
+    let _ = proxy.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -828,3 +828,28 @@ async fn a_burst_of_http_requests_finds_room_for_the_listeners_rendezvous() {
     assert_eq!(answered, senders.len() * PER_IP, "{answers:#?}");
     listener.abort();
 }
+
+/// A token header that is not ASCII is refused as no SAS token can be, and says so, whether
+/// the sender asks for a WebSocket or sends an HTTP request; a query token beside it does not
+/// make it go unnoticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_header_that_is_not_ascii_is_named_as_not_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 8).await;
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    for (target, extra) in [
+        ("/$hc/c?sb-hc-action=connect&sb-hc-token=x", upgrade),
+        ("/c", ""),
+    ] {
+        let mut s = tls_from("127.0.0.11", &relay).await;
+        let mut request = format!(
+            "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\nServiceBusAuthorization: SharedAccessSignature sr="
+        )
+        .into_bytes();
+        request.extend_from_slice(b"\xff\xfe\r\n\r\n");
+        s.write_all(&request).await.unwrap();
+        let answer = read_answer(&mut s, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("not a SharedAccessSignature"), "{answer}");
+    }
+}

@@ -192,8 +192,18 @@ impl Relay {
     /// Stops the relay (every control channel and rendezvous ends) and starts it again on the
     /// same address with the same certificate, as a relay restart or failover looks to clients.
     pub async fn restart(&mut self) {
+        self.go_down().await;
+        self.come_back().await;
+    }
+
+    /// Stops the relay: its address refuses connections until [`Relay::come_back`].
+    pub async fn go_down(&mut self) {
         self.stop.cancel();
         let _ = (&mut self.task).await;
+    }
+
+    /// Serves again on the same address, with the same certificate and configuration.
+    pub async fn come_back(&mut self) {
         let mut listener = None;
         for _ in 0..100 {
             match TcpListener::bind(self.addr).await {
