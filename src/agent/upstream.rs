@@ -38,6 +38,18 @@ pub enum UpstreamError {
         #[source]
         source: kube::config::KubeconfigError,
     },
+    #[error("cannot read kubeconfig {}", path.display())]
+    OpenKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kubeconfig {} has no context '{context}' (it has: {known}); pass one of those with --context", path.display())]
+    NoContext {
+        path: PathBuf,
+        context: String,
+        known: String,
+    },
     #[error("cannot load the cluster connection from the kubeconfig")]
     Kubeconfig(#[source] kube::config::KubeconfigError),
     #[error("cannot load the cluster connection (run in a pod, or pass --kubeconfig)")]
@@ -89,8 +101,34 @@ impl Upstream {
     ) -> Result<Loaded, UpstreamError> {
         let config = match (kubeconfig, context) {
             (Some(path), context) => {
-                let file = Kubeconfig::read_from(&path)
-                    .map_err(|source| UpstreamError::ReadKubeconfig { path, source })?;
+                // Opened here first: kube's own error for a missing file says it twice.
+                std::fs::File::open(&path).map_err(|source| UpstreamError::OpenKubeconfig {
+                    path: path.clone(),
+                    source,
+                })?;
+                // read_from, not from_yaml: it resolves relative file paths against the
+                // kubeconfig's directory, as kubectl does.
+                let file = Kubeconfig::read_from(&path).map_err(|source| {
+                    UpstreamError::ReadKubeconfig {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                if let Some(wanted) = &context {
+                    if !file.contexts.iter().any(|c| &c.name == wanted) {
+                        let known: Vec<&str> =
+                            file.contexts.iter().map(|c| c.name.as_str()).collect();
+                        return Err(UpstreamError::NoContext {
+                            path,
+                            context: wanted.clone(),
+                            known: if known.is_empty() {
+                                "none".into()
+                            } else {
+                                known.join(", ")
+                            },
+                        });
+                    }
+                }
                 let options = KubeConfigOptions {
                     context,
                     ..Default::default()

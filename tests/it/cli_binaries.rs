@@ -624,6 +624,57 @@ async fn sas_token(key_file: &Path, relay: &str, connection: &str, ttl: &str) ->
     Secret::new(text(&out.stdout).trim())
 }
 
+/// An agent pointed at a kubeconfig it cannot use says which file, and which contexts it has,
+/// once: kube-rs's own message repeated the cause and named no context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_names_a_missing_kubeconfig_or_context_plainly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = write(&dir.path().join("listen.key"), &sas_new_key("listen").await);
+    let kubeconfig = write(
+        &dir.path().join("kc"),
+        "apiVersion: v1\nkind: Config\nclusters: []\ncontexts:\n- name: prod\n  context: {cluster: x, user: y}\nusers: []\n",
+    );
+    let missing = dir.path().join("nope");
+    for (extra, says) in [
+        (
+            vec![OsStr::new("--kubeconfig"), missing.as_os_str()],
+            "cannot read kubeconfig",
+        ),
+        (
+            vec![
+                OsStr::new("--kubeconfig"),
+                kubeconfig.as_os_str(),
+                OsStr::new("--context"),
+                OsStr::new("nosuch"),
+            ],
+            "has no context 'nosuch' (it has: prod)",
+        ),
+    ] {
+        let mut args = vec![
+            OsStr::new("agent"),
+            OsStr::new("--relay"),
+            OsStr::new("wss://127.0.0.1:1"),
+            OsStr::new("--connection"),
+            OsStr::new("c"),
+            OsStr::new("--key-file"),
+            key.as_os_str(),
+        ];
+        args.extend(extra);
+        let out = run_to_end(&args, &[], ONE_SHOT).await;
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{}",
+            describe(&out)
+        );
+        assert_eq!(
+            stderr.matches("No such file").count(),
+            usize::from(says.starts_with("cannot")),
+            "{stderr}"
+        );
+    }
+}
+
 /// A token that would be expired as it is made is refused with the reason, not printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sas_token_refuses_a_lifetime_under_a_second() {
