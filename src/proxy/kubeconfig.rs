@@ -46,6 +46,8 @@ pub enum KubeconfigError {
     },
     #[error("kubeconfig {path}: '{field}' must be a list")]
     Shape { path: PathBuf, field: &'static str },
+    #[error("{path} is not a kubeconfig (its content is not a mapping of clusters, users and contexts); fix or move it, or write elsewhere with --file")]
+    NotAMapping { path: PathBuf },
     #[error(
         "kubeconfig {path} already has {} that clusterconnect did not write, so context \
          '{context}' cannot be added; pass {OVERWRITE_FLAG} to replace {}, or --file to write \
@@ -198,9 +200,8 @@ fn merge_into(
         }
     }
     let Value::Mapping(root) = doc else {
-        return Err(KubeconfigError::Shape {
+        return Err(KubeconfigError::NotAMapping {
             path: path.to_path_buf(),
-            field: "the document",
         });
     };
     root.entry("apiVersion".into()).or_insert("v1".into());
@@ -665,6 +666,20 @@ current-context: edge
         )
         .unwrap_err();
         assert!(err.to_string().contains("/x/config"), "{err}");
+        // YAML, but a word or a list rather than a kubeconfig.
+        for not_a_kubeconfig in ["hello", "- a\n- b"] {
+            let err = merge(
+                not_a_kubeconfig,
+                &entry(&Secret::new("t")),
+                &opts(true, false),
+                Path::new("/x/config"),
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().starts_with("/x/config is not a kubeconfig"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
