@@ -164,6 +164,40 @@ enum Incoming {
     Proxied(admission::Reserved),
 }
 
+/// The first byte the client sent, left in the socket for the TLS handshake; `None` when it
+/// closed without sending any.
+async fn first_byte(tcp: &TcpStream) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match tcp.peek(&mut byte).await {
+        Ok(1) => Some(byte[0]),
+        _ => None,
+    }
+}
+
+/// The answer to plain HTTP on the TLS port.
+async fn plain_http_refused(tcp: &mut TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = "this port speaks TLS only: use https:// or wss://\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    if tcp.write_all(answer.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
+        return;
+    }
+    // Closing with the request unread would reset the connection, and the client could lose
+    // the answer: read what it sent, a bounded amount, until it closes (or the deadline).
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let mut left = limits::MAX_REQUEST_HEAD;
+    while left > 0 {
+        match tcp.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
 /// The PROXY header (when configured) and TLS under one handshake deadline, then HTTP/1.1
 /// with upgrades, each request's headers under that deadline too. The admission place is
 /// held until the HTTP exchange ends; an upgraded listener or rendezvous holds a slot instead.
@@ -187,6 +221,20 @@ async fn serve_connection(
         }
     };
     let place = admitted.place();
+    let first = tokio::select! {
+        first = tokio::time::timeout_at(handshake_ends, first_byte(&tcp)) => first,
+        () = place.evicted() => return,
+    };
+    match first {
+        Ok(Some(byte)) if byte.is_ascii_uppercase() => {
+            // "GET /..." where a ClientHello belongs: someone typed http://. Tell them, as
+            // nginx does, instead of a TLS alert their client shows as gibberish.
+            let _ = tokio::time::timeout_at(handshake_ends, plain_http_refused(&mut tcp)).await;
+            return;
+        }
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => return,
+    }
     let handshake = tokio::select! {
         done = tokio::time::timeout_at(handshake_ends, acceptor.accept(tcp)) => done,
         () = place.evicted() => return,

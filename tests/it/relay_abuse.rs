@@ -853,3 +853,23 @@ async fn a_token_header_that_is_not_ascii_is_named_as_not_a_token() {
         assert!(answer.contains("not a SharedAccessSignature"), "{answer}");
     }
 }
+/// Plain HTTP on the relay's TLS port (someone typed http://) gets a plain answer saying so,
+/// and the connection closes; TLS clients are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_tls_port_is_told_to_use_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_limited(&dir.path().join("registry.redb"), limits(), 8).await;
+    let mut s = tcp_from("127.0.0.12", relay.addr).await;
+    s.write_all(b"GET /$hc/c?sb-hc-action=connect HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("use https:// or wss://"), "{answer}");
+    let mut tls = tls_from("127.0.0.12", &relay).await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut tls, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
