@@ -164,17 +164,14 @@ pub async fn run(
                 );
                 continue;
             }
-            Ended::Restarting(reason) => {
+            Ended::Restarting(ref reason) | Ended::Lost(ref reason) => {
                 let delay = backoff.next_delay();
-                tracing::info!(listener = index, reason = %reason, retry_in_ms = delay.as_millis() as u64, "the relay is restarting or draining; reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
+                let retry_in_ms = delay.as_millis() as u64;
+                if matches!(ended, Ended::Restarting(_)) {
+                    tracing::info!(listener = index, reason = %reason, retry_in_ms, "the relay is restarting or draining; reconnecting");
+                } else {
+                    tracing::warn!(listener = index, reason = %reason, retry_in_ms, "relay connection lost");
                 }
-            }
-            Ended::Lost(reason) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(listener = index, reason = %reason, retry_in_ms = delay.as_millis() as u64, "relay connection lost");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return,
