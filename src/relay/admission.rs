@@ -295,10 +295,10 @@ impl Admission {
 }
 
 impl Counts {
-    /// Takes the place of the oldest idle connection of the address holding the most places
-    /// (at least `holds + 2`, or one for a newcomer holding none, or any number if that
-    /// connection is older than [`SETTLED`]), the oldest such place when several addresses
-    /// hold as many; false when there is none.
+    /// Takes the place of an idle connection: one older than [`SETTLED`] if there is any,
+    /// then of the address holding the most places (at least `holds + 2`, or one for a
+    /// newcomer holding none, or any number for a settled one), the oldest among equals;
+    /// false when there is none.
     fn evict_one(&mut self, holds: usize) -> bool {
         let least = if holds == 0 { 1 } else { holds + 2 };
         let now = Instant::now();
@@ -311,11 +311,15 @@ impl Counts {
                     .iter()
                     .position(|p| p.busy.load(Ordering::Acquire) == 0)?;
                 let since = places[at].since;
-                let fair = places.len() >= least || now.duration_since(since) >= SETTLED;
-                fair.then_some((places.len(), Reverse(since), *ip, at))
+                let settled = now.duration_since(since) >= SETTLED;
+                let fair = places.len() >= least || settled;
+                fair.then_some(((settled, places.len(), Reverse(since)), *ip, at))
             })
-            .max_by_key(|(n, since, _, _)| (*n, *since))
-            .map(|(_, _, ip, at)| (ip, at));
+            // Settled places first: a client opening several connections at once holds the
+            // most places, all in their handshake, and strangers must not cut those while
+            // one of theirs has sat idle for longer.
+            .max_by_key(|(rank, _, _)| *rank)
+            .map(|(_, ip, at)| (ip, at));
         let Some((ip, at)) = victim else {
             return false;
         };
@@ -550,5 +554,30 @@ mod tests {
         let _second = a.admit("127.0.0.10".parse().unwrap()).unwrap();
         assert!(!evicted(1) && evicted(2));
         drop(first);
+    }
+
+    #[test]
+    fn a_settled_idle_place_goes_before_a_crowd_still_in_its_handshake() {
+        let a = Admission::new(4, 4, 64);
+        let stranger = a.admit("127.0.0.2".parse().unwrap()).unwrap();
+        // Backdated on the books: idle longer than a handshake takes.
+        let settled = Instant::now() - SETTLED;
+        let mut counts = a.inner.lock().unwrap();
+        let books = counts.per_ip.get_mut(&stranger.ip).unwrap();
+        books[0] = Arc::new(Place {
+            since: settled,
+            ..Place::new()
+        });
+        let settled_place = books[0].clone();
+        drop(counts);
+        // A client opening three connections at once: the most places, all young.
+        let client: IpAddr = "127.0.0.3".parse().unwrap();
+        let crowd: Vec<_> = (0..3).map(|_| a.admit(client).unwrap()).collect();
+        let _newcomer = a.admit("127.0.0.4".parse().unwrap()).unwrap();
+        assert!(
+            settled_place.evicted.is_cancelled(),
+            "the settled stranger went"
+        );
+        assert!(crowd.iter().all(|c| !c.place().evicted.is_cancelled()));
     }
 }
